@@ -1,0 +1,154 @@
+"""Artifact folders on disk: atomic writes, file hashing and integrity checks.
+
+A stage writes into a hidden temporary sibling of the output folder and renames
+it into place only after the manifest is written, so an interrupted stage
+leaves nothing at the output path that :func:`enginekit.load` would accept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from enginekit.errors import ArtifactError, IntegrityError
+from enginekit.manifest import MANIFEST_NAME, Component, FileEntry, Manifest, TensorSpec
+
+__all__ = [
+    "sha256_file",
+    "file_entry",
+    "make_component",
+    "atomic_artifact",
+    "write_manifest",
+    "verify_artifact",
+    "check_onnx_external_data",
+]
+
+_CHUNK = 1 << 20
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(_CHUNK), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_entry(root: Path, rel: str) -> FileEntry:
+    path = root / rel
+    return FileEntry(path=rel, sha256=sha256_file(path), size=path.stat().st_size)
+
+
+def make_component(
+    root: Path,
+    name: str,
+    entry: str,
+    files: Sequence[str],
+    inputs: Sequence[TensorSpec],
+    outputs: Sequence[TensorSpec],
+    precision: str = "fp32",
+) -> Component:
+    """Build a :class:`Component`, hashing each file under ``root``."""
+    rels = list(dict.fromkeys([entry, *files]))
+    return Component(
+        name=name,
+        entry=entry,
+        files=tuple(file_entry(root, rel) for rel in rels),
+        inputs=tuple(inputs),
+        outputs=tuple(outputs),
+        precision=precision,
+    )
+
+
+def write_manifest(root: Path, manifest: Manifest) -> None:
+    (root / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
+
+
+@contextlib.contextmanager
+def atomic_artifact(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder that becomes ``out_dir`` when the block succeeds.
+
+    The block must write ``manifest.json`` into the folder; a block that raises
+    (or is interrupted) leaves ``out_dir`` as it was and removes the temporary.
+    """
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise ArtifactError(f"{out} already exists; choose another output or pass --overwrite")
+    if out.exists() and not out.is_dir():
+        raise ArtifactError(f"{out} exists and is not a folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield tmp
+        if not (tmp / MANIFEST_NAME).is_file():
+            raise ArtifactError(f"internal error: stage wrote no {MANIFEST_NAME} for {out}")
+        if out.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, trash / "old")
+            os.replace(tmp, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _inside(root: Path, rel: str) -> Path:
+    """Resolve ``rel`` under ``root``; refuse paths that escape the folder."""
+    root_resolved = root.resolve()
+    if os.path.isabs(rel):
+        raise IntegrityError(f"{root}: manifest names an absolute path {rel!r}")
+    target = (root / rel).resolve()
+    if root_resolved not in target.parents and target != root_resolved:
+        raise IntegrityError(f"{root}: manifest path {rel!r} points outside the artifact folder")
+    return target
+
+
+def verify_artifact(root: str | Path, manifest: Manifest) -> None:
+    """Check every file the manifest lists: inside the folder, present, right size and sha256.
+
+    Runs before any backend parses a file, so a tampered or truncated engine is
+    reported as such rather than as a parser crash.
+    """
+    root = Path(root)
+    for comp in manifest.components.values():
+        names = {f.path for f in comp.files}
+        if comp.entry not in names:
+            raise IntegrityError(f"{root}: component {comp.name!r} entry {comp.entry!r} is not in its file list")
+        for entry in comp.files:
+            path = _inside(root, entry.path)
+            if not path.is_file():
+                raise IntegrityError(f"{root}: {entry.path} is missing")
+            size = path.stat().st_size
+            if size != entry.size:
+                raise IntegrityError(
+                    f"{root}: {entry.path} is {size} bytes, the manifest says {entry.size} (truncated or replaced)"
+                )
+            if sha256_file(path) != entry.sha256:
+                raise IntegrityError(f"{root}: {entry.path} does not match its sha256 in the manifest (modified)")
+        if comp.entry.endswith(".onnx"):
+            check_onnx_external_data(root, comp.entry)
+
+
+def check_onnx_external_data(root: Path, entry: str) -> None:
+    """Refuse ONNX external-data locations that leave the artifact folder."""
+    import onnx
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    try:
+        model = onnx.load(str(root / entry), load_external_data=False)
+    except Exception as exc:  # onnx raises DecodeError and others
+        raise IntegrityError(f"{root / entry}: not a readable ONNX model ({exc})") from exc
+    base = (root / entry).parent
+    for tensor in _get_all_tensors(model):
+        if not uses_external_data(tensor):
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        rel = os.path.relpath(base / location, root)
+        _inside(root, rel)

@@ -1,0 +1,97 @@
+"""The exception tree of enginekit.
+
+Every error a user can cause or meet is one of these, with a message that names
+the problem and, where there is one, the fix. Library exceptions are caught at
+the boundary and re-raised as one of these (``raise ... from exc``), so the CLI
+can print one line instead of a traceback::
+
+    EngineKitError
+    ├── ArtifactError            an artifact folder cannot be used
+    │   ├── ManifestError        missing, unreadable or invalid manifest.json
+    │   └── IntegrityError       a file is missing, truncated or tampered with
+    ├── BackendError             a backend cannot do what was asked
+    │   ├── UnknownBackendError  no backend is registered under that name
+    │   ├── BackendUnavailableError  registered, but its library is not installed
+    │   └── DeviceError          the device asked for is missing or unsupported
+    ├── InputError               bad user input to a task or runner
+    │   ├── ImageError           a file or object that is not a readable image
+    │   └── ShapeError           a feed with the wrong name, dtype or shape
+    ├── SourceError              a model source (hub id, folder, file) cannot be loaded
+    └── ExportError              export failed
+        └── FidelityError        an engine drifted past its fidelity budget
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "EngineKitError",
+    "ArtifactError",
+    "ManifestError",
+    "IntegrityError",
+    "BackendError",
+    "UnknownBackendError",
+    "BackendUnavailableError",
+    "DeviceError",
+    "InputError",
+    "ImageError",
+    "ShapeError",
+    "SourceError",
+    "ExportError",
+    "FidelityError",
+]
+
+
+class EngineKitError(Exception):
+    """Base class of every error enginekit raises on purpose."""
+
+
+class ArtifactError(EngineKitError):
+    """An artifact folder cannot be used."""
+
+
+class ManifestError(ArtifactError):
+    """manifest.json is missing, unreadable or does not describe a valid artifact."""
+
+
+class IntegrityError(ArtifactError):
+    """A payload file is missing, or its sha256 differs from the manifest."""
+
+
+class BackendError(EngineKitError):
+    """A backend cannot do what was asked."""
+
+
+class UnknownBackendError(BackendError):
+    """No backend is registered under the requested name."""
+
+
+class BackendUnavailableError(BackendError):
+    """The backend is known but its library is not importable."""
+
+
+class DeviceError(BackendError):
+    """The requested device is not present or not supported by the backend."""
+
+
+class InputError(EngineKitError, ValueError):
+    """Bad input handed to a task or a runner."""
+
+
+class ImageError(InputError):
+    """Something that was meant to be an image could not be read as one."""
+
+
+class ShapeError(InputError):
+    """A feed has the wrong name, dtype or shape for the engine."""
+
+
+class SourceError(EngineKitError):
+    """A model source cannot be resolved or loaded."""
+
+
+class ExportError(EngineKitError):
+    """Exporting a model failed."""
+
+
+class FidelityError(ExportError):
+    """An engine's outputs differ from its reference by more than the budget allows."""

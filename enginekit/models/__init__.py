@@ -1,0 +1,1 @@
+"""Built-in models shipped with enginekit (weights as safetensors)."""

@@ -1,0 +1,1 @@
+"""enginekit.export: PyTorch models to ONNX artifacts, one module per model family."""
