@@ -1,0 +1,238 @@
+"""The ``enginekit`` command line.
+
+Thin by design: each command parses options and calls one library function.
+Errors from the library (:class:`EngineKitError`) become one line on stderr and
+exit status 1; a missing optional dependency names the extra to install.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from enginekit import __version__
+from enginekit.errors import EngineKitError
+
+_EXTRA_FOR = {"torch": "export", "timm": "export", "transformers": "export", "torchvision": "export",
+              "onnxruntime": "onnxruntime", "openvino": "openvino", "sklearn": "data", "onnxscript": "export"}
+
+
+class _Group(click.Group):
+    """Turns library errors into ``Error: <one line>`` and exit status 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except EngineKitError as exc:
+            raise click.ClickException(str(exc)) from None
+        except ModuleNotFoundError as exc:
+            top = (exc.name or "").split(".")[0]
+            if top in _EXTRA_FOR:
+                raise click.ClickException(
+                    f"this command needs {top}: pip install 'enginekit[{_EXTRA_FOR[top]}]'"
+                ) from None
+            raise
+        except KeyboardInterrupt:
+            click.echo("interrupted; no partial output was left behind", err=True)
+            sys.exit(130)
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _emit_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="enginekit")
+@click.option("-v", "--verbose", is_flag=True, help="Log what enginekit decides (device picked, cache used).")
+def cli(verbose: bool) -> None:
+    """Turn PyTorch models into compiled, quantized engines and run them.
+
+    \b
+    Stages, each reading an artifact folder and writing a new one:
+      export MODEL -o onnx/           PyTorch -> ONNX, parity-checked
+      compile onnx/ --backend B -o e/  ONNX -> ONNX Runtime or OpenVINO engine
+      predict e/ IMAGES...            classify images with any artifact
+      inspect e/                      show what an artifact's manifest says
+      doctor                          hardware, installed backends, versions
+      demo                            the whole path on the built-in model
+    """
+    if verbose:
+        logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+
+
+@cli.command()
+@click.argument("model")
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Artifact folder to write.")
+@click.option("--random-weights", is_flag=True, help="timm:NAME only: the real architecture with seeded weights (offline).")
+@click.option("--weights", type=click.Path(path_type=Path), help="timm:NAME only: a .safetensors file to load.")
+@click.option("--seed", default=0, show_default=True, help="Seed for random weights and parity inputs.")
+@click.option("--revision", help="Hub revision (branch, tag or commit) for a hub id.")
+@click.option("--opset", default=18, show_default=True, help="ONNX opset.")
+@click.option("--atol", default=1e-4, show_default=True, help="Parity budget: absolute part.")
+@click.option("--rtol", default=1e-4, show_default=True, help="Parity budget: part relative to the largest logit.")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists (atomically).")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+def export(model: str, out: Path, random_weights: bool, weights: Path | None, seed: int, revision: str | None,
+           opset: int, atol: float, rtol: float, overwrite: bool, as_json: bool) -> None:
+    """Export MODEL to an ONNX artifact and check it against PyTorch.
+
+    \b
+    MODEL is one of:
+      default                       the built-in digits ViT
+      timm:NAME                     e.g. timm:vit_small_patch16_384 (add --random-weights offline)
+      PATH                          a folder: timm hub format or transformers save_pretrained
+      ORG/NAME, hf-hub:ORG/NAME     a Hugging Face Hub repository (honours HF_HUB_OFFLINE)
+    """
+    from enginekit.export.vit import ExportOptions, export_classifier
+
+    console = _console()
+    with console.status("exporting") as status:
+        manifest = export_classifier(
+            model, out, ExportOptions(opset=opset, atol=atol, rtol=rtol, seed=seed),
+            random_weights=random_weights, weights=weights, revision=revision, overwrite=overwrite,
+            on_step=lambda msg: status.update(msg),
+        )
+    if as_json:
+        _emit_json(manifest.to_dict())
+        return
+    fid = manifest.fidelity
+    console.print(
+        f"[green]wrote[/] {out}  ({manifest.provenance.get('architecture')}, "
+        f"parity vs PyTorch: logits max abs {fid['logits_max_abs']:.2e}, cosine {fid['logits_cosine']:.6f})"
+    )
+
+
+@cli.command(name="compile")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--backend", "-b", required=True, help="onnxruntime or openvino (see `enginekit doctor`).")
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Engine folder to write.")
+@click.option("--device", default="cpu", show_default=True, help="Device the engine targets: cpu, cuda, gpu.")
+@click.option("--threads", default=0, show_default=True, help="Worker threads (0: backend default).")
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
+              help="OpenVINO: weight precision of the IR.")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists (atomically).")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+def compile_cmd(artifact: Path, backend: str, out: Path, device: str, threads: int, precision: str,
+                overwrite: bool, as_json: bool) -> None:
+    """Compile an ONNX ARTIFACT into a BACKEND engine."""
+    from enginekit.api import compile_artifact
+    from enginekit.runtimes.base import CompileOptions
+
+    options = CompileOptions(device=device, threads=threads, extra={"precision": precision})
+    with _console().status(f"compiling for {backend}"):
+        manifest = compile_artifact(artifact, backend, out, options, overwrite=overwrite)
+    if as_json:
+        _emit_json(manifest.to_dict())
+    else:
+        _console().print(f"[green]wrote[/] {out}  ({manifest.kind}, device {manifest.target.get('device')})")
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.argument("images", nargs=-1, required=True)
+@click.option("--top-k", "-k", default=5, show_default=True, help="Classes to list per image.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, gpu.")
+@click.option("--backend", help="Backend to run on (default: the one the artifact was built for).")
+@click.option("--batch-size", default=8, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per image.")
+def predict(artifact: Path, images: tuple[str, ...], top_k: int, device: str, backend: str | None,
+            batch_size: int, as_json: bool) -> None:
+    """Classify IMAGES (files or folders) with an ARTIFACT."""
+    import enginekit
+    from enginekit.runtimes.images import expand_image_paths
+
+    paths = expand_image_paths(images)
+    with enginekit.load(artifact, device=device, backend=backend, batch_size=batch_size) as clf:
+        preds = clf.predict(paths, top_k=top_k)
+        if as_json:
+            _emit_json([{"image": str(p), **pred.to_dict()} for p, pred in zip(paths, preds)])
+            return
+        from rich.table import Table
+
+        table = Table(title=f"{artifact} on {clf.backend}:{clf.device}")
+        table.add_column("image", overflow="fold")
+        table.add_column("label")
+        table.add_column("score", justify="right")
+        if top_k > 1:
+            table.add_column(f"top {top_k}")
+        for path, pred in zip(paths, preds):
+            row = [str(path), pred.label, f"{pred.score:.4f}"]
+            if top_k > 1:
+                row.append(", ".join(f"{lbl} {s:.3f}" for lbl, s in pred.top_k))
+            table.add_row(*row)
+        from rich.console import Console
+
+        Console().print(table)
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the raw manifest.")
+@click.option("--verify/--no-verify", default=True, show_default=True, help="Check every file's sha256.")
+def inspect(artifact: Path, as_json: bool, verify: bool) -> None:
+    """Show what an ARTIFACT's manifest says, readably."""
+    from enginekit.artifact import verify_artifact
+    from enginekit.inspect import render_manifest
+    from enginekit.manifest import read_manifest
+
+    manifest = read_manifest(artifact)
+    if verify:
+        verify_artifact(artifact, manifest)
+    if as_json:
+        _emit_json(manifest.to_dict())
+        return
+    from rich.console import Console
+
+    Console().print(render_manifest(manifest, artifact, verified=verify))
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True)
+def doctor(as_json: bool) -> None:
+    """Hardware, installed backends and their devices, library versions."""
+    from enginekit.inspect import doctor_report, render_doctor
+
+    report = doctor_report()
+    if as_json:
+        _emit_json(report)
+        return
+    from rich.console import Console
+
+    Console().print(render_doctor(report))
+
+
+@cli.command()
+@click.option("-o", "--output", "out", default=Path("out/demo"), show_default=True, type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True)
+def demo(out: Path, as_json: bool) -> None:
+    """The main job on the built-in digits ViT: export, compile for every
+    installed backend, classify the held-out digits, and print a table."""
+    from enginekit.demo import render_demo, run_demo
+
+    console = _console()
+    rows = run_demo(out, on_step=lambda msg: console.log(msg))
+    if as_json:
+        _emit_json(rows)
+    else:
+        from rich.console import Console
+
+        Console().print(render_demo(rows))
+
+
+def main() -> None:
+    cli(prog_name="enginekit")
+
+
+if __name__ == "__main__":
+    main()

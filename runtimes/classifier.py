@@ -1,0 +1,144 @@
+"""The image-classification task: images in, labelled predictions or embeddings out.
+
+Sits on any :class:`Runner` whose engine takes ``pixel_values`` and returns
+``logits`` and ``embedding``; preprocessing comes from the manifest. Imports
+numpy and Pillow only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from enginekit.errors import InputError, ManifestError
+from enginekit.manifest import Manifest
+from enginekit.runtimes.base import Runner
+from enginekit.runtimes.images import load_images
+from enginekit.runtimes.preprocess import Preprocessing, preprocess
+
+__all__ = ["Prediction", "ImageClassifier", "softmax"]
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The classifier's answer for one image."""
+
+    label: str
+    index: int
+    score: float
+    #: The best ``k`` classes as (label, probability), best first.
+    top_k: tuple[tuple[str, float], ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "label": self.label,
+            "index": self.index,
+            "score": self.score,
+            "top_k": [{"label": lbl, "score": s} for lbl, s in self.top_k],
+        }
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
+
+
+ImageLike = Any  # str | Path | PIL.Image.Image | np.ndarray
+
+
+class ImageClassifier:
+    """``predict`` and ``embed`` over a loaded engine.
+
+    Accepts file paths, PIL images and uint8 arrays (H, W[, C]); a single
+    image may be passed bare. Work is split into batches of ``batch_size``.
+    """
+
+    task = "image-classification"
+
+    def __init__(self, runner: Runner, manifest: Manifest, path: Path | None = None, batch_size: int = 8) -> None:
+        if manifest.preprocessing is None:
+            raise ManifestError("image-classification artifact has no preprocessing section")
+        self.runner = runner
+        self.manifest = manifest
+        self.path = path
+        self.batch_size = batch_size
+        self.preprocessing = Preprocessing.from_dict(manifest.preprocessing)
+        names = {o.name for o in runner.outputs}
+        if not {"logits", "embedding"} <= names:
+            raise ManifestError(f"classifier engine must output 'logits' and 'embedding', it has {sorted(names)}")
+        self._input = runner.inputs[0].name
+        num_classes = next(o for o in runner.outputs if o.name == "logits").shape[-1]
+        self.labels: tuple[str, ...] = manifest.labels or tuple(str(i) for i in range(int(num_classes)))
+
+    @property
+    def backend(self) -> str:
+        return self.runner.backend
+
+    @property
+    def device(self) -> str:
+        return self.runner.device
+
+    def _batches(self, images: ImageLike | Sequence[ImageLike]) -> Iterator[np.ndarray]:
+        items = _as_list(images)
+        if not items:
+            raise InputError("no images given")
+        for start in range(0, len(items), self.batch_size):
+            yield preprocess(load_images(items[start : start + self.batch_size]), self.preprocessing)
+
+    def run_pixels(self, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
+        """Run preprocessed ``pixel_values`` (N, 3, H, W) float32 through the engine."""
+        return self.runner.run({self._input: pixel_values})
+
+    def logits(self, images: ImageLike | Sequence[ImageLike]) -> np.ndarray:
+        """Raw logits, (N, classes) float32."""
+        return np.concatenate([self.run_pixels(x)["logits"] for x in self._batches(images)])
+
+    def embed(self, images: ImageLike | Sequence[ImageLike]) -> np.ndarray:
+        """Pre-logits features, (N, D) float32."""
+        return np.concatenate([self.run_pixels(x)["embedding"] for x in self._batches(images)]).astype(np.float32)
+
+    def predict(self, images: ImageLike | Sequence[ImageLike], top_k: int = 5) -> list[Prediction]:
+        """One :class:`Prediction` per image, in order."""
+        if top_k < 1:
+            raise InputError(f"top_k must be at least 1, got {top_k}")
+        probs = softmax(self.logits(images))
+        k = min(top_k, probs.shape[1])
+        order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+        out = []
+        for row, idx in zip(probs, order):
+            best = int(idx[0])
+            out.append(
+                Prediction(
+                    label=self.labels[best],
+                    index=best,
+                    score=float(row[best]),
+                    top_k=tuple((self.labels[int(i)], float(row[int(i)])) for i in idx),
+                )
+            )
+        return out
+
+    def close(self) -> None:
+        self.runner.close()
+
+    def __enter__(self) -> ImageClassifier:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"ImageClassifier({str(self.path)!r}, backend={self.backend!r}, device={self.device!r})"
+
+
+def _as_list(images: Any) -> list[Any]:
+    if isinstance(images, (str, Path)):
+        return [images]
+    if isinstance(images, np.ndarray):
+        return [images] if images.ndim in (2, 3) else list(images)
+    if hasattr(images, "getbands"):  # a PIL image
+        return [images]
+    return list(images)

@@ -1,0 +1,342 @@
+"""OpenVINO backend.
+
+``compile`` converts each ONNX component to OpenVINO IR (``model.xml`` +
+``model.bin``) with ``ov.convert_model`` and ``ov.save_model``. Weights keep
+their precision unless ``extra={"precision": "fp16"}`` is asked for:
+``save_model`` compresses to fp16 by default, and an fp32 source must stay fp32
+(usability over speed, as in diffusers).
+
+``load`` compiles the IR for a device with OpenVINO's model cache turned on, so
+a second load of the same artifact skips the device compilation. The cache
+lives in ``$ENGINEKIT_CACHE_DIR/openvino/<digest16>`` (default
+``~/.cache/enginekit/openvino/<digest16>``), keyed by the manifest digest;
+when it cannot be created the load runs uncached (``runner.cache_dir is None``).
+
+Run-time precision is recorded at compile time as ``inference_precision_hint``
+and applied on every device: ``f32`` for float32 engines (CPUs with AMX or
+AVX512-BF16 would otherwise run bf16 without saying so), ``default`` (the
+device's choice) for fp16 ones; ``extra={"inference_precision": ...}``
+overrides it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import threading
+from importlib import metadata
+from pathlib import Path
+from typing import Any, ClassVar, Sequence
+
+import numpy as np
+
+from enginekit.artifact import make_component
+from enginekit.errors import BackendError, DeviceError
+from enginekit.manifest import Manifest, TensorSpec
+from enginekit.runtimes.base import Backend, CompileOptions, Runner
+
+__all__ = ["OpenVINOBackend", "OpenVINORunner", "cache_dir_for"]
+
+# OpenVINO element type names -> numpy dtype names. ``Type.to_dtype()`` maps
+# bf16 to float16, which would misdescribe a bf16 engine, so the table is ours.
+_OV_DTYPES = {
+    "f64": "float64",
+    "f32": "float32",
+    "f16": "float16",
+    "bf16": "bfloat16",
+    "i64": "int64",
+    "i32": "int32",
+    "i16": "int16",
+    "i8": "int8",
+    "u64": "uint64",
+    "u32": "uint32",
+    "u16": "uint16",
+    "u8": "uint8",
+    "boolean": "bool",
+}
+#: Device kinds we know how to name, best first for ``device='auto'``. NPU
+#: comes last: it needs static shapes, and our artifacts keep a dynamic batch.
+_KINDS = ("gpu", "cpu", "npu")
+_PRECISIONS = ("fp32", "fp16")
+_INFERENCE_PRECISIONS = ("f32", "f16", "bf16", "default")
+_PERFORMANCE_HINTS = ("LATENCY", "THROUGHPUT")
+_CACHE_ENV = "ENGINEKIT_CACHE_DIR"
+
+
+def _one_line(exc: BaseException) -> str:
+    """The informative line of an OpenVINO exception (they open with a C++ source location)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    useful = [ln for ln in lines if not ln.startswith(("Exception from ", "Check '"))]
+    text = (useful or lines or [type(exc).__name__])[0]
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _dtype(element_type: Any) -> str:
+    name = element_type.get_type_name()
+    return _OV_DTYPES.get(name, name)
+
+
+def _spec(port: Any, source: dict[str, TensorSpec]) -> TensorSpec:
+    """Spec of an OpenVINO port, named and dimensioned after the source component.
+
+    convert_model keeps ONNX tensor names but drops symbolic dimension names
+    (a dynamic ``batch`` comes back as ``?``), so those are taken from the
+    source spec of the same name and rank.
+    """
+    names = port.get_names()
+    name = next((n for n in source if n in names), None) or port.get_any_name()
+    ref = source.get(name)
+    pshape = port.get_partial_shape()
+    if pshape.rank.is_dynamic:  # no rank to check against: keep what the source declared
+        return TensorSpec(name=name, dtype=_dtype(port.get_element_type()), shape=ref.shape if ref else ())
+    shape: list[int | str] = []
+    for axis, dim in enumerate(pshape):
+        if dim.is_static:
+            shape.append(dim.get_length())
+        elif ref is not None and len(ref.shape) == len(pshape) and isinstance(ref.shape[axis], str):
+            shape.append(ref.shape[axis])
+        else:
+            shape.append("?")
+    return TensorSpec(name=name, dtype=_dtype(port.get_element_type()), shape=tuple(shape))
+
+
+def _specs(ports: Sequence[Any], source: Sequence[TensorSpec]) -> list[TensorSpec]:
+    by_name = {s.name: s for s in source}
+    return [_spec(p, by_name) for p in ports]
+
+
+def cache_dir_for(manifest: Manifest) -> Path:
+    """Where compiled blobs of this artifact are cached (not created here)."""
+    root = os.environ.get(_CACHE_ENV)
+    base = Path(root).expanduser() if root else Path.home() / ".cache" / "enginekit"
+    return base / "openvino" / manifest.digest()[:16]
+
+
+def _make_cache_dir(manifest: Manifest) -> Path | None:
+    """Create the cache folder; None when it cannot be written (load then runs uncached)."""
+    try:
+        path = cache_dir_for(manifest)
+        path.mkdir(parents=True, exist_ok=True)
+    except (OSError, RuntimeError):  # RuntimeError: Path.home() without a home
+        return None
+    return path if os.access(path, os.W_OK) else None
+
+
+class OpenVINORunner(Runner):
+    """One compiled model and one reused infer request.
+
+    Calls are serialized by a lock: an infer request runs one inference at a
+    time, and a second thread should wait rather than meet "request is busy".
+    """
+
+    backend = "openvino"
+
+    def __init__(
+        self,
+        compiled: Any,
+        inputs: Sequence[TensorSpec],
+        outputs: Sequence[TensorSpec],
+        device: str,
+        cache_dir: Path | None,
+        loaded_from_cache: bool | None,
+    ) -> None:
+        super().__init__(inputs, outputs)
+        self._compiled = compiled
+        self._request = compiled.create_infer_request()
+        self._ports = [compiled.output(o.name) for o in self.outputs]
+        self._lock = threading.Lock()
+        self.device = device
+        #: The model-cache folder used at load, or None when loading uncached.
+        self.cache_dir = cache_dir
+        #: Whether OpenVINO read the compiled blob from the cache (None: unknown).
+        self.loaded_from_cache = loaded_from_cache
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with self._lock:
+            try:
+                results = self._request.infer(feeds, share_outputs=True)
+            except Exception as exc:
+                raise BackendError(f"openvino inference failed: {_one_line(exc)}") from exc
+            # The request reuses its output buffers: copy before the next call overwrites them.
+            return {o.name: np.array(results[port], copy=True) for o, port in zip(self.outputs, self._ports)}
+
+    def _close(self) -> None:
+        self._request = None
+        self._ports = []
+        self._compiled = None
+
+
+class OpenVINOBackend(Backend):
+    name: ClassVar[str] = "openvino"
+    extra: ClassVar[str] = "openvino"
+    kind: ClassVar[str] = "openvino"
+    loads: ClassVar[tuple[str, ...]] = ("openvino",)
+
+    def __init__(self) -> None:
+        self._core_obj: Any = None  # made on first use: nothing touches a device here
+
+    @classmethod
+    def is_available(cls) -> bool:
+        return importlib.util.find_spec("openvino") is not None
+
+    @classmethod
+    def version(cls) -> str | None:
+        if not cls.is_available():
+            return None
+        try:
+            return metadata.version("openvino")
+        except metadata.PackageNotFoundError:
+            import openvino
+
+            return str(openvino.__version__)
+
+    def _core(self) -> Any:
+        if self._core_obj is None:
+            import openvino as ov
+
+            try:
+                self._core_obj = ov.Core()
+            except Exception as exc:
+                raise BackendError(f"openvino could not start: {_one_line(exc)}") from exc
+        return self._core_obj
+
+    def _available(self) -> list[str]:
+        try:
+            return [str(d) for d in self._core().available_devices]
+        except Exception as exc:
+            raise BackendError(f"openvino could not list devices: {_one_line(exc)}") from exc
+
+    def devices(self) -> list[str]:
+        found = [d.lower() for d in self._available()]
+        known = [d for d in found if d.split(".")[0] in _KINDS]
+        return sorted(known, key=lambda d: _KINDS.index(d.split(".")[0]))
+
+    def _device(self, device: str, check_present: bool = True) -> str:
+        """Map ``cpu`` / ``gpu`` / ``gpu.1`` to OpenVINO's ``CPU`` / ``GPU`` / ``GPU.1``."""
+        kind, _, index = device.lower().partition(".")
+        if kind not in _KINDS or (index and not (kind == "gpu" and index.isdigit())):
+            raise DeviceError(
+                f"openvino: unknown device {device!r}; use one of: {', '.join(_KINDS)} (or gpu.N for a GPU by index)"
+            )
+        ov_name = kind.upper() + (f".{index}" if index else "")
+        if check_present:
+            available = self._available()
+            # "GPU" addresses GPU.0, and "GPU.0" works when only "GPU" is listed.
+            present = ov_name in available or any(
+                a.split(".")[0] == kind.upper() and (not index or index == "0") for a in available
+            )
+            if not present:
+                have = ", ".join(d.lower() for d in available) or "none"
+                raise DeviceError(f"openvino: device {device!r} is not available here (available: {have})")
+        return ov_name
+
+    def compile(self, artifact: Path, manifest: Manifest, out_dir: Path, options: CompileOptions) -> Manifest:
+        import openvino as ov
+
+        precision = str(options.extra.get("precision", "fp32"))
+        if precision not in _PRECISIONS:
+            raise BackendError(f"openvino: precision must be one of {', '.join(_PRECISIONS)}, got {precision!r}")
+        hint = str(options.extra.get("performance_hint", "LATENCY")).upper()
+        if hint not in _PERFORMANCE_HINTS:
+            raise BackendError(f"openvino: performance_hint must be one of {', '.join(_PERFORMANCE_HINTS)}")
+        # IR is device-independent: the device is checked by name only, so a
+        # build box without a GPU can prepare a GPU engine.
+        self._device(options.device, check_present=False)
+        compress = precision == "fp16"
+        components = {}
+        for comp in manifest.components.values():
+            rel_dir = Path(comp.entry).parent
+            (out_dir / rel_dir).mkdir(parents=True, exist_ok=True)
+            entry = str(rel_dir / "model.xml")
+            try:
+                model = ov.convert_model(str(artifact / comp.entry))
+                ov.save_model(model, str(out_dir / entry), compress_to_fp16=compress)
+            except Exception as exc:
+                raise BackendError(f"openvino could not convert {comp.entry}: {_one_line(exc)}") from exc
+            comp_precision = "fp16" if compress and comp.precision == "fp32" else comp.precision
+            components[comp.name] = make_component(
+                out_dir,
+                comp.name,
+                entry,
+                [entry, str(rel_dir / "model.bin")],
+                _specs(model.inputs, comp.inputs),
+                _specs(model.outputs, comp.outputs),
+                comp_precision,
+            )
+        precisions = {c.precision for c in components.values()}
+        # Float engines stay float32 at run time unless a half precision was
+        # asked for: CPUs with AMX/AVX512-BF16 otherwise run bf16 silently.
+        default_hint = "default" if precisions & {"fp16", "bf16"} else "f32"
+        inference_precision = str(options.extra.get("inference_precision", default_hint))
+        if inference_precision not in _INFERENCE_PRECISIONS:
+            raise BackendError(
+                f"openvino: inference_precision must be one of {', '.join(_INFERENCE_PRECISIONS)}, "
+                f"got {inference_precision!r}"
+            )
+        target = {
+            "backend": self.name,
+            "device": options.device,
+            "openvino_version": self.version(),
+            "openvino_build": str(ov.get_version()),
+            "inference_precision_hint": inference_precision,
+            "performance_hint": hint,
+            "inference_num_threads": options.threads,
+            "compress_to_fp16": compress,
+        }
+        return manifest.replace(kind=self.kind, components=components, target=target)
+
+    def _config(self, manifest: Manifest, cache_dir: Path | None) -> dict[str, Any]:
+        import openvino as ov
+        import openvino.properties as props
+        import openvino.properties.hint as hints
+
+        target = manifest.target
+        hint = str(target.get("performance_hint", "LATENCY")).upper()
+        if hint not in _PERFORMANCE_HINTS:
+            raise BackendError(
+                f"openvino: manifest performance_hint {hint!r} is not one of {', '.join(_PERFORMANCE_HINTS)}"
+            )
+        config: dict[str, Any] = {hints.performance_mode(): getattr(hints.PerformanceMode, hint)}
+        precision = str(target.get("inference_precision_hint", "f32"))
+        types = {"f32": ov.Type.f32, "f16": ov.Type.f16, "bf16": ov.Type.bf16}
+        if precision in types:
+            config[hints.inference_precision()] = types[precision]
+        elif precision != "default":
+            raise BackendError(
+                f"openvino: manifest inference_precision_hint {precision!r} is not one of "
+                f"{', '.join(_INFERENCE_PRECISIONS)}"
+            )
+        threads = int(target.get("inference_num_threads") or target.get("threads") or 0)
+        if threads > 0:
+            config[props.inference_num_threads()] = threads
+        if cache_dir is not None:
+            config[props.cache_dir()] = str(cache_dir)
+        return config
+
+    def load(self, artifact: Path, manifest: Manifest, device: str) -> Runner:
+        import openvino.properties as props
+
+        if manifest.kind not in self.loads:
+            raise BackendError(
+                f"openvino loads only {', '.join(self.loads)} artifacts, this one is {manifest.kind!r}; "
+                "compile it with the openvino backend first"
+            )
+        comp = manifest.component()
+        ov_device = self._device(device)
+        cache_dir = _make_cache_dir(manifest)
+        config = self._config(manifest, cache_dir)
+        core = self._core()
+        xml = artifact / comp.entry
+        try:
+            # Compiling from the path (not a read_model result) lets a cache hit
+            # skip parsing the IR altogether.
+            compiled = core.compile_model(str(xml), ov_device, config)
+        except Exception as exc:
+            raise BackendError(f"openvino could not load {xml} on {ov_device}: {_one_line(exc)}") from exc
+        try:
+            from_cache: bool | None = bool(compiled.get_property(props.loaded_from_cache()))
+        except Exception:  # not every plugin reports it
+            from_cache = None
+        inputs = _specs(compiled.inputs, comp.inputs)
+        outputs = _specs(compiled.outputs, comp.outputs)
+        return OpenVINORunner(compiled, inputs, outputs, device, cache_dir, from_cache)

@@ -1,0 +1,108 @@
+"""Shared fixtures: tiny seeded ViTs in timm's and transformers' on-disk formats,
+exported once per test session. No downloads; seconds on 2 CPU cores."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+TINY_TIMM_ARGS = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0)
+TIMM_LABELS = ["cat", "dog", "bird", "fish"]
+HF_LABELS = {0: "negative", 1: "neutral", 2: "positive"}
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ENGINEKIT_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_timm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny timm ViT saved with timm's own save_for_hf (config.json + model.safetensors)."""
+    import timm
+    import torch
+    from timm.models import save_for_hf
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=len(TIMM_LABELS), **TINY_TIMM_ARGS)
+    # A 0.875 crop and bicubic resize, as most timm ImageNet configs use.
+    model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (3, 32, 32), "crop_pct": 0.875,
+                            "interpolation": "bicubic", "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+    out = tmp_path_factory.mktemp("tiny-timm")
+    save_for_hf(model, out, model_config={"label_names": TIMM_LABELS}, model_args=TINY_TIMM_ARGS, safe_serialization=True)
+    for stale in out.glob("*.bin"):
+        stale.unlink()
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny transformers ViTForImageClassification saved with save_pretrained, with its image processor."""
+    import torch
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    torch.manual_seed(0)
+    config = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                       image_size=32, patch_size=8, num_labels=3, id2label=HF_LABELS,
+                       label2id={v: k for k, v in HF_LABELS.items()})
+    model = ViTForImageClassification(config).eval()
+    out = tmp_path_factory.mktemp("tiny-hf")
+    model.save_pretrained(out, safe_serialization=True)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory: pytest.TempPathFactory, tiny_timm_dir: Path, tiny_hf_dir: Path) -> dict[str, Path]:
+    """ONNX artifacts of both tiny models: {'timm': path, 'hf': path}."""
+    from enginekit.export.vit import export_classifier
+
+    root = tmp_path_factory.mktemp("exported")
+    out = {}
+    for name, src in (("timm", tiny_timm_dir), ("hf", tiny_hf_dir)):
+        export_classifier(str(src), root / name)
+        out[name] = root / name
+    return out
+
+
+def installed_backends() -> list[str]:
+    from enginekit.registry import backend_class, backend_names
+
+    return [n for n in backend_names() if backend_class(n).is_available()]
+
+
+@pytest.fixture(scope="session")
+def compiled(tmp_path_factory: pytest.TempPathFactory, exported: dict[str, Path]) -> dict[tuple[str, str], Path]:
+    """Every (source, artifact kind) pair: the exported ONNX plus one engine per installed backend."""
+    from enginekit.api import compile_artifact
+
+    root = tmp_path_factory.mktemp("compiled")
+    out: dict[tuple[str, str], Path] = {}
+    for src, path in exported.items():
+        out[(src, "onnx")] = path
+        for backend in installed_backends():
+            target = root / f"{src}-{backend}"
+            compile_artifact(path, backend, target)
+            out[(src, backend)] = target
+    return out
+
+
+def make_photo(size: tuple[int, int], seed: int, mode: str = "RGB") -> "object":
+    """A seeded synthetic photo: gradients, a disc, noise and fine stripes."""
+    from PIL import Image
+
+    w, h = size
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    r = 255 * xx / max(w - 1, 1)
+    g = 255 * yy / max(h - 1, 1)
+    b = 128 + 100 * np.sin(xx / 3.0) * np.cos(yy / 5.0)
+    disc = ((xx - w * 0.6) ** 2 + (yy - h * 0.4) ** 2) < (min(w, h) * 0.2) ** 2
+    img = np.stack([r, g, b], axis=-1)
+    img[disc] = [250, 30, 60]
+    img += rng.normal(0, 12, img.shape)
+    arr = np.clip(img, 0, 255).astype(np.uint8)
+    return Image.fromarray(arr, "RGB").convert(mode)

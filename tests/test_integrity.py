@@ -1,0 +1,151 @@
+"""Integrity and bad input: tampered engines, missing manifests, atomic writes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+import enginekit
+from enginekit.artifact import atomic_artifact, check_onnx_external_data
+from enginekit.errors import (
+    ArtifactError,
+    BackendUnavailableError,
+    IntegrityError,
+    ManifestError,
+    ShapeError,
+    UnknownBackendError,
+)
+from enginekit.registry import get_backend
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_tampered_engine_is_refused_before_parsing(exported: dict, tmp_path: Path) -> None:
+    art = _copy(exported["timm"], tmp_path / "a")
+    data = bytearray((art / "model.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (art / "model.onnx").write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="does not match its sha256"):
+        enginekit.load(art)
+
+
+def test_truncated_engine_is_refused(compiled: dict, tmp_path: Path) -> None:
+    for (source, kind), path in compiled.items():
+        if source != "timm":
+            continue
+        art = _copy(path, tmp_path / kind)
+        entry = json.loads((art / "manifest.json").read_text())["components"]["model"]["entry"]
+        weights = art / ("model.bin" if kind == "openvino" else entry)
+        weights.write_bytes(weights.read_bytes()[:100])
+        with pytest.raises(IntegrityError, match="truncated"):
+            enginekit.load(art)
+
+
+def test_missing_file_and_missing_manifest(exported: dict, tmp_path: Path) -> None:
+    art = _copy(exported["timm"], tmp_path / "a")
+    (art / "model.onnx").unlink()
+    with pytest.raises(IntegrityError, match="model.onnx is missing"):
+        enginekit.load(art)
+    (art / "manifest.json").unlink()
+    with pytest.raises(ManifestError, match="no manifest.json"):
+        enginekit.load(art)
+    with pytest.raises(ManifestError, match="no such artifact"):
+        enginekit.load(tmp_path / "nope")
+
+
+def test_corrupt_manifest(exported: dict, tmp_path: Path) -> None:
+    art = _copy(exported["timm"], tmp_path / "a")
+    (art / "manifest.json").write_text("{not json")
+    with pytest.raises(ManifestError, match="unreadable manifest"):
+        enginekit.load(art)
+    (art / "manifest.json").write_text(json.dumps({"schema_version": 99}))
+    with pytest.raises(ManifestError, match="schema_version 99"):
+        enginekit.load(art)
+
+
+def test_manifest_path_escaping_the_folder_is_refused(exported: dict, tmp_path: Path) -> None:
+    art = _copy(exported["timm"], tmp_path / "a")
+    manifest = json.loads((art / "manifest.json").read_text())
+    manifest["components"]["model"]["files"][0]["path"] = "../outside.onnx"
+    manifest["components"]["model"]["entry"] = "../outside.onnx"
+    (art / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(IntegrityError, match="outside the artifact folder"):
+        enginekit.load(art)
+
+
+def test_onnx_external_data_outside_the_folder_is_refused(tmp_path: Path) -> None:
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.ones((4, 4), dtype=np.float32), name="w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [weight],
+    )
+    model = helper.make_model(graph)
+    # Written by hand: onnx's own writer refuses '..', a crafted file need not.
+    tensor = model.graph.initializer[0]
+    tensor.ClearField("raw_data")
+    tensor.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", "../secret.bin"), ("offset", "0"), ("length", "64")):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    art = tmp_path / "art"
+    art.mkdir()
+    (art / "model.onnx").write_bytes(model.SerializeToString())
+    with pytest.raises(IntegrityError, match="outside the artifact folder"):
+        check_onnx_external_data(art, "model.onnx")
+
+
+def test_atomic_write_leaves_nothing_on_failure(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError):
+        with atomic_artifact(out) as tmp:
+            (tmp / "model.onnx").write_bytes(b"half")
+            raise RuntimeError("interrupted")
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_write_refuses_existing_output(tmp_path: Path) -> None:
+    (tmp_path / "out").mkdir()
+    with pytest.raises(ArtifactError, match="already exists"):
+        with atomic_artifact(tmp_path / "out"):
+            pass
+
+
+def test_export_failure_leaves_no_folder(tiny_timm_dir: Path, tmp_path: Path) -> None:
+    from enginekit.errors import FidelityError
+    from enginekit.export.vit import ExportOptions, export_classifier
+
+    out = tmp_path / "never"
+    # A budget nothing can meet: the parity check fails after the ONNX file is written.
+    with pytest.raises(FidelityError, match="misses its parity budget"):
+        export_classifier(str(tiny_timm_dir), out, ExportOptions(atol=-1.0, rtol=0.0))
+    assert not out.exists() and not any(p.name.startswith(".never") for p in tmp_path.iterdir())
+
+
+def test_unknown_and_unavailable_backends(exported: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(UnknownBackendError, match="unknown backend 'nope'; known backends: .*onnxruntime"):
+        get_backend("nope")
+    from enginekit.runtimes.openvino import OpenVINOBackend
+
+    monkeypatch.setattr(OpenVINOBackend, "is_available", classmethod(lambda cls: False))
+    with pytest.raises(BackendUnavailableError, match=r"pip install 'enginekit\[openvino\]'"):
+        get_backend("openvino")
+
+
+def test_wrong_feed_is_a_shape_error(exported: dict) -> None:
+    with enginekit.load(exported["timm"], device="cpu") as clf:
+        with pytest.raises(ShapeError, match="axis 2 must be 32"):
+            clf.run_pixels(np.zeros((1, 3, 16, 16), np.float32))
+        with pytest.raises(ShapeError, match="dtype float64"):
+            clf.run_pixels(np.zeros((1, 3, 32, 32)))
