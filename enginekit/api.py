@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from enginekit.artifact import atomic_artifact, verify_artifact, write_manifest
+from enginekit.hardware import fingerprint
 from enginekit.errors import BackendError, DeviceError, ManifestError
 from enginekit.manifest import Manifest, read_manifest
 from enginekit.registry import get_backend
@@ -95,7 +96,8 @@ def compile_artifact(
         compiled = be.compile(root, manifest, tmp, options)
         provenance = dict(compiled.provenance)
         provenance["parent"] = {"path": str(root.resolve()), "manifest_sha256": manifest.digest(), "kind": manifest.kind}
-        provenance.setdefault("tools", {})
+        provenance["tools"] = {**provenance.get("tools", {}), be.name: be.version()}
+        provenance["host"] = fingerprint()
         compiled = compiled.replace(provenance=provenance)
         write_manifest(tmp, compiled)
     return compiled

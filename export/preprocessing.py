@@ -103,8 +103,9 @@ def from_transformers(processor: Any) -> Preprocessing:
     """The preprocessing a transformers image processor applies (ViT-style processors).
 
     Exact for the PIL backend (``ViTImageProcessorPil``). The torchvision
-    backend (what ``AutoImageProcessor`` returns by default) resizes tensors
-    with its own antialiasing, so it agrees only to within a few uint8 levels.
+    backend (what ``AutoImageProcessor`` returns by default) resizes uint8
+    tensors with torchvision's own antialiased kernels: bilinear lands within
+    one uint8 level of Pillow, bicubic can be several levels off on sharp edges.
     """
     try:
         from transformers.image_processing_backends import PilBackend, TorchvisionBackend
@@ -122,9 +123,11 @@ def from_transformers(processor: Any) -> Preprocessing:
     keys = set(_VIT_DEFAULTS) | set(getattr(type(processor), "valid_kwargs", object).__annotations__)
     for key in sorted(keys):
         value = getattr(processor, key, None)
+        if value is not None and key in ("size", "crop_size", "pad_size"):
+            # A SizeDict lists every key it knows, most of them None.
+            value = {k: v for k, v in dict(value).items() if v is not None}
         if value is not None:
-            # SizeDict lists every key, most of them None.
-            config[key] = {k: v for k, v in dict(value).items() if v is not None} if key in ("size", "crop_size", "pad_size") else value
+            config[key] = value
     return _translate(config, name)
 
 
@@ -155,7 +158,7 @@ def _translate(config: Mapping[str, Any], name: str) -> Preprocessing:
     if config.get("do_pad"):
         raise SourceError(f"{name}: do_pad=True (padded batches) is not supported; the model input must be fixed size")
     square = config.get("default_to_square", True)
-    crop = _hw(config["crop_size"], True, name, "crop_size") if config.get("do_center_crop") else None
+    crop = _hw(config.get("crop_size"), True, name, "crop_size") if config.get("do_center_crop") else None
     if config.get("do_resize"):
         resize, resize_size = _resize_mode(config["size"], square, name)
     elif crop is not None:

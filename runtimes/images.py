@@ -44,11 +44,15 @@ def expand_image_paths(items: Sequence[str | Path]) -> list[Path]:
         path = Path(item)
         if path.is_dir():
             found = sorted(
-                p
-                for p in path.rglob("*")
-                if p.suffix.lower() in IMAGE_EXTENSIONS
-                and p.is_file()
-                and not any(part.startswith(".") for part in p.relative_to(path).parts)
+                (
+                    p
+                    for p in path.rglob("*")
+                    if p.suffix.lower() in IMAGE_EXTENSIONS
+                    and p.is_file()
+                    and not any(part.startswith(".") for part in p.relative_to(path).parts)
+                ),
+                # By path components, so the order is the same on every Python version.
+                key=lambda p: p.relative_to(path).parts,
             )
             if not found:
                 suffixes = ", ".join(sorted(IMAGE_EXTENSIONS))

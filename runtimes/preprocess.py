@@ -87,6 +87,9 @@ class Preprocessing:
     source: str = "custom"
 
     def __post_init__(self) -> None:
+        for name in _TUPLE_FIELDS:  # lists (as from JSON) become tuples: hashable, comparable
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
         # Raised as ValueError naming the field; from_dict turns it into a ManifestError.
         _check_ints("size", self.size, 2)
         if self.resize not in RESIZE_MODES:
@@ -123,9 +126,9 @@ class Preprocessing:
         _check_floats("resize_longest", (self.resize_longest,), length=1)
         if not 0.0 <= self.resize_longest <= 1.0:
             raise ValueError("preprocessing.resize_longest: must lie in [0, 1]")
-        _check_ints("pad_fill", self.pad_fill, 3, minimum=0)
+        _check_ints("pad_fill", self.pad_fill, 3, minimum=0, maximum=255)
         if self.alpha_background is not None:
-            _check_ints("alpha_background", self.alpha_background, 3, minimum=0)
+            _check_ints("alpha_background", self.alpha_background, 3, minimum=0, maximum=255)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON for ``manifest.json`` (tuples become lists)."""
@@ -140,25 +143,25 @@ class Preprocessing:
         unknown = sorted(set(data) - set(known))
         if unknown:
             raise ManifestError(f"manifest.json preprocessing: unknown field {unknown[0]!r}")
-        kwargs: dict[str, Any] = {}
-        for name, f in known.items():
-            if name not in data:
-                if f.default is MISSING:
-                    raise ManifestError(f"manifest.json preprocessing: missing field {name!r}")
-                continue
-            value = data[name]
-            kwargs[name] = tuple(value) if isinstance(value, list) else value
+        missing = [name for name, f in known.items() if f.default is MISSING and name not in data]
+        if missing:
+            raise ManifestError(f"manifest.json preprocessing: missing field {missing[0]!r}")
         try:
-            return cls(**kwargs)
+            return cls(**data)
         except (ValueError, TypeError) as exc:
             raise ManifestError(f"manifest.json {exc}") from exc
 
 
-def _check_ints(name: str, value: Any, length: int, minimum: int = 1) -> None:
+_TUPLE_FIELDS = ("size", "resize_size", "mean", "std", "pad_fill", "alpha_background")
+
+
+def _check_ints(name: str, value: Any, length: int, minimum: int = 1, maximum: int | None = None) -> None:
     ok = isinstance(value, tuple) and len(value) == length
     ok = ok and all(isinstance(v, int) and not isinstance(v, bool) and v >= minimum for v in value)
+    ok = ok and (maximum is None or all(v <= maximum for v in value))
     if not ok:
-        raise ValueError(f"preprocessing.{name}: expected {length} integers >= {minimum}, got {value!r}")
+        bounds = f">= {minimum}" if maximum is None else f"in {minimum}..{maximum}"
+        raise ValueError(f"preprocessing.{name}: expected {length} integers {bounds}, got {value!r}")
 
 
 def _check_floats(name: str, value: Any, length: int = 3) -> None:
@@ -180,6 +183,8 @@ def preprocess(images: Sequence[Image.Image], cfg: Preprocessing) -> np.ndarray:
     for i, image in enumerate(images):
         if not isinstance(image, Image.Image):
             raise ImageError(f"item {i}: expected a PIL image, got {type(image).__name__} (use load_images)")
+        if image.width == 0 or image.height == 0:
+            raise ImageError(f"item {i}: empty image ({image.width}x{image.height})")
         pixels = _center_crop(np.asarray(_resize(_to_rgb(image, cfg, i), cfg)), cfg)
         for c in range(3):
             np.take(lut[c], pixels[:, :, c], out=out[i, c], mode="clip")  # uint8 indices: in range

@@ -7,6 +7,7 @@ library's own eval transform. The PIL paths match bit for bit (we assert 1e-6).
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -24,7 +25,10 @@ from enginekit.runtimes.preprocess import Preprocessing, preprocess, resized_siz
 TOL = 1e-6
 
 # (width, height, mode); RGBA goes to PNG only (JPEG has no alpha).
-PHOTOS = [(640, 480, "RGB"), (300, 500, "RGB"), (384, 384, "RGB"), (100, 37, "RGB"), (320, 240, "L"), (200, 256, "RGBA")]
+# 321x240 and 200x256 put the crop offset on an odd .5 (banker's rounding rounds up).
+PHOTOS = [
+    (640, 480, "RGB"), (300, 500, "RGB"), (384, 384, "RGB"), (100, 37, "RGB"), (321, 240, "L"), (200, 256, "RGBA"),
+]  # fmt: skip
 
 
 def _photo(width: int, height: int, mode: str, seed: int) -> Image.Image:
@@ -138,19 +142,24 @@ CASES = [
     "timm-vit_small_patch16_384",
     "timm-vit_tiny_patch16_224-model",
     "timm-deit_tiny_patch16_224",
+    "transformers-pil-default",
+    "transformers-pil-384-bicubic",
+]
+# Modes no shipped ViT uses: run on the odd-sized RGB photos only, to keep the file fast.
+EXTRA_CASES = [
     "timm-squash-0.875",
     "timm-border-0.9",
     "timm-non-square-224x160",
-    "transformers-pil-default",
-    "transformers-pil-384-bicubic",
     "transformers-pil-shortest-edge-crop",
     "transformers-pil-crop-pads",
 ]
 
 
-@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("name", CASES + EXTRA_CASES)
 def test_matches_reference(name: str, photo_paths: list[Path], tiny_timm_model: Any) -> None:
     cfg, reference = _case(name, tiny_timm_model)
+    if name in EXTRA_CASES:
+        photo_paths = [p for p in photo_paths if p.stem.startswith(("300x500_RGB", "100x37_RGB"))]
     ours = preprocess(load_images(photo_paths), cfg)
     assert ours.dtype == np.float32 and ours.flags.c_contiguous
     assert ours.shape == (len(photo_paths), 3, *cfg.size)
@@ -163,9 +172,10 @@ def test_matches_reference(name: str, photo_paths: list[Path], tiny_timm_model: 
 
 def test_transformers_torchvision_backend_within_one_level(photo_paths: list[Path]) -> None:
     """The default ViTImageProcessor resizes uint8 tensors with torchvision's own
-    antialiased kernels, not Pillow's: about 0.2-20% of values land one uint8 level
-    apart (bilinear; bicubic differs more). We match the PIL backend exactly and
-    stay within one level of this one."""
+    antialiased kernels, not Pillow's: 0.2-20% of values (by image) land one uint8
+    level apart with bilinear (bicubic: up to 15 levels on these photos, so it is
+    not tested here). We match the PIL backend exactly and stay within one level
+    of this one; its fused rescale+normalize adds < 1e-7."""
     from transformers import ViTImageProcessor
 
     from enginekit.export.preprocessing import from_transformers
@@ -293,7 +303,7 @@ def test_arrays_bytes_and_pil_images_load() -> None:
         assert (image.mode, image.size) == (mode, (7, 5))
     pil = Image.new("RGB", (3, 4))
     assert load_images([pil])[0] is pil
-    buffer = __import__("io").BytesIO()
+    buffer = io.BytesIO()
     pil.save(buffer, format="PNG")
     assert load_images(buffer.getvalue())[0].size == (3, 4)
 
@@ -312,7 +322,8 @@ def test_expand_image_paths(tmp_path: Path) -> None:
         (tmp_path / name).write_bytes(b"")
     single = tmp_path / "notes.txt"
     found = expand_image_paths([tmp_path, single])
-    assert [p.relative_to(tmp_path).as_posix() for p in found] == ["a.JPG", "b.png", "sub/c.jpeg", "sub/z.webp", "notes.txt"]
+    expected = ["a.JPG", "b.png", "sub/c.jpeg", "sub/z.webp", "notes.txt"]
+    assert [p.relative_to(tmp_path).as_posix() for p in found] == expected
     (tmp_path / "empty").mkdir()
     with pytest.raises(ImageError, match="empty: folder holds no images"):
         expand_image_paths([tmp_path / "empty"])
