@@ -22,6 +22,7 @@ __all__ = [
     "sha256_file",
     "file_entry",
     "make_component",
+    "atomic_folder",
     "atomic_artifact",
     "write_manifest",
     "verify_artifact",
@@ -69,24 +70,37 @@ def write_manifest(root: Path, manifest: Manifest) -> None:
     (root / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
 
 
-@contextlib.contextmanager
-def atomic_artifact(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder that becomes ``out_dir`` when the block succeeds.
+def _publish_modes(root: Path) -> None:
+    """mkdtemp (and some writers) leave owner-only modes; a published folder is
+    ordinary: folders 0755 and files 0644, less the process umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    root.chmod(0o755 & ~umask)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames:
+            os.chmod(os.path.join(dirpath, name), 0o755 & ~umask)
+        for name in filenames:
+            os.chmod(os.path.join(dirpath, name), 0o644 & ~umask)
 
-    The block must write ``manifest.json`` into the folder; a block that raises
-    (or is interrupted) leaves ``out_dir`` as it was and removes the temporary.
+
+@contextlib.contextmanager
+def atomic_folder(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling folder that replaces ``out_dir`` when the block succeeds.
+
+    A block that raises (or is interrupted) leaves ``out_dir`` as it was and
+    removes the temporary; an existing ``out_dir`` is an error unless
+    ``overwrite``, and is then swapped out only after the new folder is complete.
     """
     out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise ArtifactError(f"{out} already exists; choose another output or pass --overwrite")
     if out.exists() and not out.is_dir():
         raise ArtifactError(f"{out} exists and is not a folder")
+    if out.exists() and not overwrite:
+        raise ArtifactError(f"{out} already exists; choose another output or pass --overwrite")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         yield tmp
-        if not (tmp / MANIFEST_NAME).is_file():
-            raise ArtifactError(f"internal error: stage wrote no {MANIFEST_NAME} for {out}")
+        _publish_modes(tmp)
         if out.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, trash / "old")
@@ -97,6 +111,15 @@ def atomic_artifact(out_dir: str | Path, overwrite: bool = False) -> Iterator[Pa
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def atomic_artifact(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """:func:`atomic_folder` for an artifact: the block must write ``manifest.json``."""
+    with atomic_folder(out_dir, overwrite=overwrite) as tmp:
+        yield tmp
+        if not (tmp / MANIFEST_NAME).is_file():
+            raise ArtifactError(f"internal error: stage wrote no {MANIFEST_NAME} for {out_dir}")
 
 
 def _inside(root: Path, rel: str) -> Path:

@@ -221,7 +221,7 @@ def demo(out: Path, as_json: bool) -> None:
     from enginekit.demo import render_demo, run_demo
 
     console = _console()
-    rows = run_demo(out, on_step=lambda msg: console.log(msg))
+    rows = run_demo(out, on_step=lambda msg: console.print(f"[dim]·[/] {msg}"))
     if as_json:
         _emit_json(rows)
     else:

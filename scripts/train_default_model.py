@@ -16,14 +16,10 @@ reload it and check the logits; 7. write the model card.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
-import os
 import random
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -34,6 +30,7 @@ from PIL import Image
 from timm.data import create_transform, resolve_model_data_config
 from tqdm import tqdm
 
+from enginekit.artifact import atomic_folder, sha256_file
 from enginekit.models.digits import LABELS, SPLIT_SEED, TEST_FRACTION, digits_split
 
 ARCHITECTURE = "vit_tiny_patch16_224"
@@ -159,10 +156,6 @@ def train(
         bar.set_postfix(loss=f"{total_loss / n:.4f}", lr=f"{schedule.get_last_lr()[0]:.2e}")
 
 
-def sha256_file(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def model_card(
     *, params: int, n_train: int, correct: int, total: int, size: int, sha256: str, epochs: int, seed: int
 ) -> str:
@@ -267,9 +260,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # 5 and 6. Save atomically, reload through timm's local-dir source, compare.
     out: Path = args.out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with atomic_folder(out, overwrite=True) as tmp:
         timm.models.save_for_hf(
             model,
             tmp,
@@ -293,20 +284,6 @@ def main(argv: list[str] | None = None) -> int:
             epochs=args.epochs, seed=args.seed,
         )
         (tmp / "README.md").write_text(card, encoding="utf-8")
-        # mkdtemp (and safetensors) leave owner-only modes; these files ship in the wheel.
-        tmp.chmod(0o755)
-        for path in tmp.iterdir():
-            path.chmod(0o644)
-        if out.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, trash / "old")
-            os.replace(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
     elapsed = time.perf_counter() - started
     summary = {

@@ -12,9 +12,6 @@ make an image folder for ``evaluate`` or calibration.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -89,18 +86,12 @@ def write_digit_images(out_dir: str | Path, split: str = "test", limit: int | No
     if limit is not None:
         images, labels = images[:limit], labels[:limit]
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary folder
-    try:
+    from enginekit.artifact import atomic_folder
+
+    # overwrite=True only ever replaces the empty folder checked above.
+    with atomic_folder(out, overwrite=True) as tmp:
         for label in LABELS:
             (tmp / label).mkdir()
         for index, (image, label) in enumerate(zip(images, labels)):
             Image.fromarray(image).save(tmp / LABELS[label] / f"{index:04d}.png")
-        if out.exists():
-            out.rmdir()  # empty, checked above; rename will not replace a folder on every OS
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
