@@ -17,6 +17,7 @@ can print one line instead of a traceback::
     │   ├── ImageError           a file or object that is not a readable image
     │   └── ShapeError           a feed with the wrong name, dtype or shape
     ├── SourceError              a model source (hub id, folder, file) cannot be loaded
+    ├── QuantizationError        a quantization method cannot run as asked
     └── ExportError              export failed
         └── FidelityError        an engine drifted past its fidelity budget
 """
@@ -36,6 +37,7 @@ __all__ = [
     "ImageError",
     "ShapeError",
     "SourceError",
+    "QuantizationError",
     "ExportError",
     "FidelityError",
 ]
@@ -87,6 +89,10 @@ class ShapeError(InputError):
 
 class SourceError(EngineKitError):
     """A model source cannot be resolved or loaded."""
+
+
+class QuantizationError(EngineKitError):
+    """A quantization method cannot run as asked (bad option, unsupported model, quantizer failure)."""
 
 
 class ExportError(EngineKitError):

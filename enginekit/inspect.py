@@ -20,39 +20,44 @@ def _size(n: int) -> str:
 
 def render_manifest(manifest: Manifest, path: str | Path, verified: bool) -> Any:
     from rich.console import Group
+    from rich.markup import escape
     from rich.table import Table
 
     head = Table.grid(padding=(0, 2))
     head.add_column(style="bold")
     head.add_column()
-    head.add_row("artifact", str(path))
-    head.add_row("kind", manifest.kind)
-    head.add_row("task", f"{manifest.task} ({manifest.family})")
+
+    def row(key: str, value: Any) -> None:
+        head.add_row(key, escape(str(value)))  # labels and paths may hold [brackets]
+
+    row("artifact", str(path))
+    row("kind", manifest.kind)
+    row("task", f"{manifest.task} ({manifest.family})")
     prov = manifest.provenance
-    head.add_row("source", f"{prov.get('source', '?')}  [{prov.get('architecture', '')}]")
+    row("source", f"{prov.get('source', '?')}  [{prov.get('architecture', '')}]")
     if prov.get("weights"):
-        head.add_row("weights", str(prov["weights"]))
+        row("weights", str(prov["weights"]))
     parent = prov.get("parent")
     if parent:
-        head.add_row("parent", f"{parent.get('path')} ({parent.get('kind')}, manifest {parent.get('manifest_sha256', '')[:12]})")
+        row("parent", f"{parent.get('path')} ({parent.get('kind')}, manifest {parent.get('manifest_sha256', '')[:12]})")
     target = manifest.target
     if target:
-        head.add_row("target", ", ".join(f"{k}={v}" for k, v in target.items()))
+        row("target", ", ".join(f"{k}={v}" for k, v in target.items()))
     if manifest.quantization:
-        head.add_row("quantization", ", ".join(f"{k}={v}" for k, v in manifest.quantization.items()))
+        row("quantization", ", ".join(f"{k}={v}" for k, v in manifest.quantization.items()))
     if manifest.preprocessing:
         p = manifest.preprocessing
-        head.add_row("preprocessing", ", ".join(f"{k}={v}" for k, v in p.items()))
+        row("preprocessing", ", ".join(f"{k}={v}" for k, v in p.items()))
     if manifest.labels:
         shown = ", ".join(manifest.labels[:10]) + (f", … ({len(manifest.labels)} in all)" if len(manifest.labels) > 10 else "")
-        head.add_row("labels", shown)
+        row("labels", shown)
     if manifest.fidelity:
         fid = {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in manifest.fidelity.items()}
-        head.add_row("fidelity", ", ".join(f"{k}={v}" for k, v in fid.items()))
+        row("fidelity", ", ".join(f"{k}={v}" for k, v in fid.items()))
     tools = prov.get("tools") or {}
     if tools:
-        head.add_row("tools", ", ".join(f"{k} {v}" for k, v in tools.items()))
-    head.add_row("integrity", "every file matches its sha256" if verified else "not checked (--no-verify)")
+        row("tools", ", ".join(f"{k} {v}" for k, v in tools.items()))
+    row("integrity", "every file matches its sha256" if verified else "not checked (--no-verify)")
 
     comps = Table(title="components", title_justify="left")
     for col in ("name", "precision", "inputs", "outputs", "files"):
@@ -60,7 +65,7 @@ def render_manifest(manifest: Manifest, path: str | Path, verified: bool) -> Any
     for c in manifest.components.values():
         fmt = lambda specs: "\n".join(f"{s.name} {s.dtype}[{', '.join(map(str, s.shape))}]" for s in specs)  # noqa: E731
         files = "\n".join(f"{f.path} {_size(f.size)}" for f in c.files)
-        comps.add_row(c.name, c.precision, fmt(c.inputs), fmt(c.outputs), files)
+        comps.add_row(*(escape(v) for v in (c.name, c.precision, fmt(c.inputs), fmt(c.outputs), files)))
     return Group(head, comps)
 
 

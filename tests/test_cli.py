@@ -58,6 +58,7 @@ def test_export_compile_predict_inspect(runner: CliRunner, tiny_timm_dir: Path, 
     result = runner.invoke(cli, ["inspect", str(onnx_dir)])
     _ok(result)
     assert "image-classification" in result.output and "every file matches its sha256" in result.output
+    assert "[batch," in result.output  # shapes shown literally, not eaten as rich markup
     result = runner.invoke(cli, ["inspect", str(onnx_dir), "--json"])
     _ok(result)
     assert json.loads(result.output)["labels"] == TIMM_LABELS

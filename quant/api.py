@@ -1,0 +1,226 @@
+"""``quantize`` and ``evaluate``: a float ONNX artifact in, a gated quantized artifact out.
+
+1. pick the method (backend × name) and the data: calibration inputs for static
+   methods, held-out inputs for the gate (never the calibration samples);
+2. run the method into a temporary folder and write its manifest;
+3. load the result like any artifact and measure it against the float parent;
+4. under budget: with ``auto_fallback``, rank layers by the error quantizing them
+   causes and keep the worst in float, one group at a time, until the budget
+   holds; otherwise fail, and nothing is written.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable
+
+from enginekit.api import load_runner
+from enginekit.artifact import atomic_artifact, make_component, verify_artifact, write_manifest
+from enginekit.errors import FidelityError, InputError, QuantizationError
+from enginekit.hardware import fingerprint
+from enginekit.manifest import Manifest, read_manifest
+from enginekit.quant.base import QuantJob, QuantMethod, QuantOptions, get_method
+from enginekit.quant.data import InputSet, load_inputs, split_every
+from enginekit.quant.gate import Budget, check, measure, run_all
+
+__all__ = ["quantize_artifact", "evaluate_artifact"]
+
+_SENSITIVITY = {"onnxruntime": "enginekit.quant.ort", "tensorrt": "enginekit.quant.ort", "openvino": "enginekit.quant.openvino"}
+
+
+class _Missed(FidelityError):
+    def __init__(self, message: str, report: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.report = report
+
+
+def _datasets(
+    parent: Manifest, method: QuantMethod, calibration: str | None, eval_data: str | None,
+    calibration_size: int, eval_size: int, allow_synthetic: bool,
+) -> tuple[InputSet | None, InputSet]:
+    """(calibration set, held-out set) for ``method``; the two never share samples."""
+    if method.needs_calibration and calibration is None:
+        raise InputError(
+            f"{method.name} on {method.backend} needs calibration data: --calibration FOLDER|FILE.npy|builtin"
+        )
+    calib: InputSet | None = None
+    held: InputSet | None = None
+    if calibration is not None:
+        if calibration in ("builtin", "synthetic"):
+            calib = load_inputs(calibration, parent, purpose="calibration", limit=calibration_size,
+                                allow_synthetic=allow_synthetic or not method.needs_calibration)
+            if eval_data is None:
+                held = load_inputs(calibration, parent, purpose="evaluation", limit=eval_size, seed=1)
+        else:
+            full = load_inputs(calibration, parent, purpose="calibration")
+            if eval_data is None:
+                calib, held = split_every(full)
+                held = held.take(range(min(eval_size, held.size)))
+            else:
+                calib = full
+            calib = calib.take(range(min(calibration_size, calib.size)))
+    if eval_data is not None:
+        held = load_inputs(eval_data, parent, purpose="evaluation", limit=eval_size, seed=1)
+    if held is None:
+        default = "builtin" if parent.provenance.get("source") == "default" else "synthetic"
+        held = load_inputs(default, parent, purpose="evaluation", limit=eval_size, seed=1)
+    return (calib if method.needs_calibration else None), held
+
+
+def quantize_artifact(
+    artifact: str | Path,
+    out_dir: str | Path,
+    method: str,
+    *,
+    backend: str = "onnxruntime",
+    calibration: str | None = None,
+    eval_data: str | None = None,
+    options: QuantOptions = QuantOptions(),
+    min_agreement: float | None = None,
+    min_cosine: float | None = None,
+    auto_fallback: bool = False,
+    allow_synthetic_calibration: bool = False,
+    calibration_size: int = 64,
+    eval_size: int = 64,
+    overwrite: bool = False,
+    on_step: Callable[[str], None] = lambda msg: None,
+) -> Manifest:
+    """Quantize the float ONNX ``artifact`` with ``method`` for ``backend`` into ``out_dir``.
+
+    Raises :class:`FidelityError` (and writes nothing) when the result misses
+    its budget against the float parent on held-out inputs.
+    """
+    root = Path(artifact)
+    parent = read_manifest(root)
+    verify_artifact(root, parent)
+    if parent.kind != "onnx" or parent.quantization:
+        raise QuantizationError(f"{root}: quantize takes a float ONNX artifact (from export), this one is "
+                                f"{parent.kind}{' ' + parent.quantization.get('method', '') if parent.quantization else ''}")
+    spec = get_method(method, backend)
+    if auto_fallback and not spec.needs_calibration:
+        raise QuantizationError(f"--auto-fallback applies to calibrated int8 methods, not {method}")
+    budget = Budget(spec.min_agreement if min_agreement is None else min_agreement,
+                    spec.min_cosine if min_cosine is None else min_cosine)
+    on_step("preparing calibration and held-out data")
+    calib, held = _datasets(parent, spec, calibration, eval_data, calibration_size, eval_size,
+                            allow_synthetic_calibration)
+    on_step(f"running the float parent on {held.size} held-out samples")
+    parent_runner, _ = load_runner(root, device="cpu", backend="onnxruntime")
+    with parent_runner:
+        reference = run_all(parent_runner, held)
+
+    def attempt(opts: QuantOptions, fallback: list[dict[str, Any]] | None) -> Manifest:
+        with atomic_artifact(out_dir, overwrite=overwrite) as tmp:
+            on_step(f"{spec.name} ({spec.backend})" + (f", {len(opts.exclude_nodes)} nodes kept in float" if opts.exclude_nodes else ""))
+            comp = parent.component()
+            result = spec.load()(QuantJob(root / comp.entry, tmp, comp.inputs[0].name,
+                                          None if calib is None else calib.inputs, opts))
+            manifest = _manifest(root, parent, spec, result, tmp, calib, opts, fallback)
+            write_manifest(tmp, manifest)
+            on_step(f"measuring against the float parent on {held.size} held-out samples")
+            runner, _ = load_runner(tmp, device="cpu")
+            with runner:
+                report = measure(reference, runner, held, parent.labels)
+            manifest = manifest.replace(fidelity={"reference": "float parent", **report,
+                                                  "budget": budget.to_dict()})
+            write_manifest(tmp, manifest)
+            try:
+                check(report, budget, f"{spec.name} ({spec.backend})")
+            except FidelityError as exc:
+                raise _Missed(str(exc), report) from None
+        return manifest
+
+    try:
+        return attempt(options, None)
+    except _Missed as first:
+        if not auto_fallback:
+            raise FidelityError(str(first)) from None
+        return _fallback(spec, root, parent, calib, held, options, attempt, first.report, on_step)
+
+
+def _fallback(spec: QuantMethod, root: Path, parent: Manifest, calib: InputSet | None, held: InputSet,
+              options: QuantOptions, attempt: Callable[..., Manifest], first: dict[str, Any],
+              on_step: Callable[[str], None]) -> Manifest:
+    assert calib is not None  # calibrated methods only, checked by the caller
+    on_step("ranking layers by the error quantizing them causes")
+    module = importlib.import_module(_SENSITIVITY[spec.backend])
+    comp = parent.component()
+    probe = calib.take(range(min(16, calib.size)))
+    with tempfile.TemporaryDirectory(prefix="enginekit-sensitivity-") as scratch:
+        ranking = module.sensitivity(QuantJob(root / comp.entry, Path(scratch), comp.inputs[0].name,
+                                              calib.inputs, options), probe.inputs)
+    if not ranking:
+        raise QuantizationError(f"{spec.name}: no quantized layers to keep in float")
+    group = max(1, math.ceil(len(ranking) / 10))
+    steps: list[dict[str, Any]] = [{"excluded": 0, "top1_agreement": first["top1_agreement"],
+                                    "logits_cosine": first["logits_cosine"]}]
+    excluded: list[str] = list(options.exclude_nodes)
+    for start in range(0, len(ranking), group):
+        excluded += [name for name, _ in ranking[start : start + group]]
+        try:
+            return attempt(replace(options, exclude_nodes=tuple(excluded)), steps)
+        except _Missed as miss:
+            steps.append({"excluded": len(excluded), "top1_agreement": miss.report["top1_agreement"],
+                          "logits_cosine": miss.report["logits_cosine"]})
+    raise FidelityError(
+        f"{spec.name} ({spec.backend}) misses its budget even with all {len(ranking)} quantized layers kept in "
+        f"float (best cosine {max(s['logits_cosine'] for s in steps):.5f}); nothing was written"
+    )
+
+
+def _manifest(root: Path, parent: Manifest, spec: QuantMethod, result: Any, tmp: Path, calib: InputSet | None,
+              opts: QuantOptions, fallback: list[dict[str, Any]] | None) -> Manifest:
+    comp = parent.component()
+    component = make_component(tmp, comp.name, result.entry, result.files, comp.inputs, comp.outputs, result.precision)
+    quantization: dict[str, Any] = {"method": spec.name, "backend": spec.backend, **result.details}
+    if calib is not None:
+        quantization["calibration"] = {**calib.record(), "method": opts.calibrate_method}
+    if opts.exclude_nodes:
+        quantization["excluded_nodes"] = list(opts.exclude_nodes)
+    if fallback is not None:
+        quantization["fallback"] = {"steps": fallback, "excluded": len(opts.exclude_nodes)}
+    if result.kind == "openvino":
+        target = {"backend": "openvino", "device": "cpu",
+                  "inference_precision_hint": result.details.get("inference_precision_hint", "f32"),
+                  "performance_hint": "LATENCY"}
+    elif spec.backend == "tensorrt":
+        target = {"backend": "tensorrt", "precision": "int8", "validated_on": "onnxruntime cpu"}
+    else:
+        target = {"backend": "onnxruntime", "device": "cpu"}
+    provenance = {**parent.provenance,
+                  "parent": {"path": str(root.resolve()), "manifest_sha256": parent.digest(), "kind": parent.kind},
+                  "host": fingerprint()}
+    return parent.replace(kind=result.kind, components={comp.name: component}, quantization=quantization,
+                          target=target, provenance=provenance, fidelity={})
+
+
+def evaluate_artifact(artifact: str | Path, data: str | None = None, limit: int | None = None,
+                      device: str = "cpu") -> dict[str, Any]:
+    """Accuracy (when ``data`` is labelled) and agreement with the float parent, if it is still on disk."""
+    root = Path(artifact)
+    runner, manifest = load_runner(root, device=device)
+    spec = data or ("builtin" if manifest.provenance.get("source") == "default" else None)
+    if spec is None:
+        runner.close()
+        raise InputError("give --data: a folder of images, one sub-folder per class, or an .npy file")
+    held = load_inputs(spec, manifest, purpose="evaluation", limit=limit)
+    parent_info = manifest.provenance.get("parent") or {}
+    parent_path = Path(parent_info["path"]) if parent_info.get("path") else None
+    with runner:
+        if parent_path is not None and (parent_path / "manifest.json").is_file():
+            parent_runner, _ = load_runner(parent_path, device="cpu", backend="onnxruntime")
+            with parent_runner:
+                report = measure(parent_runner, runner, held, manifest.labels)
+            report["reference"] = str(parent_path)
+        else:
+            out = run_all(runner, held)
+            report = {"inputs": held.source, "samples": held.size, "reference": None}
+            if held.labels is not None and manifest.labels is not None:
+                report["accuracy"] = float(sum(manifest.labels[i] == t for i, t in zip(out["logits"].argmax(1), held.labels)) / held.size)
+    report["artifact"] = str(root)
+    report["method"] = (manifest.quantization or {}).get("method", "float")
+    return report

@@ -1,0 +1,147 @@
+"""Calibration and evaluation inputs, preprocessed exactly as the manifest says.
+
+A data spec is one of:
+
+``PATH/`` (a folder)
+    images; when every image sits in a sub-folder, the sub-folder names are
+    the labels (one folder per class) and accuracy can be measured.
+``PATH.npy``
+    an array already preprocessed for the model, (N, C, H, W) float32.
+``builtin``
+    the built-in default model's own digits: the training split for
+    calibration, the held-out split for evaluation. Only for that model.
+``synthetic``
+    seeded normal noise; calibration refuses it unless explicitly allowed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from enginekit.errors import InputError
+from enginekit.manifest import Manifest
+from enginekit.runtimes.images import expand_image_paths, load_images
+from enginekit.runtimes.preprocess import Preprocessing, preprocess
+
+__all__ = ["InputSet", "load_inputs", "split_every"]
+
+
+@dataclass(frozen=True)
+class InputSet:
+    """Preprocessed model inputs, with labels when the source has them."""
+
+    inputs: np.ndarray
+    labels: tuple[str, ...] | None
+    source: str
+
+    @property
+    def size(self) -> int:
+        return int(len(self.inputs))
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(np.ascontiguousarray(self.inputs).tobytes()).hexdigest()
+
+    def record(self) -> dict[str, object]:
+        """What the manifest keeps about this set."""
+        return {"source": self.source, "size": self.size, "sha256": self.sha256, "labelled": self.labels is not None}
+
+    def take(self, index: Sequence[int] | np.ndarray, source: str | None = None) -> InputSet:
+        idx = np.asarray(index, dtype=int)
+        labels = tuple(self.labels[i] for i in idx) if self.labels is not None else None
+        return InputSet(self.inputs[idx], labels, source or self.source)
+
+
+def split_every(data: InputSet, every: int = 5) -> tuple[InputSet, InputSet]:
+    """Deterministic split: every ``every``-th sample is held out for evaluation,
+    the rest calibrate. Interleaved so both halves see every class of a sorted folder."""
+    n = data.size
+    held = np.arange(n) % every == every - 1
+    if held.sum() == 0 or (~held).sum() == 0:
+        raise InputError(f"{data.source}: {n} samples are too few to split into calibration and held-out sets")
+    return (data.take(np.flatnonzero(~held), f"{data.source} (calibration part)"),
+            data.take(np.flatnonzero(held), f"{data.source} (held-out part)"))
+
+
+def load_inputs(
+    spec: str | Path,
+    manifest: Manifest,
+    *,
+    purpose: str,
+    limit: int | None = None,
+    allow_synthetic: bool = False,
+    seed: int = 0,
+) -> InputSet:
+    """Load ``spec`` for ``manifest``'s model. ``purpose`` is "calibration" or "evaluation"."""
+    if manifest.preprocessing is None:
+        raise InputError("the artifact records no preprocessing; cannot prepare image inputs")
+    cfg = Preprocessing.from_dict(manifest.preprocessing)
+    shape = (3, *cfg.size)
+    text = str(spec)
+    if text == "synthetic":
+        if purpose == "calibration" and not allow_synthetic:
+            raise InputError(
+                "refusing to calibrate on random noise: give --calibration a folder of images or an .npy file, "
+                "or pass --allow-synthetic-calibration"
+            )
+        n = limit or 32
+        x = np.random.default_rng(seed).normal(size=(n, *shape)).astype(np.float32)
+        return InputSet(x, None, f"synthetic (seeded normal noise, seed {seed})")
+    if text == "builtin":
+        return _builtin(manifest, cfg, purpose, limit)
+    path = Path(text).expanduser()
+    if not path.exists():
+        raise InputError(f"{path}: no such file or folder (expected a folder of images, an .npy file, or 'builtin')")
+    if path.is_file():
+        if path.suffix != ".npy":
+            raise InputError(f"{path}: a data file must be a preprocessed .npy array; for images give their folder")
+        return _npy(path, shape, limit)
+    return _folder(path, cfg, limit)
+
+
+def _npy(path: Path, shape: tuple[int, ...], limit: int | None) -> InputSet:
+    try:
+        x = np.load(path, allow_pickle=False)  # never unpickle
+    except (ValueError, OSError) as exc:
+        raise InputError(f"{path}: not a readable .npy array ({exc})") from exc
+    if x.ndim != 4 or tuple(x.shape[1:]) != shape:
+        raise InputError(f"{path}: array has shape {x.shape}, the model takes (N, {', '.join(map(str, shape))})")
+    if x.dtype != np.float32:
+        raise InputError(f"{path}: array is {x.dtype}; preprocessed inputs must be float32")
+    if len(x) == 0:
+        raise InputError(f"{path}: the array holds no samples")
+    return InputSet(np.ascontiguousarray(x[:limit]), None, f"npy:{path.resolve()}")
+
+
+def _folder(path: Path, cfg: Preprocessing, limit: int | None) -> InputSet:
+    paths = expand_image_paths([path])
+    rel = [p.relative_to(path) for p in paths]
+    labelled = all(len(r.parts) >= 2 for r in rel)
+    if limit is not None and len(paths) > limit:
+        # Spread the pick across the sorted list so a class-per-folder layout keeps every class.
+        keep = np.linspace(0, len(paths) - 1, limit).round().astype(int)
+        paths, rel = [paths[i] for i in keep], [rel[i] for i in keep]
+    chunks = [preprocess(load_images(paths[i : i + 32]), cfg) for i in range(0, len(paths), 32)]
+    labels = tuple(r.parts[0] for r in rel) if labelled else None
+    return InputSet(np.concatenate(chunks), labels, f"folder:{path.resolve()}")
+
+
+def _builtin(manifest: Manifest, cfg: Preprocessing, purpose: str, limit: int | None) -> InputSet:
+    if manifest.provenance.get("source") != "default":
+        raise InputError("'builtin' data belongs to the built-in default model; give a folder of images or an .npy file")
+    from PIL import Image
+
+    from enginekit.models.digits import LABELS, digits_split
+
+    x_train, y_train, x_test, y_test = digits_split()
+    x, y = (x_train, y_train) if purpose == "calibration" else (x_test, y_test)
+    if limit is not None:
+        x, y = x[:limit], y[:limit]
+    images = [Image.fromarray(a) for a in x]
+    split = "training" if purpose == "calibration" else "held-out"
+    return InputSet(preprocess(images, cfg), tuple(LABELS[i] for i in y), f"builtin:digits ({split} split)")

@@ -1,0 +1,75 @@
+"""The fidelity gate: an engine against its float parent on held-out inputs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from enginekit.errors import FidelityError
+from enginekit.fidelity import compare_outputs
+from enginekit.quant.data import InputSet
+from enginekit.runtimes.base import Runner
+
+__all__ = ["Budget", "run_all", "measure", "check"]
+
+
+@dataclass(frozen=True)
+class Budget:
+    min_agreement: float
+    min_cosine: float
+
+    def to_dict(self) -> dict[str, float]:
+        return {"min_agreement": self.min_agreement, "min_cosine": self.min_cosine}
+
+
+def run_all(runner: Runner, data: InputSet, batch_size: int = 16) -> dict[str, np.ndarray]:
+    """Run every sample through ``runner`` in batches; concatenate outputs by name."""
+    name = runner.inputs[0].name
+    batch = batch_size if not isinstance(runner.inputs[0].shape[0], int) else runner.inputs[0].shape[0]
+    parts: dict[str, list[np.ndarray]] = {}
+    for start in range(0, data.size, batch):
+        out = runner.run({name: data.inputs[start : start + batch]})
+        for key, value in out.items():
+            parts.setdefault(key, []).append(np.asarray(value, dtype=np.float32))
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def _accuracy(logits: np.ndarray, truth: tuple[str, ...], labels: tuple[str, ...]) -> float:
+    return float(np.mean([labels[i] == t for i, t in zip(logits.argmax(1), truth)]))
+
+
+def measure(
+    reference: dict[str, np.ndarray] | Runner,
+    engine: Runner,
+    data: InputSet,
+    label_names: tuple[str, ...] | None,
+) -> dict[str, Any]:
+    """Agreement, cosine and max abs error of ``engine`` against ``reference``
+    (a runner, or its outputs already computed); accuracy of both when labelled."""
+    ref = reference if isinstance(reference, dict) else run_all(reference, data)
+    got = run_all(engine, data)
+    report: dict[str, Any] = {"inputs": data.source, "samples": data.size}
+    report.update(compare_outputs({k: ref[k] for k in ("logits", "embedding") if k in ref}, got))
+    if data.labels is not None and label_names is not None:
+        report["accuracy"] = _accuracy(got["logits"], data.labels, label_names)
+        report["reference_accuracy"] = _accuracy(ref["logits"], data.labels, label_names)
+    return report
+
+
+def check(report: dict[str, Any], budget: Budget, what: str) -> None:
+    """Raise :class:`FidelityError` naming the numbers when ``report`` misses ``budget``."""
+    misses = []
+    if report["top1_agreement"] < budget.min_agreement:
+        misses.append(f"top-1 agreement {report['top1_agreement']:.4f} < {budget.min_agreement}")
+    if report["logits_cosine"] < budget.min_cosine:
+        misses.append(f"logits cosine {report['logits_cosine']:.5f} < {budget.min_cosine}")
+    if misses:
+        extra = ""
+        if "accuracy" in report:
+            extra = f"; accuracy {report['accuracy']:.4f} vs float {report['reference_accuracy']:.4f}"
+        raise FidelityError(
+            f"{what} misses its fidelity budget on {report['samples']} held-out samples: "
+            f"{'; '.join(misses)} (max abs {report['logits_max_abs']:.3g}{extra}); nothing was written"
+        )
