@@ -78,7 +78,7 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
     from enginekit.export.vit import export_classifier
     from enginekit.manifest import read_manifest
     from enginekit.quant.api import quantize_artifact
-    from enginekit.quant.base import METHODS
+    from enginekit.quant.base import METHODS, QuantOptions
 
     work: Path = args.work
     onnx = work / "onnx"
@@ -92,7 +92,7 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
         held = str(write_photo_crops(work / "photos-held", args.eval_size, seed=1))
     rows: list[dict[str, Any]] = []
     float_manifest = read_manifest(onnx)
-    candidates: list[tuple[str, str, Path]] = [("float", "fp32", onnx)]
+    candidates: list[tuple[str, str, Any]] = [("float", "fp32", onnx)]
     for backend, method in METHODS:
         out = work / f"{backend}-{method}"
         if not (out / "manifest.json").is_file():
@@ -103,14 +103,18 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
                 # verdict against its default budget is its own column.
                 quantize_artifact(onnx, out, method, backend=backend, calibration=calib, eval_data=held,
                                   calibration_size=args.calibration_size, eval_size=args.eval_size,
+                                  options=QuantOptions(group_size=args.group_size),
                                   min_agreement=0.0, min_cosine=0.0)
             except Exception as exc:
                 print(f"  refused: {exc}")
-                rows.append({"backend": backend, "method": method, "refused": str(exc)})
+                candidates.append((backend, method, exc))
                 continue
             print(f"  {time.perf_counter() - start:.0f} s")
         candidates.append((backend, method, out))
     for backend, method, path in candidates:
+        if isinstance(path, Exception):
+            rows.append({"backend": backend, "method": method, "refused": str(path)})
+            continue
         m = read_manifest(path)
         fid = float_manifest.fidelity if path == onnx else m.fidelity
         row: dict[str, Any] = {"backend": backend, "method": method, "path": str(path), "size_mb": _size(path) / 1e6,
@@ -164,10 +168,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="default")
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--calibration-size", type=int, default=64)
-    parser.add_argument("--eval-size", type=int, default=64)
+    parser.add_argument("--eval-size", type=int, default=None,
+                        help="held-out samples (default: all 360 digits for the default model, else 64)")
+    parser.add_argument("--group-size", type=int, default=128, help="int4 weights per scale")
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
+    if args.eval_size is None:
+        args.eval_size = 360 if args.model == "default" else 64
     args.work = args.work or Path("out") / f"quant-{args.model.replace(':', '-')}"
     rows = measure(args)
     from enginekit.hardware import fingerprint

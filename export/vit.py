@@ -22,6 +22,7 @@ from enginekit.errors import ExportError, FidelityError
 from enginekit.export.sources import SourceModel, resolve_source
 from enginekit.fidelity import compare_outputs
 from enginekit.manifest import Manifest, TensorSpec
+from enginekit.runtimes.onnxruntime import run_onnx_file
 
 __all__ = ["ExportOptions", "export_classifier"]
 
@@ -109,7 +110,7 @@ def export_classifier(
         _torch_export(wrapper, example, onnx_path, options.opset, external)
 
         on_step("checking ONNX Runtime against PyTorch")
-        got = _run_onnx(onnx_path, parity_x.numpy())
+        got = run_onnx_file(onnx_path, {INPUT_NAME: parity_x.numpy()})
         report = compare_outputs({"logits": ref_logits.numpy(), "embedding": ref_emb.numpy()}, got)
         budget = options.atol + options.rtol * float(np.abs(ref_logits.numpy()).max())
         fidelity = {
@@ -184,16 +185,6 @@ def _torch_export(wrapper: Any, example: Any, path: Path, opset: int, external: 
             stale.unlink()
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location="model.onnx.data", size_threshold=1024)
-
-
-def _run_onnx(path: Path, x: np.ndarray) -> dict[str, np.ndarray]:
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
-    return dict(zip(names, session.run(names, {INPUT_NAME: x})))
 
 
 def _tool_versions(opset: int) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from enginekit.errors import BackendError, DeviceError
 from enginekit.manifest import Manifest, TensorSpec
 from enginekit.runtimes.base import Backend, CompileOptions, Runner
 
-__all__ = ["OnnxRuntimeBackend", "OnnxRuntimeRunner"]
+__all__ = ["OnnxRuntimeBackend", "OnnxRuntimeRunner", "run_onnx_file"]
 
 _ORT_DTYPES = {
     "tensor(float)": "float32",
@@ -48,6 +48,17 @@ def _level(ort: Any, name: str) -> Any:
         "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
         "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
     }[name]
+
+
+def run_onnx_file(path: str | Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Run an ONNX file once on the CPU, outside any artifact: for parity checks."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, feeds)))
 
 
 class OnnxRuntimeRunner(Runner):

@@ -20,6 +20,7 @@ from onnx import TensorProto, numpy_helper  # noqa: E402
 from enginekit.errors import QuantizationError  # noqa: E402
 from enginekit.fidelity import compare_outputs  # noqa: E402
 from enginekit.quant import ort as quant  # noqa: E402
+from enginekit.runtimes.onnxruntime import run_onnx_file
 from enginekit.quant.base import METHODS, MethodResult, QuantJob, QuantOptions  # noqa: E402
 
 INPUT = "pixel_values"
@@ -41,11 +42,7 @@ def _job(model: Path, out_dir: Path, calibration: np.ndarray | None, **options: 
 
 
 def _run(path: Path, x: np.ndarray) -> dict[str, np.ndarray]:
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
-    return dict(zip(names, session.run(names, {INPUT: x})))
+    return run_onnx_file(path, {INPUT: x})
 
 
 def _graph(path: Path) -> Any:
