@@ -19,7 +19,7 @@ from enginekit import __version__
 from enginekit.errors import EngineKitError
 
 _EXTRA_FOR = {"torch": "export", "timm": "export", "transformers": "export", "torchvision": "export",
-              "onnxruntime": "onnxruntime", "openvino": "openvino", "sklearn": "data", "onnxscript": "export", "nncf": "quant"}
+              "onnxruntime": "onnxruntime", "openvino": "openvino", "sklearn": "data", "onnxscript": "export", "nncf": "quant", "matplotlib": "bench"}
 
 
 class _Group(click.Group):
@@ -67,6 +67,8 @@ def cli(verbose: bool) -> None:
       predict e/ IMAGES...            classify images with any artifact
       inspect e/                      show what an artifact's manifest says
       doctor                          hardware, installed backends, versions
+      bench e/ f/ --batch 1,8         time engines; records go to a results store
+      bench report results/ -o rep/   tables and plots per hardware and across
       demo                            the whole path on the built-in model
     """
     if verbose:
@@ -301,6 +303,98 @@ def evaluate(artifact: Path, data: str | None, limit: int | None, as_json: bool)
             table.add_row(label, f"{report[key]:.5g}")
     table.add_row("data", escape(str(report["inputs"])))
     Console().print(table)
+
+
+class _BenchGroup(click.Group):
+    """`enginekit bench A B ...` runs the benchmark; `enginekit bench report ...` writes a report."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("-h", "--help"):
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+@cli.group(cls=_BenchGroup)
+def bench() -> None:
+    """Benchmark artifacts on this machine, and report across machines.
+
+    \b
+      enginekit bench ART... [--batch 1,8] [--store results/results.jsonl] [--json out.json]
+      enginekit bench report results/ -o report/
+    """
+
+
+def _batches(value: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: give batch sizes as 1,8,32") from None
+    if not sizes or min(sizes) < 1:
+        raise click.BadParameter(f"{value!r}: batch sizes must be positive integers")
+    return sizes
+
+
+@bench.command(name="run")
+@click.argument("artifacts", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--batch", default="1", show_default=True, help="Batch sizes, comma separated.")
+@click.option("--runs", type=int, default=None, help="Timed runs per batch size (default 50).")
+@click.option("--duration", type=float, default=None, help="Or: seconds of timed runs per batch size.")
+@click.option("--warmup", default=10, show_default=True, help="Untimed runs first.")
+@click.option("--threads", default=0, show_default=True, help="Engine threads (0: backend default); recorded.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--store", type=click.Path(path_type=Path), default=Path("results/results.jsonl"), show_default=True,
+              help="JSON-lines results store the records are appended to.")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), help="Also write this run's records here.")
+def bench_run(artifacts: tuple[Path, ...], batch: str, runs: int | None, duration: float | None, warmup: int,
+              threads: int, device: str, store: Path, json_out: Path | None) -> None:
+    """Time each ARTIFACT: warm latency p50/p90/p99, throughput, load and first
+    inference, peak memory, size, and its recorded fidelity, in one row."""
+    from enginekit.bench.harness import BenchConfig, bench_artifact
+    from enginekit.bench.store import ResultsStore
+
+    if runs is None and duration is None:
+        runs = 50
+    try:
+        config = BenchConfig(batch_sizes=_batches(batch), warmup=warmup, runs=runs, duration_s=duration,
+                             threads=threads)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    records = []
+    for path in artifacts:
+        records += bench_artifact(path, config, device=device)
+    ResultsStore(store).append(records)
+    if json_out:
+        json_out.write_text(json.dumps(records, indent=2, default=str))
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title=f"appended {len(records)} records to {escape(str(store))}")
+    for col in ("engine", "method", "batch", "p50 ms", "p90 ms", "p99 ms", "img/s", "load ms", "first ms",
+                "size MB", "cosine"):
+        table.add_column(col, justify="left" if col in ("engine", "method") else "right")
+    for r in records:
+        lat = r["latency_ms"]
+        cos = r["fidelity"].get("logits_cosine")
+        table.add_row(escape(r["engine"]["name"]), r["engine"]["method"], str(r["batch"]), f"{lat['p50']:.2f}",
+                      f"{lat['p90']:.2f}", f"{lat['p99']:.2f}", f"{r['throughput_ips']:.1f}",
+                      f"{r['load_ms']:.0f}" if r["load_ms"] is not None else "-",
+                      f"{r['first_inference_ms']:.1f}" if r["first_inference_ms"] is not None else "-",
+                      f"{(r['size_bytes'] or 0) / 1e6:.1f}", f"{cos:.5f}" if cos is not None else "-")
+    Console().print(table)
+
+
+@bench.command(name="report")
+@click.argument("results", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Report folder.")
+def bench_report(results: tuple[Path, ...], out: Path) -> None:
+    """Markdown tables and PNG plots from RESULTS (.jsonl files or folders of them),
+    per hardware and across hardware."""
+    from enginekit.bench.report import write_report
+    from enginekit.bench.store import read_results
+
+    files = write_report(read_results(list(results)), out)
+    _console().print(f"[green]wrote[/] {out / 'report.md'} and {len(files) - 1} plots")
 
 
 @cli.command()

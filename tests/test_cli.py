@@ -110,3 +110,21 @@ def test_bad_input_gives_one_line_errors(runner: CliRunner, exported: dict, tmp_
     _one_line_error(runner.invoke(cli, ["compile", str(art), "--backend", "onnxruntime", "-o", str(art)]),
                     "already exists")
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_bench_and_report(runner: CliRunner, exported: dict, tmp_path: Path) -> None:
+    store = tmp_path / "results" / "r.jsonl"
+    result = runner.invoke(cli, ["bench", str(exported["timm"]), str(exported["hf"]), "--batch", "1,2",
+                                 "--runs", "3", "--warmup", "1", "--store", str(store),
+                                 "--json", str(tmp_path / "run.json")])
+    _ok(result)
+    records = json.loads((tmp_path / "run.json").read_text())
+    assert len(records) == 4 and {r["batch"] for r in records} == {1, 2}
+    assert len(store.read_text().splitlines()) == 4
+    result = runner.invoke(cli, ["bench", "report", str(store.parent), "-o", str(tmp_path / "report")])
+    _ok(result)
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "timm" in report and any((tmp_path / "report").glob("*.png"))
+    _one_line_error(runner.invoke(cli, ["bench", str(exported["timm"]), "--batch", "x"]), "batch sizes")
+    _one_line_error(runner.invoke(cli, ["bench", "report", str(tmp_path / "none"), "-o", str(tmp_path / "r2")]),
+                    "no such results")

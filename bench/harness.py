@@ -1,0 +1,329 @@
+"""The bench harness: time a Runner, describe the engine, emit one record per batch size.
+
+One record (a JSON object, :data:`RECORD_SCHEMA` 1) per (artifact, batch size)::
+
+    {"schema": 1, "timestamp": ISO-8601 UTC, "hardware": fingerprint(), "hardware_id": str,
+     "engine": {"artifact", "name", "kind", "backend", "device", "method", "precision", "manifest_sha256"},
+     "batch": int, "threads": int, "latency_ms": {p50, p90, p99, mean, min, max, count}, "runs": int,
+     "throughput_ips": float, "load_ms": float|None, "first_inference_ms": float|None,
+     "peak_rss_bytes": int|None, "size_bytes": int|None, "fidelity": {...}, "baseline": bool,
+     "speedup": float|None}
+
+Cold start (``load_ms``, ``first_inference_ms``) is measured in this process
+and kept apart from the warm latency. ``speedup`` is filled by
+:func:`add_speedups` against a baseline record of the same batch and hardware.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+from enginekit.runtimes.base import Runner
+
+from enginekit.errors import ShapeError
+from enginekit.hardware import fingerprint, fingerprint_id
+from enginekit.manifest import Manifest, TensorSpec
+
+__all__ = [
+    "RECORD_SCHEMA",
+    "BenchConfig",
+    "add_speedups",
+    "bench_artifact",
+    "bench_runner",
+    "engine_info",
+    "latency_stats",
+    "make_feeds",
+    "make_record",
+    "time_callable",
+]
+
+RECORD_SCHEMA = 1
+#: Fidelity numbers copied from the manifest into each record (when present).
+FIDELITY_KEYS = ("top1_agreement", "logits_cosine", "logits_max_abs", "accuracy")
+#: Where each backend's runner reads its thread count from ``manifest.target`` at load.
+THREADS_KEY = {"onnxruntime": "intra_op_num_threads", "openvino": "inference_num_threads"}
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What to time: a fixed number of runs OR a fixed duration, after ``warmup`` calls.
+
+    ``threads`` 0 leaves the backend's default; ``seed`` seeds the random feeds.
+    """
+
+    batch_sizes: tuple[int, ...] = (1,)
+    warmup: int = 10
+    runs: int | None = 50
+    duration_s: float | None = None
+    threads: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if (self.runs is None) == (self.duration_s is None):
+            raise ValueError(
+                "BenchConfig needs exactly one of runs (a fixed count) or duration_s (a fixed time); "
+                f"got runs={self.runs!r}, duration_s={self.duration_s!r}; pass runs=None with duration_s"
+            )
+        if self.runs is not None and self.runs < 1:
+            raise ValueError(f"BenchConfig.runs must be at least 1, got {self.runs}")
+        if self.duration_s is not None and not self.duration_s > 0:
+            raise ValueError(f"BenchConfig.duration_s must be positive, got {self.duration_s}")
+        if self.warmup < 0 or self.threads < 0:
+            raise ValueError(f"BenchConfig.warmup and threads must be at least 0, got {self.warmup}, {self.threads}")
+        if not self.batch_sizes or any(int(b) < 1 for b in self.batch_sizes):
+            raise ValueError(f"BenchConfig.batch_sizes must be positive integers, got {self.batch_sizes!r}")
+
+
+def latency_stats(samples_s: Sequence[float]) -> dict[str, float]:
+    """p50/p90/p99/mean/min/max in milliseconds (linear percentiles) and ``count`` of ``samples_s`` (seconds)."""
+    if len(samples_s) == 0:
+        raise ValueError("latency_stats needs at least one sample")
+    ms = np.asarray(samples_s, dtype=np.float64) * 1e3
+    p50, p90, p99 = (float(v) for v in np.percentile(ms, [50, 90, 99], method="linear"))
+    return {"p50": p50, "p90": p90, "p99": p99, "mean": float(ms.mean()), "min": float(ms.min()),
+            "max": float(ms.max()), "count": int(ms.size)}
+
+
+def time_callable(fn: Callable[[], Any], config: BenchConfig,
+                  on_progress: Callable[[int], None] | None = None) -> list[float]:
+    """Call ``fn`` ``config.warmup`` times untimed, then time it (seconds, ``perf_counter``)
+    ``config.runs`` times or until ``config.duration_s`` has passed (at least once).
+
+    ``on_progress(i)`` is called after the i-th timed run (1-based), outside the timed window.
+    """
+    for _ in range(config.warmup):
+        fn()
+    samples: list[float] = []
+    deadline = None if config.duration_s is None else time.perf_counter() + config.duration_s
+    while True:
+        start = time.perf_counter()
+        fn()
+        end = time.perf_counter()
+        samples.append(end - start)
+        if on_progress is not None:
+            on_progress(len(samples))
+        if deadline is None:
+            if len(samples) >= (config.runs or 0):
+                return samples
+        elif end >= deadline:
+            return samples
+
+
+def _concrete_shape(spec: TensorSpec, batch: int) -> tuple[int, ...]:
+    shape = []
+    for axis, dim in enumerate(spec.shape):
+        symbolic = not isinstance(dim, int) or dim < 0
+        if axis == 0:
+            if not symbolic and dim != batch:
+                raise ShapeError(f"input {spec.name!r} has a fixed batch of {dim}; it cannot be benched at batch {batch}")
+            shape.append(batch)
+        elif symbolic:
+            raise ShapeError(
+                f"input {spec.name!r} has a symbolic dimension {dim!r} on axis {axis} (shape {tuple(spec.shape)}); "
+                "the bench only fills a symbolic batch axis: export with a fixed size"
+            )
+        else:
+            shape.append(dim)
+    return tuple(shape)
+
+
+def make_feeds(inputs: Sequence[TensorSpec], batch: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Seeded feeds for ``inputs``: standard normal for float inputs, 0/1 for integer and bool ones."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for spec in inputs:
+        shape = _concrete_shape(spec, batch)
+        dtype = np.dtype(spec.dtype)
+        if dtype.kind == "f":
+            feeds[spec.name] = rng.standard_normal(shape, dtype=np.float32).astype(dtype)
+        else:
+            feeds[spec.name] = rng.integers(0, 2, size=shape).astype(dtype)
+    return feeds
+
+
+def bench_runner(runner: Runner, batch: int, config: BenchConfig,
+                 on_progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Time ``runner.run`` on a seeded feed at ``batch``: warm latency and throughput (images/s at p50)."""
+    feeds = make_feeds(runner.inputs, batch, config.seed)
+    samples = time_callable(lambda: runner.run(feeds), config, on_progress)
+    stats = latency_stats(samples)
+    return {"batch": int(batch), "latency_ms": stats, "throughput_ips": batch * 1000.0 / stats["p50"],
+            "runs": len(samples)}
+
+
+def _peak_rss_bytes(samples: Iterable[int]) -> int:
+    """The process high-water mark: the max of psutil RSS ``samples`` and, where the
+    platform has it, ``getrusage(RUSAGE_SELF).ru_maxrss`` (kilobytes on Linux, bytes on macOS)."""
+    peak = max(samples, default=0)
+    try:
+        import resource
+    except ImportError:  # Windows
+        return peak
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return max(peak, int(maxrss if sys.platform == "darwin" else maxrss * 1024))
+
+
+def _open(path: Path, device: str, backend: str | None, threads: int) -> tuple[Runner, Manifest, str, int]:
+    """``load_runner`` with ``threads`` set in the manifest target the runner reads at load.
+
+    Returns the runner, the manifest as on disk, the backend name and the thread
+    count in effect (``threads``, else what a compiled artifact recorded, else 0).
+    """
+    from enginekit.api import default_backend, load_runner, resolve_device
+    from enginekit.artifact import verify_artifact
+    from enginekit.manifest import read_manifest
+    from enginekit.registry import get_backend
+
+    manifest = read_manifest(path)
+    name = backend or default_backend(manifest)
+    key = THREADS_KEY.get(name)
+    recorded = int(manifest.target.get(key) or 0) if key else 0
+    if not threads or key is None:
+        runner, manifest = load_runner(path, device, name)
+        return runner, manifest, name, recorded
+    verify_artifact(path, manifest)
+    be = get_backend(name)
+    if manifest.kind not in be.loads:  # let load_runner raise its own message
+        load_runner(path, device, name)
+    pinned = manifest.replace(target={**manifest.target, key: threads})
+    return be.load(path, pinned, resolve_device(be, device)), manifest, name, threads
+
+
+def engine_info(path: str | Path, manifest: Manifest, backend: str, device: str) -> dict[str, Any]:
+    """The ``engine`` object of a record."""
+    precisions = sorted({c.precision for c in manifest.components.values()})
+    return {
+        "artifact": str(path),
+        "name": Path(path).name,
+        "kind": manifest.kind,
+        "backend": backend,
+        "device": device,
+        "method": (manifest.quantization or {}).get("method") or "float",
+        "precision": precisions[0] if len(precisions) == 1 else ",".join(precisions),
+        "manifest_sha256": manifest.digest(),
+    }
+
+
+def make_record(
+    *,
+    engine: Mapping[str, Any],
+    result: Mapping[str, Any],
+    threads: int,
+    hardware: Mapping[str, Any] | None = None,
+    load_ms: float | None = None,
+    first_inference_ms: float | None = None,
+    peak_rss_bytes: int | None = None,
+    size_bytes: int | None = None,
+    fidelity: Mapping[str, Any] | None = None,
+    baseline: bool = False,
+    speedup: float | None = None,
+    timestamp: str | None = None,
+) -> dict[str, Any]:
+    """One result record from a :func:`bench_runner` ``result`` and what is known about the engine.
+
+    ``hardware`` defaults to this machine's :func:`fingerprint`.
+    """
+    hw = dict(hardware) if hardware is not None else fingerprint()
+    return {
+        "schema": RECORD_SCHEMA,
+        "timestamp": timestamp or datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "hardware": hw,
+        "hardware_id": fingerprint_id(hw),
+        "engine": dict(engine),
+        "batch": int(result["batch"]),
+        "threads": int(threads),
+        "latency_ms": dict(result["latency_ms"]),
+        "runs": int(result["runs"]),
+        "throughput_ips": float(result["throughput_ips"]),
+        "load_ms": load_ms,
+        "first_inference_ms": first_inference_ms,
+        "peak_rss_bytes": peak_rss_bytes,
+        "size_bytes": size_bytes,
+        "fidelity": dict(fidelity or {}),
+        "baseline": bool(baseline),
+        "speedup": speedup,
+    }
+
+
+def _progress_bar(desc: str, total: int | None, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="run", leave=False, disable=not enabled, file=sys.stderr)
+
+
+def bench_artifact(
+    path: str | Path,
+    config: BenchConfig,
+    device: str = "cpu",
+    backend: str | None = None,
+    *,
+    baseline: bool = False,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Load the artifact at ``path`` once and bench it at every ``config.batch_sizes``; one record each.
+
+    Steps: 1. load (``load_ms``: ``load_runner`` wall time, hash checks and session
+    creation included, with ``config.threads`` pinned); 2. the first inference at
+    the first batch size (``first_inference_ms``, cold, before any warm-up);
+    3. warm timing per batch size (:func:`bench_runner`) under a progress bar;
+    4. peak memory: the process high-water mark, ``max(psutil RSS after load and
+    after each timing, ru_maxrss)`` — on Linux that is ``ru_maxrss``, which also
+    counts whatever the process held before the bench (an interpreter with torch
+    loaded reads high); run one artifact per process for a clean number.
+    Cold-start fields are the same on every record of the artifact.
+    """
+    path = Path(path)
+    hw = fingerprint()
+    proc = psutil.Process()
+    rss: list[int] = []
+
+    start = time.perf_counter()
+    runner, manifest, name, threads = _open(path, device, backend, config.threads)
+    load_ms = (time.perf_counter() - start) * 1e3
+    rss.append(proc.memory_info().rss)
+    try:
+        first = make_feeds(runner.inputs, config.batch_sizes[0], config.seed)
+        start = time.perf_counter()
+        runner.run(first)
+        first_ms = (time.perf_counter() - start) * 1e3
+        results = []
+        for batch in config.batch_sizes:
+            with _progress_bar(f"{path.name} batch {batch}", config.runs, progress) as bar:
+                results.append(bench_runner(runner, batch, config, on_progress=lambda _i: bar.update(1)))
+            rss.append(proc.memory_info().rss)
+        engine = engine_info(path, manifest, name, runner.device or device)
+    finally:
+        runner.close()
+
+    size = sum(f.size for c in manifest.components.values() for f in c.files)
+    fidelity = {k: manifest.fidelity[k] for k in FIDELITY_KEYS if k in manifest.fidelity}
+    peak = _peak_rss_bytes(rss)
+    return [
+        make_record(engine=engine, result=r, threads=threads, hardware=hw, load_ms=load_ms,
+                    first_inference_ms=first_ms, peak_rss_bytes=peak, size_bytes=size, fidelity=fidelity,
+                    baseline=baseline)
+        for r in results
+    ]
+
+
+def add_speedups(records: list[dict[str, Any]]) -> None:
+    """Set ``speedup`` = baseline p50 / record p50 in place, where a baseline record
+    (``baseline`` true) of the same batch and ``hardware_id`` exists (the last one wins)."""
+    base: dict[tuple[Any, int], float] = {}
+    for rec in records:
+        if rec.get("baseline"):
+            base[(rec.get("hardware_id"), int(rec["batch"]))] = float(rec["latency_ms"]["p50"])
+    for rec in records:
+        ref = base.get((rec.get("hardware_id"), int(rec["batch"])))
+        p50 = float(rec["latency_ms"]["p50"])
+        if ref is not None and p50 > 0 and math.isfinite(p50):
+            rec["speedup"] = ref / p50
