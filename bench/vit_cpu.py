@@ -34,7 +34,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from enginekit.demo import time_batch1
+from enginekit.bench.harness import BenchConfig, latency_stats, time_callable
 
 #: (row label, artifact sub-folder, backend compiled with or None for the export itself).
 ENGINES = (
@@ -107,12 +107,10 @@ def _cold_in_subprocess(path: Path, threads: int, input_npy: Path, cache_dir: Pa
 
 
 def _speed(fn: Callable[[], Any], warmup: int, runs: int) -> dict[str, float]:
-    """Warm latency percentiles: ``time_batch1`` reports only a median, so it times one call at a time."""
-    for _ in range(warmup):
-        fn()
-    samples = [time_batch1(fn, warmup=0, runs=1) for _ in range(runs)]
-    p50, p90, p99 = (float(v) for v in np.percentile(samples, [50, 90, 99]))
-    return {"p50_ms": p50, "p90_ms": p90, "p99_ms": p99, "images_per_s": 1000.0 / p50}
+    """Warm latency percentiles from the bench harness's timer."""
+    stats = latency_stats(time_callable(fn, BenchConfig(warmup=warmup, runs=runs)))
+    return {"p50_ms": stats["p50"], "p90_ms": stats["p90"], "p99_ms": stats["p99"],
+            "images_per_s": 1000.0 / stats["p50"]}
 
 
 def _matches(path: Path, want: Callable[[Any], bool]) -> bool:

@@ -7,7 +7,6 @@ and accuracy side by side.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -28,15 +27,10 @@ def evaluate_folder(clf: Any, folder: Path) -> tuple[float, int]:
 
 
 def time_batch1(fn: Callable[[], Any], warmup: int = 5, runs: int = 50) -> float:
-    """Median wall time of ``fn`` in milliseconds after ``warmup`` calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times) * 1e3)
+    """Median wall time of ``fn`` in milliseconds after ``warmup`` calls (the bench harness's timer)."""
+    from enginekit.bench.harness import BenchConfig, latency_stats, time_callable
+
+    return latency_stats(time_callable(fn, BenchConfig(warmup=warmup, runs=runs)))["p50"]
 
 
 def run_demo(out: str | Path, on_step: Callable[[str], None] = lambda msg: None) -> list[dict[str, Any]]:
