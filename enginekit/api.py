@@ -90,8 +90,9 @@ def compile_artifact(
     manifest = read_manifest(root)
     verify_artifact(root, manifest)
     be = get_backend(backend)
-    if manifest.kind not in ("onnx",):
-        raise BackendError(f"{root}: compile takes an ONNX artifact, this one is {manifest.kind!r}")
+    if manifest.kind not in be.compiles:
+        raise BackendError(f"{root}: {be.name} compiles {' or '.join(be.compiles)} artifacts, "
+                           f"this one is {manifest.kind!r}")
     with atomic_artifact(out_dir, overwrite=overwrite) as tmp:
         compiled = be.compile(root, manifest, tmp, options)
         provenance = dict(compiled.provenance)

@@ -10,7 +10,7 @@ import numpy as np
 from enginekit.errors import FidelityError
 from enginekit.fidelity import compare_outputs
 from enginekit.quant.data import InputSet
-from enginekit.runtimes.base import Runner
+from enginekit.runtimes.base import Runner, run_batched
 
 __all__ = ["Budget", "run_all", "measure", "check"]
 
@@ -26,17 +26,11 @@ class Budget:
 
 def run_all(runner: Runner, data: InputSet, batch_size: int = 16) -> dict[str, np.ndarray]:
     """Run every sample through ``runner`` in batches; concatenate outputs by name."""
-    name = runner.inputs[0].name
-    batch = batch_size if not isinstance(runner.inputs[0].shape[0], int) else runner.inputs[0].shape[0]
-    parts: dict[str, list[np.ndarray]] = {}
-    for start in range(0, data.size, batch):
-        out = runner.run({name: data.inputs[start : start + batch]})
-        for key, value in out.items():
-            parts.setdefault(key, []).append(np.asarray(value, dtype=np.float32))
-    return {k: np.concatenate(v) for k, v in parts.items()}
+    out = run_batched(runner, data.inputs, batch_size)
+    return {k: np.asarray(v, dtype=np.float32) for k, v in out.items()}
 
 
-def _accuracy(logits: np.ndarray, truth: tuple[str, ...], labels: tuple[str, ...]) -> float:
+def accuracy_of(logits: np.ndarray, truth: tuple[str, ...], labels: tuple[str, ...]) -> float:
     return float(np.mean([labels[i] == t for i, t in zip(logits.argmax(1), truth)]))
 
 
@@ -53,8 +47,8 @@ def measure(
     report: dict[str, Any] = {"inputs": data.source, "samples": data.size}
     report.update(compare_outputs({k: ref[k] for k in ("logits", "embedding") if k in ref}, got))
     if data.labels is not None and label_names is not None:
-        report["accuracy"] = _accuracy(got["logits"], data.labels, label_names)
-        report["reference_accuracy"] = _accuracy(ref["logits"], data.labels, label_names)
+        report["accuracy"] = accuracy_of(got["logits"], data.labels, label_names)
+        report["reference_accuracy"] = accuracy_of(ref["logits"], data.labels, label_names)
     return report
 
 

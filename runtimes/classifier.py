@@ -15,7 +15,7 @@ import numpy as np
 
 from enginekit.errors import InputError, ManifestError
 from enginekit.manifest import Manifest
-from enginekit.runtimes.base import Runner
+from enginekit.runtimes.base import Runner, run_batched
 from enginekit.runtimes.images import load_images
 from enginekit.runtimes.preprocess import Preprocessing, preprocess
 
@@ -90,8 +90,9 @@ class ImageClassifier:
             yield preprocess(load_images(items[start : start + self.batch_size]), self.preprocessing)
 
     def run_pixels(self, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
-        """Run preprocessed ``pixel_values`` (N, 3, H, W) float32 through the engine."""
-        return self.runner.run({self._input: pixel_values})
+        """Run preprocessed ``pixel_values`` (N, 3, H, W) float32 through the engine
+        (an engine built for a fixed batch runs them in slices of it)."""
+        return run_batched(self.runner, pixel_values)
 
     def logits(self, images: ImageLike | Sequence[ImageLike]) -> np.ndarray:
         """Raw logits, (N, classes) float32."""

@@ -267,3 +267,25 @@ def test_closed_runner_refuses(ov_artifact: Path) -> None:
     runner.close()
     with pytest.raises(RuntimeError, match="closed"):
         runner.run({"x": np.ones((1, IN_DIM), np.float32)})
+
+
+def test_ir_recompiled_for_a_static_batch(ov_artifact: Path, tmp_path: Path) -> None:
+    from enginekit.api import compile_artifact
+    from enginekit.runtimes.base import run_batched
+
+    parent = read_manifest(ov_artifact).replace(fidelity={"top1_agreement": 1.0})
+    out, manifest = _compile(ov_artifact, tmp_path / "static", extra={"static_batch": 2})
+    assert manifest.component().inputs[0].shape == (2, IN_DIM)
+    assert manifest.target["static_batch"] == 2
+    assert manifest.target["inference_precision_hint"] == parent.target["inference_precision_hint"]
+    x = np.random.default_rng(3).standard_normal((5, IN_DIM)).astype(np.float32)
+    with _load(out) as runner:
+        with pytest.raises(ShapeError):
+            runner.run({"x": x[:1]})
+        got = run_batched(runner, x)  # 2 + 2 + (1 padded to 2)
+    np.testing.assert_allclose(got["embedding"], _reference(x)["embedding"], rtol=1e-5, atol=1e-5)
+    assert got["logits"].shape == (5, OUT_DIM)
+    # only OpenVINO takes an IR back in; ONNX Runtime says what it compiles
+    with pytest.raises(BackendError, match="compiles onnx artifacts"):
+        compile_artifact(ov_artifact, "onnxruntime", tmp_path / "ort")
+    assert not (tmp_path / "ort").exists()
