@@ -32,26 +32,15 @@ __all__ = ["write_photo_crops", "main"]
 
 
 def write_photo_crops(out: Path, n: int, seed: int) -> Path:
-    """``n`` seeded random crops (position, scale, flip) of scikit-learn's two sample photos."""
-    from PIL import Image
-    from sklearn.datasets import load_sample_images
+    """``n`` seeded random crops of scikit-learn's two sample photos (:func:`photo_crops`), as JPEG files."""
+    from enginekit.artifact import atomic_folder
+    from enginekit.quant.data import photo_crops
 
     if out.exists():
         return out
-    from enginekit.artifact import atomic_folder
-
-    photos = load_sample_images().images
-    rng = np.random.default_rng(seed)
     with atomic_folder(out) as tmp:
-        for i in range(n):
-            img = photos[i % len(photos)]
-            h, w = img.shape[:2]
-            side = int(rng.integers(min(h, w) // 3, min(h, w)))
-            y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
-            crop = img[y : y + side, x : x + side]
-            if rng.random() < 0.5:
-                crop = crop[:, ::-1]
-            Image.fromarray(np.ascontiguousarray(crop)).save(tmp / f"{i:04d}.jpg", quality=92)
+        for i, crop in enumerate(photo_crops(n, seed)):
+            crop.save(tmp / f"{i:04d}.jpg", quality=92)
     return out
 
 

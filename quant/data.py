@@ -10,6 +10,10 @@ A data spec is one of:
 ``builtin``
     the built-in default model's own digits: the training split for
     calibration, the held-out split for evaluation. Only for that model.
+``photos``
+    seeded random crops (position, scale, flip) of the two real photographs
+    scikit-learn ships: crops seeded 0 calibrate, crops seeded 1 evaluate.
+    Real image statistics for any model, offline; unlabelled.
 ``synthetic``
     seeded normal noise; calibration refuses it unless explicitly allowed.
 """
@@ -19,7 +23,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -28,7 +32,7 @@ from enginekit.manifest import Manifest
 from enginekit.runtimes.images import expand_image_paths, load_images
 from enginekit.runtimes.preprocess import Preprocessing, preprocess
 
-__all__ = ["InputSet", "load_inputs", "split_every"]
+__all__ = ["InputSet", "load_inputs", "photo_crops", "split_every"]
 
 
 @dataclass(frozen=True)
@@ -94,9 +98,15 @@ def load_inputs(
         return InputSet(x, None, f"synthetic (seeded normal noise, seed {seed})")
     if text == "builtin":
         return _builtin(manifest, cfg, purpose, limit)
+    if text == "photos":
+        crop_seed = seed if purpose == "calibration" else seed + 1
+        crops = photo_crops(limit or 64, crop_seed)
+        chunks = [preprocess(crops[i : i + 32], cfg) for i in range(0, len(crops), 32)]
+        return InputSet(np.concatenate(chunks), None, f"photos (scikit-learn sample photos, crops seeded {crop_seed})")
     path = Path(text).expanduser()
     if not path.exists():
-        raise InputError(f"{path}: no such file or folder (expected a folder of images, an .npy file, or 'builtin')")
+        raise InputError(f"{path}: no such file or folder (expected a folder of images, an .npy file, "
+                         "'photos' or 'builtin')")
     if path.is_file():
         if path.suffix != ".npy":
             raise InputError(f"{path}: a data file must be a preprocessed .npy array; for images give their folder")
@@ -145,3 +155,26 @@ def _builtin(manifest: Manifest, cfg: Preprocessing, purpose: str, limit: int | 
     images = [Image.fromarray(a) for a in x]
     split = "training" if purpose == "calibration" else "held-out"
     return InputSet(preprocess(images, cfg), tuple(LABELS[i] for i in y), f"builtin:digits ({split} split)")
+
+
+def photo_crops(n: int, seed: int) -> list[Any]:
+    """``n`` seeded random crops (position, scale, flip) of scikit-learn's two sample photos, as PIL images."""
+    from PIL import Image
+
+    try:
+        from sklearn.datasets import load_sample_images
+    except ImportError as exc:
+        raise InputError("the 'photos' data needs scikit-learn: pip install 'enginekit[data]'") from exc
+    photos = load_sample_images().images
+    rng = np.random.default_rng(seed)
+    crops = []
+    for i in range(n):
+        img = photos[i % len(photos)]
+        h, w = img.shape[:2]
+        side = int(rng.integers(min(h, w) // 3, min(h, w)))
+        y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+        crop = img[y : y + side, x : x + side]
+        if rng.random() < 0.5:
+            crop = crop[:, ::-1]
+        crops.append(Image.fromarray(np.ascontiguousarray(crop)))
+    return crops
