@@ -7,7 +7,10 @@ One record (a JSON object, :data:`RECORD_SCHEMA` 1) per (artifact, batch size)::
      "batch": int, "threads": int, "latency_ms": {p50, p90, p99, mean, min, max, count}, "runs": int,
      "throughput_ips": float, "load_ms": float|None, "first_inference_ms": float|None,
      "peak_rss_bytes": int|None, "size_bytes": int|None, "fidelity": {...}, "baseline": bool,
-     "speedup": float|None}
+     "speedup": float|None, "model": str|None}
+
+``model`` names the source model (``provenance.source``); speed-ups are
+ratios to the baseline of the same model, batch and hardware.
 
 Cold start (``load_ms``, ``first_inference_ms``) is measured in this process
 and kept apart from the warm latency. ``speedup`` is filled by
@@ -39,6 +42,8 @@ __all__ = [
     "add_speedups",
     "bench_artifact",
     "bench_runner",
+    "bench_torch",
+    "torch_baselines",
     "engine_info",
     "latency_stats",
     "make_feeds",
@@ -227,6 +232,7 @@ def make_record(
     baseline: bool = False,
     speedup: float | None = None,
     timestamp: str | None = None,
+    model: str | None = None,
 ) -> dict[str, Any]:
     """One result record from a :func:`bench_runner` ``result`` and what is known about the engine.
 
@@ -251,6 +257,7 @@ def make_record(
         "fidelity": dict(fidelity or {}),
         "baseline": bool(baseline),
         "speedup": speedup,
+        "model": model,
     }
 
 
@@ -310,20 +317,102 @@ def bench_artifact(
     return [
         make_record(engine=engine, result=r, threads=threads, hardware=hw, load_ms=load_ms,
                     first_inference_ms=first_ms, peak_rss_bytes=peak, size_bytes=size, fidelity=fidelity,
-                    baseline=baseline)
+                    baseline=baseline, model=manifest.provenance.get("source"))
+        for r in results
+    ]
+
+
+def bench_torch(
+    model: Any,
+    inputs: Sequence[TensorSpec],
+    config: BenchConfig,
+    *,
+    model_id: str | None = None,
+    name: str = "pytorch-eager",
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """PyTorch eager fp32 of ``model`` through the same timer, feeds and statistics as
+    :func:`bench_artifact`: one baseline record per batch size.
+
+    Threads: ``config.threads`` (0: torch's default), set for the run and restored.
+    ``load_ms`` and ``peak_rss_bytes`` stay None (building a PyTorch model is not a
+    load from disk, and the process holds more than the model); ``size_bytes`` is
+    the parameters' bytes.
+    """
+    import torch
+
+    previous = torch.get_num_threads()
+    threads = config.threads or previous
+    torch.set_num_threads(threads)
+    model = model.eval()
+    hw = fingerprint()
+    results = []
+    first_ms: float | None = None
+    try:
+        with torch.inference_mode():
+            for batch in config.batch_sizes:
+                args = [torch.from_numpy(v) for v in make_feeds(inputs, batch, config.seed).values()]
+                if first_ms is None:
+                    start = time.perf_counter()
+                    model(*args)
+                    first_ms = (time.perf_counter() - start) * 1e3
+                with _progress_bar(f"{name} batch {batch}", config.runs, progress) as bar:
+                    samples = time_callable(lambda: model(*args), config,  # noqa: B023 - called before the loop moves on
+                                            on_progress=lambda _i: bar.update(1))
+                stats = latency_stats(samples)
+                results.append({"batch": int(batch), "latency_ms": stats, "runs": len(samples),
+                                "throughput_ips": batch * 1000.0 / stats["p50"]})
+    finally:
+        torch.set_num_threads(previous)
+    engine = {"artifact": None, "name": name, "kind": "pytorch", "backend": "pytorch", "device": "cpu",
+              "method": "float", "precision": "fp32", "manifest_sha256": None}
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    return [
+        make_record(engine=engine, result=r, threads=threads, hardware=hw, first_inference_ms=first_ms,
+                    size_bytes=size, fidelity={"top1_agreement": 1.0, "logits_cosine": 1.0, "logits_max_abs": 0.0},
+                    baseline=True, model=model_id)
         for r in results
     ]
 
 
 def add_speedups(records: list[dict[str, Any]]) -> None:
     """Set ``speedup`` = baseline p50 / record p50 in place, where a baseline record
-    (``baseline`` true) of the same batch and ``hardware_id`` exists (the last one wins)."""
-    base: dict[tuple[Any, int], float] = {}
+    (``baseline`` true) of the same batch, ``hardware_id``, ``model`` and Ray node (when
+    the records came from ``--ray``) exists (the last one wins)."""
+
+    def key(rec: dict[str, Any]) -> tuple[Any, ...]:
+        return (rec.get("hardware_id"), int(rec["batch"]), rec.get("model"), (rec.get("node") or {}).get("node_id"))
+
+    base: dict[tuple[Any, ...], float] = {}
     for rec in records:
         if rec.get("baseline"):
-            base[(rec.get("hardware_id"), int(rec["batch"]))] = float(rec["latency_ms"]["p50"])
+            base[key(rec)] = float(rec["latency_ms"]["p50"])
     for rec in records:
-        ref = base.get((rec.get("hardware_id"), int(rec["batch"])))
+        ref = base.get(key(rec))
         p50 = float(rec["latency_ms"]["p50"])
         if ref is not None and p50 > 0 and math.isfinite(p50):
             rec["speedup"] = ref / p50
+
+
+def torch_baselines(artifacts: Sequence[str | Path], config: BenchConfig, progress: bool = True) -> list[dict[str, Any]]:
+    """:func:`bench_torch` once per distinct source model among ``artifacts``, rebuilt
+    from each manifest's provenance (:func:`enginekit.export.sources.source_for_manifest`)."""
+    import json
+
+    from enginekit.artifact import verify_artifact
+    from enginekit.export.sources import source_for_manifest
+    from enginekit.manifest import read_manifest
+
+    distinct: dict[str, Manifest] = {}
+    for path in artifacts:
+        manifest = read_manifest(path)
+        verify_artifact(path, manifest)
+        key = json.dumps({k: manifest.provenance.get(k) for k in ("source", "weights", "seed", "weights_sha256")},
+                         sort_keys=True, default=str)
+        distinct.setdefault(key, manifest)
+    records: list[dict[str, Any]] = []
+    for manifest in distinct.values():
+        src = source_for_manifest(manifest.provenance)
+        records += bench_torch(src.model, manifest.component().inputs, config,
+                               model_id=manifest.provenance.get("source"), progress=progress)
+    return records

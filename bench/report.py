@@ -152,7 +152,7 @@ def _speedup(rec: dict[str, Any], group: list[dict[str, Any]]) -> float | None:
         return 1.0
     p50 = _p50(rec)
     for other in group:
-        if other.get("baseline") and other.get("batch") == rec.get("batch"):
+        if other.get("baseline") and other.get("batch") == rec.get("batch") and other.get("model") == rec.get("model"):
             base = _p50(other)
             if base and p50:
                 return base / p50

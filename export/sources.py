@@ -33,7 +33,7 @@ from enginekit.artifact import sha256_file
 from enginekit.errors import SourceError
 from enginekit.runtimes.preprocess import Preprocessing
 
-__all__ = ["SourceModel", "resolve_source"]
+__all__ = ["SourceModel", "resolve_source", "source_for_manifest"]
 
 _WEIGHTS = "model.safetensors"
 _PICKLES = ("pytorch_model.bin", "model.pth", "model.pt", "pytorch_model.pth")
@@ -252,3 +252,33 @@ def _labels(labels: Any, num_classes: int) -> tuple[str, ...] | None:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def source_for_manifest(provenance: dict[str, Any]) -> SourceModel:
+    """Rebuild the PyTorch model an artifact was exported from, from its manifest's provenance.
+
+    Seeded random timm weights are rebuilt with their seed; local weights must
+    still be where they were and hash the same (a changed file is an error, not
+    a silently different baseline); hub ids load through the hub cache.
+    """
+    spec = provenance.get("source")
+    if not spec:
+        raise SourceError("the artifact's manifest records no source model (provenance.source)")
+    spec = str(spec)
+    weights = provenance.get("weights")
+    if spec.startswith("timm:"):
+        if weights == "random":
+            src = resolve_source(spec, random_weights=True, seed=int(provenance.get("seed") or 0))
+        elif weights not in (None, "pretrained", "local"):
+            src = resolve_source(spec, weights=str(weights))
+        else:
+            src = resolve_source(spec)
+    elif spec.startswith("hf-hub:"):
+        src = resolve_source(spec[len("hf-hub:") :], revision=provenance.get("revision"))
+    else:
+        src = resolve_source(spec)
+    recorded = provenance.get("weights_sha256")
+    if recorded and src.provenance.get("weights_sha256") not in (None, recorded):
+        raise SourceError(f"{spec}: the weights changed since the artifact was exported "
+                          f"(sha256 {src.provenance['weights_sha256'][:12]}…, the manifest says {recorded[:12]}…)")
+    return src

@@ -28,7 +28,7 @@ from enginekit.manifest import TensorSpec, read_manifest
 
 RECORD_KEYS = {"schema", "timestamp", "hardware", "hardware_id", "engine", "batch", "threads", "latency_ms", "runs",
                "throughput_ips", "load_ms", "first_inference_ms", "peak_rss_bytes", "size_bytes", "fidelity",
-               "baseline", "speedup"}
+               "baseline", "speedup", "model"}
 # Sleeps overshoot on a loaded 2-core box; never undershoot.
 SLACK_MS = 15.0
 
@@ -187,3 +187,34 @@ def test_threads_reach_the_onnxruntime_session(exported: dict[str, Path]) -> Non
         assert "intra_op_num_threads" not in manifest.target  # the on-disk manifest is untouched
     finally:
         runner.close()
+
+
+def test_baseline_torch_in_the_same_run(exported: dict[str, Path], tmp_path: Path) -> None:
+    """`bench --baseline torch`: PyTorch eager of the artifact's own source model, timed by the same
+    harness; the engine's speed-up is the ratio of the two p50s of this run."""
+    from click.testing import CliRunner
+
+    from enginekit.cli import cli
+
+    out = tmp_path / "run.json"
+    result = CliRunner().invoke(cli, ["bench", str(exported["timm"]), "--baseline", "torch", "--runs", "5",
+                                      "--warmup", "1", "--store", str(tmp_path / "r.jsonl"), "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    records = json.loads(out.read_text())
+    base = [r for r in records if r["baseline"]]
+    engines = [r for r in records if not r["baseline"]]
+    assert len(base) == 1 and len(engines) == 1
+    assert base[0]["engine"]["backend"] == "pytorch" and base[0]["latency_ms"]["count"] == 5
+    assert base[0]["model"] == engines[0]["model"] == read_manifest(exported["timm"]).provenance["source"]
+    assert base[0]["hardware_id"] == engines[0]["hardware_id"]
+    assert engines[0]["speedup"] == pytest.approx(base[0]["latency_ms"]["p50"] / engines[0]["latency_ms"]["p50"])
+    assert "speed-up" in result.output
+
+
+def test_speedups_only_against_the_same_model() -> None:
+    def rec(model: str, p50: float, baseline: bool = False) -> dict:
+        return {"hardware_id": "h", "batch": 1, "model": model, "baseline": baseline, "latency_ms": {"p50": p50}}
+
+    records = [rec("a", 10.0, True), rec("b", 40.0, True), rec("a", 5.0), rec("b", 5.0), rec("c", 5.0)]
+    add_speedups(records)
+    assert [r.get("speedup") for r in records[2:]] == [2.0, 8.0, None]

@@ -119,3 +119,31 @@ def test_random_weights_are_seeded() -> None:
     a = resolve_source("timm:test_vit", random_weights=True, seed=5).model.state_dict()
     b = resolve_source("timm:test_vit", random_weights=True, seed=5).model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_source_rebuilt_from_a_manifest(tiny_timm_dir: Path, tmp_path: Path) -> None:
+    """What `bench --baseline torch` relies on: the provenance an export records rebuilds the same model."""
+    import torch
+
+    from enginekit.export.sources import source_for_manifest
+
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    original = resolve_source(str(tiny_timm_dir))
+    rebuilt = source_for_manifest(dict(original.provenance))
+    with torch.inference_mode():
+        assert torch.equal(original.model(x), rebuilt.model(x))
+    seeded = resolve_source("timm:vit_tiny_patch16_224", random_weights=True, seed=3)
+    again = source_for_manifest(dict(seeded.provenance))
+    assert all(torch.equal(a, b) for a, b in zip(seeded.model.state_dict().values(), again.model.state_dict().values()))
+    # weights that changed since the export are refused, not silently used as the baseline
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_timm_dir, copy)
+    recorded = dict(resolve_source(str(copy)).provenance)
+    state = {k: v + 1.0 for k, v in original.model.state_dict().items()}
+    from safetensors.torch import save_file
+
+    save_file(state, str(copy / "model.safetensors"))
+    with pytest.raises(SourceError, match="weights changed"):
+        source_for_manifest(recorded)
+    with pytest.raises(SourceError, match="no source model"):
+        source_for_manifest({})
