@@ -7,8 +7,10 @@ exit status 1; a missing optional dependency names the extra to install.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -302,7 +304,7 @@ def evaluate(artifact: Path, data: str | None, limit: int | None, as_json: bool)
         if key in report:
             table.add_row(label, f"{report[key]:.5g}")
     table.add_row("data", escape(str(report["inputs"])))
-    Console().print(table)
+    Console(width=None if sys.stdout.isatty() else 160).print(table)
 
 
 class _BenchGroup(click.Group):
@@ -345,11 +347,20 @@ def _batches(value: str) -> tuple[int, ...]:
 @click.option("--store", type=click.Path(path_type=Path), default=Path("results/results.jsonl"), show_default=True,
               help="JSON-lines results store the records are appended to.")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), help="Also write this run's records here.")
+@click.option("--ray", "ray_address", metavar="ADDRESS",
+              help="Run on every node of the Ray cluster whose head is at HOST:PORT (needs enginekit[ray]).")
+@click.option("--baseline", type=click.Choice(["torch"]), default=None,
+              help="Also time PyTorch eager fp32 of each artifact's source model in the same run; "
+                   "speed-ups are against it.")
 def bench_run(artifacts: tuple[Path, ...], batch: str, runs: int | None, duration: float | None, warmup: int,
-              threads: int, device: str, store: Path, json_out: Path | None) -> None:
+              threads: int, device: str, store: Path, json_out: Path | None, ray_address: str | None,
+              baseline: str | None) -> None:
     """Time each ARTIFACT: warm latency p50/p90/p99, throughput, load and first
-    inference, peak memory, size, and its recorded fidelity, in one row."""
-    from enginekit.bench.harness import BenchConfig, bench_artifact
+    inference, peak memory, size, and its recorded fidelity, in one row.
+
+    With --ray, each node of the cluster benches copies of the ARTIFACTs (sent
+    from here) and the records of every node are appended here."""
+    from enginekit.bench.harness import BenchConfig, add_speedups, bench_artifact, torch_baselines
     from enginekit.bench.store import ResultsStore
 
     if runs is None and duration is None:
@@ -359,9 +370,15 @@ def bench_run(artifacts: tuple[Path, ...], batch: str, runs: int | None, duratio
                              threads=threads)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
-    records = []
-    for path in artifacts:
-        records += bench_artifact(path, config, device=device)
+    if ray_address:
+        from enginekit.bench.cluster import bench_on_ray
+
+        records = bench_on_ray(ray_address, artifacts, config, device=device, torch_baseline=baseline == "torch",
+                               shutdown=False)
+    else:
+        records = torch_baselines(artifacts, config) if baseline == "torch" else []
+        records += [rec for path in artifacts for rec in bench_artifact(path, config, device=device)]
+    add_speedups(records)
     ResultsStore(store).append(records)
     if json_out:
         json_out.write_text(json.dumps(records, indent=2, default=str))
@@ -370,18 +387,26 @@ def bench_run(artifacts: tuple[Path, ...], batch: str, runs: int | None, duratio
     from rich.table import Table
 
     table = Table(title=f"appended {len(records)} records to {escape(str(store))}")
-    for col in ("engine", "method", "batch", "p50 ms", "p90 ms", "p99 ms", "img/s", "load ms", "first ms",
-                "size MB", "cosine"):
-        table.add_column(col, justify="left" if col in ("engine", "method") else "right")
+    for col in ("engine", "method", "batch", "p50 ms", "p90 ms", "p99 ms", "img/s", "speed-up", "load ms",
+                "first ms", "size MB", "cosine", *(("node",) if ray_address else ())):
+        table.add_column(col, justify="left" if col in ("engine", "method", "node") else "right")
     for r in records:
         lat = r["latency_ms"]
         cos = r["fidelity"].get("logits_cosine")
         table.add_row(escape(r["engine"]["name"]), r["engine"]["method"], str(r["batch"]), f"{lat['p50']:.2f}",
                       f"{lat['p90']:.2f}", f"{lat['p99']:.2f}", f"{r['throughput_ips']:.1f}",
+                      f"{r['speedup']:.2f}x" if r.get("speedup") else "-",
                       f"{r['load_ms']:.0f}" if r["load_ms"] is not None else "-",
                       f"{r['first_inference_ms']:.1f}" if r["first_inference_ms"] is not None else "-",
-                      f"{(r['size_bytes'] or 0) / 1e6:.1f}", f"{cos:.5f}" if cos is not None else "-")
-    Console().print(table)
+                      f"{(r['size_bytes'] or 0) / 1e6:.1f}", f"{cos:.5f}" if cos is not None else "-",
+                      *((escape(f"{r['node']['hostname']} {r['node']['node_id'][:8]}"),) if ray_address else ()))
+    Console(width=None if sys.stdout.isatty() else 160).print(table)
+    if ray_address:
+        # Records are saved and printed: leave without Ray's driver teardown, which can crash
+        # the process after the work is done (a known Ray core-worker shutdown race).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 @bench.command(name="report")
@@ -395,6 +420,117 @@ def bench_report(results: tuple[Path, ...], out: Path) -> None:
 
     files = write_report(read_results(list(results)), out)
     _console().print(f"[green]wrote[/] {out / 'report.md'} and {len(files) - 1} plots")
+
+
+def _csv(value: str | None) -> tuple[str, ...] | None:
+    return tuple(v.strip() for v in value.split(",") if v.strip()) if value else None
+
+
+@cli.command()
+@click.argument("model")
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
+              help="Folder for the picked engine (with report.md and report.json).")
+@click.option("--budget-agreement", type=float, default=0.99, show_default=True,
+              help="Least top-1 agreement with PyTorch on the held-out samples.")
+@click.option("--budget-cosine", type=float, default=0.999, show_default=True,
+              help="Least mean cosine between the engine's logits and PyTorch's.")
+@click.option("--backends", help="Comma-separated backends to try (default: every installed one).")
+@click.option("--precisions", default=",".join(("fp32", "fp16", "int8", "int4")), show_default=True,
+              help="Precision families to try; fp16 includes bf16.")
+@click.option("--batch", default=1, show_default=True, help="Batch size to pick the engine for.")
+@click.option("--data", help="Calibration and held-out data: an image folder, an .npy, 'photos' or 'builtin' "
+                             "(default: builtin for the built-in model, photos otherwise).")
+@click.option("--calibration-size", default=64, show_default=True)
+@click.option("--eval-size", default=128, show_default=True, help="Held-out samples the budget is checked on.")
+@click.option("--runs", type=int, default=None, help="Timed runs per candidate (default 30).")
+@click.option("--duration", type=float, default=None, help="Or: seconds of timed runs per candidate.")
+@click.option("--warmup", default=5, show_default=True)
+@click.option("--threads", default=0, show_default=True, help="Threads for every engine and PyTorch (0: defaults).")
+@click.option("--dynamic-shape", is_flag=True, help="Keep OpenVINO engines' batch axis dynamic (slower at batch 1).")
+@click.option("--random-weights", is_flag=True, help="timm:NAME only: the real architecture with seeded weights.")
+@click.option("--weights", type=click.Path(path_type=Path), help="timm:NAME only: a .safetensors file to load.")
+@click.option("--revision", help="Hub revision for a hub id.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--work", type=click.Path(path_type=Path), help="Keep the export and every candidate here.")
+@click.option("--store", type=click.Path(path_type=Path), help="Also append the timing records to this results store.")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists (atomically).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def optimize(model: str, out: Path, budget_agreement: float, budget_cosine: float, backends: str | None,
+             precisions: str, batch: int, data: str | None, calibration_size: int, eval_size: int,
+             runs: int | None, duration: float | None, warmup: int, threads: int, dynamic_shape: bool,
+             random_weights: bool, weights: Path | None, revision: str | None, seed: int, work: Path | None,
+             store: Path | None, overwrite: bool, as_json: bool) -> None:
+    """Find the fastest engine for MODEL on this machine that keeps its fidelity.
+
+    Exports MODEL, builds every candidate (each installed backend x fp32, fp16/bf16,
+    int8 and int4), checks each against PyTorch on held-out samples, times each
+    beside PyTorch eager, and writes the fastest that keeps the budget to OUTPUT
+    with a report of every candidate's fate. MODEL is anything `export` takes.
+    """
+    from enginekit.optimize import OptimizeConfig
+    from enginekit.optimize import optimize as run_optimize
+
+    if runs is None and duration is None:
+        runs = 30
+    try:
+        config = OptimizeConfig(backends=_csv(backends), precisions=_csv(precisions) or (), batch=batch,
+                                min_agreement=budget_agreement, min_cosine=budget_cosine, data=data,
+                                calibration_size=calibration_size, eval_size=eval_size,
+                                static_shape=not dynamic_shape, warmup=warmup, runs=runs, duration_s=duration,
+                                threads=threads)
+        config.bench_config()
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    console = _console()
+    # Progress (ours and the quantizers' own bars) goes to stderr: stdout is the table or the JSON.
+    with contextlib.redirect_stdout(sys.stderr):
+        report = run_optimize(model, out, config, random_weights=random_weights, weights=weights,
+                              revision=revision, seed=seed, work_dir=work, overwrite=overwrite,
+                              on_step=lambda msg: console.print(f"[dim]·[/] {msg}", highlight=False))
+    if store is not None:
+        from enginekit.bench.store import ResultsStore
+
+        ResultsStore(store).append([report["baseline"]] + [c["record"] for c in report["candidates"] if c["record"]])
+    if as_json:
+        _emit_json(report)
+        return
+    from rich.console import Console
+
+    Console(width=None if sys.stdout.isatty() else 150).print(_optimize_table(report))
+    for c in report["candidates"]:
+        if c["status"] in ("rejected", "failed"):
+            console.print(f"[dim]{c['candidate']['name']}: {c['status']}: {c['reason']}[/]", highlight=False)
+    console.print(f"[green]wrote[/] {out} ({report['picked']}) and {out / 'report.md'}")
+
+
+def _optimize_table(report: dict[str, Any]) -> Any:
+    from rich.markup import escape
+    from rich.table import Table
+
+    base = report["baseline"]
+    labelled = "accuracy" in base["fidelity"]
+    table = Table(title=f"enginekit optimize {escape(report['model'])}: batch {report['batch']}, budget agreement >= "
+                        f"{report['budget']['min_agreement']}, cosine >= {report['budget']['min_cosine']}")
+    cols = ["candidate", "precision", "p50 ms", "speed-up", "agreement", "cosine"] + (["accuracy"] if labelled else [])
+    for col in [*cols, "fate"]:
+        table.add_column(col, justify="left" if col in ("candidate", "precision", "fate") else "right")
+
+    def cells(name: str, precision: str, rec: dict[str, Any] | None, fid: dict[str, Any], fate: str) -> list[str]:
+        lat = (rec or {}).get("latency_ms") or {}
+        speed = (rec or {}).get("speedup")
+        row = [name, precision, f"{lat['p50']:.2f}" if lat else "-", f"{speed:.2f}x" if speed else "-",
+               f"{fid['top1_agreement']:.4f}" if "top1_agreement" in fid else "-",
+               f"{fid['logits_cosine']:.5f}" if "logits_cosine" in fid else "-"]
+        if labelled:
+            row.append(f"{fid['accuracy']:.4f}" if "accuracy" in fid else "-")
+        return [*row, fate]
+
+    table.add_row(*cells("pytorch eager", "fp32", {**base, "speedup": 1.0}, base["fidelity"], "baseline"))
+    for c in report["candidates"]:
+        fate = {"picked": "[bold green]picked[/]", "passed": "passed", "rejected": "[yellow]rejected[/]",
+                "failed": "[red]failed[/]"}.get(c["status"], c["status"])
+        table.add_row(*cells(c["candidate"]["name"], c["candidate"]["precision"], c["record"], c["fidelity"], fate))
+    return table
 
 
 @cli.command()

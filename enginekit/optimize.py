@@ -1,0 +1,507 @@
+"""``optimize``: the fastest engine on this machine that keeps its fidelity to PyTorch.
+
+1. export MODEL to ONNX (parity-gated against PyTorch) and keep the PyTorch
+   model: it is the fidelity reference and the speed baseline;
+2. data: calibration samples and held-out samples, never shared (``builtin``
+   digits for the built-in model, crops of real photos otherwise, or ``--data``);
+3. PyTorch eager fp32 runs the held-out samples (the reference outputs) and is
+   timed through the bench harness at the chosen batch (the baseline);
+4. every candidate engine is built: each installed backend × float, half
+   (fp16/bf16), int8 and int4, through ``compile`` and ``quantize`` (whose own
+   gate against the float ONNX is switched off: the judge here is PyTorch);
+5. each candidate that built is measured against the PyTorch reference on the
+   held-out samples and timed in the same run as the baseline; it passes when
+   its top-1 agreement and logits cosine meet the budget;
+6. the fastest passing candidate is copied atomically to OUT, its manifest's
+   ``fidelity`` being the PyTorch comparison, with ``report.md`` and
+   ``report.json`` beside it saying what happened to every candidate.
+
+Nothing is written to OUT when no candidate passes; the report then stays in the
+work folder, whose path the error names.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from enginekit.bench.harness import BenchConfig
+from enginekit.errors import ArtifactError, FidelityError, InputError
+
+__all__ = ["PRECISIONS", "Candidate", "OptimizeConfig", "optimize", "plan_candidates", "render_report"]
+
+#: Precision families a user can ask for; "fp16" covers bf16 too.
+PRECISIONS = ("fp32", "fp16", "int8", "int4")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One engine to try: how to build it and what runs it."""
+
+    name: str
+    #: The backend that runs the engine.
+    backend: str
+    #: What the engine computes in: fp32, bf16, fp16, int8, int4 (weights for weight-only methods).
+    precision: str
+    #: The family it belongs to in :data:`PRECISIONS`.
+    family: str
+    #: ``quantize`` method and the backend it quantizes for; None for float engines.
+    method: str | None = None
+    quant_backend: str | None = None
+    #: ``compile`` for ``backend`` with these extras after quantizing (None: run the result as it is).
+    compile_extra: Mapping[str, Any] | None = None
+    description: str = ""
+
+    @property
+    def base(self) -> str:
+        """The quantized (or exported) artifact this candidate is built from; shared between variants."""
+        return f"{self.quant_backend}-{self.method}" if self.method else "onnx"
+
+
+@dataclass(frozen=True)
+class OptimizeConfig:
+    """What ``optimize`` tries and how it judges."""
+
+    #: Backends to try (None: every installed one).
+    backends: tuple[str, ...] | None = None
+    precisions: tuple[str, ...] = PRECISIONS
+    #: Batch size the engine is picked for; OpenVINO engines are compiled for it (static shape).
+    batch: int = 1
+    min_agreement: float = 0.99
+    min_cosine: float = 0.999
+    #: Data spec for calibration and held-out samples (None: builtin for the default model, else photos).
+    data: str | None = None
+    calibration_size: int = 64
+    eval_size: int = 128
+    static_shape: bool = True
+    warmup: int = 5
+    runs: int | None = 30
+    duration_s: float | None = None
+    threads: int = 0
+    #: int4 weight-only: weights per scale.
+    group_size: int = 128
+
+    def bench_config(self) -> BenchConfig:
+        return BenchConfig(batch_sizes=(self.batch,), warmup=self.warmup, runs=self.runs,
+                           duration_s=self.duration_s, threads=self.threads)
+
+
+def _bf16_capable(flags: Sequence[str]) -> bool:
+    return bool({"amx_bf16", "avx512_bf16"} & set(flags))
+
+
+def plan_candidates(backends: Sequence[str], precisions: Sequence[str], batch: int, *,
+                    static_shape: bool = True, cpu_flags: Sequence[str] = ()) -> list[Candidate]:
+    """The candidates for ``backends`` × ``precisions`` on a CPU with ``cpu_flags``.
+
+    ONNX Runtime runs its own quantized graphs; OpenVINO runs NNCF's IR and the
+    TensorRT-ready QDQ graph (symmetric int8, which its CPU plugin executes as
+    int8), each compiled for a static batch when ``static_shape``. bf16 variants
+    appear only where the CPU computes in bf16 (AMX or AVX512-BF16).
+    """
+    ov_static = {"static_batch": batch} if static_shape else {}
+    bf16 = _bf16_capable(cpu_flags)
+    out: list[Candidate] = []
+    if "onnxruntime" in backends:
+        out += [
+            Candidate("onnxruntime-fp32", "onnxruntime", "fp32", "fp32", compile_extra={},
+                      description="float graph, ONNX Runtime offline optimizations"),
+            Candidate("onnxruntime-fp16", "onnxruntime", "fp16", "fp16", "fp16", "onnxruntime",
+                      description="fp16 weights and compute, float32 inputs and outputs"),
+            Candidate("onnxruntime-int8-dynamic", "onnxruntime", "int8", "int8", "int8-dynamic", "onnxruntime",
+                      description="int8 weights, activations quantized on the fly"),
+            Candidate("onnxruntime-int8-static", "onnxruntime", "int8", "int8", "int8-static", "onnxruntime",
+                      description="int8 QDQ, calibrated"),
+            Candidate("onnxruntime-int4-weight", "onnxruntime", "int4", "int4", "int4-weight", "onnxruntime",
+                      description="int4 MatMulNBits weights"),
+        ]
+    if "openvino" in backends:
+        out.append(Candidate("openvino-fp32", "openvino", "fp32", "fp32",
+                             compile_extra={**ov_static, "inference_precision": "f32"},
+                             description="float IR, f32 inference"))
+        if bf16:
+            out.append(Candidate("openvino-bf16", "openvino", "bf16", "fp16",
+                                 compile_extra={**ov_static, "inference_precision": "bf16"},
+                                 description="float IR, bf16 inference (AMX/AVX512-BF16)"))
+        out.append(Candidate("openvino-fp16", "openvino", "fp16", "fp16", "fp16", "openvino",
+                             compile_extra={**ov_static}, description="NNCF fp16 weights, device's precision"))
+        for method, precision, desc in (("int8-static", "int8", "NNCF int8 post-training quantization"),
+                                        ("int8-weight", "int8", "NNCF int8 weights, float activations"),
+                                        ("int4-weight", "int4", "NNCF int4 weights")):
+            out.append(Candidate(f"openvino-{method}", "openvino", precision, precision, method, "openvino",
+                                 compile_extra={**ov_static, "inference_precision": "f32"},
+                                 description=f"{desc}, f32 elsewhere"))
+            if bf16 and method == "int8-static":
+                out.append(Candidate(f"openvino-{method}-bf16", "openvino", precision, precision, method, "openvino",
+                                     compile_extra={**ov_static, "inference_precision": "bf16"},
+                                     description=f"{desc}, bf16 elsewhere"))
+        out.append(Candidate("openvino-int8-qdq", "openvino", "int8", "int8", "int8-qdq", "tensorrt",
+                             compile_extra={**ov_static, "inference_precision": "f32"},
+                             description="symmetric int8 QDQ graph (TensorRT-ready), f32 elsewhere"))
+        if bf16:
+            out.append(Candidate("openvino-int8-qdq-bf16", "openvino", "int8", "int8", "int8-qdq", "tensorrt",
+                                 compile_extra={**ov_static, "inference_precision": "bf16"},
+                                 description="symmetric int8 QDQ graph (TensorRT-ready), bf16 elsewhere"))
+    return [c for c in out if c.family in precisions]
+
+
+# --------------------------------------------------------------------------- the run
+
+
+@dataclass
+class _Outcome:
+    candidate: Candidate
+    status: str = "pending"  # picked | passed | rejected | failed
+    reason: str = ""
+    path: Path | None = None
+    build_s: float | None = None
+    fidelity: dict[str, Any] = field(default_factory=dict)
+    record: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"candidate": asdict(self.candidate), "status": self.status, "reason": self.reason,
+                "build_s": self.build_s, "fidelity": self.fidelity, "record": self.record}
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+
+
+def _datasets(spec: str, manifest: Any, config: OptimizeConfig) -> tuple[Any, Any]:
+    from enginekit.quant.data import load_inputs, split_every
+
+    if spec in ("builtin", "photos", "synthetic"):
+        calib = load_inputs(spec, manifest, purpose="calibration", limit=config.calibration_size,
+                            allow_synthetic=spec == "synthetic")
+        held = load_inputs(spec, manifest, purpose="evaluation", limit=config.eval_size, seed=1)
+        return calib, held
+    calib, held = split_every(load_inputs(spec, manifest, purpose="calibration"))
+    return (calib.take(range(min(config.calibration_size, calib.size))),
+            held.take(range(min(config.eval_size, held.size))))
+
+
+def _torch_outputs(wrapper: Any, x: np.ndarray, batch: int = 16) -> dict[str, np.ndarray]:
+    import torch
+
+    parts: dict[str, list[np.ndarray]] = {"logits": [], "embedding": []}
+    with torch.inference_mode():
+        for start in range(0, len(x), batch):
+            logits, emb = wrapper(torch.from_numpy(x[start : start + batch]))
+            parts["logits"].append(logits.float().numpy())
+            parts["embedding"].append(emb.float().numpy())
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def _group_size(onnx_dir: Path, wanted: int) -> int:
+    """``wanted`` halved until it divides the model's width (a ViT's linear layers all take
+    multiples of it), so int4 works on narrow models too."""
+    from enginekit.manifest import read_manifest
+
+    dim = int(read_manifest(onnx_dir).extra.get("embedding_dim") or wanted)
+    size = wanted
+    while size > 1 and dim % size:
+        size //= 2
+    return size
+
+
+def _build(cand: Candidate, onnx_dir: Path, work: Path, built: dict[str, Path], calib_npy: Path | None,
+           config: OptimizeConfig, on_step: Callable[[str], None]) -> Path:
+    from enginekit.api import compile_artifact
+    from enginekit.quant.api import quantize_artifact
+    from enginekit.quant.base import QuantOptions
+    from enginekit.runtimes.base import CompileOptions
+
+    if cand.base not in built:
+        if cand.method is None:
+            built[cand.base] = onnx_dir
+        else:
+            dest = work / "quantized" / cand.base
+            on_step(f"quantize {cand.method} ({cand.quant_backend})")
+            quantize_artifact(onnx_dir, dest, cand.method, backend=cand.quant_backend or "onnxruntime",
+                              calibration=str(calib_npy) if calib_npy is not None else None,
+                              calibration_size=config.calibration_size,
+                              options=QuantOptions(group_size=_group_size(onnx_dir, config.group_size)),
+                              check_fidelity=False)
+            built[cand.base] = dest
+    source = built[cand.base]
+    if cand.compile_extra is None:
+        return source
+    dest = work / "candidates" / cand.name
+    on_step(f"compile {cand.name}")
+    compile_artifact(source, cand.backend, dest,
+                     CompileOptions(device="cpu", threads=config.threads, extra=dict(cand.compile_extra)))
+    return dest
+
+
+def _judge(outcome: _Outcome, reference: dict[str, np.ndarray], held: Any, labels: Any,
+           config: OptimizeConfig) -> None:
+    from enginekit.api import load_runner
+    from enginekit.quant.gate import measure
+
+    runner, _ = load_runner(outcome.path, device="cpu", backend=outcome.candidate.backend)
+    with runner:
+        report = measure(reference, runner, held, labels)
+    outcome.fidelity = {"reference": "pytorch eager fp32", **report,
+                        "budget": {"min_agreement": config.min_agreement, "min_cosine": config.min_cosine}}
+    misses = []
+    if report["top1_agreement"] < config.min_agreement:
+        misses.append(f"top-1 agreement {report['top1_agreement']:.4f} < {config.min_agreement}")
+    if report["logits_cosine"] < config.min_cosine:
+        misses.append(f"logits cosine {report['logits_cosine']:.5f} < {config.min_cosine}")
+    if misses:
+        outcome.status, outcome.reason = "rejected", "; ".join(misses)
+    else:
+        outcome.status = "passed"
+
+
+def optimize(
+    model: str,
+    out: str | Path,
+    config: OptimizeConfig = OptimizeConfig(),  # noqa: B008 - frozen dataclass
+    *,
+    random_weights: bool = False,
+    weights: str | Path | None = None,
+    revision: str | None = None,
+    seed: int = 0,
+    work_dir: str | Path | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    on_step: Callable[[str], None] = lambda msg: None,
+) -> dict[str, Any]:
+    """Build, judge and time every candidate for ``model``; write the fastest that passes to ``out``.
+
+    Returns the report (also written as ``out/report.json``). ``work_dir`` keeps
+    the exported ONNX and every candidate; by default they live in a temporary
+    folder beside ``out`` that is removed at the end.
+    """
+    from enginekit.registry import backend_class, backend_names
+
+    out = Path(out)
+    if out.exists() and not overwrite:  # fail before minutes of work, not after
+        raise ArtifactError(f"{out} already exists; choose another output or pass --overwrite")
+    if config.batch < 1:
+        raise InputError(f"--batch must be a positive batch size, got {config.batch}")
+    for what, value in (("agreement", config.min_agreement), ("cosine", config.min_cosine)):
+        if not 0.0 <= value <= 1.0:
+            raise InputError(f"the {what} budget must be between 0 and 1, got {value}")
+    unknown = [p for p in config.precisions if p not in PRECISIONS]
+    if unknown or not config.precisions:
+        raise InputError(f"precisions must be among {', '.join(PRECISIONS)}; got {', '.join(config.precisions) or 'none'}")
+    installed = [b for b in backend_names() if backend_class(b).is_available()]
+    backends = list(config.backends) if config.backends else installed
+    for name in backends:
+        backend_class(name)  # unknown names raise UnknownBackendError naming the known ones
+        if name not in installed:
+            raise InputError(f"backend {name!r} is not installed here (installed: {', '.join(installed) or 'none'})")
+    from enginekit.hardware import fingerprint
+
+    hw = fingerprint()
+    candidates = plan_candidates(backends, config.precisions, config.batch, static_shape=config.static_shape,
+                                 cpu_flags=hw.get("flags") or [])
+    if not candidates:
+        raise InputError(f"no candidate engines for backends {', '.join(backends)} and precisions "
+                         f"{', '.join(config.precisions)}")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    keep = work_dir is not None
+    work = Path(work_dir) if keep else Path(tempfile.mkdtemp(prefix=f".{out.name}.optimize-", dir=out.parent))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        report = _run(model, out, work, candidates, config, hw, random_weights=random_weights, weights=weights,
+                      revision=revision, seed=seed, overwrite=overwrite, progress=progress, on_step=on_step)
+    except FidelityError:
+        keep = True  # the report of why nothing passed lives there
+        raise
+    finally:
+        if not keep:
+            shutil.rmtree(work, ignore_errors=True)
+    return report
+
+
+def _run(model: str, out: Path, work: Path, candidates: list[Candidate], config: OptimizeConfig,
+         hw: dict[str, Any], *, random_weights: bool, weights: str | Path | None, revision: str | None, seed: int,
+         overwrite: bool, progress: bool, on_step: Callable[[str], None]) -> dict[str, Any]:
+    from enginekit.artifact import atomic_artifact, write_manifest
+    from enginekit.bench.harness import add_speedups, bench_artifact, bench_torch
+    from enginekit.export.sources import resolve_source
+    from enginekit.export.vit import ExportOptions, _wrapper_class, export_classifier
+    from enginekit.manifest import read_manifest
+
+    on_step(f"loading {model}")
+    src = resolve_source(model, random_weights=random_weights, seed=seed, weights=weights, revision=revision)
+    onnx_dir = work / "onnx"
+    on_step(f"export -> {onnx_dir}")
+    manifest = export_classifier(src, onnx_dir, ExportOptions(seed=seed), overwrite=True)
+
+    spec = config.data or ("builtin" if manifest.provenance.get("source") == "default" else "photos")
+    on_step(f"data: {spec} ({config.calibration_size} calibration, {config.eval_size} held-out at most)")
+    calib, held = _datasets(spec, manifest, config)
+    calib_npy = work / "calibration.npy"
+    np.save(calib_npy, calib.inputs)
+
+    on_step(f"PyTorch eager fp32: reference outputs on {held.size} held-out samples")
+    reference = _torch_outputs(_wrapper_class()(src.model, src.library).eval(), held.inputs)
+    outcomes = [_Outcome(c) for c in candidates]
+    built: dict[str, Path] = {}
+    failed_bases: dict[str, str] = {}
+    # Phase 1: build and judge every candidate (minutes of quantizing and compiling).
+    for i, oc in enumerate(outcomes, 1):
+        cand = oc.candidate
+        on_step(f"[{i}/{len(outcomes)}] {cand.name}: {cand.description}")
+        if cand.base in failed_bases:
+            oc.status, oc.reason = "failed", failed_bases[cand.base]
+            continue
+        start = time.perf_counter()
+        try:
+            oc.path = _build(cand, onnx_dir, work, built, calib_npy, config, on_step)
+            oc.build_s = time.perf_counter() - start
+            _judge(oc, reference, held, manifest.labels, config)
+        except Exception as exc:  # one candidate's failure (any library's) must not end the run
+            oc.status, oc.reason = "failed", _one_line(exc)
+            if cand.base not in built and cand.method is not None:
+                failed_bases[cand.base] = oc.reason
+            on_step(f"  failed: {oc.reason}")
+            continue
+        verdict = "passes" if oc.status == "passed" else f"rejected ({oc.reason})"
+        on_step(f"  agreement {oc.fidelity['top1_agreement']:.4f}, cosine {oc.fidelity['logits_cosine']:.5f}: "
+                f"{verdict}")
+
+    # Phase 2: time PyTorch, every engine that built, and PyTorch again, back to back, so
+    # the speed-ups are ratios measured side by side and any drift of the machine shows.
+    bench = config.bench_config()
+    source_id = manifest.provenance.get("source")
+    on_step(f"timing PyTorch eager fp32 and {sum(oc.path is not None for oc in outcomes)} engines at batch "
+            f"{config.batch}")
+    baseline = bench_torch(src.model, manifest.component().inputs, bench, model_id=source_id, progress=progress)[0]
+    if held.labels is not None and manifest.labels is not None:
+        from enginekit.quant.gate import accuracy_of
+
+        baseline["fidelity"]["accuracy"] = accuracy_of(reference["logits"], held.labels, manifest.labels)
+    for oc in outcomes:
+        if oc.path is None or oc.status == "failed":
+            continue
+        try:
+            rec = bench_artifact(oc.path, bench, backend=oc.candidate.backend, progress=progress)[0]
+        except Exception as exc:  # an engine that judged fine but cannot be timed is a failure too
+            oc.status, oc.reason = "failed", _one_line(exc)
+            continue
+        rec["engine"]["name"] = oc.candidate.name
+        rec["fidelity"] = {k: oc.fidelity[k] for k in ("top1_agreement", "logits_cosine", "logits_max_abs",
+                                                        "accuracy") if k in oc.fidelity}
+        oc.record = rec
+        on_step(f"  {oc.candidate.name}: p50 {rec['latency_ms']['p50']:.2f} ms")
+    after = bench_torch(src.model, manifest.component().inputs, bench, model_id=source_id, progress=progress)[0]
+    drift = after["latency_ms"]["p50"] / baseline["latency_ms"]["p50"]
+    on_step(f"PyTorch eager fp32: p50 {baseline['latency_ms']['p50']:.2f} ms before the engines, "
+            f"{after['latency_ms']['p50']:.2f} ms after")
+
+    add_speedups([baseline, *[oc.record for oc in outcomes if oc.record is not None]])
+    passed = [oc for oc in outcomes if oc.status == "passed" and oc.record is not None]
+    best = min(passed, key=lambda oc: oc.record["latency_ms"]["p50"]) if passed else None
+    for oc in passed:
+        if oc is best:
+            oc.status, oc.reason = "picked", "fastest that keeps the budget"
+        else:
+            oc.reason = f"slower than {best.candidate.name}"
+    report = {
+        "model": model,
+        "source": {k: manifest.provenance.get(k) for k in ("source", "architecture", "weights", "seed")
+                   if manifest.provenance.get(k) is not None},
+        "output": str(out),
+        "batch": config.batch,
+        "budget": {"min_agreement": config.min_agreement, "min_cosine": config.min_cosine},
+        "data": {"spec": spec, "calibration": calib.record(), "held_out": held.record()},
+        "config": {k: v for k, v in asdict(config).items() if k not in ("min_agreement", "min_cosine")},
+        "hardware": hw,
+        "baseline": baseline,
+        "baseline_after": {"latency_ms": after["latency_ms"], "drift": drift},
+        "candidates": [oc.to_dict() for oc in outcomes],
+        "picked": best.candidate.name if best else None,
+    }
+    markdown = render_report(report)
+    if best is None:
+        (work / "report.json").write_text(json.dumps(report, indent=2, default=str))
+        (work / "report.md").write_text(markdown)
+        lines = "\n".join(f"  {oc.candidate.name}: {oc.status} ({oc.reason})" for oc in outcomes)
+        raise FidelityError(f"no candidate keeps the budget (top-1 agreement >= {config.min_agreement}, "
+                            f"logits cosine >= {config.min_cosine}) against PyTorch:\n{lines}\n"
+                            f"nothing was written to {out}; the report is in {work / 'report.md'}")
+
+    on_step(f"picked {best.candidate.name} -> {out}")
+    with atomic_artifact(out, overwrite=overwrite) as tmp:
+        shutil.copytree(best.path, tmp, dirs_exist_ok=True)
+        picked = read_manifest(tmp)
+        provenance = {**picked.provenance, "optimize": {
+            "model": model, "candidate": best.candidate.name, "candidates": len(outcomes),
+            "baseline_p50_ms": baseline["latency_ms"]["p50"], "p50_ms": best.record["latency_ms"]["p50"],
+            "speedup": best.record.get("speedup"), "batch": config.batch}}
+        picked = picked.replace(fidelity=best.fidelity, provenance=provenance)
+        write_manifest(tmp, picked)
+        (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str))
+        (tmp / "report.md").write_text(markdown)
+    return report
+
+
+# --------------------------------------------------------------------------- the report
+
+_FATE = {"picked": "**picked**", "passed": "passed", "rejected": "rejected", "failed": "failed"}
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def render_report(report: Mapping[str, Any]) -> str:
+    """The markdown report: the budget, the baseline, and one row per candidate with its fate."""
+    hw = report["hardware"]
+    base = report["baseline"]
+    after = report["baseline_after"]
+    budget = report["budget"]
+    lines = [
+        f"# enginekit optimize: {report['model']}",
+        "",
+        f"- machine: {hw.get('cpu_model')}, {hw.get('logical_cores')} logical cores, "
+        f"flags {', '.join(hw.get('flags') or []) or 'none'}",
+        f"- batch {report['batch']}; budget against PyTorch eager fp32: top-1 agreement >= {budget['min_agreement']}, "
+        f"logits cosine >= {budget['min_cosine']}",
+        f"- held-out data: {report['data']['held_out']['source']} ({report['data']['held_out']['size']} samples); "
+        f"calibration: {report['data']['calibration']['source']} ({report['data']['calibration']['size']} samples)",
+        f"- baseline: PyTorch eager fp32, p50 {base['latency_ms']['p50']:.2f} ms ({base['threads']} threads) "
+        f"timed before the engines, {after['latency_ms']['p50']:.2f} ms after them"
+        + (" (**the machine's speed moved during the run: read the speed-ups with care**)"
+           if abs(after["drift"] - 1) > 0.15 else ""),
+        f"- picked: **{report['picked'] or 'none'}**",
+        "",
+        "| candidate | backend | precision | p50 ms | p90 ms | speed-up | agreement | cosine | accuracy | "
+        "size MB | build s | fate |",
+        "|:---|:---|:---|---:|---:|---:|---:|---:|---:|---:|---:|:---|",
+        f"| pytorch eager (baseline) | pytorch | fp32 | {base['latency_ms']['p50']:.2f} | "
+        f"{base['latency_ms']['p90']:.2f} | 1.00x | 1.0000 | 1.00000 | {_fmt(base['fidelity'].get('accuracy'), '.4f')} | "
+        f"{(base['size_bytes'] or 0) / 1e6:.1f} | - | "
+        "reference |",
+    ]
+    for oc in report["candidates"]:
+        c, rec, fid = oc["candidate"], oc["record"] or {}, oc["fidelity"]
+        lat = rec.get("latency_ms") or {}
+        speed = rec.get("speedup")
+        fate = _FATE.get(oc["status"], oc["status"]) + (f": {oc['reason']}" if oc["reason"] else "")
+        lines.append(
+            f"| {c['name']} | {c['backend']} | {c['precision']} | {_fmt(lat.get('p50'), '.2f')} | "
+            f"{_fmt(lat.get('p90'), '.2f')} | {_fmt(speed, '.2f') + 'x' if speed else '-'} | "
+            f"{_fmt(fid.get('top1_agreement'), '.4f')} | {_fmt(fid.get('logits_cosine'), '.5f')} | "
+            f"{_fmt(fid.get('accuracy'), '.4f')} | {_fmt((rec.get('size_bytes') or 0) / 1e6 if rec else None, '.1f')} | "
+            f"{_fmt(oc['build_s'], '.0f')} | {fate.replace('|', '/')} |"
+        )
+    lines += ["", "Latency is warm p50 at the batch above, timed in one run with the baseline; agreement and "
+              "cosine are against PyTorch's outputs on the held-out samples.", ""]
+    return "\n".join(lines)
+
