@@ -46,11 +46,23 @@ _COLD = (
 
 
 def cold_start(path: str, runs: int) -> dict[str, Any]:
-    """In this (fresh) process: ``enginekit.load`` (backend import, sha256 checks, session or
-    device compile), the first inference, then the warm p50 over ``runs`` calls."""
-    from enginekit.bench.harness import BenchConfig, latency_stats, make_feeds, time_callable
+    """In this (fresh) process: import the backend library, ``enginekit.load`` (sha256 checks,
+    session or device compile), the first inference, then the warm p50 over ``runs`` calls.
 
+    ``load_ms`` includes the backend import (what a fresh CLI process pays);
+    ``ratio`` is (load + first) / warm; ``ratio_preloaded`` leaves the import out
+    (a server that imported its backend at start-up, then loads engines).
+    """
+    import importlib
+
+    from enginekit.api import default_backend
+    from enginekit.bench.harness import BenchConfig, latency_stats, make_feeds, time_callable
+    from enginekit.manifest import read_manifest
+
+    module = {"openvino": "openvino", "onnxruntime": "onnxruntime"}[default_backend(read_manifest(path))]
     start = time.perf_counter()
+    importlib.import_module(module)
+    imported = time.perf_counter()
     import enginekit
 
     clf = enginekit.load(path, device="cpu")
@@ -61,9 +73,10 @@ def cold_start(path: str, runs: int) -> dict[str, Any]:
     warm = latency_stats(time_callable(lambda: clf.run_pixels(x), BenchConfig(warmup=3, runs=runs)))
     cached = getattr(clf.runner, "loaded_from_cache", None)
     clf.close()
-    load_ms, first_ms = (loaded - start) * 1e3, (first - loaded) * 1e3
-    return {"load_ms": load_ms, "first_ms": first_ms, "warm_p50_ms": warm["p50"],
-            "ratio": (load_ms + first_ms) / warm["p50"], "loaded_from_cache": cached}
+    import_ms, load_ms, first_ms = (imported - start) * 1e3, (loaded - imported) * 1e3, (first - loaded) * 1e3
+    return {"import_ms": import_ms, "load_ms": import_ms + load_ms, "load_preloaded_ms": load_ms,
+            "first_ms": first_ms, "warm_p50_ms": warm["p50"], "ratio": (import_ms + load_ms + first_ms) / warm["p50"],
+            "ratio_preloaded": (load_ms + first_ms) / warm["p50"], "loaded_from_cache": cached}
 
 
 def _cold_in_subprocess(path: Path, runs: int, cache_dir: Path) -> dict[str, Any]:
@@ -201,6 +214,15 @@ def layer_profile(path: Path, runs: int = 10) -> dict[str, float] | None:
     return dict(totals.most_common(8))
 
 
+def _cold_row(label: str, c: dict[str, Any]) -> str:
+    total = c["load_ms"] + c["first_ms"]
+    return (f"| cold start <= {TARGET_COLD_RATIO}x warm, {label} | import {c['import_ms']:.0f} + load "
+            f"{c['load_preloaded_ms']:.0f} + first {c['first_ms']:.0f} = {total:.0f} ms = {c['ratio']:.1f}x warm "
+            f"{c['warm_p50_ms']:.1f} ms ({c['ratio_preloaded']:.1f}x with the backend already imported) | "
+            f"{'**met**' if c['ratio'] <= TARGET_COLD_RATIO else '**missed**'}"
+            f"{' (met with the backend imported)' if c['ratio'] > TARGET_COLD_RATIO >= c['ratio_preloaded'] else ''} |")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -209,7 +231,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-size", type=int, default=128)
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--tie-margin", type=float, default=0.0,
+                        help="optimize --tie-margin: leave near-tied samples out of the agreement budget")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--reuse", action="store_true",
+                        help="Measure cold start and the floor on the pick already in WORK/best (skip optimize).")
     args = parser.parse_args(argv)
 
     import torch
@@ -219,10 +245,14 @@ def main(argv: list[str] | None = None) -> int:
 
     threads = args.threads or torch.get_num_threads()
     say = lambda msg: print(f"· {msg}", file=sys.stderr, flush=True)  # noqa: E731
-    config = OptimizeConfig(batch=1, eval_size=args.eval_size, runs=args.runs, threads=args.threads)
+    config = OptimizeConfig(batch=1, eval_size=args.eval_size, runs=args.runs, threads=args.threads,
+                            tie_margin=args.tie_margin)
     best = args.work / "best"
-    report = optimize(args.model, best, config, random_weights=args.model.startswith("timm:"),
-                      work_dir=args.work / "candidates", overwrite=True, on_step=say)
+    if args.reuse and (best / "report.json").is_file():
+        report = json.loads((best / "report.json").read_text())
+    else:
+        report = optimize(args.model, best, config, random_weights=args.model.startswith("timm:"),
+                          work_dir=args.work / "candidates", overwrite=True, on_step=say)
     picked = next(c for c in report["candidates"] if c["status"] == "picked")
     base = report["baseline"]
     speedup = picked["record"]["speedup"]
@@ -239,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     rates = peak_gemm_rates(threads)
     rate_key, rate = _precision_rate(picked, rates)
     floor_ms = arithmetic_floor(macs, rate)
-    fp32_floor = arithmetic_floor(macs, rates.get("fp32 (openvino)", rates["fp32 (pytorch)"]))
+    fp32_floor = arithmetic_floor(macs, max(v for k, v in rates.items() if k.startswith("fp32")))
     profile = layer_profile(best)
 
     result = {
@@ -265,21 +295,28 @@ def main(argv: list[str] | None = None) -> int:
         f"{ok(speedup >= TARGET_SPEEDUP)} |",
         f"| top-1 agreement >= 0.99 | {fid['top1_agreement']:.4f} on {fid['samples']} held-out crops | "
         f"{ok(fid['top1_agreement'] >= 0.99)} |",
+        *([f"| (agreement on decided samples, ties under {args.tie_margin} std left out) | "
+           f"{fid['top1_agreement_decided']:.4f} ({fid['ties']} ties) | "
+           f"{'met' if fid['top1_agreement_decided'] >= 0.99 else 'missed'} |"] if args.tie_margin else []),
         f"| logits cosine >= 0.999 | {fid['logits_cosine']:.5f} | {ok(fid['logits_cosine'] >= 0.999)} |",
-        f"| cold start <= {TARGET_COLD_RATIO}x warm, model cache empty | load {cold['load_ms']:.0f} + first "
-        f"{cold['first_ms']:.0f} ms = {cold['ratio']:.1f}x warm {cold['warm_p50_ms']:.1f} ms | "
-        f"{ok(cold['ratio'] <= TARGET_COLD_RATIO)} |",
-        f"| cold start <= {TARGET_COLD_RATIO}x warm, model cache filled | load {warm_cache['load_ms']:.0f} + first "
-        f"{warm_cache['first_ms']:.0f} ms = {warm_cache['ratio']:.1f}x warm {warm_cache['warm_p50_ms']:.1f} ms | "
-        f"{ok(warm_cache['ratio'] <= TARGET_COLD_RATIO)} |",
+        *(_cold_row(label, c) for label, c in (("model cache empty", cold), ("model cache filled", warm_cache))),
         "",
         f"Arithmetic floor: {macs / 1e9:.2f} G multiply-adds per image. Peak GEMM rates measured here "
         "(2048^3, G multiply-adds/s): " + ", ".join(f"{k} {v / 1e9:.0f}" for k, v in rates.items()) + ". "
         f"At the {rate_key} peak the floor is {floor_ms:.1f} ms; the pick takes "
         f"{picked['record']['latency_ms']['p50']:.1f} ms, {picked['record']['latency_ms']['p50'] / floor_ms:.1f}x "
-        f"the floor. (The fp32 floor is {fp32_floor:.1f} ms, {base['latency_ms']['p50'] / fp32_floor:.1f}x under "
-        "PyTorch eager.)",
+        f"the floor. At the best fp32 rate measured the floor is {fp32_floor:.1f} ms: "
+        f"{base['latency_ms']['p50'] / fp32_floor:.2f}x under PyTorch eager, so no fp32 engine can reach "
+        f"{TARGET_SPEEDUP}x here.",
     ]
+    timed = [c for c in report["candidates"] if c.get("record")]
+    fastest = min(timed, key=lambda c: c["record"]["latency_ms"]["p50"])
+    if fastest is not picked:
+        ff = fastest["fidelity"]
+        lines += ["", f"The fastest candidate of all was {fastest['candidate']['name']}: "
+                  f"{fastest['record']['latency_ms']['p50']:.1f} ms ({fastest['record']['speedup']:.2f}x), agreement "
+                  f"{ff['top1_agreement']:.4f}, cosine {ff['logits_cosine']:.5f}: {fastest['status']}"
+                  + (f" ({fastest['reason']})" if fastest["reason"] else "") + "."]
     if profile:
         lines += ["", "The pick's time by layer type (OpenVINO counters, ms per inference): "
                   + ", ".join(f"{k} {v:.1f}" for k, v in profile.items())]

@@ -434,28 +434,33 @@ def _csv(value: str | None) -> tuple[str, ...] | None:
               help="Least top-1 agreement with PyTorch on the held-out samples.")
 @click.option("--budget-cosine", type=float, default=0.999, show_default=True,
               help="Least mean cosine between the engine's logits and PyTorch's.")
+@click.option("--tie-margin", type=float, default=0.0, show_default=True,
+              help="Count held-out samples whose PyTorch top-2 logit gap is under this many standard deviations "
+                   "of the logits as ties, left out of the agreement budget (both agreements are reported).")
 @click.option("--backends", help="Comma-separated backends to try (default: every installed one).")
 @click.option("--precisions", default=",".join(("fp32", "fp16", "int8", "int4")), show_default=True,
               help="Precision families to try; fp16 includes bf16.")
 @click.option("--batch", default=1, show_default=True, help="Batch size to pick the engine for.")
 @click.option("--data", help="Calibration and held-out data: an image folder, an .npy, 'photos' or 'builtin' "
                              "(default: builtin for the built-in model, photos otherwise).")
-@click.option("--calibration-size", default=64, show_default=True)
+@click.option("--calibration-size", default=64, show_default=True,
+              help="Samples static int8 methods calibrate on, at most (never the held-out ones).")
 @click.option("--eval-size", default=128, show_default=True, help="Held-out samples the budget is checked on.")
 @click.option("--runs", type=int, default=None, help="Timed runs per candidate (default 30).")
 @click.option("--duration", type=float, default=None, help="Or: seconds of timed runs per candidate.")
-@click.option("--warmup", default=5, show_default=True)
+@click.option("--warmup", default=5, show_default=True, help="Untimed runs before each timing.")
 @click.option("--threads", default=0, show_default=True, help="Threads for every engine and PyTorch (0: defaults).")
 @click.option("--dynamic-shape", is_flag=True, help="Keep OpenVINO engines' batch axis dynamic (slower at batch 1).")
 @click.option("--random-weights", is_flag=True, help="timm:NAME only: the real architecture with seeded weights.")
 @click.option("--weights", type=click.Path(path_type=Path), help="timm:NAME only: a .safetensors file to load.")
 @click.option("--revision", help="Hub revision for a hub id.")
-@click.option("--seed", default=0, show_default=True)
+@click.option("--seed", default=0, show_default=True, help="Seed for random weights and the export's parity inputs.")
 @click.option("--work", type=click.Path(path_type=Path), help="Keep the export and every candidate here.")
 @click.option("--store", type=click.Path(path_type=Path), help="Also append the timing records to this results store.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists (atomically).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def optimize(model: str, out: Path, budget_agreement: float, budget_cosine: float, backends: str | None,
+def optimize(model: str, out: Path, budget_agreement: float, budget_cosine: float, tie_margin: float,
+             backends: str | None,
              precisions: str, batch: int, data: str | None, calibration_size: int, eval_size: int,
              runs: int | None, duration: float | None, warmup: int, threads: int, dynamic_shape: bool,
              random_weights: bool, weights: Path | None, revision: str | None, seed: int, work: Path | None,
@@ -474,7 +479,8 @@ def optimize(model: str, out: Path, budget_agreement: float, budget_cosine: floa
         runs = 30
     try:
         config = OptimizeConfig(backends=_csv(backends), precisions=_csv(precisions) or (), batch=batch,
-                                min_agreement=budget_agreement, min_cosine=budget_cosine, data=data,
+                                min_agreement=budget_agreement, min_cosine=budget_cosine, tie_margin=tie_margin,
+                                data=data,
                                 calibration_size=calibration_size, eval_size=eval_size,
                                 static_shape=not dynamic_shape, warmup=warmup, runs=runs, duration_s=duration,
                                 threads=threads)
@@ -519,7 +525,9 @@ def _optimize_table(report: dict[str, Any]) -> Any:
         lat = (rec or {}).get("latency_ms") or {}
         speed = (rec or {}).get("speedup")
         row = [name, precision, f"{lat['p50']:.2f}" if lat else "-", f"{speed:.2f}x" if speed else "-",
-               f"{fid['top1_agreement']:.4f}" if "top1_agreement" in fid else "-",
+               (f"{fid['top1_agreement']:.4f}" + (f" ({fid['top1_agreement_decided']:.4f})"
+                                                   if "top1_agreement_decided" in fid else ""))
+               if "top1_agreement" in fid else "-",
                f"{fid['logits_cosine']:.5f}" if "logits_cosine" in fid else "-"]
         if labelled:
             row.append(f"{fid['accuracy']:.4f}" if "accuracy" in fid else "-")

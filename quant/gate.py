@@ -12,7 +12,7 @@ from enginekit.fidelity import compare_outputs
 from enginekit.quant.data import InputSet
 from enginekit.runtimes.base import Runner, run_batched
 
-__all__ = ["Budget", "run_all", "measure", "check"]
+__all__ = ["Budget", "check", "measure", "misses", "run_all"]
 
 
 @dataclass(frozen=True)
@@ -36,14 +36,14 @@ def accuracy_of(logits: np.ndarray, truth: tuple[str, ...], labels: tuple[str, .
 
 def measure(
     reference: dict[str, np.ndarray] | Runner,
-    engine: Runner,
+    engine: dict[str, np.ndarray] | Runner,
     data: InputSet,
     label_names: tuple[str, ...] | None,
 ) -> dict[str, Any]:
-    """Agreement, cosine and max abs error of ``engine`` against ``reference``
-    (a runner, or its outputs already computed); accuracy of both when labelled."""
+    """Agreement, cosine and max abs error of ``engine`` against ``reference`` (each a
+    runner, or its outputs on ``data`` already computed); accuracy of both when labelled."""
     ref = reference if isinstance(reference, dict) else run_all(reference, data)
-    got = run_all(engine, data)
+    got = engine if isinstance(engine, dict) else run_all(engine, data)
     report: dict[str, Any] = {"inputs": data.source, "samples": data.size}
     report.update(compare_outputs({k: ref[k] for k in ("logits", "embedding") if k in ref}, got))
     if data.labels is not None and label_names is not None:
@@ -52,18 +52,24 @@ def measure(
     return report
 
 
+def misses(report: dict[str, Any], budget: Budget) -> list[str]:
+    """What ``report`` misses of ``budget``, one phrase with the numbers each; [] when it holds."""
+    out = []
+    if report["top1_agreement"] < budget.min_agreement:
+        out.append(f"top-1 agreement {report['top1_agreement']:.4f} < {budget.min_agreement}")
+    if report["logits_cosine"] < budget.min_cosine:
+        out.append(f"logits cosine {report['logits_cosine']:.5f} < {budget.min_cosine}")
+    return out
+
+
 def check(report: dict[str, Any], budget: Budget, what: str) -> None:
     """Raise :class:`FidelityError` naming the numbers when ``report`` misses ``budget``."""
-    misses = []
-    if report["top1_agreement"] < budget.min_agreement:
-        misses.append(f"top-1 agreement {report['top1_agreement']:.4f} < {budget.min_agreement}")
-    if report["logits_cosine"] < budget.min_cosine:
-        misses.append(f"logits cosine {report['logits_cosine']:.5f} < {budget.min_cosine}")
-    if misses:
+    missed = misses(report, budget)
+    if missed:
         extra = ""
         if "accuracy" in report:
             extra = f"; accuracy {report['accuracy']:.4f} vs float {report['reference_accuracy']:.4f}"
         raise FidelityError(
             f"{what} misses its fidelity budget on {report['samples']} held-out samples: "
-            f"{'; '.join(misses)} (max abs {report['logits_max_abs']:.3g}{extra}); nothing was written"
+            f"{'; '.join(missed)} (max abs {report['logits_max_abs']:.3g}{extra}); nothing was written"
         )
