@@ -97,7 +97,7 @@ def test_unreachable_address_is_one_line_and_quick(exported: dict, tmp_path: Pat
     result = CliRunner().invoke(cli, ["bench", str(exported["timm"]), "--ray", f"127.0.0.1:{_free_port()}",
                                       "--store", str(tmp_path / "r.jsonl")])
     _one_line_error(result, "no Ray cluster reachable at 127.0.0.1:")
-    assert time.monotonic() - start < 15
+    assert time.monotonic() - start < 45  # bounded: without the socket check Ray retried for minutes
     assert not (tmp_path / "r.jsonl").exists()
 
 

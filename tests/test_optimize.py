@@ -97,7 +97,8 @@ def test_picks_the_fastest_within_budget_and_rejects_the_rest(tiny_timm_dir: Pat
 def test_cli_writes_a_working_engine_and_a_report(tiny_timm_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "best"
     args = ["optimize", str(tiny_timm_dir), "-o", str(out), "--precisions", "fp32,int8", "--data", "photos",
-            "--eval-size", "16", "--calibration-size", "16", "--runs", "3", "--warmup", "1", "--json",
+            "--eval-size", "16", "--calibration-size", "16", "--runs", "3", "--warmup", "1", "--tie-margin", "0.05",
+            "--json",
             "--store", str(tmp_path / "results.jsonl")]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
@@ -106,6 +107,13 @@ def test_cli_writes_a_working_engine_and_a_report(tiny_timm_dir: Path, tmp_path:
     passed = [c for c in timed if c["status"] in ("picked", "passed")]
     assert {c["candidate"]["backend"] for c in report["candidates"]} == set(installed_backends())
     best = min(passed, key=lambda c: c["record"]["latency_ms"]["p50"])
+    # with a tie margin, both agreements are reported and the budget counts decided samples
+    for c in timed:
+        fid = c["fidelity"]
+        assert 0 <= fid["ties"] <= fid["samples"] and fid["tie_margin"] == 0.05
+        assert fid["top1_agreement_decided"] >= 0.0
+        if c["status"] == "rejected" and "agreement" in c["reason"]:
+            assert "decided samples" in c["reason"]
     assert report["picked"] == best["candidate"]["name"]
     # the picked engine is an ordinary artifact: it loads, verifies and predicts
     import enginekit
@@ -140,6 +148,8 @@ def test_bad_requests_fail_before_any_work(tiny_timm_dir: Path, tmp_path: Path) 
         optimize(str(tiny_timm_dir), tmp_path / "b", OptimizeConfig(precisions=("int3",)))
     with pytest.raises(InputError, match="budget"):
         optimize(str(tiny_timm_dir), tmp_path / "c", OptimizeConfig(min_agreement=1.5))
+    with pytest.raises(InputError, match="tie margin"):
+        optimize(str(tiny_timm_dir), tmp_path / "c", OptimizeConfig(tie_margin=-1))
     result = CliRunner().invoke(cli, ["optimize", str(tmp_path / "missing-model"), "-o", str(tmp_path / "d")])
     assert result.exit_code != 0 and "Traceback" not in result.output
     assert not (tmp_path / "d").exists()
