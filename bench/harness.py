@@ -3,7 +3,8 @@
 One record (a JSON object, :data:`RECORD_SCHEMA` 1) per (artifact, batch size)::
 
     {"schema": 1, "timestamp": ISO-8601 UTC, "hardware": fingerprint(), "hardware_id": str,
-     "engine": {"artifact", "name", "kind", "backend", "device", "method", "precision", "manifest_sha256"},
+     "engine": {"artifact", "name", "kind", "backend", "device", "method", "precision", "manifest_sha256",
+                "inference_precision"},
      "batch": int, "threads": int, "latency_ms": {p50, p90, p99, mean, min, max, count}, "runs": int,
      "throughput_ips": float, "load_ms": float|None, "first_inference_ms": float|None,
      "peak_rss_bytes": int|None, "size_bytes": int|None, "fidelity": {...}, "baseline": bool,
@@ -215,6 +216,8 @@ def engine_info(path: str | Path, manifest: Manifest, backend: str, device: str)
         "method": (manifest.quantization or {}).get("method") or "float",
         "precision": precisions[0] if len(precisions) == 1 else ",".join(precisions),
         "manifest_sha256": manifest.digest(),
+        # What the engine computes in where the backend records it (OpenVINO: f32, bf16, ...).
+        "inference_precision": manifest.target.get("inference_precision_hint"),
     }
 
 
@@ -365,7 +368,7 @@ def bench_torch(
     finally:
         torch.set_num_threads(previous)
     engine = {"artifact": None, "name": name, "kind": "pytorch", "backend": "pytorch", "device": "cpu",
-              "method": "float", "precision": "fp32", "manifest_sha256": None}
+              "method": "float", "precision": "fp32", "manifest_sha256": None, "inference_precision": "f32"}
     size = sum(p.numel() * p.element_size() for p in model.parameters())
     return [
         make_record(engine=engine, result=r, threads=threads, hardware=hw, first_inference_ms=first_ms,
