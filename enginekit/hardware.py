@@ -31,9 +31,12 @@ ISA_FLAGS = (
     "avx512f",
     "avx512_vnni",
     "avx_vnni",
+    "avx512_bf16",
+    "avx512_fp16",
     "amx_tile",
     "amx_bf16",
     "amx_int8",
+    "amx_fp16",
 )
 
 #: Version keys and the distributions that provide them, first found wins

@@ -69,3 +69,20 @@ def test_no_backend_imports() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.strip() == "[]"
+
+
+def test_flags_name_every_reduced_precision_unit(tmp_path, monkeypatch) -> None:
+    """A Zen 4 computes bf16 through AVX512-BF16 without AMX; optimize plans its bf16
+    candidates from these flags, so the fingerprint must carry them."""
+    from enginekit import hardware
+    from enginekit.optimize import plan_candidates
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: AMD EPYC\n"
+                       "flags\t\t: fpu sse4_2 avx avx2 fma f16c avx512f avx512_bf16 avx512_vnni\n\n")
+    monkeypatch.setattr(hardware, "_CPUINFO", cpuinfo)
+    flags = hardware.fingerprint()["flags"]
+    assert {"avx512_bf16", "avx512_vnni", "avx2"} <= set(flags)
+    assert "amx_bf16" not in flags
+    names = [c.name for c in plan_candidates(["openvino"], ["fp32", "fp16", "int8"], 1, cpu_flags=flags)]
+    assert "openvino-bf16" in names
