@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -19,6 +21,7 @@ from enginekit.errors import ArtifactError, IntegrityError
 from enginekit.manifest import MANIFEST_NAME, Component, FileEntry, Manifest, TensorSpec
 
 __all__ = [
+    "cache_root",
     "sha256_file",
     "file_entry",
     "make_component",
@@ -30,6 +33,21 @@ __all__ = [
 ]
 
 _CHUNK = 1 << 20
+
+#: Where enginekit keeps what it can rebuild (compiled blobs, verified-file records).
+CACHE_ENV = "ENGINEKIT_CACHE_DIR"
+#: ``ENGINEKIT_VERIFY=full`` hashes every file on every load (no remembered checks).
+VERIFY_ENV = "ENGINEKIT_VERIFY"
+#: A file modified this close to the moment it was hashed is not remembered: a
+#: change within the filesystem's timestamp granularity could keep its mtime
+#: (git's "racily clean" case).
+_RACY_S = 2.0
+
+
+def cache_root() -> Path:
+    """``$ENGINEKIT_CACHE_DIR``, else ``~/.cache/enginekit`` (not created here)."""
+    root = os.environ.get(CACHE_ENV)
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "enginekit"
 
 
 def sha256_file(path: Path) -> str:
@@ -133,13 +151,58 @@ def _inside(root: Path, rel: str) -> Path:
     return target
 
 
-def verify_artifact(root: str | Path, manifest: Manifest) -> None:
+def _stat_key(st: os.stat_result) -> list[int]:
+    # ctime cannot be set back by a user, so an edit that restores the mtime still shows.
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def _verified_path(root: Path) -> Path:
+    key = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:32]
+    return cache_root() / "verified" / f"{key}.json"
+
+
+def _read_verified(root: Path) -> dict[str, dict]:
+    try:
+        record = json.loads(_verified_path(root).read_text(encoding="utf-8"))
+        files = record["files"] if record.get("root") == str(root.resolve()) else {}
+        return files if isinstance(files, dict) else {}
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError):  # RuntimeError: no home folder
+        return {}
+
+
+def _write_verified(root: Path, files: dict[str, dict]) -> None:
+    """Best effort, atomic: a record that cannot be written only costs the next load a re-hash."""
+    try:
+        path = _verified_path(root)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".verified-", dir=path.parent)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump({"root": str(root.resolve()), "files": files}, f)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError):
+        with contextlib.suppress(Exception):
+            os.unlink(tmp)  # type: ignore[possibly-undefined]
+
+
+def verify_artifact(root: str | Path, manifest: Manifest, full: bool | None = None) -> None:
     """Check every file the manifest lists: inside the folder, present, right size and sha256.
 
     Runs before any backend parses a file, so a tampered or truncated engine is
     reported as such rather than as a parser crash.
+
+    A file whose sha256 matched is remembered with its stat identity (device,
+    inode, size, mtime and ctime, as git's index does) under
+    ``$ENGINEKIT_CACHE_DIR/verified``; the next check of the unchanged file skips
+    the hashing, which is most of a large engine's load time. Any write, copy or
+    replacement changes that identity and the file is hashed again. ``full=True``
+    (or ``ENGINEKIT_VERIFY=full``) hashes every file regardless, as
+    ``enginekit inspect`` does.
     """
     root = Path(root)
+    if full is None:
+        full = os.environ.get(VERIFY_ENV, "").lower() == "full"
+    known = {} if full else _read_verified(root)
+    remember: dict[str, dict] = {}
     for comp in manifest.components.values():
         names = {f.path for f in comp.files}
         if comp.entry not in names:
@@ -148,15 +211,24 @@ def verify_artifact(root: str | Path, manifest: Manifest) -> None:
             path = _inside(root, entry.path)
             if not path.is_file():
                 raise IntegrityError(f"{root}: {entry.path} is missing")
-            size = path.stat().st_size
-            if size != entry.size:
+            before = path.stat()
+            if before.st_size != entry.size:
                 raise IntegrityError(
-                    f"{root}: {entry.path} is {size} bytes, the manifest says {entry.size} (truncated or replaced)"
+                    f"{root}: {entry.path} is {before.st_size} bytes, the manifest says {entry.size} "
+                    "(truncated or replaced)"
                 )
+            seen = {"sha256": entry.sha256, "stat": _stat_key(before)}
+            if known.get(entry.path) == seen:
+                remember[entry.path] = seen
+                continue
             if sha256_file(path) != entry.sha256:
                 raise IntegrityError(f"{root}: {entry.path} does not match its sha256 in the manifest (modified)")
+            if _stat_key(path.stat()) == seen["stat"] and time.time() - before.st_mtime > _RACY_S:
+                remember[entry.path] = seen
         if comp.entry.endswith(".onnx"):
             check_onnx_external_data(root, comp.entry)
+    if remember != known:
+        _write_verified(root, remember)
 
 
 def check_onnx_external_data(root: Path, entry: str) -> None:

@@ -186,7 +186,8 @@ def predict(artifact: Path, images: tuple[str, ...], top_k: int, device: str, ba
 @cli.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the raw manifest.")
-@click.option("--verify/--no-verify", default=True, show_default=True, help="Check every file's sha256.")
+@click.option("--verify/--no-verify", default=True, show_default=True,
+              help="Hash every file and check it against its sha256 (a full check: no remembered result is used).")
 def inspect(artifact: Path, as_json: bool, verify: bool) -> None:
     """Show what an ARTIFACT's manifest says, readably."""
     from enginekit.artifact import verify_artifact
@@ -195,7 +196,7 @@ def inspect(artifact: Path, as_json: bool, verify: bool) -> None:
 
     manifest = read_manifest(artifact)
     if verify:
-        verify_artifact(artifact, manifest)
+        verify_artifact(artifact, manifest, full=True)
     if as_json:
         _emit_json(manifest.to_dict())
         return

@@ -35,7 +35,7 @@ from typing import Any, ClassVar, Sequence
 
 import numpy as np
 
-from enginekit.artifact import make_component
+from enginekit.artifact import cache_root, make_component
 from enginekit.errors import BackendError, DeviceError
 from enginekit.manifest import Manifest, TensorSpec
 from enginekit.runtimes.base import Backend, CompileOptions, Runner
@@ -65,7 +65,6 @@ _KINDS = ("gpu", "cpu", "npu")
 _PRECISIONS = ("fp32", "fp16")
 _INFERENCE_PRECISIONS = ("f32", "f16", "bf16", "default")
 _PERFORMANCE_HINTS = ("LATENCY", "THROUGHPUT")
-_CACHE_ENV = "ENGINEKIT_CACHE_DIR"
 
 
 def _one_line(exc: BaseException) -> str:
@@ -112,9 +111,7 @@ def _specs(ports: Sequence[Any], source: Sequence[TensorSpec]) -> list[TensorSpe
 
 def cache_dir_for(manifest: Manifest) -> Path:
     """Where compiled blobs of this artifact are cached (not created here)."""
-    root = os.environ.get(_CACHE_ENV)
-    base = Path(root).expanduser() if root else Path.home() / ".cache" / "enginekit"
-    return base / "openvino" / manifest.digest()[:16]
+    return cache_root() / "openvino" / manifest.digest()[:16]
 
 
 def _make_cache_dir(manifest: Manifest) -> Path | None:

@@ -148,3 +148,96 @@ def test_wrong_feed_is_a_shape_error(exported: dict) -> None:
             clf.run_pixels(np.zeros((1, 3, 16, 16), np.float32))
         with pytest.raises(ShapeError, match="dtype float64"):
             clf.run_pixels(np.zeros((1, 3, 32, 32)))
+
+
+def _age(art: Path, seconds: float = 60.0) -> None:
+    """Set every file's mtime into the past, as an engine built a while ago has."""
+    import os
+    import time
+
+    past = time.time() - seconds
+    for f in art.rglob("*"):
+        os.utime(f, (past, past))
+
+
+def _count_hashes(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    from enginekit import artifact
+
+    hashed: list[Path] = []
+    real = artifact.sha256_file
+    monkeypatch.setattr(artifact, "sha256_file", lambda p: hashed.append(Path(p)) or real(p))
+    return hashed
+
+
+def test_an_unchanged_engine_is_hashed_once(exported: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from enginekit.artifact import verify_artifact
+    from enginekit.manifest import read_manifest
+
+    art = _copy(exported["timm"], tmp_path / "a")
+    _age(art)
+    manifest = read_manifest(art)
+    hashed = _count_hashes(monkeypatch)
+    verify_artifact(art, manifest)
+    assert len(hashed) == sum(len(c.files) for c in manifest.components.values())
+    hashed.clear()
+    verify_artifact(art, manifest)
+    assert hashed == []  # remembered by stat identity
+    verify_artifact(art, manifest, full=True)
+    assert len(hashed) > 0  # inspect's full check hashes regardless
+    hashed.clear()
+    monkeypatch.setenv("ENGINEKIT_VERIFY", "full")
+    verify_artifact(art, manifest)
+    assert len(hashed) > 0
+
+
+def test_an_edit_that_restores_size_and_mtime_is_still_caught(exported: dict, tmp_path: Path) -> None:
+    import os
+
+    from enginekit.artifact import verify_artifact
+    from enginekit.manifest import read_manifest
+
+    art = _copy(exported["timm"], tmp_path / "a")
+    _age(art)
+    manifest = read_manifest(art)
+    verify_artifact(art, manifest)  # remembered
+    model = art / "model.onnx"
+    st = model.stat()
+    data = bytearray(model.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    with open(model, "r+b") as f:  # same inode, same size
+        f.write(bytes(data))
+    os.utime(model, ns=(st.st_atime_ns, st.st_mtime_ns))  # mtime put back; ctime cannot be
+    with pytest.raises(IntegrityError, match="does not match its sha256"):
+        verify_artifact(art, manifest)
+    with pytest.raises(IntegrityError, match="does not match its sha256"):
+        enginekit.load(art)
+
+
+def test_a_freshly_written_file_is_not_remembered(exported: dict, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Written within the racy window: its mtime could survive one more write, so it is hashed again."""
+    from enginekit.artifact import verify_artifact
+    from enginekit.manifest import read_manifest
+
+    art = _copy(exported["timm"], tmp_path / "a")
+    (art / "model.onnx").touch()
+    manifest = read_manifest(art)
+    verify_artifact(art, manifest)
+    hashed = _count_hashes(monkeypatch)
+    verify_artifact(art, manifest)
+    assert (art / "model.onnx").resolve() in [p.resolve() for p in hashed]
+
+
+def test_an_unwritable_cache_only_costs_a_rehash(exported: dict, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from enginekit.artifact import verify_artifact
+    from enginekit.manifest import read_manifest
+
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("x")
+    monkeypatch.setenv("ENGINEKIT_CACHE_DIR", str(blocker))
+    art = _copy(exported["timm"], tmp_path / "a")
+    _age(art)
+    verify_artifact(art, read_manifest(art))
+    verify_artifact(art, read_manifest(art))
+    assert list(tmp_path.glob("**/verified")) == []
