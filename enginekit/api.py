@@ -101,4 +101,20 @@ def compile_artifact(
         provenance["host"] = fingerprint()
         compiled = compiled.replace(provenance=provenance)
         write_manifest(tmp, compiled)
+    warm_cache(out_dir, options.device)
     return compiled
+
+
+def warm_cache(path: str | Path, device: str = "cpu") -> bool:
+    """Fill this machine's model cache for the artifact at ``path`` (OpenVINO's compiled
+    blob), so its first load here skips the device compilation. Best effort: True when
+    the cache was filled, False where the backend keeps none, the device is not here or
+    warming failed (logged; the artifact itself is complete either way)."""
+    root = Path(path)
+    try:
+        manifest = read_manifest(root)
+        be = get_backend(default_backend(manifest))
+        return be.warm(root, manifest, device)
+    except Exception as exc:  # a cache is an optimisation: never fail the stage that wrote the artifact
+        log.warning("could not fill the model cache for %s: %s", root, exc)
+        return False

@@ -23,6 +23,7 @@ work folder, whose path the error names.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -329,6 +330,14 @@ def optimize(
     keep = work_dir is not None
     work = Path(work_dir) if keep else Path(tempfile.mkdtemp(prefix=f".{out.name}.optimize-", dir=out.parent))
     work.mkdir(parents=True, exist_ok=True)
+    # The candidates' compiled blobs go to a model cache inside the work folder and leave
+    # with it (a dozen blobs of a large model would otherwise pile up in the user's cache);
+    # only the pick is compiled into this machine's cache, below.
+    from enginekit.api import warm_cache
+    from enginekit.artifact import CACHE_ENV
+
+    user_cache = os.environ.get(CACHE_ENV)
+    os.environ[CACHE_ENV] = str((work / "model-cache").resolve())
     try:
         report = _run(model, out, work, candidates, config, hw, random_weights=random_weights, weights=weights,
                       revision=revision, seed=seed, overwrite=overwrite, progress=progress, on_step=on_step)
@@ -336,8 +345,13 @@ def optimize(
         keep = True  # the report of why nothing passed lives there
         raise
     finally:
+        if user_cache is None:
+            os.environ.pop(CACHE_ENV, None)
+        else:
+            os.environ[CACHE_ENV] = user_cache
         if not keep:
             shutil.rmtree(work, ignore_errors=True)
+    warm_cache(out, "cpu")
     return report
 
 

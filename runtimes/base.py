@@ -147,6 +147,11 @@ class Backend(abc.ABC):
     def load(self, artifact: Path, manifest: Manifest, device: str) -> Runner:
         """Open a verified artifact on ``device`` (never ``'auto'``: resolved by the caller)."""
 
+    def warm(self, artifact: Path, manifest: Manifest, device: str) -> bool:
+        """Fill this machine's model cache for a verified artifact, where the backend keeps
+        one, so that the next :meth:`load` skips the device compilation. True when it did."""
+        return False
+
 
 def run_batched(runner: Runner, values: np.ndarray, batch_size: int | None = None) -> dict[str, np.ndarray]:
     """Run ``values`` (N, ...) through a single-input ``runner`` in slices; concatenate outputs by name.

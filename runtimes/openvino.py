@@ -333,6 +333,13 @@ class OpenVINOBackend(Backend):
             config[props.cache_dir()] = str(cache_dir)
         return config
 
+    def warm(self, artifact: Path, manifest: Manifest, device: str) -> bool:
+        if device not in self.devices():
+            return False
+        runner = self.load(artifact, manifest, device)
+        runner.close()
+        return runner.cache_dir is not None
+
     def load(self, artifact: Path, manifest: Manifest, device: str) -> Runner:
         import openvino.properties as props
 

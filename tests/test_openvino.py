@@ -289,3 +289,17 @@ def test_ir_recompiled_for_a_static_batch(ov_artifact: Path, tmp_path: Path) -> 
     with pytest.raises(BackendError, match="compiles onnx artifacts"):
         compile_artifact(ov_artifact, "onnxruntime", tmp_path / "ort")
     assert not (tmp_path / "ort").exists()
+
+
+def test_compile_fills_this_machines_cache(onnx_artifact: Path, tmp_path: Path, _cache_in_tmp: Path) -> None:
+    """compile_artifact compiles the engine once for the device here, so the first load is a cache hit."""
+    from enginekit.api import compile_artifact, load_runner, warm_cache
+
+    out = tmp_path / "warm"
+    manifest = compile_artifact(onnx_artifact, "openvino", out)
+    assert any(cache_dir_for(manifest).iterdir())
+    runner, _ = load_runner(out, device="cpu")
+    with runner:
+        assert runner.loaded_from_cache is True
+    assert warm_cache(onnx_artifact) is False  # plain ONNX runs on ONNX Runtime: no model cache to fill
+    assert warm_cache(tmp_path / "missing") is False  # best effort: never raises

@@ -12,6 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from .conftest import installed_backends, make_photo
+from enginekit.artifact import cache_root
 from enginekit.cli import cli
 from enginekit.errors import ArtifactError, FidelityError, InputError, UnknownBackendError
 from enginekit.manifest import read_manifest
@@ -98,7 +99,9 @@ def test_picks_the_fastest_within_budget_and_rejects_the_rest(tiny_timm_dir: Pat
     assert all(name in text for name in latency) and "rejected: logits cosine" in text
 
 
-def test_cli_writes_a_working_engine_and_a_report(tiny_timm_dir: Path, tmp_path: Path) -> None:
+def test_cli_writes_a_working_engine_and_a_report(tiny_timm_dir: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ENGINEKIT_CACHE_DIR", str(tmp_path / "user-cache"))
     out = tmp_path / "best"
     args = ["optimize", str(tiny_timm_dir), "-o", str(out), "--precisions", "fp32,int8", "--data", "photos",
             "--eval-size", "16", "--calibration-size", "16", "--runs", "3", "--warmup", "1", "--tie-margin", "0.05",
@@ -124,7 +127,12 @@ def test_cli_writes_a_working_engine_and_a_report(tiny_timm_dir: Path, tmp_path:
 
     with enginekit.load(out) as clf:
         preds = clf.predict([make_photo((40, 30), 0), make_photo((30, 50), 1), make_photo((32, 32), 2)], top_k=2)
+        if best["candidate"]["backend"] == "openvino":  # compiled into this machine's cache by optimize
+            assert clf.runner.loaded_from_cache is True
     assert len(preds) == 3 and all(p.label in ("cat", "dog", "bird", "fish") for p in preds)
+    # the candidates' blobs left with the work folder; only the pick's can be in the user's cache
+    blobs = cache_root() / "openvino"
+    assert len(list(blobs.iterdir()) if blobs.is_dir() else []) <= 1
     # the baseline and every timed candidate went to the results store, with the hardware
     rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert len(rows) == 1 + len(timed) and sum(r["baseline"] for r in rows) == 1
