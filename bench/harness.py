@@ -301,12 +301,13 @@ def bench_artifact(
     load_ms = (time.perf_counter() - start) * 1e3
     rss.append(proc.memory_info().rss)
     try:
-        first = make_feeds(runner.inputs, config.batch_sizes[0], config.seed)
+        batches = _batches_for(runner.inputs, config.batch_sizes, path)
+        first = make_feeds(runner.inputs, batches[0], config.seed)
         start = time.perf_counter()
         runner.run(first)
         first_ms = (time.perf_counter() - start) * 1e3
         results = []
-        for batch in config.batch_sizes:
+        for batch in batches:
             with _progress_bar(f"{path.name} batch {batch}", config.runs, progress) as bar:
                 results.append(bench_runner(runner, batch, config, on_progress=lambda _i: bar.update(1)))
             rss.append(proc.memory_info().rss)
@@ -323,6 +324,30 @@ def bench_artifact(
                     baseline=baseline, model=manifest.provenance.get("source"))
         for r in results
     ]
+
+
+def _batches_for(inputs: Sequence[TensorSpec], wanted: Sequence[int], path: Path) -> list[int]:
+    """The batch sizes an engine can be benched at: all of ``wanted`` for a symbolic batch
+    axis; for an engine built for a fixed batch, that one (the others are skipped with a
+    note on stderr), or a ShapeError when it is not among ``wanted``."""
+    dim = inputs[0].shape[0] if inputs and inputs[0].shape else None
+    if not isinstance(dim, int) or dim < 0:
+        return list(wanted)
+    if dim not in wanted:
+        raise ShapeError(f"{path}: built for a fixed batch of {dim}, not among the batch sizes asked for "
+                         f"({', '.join(map(str, wanted))}); bench it with --batch {dim}")
+    skipped = [b for b in wanted if b != dim]
+    if skipped:
+        print(f"{path}: built for a fixed batch of {dim}; skipping batch {', '.join(map(str, skipped))}",
+              file=sys.stderr)
+    return [dim]
+
+
+def _any_batch(inputs: Sequence[TensorSpec]) -> list[TensorSpec]:
+    """The specs with a symbolic batch axis: PyTorch runs any batch, whatever the engine was built for."""
+    from dataclasses import replace
+
+    return [replace(s, shape=("batch", *s.shape[1:])) if s.shape else s for s in inputs]
 
 
 def bench_torch(
@@ -354,7 +379,7 @@ def bench_torch(
     try:
         with torch.inference_mode():
             for batch in config.batch_sizes:
-                args = [torch.from_numpy(v) for v in make_feeds(inputs, batch, config.seed).values()]
+                args = [torch.from_numpy(v) for v in make_feeds(_any_batch(inputs), batch, config.seed).values()]
                 if first_ms is None:
                     start = time.perf_counter()
                     model(*args)

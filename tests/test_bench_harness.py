@@ -23,6 +23,8 @@ from enginekit.bench.harness import (
 from enginekit.bench.store import ResultsStore, read_results
 from enginekit.runtimes.base import Runner
 
+from .conftest import installed_backends
+
 from enginekit.errors import InputError, ShapeError
 from enginekit.manifest import TensorSpec, read_manifest
 
@@ -218,3 +220,31 @@ def test_speedups_only_against_the_same_model() -> None:
     records = [rec("a", 10.0, True), rec("b", 40.0, True), rec("a", 5.0), rec("b", 5.0), rec("c", 5.0)]
     add_speedups(records)
     assert [r.get("speedup") for r in records[2:]] == [2.0, 8.0, None]
+
+
+@pytest.mark.skipif("openvino" not in installed_backends(), reason="needs the openvino backend")
+def test_a_fixed_batch_engine_is_benched_at_its_batch_only(exported: dict[str, Path], tmp_path: Path) -> None:
+    """An engine compiled for a fixed batch is timed at that batch; the other sizes are skipped
+    with a note, while PyTorch (any batch) is timed at all of them. None matching is one clear error."""
+    from click.testing import CliRunner
+
+    from enginekit.api import compile_artifact
+    from enginekit.cli import cli
+    from enginekit.runtimes.base import CompileOptions
+
+    static = tmp_path / "static"
+    compile_artifact(exported["timm"], "openvino", static, CompileOptions(extra={"static_batch": 1}))
+    out = tmp_path / "run.json"
+    result = CliRunner().invoke(cli, ["bench", str(static), str(exported["timm"]), "--batch", "1,2",
+                                      "--baseline", "torch", "--runs", "3", "--warmup", "1", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "fixed batch of 1; skipping batch 2" in result.output
+    records = json.loads(out.read_text())
+    by_engine = {}
+    for rec in records:
+        by_engine.setdefault((rec["engine"]["backend"], rec["engine"]["kind"]), []).append(rec["batch"])
+    assert sorted(by_engine[("openvino", "openvino")]) == [1]
+    assert sorted(by_engine[("onnxruntime", "onnx")]) == [1, 2]
+    assert sorted(by_engine[("pytorch", "pytorch")]) == [1, 2]
+    with pytest.raises(ShapeError, match="fixed batch of 1.*--batch 1"):
+        bench_artifact(static, BenchConfig(batch_sizes=(2, 4), warmup=1, runs=2), progress=False)
