@@ -310,7 +310,6 @@ def main(argv: list[str] | None = None) -> int:
     rates = peak_gemm_rates(threads)
     rate_key, rate = _precision_rate(picked, rates)
     floor_ms = arithmetic_floor(macs, rate)
-    fp32_floor = arithmetic_floor(macs, max(v for k, v in rates.items() if k.startswith("fp32")))
     ceilings = precision_ceilings(macs, rates, base["latency_ms"]["p50"], report["candidates"])
     profile = layer_profile(best)
 
@@ -322,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         "pytorch_p50_after_ms": report["baseline_after"]["latency_ms"]["p50"],
         "fidelity": picked["fidelity"], "cold_start_cache_empty": cold, "cold_start_cache_filled": warm_cache,
         "macs": macs, "peak_macs_per_s": rates, "floor_precision": rate_key, "floor_ms": floor_ms,
-        "fp32_floor_ms": fp32_floor, "ceilings": ceilings, "layer_profile_ms": profile, "candidates": report["candidates"],
+        "ceilings": ceilings, "layer_profile_ms": profile, "candidates": report["candidates"],
     }
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -22,6 +22,7 @@ from enginekit.manifest import MANIFEST_NAME, Component, FileEntry, Manifest, Te
 
 __all__ = [
     "cache_root",
+    "using_cache_root",
     "sha256_file",
     "file_entry",
     "make_component",
@@ -48,6 +49,21 @@ def cache_root() -> Path:
     """``$ENGINEKIT_CACHE_DIR``, else ``~/.cache/enginekit`` (not created here)."""
     root = os.environ.get(CACHE_ENV)
     return Path(root).expanduser() if root else Path.home() / ".cache" / "enginekit"
+
+
+@contextlib.contextmanager
+def using_cache_root(path: str | Path) -> Iterator[Path]:
+    """Point :func:`cache_root` (and subprocesses started meanwhile) at ``path`` for the
+    block, then restore what was set before."""
+    previous = os.environ.get(CACHE_ENV)
+    os.environ[CACHE_ENV] = str(Path(path).resolve())
+    try:
+        yield Path(os.environ[CACHE_ENV])
+    finally:
+        if previous is None:
+            os.environ.pop(CACHE_ENV, None)
+        else:
+            os.environ[CACHE_ENV] = previous
 
 
 def sha256_file(path: Path) -> str:

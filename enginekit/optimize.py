@@ -23,7 +23,6 @@ work folder, whose path the error names.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -334,21 +333,16 @@ def optimize(
     # with it (a dozen blobs of a large model would otherwise pile up in the user's cache);
     # only the pick is compiled into this machine's cache, below.
     from enginekit.api import warm_cache
-    from enginekit.artifact import CACHE_ENV
+    from enginekit.artifact import using_cache_root
 
-    user_cache = os.environ.get(CACHE_ENV)
-    os.environ[CACHE_ENV] = str((work / "model-cache").resolve())
     try:
-        report = _run(model, out, work, candidates, config, hw, random_weights=random_weights, weights=weights,
-                      revision=revision, seed=seed, overwrite=overwrite, progress=progress, on_step=on_step)
+        with using_cache_root(work / "model-cache"):
+            report = _run(model, out, work, candidates, config, hw, random_weights=random_weights, weights=weights,
+                          revision=revision, seed=seed, overwrite=overwrite, progress=progress, on_step=on_step)
     except FidelityError:
         keep = True  # the report of why nothing passed lives there
         raise
     finally:
-        if user_cache is None:
-            os.environ.pop(CACHE_ENV, None)
-        else:
-            os.environ[CACHE_ENV] = user_cache
         if not keep:
             shutil.rmtree(work, ignore_errors=True)
     warm_cache(out, "cpu")
