@@ -1,0 +1,210 @@
+"""Prompt tokenizers of diffusion pipelines, written for the torch-free runtime.
+
+:func:`save_tokenizer` takes a transformers tokenizer as a diffusers pipeline
+holds it (``CLIPTokenizer``, ``CLIPTokenizerFast``; ``T5TokenizerFast`` for SD3
+and FLUX), writes its Rust backend as ``tokenizer.json`` and returns the config
+:class:`~enginekit.runtimes.tasks.tokenizers.PromptTokenizer` needs. Before it
+returns, the written file is loaded the way the runtime loads it and checked
+against the tokenizer on a few probe prompts.
+
+:func:`real_clip_tokenizer` builds a real CLIP tokenizer offline from the BPE
+vocabulary that ships in the ``open_clip_torch`` wheel, so the tiny test
+pipelines tokenize exactly like SD 1.5 (``pad_token="<|endoftext|>"``) or
+SD 2.x and SDXL's second tokenizer (``pad_token="!"``).
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import tokenizers
+
+from enginekit.errors import ArtifactError, ExportError, SourceError
+from enginekit.runtimes.tasks.tokenizers import PromptTokenizer, TokenizerConfig
+
+__all__ = ["TOKENIZER_FILE", "save_tokenizer", "real_clip_tokenizer"]
+
+TOKENIZER_FILE = "tokenizer.json"
+
+# transformers' "no limit" is VERY_LARGE_INTEGER (1e30); a model_max_length this
+# big was never set, and padding to it is not what any pipeline means.
+_NO_LIMIT = 1_000_000
+
+# Checked against the source tokenizer at export: plain words, case, accents,
+# punctuation, emoji, the empty prompt, and one that must be truncated.
+_PROBES = ("a photo of a cat", "", "A Café, 2 DOGS & 1 cat!  🐱", "lorem ipsum " * 60)
+
+_INSTALL = "pip install 'enginekit[export]'"
+
+
+def save_tokenizer(tokenizer: Any, out_dir: Path, *, max_length: int | None = None) -> dict[str, Any]:
+    """Write ``out_dir/tokenizer.json`` for ``tokenizer`` and return its manifest config.
+
+    ``max_length`` overrides the tokenizer's ``model_max_length`` (T5 tokenizers
+    carry none: SD3 pipelines pass ``max_sequence_length``). The returned dict is
+    :meth:`TokenizerConfig.to_dict`: ``kind``, ``file``, ``max_length``,
+    ``pad_token``, ``pad_token_id``, ``bos_token_id``, ``eos_token_id``,
+    ``vocab_size``, ``lowercase``.
+    """
+    kind = _kind(tokenizer)
+    length = _max_length(tokenizer, max_length)
+    if tokenizer.pad_token_id is None:
+        raise ExportError(f"{type(tokenizer).__name__} has no pad token; pipelines pad prompts to max_length")
+    # A copy, so the padding and truncation transformers leaves set on its backend
+    # after a call neither travel into the file nor get reset under the caller.
+    backend = tokenizers.Tokenizer.from_str(_backend(tokenizer).to_str())
+    backend.no_padding()
+    backend.no_truncation()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    backend.save(str(out_dir / TOKENIZER_FILE))
+    config = TokenizerConfig(
+        kind=kind,
+        file=TOKENIZER_FILE,
+        max_length=length,
+        pad_token=str(tokenizer.pad_token),
+        pad_token_id=int(tokenizer.pad_token_id),
+        bos_token_id=None if tokenizer.bos_token_id is None else int(tokenizer.bos_token_id),
+        eos_token_id=None if tokenizer.eos_token_id is None else int(tokenizer.eos_token_id),
+        vocab_size=backend.get_vocab_size(with_added_tokens=True),
+        lowercase=_lowercases(json.loads(backend.to_str()).get("normalizer")),
+    ).to_dict()
+    _check(tokenizer, out_dir, config)
+    return config
+
+
+def real_clip_tokenizer(pad_token: str = "<|endoftext|>", model_max_length: int = 77) -> Any:
+    """A transformers ``CLIPTokenizer`` with OpenAI CLIP's real 49408-token vocabulary, built offline.
+
+    SD 1.5 pads with ``"<|endoftext|>"``; SD 2.x and SDXL's ``tokenizer_2`` with ``"!"``.
+    """
+    CLIPTokenizer = _transformers().CLIPTokenizer
+    vocab, merges = _clip_bpe()
+    if pad_token not in vocab:
+        raise SourceError(f"pad_token {pad_token!r} is not in the CLIP vocabulary; SD uses '<|endoftext|>' or '!'")
+    with tempfile.TemporaryDirectory(prefix="enginekit-clip-") as tmp:
+        folder = Path(tmp)
+        vocab_json = json.dumps({token: i for i, token in enumerate(vocab)}, ensure_ascii=False)
+        (folder / "vocab.json").write_text(vocab_json, encoding="utf-8")
+        (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+        # Read in full here (transformers 4's slow tokenizer reads the files in its
+        # constructor), so the folder can go when this returns.
+        return CLIPTokenizer.from_pretrained(str(folder), pad_token=pad_token, model_max_length=model_max_length)
+
+
+@lru_cache(maxsize=1)
+def _clip_bpe() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """CLIP's vocabulary and merges, built as OpenAI's simple_tokenizer and open_clip build them."""
+    # find_spec locates the package without importing it (open_clip imports torch).
+    spec = importlib.util.find_spec("open_clip")
+    folders = list(spec.submodule_search_locations or []) if spec is not None else []
+    path = next((Path(f) / "bpe_simple_vocab_16e6.txt.gz" for f in folders), None)
+    if path is None or not path.is_file():
+        raise SourceError(f"the CLIP BPE vocabulary ships with open_clip_torch: {_INSTALL}")
+    lines = gzip.decompress(path.read_bytes()).decode("utf-8").split("\n")
+    # Line 0 is the header; CLIP keeps the first 49152 - 256 - 2 = 48894 merges,
+    # so that 256 bytes x 2 (plain and word-final) + merges + 2 specials = 49408.
+    merges = tuple(lines[1 : 49152 - 256 - 2 + 1])
+    byte_chars = list(_bytes_to_unicode().values())
+    vocab = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    return tuple(vocab), merges
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map, in the order CLIP's vocabulary uses."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, (chr(c) for c in chars)))
+
+
+def _kind(tokenizer: Any) -> str:
+    for cls in type(tokenizer).__mro__:
+        if cls.__name__.startswith("CLIPTokenizer"):
+            return "clip"
+        if cls.__name__.startswith("T5Tokenizer"):
+            return "t5"
+    raise ExportError(
+        f"cannot export a {type(tokenizer).__name__} prompt tokenizer; expected CLIPTokenizer(Fast) or T5Tokenizer(Fast)"
+    )
+
+
+def _max_length(tokenizer: Any, max_length: int | None) -> int:
+    if max_length is not None:
+        if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1:
+            raise ExportError(f"max_length must be a positive int, got {max_length!r}")
+        return max_length
+    length = getattr(tokenizer, "model_max_length", None)
+    if not isinstance(length, int) or not 0 < length < _NO_LIMIT:
+        raise ExportError(
+            f"{type(tokenizer).__name__} has no model_max_length ({length!r}); pass max_length= "
+            "(the pipeline's max_sequence_length for T5)"
+        )
+    return length
+
+
+def _backend(tokenizer: Any) -> tokenizers.Tokenizer:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if isinstance(backend, tokenizers.Tokenizer):
+        return backend
+    # A slow (pure Python) tokenizer, as transformers < 5 loads CLIPTokenizer:
+    # converted the way from_pretrained(use_fast=True) converts it, special tokens included.
+    auto = _transformers().AutoTokenizer
+    try:
+        with tempfile.TemporaryDirectory(prefix="enginekit-tok-") as tmp:
+            tokenizer.save_pretrained(tmp)
+            fast = auto.from_pretrained(tmp, use_fast=True)
+    except Exception as exc:  # transformers raises whatever its converter raises
+        raise ExportError(f"cannot convert {type(tokenizer).__name__} to a fast tokenizer: {exc}") from exc
+    backend = getattr(fast, "backend_tokenizer", None)
+    if not isinstance(backend, tokenizers.Tokenizer):
+        raise ExportError(f"transformers has no fast tokenizer for {type(tokenizer).__name__}")
+    return backend
+
+
+def _lowercases(normalizer: Any) -> bool:
+    if isinstance(normalizer, dict):
+        if normalizer.get("type") == "Lowercase" or (
+            normalizer.get("type") == "BertNormalizer" and normalizer.get("lowercase")
+        ):
+            return True
+        return any(_lowercases(v) for v in normalizer.values())
+    if isinstance(normalizer, list):
+        return any(_lowercases(v) for v in normalizer)
+    return False
+
+
+def _check(tokenizer: Any, out_dir: Path, config: dict[str, Any]) -> None:
+    """Load the written file as the runtime will, and compare its ids with ``tokenizer``'s."""
+    try:
+        runtime = PromptTokenizer.from_config(out_dir, config)
+    except ArtifactError as exc:
+        raise ExportError(f"the saved tokenizer does not load: {exc}") from exc
+    got = runtime.encode(list(_PROBES)).input_ids
+    want = tokenizer(list(_PROBES), padding="max_length", max_length=config["max_length"], truncation=True)
+    for prompt, ours, theirs in zip(_PROBES, got.tolist(), want["input_ids"]):
+        if ours != list(theirs):
+            raise ExportError(
+                f"the saved tokenizer gives other ids than {type(tokenizer).__name__} for {prompt[:40]!r}: "
+                f"{ours[:12]}... != {list(theirs)[:12]}..."
+            )
+
+
+def _transformers() -> Any:
+    try:
+        import transformers
+    except ImportError as exc:
+        raise ExportError(f"exporting tokenizers needs transformers: {_INSTALL}") from exc
+    return transformers
