@@ -1,0 +1,570 @@
+"""Export a UNet diffusion pipeline (SD 1.5, SD 2.x, SDXL) to an ONNX artifact, one component at a time.
+
+Folders and IO contract (symbolic dims are strings; the numpy runtime depends on these names):
+
+- ``text_encoder/model.onnx`` (SDXL also ``text_encoder_2/``): ``input_ids`` int64 (batch, sequence)
+  -> ``last_hidden_state`` (batch, sequence, H), ``penultimate_hidden_state`` (hidden_states[-2]),
+  ``pooled`` (batch, P): pooler_output, or text_embeds for CLIPTextModelWithProjection.
+- ``unet/model.onnx``: ``sample`` (batch, C, latent_height, latent_width), ``timestep`` float32 (batch,),
+  ``encoder_hidden_states`` (batch, sequence, D); SDXL adds ``text_embeds`` and ``time_ids`` (batch, 6);
+  an LCM UNet (``time_cond_proj_dim``) adds ``timestep_cond``. Out ``out_sample``.
+- ``vae_decoder/model.onnx``: ``latent_sample`` (already divided by the scaling factor) -> ``sample``.
+- ``vae_encoder/model.onnx``: ``sample`` -> ``latent_parameters`` (mean and logvar concatenated).
+
+Each component is checked against PyTorch with ONNX Runtime on seeded inputs of another batch and
+size than the traced ones; a miss raises :class:`FidelityError` and nothing is written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import io
+import json
+import threading
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from enginekit.artifact import atomic_artifact, make_assets, make_component, write_manifest
+from enginekit.errors import ExportError, FidelityError
+from enginekit.export.diffusion.sources import PipelineSource, resolve_pipeline
+from enginekit.fidelity import compare_outputs
+from enginekit.manifest import Component, Manifest, TensorSpec
+from enginekit.runtimes.onnxruntime import run_onnx_file
+
+__all__ = ["PipelineExportOptions", "export_pipeline"]
+
+#: Past this many bytes of weights, protobuf's 2 GB limit needs external data.
+_EXTERNAL_DATA_BYTES = 1_800_000_000
+_DATA_FILE = "model.onnx.data"
+_TEXT_OUTPUTS = ("last_hidden_state", "penultimate_hidden_state", "pooled")
+
+
+@dataclass(frozen=True)
+class PipelineExportOptions:
+    opset: int = 18
+    seed: int = 0
+    #: Parity budget per output: max |onnx - torch| <= atol + rtol * max |torch|, and cosine >= min_cosine.
+    atol: float = 1e-4
+    rtol: float = 1e-3
+    min_cosine: float = 0.9999
+    #: Batch traced, and the other batch the parity check runs (exercising the dynamic axis).
+    trace_batch: int = 2
+    parity_batch: int = 3
+    #: Prompt length traced and checked (CLIP's 77).
+    sequence_length: int = 77
+
+
+# --------------------------------------------------------------------------- wrappers
+
+
+def _wrappers() -> dict[str, type]:
+    import torch
+
+    class TextEncoder(torch.nn.Module):
+        def __init__(self, encoder: Any) -> None:
+            super().__init__()
+            self.encoder = encoder
+
+        def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            out = self.encoder(input_ids, output_hidden_states=True, return_dict=True)
+            pooled = out.text_embeds if getattr(out, "text_embeds", None) is not None else out.pooler_output
+            return out.last_hidden_state, out.hidden_states[-2], pooled
+
+    class UNet(torch.nn.Module):
+        def __init__(self, unet: Any, extra: tuple[str, ...]) -> None:
+            super().__init__()
+            self.unet = unet
+            self.extra = extra
+
+        def forward(self, sample, timestep, encoder_hidden_states, *rest):  # type: ignore[no-untyped-def]
+            named = dict(zip(self.extra, rest))
+            added = {"text_embeds": named["text_embeds"], "time_ids": named["time_ids"]} if "time_ids" in named else None
+            return self.unet(sample, timestep, encoder_hidden_states, timestep_cond=named.get("timestep_cond"),
+                             added_cond_kwargs=added, return_dict=False)[0]
+
+    class VaeDecoder(torch.nn.Module):
+        def __init__(self, vae: Any) -> None:
+            super().__init__()
+            self.vae = vae
+
+        def forward(self, latent_sample: torch.Tensor) -> torch.Tensor:
+            return self.vae.decode(latent_sample, return_dict=False)[0]
+
+    class VaeEncoder(torch.nn.Module):
+        def __init__(self, vae: Any) -> None:
+            super().__init__()
+            self.vae = vae
+
+        def forward(self, sample: torch.Tensor) -> torch.Tensor:
+            return self.vae.encode(sample).latent_dist.parameters
+
+    return {"text": TextEncoder, "unet": UNet, "vae_decoder": VaeDecoder, "vae_encoder": VaeEncoder}
+
+
+@dataclass
+class _Plan:
+    """One component to export: its module, IO specs, traced and parity inputs."""
+
+    name: str
+    module: Any
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    example: tuple[Any, ...]
+    parity: tuple[Any, ...]
+    n_bytes: int
+
+
+def _token_ids(gen: Any, batch: int, length: int, vocab: int, bos: int, eos: int) -> Any:
+    """Prompt-like ids: BOS, random tokens, EOS at a random place, then EOS padding."""
+    import torch
+
+    ids = torch.randint(0, min(vocab, 49406), (batch, length), generator=gen)
+    ids[:, 0] = bos
+    ends = torch.randint(2, length, (batch,), generator=gen)
+    for row, end in enumerate(ends.tolist()):
+        ids[row, end:] = eos
+    return ids
+
+
+def _plans(pipe: Any, family: str, opts: PipelineExportOptions) -> list[Callable[[], _Plan]]:
+    """A factory per component, so each module is wrapped only when its turn comes."""
+    import torch
+
+    W = _wrappers()
+    gen = torch.Generator().manual_seed(opts.seed)
+    B, PB, L = opts.trace_batch, opts.parity_batch, opts.sequence_length
+    names = [n for n in ("text_encoder", "text_encoder_2") if getattr(pipe, n, None) is not None]
+
+    def nbytes(m: Any) -> int:
+        return sum(p.numel() * p.element_size() for p in m.parameters())
+
+    def text(name: str) -> Callable[[], _Plan]:
+        def make() -> _Plan:
+            enc = getattr(pipe, name)
+            cfg = enc.config
+            tok = getattr(pipe, "tokenizer" + name[len("text_encoder"):])
+            bos, eos = int(tok.bos_token_id), int(tok.eos_token_id)
+            pooled_dim = int(getattr(cfg, "projection_dim", cfg.hidden_size)) if hasattr(enc, "text_projection") else int(cfg.hidden_size)
+            h = int(cfg.hidden_size)
+            seq = ("batch", "sequence")
+            return _Plan(
+                name, W["text"](enc).eval(),
+                [TensorSpec("input_ids", "int64", seq)],
+                [TensorSpec("last_hidden_state", "float32", (*seq, h)),
+                 TensorSpec("penultimate_hidden_state", "float32", (*seq, h)),
+                 TensorSpec("pooled", "float32", ("batch", pooled_dim))],
+                (_token_ids(gen, B, L, cfg.vocab_size, bos, eos),),
+                (_token_ids(gen, PB, L, cfg.vocab_size, bos, eos),),
+                nbytes(enc),
+            )
+        return make
+
+    unet_cfg = pipe.unet.config
+    f = 2 ** (len(unet_cfg.block_out_channels) - 1)
+    vae_f = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    # Traced at one aspect, checked at the transposed one: both axes move.
+    trace_hw, parity_hw = (2 * f, 3 * f), (3 * f, 2 * f)
+    C = int(unet_cfg.in_channels)
+    lat = ("batch", C, "latent_height", "latent_width")
+
+    def unet() -> _Plan:
+        u = pipe.unet
+        D = int(unet_cfg.cross_attention_dim)
+        extra: list[tuple[str, tuple[Any, ...]]] = []
+        if unet_cfg.addition_embed_type == "text_time":
+            text_dim = int(unet_cfg.projection_class_embeddings_input_dim) - 6 * int(unet_cfg.addition_time_embed_dim)
+            extra += [("text_embeds", ("batch", text_dim)), ("time_ids", ("batch", 6))]
+        elif unet_cfg.addition_embed_type is not None:
+            raise ExportError(f"UNet addition_embed_type {unet_cfg.addition_embed_type!r} is not supported")
+        if unet_cfg.time_cond_proj_dim is not None:
+            extra.append(("timestep_cond", ("batch", int(unet_cfg.time_cond_proj_dim))))
+
+        def feeds(batch: int, hw: tuple[int, int]) -> tuple[Any, ...]:
+            h, w = hw
+            out = [torch.randn(batch, C, h, w, generator=gen),
+                   torch.rand(batch, generator=gen) * 999.0,  # fractional, as Karras sigmas give
+                   torch.randn(batch, L, D, generator=gen)]
+            for name, shape in extra:
+                if name == "time_ids":
+                    size = float(h * vae_f)
+                    out.append(torch.tensor([[size, size, 0.0, 0.0, size, size]]).repeat(batch, 1))
+                else:
+                    out.append(torch.randn(batch, shape[1], generator=gen))
+            return tuple(out)
+
+        inputs = [TensorSpec("sample", "float32", lat), TensorSpec("timestep", "float32", ("batch",)),
+                  TensorSpec("encoder_hidden_states", "float32", ("batch", "sequence", D))]
+        inputs += [TensorSpec(n, "float32", s) for n, s in extra]
+        out_c = int(unet_cfg.out_channels)
+        return _Plan("unet", W["unet"](u, tuple(n for n, _ in extra)).eval(), inputs,
+                     [TensorSpec("out_sample", "float32", ("batch", out_c, "latent_height", "latent_width"))],
+                     feeds(B, trace_hw), feeds(PB, parity_hw), nbytes(u))
+
+    lc = int(pipe.vae.config.latent_channels)
+
+    def vae_decoder() -> _Plan:
+        v = pipe.vae
+        return _Plan("vae_decoder", W["vae_decoder"](v).eval(),
+                     [TensorSpec("latent_sample", "float32", ("batch", lc, "latent_height", "latent_width"))],
+                     [TensorSpec("sample", "float32", ("batch", 3, "height", "width"))],
+                     (torch.randn(B, lc, *trace_hw, generator=gen),),
+                     (torch.randn(1, lc, *parity_hw, generator=gen),), nbytes(v))
+
+    def vae_encoder() -> _Plan:
+        v = pipe.vae
+        th, tw = (d * vae_f for d in trace_hw)
+        ph, pw = (d * vae_f for d in parity_hw)
+        return _Plan("vae_encoder", W["vae_encoder"](v).eval(),
+                     [TensorSpec("sample", "float32", ("batch", 3, "height", "width"))],
+                     [TensorSpec("latent_parameters", "float32", ("batch", 2 * lc, "latent_height", "latent_width"))],
+                     (torch.rand(B, 3, th, tw, generator=gen) * 2 - 1,),
+                     (torch.rand(1, 3, ph, pw, generator=gen) * 2 - 1,), nbytes(v))
+
+    return [text(n) for n in names] + [unet, vae_decoder, vae_encoder]
+
+
+# --------------------------------------------------------------------------- export
+
+
+class _PeakRSS:
+    """Sample this process's resident memory in a thread; ``peak`` is the highest seen."""
+
+    def __init__(self, interval: float = 0.1) -> None:
+        import psutil
+
+        self._proc = psutil.Process()
+        self.peak = self._proc.memory_info().rss
+        self._stop = threading.Event()
+        self._interval = interval
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            self.sample()
+
+    def sample(self) -> int:
+        self.peak = max(self.peak, self._proc.memory_info().rss)
+        return self.peak
+
+    def __enter__(self) -> _PeakRSS:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+
+
+def export_pipeline(
+    spec_or_source: str | PipelineSource,
+    out_dir: str | Path,
+    options: PipelineExportOptions = PipelineExportOptions(),
+    *,
+    family: str | None = None,
+    random_weights: bool = False,
+    revision: str | None = None,
+    overwrite: bool = False,
+    on_step: Callable[[str], None] = lambda msg: None,
+) -> Manifest:
+    """Export a UNet pipeline (a source spec, see :func:`resolve_pipeline`, or a loaded
+    :class:`PipelineSource`) to the ONNX artifact ``out_dir``.
+
+    A spec resolved here is owned here: each component is dropped from the pipeline
+    once exported, so a full-size SD 1.5 fits in 24 GB. A :class:`PipelineSource`
+    passed in is left whole (its caller holds it).
+    """
+    with _PeakRSS() as rss:
+        started = time.monotonic()
+        owned = not isinstance(spec_or_source, PipelineSource)
+        if owned:
+            on_step("loading the PyTorch pipeline")
+            src = resolve_pipeline(str(spec_or_source), family=family, random_weights=random_weights,
+                                   seed=options.seed, revision=revision)
+        else:
+            src = spec_or_source
+            if family is not None and family != src.family:
+                raise ExportError(f"the source is a {src.family} pipeline, not {family}")
+        pipe = src.pipeline
+        task_config = _task_config(pipe, src.family)
+        # Read before any component is dropped: setting one to None rewrites the pipeline's config.
+        model_index = _model_index(pipe)
+        exporters: dict[str, str] = {}
+        components: dict[str, Component] = {}
+        fidelity: dict[str, Any] = {}
+        with atomic_artifact(out_dir, overwrite=overwrite) as tmp:
+            plans = _plans(pipe, src.family, options)
+            for i, make in enumerate(plans, 1):
+                plan = make()
+                on_step(f"[{i}/{len(plans)}] {plan.name}: exporting to ONNX (opset {options.opset})")
+                comp, report, exporter = _export_component(tmp, plan, options, on_step, i, len(plans))
+                components[plan.name] = comp
+                fidelity[plan.name] = {k: report[k] for k in ("min_cosine", "max_abs", "passed")}
+                exporters[plan.name] = exporter
+                del plan, make
+                if owned and comp.name in ("text_encoder", "text_encoder_2", "unet"):
+                    setattr(pipe, comp.name, None)  # the last reference: the weights go now
+                gc.collect()
+                rss.sample()
+            on_step("writing tokenizers, scheduler and model index")
+            assets = _write_assets(tmp, pipe, task_config, model_index)
+            rss.sample()
+            manifest = Manifest(
+                kind="onnx",
+                task="text-to-image",
+                family=src.family,
+                components=components,
+                assets=make_assets(tmp, assets),
+                task_config=task_config,
+                provenance={**src.provenance, "family": src.family, "parent": None,
+                            "tools": _tool_versions(options.opset), "host": _host(),
+                            "exporters": exporters, "peak_rss_bytes": rss.peak,
+                            "export_seconds": round(time.monotonic() - started, 1)},
+                target={"backend": "onnxruntime", "device": "cpu"},
+                fidelity={"reference": "pytorch", "runtime": "onnxruntime-cpu", "components": fidelity},
+            )
+            write_manifest(tmp, manifest)
+        if owned:
+            del src, pipe
+            gc.collect()
+    return manifest
+
+
+def _export_component(
+    root: Path, plan: _Plan, opts: PipelineExportOptions, on_step: Callable[[str], None], i: int, n: int
+) -> tuple[Component, dict[str, Any], str]:
+    import torch
+
+    folder = root / plan.name
+    folder.mkdir()
+    path = folder / "model.onnx"
+    external = plan.n_bytes > _EXTERNAL_DATA_BYTES
+    with torch.inference_mode():
+        reference = plan.module(*plan.parity)
+    reference = reference if isinstance(reference, tuple) else (reference,)
+    ref = {spec.name: t.detach().float().numpy() for spec, t in zip(plan.outputs, reference)}
+    del reference
+    exporter = _torch_export(plan, path, opts.opset, external)
+    _name_dims(path, plan)
+    on_step(f"[{i}/{n}] {plan.name}: checking ONNX Runtime against PyTorch")
+    feeds = {spec.name: t.numpy() for spec, t in zip(plan.inputs, plan.parity)}
+    got = run_onnx_file(path, feeds)
+    report = _judge(plan, ref, got, feeds, opts)
+    report["exporter"] = exporter
+    files = ["model.onnx"] + ([_DATA_FILE] if (folder / _DATA_FILE).exists() else [])
+    comp = make_component(root, plan.name, f"{plan.name}/model.onnx", [f"{plan.name}/{f}" for f in files],
+                          plan.inputs, plan.outputs, "fp32", fidelity=report)
+    return comp, report, exporter
+
+
+def _judge(plan: _Plan, ref: dict[str, np.ndarray], got: dict[str, np.ndarray], feeds: dict[str, np.ndarray],
+           opts: PipelineExportOptions) -> dict[str, Any]:
+    numbers = compare_outputs(ref, got)
+    budgets = {name: opts.atol + opts.rtol * float(np.abs(r).max()) for name, r in ref.items()}
+    misses = [
+        f"{name} max abs {numbers[f'{name}_max_abs']:.3g} (budget {budgets[name]:.3g}), "
+        f"cosine {numbers[f'{name}_cosine']:.6f} (budget {opts.min_cosine})"
+        for name in ref
+        if numbers[f"{name}_max_abs"] > budgets[name] or numbers[f"{name}_cosine"] < opts.min_cosine
+    ]
+    if misses:
+        raise FidelityError(f"ONNX export of {plan.name} misses its parity budget: {'; '.join(misses)}")
+    return {
+        "reference": "pytorch",
+        "runtime": "onnxruntime-cpu",
+        "inputs": {name: {"shape": list(a.shape), "dtype": str(a.dtype)} for name, a in feeds.items()},
+        "input_kind": f"seeded (seed {opts.seed})",
+        "budget": {"atol": opts.atol, "rtol": opts.rtol, "min_cosine": opts.min_cosine,
+                   "max_abs": {k: v for k, v in budgets.items()}},
+        **numbers,
+        "min_cosine": min(numbers[f"{n}_cosine"] for n in ref),
+        "max_abs": max(numbers[f"{n}_max_abs"] for n in ref),
+        "passed": True,
+    }
+
+
+def _torch_export(plan: _Plan, path: Path, opset: int, external: bool) -> str:
+    """Export with the dynamo exporter; fall back to TorchScript's for this component only if it fails."""
+    import torch
+
+    in_names = [s.name for s in plan.inputs]
+    out_names = [s.name for s in plan.outputs]
+    dyn = tuple({j: d for j, d in enumerate(s.shape) if isinstance(d, str)} for s in plan.inputs)
+    sink = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(sink), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(plan.module, plan.example, str(path), input_names=in_names, output_names=out_names,
+                              opset_version=opset, dynamo=True, dynamic_shapes=dyn, external_data=external,
+                              verbose=False)
+        exporter = "dynamo"
+    except Exception as first:
+        for stale in path.parent.iterdir():
+            stale.unlink()
+        axes = {s.name: {j: d for j, d in enumerate(s.shape) if isinstance(d, str)} for s in (*plan.inputs, *plan.outputs)}
+        try:
+            with contextlib.redirect_stdout(sink), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(plan.module, plan.example, str(path), input_names=in_names, output_names=out_names,
+                                  opset_version=opset, dynamo=False, dynamic_axes=axes)
+        except Exception as exc:
+            raise ExportError(f"torch.onnx.export of {plan.name} failed with both exporters: "
+                              f"dynamo: {_first_line(first)}; torchscript: {_first_line(exc)}") from exc
+        exporter = "torchscript"
+        external = external or any(p.name != "model.onnx" for p in path.parent.iterdir())
+    if external or any(p.name != "model.onnx" for p in path.parent.iterdir()):
+        _one_data_file(path)
+    return exporter
+
+
+def _one_data_file(path: Path) -> None:
+    """Gather every external tensor into ``model.onnx.data`` beside ``model.onnx``, whatever the exporter wrote."""
+    import onnx
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    model = onnx.load(str(path), load_external_data=False)
+    locations = {next((e.value for e in t.external_data if e.key == "location"), "")
+                 for t in _get_all_tensors(model) if uses_external_data(t)}
+    others = {p.name for p in path.parent.iterdir()} - {"model.onnx"}
+    if locations == {_DATA_FILE} and others == {_DATA_FILE}:
+        return
+    del model
+    model = onnx.load(str(path), load_external_data=True)
+    for stale in path.parent.iterdir():
+        if stale.name != "model.onnx":
+            stale.unlink()
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=_DATA_FILE, size_threshold=1024)
+
+
+def _name_dims(path: Path, plan: _Plan) -> None:
+    """Write the contract's symbolic names on the graph's inputs and outputs, and check the
+    fixed ones, whatever names the exporter derived (``s0``, ``8*s1``)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    changed = False
+    for values, specs in ((model.graph.input, plan.inputs), (model.graph.output, plan.outputs)):
+        by_name = {v.name: v for v in values}
+        for spec in specs:
+            value = by_name.get(spec.name)
+            if value is None:
+                raise ExportError(f"{plan.name}: the exported graph has no {spec.name!r}")
+            dims = value.type.tensor_type.shape.dim
+            if len(dims) != len(spec.shape):
+                raise ExportError(f"{plan.name}: {spec.name} has rank {len(dims)}, the contract says {len(spec.shape)}")
+            for dim, want in zip(dims, spec.shape):
+                if isinstance(want, str):
+                    if dim.dim_param != want:
+                        dim.dim_param = want
+                        changed = True
+                elif dim.HasField("dim_value") and dim.dim_value != want:
+                    raise ExportError(f"{plan.name}: {spec.name} has a dim {dim.dim_value}, the contract says {want}")
+                elif not dim.HasField("dim_value"):
+                    dim.dim_value = int(want)
+                    changed = True
+    if changed:
+        onnx.save_model(model, str(path))
+
+
+# --------------------------------------------------------------------------- assets and task config
+
+
+def _task_config(pipe: Any, family: str) -> dict[str, Any]:
+    unet, vae = pipe.unet.config, pipe.vae.config
+    sdxl = family == "sdxl"
+    encoders = [n for n in ("text_encoder", "text_encoder_2") if getattr(pipe, n, None) is not None]
+    text_encoders = [
+        {"component": n, "tokenizer": "tokenizer" + n[len("text_encoder"):],
+         "hidden_state": "penultimate" if sdxl else "last", "use_pooled": sdxl and n == "text_encoder_2"}
+        for n in encoders
+    ]
+    sched = dict(pipe.scheduler.config)
+    return {
+        "pipeline": type(pipe).__name__,
+        "denoiser": "unet",
+        "text_encoders": text_encoders,
+        "tokenizers": {},  # filled when the tokenizers are written
+        "scheduler": _jsonable(sched),
+        "latent_channels": int(vae.latent_channels),
+        "vae_scale_factor": 2 ** (len(vae.block_out_channels) - 1),
+        "vae_scaling_factor": float(vae.scaling_factor),
+        "vae_shift_factor": None if vae.get("shift_factor") is None else float(vae.shift_factor),
+        "prediction_type": sched.get("prediction_type", "epsilon"),
+        "sample_size": int(unet.sample_size),
+        "force_zeros_for_empty_prompt": bool(pipe.config.get("force_zeros_for_empty_prompt", False)),
+        "requires_aesthetics_score": bool(pipe.config.get("requires_aesthetics_score", False)),
+        "time_cond_proj_dim": None if unet.time_cond_proj_dim is None else int(unet.time_cond_proj_dim),
+        "addition_time_embed_dim": int(unet.addition_time_embed_dim) if sdxl else None,
+        "vae_precision": "fp32" if vae.get("force_upcast", False) else "any",
+        "text_encoder_vocab_sizes": {n: int(getattr(pipe, n).config.vocab_size) for n in encoders},
+    }
+
+
+def _model_index(pipe: Any) -> dict[str, Any]:
+    import diffusers
+
+    index = {"_class_name": type(pipe).__name__, "_diffusers_version": diffusers.__version__}
+    index.update({k: v for k, v in _jsonable(dict(pipe.config)).items() if not k.startswith("_")})
+    return index
+
+
+def _write_assets(root: Path, pipe: Any, task_config: dict[str, Any], model_index: dict[str, Any]) -> list[str]:
+    from enginekit.export.diffusion.tokenizer import save_tokenizer
+
+    rels: list[str] = []
+    for enc in task_config["text_encoders"]:
+        name = enc["tokenizer"]
+        cfg = save_tokenizer(getattr(pipe, name), root / name)
+        cfg["file"] = f"{name}/{cfg['file']}"
+        task_config["tokenizers"][name] = cfg
+        rels.append(cfg["file"])
+    pipe.scheduler.save_config(str(root / "scheduler"))
+    rels.append("scheduler/scheduler_config.json")
+    (root / "model_index.json").write_text(json.dumps(model_index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    rels.append("model_index.json")
+    return rels
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _tool_versions(opset: int) -> dict[str, Any]:
+    from importlib import metadata
+
+    versions: dict[str, Any] = {"opset": opset}
+    for pkg in ("enginekit", "torch", "onnx", "onnxruntime", "onnxscript", "diffusers", "transformers", "tokenizers"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[pkg] = metadata.version(pkg)
+    return versions
+
+
+def _host() -> dict[str, Any]:
+    try:
+        from enginekit.hardware import fingerprint
+
+        return fingerprint()
+    except ImportError:  # pragma: no cover
+        import platform
+
+        return {"node": platform.node(), "machine": platform.machine()}

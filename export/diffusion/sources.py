@@ -1,0 +1,424 @@
+"""Diffusion pipeline sources for export: a diffusers folder, a single-file checkpoint,
+a hub id, a built-in tiny twin, or a real architecture with seeded weights.
+
+Every source resolves to a :class:`PipelineSource`: the loaded diffusers pipeline
+(fp32, eval mode), its family (``sd15``, ``sd21`` for SD 2.x, ``sdxl``) and where it
+came from. Weights are never unpickled: folders must hold safetensors, single files
+must be ``.safetensors``.
+
+Specs understood by :func:`resolve_pipeline`:
+
+``tiny-sd15``, ``tiny-sdxl``
+    seeded tiny twins with the real component structure (configs in
+    ``enginekit/configs/tiny-*``) and the real CLIP BPE tokenizers: unit-test fast.
+``sd15``, ``sd21``, ``sdxl`` with ``random_weights=True``
+    the published architectures (configs kept in ``enginekit/configs/<family>``)
+    with seeded weights, for offline benchmarks.
+a folder
+    a pipeline written by ``save_pretrained`` (``model_index.json`` + component
+    subfolders); the family is read from the pipeline class and the UNet config.
+a ``.safetensors`` file
+    an original-LDM-format checkpoint as A1111/sdnext keep them; ``family`` is
+    required and names the config folder used (nothing is fetched).
+``org/name`` or ``hf-hub:org/name[@revision]``
+    a Hugging Face Hub repository (honours ``HF_HUB_OFFLINE``), loaded as a folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from enginekit.artifact import sha256_file
+from enginekit.errors import SourceError
+
+__all__ = ["FAMILIES", "BUILTINS", "PipelineSource", "resolve_pipeline", "config_dir"]
+
+#: Families of the UNet export, as the manifest names them.
+FAMILIES = ("sd15", "sd21", "sdxl")
+#: Built-in tiny twins: name -> family.
+BUILTINS = {"tiny-sd15": "sd15", "tiny-sdxl": "sdxl"}
+_PIPELINES = {"sd15": "StableDiffusionPipeline", "sd21": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
+#: UNet cross_attention_dim of the published families (SDXL is told by its pipeline class).
+_CROSS_DIMS = {768: "sd15", 1024: "sd21"}
+_WEIGHT_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+_PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
+#: The text-encoder key prefix that tells an LDM single file's family.
+_LDM_TEXT_PREFIX = {
+    "sd15": "cond_stage_model.transformer.",
+    "sd21": "cond_stage_model.model.",
+    "sdxl": "conditioner.embedders.1.model.",
+}
+_HUB_PATTERNS = [
+    "model_index.json", "*/config.json", "*/scheduler_config.json", "*/*.safetensors.index.json",
+    "tokenizer*/*.json", "tokenizer*/*.txt", "*/model.safetensors", "*/model-*-of-*.safetensors",
+    "*/diffusion_pytorch_model.safetensors", "*/diffusion_pytorch_model-*-of-*.safetensors",
+]
+
+
+@dataclass
+class PipelineSource:
+    """A diffusers pipeline ready to export, with its family and provenance."""
+
+    pipeline: Any  # diffusers.StableDiffusionPipeline | StableDiffusionXLPipeline, fp32, eval
+    family: str
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+
+def config_dir(name: str) -> Path:
+    """The repository's config folder for a family or built-in (``enginekit/configs/<name>``)."""
+    import enginekit.configs
+
+    path = Path(enginekit.configs.__file__).parent / name
+    if not (path / "model_index.json").is_file():
+        raise SourceError(f"enginekit ships no pipeline config named {name!r}")
+    return path
+
+
+def resolve_pipeline(
+    spec: str,
+    *,
+    family: str | None = None,
+    random_weights: bool = False,
+    seed: int = 0,
+    revision: str | None = None,
+    config: str | Path | None = None,
+) -> PipelineSource:
+    """Load the pipeline named by ``spec`` (see the module docstring for the forms).
+
+    ``family`` validates (or, where the pipeline cannot tell, decides) the family;
+    a single file needs it. ``config`` points a single file at another config folder
+    (a diffusers pipeline layout) instead of the repository's one for ``family``.
+    """
+    if family is not None and family not in FAMILIES:
+        raise SourceError(f"unknown family {family!r}; the UNet families are {', '.join(FAMILIES)}")
+    if spec in BUILTINS:
+        fam = BUILTINS[spec]
+        _check_family(spec, fam, family)
+        src = _build_seeded(config_dir(spec), fam, seed)
+        src.provenance.update(source=spec, kind="builtin", weights="random", seed=seed)
+        return src
+    if spec in FAMILIES:
+        if not random_weights:
+            raise SourceError(
+                f"{spec!r} names an architecture, not weights: pass --random-weights to build it with seeded "
+                "weights, or give a hub id, a pipeline folder or a .safetensors checkpoint"
+            )
+        _check_family(spec, spec, family)
+        src = _build_seeded(config_dir(spec), spec, seed)
+        src.provenance.update(source=spec, kind="random", weights="random", seed=seed)
+        return src
+    if random_weights:
+        raise SourceError(f"--random-weights applies to {', '.join(FAMILIES)} only, not to {spec!r}")
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return _load_folder(path, family, revision=None)
+    if path.is_file():
+        return _load_single_file(path, family, config)
+    hub_id = spec[len("hf-hub:") :] if spec.startswith("hf-hub:") else spec
+    if "@" in hub_id:
+        hub_id, revision = hub_id.split("@", 1)
+    if hub_id.count("/") == 1 and not spec.startswith((".", "/", "~")) and not hub_id.endswith(".safetensors"):
+        return _load_hub(hub_id, revision, family)
+    raise SourceError(
+        f"{spec!r} is not a pipeline source: use {', '.join(BUILTINS)}, {', '.join(FAMILIES)} with --random-weights, "
+        "a save_pretrained folder, a .safetensors checkpoint or a hub id 'org/name'"
+    )
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _check_family(where: str, detected: str, asked: str | None) -> None:
+    if asked is not None and asked != detected:
+        raise SourceError(f"{where} is a {detected} pipeline, not {asked} (--family {asked})")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SourceError(f"{path}: unreadable ({_first_line(exc)})") from exc
+    if not isinstance(data, dict):
+        raise SourceError(f"{path}: must hold a JSON object")
+    return data
+
+
+def _pipeline_class(family: str) -> Any:
+    import diffusers
+
+    return getattr(diffusers, _PIPELINES[family])
+
+
+def _pad_token(tok_dir: Path) -> str:
+    """The pad token a config folder's tokenizer declares (special_tokens_map wins, as in transformers)."""
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        path = tok_dir / name
+        if path.is_file():
+            pad = _read_json(path).get("pad_token")
+            if isinstance(pad, dict):
+                pad = pad.get("content")
+            if pad:
+                return str(pad)
+    return "<|endoftext|>"
+
+
+def _tokenizer_for(folder: Path, name: str) -> Any:
+    """The tokenizer saved in ``folder/name``, or the real CLIP BPE with that folder's pad token."""
+    tok_dir = folder / name
+    if (tok_dir / "vocab.json").is_file() and (tok_dir / "merges.txt").is_file():
+        from transformers import CLIPTokenizer
+
+        return CLIPTokenizer.from_pretrained(str(tok_dir))
+    from enginekit.export.diffusion.tokenizer import real_clip_tokenizer
+
+    max_len = int(_read_json(tok_dir / "tokenizer_config.json").get("model_max_length", 77)) if (
+        tok_dir / "tokenizer_config.json").is_file() else 77
+    return real_clip_tokenizer(pad_token=_pad_token(tok_dir), model_max_length=max_len)
+
+
+def _build_seeded(folder: Path, family: str, seed: int) -> PipelineSource:
+    """Build every component from ``folder``'s configs with ``torch.manual_seed(seed)`` before each."""
+    import diffusers
+    import torch
+    import transformers
+
+    index = _read_json(folder / "model_index.json")
+    components: dict[str, Any] = {}
+    for name in _WEIGHT_COMPONENTS:
+        if name not in index:
+            continue
+        library, cls_name = index[name]
+        torch.manual_seed(seed)
+        if library == "diffusers":
+            cls = getattr(diffusers, cls_name)
+            model = cls.from_config(cls.load_config(str(folder / name)))
+        else:
+            cls = getattr(transformers, cls_name)
+            model = cls(transformers.CLIPTextConfig.from_pretrained(str(folder / name)))
+        components[name] = model.eval()
+    sched_cls = getattr(diffusers, index["scheduler"][1])
+    components["scheduler"] = sched_cls.from_config(sched_cls.load_config(str(folder / "scheduler")))
+    for name in ("tokenizer", "tokenizer_2"):
+        if name in index:
+            components[name] = _tokenizer_for(folder, name)
+    kwargs: dict[str, Any] = {}
+    if family == "sdxl":
+        kwargs["force_zeros_for_empty_prompt"] = bool(index.get("force_zeros_for_empty_prompt", True))
+    else:
+        kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe = _pipeline_class(family)(**components, **kwargs)
+    return PipelineSource(pipe, family, {"family": family, "config": folder.name})
+
+
+def _detect_family(folder: Path, index: dict[str, Any]) -> tuple[str, str]:
+    """(family, how it was told) from a pipeline folder's model_index and UNet config."""
+    cls_name = index.get("_class_name")
+    if cls_name == "StableDiffusionXLPipeline":
+        return "sdxl", "pipeline class"
+    if cls_name != "StableDiffusionPipeline":
+        raise SourceError(
+            f"{folder}: model_index.json names {cls_name!r}; the UNet export takes StableDiffusionPipeline "
+            "(SD 1.x/2.x) or StableDiffusionXLPipeline"
+        )
+    unet_cfg = _read_json(folder / "unet" / "config.json") if (folder / "unet" / "config.json").is_file() else {}
+    dim = unet_cfg.get("cross_attention_dim")
+    if dim in _CROSS_DIMS:
+        return _CROSS_DIMS[dim], f"unet cross_attention_dim {dim}"
+    # A non-standard width: SD 1.x encodes with OpenAI CLIP (quick_gelu), SD 2.x with OpenCLIP (gelu).
+    te_cfg = folder / "text_encoder" / "config.json"
+    act = _read_json(te_cfg).get("hidden_act") if te_cfg.is_file() else None
+    return ("sd15" if act == "quick_gelu" else "sd21"), f"text encoder activation {act!r}"
+
+
+def _require_safetensors(folder: Path, index: dict[str, Any]) -> dict[str, str]:
+    """sha256 of every component's safetensors weights; a component with only pickles is refused."""
+    hashes: dict[str, str] = {}
+    for name in _WEIGHT_COMPONENTS:
+        if name not in index or index[name][0] is None:
+            continue
+        sub = folder / name
+        safe = sorted(p for p in sub.glob("*.safetensors") if p.name.count(".") == 1)  # no .fp16 variants
+        if not safe:
+            pickled = sorted(p.name for p in sub.glob("*") if p.suffix in _PICKLE_SUFFIXES)
+            if pickled:
+                raise SourceError(
+                    f"{sub}: only pickled weights ({', '.join(pickled)}); enginekit never unpickles — "
+                    "re-save the pipeline with save_pretrained(..., safe_serialization=True)"
+                )
+            raise SourceError(f"{sub}: no .safetensors weights")
+        for p in safe:
+            hashes[f"{name}/{p.name}"] = sha256_file(p)
+    return hashes
+
+
+def _load_folder(folder: Path, family: str | None, revision: str | None) -> PipelineSource:
+    if not (folder / "model_index.json").is_file():
+        raise SourceError(f"{folder}: no model_index.json (expected a diffusers pipeline written by save_pretrained)")
+    index = _read_json(folder / "model_index.json")
+    detected, how = _detect_family(folder, index)
+    if family is not None and family != detected:
+        if how.startswith("text encoder"):  # the folder could not tell: the caller decides
+            detected, how = family, "--family"
+        else:
+            raise SourceError(f"{folder}: a {detected} pipeline by its {how}, not {family} (--family {family})")
+    hashes = _require_safetensors(folder, index)
+    kwargs: dict[str, Any] = {}
+    if detected != "sdxl":
+        kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    try:
+        pipe = _pipeline_class(detected).from_pretrained(
+            str(folder), use_safetensors=True, local_files_only=True, **kwargs
+        )
+    except Exception as exc:  # diffusers/transformers raise many kinds
+        raise SourceError(f"{folder}: diffusers could not load the pipeline ({_first_line(exc)})") from exc
+    _eval(pipe)
+    provenance = {"source": str(folder.resolve()), "kind": "folder", "family": detected, "family_from": how,
+                  "revision": revision, "weights_sha256": hashes}
+    return PipelineSource(pipe, detected, provenance)
+
+
+def _eval(pipe: Any) -> None:
+    import torch
+
+    for name in _WEIGHT_COMPONENTS:
+        module = getattr(pipe, name, None)
+        if isinstance(module, torch.nn.Module):
+            module.float().eval()
+
+
+def _load_hub(hub_id: str, revision: str | None, family: str | None) -> PipelineSource:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as exc:  # pragma: no cover - part of the export extra
+        raise SourceError("hub ids need huggingface_hub: pip install 'enginekit[export]'") from exc
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    try:
+        folder = snapshot_download(hub_id, revision=revision, allow_patterns=_HUB_PATTERNS, local_files_only=offline)
+    except Exception as exc:
+        hint = " (HF_HUB_OFFLINE is set and it is not in the hub cache)" if offline else ""
+        raise SourceError(f"could not fetch {hub_id!r} from the hub{hint}: {_first_line(exc)}") from exc
+    src = _load_folder(Path(folder), family, revision)
+    src.provenance.update(source=f"hf-hub:{hub_id}", kind="hub", hub_id=hub_id, revision=Path(folder).name)
+    return src
+
+
+# --------------------------------------------------------------------------- single files
+
+
+def _read_header(path: Path) -> dict[str, Any]:
+    """key -> meta tensor of the right shape and dtype, from the safetensors header alone."""
+    import torch
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            out = {}
+            for key in f.keys():
+                sl = f.get_slice(key)
+                dtype = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
+                         "F64": torch.float64, "I64": torch.int64}.get(sl.get_dtype(), torch.float32)
+                out[key] = torch.empty(sl.get_shape(), dtype=dtype, device="meta")
+    except Exception as exc:  # SafetensorError for a corrupt header, OSError for unreadable files
+        raise SourceError(f"{path}: not a readable safetensors checkpoint ({_first_line(exc)})") from exc
+    if not out:
+        raise SourceError(f"{path}: the checkpoint holds no tensors")
+    return out
+
+
+def _looks_like(header: dict[str, Any]) -> str | None:
+    for fam in ("sdxl", "sd21", "sd15"):
+        if any(k.startswith(_LDM_TEXT_PREFIX[fam]) for k in header):
+            return fam
+    return None
+
+
+def _check_fit(path: Path, header: dict[str, Any], family: str, folder: Path) -> None:
+    """Convert the header's meta tensors as diffusers will and compare with the architecture's
+    own keys and shapes, so a checkpoint of another family or size fails here, in one line,
+    instead of loading with silently random weights."""
+    import diffusers
+    import torch
+    import transformers
+    from diffusers.loaders import single_file_utils as sfu
+
+    looks = _looks_like(header)
+    if looks is None:
+        raise SourceError(f"{path}: no Stable Diffusion text encoder keys; not an SD 1.x/2.x/XL checkpoint")
+    if looks != family:
+        raise SourceError(f"{path}: the keys are those of a {looks} checkpoint, not {family} (--family {family})")
+    index = _read_json(folder / "model_index.json")
+    problems: list[str] = []
+    for name in _WEIGHT_COMPONENTS:
+        if name not in index:
+            continue
+        library, cls_name = index[name]
+        with torch.device("meta"):
+            if library == "diffusers":
+                cls = getattr(diffusers, cls_name)
+                cfg = cls.load_config(str(folder / name))
+                model = cls.from_config(cfg)
+            else:
+                cls = getattr(transformers, cls_name)
+                model = cls(transformers.CLIPTextConfig.from_pretrained(str(folder / name)))
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        try:
+            if name == "unet":
+                got = sfu.convert_ldm_unet_checkpoint(header, cfg)
+            elif name == "vae":
+                got = sfu.convert_ldm_vae_checkpoint(header, cfg)
+            elif family == "sdxl" and name == "text_encoder_2":
+                got = sfu.convert_open_clip_checkpoint(model, header, prefix=_LDM_TEXT_PREFIX["sdxl"])
+            elif family == "sd21":
+                got = sfu.convert_open_clip_checkpoint(model, header, prefix=_LDM_TEXT_PREFIX["sd21"])
+            else:
+                got = sfu.convert_ldm_clip_checkpoint(header)
+        except Exception as exc:  # converters index keys they expect
+            problems.append(f"{name}: {_first_line(exc)}")
+            continue
+        if not hasattr(model, "text_model") and name.startswith("text_encoder"):
+            got = {k.removeprefix("text_model."): v for k, v in got.items()}
+        got_shapes = {k: tuple(v.shape) for k, v in got.items() if v is not None}
+        missing = [k for k in expected if k not in got_shapes and not k.endswith("position_ids")]
+        wrong = [k for k in expected if k in got_shapes and got_shapes[k] != expected[k]]
+        if missing or wrong:
+            example = (missing or wrong)[0]
+            problems.append(f"{name}: {len(missing)} weights missing, {len(wrong)} of another shape (e.g. {example})")
+    if problems:
+        raise SourceError(f"{path}: does not fit the {family} architecture of {folder} — {'; '.join(problems)}")
+
+
+def _load_single_file(path: Path, family: str | None, config: str | Path | None) -> PipelineSource:
+    if path.suffix in _PICKLE_SUFFIXES:
+        raise SourceError(f"{path}: pickled checkpoints are never loaded; convert it to .safetensors first")
+    if path.suffix != ".safetensors":
+        raise SourceError(f"{path}: a single-file source must be a .safetensors checkpoint")
+    if family is None:
+        raise SourceError(f"{path}: a single-file checkpoint needs --family ({', '.join(FAMILIES)})")
+    folder = Path(config) if config is not None else config_dir(family)
+    if not (folder / "model_index.json").is_file():
+        raise SourceError(f"{folder}: the config folder has no model_index.json")
+    header = _read_header(path)
+    _check_fit(path, header, family, folder)
+    del header
+    index = _read_json(folder / "model_index.json")
+    kwargs: dict[str, Any] = {name: _tokenizer_for(folder, name) for name in ("tokenizer", "tokenizer_2") if name in index}
+    if family != "sdxl":
+        kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    try:
+        pipe = _pipeline_class(family).from_single_file(str(path), config=str(folder), local_files_only=True, **kwargs)
+    except Exception as exc:
+        raise SourceError(f"{path}: diffusers could not load the checkpoint as {family} ({_first_line(exc)})") from exc
+    _eval(pipe)
+    provenance = {"source": str(path.resolve()), "kind": "single_file", "family": family,
+                  "config": str(folder.resolve()) if config is not None else folder.name,
+                  "weights_sha256": sha256_file(path)}
+    return PipelineSource(pipe, family, provenance)
