@@ -56,14 +56,18 @@ def save_tokenizer(tokenizer: Any, out_dir: Path, *, max_length: int | None = No
     length = _max_length(tokenizer, max_length)
     if tokenizer.pad_token_id is None:
         raise ExportError(f"{type(tokenizer).__name__} has no pad token; pipelines pad prompts to max_length")
-    # A copy, so the padding and truncation transformers leaves set on its backend
-    # after a call neither travel into the file nor get reset under the caller.
-    backend = tokenizers.Tokenizer.from_str(_backend(tokenizer).to_str())
-    backend.no_padding()
-    backend.no_truncation()
+    data = json.loads(_backend(tokenizer).to_str())
+    # transformers leaves the padding and truncation of its last call set on the
+    # backend; the runtime pads and truncates itself, so none may travel.
+    data["padding"] = data["truncation"] = None
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    backend.save(str(out_dir / TOKENIZER_FILE))
+    path = out_dir / TOKENIZER_FILE
+    path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    try:
+        written = tokenizers.Tokenizer.from_file(str(path))
+    except Exception as exc:  # the Rust library raises plain Exception
+        raise ExportError(f"the tokenizer written to {path} does not load: {exc}") from exc
     config = TokenizerConfig(
         kind=kind,
         file=TOKENIZER_FILE,
@@ -72,10 +76,10 @@ def save_tokenizer(tokenizer: Any, out_dir: Path, *, max_length: int | None = No
         pad_token_id=int(tokenizer.pad_token_id),
         bos_token_id=None if tokenizer.bos_token_id is None else int(tokenizer.bos_token_id),
         eos_token_id=None if tokenizer.eos_token_id is None else int(tokenizer.eos_token_id),
-        vocab_size=backend.get_vocab_size(with_added_tokens=True),
-        lowercase=_lowercases(json.loads(backend.to_str()).get("normalizer")),
+        vocab_size=written.get_vocab_size(with_added_tokens=True),
+        lowercase=_lowercases(data.get("normalizer")),
     ).to_dict()
-    _check(tokenizer, out_dir, config)
+    _check(tokenizer, written, config)
     return config
 
 
@@ -137,7 +141,8 @@ def _kind(tokenizer: Any) -> str:
         if cls.__name__.startswith("T5Tokenizer"):
             return "t5"
     raise ExportError(
-        f"cannot export a {type(tokenizer).__name__} prompt tokenizer; expected CLIPTokenizer(Fast) or T5Tokenizer(Fast)"
+        f"cannot export a {type(tokenizer).__name__} prompt tokenizer; "
+        "expected CLIPTokenizer(Fast) or T5Tokenizer(Fast)"
     )
 
 
@@ -186,10 +191,10 @@ def _lowercases(normalizer: Any) -> bool:
     return False
 
 
-def _check(tokenizer: Any, out_dir: Path, config: dict[str, Any]) -> None:
-    """Load the written file as the runtime will, and compare its ids with ``tokenizer``'s."""
+def _check(tokenizer: Any, written: tokenizers.Tokenizer, config: dict[str, Any]) -> None:
+    """Run the written file as the runtime will, and compare its ids with ``tokenizer``'s."""
     try:
-        runtime = PromptTokenizer.from_config(out_dir, config)
+        runtime = PromptTokenizer(written, TokenizerConfig.from_dict(config))
     except ArtifactError as exc:
         raise ExportError(f"the saved tokenizer does not load: {exc}") from exc
     got = runtime.encode(list(_PROBES)).input_ids

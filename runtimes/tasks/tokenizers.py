@@ -116,8 +116,9 @@ class EncodedPrompts:
 class PromptTokenizer:
     """Prompts in, fixed-length id arrays out; a ``tokenizers.Tokenizer`` plus its config.
 
-    The Rust tokenizer is used without its own padding or truncation state, so one
-    instance can serve several threads.
+    Takes over ``tokenizer`` and clears its own padding and truncation: this class
+    pads and truncates, so encoding mutates nothing shared and one instance can
+    serve several threads.
     """
 
     def __init__(self, tokenizer: tokenizers.Tokenizer, config: TokenizerConfig) -> None:
@@ -128,7 +129,9 @@ class PromptTokenizer:
         where = f"tokenizer {config.file!r}"
         size = tokenizer.get_vocab_size(with_added_tokens=True)
         if size != config.vocab_size:
-            raise ArtifactError(f"{where} has {size} tokens, the manifest says {config.vocab_size}; re-export the model")
+            raise ArtifactError(
+                f"{where} has {size} tokens, the manifest says {config.vocab_size}; re-export the model"
+            )
         specials = self._tok.post_process(self._tok.encode("", add_special_tokens=False)).ids
         expected = [i for i in (config.bos_token_id, config.eos_token_id) if i is not None]
         if specials != expected:
