@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from enginekit.demo import time_batch1
+from enginekit.app.demo import time_batch1
 
 __all__ = ["write_photo_crops", "main"]
 

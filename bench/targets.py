@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from enginekit.export.sources import resolve_source
-    from enginekit.optimize import OptimizeConfig, optimize
+    from enginekit.app.optimize import OptimizeConfig, optimize
 
     threads = args.threads or torch.get_num_threads()
     say = lambda msg: print(f"· {msg}", file=sys.stderr, flush=True)  # noqa: E731

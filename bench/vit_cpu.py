@@ -77,7 +77,7 @@ def open_classifier(path: str | Path, threads: int = 0) -> Any:
         return enginekit.load(path, device="cpu")
     from enginekit.artifact import verify_artifact
     from enginekit.registry import get_backend
-    from enginekit.runtimes.classifier import ImageClassifier
+    from enginekit.runtimes.tasks.classifier import ImageClassifier
 
     verify_artifact(path, manifest)
     manifest = manifest.replace(target={**manifest.target, "intra_op_num_threads": threads})

@@ -1,23 +1,26 @@
 """The library entry points behind the CLI: ``load`` and ``compile_artifact``.
 
-Neither imports torch: they read a manifest, verify every file's sha256, and
-hand the folder to a backend.
+Neither imports torch, nor any stage module: they read a manifest, verify
+every file's sha256, find the task class and the backend in their registries,
+and hand the folder to the backend.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
+import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Mapping
 
-from enginekit.artifact import atomic_artifact, verify_artifact, write_manifest
+from enginekit.artifact import atomic_artifact, copy_assets, verify_artifact, write_manifest
+from enginekit.engine import Backend, CompileOptions, Runner
+from enginekit.errors import BackendError, DeviceError, InputError
 from enginekit.hardware import fingerprint
-from enginekit.errors import BackendError, DeviceError, ManifestError
 from enginekit.manifest import Manifest, read_manifest
-from enginekit.registry import get_backend
-from enginekit.runtimes.base import Backend, CompileOptions, Runner
+from enginekit.registry import get_backend, task_class
 
-__all__ = ["load", "load_runner", "compile_artifact", "default_backend", "resolve_device"]
+__all__ = ["load", "load_runner", "compile_artifact", "default_backend", "resolve_device", "Components"]
 
 log = logging.getLogger("enginekit")
 
@@ -41,8 +44,8 @@ def resolve_device(backend: Backend, device: str) -> str:
     return device
 
 
-def load_runner(path: str | Path, device: str = "auto", backend: str | None = None) -> tuple[Runner, Manifest]:
-    """Verify the artifact at ``path`` and open it as a bare :class:`Runner`."""
+def _open(path: str | Path, backend: str | None) -> tuple[Path, Manifest, Backend]:
+    """Read and verify the artifact, and pick the backend that loads it."""
     root = Path(path)
     manifest = read_manifest(root)
     verify_artifact(root, manifest)
@@ -53,29 +56,88 @@ def load_runner(path: str | Path, device: str = "auto", backend: str | None = No
             f"backend {name!r} cannot load a {manifest.kind!r} artifact (it loads: {', '.join(be.loads)}); "
             f"compile it first: enginekit compile {root} --backend {name} -o OUT"
         )
-    runner = be.load(root, manifest, resolve_device(be, device))
+    return root, manifest, be
+
+
+class Components(Mapping[str, Runner]):
+    """The named runners of one verified artifact, each loaded when first used.
+
+    ``components["unet"]`` opens that component on first access and keeps it;
+    a pipeline that never touches its VAE encoder never loads it.
+    :attr:`loaded` tells which are open; :meth:`close` closes them all.
+    """
+
+    def __init__(self, root: Path, manifest: Manifest, backend: Backend, device: str) -> None:
+        self.root = root
+        self.manifest = manifest
+        self.backend = backend
+        self.device = device
+        self._runners: dict[str, Runner] = {}
+        self._lock = threading.Lock()
+
+    def __getitem__(self, name: str) -> Runner:
+        runner = self._runners.get(name)
+        if runner is not None:
+            return runner
+        with self._lock:
+            if name not in self._runners:
+                self.manifest.component(name)  # a clear error for a name the artifact lacks
+                log.info("%s: loading component %r on %s:%s", self.root, name, self.backend.name, self.device)
+                self._runners[name] = self.backend.load(self.root, self.manifest, self.device, name)
+            return self._runners[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.manifest.components)
+
+    def __len__(self) -> int:
+        return len(self.manifest.components)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.manifest.components
+
+    @property
+    def loaded(self) -> tuple[str, ...]:
+        return tuple(self._runners)
+
+    def close(self) -> None:
+        with self._lock:
+            for runner in self._runners.values():
+                runner.close()
+            self._runners.clear()
+
+
+def load_runner(
+    path: str | Path, device: str = "auto", backend: str | None = None, component: str | None = None
+) -> tuple[Runner, Manifest]:
+    """Verify the artifact at ``path`` and open one component (the only one by default) as a bare :class:`Runner`."""
+    root, manifest, be = _open(path, backend)
+    runner = be.load(root, manifest, resolve_device(be, device), component)
     return runner, manifest
 
 
-def load(path: str | Path, device: str = "auto", backend: str | None = None, batch_size: int = 8) -> Any:
+def load(path: str | Path, device: str = "auto", backend: str | None = None, **options: Any) -> Any:
     """Open an artifact folder and return its task object.
 
+    The manifest's ``task`` picks the class from the task registry
+    (``image-classification`` -> :class:`ImageClassifier`, ``text-to-image`` ->
+    :class:`TextToImage`); ``options`` go to it (``batch_size=`` for a classifier).
     ``device='auto'`` picks the backend's best device (a GPU before the CPU) and
     records it as ``.device``; ``backend`` defaults to the one the artifact kind
     was built for (plain ONNX runs on ONNX Runtime). Every file's sha256 is
-    checked before a backend parses it.
+    checked before a backend parses it; components load when first used.
     """
-    runner, manifest = load_runner(path, device, backend)
-    if manifest.task == "image-classification":
-        from enginekit.runtimes.classifier import ImageClassifier
-
-        try:
-            return ImageClassifier(runner, manifest, Path(path), batch_size=batch_size)
-        except Exception:
-            runner.close()
-            raise
-    runner.close()
-    raise ManifestError(f"{path}: task {manifest.task!r} is not supported by this enginekit")
+    root, manifest, be = _open(path, backend)
+    cls = task_class(manifest.task)
+    try:
+        inspect.signature(cls.from_artifact).bind(None, manifest, root, **options)
+    except TypeError as exc:
+        raise InputError(f"load(): a {manifest.task} artifact does not take those options ({exc})") from None
+    components = Components(root, manifest, be, resolve_device(be, device))
+    try:
+        return cls.from_artifact(components, manifest, root, **options)
+    except BaseException:
+        components.close()
+        raise
 
 
 def compile_artifact(
@@ -93,8 +155,10 @@ def compile_artifact(
     if manifest.kind not in be.compiles:
         raise BackendError(f"{root}: {be.name} compiles {' or '.join(be.compiles)} artifacts, "
                            f"this one is {manifest.kind!r}")
+    be.options(options.extra)  # refuse an unknown or mistyped option before any work
     with atomic_artifact(out_dir, overwrite=overwrite) as tmp:
         compiled = be.compile(root, manifest, tmp, options)
+        copy_assets(root, tmp, manifest)
         provenance = dict(compiled.provenance)
         provenance["parent"] = {"path": str(root.resolve()), "manifest_sha256": manifest.digest(), "kind": manifest.kind}
         provenance["tools"] = {**provenance.get("tools", {}), be.name: be.version()}

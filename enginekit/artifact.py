@@ -15,7 +15,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 from enginekit.errors import ArtifactError, IntegrityError
 from enginekit.manifest import MANIFEST_NAME, Component, FileEntry, Manifest, TensorSpec
@@ -26,6 +26,7 @@ __all__ = [
     "sha256_file",
     "file_entry",
     "make_component",
+    "make_assets",
     "atomic_folder",
     "atomic_artifact",
     "write_manifest",
@@ -87,6 +88,9 @@ def make_component(
     inputs: Sequence[TensorSpec],
     outputs: Sequence[TensorSpec],
     precision: str = "fp32",
+    *,
+    quantization: Mapping[str, Any] | None = None,
+    fidelity: Mapping[str, Any] | None = None,
 ) -> Component:
     """Build a :class:`Component`, hashing each file under ``root``."""
     rels = list(dict.fromkeys([entry, *files]))
@@ -97,7 +101,23 @@ def make_component(
         inputs=tuple(inputs),
         outputs=tuple(outputs),
         precision=precision,
+        quantization=quantization,
+        fidelity=dict(fidelity or {}),
     )
+
+
+def make_assets(root: Path, rels: Sequence[str]) -> tuple[FileEntry, ...]:
+    """Hash the non-engine files (tokenizers, scheduler config) under ``root`` as manifest assets."""
+    return tuple(file_entry(root, rel) for rel in dict.fromkeys(rels))
+
+
+def copy_assets(src: Path, dst: Path, manifest: Manifest) -> None:
+    """Copy every asset of ``manifest`` from artifact ``src`` to the folder ``dst`` (a stage
+    that rewrites the engines keeps the tokenizers and configs as they are)."""
+    for entry in manifest.assets:
+        target = dst / entry.path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(_inside(src, entry.path), target)
 
 
 def write_manifest(root: Path, manifest: Manifest) -> None:
@@ -224,27 +244,34 @@ def verify_artifact(root: str | Path, manifest: Manifest, full: bool | None = No
         if comp.entry not in names:
             raise IntegrityError(f"{root}: component {comp.name!r} entry {comp.entry!r} is not in its file list")
         for entry in comp.files:
-            path = _inside(root, entry.path)
-            if not path.is_file():
-                raise IntegrityError(f"{root}: {entry.path} is missing")
-            before = path.stat()
-            if before.st_size != entry.size:
-                raise IntegrityError(
-                    f"{root}: {entry.path} is {before.st_size} bytes, the manifest says {entry.size} "
-                    "(truncated or replaced)"
-                )
-            seen = {"sha256": entry.sha256, "stat": _stat_key(before)}
-            if known.get(entry.path) == seen:
-                remember[entry.path] = seen
-                continue
-            if sha256_file(path) != entry.sha256:
-                raise IntegrityError(f"{root}: {entry.path} does not match its sha256 in the manifest (modified)")
-            if _stat_key(path.stat()) == seen["stat"] and time.time() - before.st_mtime > _RACY_S:
-                remember[entry.path] = seen
+            _verify_file(root, entry, known, remember)
         if comp.entry.endswith(".onnx"):
             check_onnx_external_data(root, comp.entry)
+    for entry in manifest.assets:
+        _verify_file(root, entry, known, remember)
     if remember != known:
         _write_verified(root, remember)
+
+
+def _verify_file(root: Path, entry: FileEntry, known: dict[str, dict], remember: dict[str, dict]) -> None:
+    """Check one listed file's presence, size and sha256 (skipped when its stat identity is remembered)."""
+    path = _inside(root, entry.path)
+    if not path.is_file():
+        raise IntegrityError(f"{root}: {entry.path} is missing")
+    before = path.stat()
+    if before.st_size != entry.size:
+        raise IntegrityError(
+            f"{root}: {entry.path} is {before.st_size} bytes, the manifest says {entry.size} "
+            "(truncated or replaced)"
+        )
+    seen = {"sha256": entry.sha256, "stat": _stat_key(before)}
+    if known.get(entry.path) == seen:
+        remember[entry.path] = seen
+        return
+    if sha256_file(path) != entry.sha256:
+        raise IntegrityError(f"{root}: {entry.path} does not match its sha256 in the manifest (modified)")
+    if _stat_key(path.stat()) == seen["stat"] and time.time() - before.st_mtime > _RACY_S:
+        remember[entry.path] = seen
 
 
 def check_onnx_external_data(root: Path, entry: str) -> None:

@@ -8,6 +8,7 @@ can print one line instead of a traceback::
     EngineKitError
     ├── ArtifactError            an artifact folder cannot be used
     │   ├── ManifestError        missing, unreadable or invalid manifest.json
+    │   │   └── UnknownTaskError the manifest's task has no registered task object
     │   └── IntegrityError       a file is missing, truncated or tampered with
     ├── BackendError             a backend cannot do what was asked
     │   ├── UnknownBackendError  no backend is registered under that name
@@ -28,6 +29,7 @@ __all__ = [
     "EngineKitError",
     "ArtifactError",
     "ManifestError",
+    "UnknownTaskError",
     "IntegrityError",
     "BackendError",
     "UnknownBackendError",
@@ -53,6 +55,10 @@ class ArtifactError(EngineKitError):
 
 class ManifestError(ArtifactError):
     """manifest.json is missing, unreadable or does not describe a valid artifact."""
+
+
+class UnknownTaskError(ManifestError):
+    """The manifest names a task no registered task object handles."""
 
 
 class IntegrityError(ArtifactError):

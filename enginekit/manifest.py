@@ -27,12 +27,14 @@ __all__ = [
     "read_manifest",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: Versions this enginekit reads. Version 1 kept the classifier's preprocessing
+#: and labels at the top level; they now live in the task's own section.
+READABLE_VERSIONS = (1, 2)
 MANIFEST_NAME = "manifest.json"
 #: What an artifact folder can hold. ``onnx`` is an exported (or quantized)
 #: ONNX graph that ONNX Runtime runs as is; the others are compiled engines.
 ARTIFACT_KINDS = ("onnx", "onnxruntime", "openvino", "tensorrt")
-TASKS = ("image-classification", "text-to-image")
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,19 @@ class Component:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     precision: str = "fp32"
+    #: How this component was quantized (method, bits, calibration), or None for float.
+    quantization: Mapping[str, Any] | None = None
+    #: This component's own numbers against its reference (cosine, max abs, budget, data).
+    fidelity: Mapping[str, Any] = field(default_factory=dict)
+
+    def input(self, name: str) -> TensorSpec | None:
+        return next((t for t in self.inputs if t.name == name), None)
+
+    def output(self, name: str) -> TensorSpec | None:
+        return next((t for t in self.outputs if t.name == name), None)
+
+    def replace(self, **changes: Any) -> Component:
+        return replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -92,10 +107,13 @@ class Component:
             "inputs": [t.to_dict() for t in self.inputs],
             "outputs": [t.to_dict() for t in self.outputs],
             "precision": self.precision,
+            "quantization": dict(self.quantization) if self.quantization is not None else None,
+            "fidelity": dict(self.fidelity),
         }
 
     @classmethod
     def from_dict(cls, name: str, data: Mapping[str, Any]) -> Component:
+        quant = data.get("quantization")
         return cls(
             name=name,
             entry=str(data["entry"]),
@@ -103,6 +121,8 @@ class Component:
             inputs=tuple(TensorSpec.from_dict(t) for t in data["inputs"]),
             outputs=tuple(TensorSpec.from_dict(t) for t in data["outputs"]),
             precision=str(data.get("precision", "fp32")),
+            quantization=dict(quant) if quant is not None else None,
+            fidelity=dict(data.get("fidelity") or {}),
         )
 
 
@@ -110,24 +130,40 @@ class Component:
 class Manifest:
     """The parsed ``manifest.json`` of an artifact folder.
 
+    ``task_config`` is the task's own section, stored under the task's name
+    (``"image-classification": {"preprocessing": ..., "labels": ...}``,
+    ``"text-to-image": {"scheduler": ..., "text_encoders": ...}``): what the
+    task object needs and no other artifact has to carry. ``assets`` are the
+    non-engine files the task reads (tokenizers, scheduler config), hashed and
+    verified like payload files.
+
     The free-form sections (``provenance``, ``target``, ``quantization``,
-    ``fidelity``, ``preprocessing``) are plain JSON objects so that stages can
-    add what they measure without a schema change; the keys each stage writes
-    are documented in DESIGN.md.
+    ``fidelity``) are plain JSON objects so that stages can add what they
+    measure without a schema change.
     """
 
     kind: str
     task: str
     family: str
     components: Mapping[str, Component]
-    preprocessing: Mapping[str, Any] | None = None
-    labels: tuple[str, ...] | None = None
+    task_config: Mapping[str, Any] = field(default_factory=dict)
+    assets: tuple[FileEntry, ...] = ()
     provenance: Mapping[str, Any] = field(default_factory=dict)
     target: Mapping[str, Any] = field(default_factory=dict)
     quantization: Mapping[str, Any] | None = None
     fidelity: Mapping[str, Any] = field(default_factory=dict)
     extra: Mapping[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
+
+    # The classifier's section, read through the old names.
+    @property
+    def preprocessing(self) -> Mapping[str, Any] | None:
+        return self.task_config.get("preprocessing")
+
+    @property
+    def labels(self) -> tuple[str, ...] | None:
+        labels = self.task_config.get("labels")
+        return tuple(labels) if labels is not None else None
 
     def component(self, name: str | None = None) -> Component:
         """Return the named component, or the only one when ``name`` is None."""
@@ -145,18 +181,25 @@ class Manifest:
                 f"artifact has no component {name!r}; it has: {', '.join(self.components)}"
             ) from None
 
+    def asset(self, path: str) -> FileEntry:
+        """The asset recorded under ``path`` (relative to the artifact folder)."""
+        for entry in self.assets:
+            if entry.path == path:
+                return entry
+        raise ManifestError(f"artifact lists no asset {path!r}")
+
     def replace(self, **changes: Any) -> Manifest:
         return replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "schema_version": self.schema_version,
+            "schema_version": SCHEMA_VERSION,
             "kind": self.kind,
             "task": self.task,
             "family": self.family,
             "components": {n: c.to_dict() for n, c in self.components.items()},
-            "preprocessing": dict(self.preprocessing) if self.preprocessing is not None else None,
-            "labels": list(self.labels) if self.labels is not None else None,
+            "assets": [a.to_dict() for a in self.assets],
+            self.task: _jsonable(self.task_config),
             "provenance": dict(self.provenance),
             "target": dict(self.target),
             "quantization": dict(self.quantization) if self.quantization is not None else None,
@@ -177,32 +220,47 @@ class Manifest:
         if not isinstance(data, Mapping):
             raise ManifestError("manifest.json does not hold a JSON object")
         version = data.get("schema_version")
-        if version != SCHEMA_VERSION:
+        if version not in READABLE_VERSIONS:
             raise ManifestError(
                 f"manifest schema_version {version!r} is not supported "
-                f"(this enginekit reads version {SCHEMA_VERSION})"
+                f"(this enginekit reads versions {', '.join(map(str, READABLE_VERSIONS))})"
             )
         for key in ("kind", "task", "family", "components"):
             if key not in data:
                 raise ManifestError(f"manifest.json has no {key!r} field")
+        for key in ("kind", "task", "family"):
+            if not isinstance(data[key], str):
+                raise ManifestError(f"manifest.json field {key!r} must be a string")
         if data["kind"] not in ARTIFACT_KINDS:
             raise ManifestError(
                 f"manifest kind {data['kind']!r} is unknown; expected one of {', '.join(ARTIFACT_KINDS)}"
             )
+        if not isinstance(data["components"], Mapping):
+            raise ManifestError("manifest.json field 'components' must be an object of name -> component")
         try:
             components = {n: Component.from_dict(n, c) for n, c in data["components"].items()}
+            assets = tuple(FileEntry.from_dict(a) for a in data.get("assets") or ())
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise ManifestError(f"manifest.json has a malformed component: {exc!r}") from exc
+            raise ManifestError(f"manifest.json has a malformed component or asset: {exc!r}") from exc
         if not components:
             raise ManifestError("manifest.json lists no components")
-        labels = data.get("labels")
+        task = data["task"]
+        if version == 1:  # the classifier's fields sat at the top level
+            section: Any = {k: data[k] for k in ("preprocessing", "labels") if data.get(k) is not None}
+        else:
+            section = data.get(task) or {}
+        if not isinstance(section, Mapping):
+            raise ManifestError(f"manifest.json section {task!r} must be an object")
+        for key in ("provenance", "target", "fidelity", "extra"):
+            if data.get(key) is not None and not isinstance(data[key], Mapping):
+                raise ManifestError(f"manifest.json field {key!r} must be an object")
         return cls(
             kind=data["kind"],
-            task=data["task"],
+            task=task,
             family=data["family"],
             components=components,
-            preprocessing=data.get("preprocessing"),
-            labels=tuple(str(x) for x in labels) if labels is not None else None,
+            task_config=dict(section),
+            assets=assets,
             provenance=data.get("provenance") or {},
             target=data.get("target") or {},
             quantization=data.get("quantization"),
@@ -210,6 +268,15 @@ class Manifest:
             extra=data.get("extra") or {},
             schema_version=version,
         )
+
+
+def _jsonable(value: Any) -> Any:
+    """Tuples in a task section become lists, so a manifest round-trips to an equal digest."""
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
 
 
 def read_manifest(artifact: str | Path) -> Manifest:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
@@ -17,9 +18,9 @@ import numpy as np
 from enginekit.artifact import make_component
 from enginekit.errors import BackendError, DeviceError
 from enginekit.manifest import Manifest, TensorSpec
-from enginekit.runtimes.base import Backend, CompileOptions, Runner
+from enginekit.runtimes.base import Backend, BackendOptions, CompileOptions, Runner
 
-__all__ = ["OnnxRuntimeBackend", "OnnxRuntimeRunner", "run_onnx_file"]
+__all__ = ["OnnxRuntimeBackend", "OnnxRuntimeOptions", "OnnxRuntimeRunner", "run_onnx_file"]
 
 _ORT_DTYPES = {
     "tensor(float)": "float32",
@@ -32,8 +33,22 @@ _ORT_DTYPES = {
     "tensor(bool)": "bool",
     "tensor(bfloat16)": "bfloat16",
 }
+_QUANT_METHOD = {"fp16": "fp16", "int8": "int8-dynamic", "int4": "int4-weight"}
 _PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 _LEVELS = ("disable", "basic", "extended", "all")
+
+
+@dataclass(frozen=True)
+class OnnxRuntimeOptions(BackendOptions):
+    """What ``compile --backend onnxruntime`` takes.
+
+    ONNX Runtime runs a graph at the precision it was exported or quantized
+    in: ``precision`` other than fp32 is refused with the command that makes
+    such a graph, rather than writing an fp32 engine under an fp16 name.
+    """
+
+    graph_optimization_level: str = field(default="extended", metadata={"choices": _LEVELS})
+    precision: str = field(default="fp32", metadata={"choices": ("fp32", "fp16", "bf16", "int8", "int4")})
 
 
 def _spec(arg: Any) -> TensorSpec:
@@ -82,6 +97,7 @@ class OnnxRuntimeBackend(Backend):
     extra: ClassVar[str] = "onnxruntime"
     kind: ClassVar[str] = "onnxruntime"
     loads: ClassVar[tuple[str, ...]] = ("onnx", "onnxruntime")
+    Options: ClassVar[type[BackendOptions]] = OnnxRuntimeOptions
 
     @classmethod
     def is_available(cls) -> bool:
@@ -125,9 +141,13 @@ class OnnxRuntimeBackend(Backend):
     def compile(self, artifact: Path, manifest: Manifest, out_dir: Path, options: CompileOptions) -> Manifest:
         import onnxruntime as ort
 
-        level = str(options.extra.get("graph_optimization_level", "extended"))
-        if level not in _LEVELS:
-            raise BackendError(f"onnxruntime: graph_optimization_level must be one of {', '.join(_LEVELS)}")
+        opts = OnnxRuntimeOptions.parse(self.name, options.extra)
+        if opts.precision != "fp32":
+            raise BackendError(
+                f"onnxruntime runs a graph at the precision it holds; for {opts.precision} make that graph first "
+                f"(enginekit quantize ART --method {_QUANT_METHOD.get(opts.precision, 'fp16')} -o Q), then compile Q"
+            )
+        level = opts.graph_optimization_level
         providers = self._providers(options.device)
         components = {}
         for comp in manifest.components.values():
@@ -154,6 +174,8 @@ class OnnxRuntimeBackend(Backend):
                 [_spec(a) for a in session.get_inputs()],
                 [_spec(a) for a in session.get_outputs()],
                 comp.precision,
+                quantization=comp.quantization,
+                fidelity=comp.fidelity,
             )
         target = {
             "backend": self.name,
@@ -165,10 +187,10 @@ class OnnxRuntimeBackend(Backend):
         }
         return manifest.replace(kind=self.kind, components=components, target=target)
 
-    def load(self, artifact: Path, manifest: Manifest, device: str) -> Runner:
+    def load(self, artifact: Path, manifest: Manifest, device: str, component: str | None = None) -> Runner:
         import onnxruntime as ort
 
-        comp = manifest.component()
+        comp = manifest.component(component)
         providers = self._providers(device)
         threads = int(manifest.target.get("intra_op_num_threads", 0) or 0)
         # Re-running the optimizers on an offline-optimized graph is cheap and

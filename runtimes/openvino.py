@@ -29,18 +29,19 @@ from __future__ import annotations
 import importlib.util
 import os
 import threading
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar, Mapping, Sequence
 
 import numpy as np
 
 from enginekit.artifact import cache_root, make_component
 from enginekit.errors import BackendError, DeviceError
 from enginekit.manifest import Manifest, TensorSpec
-from enginekit.runtimes.base import Backend, CompileOptions, Runner
+from enginekit.runtimes.base import Backend, BackendOptions, CompileOptions, Runner
 
-__all__ = ["OpenVINOBackend", "OpenVINORunner", "cache_dir_for"]
+__all__ = ["OpenVINOBackend", "OpenVINOOptions", "OpenVINORunner", "cache_dir_for"]
 
 # OpenVINO element type names -> numpy dtype names. ``Type.to_dtype()`` maps
 # bf16 to float16, which would misdescribe a bf16 engine, so the table is ours.
@@ -65,6 +66,27 @@ _KINDS = ("gpu", "cpu", "npu")
 _PRECISIONS = ("fp32", "fp16")
 _INFERENCE_PRECISIONS = ("f32", "f16", "bf16", "default")
 _PERFORMANCE_HINTS = ("LATENCY", "THROUGHPUT")
+
+
+@dataclass(frozen=True)
+class OpenVINOOptions(BackendOptions):
+    """What ``compile --backend openvino`` takes.
+
+    ``precision="fp16"`` compresses the weights of every component except those
+    named in ``keep_fp32`` (a pipeline's VAE that overflows in fp16).
+    ``static_batch`` fixes the first axis of every input; ``dims`` binds symbolic
+    dimensions to sizes, per component (``{"unet": {"batch": 2, "latent_height":
+    64, "latent_width": 64}}``) or for all (key ``"*"``): static shapes let the
+    CPU plugin pick faster kernels. ``inference_precision`` overrides the
+    run-time precision recorded for the engine.
+    """
+
+    precision: str = field(default="fp32", metadata={"choices": _PRECISIONS})
+    keep_fp32: tuple[str, ...] = ()
+    performance_hint: str = field(default="LATENCY", metadata={"choices": _PERFORMANCE_HINTS})
+    static_batch: int = 0
+    dims: Mapping[str, Any] = field(default_factory=dict)
+    inference_precision: str | None = field(default=None, metadata={"choices": _INFERENCE_PRECISIONS})
 
 
 def _one_line(exc: BaseException) -> str:
@@ -124,6 +146,43 @@ def _make_cache_dir(manifest: Manifest) -> Path | None:
     return path if os.access(path, os.W_OK) else None
 
 
+def _parse_dims(dims: Mapping[str, Any], manifest: Manifest) -> dict[str, dict[str, int]]:
+    """``{"unet": {"batch": 2}, "*": {"latent_height": 64}}`` checked: known components, positive sizes."""
+    out: dict[str, dict[str, int]] = {}
+    for comp, bindings in dims.items():
+        if comp != "*" and comp not in manifest.components:
+            raise BackendError(f"openvino: dims names component {comp!r}, which this artifact does not have "
+                               f"(it has: {', '.join(manifest.components)})")
+        if not isinstance(bindings, Mapping):
+            raise BackendError(f"openvino: dims[{comp!r}] must map dimension names to sizes")
+        for dim, size in bindings.items():
+            if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+                raise BackendError(f"openvino: dims[{comp!r}][{dim!r}] must be a positive integer, got {size!r}")
+        out[comp] = {str(k): int(v) for k, v in bindings.items()}
+    return out
+
+
+def _static_shapes(model: Any, comp: Any, static_batch: int, bound: Mapping[str, int]) -> dict[Any, list[Any]]:
+    """New input shapes: symbolic dimensions named in ``bound`` set to their sizes,
+    the first axis to ``static_batch`` when given, the rest as they were."""
+    by_name = {s.name: s for s in comp.inputs}
+    shapes = {}
+    for port in model.inputs:
+        spec = next((by_name[n] for n in port.get_names() if n in by_name), None)
+        dims = list(port.get_partial_shape())
+        new: list[Any] = []
+        for axis, dim in enumerate(dims):
+            name = spec.shape[axis] if spec is not None and axis < len(spec.shape) else None
+            if isinstance(name, str) and name in bound:
+                new.append(bound[name])
+            elif axis == 0 and static_batch:
+                new.append(static_batch)
+            else:
+                new.append(dim)
+        shapes[port] = new
+    return shapes
+
+
 class OpenVINORunner(Runner):
     """One compiled model and one reused infer request.
 
@@ -174,6 +233,7 @@ class OpenVINOBackend(Backend):
     kind: ClassVar[str] = "openvino"
     loads: ClassVar[tuple[str, ...]] = ("openvino",)
     compiles: ClassVar[tuple[str, ...]] = ("onnx", "openvino")
+    Options: ClassVar[type[BackendOptions]] = OpenVINOOptions
 
     def __init__(self) -> None:
         self._core_obj: Any = None  # made on first use: nothing touches a device here
@@ -236,21 +296,22 @@ class OpenVINOBackend(Backend):
     def compile(self, artifact: Path, manifest: Manifest, out_dir: Path, options: CompileOptions) -> Manifest:
         import openvino as ov
 
-        precision = str(options.extra.get("precision", "fp32"))
-        if precision not in _PRECISIONS:
-            raise BackendError(f"openvino: precision must be one of {', '.join(_PRECISIONS)}, got {precision!r}")
-        hint = str(options.extra.get("performance_hint", "LATENCY")).upper()
-        if hint not in _PERFORMANCE_HINTS:
-            raise BackendError(f"openvino: performance_hint must be one of {', '.join(_PERFORMANCE_HINTS)}")
+        opts = OpenVINOOptions.parse(self.name, options.extra)
+        hint = opts.performance_hint
         # IR is device-independent: the device is checked by name only, so a
         # build box without a GPU can prepare a GPU engine.
         self._device(options.device, check_present=False)
-        compress = precision == "fp16"
-        static_batch = int(options.extra.get("static_batch") or 0)
+        static_batch = opts.static_batch
         if static_batch < 0:
             raise BackendError(f"openvino: static_batch must be a positive batch size, got {static_batch}")
+        unknown = sorted(set(opts.keep_fp32) - set(manifest.components))
+        if unknown:
+            raise BackendError(f"openvino: keep_fp32 names {unknown[0]!r}, which this artifact does not have "
+                               f"(it has: {', '.join(manifest.components)})")
+        dims = _parse_dims(opts.dims, manifest)
         components = {}
         for comp in manifest.components.values():
+            compress = opts.precision == "fp16" and comp.name not in opts.keep_fp32
             rel_dir = Path(comp.entry).parent
             (out_dir / rel_dir).mkdir(parents=True, exist_ok=True)
             entry = str(rel_dir / "model.xml")
@@ -259,9 +320,12 @@ class OpenVINOBackend(Backend):
                     model = self._core().read_model(str(artifact / comp.entry))
                 else:
                     model = ov.convert_model(str(artifact / comp.entry))
-                if static_batch:
-                    model.reshape({port: [static_batch, *list(port.get_partial_shape())[1:]] for port in model.inputs})
+                bound = {**dims.get("*", {}), **dims.get(comp.name, {})}
+                if static_batch or bound:
+                    model.reshape(_static_shapes(model, comp, static_batch, bound))
                 ov.save_model(model, str(out_dir / entry), compress_to_fp16=compress)
+            except BackendError:
+                raise
             except Exception as exc:
                 raise BackendError(f"openvino could not convert {comp.entry}: {_one_line(exc)}") from exc
             comp_precision = "fp16" if compress and comp.precision == "fp32" else comp.precision
@@ -273,19 +337,17 @@ class OpenVINOBackend(Backend):
                 _specs(model.inputs, comp.inputs),
                 _specs(model.outputs, comp.outputs),
                 comp_precision,
+                quantization=comp.quantization,
+                fidelity=comp.fidelity if not (static_batch or bound or compress) else {},
             )
+            del model
         precisions = {c.precision for c in components.values()}
         # Float engines stay float32 at run time unless a half precision was
         # asked for: CPUs with AMX/AVX512-BF16 otherwise run bf16 silently.
         default_hint = "default" if precisions & {"fp16", "bf16"} else "f32"
         if manifest.kind == self.kind:  # recompiling an IR keeps its run-time precision unless told
             default_hint = str(manifest.target.get("inference_precision_hint", default_hint))
-        inference_precision = str(options.extra.get("inference_precision", default_hint))
-        if inference_precision not in _INFERENCE_PRECISIONS:
-            raise BackendError(
-                f"openvino: inference_precision must be one of {', '.join(_INFERENCE_PRECISIONS)}, "
-                f"got {inference_precision!r}"
-            )
+        inference_precision = opts.inference_precision or default_hint
         target = {
             "backend": self.name,
             "device": options.device,
@@ -294,13 +356,17 @@ class OpenVINOBackend(Backend):
             "inference_precision_hint": inference_precision,
             "performance_hint": hint,
             "inference_num_threads": options.threads,
-            "compress_to_fp16": compress,
+            "compress_to_fp16": opts.precision == "fp16",
         }
+        if opts.keep_fp32:
+            target["keep_fp32"] = list(opts.keep_fp32)
         if static_batch:
             target["static_batch"] = static_batch
+        if dims:
+            target["dims"] = dims
         # A new run-time precision or shape makes a recorded fidelity stale.
         fidelity = manifest.fidelity
-        if manifest.kind == self.kind and (static_batch or inference_precision != manifest.target.get(
+        if manifest.kind == self.kind and (static_batch or dims or inference_precision != manifest.target.get(
                 "inference_precision_hint")):
             fidelity = {}
         return manifest.replace(kind=self.kind, components=components, target=target, fidelity=fidelity)
@@ -336,11 +402,14 @@ class OpenVINOBackend(Backend):
     def warm(self, artifact: Path, manifest: Manifest, device: str) -> bool:
         if device not in self.devices():
             return False
-        runner = self.load(artifact, manifest, device)
-        runner.close()
-        return runner.cache_dir is not None
+        cached = True
+        for name in manifest.components:
+            runner = self.load(artifact, manifest, device, name)
+            runner.close()
+            cached = cached and runner.cache_dir is not None
+        return cached
 
-    def load(self, artifact: Path, manifest: Manifest, device: str) -> Runner:
+    def load(self, artifact: Path, manifest: Manifest, device: str, component: str | None = None) -> Runner:
         import openvino.properties as props
 
         if manifest.kind not in self.loads:
@@ -348,7 +417,7 @@ class OpenVINOBackend(Backend):
                 f"openvino loads only {', '.join(self.loads)} artifacts, this one is {manifest.kind!r}; "
                 "compile it with the openvino backend first"
             )
-        comp = manifest.component()
+        comp = manifest.component(component)
         ov_device = self._device(device)
         cache_dir = _make_cache_dir(manifest)
         config = self._config(manifest, cache_dir)

@@ -196,7 +196,7 @@ def test_baseline_torch_in_the_same_run(exported: dict[str, Path], tmp_path: Pat
     harness; the engine's speed-up is the ratio of the two p50s of this run."""
     from click.testing import CliRunner
 
-    from enginekit.cli import cli
+    from enginekit.app.cli import cli
 
     out = tmp_path / "run.json"
     result = CliRunner().invoke(cli, ["bench", str(exported["timm"]), "--baseline", "torch", "--runs", "5",
@@ -229,7 +229,7 @@ def test_a_fixed_batch_engine_is_benched_at_its_batch_only(exported: dict[str, P
     from click.testing import CliRunner
 
     from enginekit.api import compile_artifact
-    from enginekit.cli import cli
+    from enginekit.app.cli import cli
     from enginekit.runtimes.base import CompileOptions
 
     static = tmp_path / "static"

@@ -29,7 +29,7 @@ from click.testing import CliRunner
 from enginekit.bench.cluster import pack_artifact, parse_address, unpack_artifact
 from enginekit.bench.store import ResultsStore
 
-from enginekit.cli import cli
+from enginekit.app.cli import cli
 from enginekit.errors import InputError, IntegrityError
 
 HAVE_RAY = importlib.util.find_spec("ray") is not None
@@ -123,7 +123,7 @@ def test_port_that_is_not_ray_fails_bounded(exported: dict, tmp_path: Path) -> N
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     try:
         start = time.monotonic()
-        proc = subprocess.run([sys.executable, "-m", "enginekit.cli", "bench", str(exported["timm"]), "--ray",
+        proc = subprocess.run([sys.executable, "-m", "enginekit.app.cli", "bench", str(exported["timm"]), "--ray",
                                f"127.0.0.1:{port}", "--store", str(tmp_path / "r.jsonl")],
                               check=False, capture_output=True, text=True, timeout=120, env=env)
         elapsed = time.monotonic() - start
@@ -167,7 +167,7 @@ def test_bench_on_a_two_node_cluster(isolation: None, exported: dict, tmp_path: 
     artifacts = [exported["timm"], exported["hf"]]
     # Ray puts Unix sockets under its temp dir; pytest's tmp_path is too long for their 107-byte limit.
     ray_tmp = tempfile.mkdtemp(prefix="ekray-", dir="/tmp")
-    bench = [sys.executable, "-m", "enginekit.cli", "bench", *map(str, artifacts), "--ray", "127.0.0.1:6379",
+    bench = [sys.executable, "-m", "enginekit.app.cli", "bench", *map(str, artifacts), "--ray", "127.0.0.1:6379",
              "--batch", "1", "--runs", "3", "--warmup", "1", "--baseline", "torch", "--store", str(store),
              "--json", str(run_json)]
     memory = "--object-store-memory=100000000"

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import enginekit
-from enginekit.runtimes.classifier import ImageClassifier
+from enginekit.runtimes.tasks.classifier import ImageClassifier
 
 from .conftest import HF_LABELS, TIMM_LABELS, installed_backends, make_photo
 

@@ -75,7 +75,7 @@ def test_flags_name_every_reduced_precision_unit(tmp_path, monkeypatch) -> None:
     """A Zen 4 computes bf16 through AVX512-BF16 without AMX; optimize plans its bf16
     candidates from these flags, so the fingerprint must carry them."""
     from enginekit import hardware
-    from enginekit.optimize import plan_candidates
+    from enginekit.app.optimize import plan_candidates
 
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("processor\t: 0\nmodel name\t: AMD EPYC\n"

@@ -56,7 +56,7 @@ def test_cli_predict_without_torch(compiled: dict, tmp_path: Path) -> None:
     make_photo((48, 40), seed=8).save(image)
     code = _BLOCKER + textwrap.dedent(
         f"""
-        from enginekit.cli import main
+        from enginekit.app.cli import main
         sys.argv = ["enginekit", "predict", {str(compiled[("timm", "onnx")])!r}, {str(image)!r}, "--json"]
         main()
         """
@@ -69,7 +69,7 @@ def test_cli_predict_without_torch(compiled: dict, tmp_path: Path) -> None:
 def test_export_without_torch_names_the_extra(tmp_path: Path) -> None:
     code = _BLOCKER + textwrap.dedent(
         f"""
-        from enginekit.cli import main
+        from enginekit.app.cli import main
         sys.argv = ["enginekit", "export", "default", "-o", {str(tmp_path / "o")!r}]
         main()
         """

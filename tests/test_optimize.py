@@ -13,10 +13,10 @@ from click.testing import CliRunner
 
 from .conftest import installed_backends, make_photo
 from enginekit.artifact import cache_root
-from enginekit.cli import cli
+from enginekit.app.cli import cli
 from enginekit.errors import ArtifactError, FidelityError, InputError, UnknownBackendError
 from enginekit.manifest import read_manifest
-from enginekit.optimize import OptimizeConfig, optimize, plan_candidates
+from enginekit.app.optimize import OptimizeConfig, optimize, plan_candidates
 
 FAST = dict(calibration_size=16, eval_size=16, warmup=1, runs=3)
 

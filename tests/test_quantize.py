@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 import enginekit
-from enginekit.cli import cli
+from enginekit.app.cli import cli
 from enginekit.errors import FidelityError, InputError, QuantizationError
 from enginekit.manifest import read_manifest
 from enginekit.quant.api import evaluate_artifact, quantize_artifact

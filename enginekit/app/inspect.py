@@ -51,8 +51,16 @@ def render_manifest(manifest: Manifest, path: str | Path, verified: bool) -> Any
     if manifest.labels:
         shown = ", ".join(manifest.labels[:10]) + (f", … ({len(manifest.labels)} in all)" if len(manifest.labels) > 10 else "")
         row("labels", shown)
+    if manifest.task == "text-to-image" and manifest.task_config:
+        t = manifest.task_config
+        sched = (t.get("scheduler") or {}).get("_class_name", "?")
+        row("pipeline", f"{t.get('pipeline')}: {len(t.get('text_encoders') or [])} text encoder(s), "
+                        f"{t.get('latent_channels')}-channel latents at 1/{t.get('vae_scale_factor')}, "
+                        f"VAE scaling {t.get('vae_scaling_factor')}, {t.get('prediction_type')} prediction, "
+                        f"scheduler {sched}, default {int(t.get('sample_size', 0)) * int(t.get('vae_scale_factor', 0))} px")
     if manifest.fidelity:
-        fid = {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in manifest.fidelity.items()}
+        fid = {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in manifest.fidelity.items()
+               if not isinstance(v, (dict, list))}
         row("fidelity", ", ".join(f"{k}={v}" for k, v in fid.items()))
     tools = prov.get("tools") or {}
     if tools:
@@ -60,13 +68,33 @@ def render_manifest(manifest: Manifest, path: str | Path, verified: bool) -> Any
     row("integrity", "every file matches its sha256" if verified else "not checked (--no-verify)")
 
     comps = Table(title="components", title_justify="left")
-    for col in ("name", "precision", "inputs", "outputs", "files"):
+    for col in ("name", "precision", "inputs", "outputs", "files", "fidelity"):
         comps.add_column(col)
     for c in manifest.components.values():
         fmt = lambda specs: "\n".join(f"{s.name} {s.dtype}[{', '.join(map(str, s.shape))}]" for s in specs)  # noqa: E731
         files = "\n".join(f"{f.path} {_size(f.size)}" for f in c.files)
-        comps.add_row(*(escape(v) for v in (c.name, c.precision, fmt(c.inputs), fmt(c.outputs), files)))
-    return Group(head, comps)
+        precision = c.precision + (f"\n{c.quantization.get('method')}" if c.quantization else "")
+        comps.add_row(*(escape(v) for v in (c.name, precision, fmt(c.inputs), fmt(c.outputs), files,
+                                             _fidelity_cell(c.fidelity))))
+    parts: list[Any] = [head, comps]
+    if manifest.assets:
+        assets = Table(title="assets", title_justify="left")
+        assets.add_column("file")
+        assets.add_column("size", justify="right")
+        assets.add_column("sha256")
+        for a in manifest.assets:
+            assets.add_row(escape(a.path), _size(a.size), a.sha256[:16])
+        parts.append(assets)
+    return Group(*parts)
+
+
+def _fidelity_cell(fid: Any) -> str:
+    """The numbers a component's own parity check recorded: cosine and max abs first."""
+    if not fid:
+        return "-"
+    keys = [k for k in fid if isinstance(fid[k], (int, float)) and not isinstance(fid[k], bool)]
+    keys.sort(key=lambda k: (not k.endswith("cosine"), not k.endswith("max_abs"), k))
+    return "\n".join(f"{k} {fid[k]:.6g}" for k in keys[:4]) or "-"
 
 
 def doctor_report() -> dict[str, Any]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -60,6 +60,8 @@ class ImageClassifier:
     task = "image-classification"
 
     def __init__(self, runner: Runner, manifest: Manifest, path: Path | None = None, batch_size: int = 8) -> None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
         if manifest.preprocessing is None:
             raise ManifestError("image-classification artifact has no preprocessing section")
         self.runner = runner
@@ -73,6 +75,15 @@ class ImageClassifier:
         self._input = runner.inputs[0].name
         num_classes = next(o for o in runner.outputs if o.name == "logits").shape[-1]
         self.labels: tuple[str, ...] = manifest.labels or tuple(str(i) for i in range(int(num_classes)))
+
+    @classmethod
+    def from_artifact(
+        cls, components: Mapping[str, Runner], manifest: Manifest, path: Path, batch_size: int = 8
+    ) -> ImageClassifier:
+        """The task registry's constructor: the artifact's one component, loaded now."""
+        clf = cls(components[manifest.component().name], manifest, path, batch_size=batch_size)
+        clf._components = components
+        return clf
 
     @property
     def backend(self) -> str:
@@ -124,6 +135,9 @@ class ImageClassifier:
 
     def close(self) -> None:
         self.runner.close()
+        components = getattr(self, "_components", None)
+        if components is not None:
+            components.close()
 
     def __enter__(self) -> ImageClassifier:
         return self

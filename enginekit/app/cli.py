@@ -191,7 +191,7 @@ def predict(artifact: Path, images: tuple[str, ...], top_k: int, device: str, ba
 def inspect(artifact: Path, as_json: bool, verify: bool) -> None:
     """Show what an ARTIFACT's manifest says, readably."""
     from enginekit.artifact import verify_artifact
-    from enginekit.inspect import render_manifest
+    from enginekit.app.inspect import render_manifest
     from enginekit.manifest import read_manifest
 
     manifest = read_manifest(artifact)
@@ -473,8 +473,8 @@ def optimize(model: str, out: Path, budget_agreement: float, budget_cosine: floa
     beside PyTorch eager, and writes the fastest that keeps the budget to OUTPUT
     with a report of every candidate's fate. MODEL is anything `export` takes.
     """
-    from enginekit.optimize import OptimizeConfig
-    from enginekit.optimize import optimize as run_optimize
+    from enginekit.app.optimize import OptimizeConfig
+    from enginekit.app.optimize import optimize as run_optimize
 
     if runs is None and duration is None:
         runs = 30
@@ -546,7 +546,7 @@ def _optimize_table(report: dict[str, Any]) -> Any:
 @click.option("--json", "as_json", is_flag=True)
 def doctor(as_json: bool) -> None:
     """Hardware, installed backends and their devices, library versions."""
-    from enginekit.inspect import doctor_report, render_doctor
+    from enginekit.app.inspect import doctor_report, render_doctor
 
     report = doctor_report()
     if as_json:
@@ -563,7 +563,7 @@ def doctor(as_json: bool) -> None:
 def demo(out: Path, as_json: bool) -> None:
     """The main job on the built-in digits ViT: export, compile for every
     installed backend, classify the held-out digits, and print a table."""
-    from enginekit.demo import render_demo, run_demo
+    from enginekit.app.demo import render_demo, run_demo
 
     console = _console()
     rows = run_demo(out, on_step=lambda msg: console.print(f"[dim]·[/] {msg}"))

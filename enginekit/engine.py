@@ -1,0 +1,239 @@
+"""The runtime contract: a Backend compiles and loads; a Runner runs.
+
+Part of the core (``enginekit.engine``): ``enginekit.api`` and the registries
+depend on it, and the core imports no stage module.
+
+Following Polygraphy, the public methods of :class:`Runner` validate feeds and
+keep books; each backend writes only ``_run`` and ``_close``. Nothing touches
+a device in a constructor: :meth:`Backend.load` is where sessions are made.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Mapping, Sequence
+
+import numpy as np
+
+from enginekit.errors import BackendError, ShapeError
+from enginekit.manifest import Manifest, TensorSpec
+
+__all__ = ["Runner", "Backend", "BackendOptions", "CompileOptions", "validate_feeds"]
+
+
+def validate_feeds(specs: Sequence[TensorSpec], feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Check names, dtypes and fixed dimensions of ``feeds`` against ``specs``.
+
+    Raises :class:`ShapeError` naming the first mismatch. Arrays are not cast:
+    a float64 image handed to a float32 engine is a caller bug worth reporting.
+    """
+    if not isinstance(feeds, Mapping):
+        raise ShapeError(f"feeds must be a dict of name -> array, got {type(feeds).__name__}")
+    expected = {s.name for s in specs}
+    missing = expected - set(feeds)
+    unknown = set(feeds) - expected
+    if missing or unknown:
+        parts = []
+        if missing:
+            parts.append(f"missing {sorted(missing)}")
+        if unknown:
+            parts.append(f"unexpected {sorted(unknown)}")
+        raise ShapeError(f"feeds do not match the engine inputs ({'; '.join(parts)}); expected {sorted(expected)}")
+    out: dict[str, np.ndarray] = {}
+    for spec in specs:
+        value = feeds[spec.name]
+        if not isinstance(value, np.ndarray):
+            raise ShapeError(f"input {spec.name!r} must be a numpy array, got {type(value).__name__}")
+        if value.dtype != np.dtype(spec.dtype):
+            raise ShapeError(f"input {spec.name!r} has dtype {value.dtype}, the engine expects {spec.dtype}")
+        if value.ndim != len(spec.shape):
+            raise ShapeError(
+                f"input {spec.name!r} has shape {tuple(value.shape)}, the engine expects rank {len(spec.shape)} "
+                f"{_fmt_shape(spec.shape)}"
+            )
+        for axis, (got, want) in enumerate(zip(value.shape, spec.shape)):
+            if isinstance(want, int) and want >= 0 and got != want:
+                raise ShapeError(
+                    f"input {spec.name!r} has shape {tuple(value.shape)}, the engine expects "
+                    f"{_fmt_shape(spec.shape)} (axis {axis} must be {want})"
+                )
+        out[spec.name] = np.ascontiguousarray(value)
+    return out
+
+
+def _fmt_shape(shape: Sequence[int | str]) -> str:
+    return "(" + ", ".join(str(d) for d in shape) + ")"
+
+
+class Runner(abc.ABC):
+    """A loaded engine: named numpy arrays in, named numpy arrays out."""
+
+    #: Backend name and the device the engine runs on, e.g. ``"cpu"``.
+    backend: str = ""
+    device: str = ""
+
+    def __init__(self, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec]) -> None:
+        self.inputs: tuple[TensorSpec, ...] = tuple(inputs)
+        self.outputs: tuple[TensorSpec, ...] = tuple(outputs)
+        self._closed = False
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Validate ``feeds`` against :attr:`inputs` and run the engine."""
+        if self._closed:
+            raise RuntimeError(f"{type(self).__name__} is closed")
+        return self._run(validate_feeds(self.inputs, feeds))
+
+    def close(self) -> None:
+        if not self._closed:
+            self._close()
+            self._closed = True
+
+    def __enter__(self) -> Runner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @abc.abstractmethod
+    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+    def _close(self) -> None:  # noqa: B027 - optional hook
+        pass
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    """What ``compile`` may be asked for, independent of the backend."""
+
+    device: str = "cpu"
+    #: Worker threads the engine may use; 0 lets the backend decide.
+    threads: int = 0
+    #: Backend-specific settings: parsed by the backend's :class:`BackendOptions`
+    #: subclass, which refuses keys it does not know and values of the wrong type.
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """Base of each backend's typed compile options (a frozen dataclass per backend).
+
+    :meth:`parse` turns the free ``CompileOptions.extra`` mapping into the
+    dataclass: an unknown key or a value of the wrong type is a one-line
+    :class:`BackendError` naming the key and what it takes, never an option
+    that is silently ignored. Fields may carry ``metadata={"choices": (...)}``.
+    """
+
+    @classmethod
+    def parse(cls, backend: str, values: Mapping[str, Any]) -> BackendOptions:
+        if isinstance(values, cls):
+            return values
+        if not isinstance(values, Mapping):
+            raise BackendError(f"{backend}: options must be a mapping of name -> value")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(fields))
+        if unknown:
+            known = ", ".join(sorted(fields)) or "none"
+            raise BackendError(f"{backend}: unknown option {unknown[0]!r} (this backend takes: {known})")
+        hints = typing.get_type_hints(cls)
+        parsed = {name: _coerce(backend, name, value, hints[name], fields[name]) for name, value in values.items()}
+        return cls(**parsed)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _coerce(backend: str, name: str, value: Any, hint: Any, spec: dataclasses.Field) -> Any:
+    """Check ``value`` against the field's type: int, float, str, bool, a tuple of str or a mapping."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):  # X | None
+        if value is None and type(None) in typing.get_args(hint):
+            return None
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    origin = typing.get_origin(hint) or hint
+    wrong = f"{backend}: option {name!r} must be {_type_name(origin)}, got {value!r}"
+    if origin is bool:
+        if not isinstance(value, bool):
+            raise BackendError(wrong)
+    elif origin is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise BackendError(wrong)
+    elif origin is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise BackendError(wrong)
+        value = float(value)
+    elif origin is str:
+        if not isinstance(value, str):
+            raise BackendError(wrong)
+    elif origin is tuple:
+        if isinstance(value, str) or not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise BackendError(f"{backend}: option {name!r} must be a list of names, got {value!r}")
+        value = tuple(value)
+    elif origin in (dict, Mapping, typing.Mapping):
+        if not isinstance(value, Mapping):
+            raise BackendError(wrong)
+        value = dict(value)
+    choices = spec.metadata.get("choices")
+    if choices and isinstance(value, str):  # "latency" names LATENCY: match the spelling the backend uses
+        value = next((c for c in choices if isinstance(c, str) and c.lower() == value.lower()), value)
+    if choices and value not in choices:
+        raise BackendError(f"{backend}: option {name!r} must be one of {', '.join(map(str, choices))}, got {value!r}")
+    return value
+
+
+def _type_name(origin: Any) -> str:
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+            tuple: "a list of names"}.get(origin, "a mapping")
+
+
+class Backend(abc.ABC):
+    """A named backend. Subclasses import their library inside methods only."""
+
+    name: ClassVar[str]
+    #: The pip extra that installs the backend's library: ``enginekit[<extra>]``.
+    extra: ClassVar[str]
+    #: The artifact kind :meth:`compile` writes.
+    kind: ClassVar[str]
+    #: Artifact kinds :meth:`load` accepts.
+    loads: ClassVar[tuple[str, ...]]
+    #: Artifact kinds :meth:`compile` takes (an exported ONNX graph by default).
+    compiles: ClassVar[tuple[str, ...]] = ("onnx",)
+    #: The typed options :meth:`compile` takes in ``CompileOptions.extra``.
+    Options: ClassVar[type[BackendOptions]] = BackendOptions
+
+    def options(self, extra: Mapping[str, Any]) -> BackendOptions:
+        """Parse ``CompileOptions.extra`` into this backend's typed options (refusing unknown keys)."""
+        return self.Options.parse(self.name, extra)
+
+    @classmethod
+    @abc.abstractmethod
+    def is_available(cls) -> bool:
+        """True when the backend's library imports."""
+
+    @classmethod
+    @abc.abstractmethod
+    def version(cls) -> str | None:
+        """The backend library's version, or None when not installed."""
+
+    @abc.abstractmethod
+    def devices(self) -> list[str]:
+        """Devices this backend can run on here, best first (what ``device='auto'`` picks from)."""
+
+    @abc.abstractmethod
+    def compile(self, artifact: Path, manifest: Manifest, out_dir: Path, options: CompileOptions) -> Manifest:
+        """Write the compiled engine of ``artifact`` into ``out_dir`` (a fresh temporary
+        folder) and return its manifest; the caller writes it and renames the folder."""
+
+    @abc.abstractmethod
+    def load(self, artifact: Path, manifest: Manifest, device: str, component: str | None = None) -> Runner:
+        """Open one component of a verified artifact on ``device`` (never ``'auto'``: resolved
+        by the caller); ``component=None`` means the artifact's only one."""
+
+    def warm(self, artifact: Path, manifest: Manifest, device: str) -> bool:
+        """Fill this machine's model cache for every component of a verified artifact, where
+        the backend keeps one, so that the next :meth:`load` skips the device compilation.
+        True when it did."""
+        return False
