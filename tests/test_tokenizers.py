@@ -5,10 +5,10 @@ Which tokenizer we match
 ``PromptTokenizer`` runs the fast tokenizer's own ``tokenizer.json``, so its ids
 equal transformers' fast ``CLIPTokenizerFast`` on every prompt. In transformers 5
 (installed here; diffusers loads whatever ``CLIPTokenizer`` transformers has)
-``CLIPTokenizer`` *is* that fast tokenizer. transformers 4 had a slow, pure-Python
-``CLIPTokenizer`` —
-the class SD 1.x / 2.x model_index.json files name — which cleans text first,
-with ftfy when it is installed and BERT's BasicTokenizer when not. ``_SlowCLIP``
+``CLIPTokenizer`` *is* that fast tokenizer. transformers 4 had a slow,
+pure-Python ``CLIPTokenizer`` — the class SD 1.x / 2.x model_index.json files
+name — which cleans text first, with ftfy when it is installed and BERT's
+BasicTokenizer when not. ``_SlowCLIP``
 below is that algorithm, condensed; on ordinary prompts (ASCII, punctuation,
 numbers, case, accents, Greek and Cyrillic, emoji, any whitespace, the empty
 prompt, truncation) all three agree. They differ on (``SLOW_DIFFERS``):
