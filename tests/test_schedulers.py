@@ -309,6 +309,18 @@ def test_parity_lcm_options(diffusers, monkeypatch) -> None:
     parity(diffusers, monkeypatch, "lcm", SD15, 6, thresholding=True, set_alpha_to_one=False)
 
 
+def test_lcm_image_to_image_strength(diffusers) -> None:
+    # diffusers' LCM img2img pipeline asks for a schedule cut to `strength` of the teacher's.
+    for n, strength, original in [(4, 0.5, 50), (8, 0.3, 100), (2, 1.0, 50)]:
+        ref = diffusers.LCMScheduler.from_config(SD15)
+        ours = make_scheduler("lcm", SD15)
+        ref.set_timesteps(n, original_inference_steps=original, strength=strength)
+        ours.set_timesteps(n, original_inference_steps=original, strength=strength)
+        np.testing.assert_array_equal(ours.timesteps, ref.timesteps.numpy())
+    with pytest.raises(InputError, match="strength"):
+        ours.set_timesteps(4, strength=0.0)
+
+
 # -- parity: flow matching (SD3, FLUX) ------------------------------------------------------
 
 @pytest.mark.parametrize("n", [1, 4, 20, 28, 50])
