@@ -42,6 +42,9 @@ import pytest
 from enginekit.errors import InputError, ShapeError
 from enginekit.runtimes.schedulers import SCHEDULERS, make_scheduler
 
+# diffusers' own np.array(tensor) calls warn under numpy 2; not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
 TOLERANCE = 1e-6
 DDIM_DPM_TOLERANCE = 1e-5
 
