@@ -55,6 +55,8 @@ __all__ = [
 RECORD_SCHEMA = 1
 #: Fidelity numbers copied from the manifest into each record (when present).
 FIDELITY_KEYS = ("top1_agreement", "logits_cosine", "logits_max_abs", "accuracy")
+#: What tells apart the records of one pipeline run (absent, None, on classifier records).
+PIPELINE_KEYS = ("part", "height", "width", "steps")
 #: Where each backend's runner reads its thread count from ``manifest.target`` at load.
 THREADS_KEY = {"onnxruntime": "intra_op_num_threads", "openvino": "inference_num_threads"}
 
@@ -406,10 +408,12 @@ def bench_torch(
 def add_speedups(records: list[dict[str, Any]]) -> None:
     """Set ``speedup`` = baseline p50 / record p50 in place, where a baseline record
     (``baseline`` true) of the same batch, ``hardware_id``, ``model`` and Ray node (when
-    the records came from ``--ray``) exists (the last one wins)."""
+    the records came from ``--ray``) exists (the last one wins). Pipeline records
+    (:mod:`enginekit.bench.pipeline`) also match on ``part``, ``height``, ``width`` and ``steps``."""
 
     def key(rec: dict[str, Any]) -> tuple[Any, ...]:
-        return (rec.get("hardware_id"), int(rec["batch"]), rec.get("model"), (rec.get("node") or {}).get("node_id"))
+        return (rec.get("hardware_id"), int(rec["batch"]), rec.get("model"), (rec.get("node") or {}).get("node_id"),
+                *(rec.get(k) for k in PIPELINE_KEYS))
 
     base: dict[tuple[Any, ...], float] = {}
     for rec in records:

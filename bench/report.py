@@ -131,12 +131,17 @@ def _dedupe(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
     """Keep the newest record per (engine, batch); return the kept and the dropped count."""
     newest: dict[tuple, dict[str, Any]] = {}
     for rec in records:
-        key = (_engine_key(rec), int(rec.get("batch", 1)))
+        key = (_engine_key(rec), int(rec.get("batch", 1)), *_pipeline_key(rec))
         old = newest.get(key)
         # ISO-8601 UTC timestamps compare correctly as strings.
         if old is None or str(rec.get("timestamp", "")) >= str(old.get("timestamp", "")):
             newest[key] = rec
     return list(newest.values()), len(records) - len(newest)
+
+
+def _pipeline_key(rec: dict[str, Any]) -> tuple[Any, ...]:
+    """(part, height, width, steps) of a pipeline record; Nones for a classifier's."""
+    return tuple(rec.get(k) for k in ("part", "height", "width", "steps"))
 
 
 def _p50(rec: dict[str, Any]) -> float | None:
@@ -152,7 +157,8 @@ def _speedup(rec: dict[str, Any], group: list[dict[str, Any]]) -> float | None:
         return 1.0
     p50 = _p50(rec)
     for other in group:
-        if other.get("baseline") and other.get("batch") == rec.get("batch") and other.get("model") == rec.get("model"):
+        if (other.get("baseline") and other.get("batch") == rec.get("batch") and other.get("model") == rec.get("model")
+                and _pipeline_key(other) == _pipeline_key(rec)):
             base = _p50(other)
             if base and p50:
                 return base / p50
@@ -346,7 +352,9 @@ def write_report(records: list[dict[str, Any]], out_dir: Path) -> dict[str, Path
     """Write ``report.md`` and its PNG plots into ``out_dir``; return ``{file name: path}``.
 
     The folder is replaced atomically (an existing ``out_dir`` is overwritten).
-    One section per ``hardware_id`` with a table per batch size and two plots;
+    One section per ``hardware_id`` with a table per pipeline engine and size (its
+    component, step and image rows; :mod:`enginekit.bench.pipeline`), and for classifiers
+    a table per batch size and two plots;
     an "Across hardware" matrix when two or more hardware ids are present.
     """
     if not records:
@@ -373,13 +381,19 @@ def write_report(records: list[dict[str, Any]], out_dir: Path) -> dict[str, Path
     kept_by_hw: dict[str, list[dict[str, Any]]] = {}
     with atomic_folder(out_dir, overwrite=True) as tmp:
         for hw in sorted(by_hw, key=lambda h: hw_labels[h]):
-            recs, dropped = _dedupe(by_hw[hw])
+            kept, dropped = _dedupe(by_hw[hw])
+            # Pipeline parts get their own tables; the plots and the matrix are about classifiers.
+            recs = [r for r in kept if r.get("part") is None]
+            pipes = [r for r in kept if r.get("part") is not None]
             kept_by_hw[hw] = recs
             labels = _engine_labels(_engine_key(r) for r in recs)
             md += [f"## {hw_labels[hw]} (`{hw}`)", "", _hw_description(hw_info[hw]), ""]
             if dropped:
                 md += [(f"{dropped} older record(s) for the same engine and batch size were "
                        "replaced by the newest run."), ""]
+            md += _pipeline_sections(pipes)
+            if not recs:
+                continue
             for batch in sorted({int(r.get("batch", 1)) for r in recs}):
                 rows = sorted((r for r in recs if int(r.get("batch", 1)) == batch), key=_sort_key)
                 threads = sorted({r.get("threads") for r in rows if r.get("threads") is not None})
@@ -399,14 +413,57 @@ def write_report(records: list[dict[str, Any]], out_dir: Path) -> dict[str, Path
                 md += [("Speed-up is plotted against top-1 agreement: no engine recorded a "
                        "logits cosine."), ""]
 
-        if len(by_hw) >= 2:
-            md += _across_hardware(plt, kept_by_hw, hw_labels, tmp, files)
+        if sum(1 for recs in kept_by_hw.values() if recs) >= 2:
+            md += _across_hardware(plt, {hw: r for hw, r in kept_by_hw.items() if r}, hw_labels, tmp, files)
 
         (tmp / REPORT_NAME).write_text("\n".join(md).rstrip() + "\n", encoding="utf-8")
 
     result = {REPORT_NAME: out_dir / REPORT_NAME}
     result.update({name: out_dir / name for name in files})
     return result
+
+
+PIPELINE_HEADERS = ("part", "rows", "p50 ms", "p90 ms", "runs", "PyTorch p50 ms", "speed-up", "load ms",
+                    "first inf. ms", "size MB")
+
+
+def _part_order(part: str) -> tuple[int, str]:
+    rank = {"component:text_encoder": 0, "component:text_encoder_2": 1, "component:unet": 2,
+            "component:vae_decoder": 3, "component:vae_encoder": 4, "step": 5, "image": 6}
+    return (rank.get(part, 4), part)
+
+
+def _pipeline_sections(recs: list[dict[str, Any]]) -> list[str]:
+    """A table per benched pipeline engine and size: its component, step and image rows
+    beside the PyTorch baseline of the same part."""
+    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for rec in recs:
+        if not rec.get("baseline"):
+            groups[(_engine_key(rec), rec.get("model"), rec.get("height"), rec.get("width"), rec.get("steps"))].append(rec)
+    md: list[str] = []
+    for (key, model, height, width, steps), rows in sorted(groups.items(), key=lambda kv: str(kv[0])):
+        table = []
+        for rec in sorted(rows, key=lambda r: _part_order(str(r["part"]))):
+            lat = rec.get("latency_ms") or {}
+            base = [o for o in recs if o.get("baseline") and o.get("model") == model
+                    and _pipeline_key(o) == _pipeline_key(rec) and o.get("batch") == rec.get("batch")]
+            table.append([rec["part"], rec.get("batch"), _num(lat.get("p50"), 1), _num(lat.get("p90"), 1),
+                          rec.get("runs"), _num(_p50(base[-1]) if base else None, 1),
+                          _num(_speedup(rec, recs), 2, suffix="×"), _num(rec.get("load_ms"), 0),
+                          _num(rec.get("first_inference_ms"), 1), _num(rec.get("size_bytes"), 1, 1e6)])
+        threads = sorted({r.get("threads") for r in rows if r.get("threads") is not None})
+        md += [f"### {key[0]} ({key[1]}/{key[2]}, {key[3]}): {width}×{height}, {steps} steps"
+               + (f", {', '.join(map(str, threads))} thread(s)" if threads else ""), "",
+               render_markdown_table(PIPELINE_HEADERS, table)]
+        peak = max((r.get("peak_rss_bytes") or 0 for r in rows), default=0)
+        image = next((r for r in rows if r["part"] == "image"), None)
+        fid = (image or {}).get("fidelity") or {}
+        notes = [f"model `{model}`"] + ([f"peak RSS {peak / 1e6:.0f} MB"] if peak else [])
+        if "image_max_abs" in fid:
+            notes.append(f"image vs PyTorch (same latents, pixels in [0, 1]): max abs {fid['image_max_abs']:.2g}, "
+                         f"mean abs {fid['image_mean_abs']:.2g}")
+        md += ["; ".join(notes) + ".", ""]
+    return md
 
 
 def _across_hardware(plt, kept_by_hw, hw_labels, tmp: Path, files: list[str]) -> list[str]:

@@ -1,0 +1,460 @@
+"""The pipeline bench: a text-to-image artifact timed part by part, beside diffusers in the same run.
+
+Three kinds of part, one record each (the classifier record's fields, see
+:mod:`enginekit.bench.harness`, plus ``part``, ``height``, ``width`` and ``steps``):
+
+- ``component:NAME``: one call of a component on seeded feeds at the size asked for:
+  a text encoder on the CFG batch (the negative and the positive prompt), the UNet on
+  2 × images latents, the VAE decoder on the images' latents, the VAE encoder on one image;
+- ``step``: one denoising step, both CFG passes in one UNet call plus the guidance
+  and the scheduler step: the headline number;
+- ``image``: a whole image, encode the prompt → ``steps`` denoising steps → decode.
+
+With the PyTorch baseline, diffusers' pipeline of the same weights (rebuilt from the
+manifest's provenance; fp32 eager under ``torch.inference_mode()``, with the engine's
+thread count) runs the same parts on the same feeds and initial latents, once before
+the engine and once after. Each part's baseline record is the faster of the two, so a
+shared machine that slowed down meanwhile cannot flatter the engine; both p50s are kept
+in its ``baseline_p50_ms``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+
+from enginekit.bench.harness import (
+    THREADS_KEY,
+    BenchConfig,
+    _progress_bar,
+    add_speedups,
+    engine_info,
+    latency_stats,
+    make_record,
+    time_callable,
+)
+from enginekit.errors import InputError, ShapeError, SourceError
+from enginekit.hardware import fingerprint
+from enginekit.manifest import Manifest, TensorSpec
+
+__all__ = ["PipelineBenchConfig", "bench_pipeline", "baseline_note", "is_pipeline", "PIPELINE_TASK"]
+
+PIPELINE_TASK = "text-to-image"
+#: Our scheduler ports -> diffusers' classes (and overrides), so both sides step alike.
+DIFFUSERS_SCHEDULERS: Mapping[str, tuple[str, Mapping[str, Any]]] = {
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler-a": ("EulerAncestralDiscreteScheduler", {}),
+    "ddim": ("DDIMScheduler", {}),
+    "dpm++2m": ("DPMSolverMultistepScheduler", {}),
+    "dpm++2m-karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "lcm": ("LCMScheduler", {}),
+    "flow-euler": ("FlowMatchEulerDiscreteScheduler", {}),
+}
+
+
+@dataclass(frozen=True)
+class PipelineBenchConfig:
+    """What to time on a text-to-image artifact.
+
+    ``height``/``width`` None: the size a static-shape engine was compiled for, else the
+    pipeline's default. ``warmup``/``runs``/``duration_s`` apply to each component and to
+    the step (as :class:`~enginekit.bench.harness.BenchConfig`); the whole image runs
+    ``image_runs`` times with no warm-up (its components are warm by then), 0 to skip it.
+    ``threads`` 0: the engine's recorded count, else the machine's physical cores; PyTorch
+    gets the same.
+    """
+
+    height: int | None = None
+    width: int | None = None
+    steps: int = 20
+    images: int = 1
+    warmup: int = 1
+    runs: int | None = 5
+    duration_s: float | None = None
+    image_runs: int = 1
+    threads: int = 0
+    seed: int = 0
+    guidance_scale: float = 7.5
+    prompt: str = "a photograph of an astronaut riding a horse"
+    scheduler: str | None = None
+
+    def __post_init__(self) -> None:
+        self.timing()  # BenchConfig checks runs/duration/warmup/threads
+        if self.steps < 1 or self.image_runs < 0 or not 1 <= self.images <= 16:
+            raise ValueError(f"PipelineBenchConfig needs steps >= 1, image_runs >= 0 and 1-16 images; got "
+                             f"steps={self.steps}, image_runs={self.image_runs}, images={self.images}")
+        if not self.guidance_scale > 1.0:
+            raise ValueError(f"the step is timed with classifier-free guidance: guidance_scale must be above 1, "
+                             f"got {self.guidance_scale}")
+
+    def timing(self) -> BenchConfig:
+        return BenchConfig(warmup=self.warmup, runs=self.runs, duration_s=self.duration_s, threads=self.threads,
+                           seed=self.seed)
+
+
+def is_pipeline(path: str | Path) -> bool:
+    """Whether the artifact at ``path`` is a text-to-image pipeline (reads the manifest only)."""
+    from enginekit.manifest import read_manifest
+
+    return read_manifest(path).task == PIPELINE_TASK
+
+
+# ---------------------------------------------------------------- feeds
+
+
+@dataclass
+class _Plan:
+    """The shared, seeded inputs of every part, at the size benched."""
+
+    height: int
+    width: int
+    scheduler: str
+    ids: dict[str, np.ndarray]  # text encoder -> (2, L) int64: [negative, prompt]
+    unet: dict[str, np.ndarray]
+    latents: np.ndarray  # (images, C, h/f, w/f)
+    decoder_in: np.ndarray
+    encoder_in: np.ndarray
+    timestep: float
+
+
+def _size(pipe: Any, config: PipelineBenchConfig) -> tuple[int, int]:
+    """The size to bench: the one asked for, which a static engine must have been compiled for."""
+    f = pipe.config.vae_scale_factor
+    shape = pipe.components["unet"].inputs[0].shape
+    static = [d * f if isinstance(d, int) and d > 0 else None for d in shape[2:4]]
+    height = config.height or static[0] or pipe.config.default_size
+    width = config.width or static[1] or pipe.config.default_size
+    for name, side, fixed in (("height", height, static[0]), ("width", width, static[1])):
+        if side % f:
+            raise InputError(f"{name} must be a multiple of {f}, got {side}")
+        if fixed is not None and fixed != side:
+            raise ShapeError(f"{pipe.path}: compiled for a static {name} of {fixed}, not {side}; bench it at "
+                             f"--height {static[0]} --width {static[1]} or compile it for this size")
+    rows = shape[0]
+    if isinstance(rows, int) and rows > 0 and rows != 2 * config.images:
+        raise ShapeError(f"{pipe.path}: the UNet was compiled for {rows} rows (batch {rows // 2} with CFG), "
+                         f"not {2 * config.images}; bench it with --batch {rows // 2}")
+    return height, width
+
+
+def _concrete(spec: TensorSpec, dims: Mapping[str, int]) -> tuple[int, ...]:
+    try:
+        return tuple(d if isinstance(d, int) and d >= 0 else dims[str(d)] for d in spec.shape)
+    except KeyError as exc:
+        raise ShapeError(f"input {spec.name!r} has a symbolic dimension {exc} the pipeline bench cannot fill") from None
+
+
+def _plan(pipe: Any, config: PipelineBenchConfig) -> _Plan:
+    from enginekit.runtimes.schedulers import make_scheduler
+    from enginekit.runtimes.tasks.text_to_image import default_scheduler_name
+
+    cfg = pipe.config
+    height, width = _size(pipe, config)
+    f, n = cfg.vae_scale_factor, config.images
+    rng = np.random.default_rng(config.seed)
+    ids = {}
+    for enc in cfg.text_encoders:
+        ids[enc.component] = np.asarray(pipe.tokenizer(enc.tokenizer).encode(["", config.prompt]).input_ids,
+                                        dtype=np.int64)
+    name = config.scheduler or default_scheduler_name(cfg.scheduler)
+    sched = make_scheduler(name, cfg.scheduler)
+    sched.set_timesteps(config.steps)
+    t = float(np.asarray(sched.timesteps)[0])
+    seq = next(iter(ids.values())).shape[1]
+    dims = {"batch": 2 * n, "sequence": seq, "latent_height": height // f, "latent_width": width // f}
+    unet: dict[str, np.ndarray] = {}
+    for spec in pipe.components["unet"].inputs:
+        shape = _concrete(spec, dims)
+        if spec.name == "timestep":
+            unet[spec.name] = np.full(shape, t, dtype=np.float32)
+        elif spec.name == "time_ids":
+            unet[spec.name] = np.tile(np.array([height, width, 0, 0, height, width], np.float32), (shape[0], 1))
+        else:
+            unet[spec.name] = rng.standard_normal(shape, dtype=np.float32)
+    latents = rng.standard_normal((n, cfg.latent_channels, height // f, width // f), dtype=np.float32)
+    decoder_in = rng.standard_normal(latents.shape, dtype=np.float32)
+    encoder_in = rng.uniform(-1.0, 1.0, (1, 3, height, width)).astype(np.float32)
+    return _Plan(height, width, name, ids, unet, latents, decoder_in, encoder_in, t)
+
+
+# ---------------------------------------------------------------- the two sides
+
+
+def _engine_parts(pipe: Any, plan: _Plan, config: PipelineBenchConfig,
+                  out: dict[str, Any]) -> dict[str, tuple[int, Callable[[], Any]]]:
+    """part -> (rows per call, callable) on the engine; the image's pixels land in ``out``."""
+    from enginekit.runtimes.schedulers import make_scheduler
+
+    comps, g = pipe.components, np.float32(config.guidance_scale)
+    parts: dict[str, tuple[int, Callable[[], Any]]] = {}
+    for name, ids in plan.ids.items():
+        feeds = {comps[name].inputs[0].name: ids}
+        parts[f"component:{name}"] = (len(ids), lambda r=comps[name], x=feeds: r.run(x))
+    unet = comps["unet"]
+    parts["component:unet"] = (len(plan.unet["sample"]), lambda: unet.run(plan.unet))
+    parts["component:vae_decoder"] = (len(plan.decoder_in),
+                                      lambda: comps["vae_decoder"].run({"latent_sample": plan.decoder_in}))
+    if "vae_encoder" in comps:
+        parts["component:vae_encoder"] = (1, lambda: comps["vae_encoder"].run({"sample": plan.encoder_in}))
+    sched = make_scheduler(plan.scheduler, pipe.config.scheduler)
+
+    def step() -> np.ndarray:
+        sched.set_timesteps(config.steps)  # a fresh step index: every timed step is the first
+        x = sched.scale_model_input(np.concatenate([plan.latents, plan.latents]), plan.timestep)
+        eps = unet.run({**plan.unet, "sample": x.astype(np.float32)})["out_sample"]
+        uncond, text = np.split(eps, 2)
+        return sched.step(uncond + g * (text - uncond), plan.timestep, plan.latents)
+
+    def image() -> None:
+        out["image"] = pipe(config.prompt, negative_prompt="", num_inference_steps=config.steps,
+                            guidance_scale=config.guidance_scale, height=plan.height, width=plan.width,
+                            num_images_per_prompt=config.images, latents=plan.latents, scheduler=plan.scheduler,
+                            output_type="np").images
+
+    parts["step"] = (config.images, step)
+    parts["image"] = (config.images, image)
+    return parts
+
+
+def _diffusers_pipeline(manifest: Manifest) -> Any:
+    """diffusers' pipeline of the artifact's weights, from its provenance; changed local weights are an error."""
+    from enginekit.export.diffusion.sources import resolve_pipeline
+
+    prov = manifest.provenance
+    spec = prov.get("source")
+    if not spec:
+        raise SourceError("the artifact's manifest records no source pipeline (provenance.source)")
+    seeded = prov.get("kind") in ("builtin", "random")
+    src = resolve_pipeline(str(spec), random_weights=prov.get("kind") == "random",
+                           seed=int(prov.get("seed") or 0), family=prov.get("family") if not seeded else None,
+                           revision=prov.get("revision") if prov.get("kind") == "hub" else None)
+    recorded, now = prov.get("weights_sha256"), src.provenance.get("weights_sha256")
+    if recorded and now is not None and now != recorded:
+        raise SourceError(f"{spec}: the weights changed since the artifact was exported "
+                          "(their sha256 differs from the manifest's); re-export it to bench against them")
+    return src.pipeline
+
+
+def _torch_parts(dpipe: Any, plan: _Plan, config: PipelineBenchConfig,
+                 out: dict[str, Any]) -> dict[str, tuple[int, Callable[[], Any]]]:
+    """The same parts on diffusers' modules, with the same feeds."""
+    import diffusers
+    import torch
+
+    cls_name, overrides = DIFFUSERS_SCHEDULERS[plan.scheduler]
+    dpipe.scheduler = getattr(diffusers, cls_name).from_config(dpipe.scheduler.config, **overrides)
+    dpipe.set_progress_bar_config(disable=True)
+    sched, g = dpipe.scheduler, config.guidance_scale
+    tt = {k: torch.from_numpy(v) for k, v in plan.unet.items()}
+    added = {"text_embeds": tt["text_embeds"], "time_ids": tt["time_ids"]} if "time_ids" in tt else None
+    unet_kw = {"timestep_cond": tt.get("timestep_cond"), "added_cond_kwargs": added, "return_dict": False}
+    latents, t = torch.from_numpy(plan.latents), torch.tensor(plan.timestep)
+    dec_in, enc_in = torch.from_numpy(plan.decoder_in), torch.from_numpy(plan.encoder_in)
+    parts: dict[str, tuple[int, Callable[[], Any]]] = {}
+    for name, ids in plan.ids.items():
+        parts[f"component:{name}"] = (len(ids), lambda m=getattr(dpipe, name), x=torch.from_numpy(ids):
+                                      m(x, output_hidden_states=True))
+    parts["component:unet"] = (len(plan.unet["sample"]), lambda: dpipe.unet(
+        tt["sample"], tt["timestep"], tt["encoder_hidden_states"], **unet_kw))
+    parts["component:vae_decoder"] = (len(plan.decoder_in), lambda: dpipe.vae.decode(dec_in, return_dict=False))
+    parts["component:vae_encoder"] = (1, lambda: dpipe.vae.encode(enc_in).latent_dist.parameters)
+
+    def step() -> Any:
+        sched.set_timesteps(config.steps)
+        x = sched.scale_model_input(torch.cat([latents, latents]), t)
+        eps = dpipe.unet(x, t, tt["encoder_hidden_states"], **unet_kw)[0]
+        uncond, text = eps.chunk(2)
+        return sched.step(uncond + g * (text - uncond), t, latents, return_dict=False)[0]
+
+    def image() -> None:
+        out["image"] = dpipe(config.prompt, negative_prompt="", num_inference_steps=config.steps,
+                             guidance_scale=g, height=plan.height, width=plan.width,
+                             num_images_per_prompt=config.images, latents=latents.clone(), output_type="np").images
+
+    parts["step"] = (config.images, step)
+    parts["image"] = (config.images, image)
+    return parts
+
+
+def _time_parts(parts: Mapping[str, tuple[int, Callable[[], Any]]], config: PipelineBenchConfig, label: str,
+                progress: bool, rss: list[int] | None = None) -> dict[str, dict[str, Any]]:
+    """part -> result (``bench_runner``'s fields plus ``first_inference_ms``), in the order of ``parts``."""
+    proc = psutil.Process()
+    results: dict[str, dict[str, Any]] = {}
+    for part, (rows, fn) in parts.items():
+        if part == "image":
+            if config.image_runs == 0:
+                continue
+            # No cold call or warm-up: a whole image costs minutes, and the parts before warmed its components.
+            cfg, first_ms = BenchConfig(warmup=0, runs=config.image_runs, threads=config.threads), None
+        else:
+            start = time.perf_counter()
+            fn()  # the cold call, which also counts as the first warm-up call
+            first_ms = (time.perf_counter() - start) * 1e3
+            cfg = replace(config.timing(), warmup=max(config.warmup - 1, 0))
+        with _progress_bar(f"{label} {part}", cfg.runs, progress) as bar:
+            def tick(_i: int, bar: Any = bar) -> None:
+                bar.update(1)
+                if rss is not None:
+                    rss.append(proc.memory_info().rss)
+            samples = time_callable(fn, cfg, on_progress=tick)
+        stats = latency_stats(samples)
+        results[part] = {"batch": rows, "latency_ms": stats, "runs": len(samples),
+                         "throughput_ips": rows * 1000.0 / stats["p50"], "first_inference_ms": first_ms}
+    return results
+
+
+# ---------------------------------------------------------------- the bench
+
+
+def _open_pipeline(path: Path, device: str, backend: str | None, threads: int) -> tuple[Any, Manifest, str, int]:
+    """``enginekit.load`` with the thread count pinned in the manifest target the runners read at load.
+
+    Returns the pipeline, the manifest as on disk, the backend name and the threads in
+    effect: ``threads``, else what the artifact recorded, else the physical cores.
+    """
+    import os
+
+    from enginekit.api import Components, default_backend, resolve_device
+    from enginekit.artifact import verify_artifact
+    from enginekit.errors import BackendError
+    from enginekit.manifest import read_manifest
+    from enginekit.registry import get_backend, task_class
+
+    manifest = read_manifest(path)
+    if manifest.task != PIPELINE_TASK:
+        raise InputError(f"{path}: a {manifest.task} artifact, not a {PIPELINE_TASK} pipeline")
+    verify_artifact(path, manifest)
+    name = backend or default_backend(manifest)
+    be = get_backend(name)
+    if manifest.kind not in be.loads:
+        raise BackendError(f"backend {name!r} cannot load a {manifest.kind!r} artifact; "
+                           f"compile it first: enginekit compile {path} --backend {name} -o OUT")
+    key = THREADS_KEY.get(name)
+    recorded = int(manifest.target.get(key) or 0) if key else 0
+    threads = threads or recorded or psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    pinned = manifest.replace(target={**manifest.target, key: threads}) if key else manifest
+    components = Components(path, pinned, be, resolve_device(be, device))
+    return task_class(manifest.task).from_artifact(components, pinned, path), manifest, name, threads
+
+
+def _torch_side(dpipe: Any, plan: _Plan, config: PipelineBenchConfig, threads: int, label: str,
+                progress: bool, out: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            return _time_parts(_torch_parts(dpipe, plan, config, out), config, label, progress)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def bench_pipeline(
+    path: str | Path,
+    config: PipelineBenchConfig,
+    device: str = "cpu",
+    backend: str | None = None,
+    *,
+    baseline: bool = False,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Time a text-to-image artifact's components, one denoising step and a whole image;
+    one record per part (see the module docstring), speed-ups filled where a baseline ran.
+
+    Steps: 1. open the engine with the threads pinned and load every component
+    (``load_ms``: each component's load; the step and image records carry the sum);
+    2. build the seeded feeds and initial latents at the size benched; 3. with
+    ``baseline``, rebuild diffusers' pipeline from the provenance and time its parts;
+    4. time the engine's parts; 5. time diffusers' parts again and keep, per part, the
+    faster of the two runs as the baseline record.
+    ``peak_rss_bytes`` on engine records is the largest RSS sampled while the engine ran:
+    with a baseline the process also holds the PyTorch pipeline.
+    """
+    path = Path(path)
+    hw, proc = fingerprint(), psutil.Process()
+    pipe, manifest, name, threads = _open_pipeline(path, device, backend, config.threads)
+    config = replace(config, threads=threads)
+    try:
+        loads: dict[str, float] = {}
+        for comp in ("unet", "vae_decoder", "vae_encoder", *(e.component for e in pipe.config.text_encoders)):
+            if comp in pipe.components:
+                start = time.perf_counter()
+                pipe.components[comp]  # noqa: B018 - loads it
+                loads[comp] = (time.perf_counter() - start) * 1e3
+        rss = [proc.memory_info().rss]
+        plan = _plan(pipe, config)
+        pixels: dict[str, dict[str, Any]] = {"engine": {}, "before": {}, "after": {}}
+        dpipe = _diffusers_pipeline(manifest) if baseline else None
+        before = (_torch_side(dpipe, plan, config, threads, "pytorch (before)", progress, pixels["before"])
+                  if baseline else {})
+        ours = _time_parts(_engine_parts(pipe, plan, config, pixels["engine"]), config, path.name, progress, rss)
+        after = (_torch_side(dpipe, plan, config, threads, "pytorch (after)", progress, pixels["after"])
+                 if baseline else {})
+        engine = engine_info(path, manifest, name, pipe.device)
+        torch_sizes = _parameter_bytes(dpipe, manifest) if baseline else {}
+    finally:
+        pipe.close()
+    del dpipe
+
+    sizes = {c: sum(f.size for f in manifest.components[c].files) for c in manifest.components}
+    common = {"threads": threads, "hardware": hw, "model": manifest.provenance.get("source")}
+    extra = {"height": plan.height, "width": plan.width, "steps": config.steps}
+    records = []
+    for part, result in ours.items():
+        comp = part.split(":", 1)[1] if part.startswith("component:") else None
+        rec = make_record(engine=engine, result=result, load_ms=loads.get(comp) if comp else sum(loads.values()),
+                          first_inference_ms=result["first_inference_ms"], peak_rss_bytes=max(rss),
+                          size_bytes=sizes.get(comp) if comp else sum(sizes.values()),
+                          fidelity=_image_fidelity(pixels) if part == "image" else None, **common)
+        records.append({**rec, "part": part, **extra})
+    torch_engine = {"artifact": None, "name": "diffusers-pytorch-eager", "kind": "pytorch", "backend": "pytorch",
+                    "device": "cpu", "method": "float", "precision": "fp32", "manifest_sha256": None,
+                    "inference_precision": "f32"}
+    for part, first in before.items():
+        second = after[part]
+        best = min(first, second, key=lambda r: r["latency_ms"]["p50"])
+        comp = part.split(":", 1)[1] if part.startswith("component:") else None
+        rec = make_record(engine=torch_engine, result=best, first_inference_ms=first["first_inference_ms"],
+                          size_bytes=torch_sizes.get(comp),
+                          baseline=True, **common)
+        records.append({**rec, "part": part, **extra, "baseline_p50_ms": {
+            "before": first["latency_ms"]["p50"], "after": second["latency_ms"]["p50"]}})
+    add_speedups(records)
+    return records
+
+
+def _parameter_bytes(dpipe: Any, manifest: Manifest) -> dict[str | None, int]:
+    """Bytes of each PyTorch module's parameters by component (the VAE parts share one VAE); None: all."""
+    modules = {c: getattr(dpipe, "vae" if c.startswith("vae_") else c, None) for c in manifest.components}
+    sizes: dict[str | None, int] = {c: sum(p.numel() * p.element_size() for p in m.parameters())
+                                    for c, m in modules.items() if m is not None}
+    sizes[None] = sum(sizes[c] for c in {id(m): c for c, m in modules.items() if m is not None}.values())
+    return sizes
+
+
+def _image_fidelity(pixels: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
+    """How far the engine's image is from diffusers' (same latents, same scheduler), in [0, 1] pixels."""
+    ours, theirs = pixels["engine"].get("image"), pixels["after"].get("image")
+    if ours is None or theirs is None:
+        return {}
+    diff = np.abs(np.asarray(ours, np.float32) - np.asarray(theirs, np.float32))
+    return {"image_max_abs": float(diff.max()), "image_mean_abs": float(diff.mean())}
+
+
+def baseline_note(records: Sequence[Mapping[str, Any]]) -> str | None:
+    """One line on how the speed-ups were taken, from a run's pipeline baseline records (None without any)."""
+    steps = [r for r in records if r.get("baseline") and r.get("part") == "step" and "baseline_p50_ms" in r]
+    if not steps:
+        return None
+    b = steps[-1]["baseline_p50_ms"]
+    return (f"PyTorch (diffusers, fp32 eager, {steps[-1]['threads']} threads) was timed before and after the "
+            f"engine; speed-ups divide by the faster of the two (step p50 {b['before']:.1f} ms before, "
+            f"{b['after']:.1f} ms after)")
