@@ -62,11 +62,12 @@ def cli(verbose: bool) -> None:
 
     \b
     Stages, each reading an artifact folder and writing a new one:
-      export MODEL -o onnx/           PyTorch -> ONNX, parity-checked
+      export MODEL -o onnx/           PyTorch -> ONNX, parity-checked (ViT or SD pipeline)
       compile onnx/ --backend B -o e/  ONNX -> ONNX Runtime or OpenVINO engine
       quantize onnx/ -m METHOD -o q/  fp16 / int8 / int4, gated on fidelity
       evaluate q/ --data labelled/    accuracy and agreement with the float parent
       predict e/ IMAGES...            classify images with any artifact
+      generate e/ PROMPT -o a.png     text-to-image with a pipeline artifact
       inspect e/                      show what an artifact's manifest says
       doctor                          hardware, installed backends, versions
       bench e/ f/ --batch 1,8         time engines; records go to a results store
@@ -80,43 +81,79 @@ def cli(verbose: bool) -> None:
 @cli.command()
 @click.argument("model")
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Artifact folder to write.")
-@click.option("--random-weights", is_flag=True, help="timm:NAME only: the real architecture with seeded weights (offline).")
+@click.option("--family", type=click.Choice(["sd15", "sd21", "sdxl"]),
+              help="Diffusion family: required for a single-file .safetensors checkpoint, checked otherwise.")
+@click.option("--task", type=click.Choice(["image-classification", "text-to-image"]),
+              help="What MODEL is, where the source cannot tell (a hub id is a classifier unless told).")
+@click.option("--random-weights", is_flag=True,
+              help="timm:NAME, sd15, sd21, sdxl: the real architecture with seeded weights (offline).")
 @click.option("--weights", type=click.Path(path_type=Path), help="timm:NAME only: a .safetensors file to load.")
 @click.option("--seed", default=0, show_default=True, help="Seed for random weights and parity inputs.")
 @click.option("--revision", help="Hub revision (branch, tag or commit) for a hub id.")
 @click.option("--opset", default=18, show_default=True, help="ONNX opset.")
-@click.option("--atol", default=1e-4, show_default=True, help="Parity budget: absolute part.")
-@click.option("--rtol", default=1e-4, show_default=True, help="Parity budget: part relative to the largest logit.")
+@click.option("--atol", type=float, default=None,
+              help="Parity budget, absolute part (default 1e-4).")
+@click.option("--rtol", type=float, default=None,
+              help="Parity budget, part relative to the largest output (default 1e-4 classifiers, 1e-3 pipelines).")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists (atomically).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
-def export(model: str, out: Path, random_weights: bool, weights: Path | None, seed: int, revision: str | None,
-           opset: int, atol: float, rtol: float, overwrite: bool, as_json: bool) -> None:
+def export(model: str, out: Path, family: str | None, task: str | None, random_weights: bool, weights: Path | None,
+           seed: int, revision: str | None, opset: int, atol: float | None, rtol: float | None, overwrite: bool,
+           as_json: bool) -> None:
     """Export MODEL to an ONNX artifact and check it against PyTorch.
 
     \b
-    MODEL is one of:
+    Classifiers (ViT, timm or transformers):
       default                       the built-in digits ViT
       timm:NAME                     e.g. timm:vit_small_patch16_384 (add --random-weights offline)
       PATH                          a folder: timm hub format or transformers save_pretrained
       ORG/NAME, hf-hub:ORG/NAME     a Hugging Face Hub repository (honours HF_HUB_OFFLINE)
+    Diffusion pipelines (SD 1.5, SD 2.x, SDXL), one ONNX graph per component:
+      tiny-sd15, tiny-sdxl          built-in seeded tiny pipelines
+      sd15, sd21, sdxl              the real architectures; needs --random-weights
+      PATH                          a diffusers folder (model_index.json + component subfolders)
+      FILE.safetensors --family F   a single-file checkpoint, as A1111/sdnext keep them
+      ORG/NAME --task text-to-image a hub pipeline
     """
-    from enginekit.export.vit import ExportOptions, export_classifier
+    from enginekit.export.api import export_model
 
     console = _console()
     with console.status("exporting") as status:
-        manifest = export_classifier(
-            model, out, ExportOptions(opset=opset, atol=atol, rtol=rtol, seed=seed),
-            random_weights=random_weights, weights=weights, revision=revision, overwrite=overwrite,
+        manifest = export_model(
+            model, out, family=family, task=task, random_weights=random_weights, weights=weights,
+            revision=revision, seed=seed, opset=opset, atol=atol, rtol=rtol, overwrite=overwrite,
             on_step=lambda msg: status.update(msg),
         )
     if as_json:
         _emit_json(manifest.to_dict())
         return
     fid = manifest.fidelity
+    if manifest.task == "text-to-image":
+        worst = min((c.fidelity.get("min_cosine", 1.0) for c in manifest.components.values()), default=1.0)
+        peak = manifest.provenance.get("peak_rss_bytes")
+        console.print(
+            f"[green]wrote[/] {out}  ({manifest.family}: {', '.join(manifest.components)}; parity vs PyTorch: "
+            f"worst component cosine {worst:.6f}" + (f"; peak memory {peak / 2**30:.1f} GiB" if peak else "") + ")"
+        )
+        return
     console.print(
         f"[green]wrote[/] {out}  ({manifest.provenance.get('architecture')}, "
         f"parity vs PyTorch: logits max abs {fid['logits_max_abs']:.2e}, cosine {fid['logits_cosine']:.6f})"
     )
+
+
+def _backend_option(values: tuple[str, ...]) -> dict[str, Any]:
+    """``--option key=value``: the value is read as JSON where it parses (numbers, true, lists), else a string."""
+    out: dict[str, Any] = {}
+    for item in values:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--option")
+        try:
+            out[key] = json.loads(raw)
+        except ValueError:
+            out[key] = raw
+    return out
 
 
 @cli.command(name="compile")
@@ -126,22 +163,85 @@ def export(model: str, out: Path, random_weights: bool, weights: Path | None, se
 @click.option("--device", default="cpu", show_default=True, help="Device the engine targets: cpu, cuda, gpu.")
 @click.option("--threads", default=0, show_default=True, help="Worker threads (0: backend default).")
 @click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
-              help="OpenVINO: weight precision of the IR.")
+              help="OpenVINO: weight precision of the IR (a pipeline keeps its family's exceptions, e.g. "
+                   "SDXL's VAE, in fp32). ONNX Runtime runs the graph's own precision: quantize first.")
+@click.option("--height", type=int, help="OpenVINO, pipelines: compile static shapes for this image height.")
+@click.option("--width", type=int, help="OpenVINO, pipelines: compile static shapes for this image width.")
+@click.option("--batch", type=int, help="OpenVINO: a static batch (images per call; a pipeline's UNet gets 2x for CFG).")
+@click.option("--option", "options", multiple=True, metavar="KEY=VALUE",
+              help="A backend option, repeatable (e.g. performance_hint=THROUGHPUT); unknown keys are refused.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists (atomically).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def compile_cmd(artifact: Path, backend: str, out: Path, device: str, threads: int, precision: str,
+                height: int | None, width: int | None, batch: int | None, options: tuple[str, ...],
                 overwrite: bool, as_json: bool) -> None:
-    """Compile an ONNX ARTIFACT into a BACKEND engine."""
-    from enginekit.api import compile_artifact
-    from enginekit.runtimes.base import CompileOptions
+    """Compile an ONNX ARTIFACT (every component of a pipeline) into a BACKEND engine."""
+    from enginekit.app.build import build_engine
 
-    options = CompileOptions(device=device, threads=threads, extra={"precision": precision})
     with _console().status(f"compiling for {backend}"):
-        manifest = compile_artifact(artifact, backend, out, options, overwrite=overwrite)
+        manifest = build_engine(artifact, backend, out, device=device, threads=threads, precision=precision,
+                                height=height, width=width, batch=batch, options=_backend_option(options),
+                                overwrite=overwrite)
     if as_json:
         _emit_json(manifest.to_dict())
     else:
-        _console().print(f"[green]wrote[/] {out}  ({manifest.kind}, device {manifest.target.get('device')})")
+        precisions = ", ".join(sorted({c.precision for c in manifest.components.values()}))
+        _console().print(f"[green]wrote[/] {out}  ({manifest.kind}, {len(manifest.components)} component(s), "
+                         f"{precisions}, device {manifest.target.get('device')})")
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.argument("prompt")
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
+              help="Image file to write (.png, .jpg, .webp); several images get -1, -2, ... before the suffix.")
+@click.option("--negative", default=None, help="Negative prompt.")
+@click.option("--steps", default=20, show_default=True, help="Denoising steps.")
+@click.option("--guidance", default=7.5, show_default=True, help="Classifier-free guidance scale (1 turns CFG off).")
+@click.option("--seed", type=int, default=None, help="Seed for numpy's generator (printed when omitted).")
+@click.option("--height", type=int, help="Image height, a multiple of 8 (default: the model's size).")
+@click.option("--width", type=int, help="Image width, a multiple of 8 (default: the model's size).")
+@click.option("--scheduler", type=click.Choice(["euler", "euler-a", "ddim", "dpm++2m", "dpm++2m-karras", "lcm"]),
+              default=None, help="Sampler (default: the pipeline's own where ported, else euler).")
+@click.option("--init-image", type=click.Path(path_type=Path), help="Image-to-image: start from this picture.")
+@click.option("--strength", default=0.8, show_default=True, help="Image-to-image: how much of it to repaint (0-1].")
+@click.option("--num-images", default=1, show_default=True, help="Images for the prompt.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, gpu.")
+@click.option("--backend", help="Backend to run on (default: the one the artifact was built for).")
+@click.option("--json", "as_json", is_flag=True, help="Print what was written as JSON.")
+def generate(artifact: Path, prompt: str, out: Path, negative: str | None, steps: int, guidance: float,
+             seed: int | None, height: int | None, width: int | None, scheduler: str | None,
+             init_image: Path | None, strength: float, num_images: int, device: str, backend: str | None,
+             as_json: bool) -> None:
+    """Generate images for PROMPT with a text-to-image ARTIFACT (torch-free)."""
+    import time
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from enginekit.app.build import generate_images
+
+    started = time.perf_counter()
+    with Progress(TextColumn("denoising"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=_console(), transient=True, disable=as_json) as progress:
+        bar = progress.add_task("denoising", total=None)
+
+        def on_step(step: int, t: float, latents: Any) -> None:
+            progress.update(bar, completed=step + 1, total=max(step + 1, progress.tasks[0].total or 0))
+
+        call: dict[str, Any] = dict(negative_prompt=negative, num_inference_steps=steps, guidance_scale=guidance,
+                                    height=height, width=width, num_images_per_prompt=num_images, seed=seed,
+                                    scheduler=scheduler)
+        if init_image is not None:
+            call["strength"] = strength
+        paths, result = generate_images(artifact, prompt, out, device=device, backend=backend,
+                                        init_image=init_image, on_step=on_step, **call)
+    elapsed = time.perf_counter() - started
+    if as_json:
+        _emit_json({"images": [str(p) for p in paths], "seed": result.seed, "steps": len(result.timesteps),
+                    "seconds": round(elapsed, 3)})
+        return
+    _console().print(f"[green]wrote[/] {', '.join(map(str, paths))}  (seed {result.seed}, "
+                     f"{len(result.timesteps)} steps, {elapsed:.1f} s)")
 
 
 @cli.command()
@@ -340,9 +440,10 @@ def _batches(value: str) -> tuple[int, ...]:
 @bench.command(name="run")
 @click.argument("artifacts", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--batch", default="1", show_default=True, help="Batch sizes, comma separated.")
-@click.option("--runs", type=int, default=None, help="Timed runs per batch size (default 50).")
+@click.option("--runs", type=int, default=None,
+              help="Timed runs per batch size (default 50); a pipeline's per component and step (default 5).")
 @click.option("--duration", type=float, default=None, help="Or: seconds of timed runs per batch size.")
-@click.option("--warmup", default=10, show_default=True, help="Untimed runs first.")
+@click.option("--warmup", type=int, default=None, help="Untimed runs first (default 10; pipelines 1).")
 @click.option("--threads", default=0, show_default=True, help="Engine threads (0: backend default); recorded.")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--store", type=click.Path(path_type=Path), default=Path("results/results.jsonl"), show_default=True,
@@ -353,32 +454,53 @@ def _batches(value: str) -> tuple[int, ...]:
 @click.option("--baseline", type=click.Choice(["torch"]), default=None,
               help="Also time PyTorch eager fp32 of each artifact's source model in the same run; "
                    "speed-ups are against it.")
-def bench_run(artifacts: tuple[Path, ...], batch: str, runs: int | None, duration: float | None, warmup: int,
-              threads: int, device: str, store: Path, json_out: Path | None, ray_address: str | None,
-              baseline: str | None) -> None:
+@click.option("--height", type=int, default=None, help="Pipelines: image height (default: the engine's).")
+@click.option("--width", type=int, default=None, help="Pipelines: image width (default: the engine's).")
+@click.option("--steps", default=20, show_default=True, help="Pipelines: denoising steps of the whole image.")
+@click.option("--image-runs", default=1, show_default=True, help="Pipelines: timed whole images (0: none).")
+def bench_run(artifacts: tuple[Path, ...], batch: str, runs: int | None, duration: float | None,
+              warmup: int | None, threads: int, device: str, store: Path, json_out: Path | None,
+              ray_address: str | None, baseline: str | None, height: int | None, width: int | None, steps: int,
+              image_runs: int) -> None:
     """Time each ARTIFACT: warm latency p50/p90/p99, throughput, load and first
     inference, peak memory, size, and its recorded fidelity, in one row.
+
+    A text-to-image ARTIFACT is timed per component, per denoising step and per
+    whole image (--height/--width/--steps); with --baseline torch, diffusers' PyTorch
+    pipeline of the same weights runs the same parts before and after the engine.
 
     With --ray, each node of the cluster benches copies of the ARTIFACTs (sent
     from here) and the records of every node are appended here."""
     from enginekit.bench.harness import BenchConfig, add_speedups, bench_artifact, torch_baselines
+    from enginekit.bench.pipeline import PipelineBenchConfig, baseline_note, bench_pipeline, is_pipeline
     from enginekit.bench.store import ResultsStore
 
-    if runs is None and duration is None:
-        runs = 50
+    pipelines = [p for p in artifacts if is_pipeline(p)]
+    artifacts = tuple(p for p in artifacts if p not in pipelines)
     try:
-        config = BenchConfig(batch_sizes=_batches(batch), warmup=warmup, runs=runs, duration_s=duration,
+        config = BenchConfig(batch_sizes=_batches(batch), warmup=10 if warmup is None else warmup,
+                             runs=50 if runs is None and duration is None else runs, duration_s=duration,
                              threads=threads)
+        pconfig = PipelineBenchConfig(height=height, width=width, steps=steps, images=max(_batches(batch)),
+                                      warmup=1 if warmup is None else warmup,
+                                      runs=5 if runs is None and duration is None else runs, duration_s=duration,
+                                      image_runs=image_runs, threads=threads)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
-    if ray_address:
+    if pipelines and (ray_address or len(_batches(batch)) > 1):
+        raise click.UsageError("a text-to-image pipeline is benched here at one batch (--batch N images): "
+                               "drop --ray or the extra batch sizes")
+    records: list[dict[str, Any]] = []
+    if ray_address and artifacts:
         from enginekit.bench.cluster import bench_on_ray
 
         records = bench_on_ray(ray_address, artifacts, config, device=device, torch_baseline=baseline == "torch",
                                shutdown=False)
-    else:
+    elif artifacts:
         records = torch_baselines(artifacts, config) if baseline == "torch" else []
         records += [rec for path in artifacts for rec in bench_artifact(path, config, device=device)]
+    for path in pipelines:
+        records += bench_pipeline(path, pconfig, device=device, baseline=baseline == "torch")
     add_speedups(records)
     ResultsStore(store).append(records)
     if json_out:
@@ -388,20 +510,26 @@ def bench_run(artifacts: tuple[Path, ...], batch: str, runs: int | None, duratio
     from rich.table import Table
 
     table = Table(title=f"appended {len(records)} records to {escape(str(store))}")
-    for col in ("engine", "method", "batch", "p50 ms", "p90 ms", "p99 ms", "img/s", "speed-up", "load ms",
-                "first ms", "size MB", "cosine", *(("node",) if ray_address else ())):
-        table.add_column(col, justify="left" if col in ("engine", "method", "node") else "right")
+    parts = any(r.get("part") for r in records)
+    for col in ("engine", *(("part",) if parts else ()), "method", "batch", "p50 ms", "p90 ms", "p99 ms", "img/s",
+                "speed-up", "load ms", "first ms", "size MB", "cosine", *(("node",) if ray_address else ())):
+        table.add_column(col, justify="left" if col in ("engine", "part", "method", "node") else "right")
     for r in records:
         lat = r["latency_ms"]
         cos = r["fidelity"].get("logits_cosine")
-        table.add_row(escape(r["engine"]["name"]), r["engine"]["method"], str(r["batch"]), f"{lat['p50']:.2f}",
+        table.add_row(escape(r["engine"]["name"]), *((escape(r.get("part") or "-"),) if parts else ()),
+                      r["engine"]["method"], str(r["batch"]), f"{lat['p50']:.2f}",
                       f"{lat['p90']:.2f}", f"{lat['p99']:.2f}", f"{r['throughput_ips']:.1f}",
                       f"{r['speedup']:.2f}x" if r.get("speedup") else "-",
                       f"{r['load_ms']:.0f}" if r["load_ms"] is not None else "-",
                       f"{r['first_inference_ms']:.1f}" if r["first_inference_ms"] is not None else "-",
                       f"{(r['size_bytes'] or 0) / 1e6:.1f}", f"{cos:.5f}" if cos is not None else "-",
                       *((escape(f"{r['node']['hostname']} {r['node']['node_id'][:8]}"),) if ray_address else ()))
-    Console(width=None if sys.stdout.isatty() else 160).print(table)
+    out = Console(width=None if sys.stdout.isatty() else 160)
+    out.print(table)
+    note = baseline_note(records)
+    if note:
+        out.print(escape(note), highlight=False)
     if ray_address:
         # Records are saved and printed: leave without Ray's driver teardown, which can crash
         # the process after the work is done (a known Ray core-worker shutdown race).
