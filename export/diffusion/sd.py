@@ -502,7 +502,9 @@ def _task_config(pipe: Any, family: str) -> dict[str, Any]:
         "requires_aesthetics_score": bool(pipe.config.get("requires_aesthetics_score", False)),
         "time_cond_proj_dim": None if unet.time_cond_proj_dim is None else int(unet.time_cond_proj_dim),
         "addition_time_embed_dim": int(unet.addition_time_embed_dim) if sdxl else None,
-        "vae_precision": "fp32" if vae.get("force_upcast", False) else "any",
+        # Only the SDXL pipeline honours force_upcast (its VAE overflows in fp16); diffusers'
+        # AutoencoderKL defaults the flag to True, so SD 1.x/2.x configs carry it without meaning it.
+        "vae_precision": "fp32" if sdxl and vae.get("force_upcast", True) else "any",
         "text_encoder_vocab_sizes": {n: int(getattr(pipe, n).config.vocab_size) for n in encoders},
     }
 

@@ -266,7 +266,8 @@ def _load_folder(folder: Path, family: str | None, revision: str | None) -> Pipe
     index = _read_json(folder / "model_index.json")
     detected, how = _detect_family(folder, index)
     if family is not None and family != detected:
-        if how.startswith("text encoder"):  # the folder could not tell: the caller decides
+        if how.startswith("text encoder") and "sdxl" not in (family, detected):
+            # SD 1.x or 2.x of a width the folder cannot tell by: the caller decides
             detected, how = family, "--family"
         else:
             raise SourceError(f"{folder}: a {detected} pipeline by its {how}, not {family} (--family {family})")
