@@ -354,3 +354,21 @@ def test_full_size_sd15_random_weights_fits_in_24_gb(tmp_path: Path) -> None:
     assert {f.path for f in unet.files} == {"unet/model.onnx", "unet/model.onnx.data"}
     assert unet.input("encoder_hidden_states").shape == ("batch", "sequence", 768)
     assert manifest.task_config["sample_size"] == 64
+
+
+def test_lcm_unet_takes_timestep_cond() -> None:
+    """A UNet with time_cond_proj_dim (LCM) gets a ``timestep_cond`` input (the plan only: no export)."""
+    import diffusers
+
+    from enginekit.export.diffusion.sd import _plans
+
+    src = resolve_pipeline("tiny-sd15")
+    cfg = {k: v for k, v in src.pipeline.unet.config.items() if not k.startswith("_")}
+    cfg["time_cond_proj_dim"] = 16
+    src.pipeline.unet = diffusers.UNet2DConditionModel.from_config(cfg).eval()
+    plan = _plans(src.pipeline, "sd15", PipelineExportOptions())[1]()
+    assert plan.name == "unet"
+    assert [t.name for t in plan.inputs] == ["sample", "timestep", "encoder_hidden_states", "timestep_cond"]
+    assert plan.inputs[-1].shape == ("batch", 16)
+    out = plan.module(*plan.parity)
+    assert tuple(out.shape) == tuple(plan.parity[0].shape)
