@@ -10,7 +10,7 @@ from typing import Mapping
 
 import numpy as np
 
-__all__ = ["cosine_similarity", "compare_outputs", "top1_agreement"]
+__all__ = ["cosine_similarity", "compare_outputs", "top1_agreement", "psnr"]
 
 
 def cosine_similarity(a: np.ndarray, b: np.ndarray) -> float:
@@ -46,3 +46,15 @@ def compare_outputs(reference: Mapping[str, np.ndarray], outputs: Mapping[str, n
     if "logits" in reference:
         report["top1_agreement"] = top1_agreement(reference["logits"], outputs["logits"])
     return report
+
+
+def psnr(reference: np.ndarray, image: np.ndarray, peak: float = 1.0) -> float:
+    """Peak signal-to-noise ratio in dB of ``image`` against ``reference`` (inf when equal).
+
+    Images are floats in [0, ``peak``]; 40 dB is a mean error of about 1/100 of the range."""
+    ref = np.asarray(reference, dtype=np.float64)
+    got = np.asarray(image, dtype=np.float64)
+    if ref.shape != got.shape:
+        raise ValueError(f"image has shape {got.shape}, reference {ref.shape}")
+    mse = float(np.mean((ref - got) ** 2))
+    return float("inf") if mse == 0 else 10.0 * float(np.log10(peak * peak / mse))

@@ -106,3 +106,37 @@ def make_photo(size: tuple[int, int], seed: int, mode: str = "RGB") -> "object":
     img += rng.normal(0, 12, img.shape)
     arr = np.clip(img, 0, 255).astype(np.uint8)
     return Image.fromarray(arr, "RGB").convert(mode)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipelines(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], Path]:
+    """The built-in tiny pipelines exported once per session and compiled for every
+    installed backend: {(name, kind): path}, name in tiny-sd15 / tiny-sdxl, kind onnx or a backend."""
+    from enginekit.api import compile_artifact
+    from enginekit.export.diffusion.sd import export_pipeline
+
+    root = tmp_path_factory.mktemp("pipelines")
+    out: dict[tuple[str, str], Path] = {}
+    for name in ("tiny-sd15", "tiny-sdxl"):
+        onnx_dir = root / name
+        export_pipeline(name, onnx_dir)
+        out[(name, "onnx")] = onnx_dir
+        for backend in installed_backends():
+            target = root / f"{name}-{backend}"
+            compile_artifact(onnx_dir, backend, target)
+            out[(name, backend)] = target
+    return out
+
+
+def diffusers_twin(name: str) -> "object":
+    """The seeded diffusers pipeline an exported built-in came from (rebuilt, identical weights)."""
+    from enginekit.export.diffusion.sources import resolve_pipeline
+
+    return resolve_pipeline(name).pipeline
+
+
+def psnr(reference: np.ndarray, image: np.ndarray) -> float:
+    """PSNR in dB of ``image`` against ``reference``, both floats in [0, 1]."""
+    from enginekit.fidelity import psnr as _psnr
+
+    return _psnr(reference, image)

@@ -77,3 +77,27 @@ def test_export_without_torch_names_the_extra(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     assert "pip install 'enginekit[export]'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_generate_without_torch(tiny_pipelines: dict, tmp_path: Path) -> None:
+    """TextToImage and `enginekit generate` with torch, diffusers and transformers unimportable."""
+    out = tmp_path / "a.png"
+    code = _BLOCKER + textwrap.dedent(
+        f"""
+        import json
+        import enginekit
+        from enginekit.app.cli import main
+        pipe = enginekit.load({str(tiny_pipelines[("tiny-sd15", "onnx")])!r}, device="cpu")
+        images = pipe("a lighthouse", num_inference_steps=2, seed=3, output_type="np").images
+        heavy = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
+        print(json.dumps({{"shape": list(images.shape), "heavy": heavy}}))
+        sys.argv = ["enginekit", "generate", {str(tiny_pipelines[("tiny-sd15", "onnx")])!r}, "a lighthouse",
+                    "-o", {str(out)!r}, "--steps", "2", "--seed", "3", "--json"]
+        main()
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    first = json.loads(proc.stdout.strip().splitlines()[0])
+    assert first["heavy"] == [] and first["shape"][0] == 1 and first["shape"][-1] == 3
+    assert out.is_file()

@@ -209,7 +209,7 @@ class TextToImage:
         extra: dict[str, Any] = {}
         if precision != "fp32":
             extra["precision"] = precision
-            if cfg.extra.get("vae_precision") == "fp32":
+            if backend == "openvino" and cfg.extra.get("vae_precision") == "fp32":
                 extra["keep_fp32"] = [n for n in ("vae_decoder", "vae_encoder") if n in manifest.components]
         if height is None and width is None and batch is None:
             return extra
