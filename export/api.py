@@ -54,6 +54,7 @@ def export_model(
     opset: int = 18,
     atol: float | None = None,
     rtol: float | None = None,
+    image_check: bool = True,
     overwrite: bool = False,
     on_step: Callable[[str], None] = lambda msg: None,
 ) -> Manifest:
@@ -65,7 +66,7 @@ def export_model(
         if weights is not None:
             raise SourceError("--weights is for timm classifiers; give a pipeline's .safetensors file as MODEL")
         budget: dict[str, Any] = {k: v for k, v in (("atol", atol), ("rtol", rtol)) if v is not None}
-        return export_pipeline(spec, out_dir, PipelineExportOptions(opset=opset, seed=seed, **budget),
+        return export_pipeline(spec, out_dir, PipelineExportOptions(opset=opset, seed=seed, image_check=image_check, **budget),
                                family=family, random_weights=random_weights, revision=revision,
                                overwrite=overwrite, on_step=on_step)
     from enginekit.export.vit import ExportOptions, export_classifier

@@ -101,6 +101,9 @@ def quantize_artifact(
     root = Path(artifact)
     parent = read_manifest(root)
     verify_artifact(root, parent)
+    if parent.task != "image-classification":
+        raise QuantizationError(f"{root}: quantize takes image classifiers; this is a {parent.task} artifact "
+                                "(pipelines compile at fp16 with `enginekit compile --precision fp16`)")
     if parent.kind != "onnx" or parent.quantization:
         raise QuantizationError(f"{root}: quantize takes a float ONNX artifact (from export), this one is "
                                 f"{parent.kind}{' ' + parent.quantization.get('method', '') if parent.quantization else ''}")
@@ -210,6 +213,9 @@ def evaluate_artifact(artifact: str | Path, data: str | None = None, limit: int 
                       device: str = "cpu") -> dict[str, Any]:
     """Accuracy (when ``data`` is labelled) and agreement with the float parent, if it is still on disk."""
     root = Path(artifact)
+    if read_manifest(root).task != "image-classification":
+        raise QuantizationError(f"{root}: evaluate judges image classifiers; this is a "
+                                f"{read_manifest(root).task} artifact")
     runner, manifest = load_runner(root, device=device)
     spec = data or ("builtin" if manifest.provenance.get("source") == "default" else None)
     if spec is None:

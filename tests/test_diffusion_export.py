@@ -52,10 +52,9 @@ def sd15_artifact(tmp_path_factory: pytest.TempPathFactory, sd15_folder: Path) -
 
 
 @pytest.fixture(scope="module")
-def sdxl_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("export") / "sdxl"
-    export_pipeline("tiny-sdxl", out)
-    return out
+def sdxl_artifact(tiny_pipelines: dict) -> Path:
+    """tiny-sdxl as the session's shared export (conftest) writes it: exported once for every test file."""
+    return tiny_pipelines[("tiny-sdxl", "onnx")]
 
 
 def _spec(component, name: str) -> tuple[str, tuple]:

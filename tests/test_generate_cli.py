@@ -102,3 +102,16 @@ def test_export_refuses_what_it_cannot_export(tmp_path: Path) -> None:
     assert code == 1 and "--random-weights" in out
     code, out = _run("export", "timm:vit_tiny_patch16_224", "--family", "sd15", "-o", str(tmp_path / "y"))
     assert code == 1 and "Traceback" not in out
+
+
+def test_classifier_commands_refuse_a_pipeline_in_one_line(tiny_pipelines: dict, tmp_path: Path) -> None:
+    art = str(tiny_pipelines[("tiny-sd15", "onnx")])
+    make_photo((32, 32), seed=1).save(tmp_path / "p.png")
+    for args, message in (
+        (["predict", art, str(tmp_path / "p.png")], "predict classifies images"),
+        (["quantize", art, "-m", "int8-dynamic", "-o", str(tmp_path / "q")], "quantize takes image classifiers"),
+        (["evaluate", art, "--data", "builtin"], "evaluate judges image classifiers"),
+        (["optimize", "tiny-sd15", "-o", str(tmp_path / "best")], "optimize picks engines for image classifiers"),
+    ):
+        code, out = _run(*args)
+        assert code == 1 and message in out and "Traceback" not in out, (args, out)

@@ -276,3 +276,23 @@ def test_sdxl_fp16_keeps_the_vae_fp32(tiny_pipelines: dict, tmp_path: Path) -> N
     out = build_engine(src, "openvino", tmp_path / "xl16", precision="fp16")
     assert out.components["unet"].precision == "fp16"
     assert out.components["vae_decoder"].precision == "fp32"
+
+
+@pytest.mark.parametrize("name", ["tiny-sd15", "tiny-sdxl"])
+def test_export_records_the_whole_image_parity(tiny_pipelines: dict, name: str) -> None:
+    manifest = enginekit.api.read_manifest(tiny_pipelines[(name, "onnx")])
+    image = manifest.fidelity["image"]
+    assert image["reference"] == "diffusers" and image["psnr_db"] >= image["budget_psnr_db"] == 40.0
+    assert {"prompt", "steps", "scheduler", "height", "width", "latents"} <= set(image)
+    compiled = enginekit.api.read_manifest(tiny_pipelines[(name, installed_backends()[0])])
+    assert compiled.fidelity["image"] == image  # carried to the engine compiled from it
+
+
+def test_an_image_under_budget_fails_the_export(tiny_pipelines: dict) -> None:
+    from enginekit.errors import FidelityError
+    from enginekit.export.diffusion.sd import PipelineExportOptions, _check_image
+
+    root = tiny_pipelines[("tiny-sd15", "onnx")]
+    manifest = enginekit.api.read_manifest(root)
+    with pytest.raises(FidelityError, match=r"dB from diffusers' on the same latents \(budget 1000"):
+        _check_image(_twins("tiny-sd15")[0], root, manifest, PipelineExportOptions(min_psnr=1000.0), lambda m: None)

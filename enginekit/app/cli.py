@@ -95,11 +95,14 @@ def cli(verbose: bool) -> None:
               help="Parity budget, absolute part (default 1e-4).")
 @click.option("--rtol", type=float, default=None,
               help="Parity budget, part relative to the largest output (default 1e-4 classifiers, 1e-3 pipelines).")
+@click.option("--image-check/--no-image-check", default=True, show_default=True,
+              help="Pipelines: also compare a whole image with diffusers' on the same latents (40 dB budget); "
+                   "off frees each component as soon as it is exported, for less memory.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists (atomically).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def export(model: str, out: Path, family: str | None, task: str | None, random_weights: bool, weights: Path | None,
-           seed: int, revision: str | None, opset: int, atol: float | None, rtol: float | None, overwrite: bool,
-           as_json: bool) -> None:
+           seed: int, revision: str | None, opset: int, atol: float | None, rtol: float | None, image_check: bool,
+           overwrite: bool, as_json: bool) -> None:
     """Export MODEL to an ONNX artifact and check it against PyTorch.
 
     \b
@@ -121,8 +124,8 @@ def export(model: str, out: Path, family: str | None, task: str | None, random_w
     with console.status("exporting") as status:
         manifest = export_model(
             model, out, family=family, task=task, random_weights=random_weights, weights=weights,
-            revision=revision, seed=seed, opset=opset, atol=atol, rtol=rtol, overwrite=overwrite,
-            on_step=lambda msg: status.update(msg),
+            revision=revision, seed=seed, opset=opset, atol=atol, rtol=rtol, image_check=image_check,
+            overwrite=overwrite, on_step=lambda msg: status.update(msg),
         )
     if as_json:
         _emit_json(manifest.to_dict())
@@ -131,9 +134,13 @@ def export(model: str, out: Path, family: str | None, task: str | None, random_w
     if manifest.task == "text-to-image":
         worst = min((c.fidelity.get("min_cosine", 1.0) for c in manifest.components.values()), default=1.0)
         peak = manifest.provenance.get("peak_rss_bytes")
+        image = fid.get("image")
         console.print(
             f"[green]wrote[/] {out}  ({manifest.family}: {', '.join(manifest.components)}; parity vs PyTorch: "
-            f"worst component cosine {worst:.6f}" + (f"; peak memory {peak / 2**30:.1f} GiB" if peak else "") + ")"
+            f"worst component cosine {worst:.6f}"
+            + (f", image {image['psnr_db']:.1f} dB vs diffusers ({image['steps']} steps, {image['width']} px)"
+               if image else "")
+            + (f"; peak memory {peak / 2**30:.1f} GiB" if peak else "") + ")"
         )
         return
     console.print(
@@ -209,12 +216,17 @@ def compile_cmd(artifact: Path, backend: str, out: Path, device: str, threads: i
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, gpu.")
 @click.option("--backend", help="Backend to run on (default: the one the artifact was built for).")
 @click.option("--json", "as_json", is_flag=True, help="Print what was written as JSON.")
+@click.option("--digest", help="Refuse the artifact unless its manifest digest (see `enginekit inspect`) is this.")
+@click.option("--verify-with", type=click.Path(path_type=Path),
+              help="Refuse the artifact unless its signature (`enginekit sign`) verifies with this public key.")
 def generate(artifact: Path, prompt: str, out: Path, negative: str | None, steps: int, guidance: float,
              seed: int | None, height: int | None, width: int | None, scheduler: str | None,
              init_image: Path | None, strength: float, num_images: int, device: str, backend: str | None,
-             as_json: bool) -> None:
+             as_json: bool, digest: str | None, verify_with: Path | None) -> None:
     """Generate images for PROMPT with a text-to-image ARTIFACT (torch-free)."""
     import time
+
+    _check_pins(artifact, digest, verify_with)
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -244,6 +256,35 @@ def generate(artifact: Path, prompt: str, out: Path, negative: str | None, steps
                      f"{len(result.timesteps)} steps, {elapsed:.1f} s)")
 
 
+def _check_pins(artifact: Path, digest: str | None, verify_with: Path | None) -> None:
+    """--digest / --verify-with for a command that loads through a library call of its own."""
+    if digest is None and verify_with is None:
+        return
+    from enginekit.artifact import check_digest
+    from enginekit.manifest import read_manifest
+
+    manifest = read_manifest(artifact)
+    if digest is not None:
+        check_digest(artifact, manifest, digest)
+    if verify_with is not None:
+        from enginekit.signing import verify_signature
+
+        verify_signature(artifact, verify_with)
+
+
+def _finite(value: Any) -> Any:
+    """NaN and infinities become null: JSON has no such numbers."""
+    import math
+
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
 @cli.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.argument("images", nargs=-1, required=True)
@@ -251,36 +292,75 @@ def generate(artifact: Path, prompt: str, out: Path, negative: str | None, steps
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, gpu.")
 @click.option("--backend", help="Backend to run on (default: the one the artifact was built for).")
 @click.option("--batch-size", default=8, show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per image.")
+@click.option("--skip-bad", is_flag=True,
+              help="Skip files that are not readable images (listed at the end) instead of stopping at the first.")
+@click.option("--digest", help="Refuse the artifact unless its manifest digest (see `enginekit inspect`) is this.")
+@click.option("--verify-with", type=click.Path(path_type=Path),
+              help="Refuse the artifact unless its signature (`enginekit sign`) verifies with this public key.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print a JSON array, one object per image in order: image, label, index, score, top_k "
+                   "(with --skip-bad, a skipped file's object has image and error instead).")
 def predict(artifact: Path, images: tuple[str, ...], top_k: int, device: str, backend: str | None,
-            batch_size: int, as_json: bool) -> None:
+            batch_size: int, skip_bad: bool, digest: str | None, verify_with: Path | None, as_json: bool) -> None:
     """Classify IMAGES (files or folders) with an ARTIFACT."""
     import enginekit
-    from enginekit.runtimes.images import expand_image_paths
+    from enginekit.errors import ImageError, InputError
+    from enginekit.manifest import read_manifest
+    from enginekit.runtimes.images import expand_image_paths, load_images
 
     paths = expand_image_paths(images)
-    with enginekit.load(artifact, device=device, backend=backend, batch_size=batch_size) as clf:
-        preds = clf.predict(paths, top_k=top_k)
+    task = read_manifest(artifact).task
+    if task != "image-classification":
+        raise InputError(f"{artifact} is a {task} artifact; predict classifies images "
+                         "(for a pipeline: enginekit generate ART PROMPT -o OUT.png)")
+    results: list[tuple[Path, Any, str | None]] = []  # (path, prediction, error)
+    with enginekit.load(artifact, device=device, backend=backend, batch_size=batch_size, digest=digest,
+                        verify_with=verify_with) as clf:
+        if skip_bad:
+            for start in range(0, len(paths), batch_size):
+                good: list[tuple[Path, Any]] = []
+                for path in paths[start : start + batch_size]:
+                    try:
+                        good.append((path, load_images([path])[0]))
+                    except ImageError as exc:
+                        results.append((path, None, str(exc)))
+                preds = clf.predict([image for _, image in good], top_k=top_k) if good else []
+                results.extend((path, pred, None) for (path, _), pred in zip(good, preds))
+            order = {p: i for i, p in enumerate(paths)}
+            results.sort(key=lambda r: order[r[0]])
+        else:
+            results = [(p, pred, None) for p, pred in zip(paths, clf.predict(paths, top_k=top_k))]
+        bad = [(p, err) for p, _, err in results if err is not None]
+        if bad and len(bad) == len(results):
+            raise InputError(f"none of the {len(results)} image(s) could be read; first: {bad[0][1]}")
         if as_json:
-            _emit_json([{"image": str(p), **pred.to_dict()} for p, pred in zip(paths, preds)])
-            return
-        from rich.markup import escape
-        from rich.table import Table
+            data = [{"image": str(p), "error": err} if err is not None else {"image": str(p), **pred.to_dict()}
+                    for p, pred, err in results]
+            click.echo(json.dumps(_finite(data), indent=2, allow_nan=False))
+        else:
+            from rich.markup import escape
+            from rich.table import Table
 
-        table = Table(title=f"{escape(str(artifact))} on {clf.backend}:{clf.device}")
-        table.add_column("image", overflow="fold")
-        table.add_column("label")
-        table.add_column("score", justify="right")
-        if top_k > 1:
-            table.add_column(f"top {top_k}")
-        for path, pred in zip(paths, preds):
-            row = [escape(str(path)), escape(pred.label), f"{pred.score:.4f}"]
+            table = Table(title=f"{escape(str(artifact))} on {clf.backend}:{clf.device}")
+            table.add_column("image", overflow="fold")
+            table.add_column("label")
+            table.add_column("score", justify="right")
             if top_k > 1:
-                row.append(escape(", ".join(f"{lbl} {s:.3f}" for lbl, s in pred.top_k)))
-            table.add_row(*row)
-        from rich.console import Console
+                table.add_column(f"top {top_k}")
+            for path, pred, err in results:
+                if err is not None:
+                    continue
+                row = [escape(str(path)), escape(pred.label), f"{pred.score:.4f}"]
+                if top_k > 1:
+                    row.append(escape(", ".join(f"{lbl} {s:.3f}" for lbl, s in pred.top_k)))
+                table.add_row(*row)
+            from rich.console import Console
 
-        Console().print(table)
+            Console().print(table)
+    if bad:
+        click.echo(f"skipped {len(bad)} of {len(results)} file(s), not readable images:", err=True)
+        for _, err in bad:
+            click.echo(f"  {err}", err=True)
 
 
 @cli.command()
@@ -289,8 +369,9 @@ def predict(artifact: Path, images: tuple[str, ...], top_k: int, device: str, ba
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Hash every file and check it against its sha256 (a full check: no remembered result is used).")
 def inspect(artifact: Path, as_json: bool, verify: bool) -> None:
-    """Show what an ARTIFACT's manifest says, readably."""
-    from enginekit.artifact import verify_artifact
+    """Show what an ARTIFACT's manifest says, readably, and its digest
+    (pin it with `enginekit predict/generate --digest` or `enginekit.load(path, digest=...)`)."""
+    from enginekit.artifact import SIGNATURE_NAME, verify_artifact
     from enginekit.app.inspect import render_manifest
     from enginekit.manifest import read_manifest
 
@@ -302,7 +383,24 @@ def inspect(artifact: Path, as_json: bool, verify: bool) -> None:
         return
     from rich.console import Console
 
-    Console().print(render_manifest(manifest, artifact, verified=verify))
+    console = Console()
+    console.print(render_manifest(manifest, artifact, verified=verify))
+    signed = "signed (" + SIGNATURE_NAME + "; check with --verify-with KEY)" if (artifact / SIGNATURE_NAME).is_file() \
+        else "not signed"
+    console.print(f"digest         sha256:{manifest.digest()}  ({signed})", highlight=False, soft_wrap=True)
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--key", required=True, type=click.Path(path_type=Path), help="Elliptic-curve private key (PEM).")
+@click.option("--password", default=None, help="The private key's password, if it has one.")
+def sign(artifact: Path, key: Path, password: str | None) -> None:
+    """Sign ARTIFACT with OpenSSF model-signing (private-key mode, offline): writes
+    ARTIFACT/signature.sig; check it with `--verify-with KEY.pub` or `load(..., verify_with=)`."""
+    from enginekit.signing import sign_artifact
+
+    target = sign_artifact(artifact, key, password=password)
+    _console().print(f"[green]signed[/] {artifact}  ({target.name})")
 
 
 @cli.command()
@@ -703,7 +801,27 @@ def demo(out: Path, as_json: bool) -> None:
         Console().print(render_demo(rows))
 
 
+def _terminate(signum: int, frame: Any) -> None:
+    """SIGTERM / SIGHUP end a command as Ctrl-C does, so the same cleanup runs (no partial
+    output left behind); a second signal kills at once."""
+    import signal
+
+    signal.signal(signum, signal.SIG_DFL)
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _install_signal_handlers() -> None:
+    """Route SIGTERM and SIGHUP (where not ignored, as under nohup) to :func:`_terminate`."""
+    import signal
+
+    for name in ("SIGTERM", "SIGHUP"):
+        signum = getattr(signal, name, None)
+        if signum is not None and signal.getsignal(signum) in (signal.SIG_DFL, None):
+            signal.signal(signum, _terminate)
+
+
 def main() -> None:
+    _install_signal_handlers()
     cli(prog_name="enginekit")
 
 

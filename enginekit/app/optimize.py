@@ -295,8 +295,13 @@ def optimize(
     the exported ONNX and every candidate; by default they live in a temporary
     folder beside ``out`` that is removed at the end.
     """
+    from enginekit.errors import SourceError
+    from enginekit.export.api import source_task
     from enginekit.registry import backend_class, backend_names
 
+    if source_task(model) != "image-classification":
+        raise SourceError(f"optimize picks engines for image classifiers; {model!r} is a diffusion pipeline "
+                          "(export and compile it: enginekit export / enginekit compile)")
     out = Path(out)
     if out.exists() and not overwrite:  # fail before minutes of work, not after
         raise ArtifactError(f"{out} already exists; choose another output or pass --overwrite")

@@ -58,6 +58,14 @@ class PipelineExportOptions:
     parity_batch: int = 3
     #: Prompt length traced and checked (CLIP's 77).
     sequence_length: int = 77
+    #: The whole-image check: the exported pipeline against diffusers' on the same
+    #: latents; under ``min_psnr`` dB the export fails. Off keeps memory lower (each
+    #: component is released as soon as it is exported).
+    image_check: bool = True
+    image_check_steps: int = 3
+    #: Image side for the check (None: the model's own size).
+    image_check_size: int | None = None
+    min_psnr: float = 40.0
 
 
 # --------------------------------------------------------------------------- wrappers
@@ -308,7 +316,7 @@ def export_pipeline(
                 fidelity[plan.name] = {k: report[k] for k in ("min_cosine", "max_abs", "passed")}
                 exporters[plan.name] = exporter
                 del plan, make
-                if owned and comp.name in ("text_encoder", "text_encoder_2", "unet"):
+                if owned and not options.image_check and comp.name in ("text_encoder", "text_encoder_2", "unet"):
                     setattr(pipe, comp.name, None)  # the last reference: the weights go now
                 gc.collect()
                 rss.sample()
@@ -330,10 +338,32 @@ def export_pipeline(
                 fidelity={"reference": "pytorch", "runtime": "onnxruntime-cpu", "components": fidelity},
             )
             write_manifest(tmp, manifest)
+            if options.image_check:
+                manifest = _check_image(pipe, tmp, manifest, options, on_step)
+                rss.sample()
+                manifest = manifest.replace(provenance={**manifest.provenance, "peak_rss_bytes": rss.peak})
+                write_manifest(tmp, manifest)
         if owned:
             del src, pipe
             gc.collect()
     return manifest
+
+
+def _check_image(pipe: Any, root: Path, manifest: Manifest, options: PipelineExportOptions,
+                 on_step: Callable[[str], None]) -> Manifest:
+    """Run the whole-image check and record it in the manifest's fidelity; a miss raises."""
+    from enginekit.export.diffusion.image_check import image_parity
+
+    on_step(f"checking a whole image against diffusers ({options.image_check_steps} steps)")
+    report = image_parity(pipe, root, manifest, steps=options.image_check_steps, size=options.image_check_size,
+                          seed=options.seed)
+    report["budget_psnr_db"] = options.min_psnr
+    if not report["psnr_db"] >= options.min_psnr:
+        raise FidelityError(
+            f"the exported pipeline's image is {report['psnr_db']:.1f} dB from diffusers' on the same latents "
+            f"(budget {options.min_psnr} dB; {report['steps']} Euler steps at {report['width']}x{report['height']})"
+        )
+    return manifest.replace(fidelity={**manifest.fidelity, "image": report})
 
 
 def _export_component(
