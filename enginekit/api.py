@@ -13,7 +13,7 @@ import threading
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from enginekit.artifact import atomic_artifact, copy_assets, verify_artifact, write_manifest
+from enginekit.artifact import atomic_artifact, check_digest, copy_assets, verify_artifact, write_manifest
 from enginekit.engine import Backend, CompileOptions, Runner
 from enginekit.errors import BackendError, DeviceError, InputError
 from enginekit.hardware import fingerprint
@@ -44,10 +44,18 @@ def resolve_device(backend: Backend, device: str) -> str:
     return device
 
 
-def _open(path: str | Path, backend: str | None) -> tuple[Path, Manifest, Backend]:
-    """Read and verify the artifact, and pick the backend that loads it."""
+def _open(path: str | Path, backend: str | None, digest: str | None = None,
+          verify_with: str | Path | None = None) -> tuple[Path, Manifest, Backend]:
+    """Read and verify the artifact (against a pinned digest or a signature when given),
+    and pick the backend that loads it."""
     root = Path(path)
     manifest = read_manifest(root)
+    if digest is not None:
+        check_digest(root, manifest, digest)
+    if verify_with is not None:
+        from enginekit.signing import verify_signature
+
+        verify_signature(root, verify_with)
     verify_artifact(root, manifest)
     name = backend or default_backend(manifest)
     be = get_backend(name)
@@ -115,7 +123,8 @@ def load_runner(
     return runner, manifest
 
 
-def load(path: str | Path, device: str = "auto", backend: str | None = None, **options: Any) -> Any:
+def load(path: str | Path, device: str = "auto", backend: str | None = None, *, digest: str | None = None,
+         verify_with: str | Path | None = None, **options: Any) -> Any:
     """Open an artifact folder and return its task object.
 
     The manifest's ``task`` picks the class from the task registry
@@ -125,8 +134,14 @@ def load(path: str | Path, device: str = "auto", backend: str | None = None, **o
     records it as ``.device``; ``backend`` defaults to the one the artifact kind
     was built for (plain ONNX runs on ONNX Runtime). Every file's sha256 is
     checked before a backend parses it; components load when first used.
+
+    ``digest`` pins the artifact: the manifest's digest (what ``enginekit
+    inspect`` prints; it covers every file's sha256) must equal it.
+    ``verify_with`` names a public key (PEM): the artifact's signature (written
+    by ``enginekit sign``) must be present and verify. Either refusal is an
+    :class:`~enginekit.errors.IntegrityError`.
     """
-    root, manifest, be = _open(path, backend)
+    root, manifest, be = _open(path, backend, digest=digest, verify_with=verify_with)
     cls = task_class(manifest.task)
     try:
         inspect.signature(cls.from_artifact).bind(None, manifest, root, **options)

@@ -3,15 +3,37 @@
 A stage writes into a hidden temporary sibling of the output folder and renames
 it into place only after the manifest is written, so an interrupted stage
 leaves nothing at the output path that :func:`enginekit.load` would accept.
+The final rename never replaces a folder another writer published meanwhile
+(unless ``overwrite``), and a temporary left by a process that is gone
+(``kill -9``, a power cut) is removed by the next write to the same output.
+
+Threat model of the verified-file cache (``$ENGINEKIT_CACHE_DIR/verified``):
+a record lets a load skip re-hashing a file whose stat identity (device,
+inode, size, mtime, ctime) is what it was when its sha256 last matched, and is
+bound to that sha256 and to the digest of the manifest it was made for. It
+protects against accidental change: an edit, a copy, a restore from backup, a
+half-finished download, a manifest swapped for another artifact's, all of
+which re-hash. Records live in an owner-only folder (0700) and a record or
+folder that group or others can write, or that another user owns, is ignored
+(as ssh ignores such key files). It does not protect against an attacker who
+runs as the same user: whoever can rewrite the artifact and the cache can
+forge a record. Against that, use ``ENGINEKIT_VERIFY=full`` (hash every file
+every time), pin the manifest digest (``load(path, digest=...)``) or check a
+signature (``load(path, verify_with=KEY)``, :mod:`enginekit.signing`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
+import stat
 import tempfile
 import time
 from pathlib import Path
@@ -32,7 +54,12 @@ __all__ = [
     "write_manifest",
     "verify_artifact",
     "check_onnx_external_data",
+    "check_digest",
+    "SIGNATURE_NAME",
 ]
+
+#: The signature ``enginekit sign`` writes inside an artifact (not listed in the manifest).
+SIGNATURE_NAME = "signature.sig"
 
 _CHUNK = 1 << 20
 
@@ -137,6 +164,65 @@ def _publish_modes(root: Path) -> None:
             os.chmod(os.path.join(dirpath, name), 0o644 & ~umask)
 
 
+def _host_tag() -> str:
+    # A temporary on a shared filesystem may belong to a live process on another host.
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists (another user's) or cannot tell: keep its folder
+    return True
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    """Remove ``.NAME.partial-*`` / ``.NAME.old-*`` siblings whose creating process (on this host) is gone."""
+    pattern = re.compile(rf"^\.{re.escape(out.name)}\.(?:partial|old)-([0-9a-f]{{8}})-(\d+)-")
+    host = _host_tag()
+    with contextlib.suppress(OSError):
+        for sibling in out.parent.iterdir():
+            m = pattern.match(sibling.name)
+            if m and m.group(1) == host and int(m.group(2)) != os.getpid() and not _pid_alive(int(m.group(2))):
+                shutil.rmtree(sibling, ignore_errors=True)
+
+
+_RENAME_NOREPLACE = 1
+_AT_FDCWD = -100
+
+
+def _rename_noreplace(src: Path, dst: Path) -> None:
+    """Rename ``src`` to ``dst``, failing with FileExistsError if ``dst`` exists (even an empty folder).
+
+    Linux's renameat2(RENAME_NOREPLACE) does it in one step; elsewhere (or on a
+    filesystem without it) an exclusive ``mkdir`` claims the name first and the
+    rename then replaces that empty folder, which only its maker can win.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        renameat2 = None
+    if renameat2 is not None:
+        if renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
+            return
+        err = ctypes.get_errno()
+        if err == errno.EEXIST:
+            raise FileExistsError(err, os.strerror(err), str(dst))
+        if err not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+            raise OSError(err, os.strerror(err), str(dst))
+    os.mkdir(dst)  # FileExistsError when another writer got there first
+    try:
+        os.rename(src, dst)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.rmdir(dst)
+        raise
+
+
 @contextlib.contextmanager
 def atomic_folder(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling folder that replaces ``out_dir`` when the block succeeds.
@@ -144,6 +230,10 @@ def atomic_folder(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path
     A block that raises (or is interrupted) leaves ``out_dir`` as it was and
     removes the temporary; an existing ``out_dir`` is an error unless
     ``overwrite``, and is then swapped out only after the new folder is complete.
+    Without ``overwrite`` the final rename is exclusive: of two writers racing
+    for one ``out_dir`` exactly one publishes, the other gets an ArtifactError.
+    Temporaries are named after the writing process (``.NAME.partial-HOST-PID-*``)
+    so that a later write removes those whose process is gone.
     """
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -151,17 +241,24 @@ def atomic_folder(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path
     if out.exists() and not overwrite:
         raise ArtifactError(f"{out} already exists; choose another output or pass --overwrite")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    _remove_stale_temporaries(out)
+    tag = f"{_host_tag()}-{os.getpid()}-"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{tag}", dir=out.parent))
     try:
         yield tmp
         _publish_modes(tmp)
-        if out.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        try:
+            _rename_noreplace(tmp, out)
+        except FileExistsError:
+            if not overwrite:
+                raise ArtifactError(
+                    f"{out} appeared while this stage ran (another writer?) and was left as it is; "
+                    "choose another output or pass --overwrite"
+                ) from None
+            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{tag}", dir=out.parent))
             os.replace(out, trash / "old")
             os.replace(tmp, out)
             shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -197,47 +294,81 @@ def _verified_path(root: Path) -> Path:
     return cache_root() / "verified" / f"{key}.json"
 
 
-def _read_verified(root: Path) -> dict[str, dict]:
+def _private(st: os.stat_result) -> bool:
+    """Owned by this user and not writable by group or others (ssh's rule for its files)."""
+    owner_ok = not hasattr(os, "geteuid") or st.st_uid == os.geteuid()
+    return owner_ok and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+
+
+def _read_verified(root: Path, digest: str) -> dict[str, dict]:
+    """The remembered checks for ``root`` made under the manifest with ``digest``; {} when
+    there are none, or they cannot be trusted (another manifest, a folder or record others can write)."""
     try:
-        record = json.loads(_verified_path(root).read_text(encoding="utf-8"))
-        files = record["files"] if record.get("root") == str(root.resolve()) else {}
+        path = _verified_path(root)
+        if not (_private(path.parent.stat()) and _private(path.stat())):
+            return {}
+        record = json.loads(path.read_text(encoding="utf-8"))
+        if record.get("root") != str(root.resolve()) or record.get("manifest_sha256") != digest:
+            return {}
+        files = record["files"]
         return files if isinstance(files, dict) else {}
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError):  # RuntimeError: no home folder
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError):  # RuntimeError: no home
         return {}
 
 
-def _write_verified(root: Path, files: dict[str, dict]) -> None:
+def _private_dir(path: Path) -> None:
+    """Create ``path`` (and a missing cache root) owner-only; an existing one keeps its mode."""
+    for folder in (path.parent, path):
+        with contextlib.suppress(FileExistsError):
+            folder.mkdir(mode=0o700, parents=folder is path.parent)
+
+
+def _write_verified(root: Path, digest: str, files: dict[str, dict]) -> None:
     """Best effort, atomic: a record that cannot be written only costs the next load a re-hash."""
     try:
         path = _verified_path(root)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".verified-", dir=path.parent)
+        _private_dir(path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=".verified-", dir=path.parent)  # 0600
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump({"root": str(root.resolve()), "files": files}, f)
+            json.dump({"root": str(root.resolve()), "manifest_sha256": digest, "files": files}, f)
         os.replace(tmp, path)
     except (OSError, RuntimeError):
         with contextlib.suppress(Exception):
             os.unlink(tmp)  # type: ignore[possibly-undefined]
 
 
+def check_digest(root: str | Path, manifest: Manifest, digest: str) -> None:
+    """Refuse an artifact whose manifest digest (:meth:`Manifest.digest`, which covers
+    every listed file's sha256) is not ``digest`` (hex, optionally ``sha256:``-prefixed)."""
+    want = digest.strip().lower().removeprefix("sha256:")
+    have = manifest.digest()
+    if want != have:
+        raise IntegrityError(f"{root}: manifest digest is sha256:{have}, expected sha256:{want} "
+                             "(a different or edited artifact)")
+
+
 def verify_artifact(root: str | Path, manifest: Manifest, full: bool | None = None) -> None:
     """Check every file the manifest lists: inside the folder, present, right size and sha256.
 
     Runs before any backend parses a file, so a tampered or truncated engine is
-    reported as such rather than as a parser crash.
+    reported as such rather than as a parser crash. Every file an engine reads
+    must be listed: an ONNX graph's external-data files and an OpenVINO IR's
+    ``.bin`` too, or the artifact is refused.
 
     A file whose sha256 matched is remembered with its stat identity (device,
     inode, size, mtime and ctime, as git's index does) under
-    ``$ENGINEKIT_CACHE_DIR/verified``; the next check of the unchanged file skips
-    the hashing, which is most of a large engine's load time. Any write, copy or
-    replacement changes that identity and the file is hashed again. ``full=True``
-    (or ``ENGINEKIT_VERIFY=full``) hashes every file regardless, as
-    ``enginekit inspect`` does.
+    ``$ENGINEKIT_CACHE_DIR/verified``, bound to the manifest digest; the next
+    check of the unchanged file skips the hashing, which is most of a large
+    engine's load time. Any write, copy or replacement changes that identity
+    and the file is hashed again (see the module docstring for what this does
+    not protect against). ``full=True`` (or ``ENGINEKIT_VERIFY=full``) hashes
+    every file regardless, as ``enginekit inspect`` does.
     """
     root = Path(root)
     if full is None:
         full = os.environ.get(VERIFY_ENV, "").lower() == "full"
-    known = {} if full else _read_verified(root)
+    digest = manifest.digest()
+    known = {} if full else _read_verified(root, digest)
     remember: dict[str, dict] = {}
     for comp in manifest.components.values():
         names = {f.path for f in comp.files}
@@ -245,12 +376,21 @@ def verify_artifact(root: str | Path, manifest: Manifest, full: bool | None = No
             raise IntegrityError(f"{root}: component {comp.name!r} entry {comp.entry!r} is not in its file list")
         for entry in comp.files:
             _verify_file(root, entry, known, remember)
-        if comp.entry.endswith(".onnx"):
-            check_onnx_external_data(root, comp.entry)
+        for rel in sorted(names):
+            if rel.endswith(".onnx") or (rel == comp.entry and manifest.kind in ("onnx", "onnxruntime")):
+                needed = check_onnx_external_data(root, rel)
+            elif rel.endswith(".xml") and rel == comp.entry and manifest.kind == "openvino":
+                needed = [str(Path(rel).with_suffix(".bin").as_posix())]
+            else:
+                continue
+            for dep in needed:
+                if dep not in names:
+                    raise IntegrityError(f"{root}: {rel} reads {dep}, which component {comp.name!r} does not "
+                                         "list in the manifest (unverified data)")
     for entry in manifest.assets:
         _verify_file(root, entry, known, remember)
     if remember != known:
-        _write_verified(root, remember)
+        _write_verified(root, digest, remember)
 
 
 def _verify_file(root: Path, entry: FileEntry, known: dict[str, dict], remember: dict[str, dict]) -> None:
@@ -274,19 +414,28 @@ def _verify_file(root: Path, entry: FileEntry, known: dict[str, dict], remember:
         remember[entry.path] = seen
 
 
-def check_onnx_external_data(root: Path, entry: str) -> None:
-    """Refuse ONNX external-data locations that leave the artifact folder."""
+def check_onnx_external_data(root: Path, entry: str) -> list[str]:
+    """The external-data files the ONNX graph ``entry`` reads, relative to ``root``
+    (posix); refuse locations that leave the artifact folder."""
     import onnx
     from onnx.external_data_helper import _get_all_tensors, uses_external_data
 
     try:
         model = onnx.load(str(root / entry), load_external_data=False)
     except Exception as exc:  # onnx raises DecodeError and others
-        raise IntegrityError(f"{root / entry}: not a readable ONNX model ({exc})") from exc
+        raise IntegrityError(f"{root / entry}: not a readable ONNX model ({_one_line(exc)})") from exc
     base = (root / entry).parent
+    found: dict[str, None] = {}
     for tensor in _get_all_tensors(model):
         if not uses_external_data(tensor):
             continue
         location = next((e.value for e in tensor.external_data if e.key == "location"), "")
-        rel = os.path.relpath(base / location, root)
+        rel = os.path.normpath(os.path.relpath(base / location, root))
         _inside(root, rel)
+        found[Path(rel).as_posix()] = None
+    return list(found)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

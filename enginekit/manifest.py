@@ -254,6 +254,7 @@ class Manifest:
         for key in ("provenance", "target", "fidelity", "extra"):
             if data.get(key) is not None and not isinstance(data[key], Mapping):
                 raise ManifestError(f"manifest.json field {key!r} must be an object")
+        _check_target(data.get("target") or {})
         return cls(
             kind=data["kind"],
             task=task,
@@ -270,6 +271,23 @@ class Manifest:
         )
 
 
+#: Types of the target fields backends read when loading: a wrong one is refused
+#: here in one line rather than as a traceback from ``int("x")`` in a backend.
+_TARGET_INTS = ("intra_op_num_threads", "inter_op_num_threads", "inference_num_threads", "threads", "static_batch")
+_TARGET_STRS = ("backend", "device", "performance_hint", "inference_precision_hint")
+
+
+def _check_target(target: Mapping[str, Any]) -> None:
+    for key in _TARGET_INTS:
+        value = target.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ManifestError(f"manifest.json target.{key}: expected a non-negative integer, got {value!r}")
+    for key in _TARGET_STRS:
+        value = target.get(key)
+        if value is not None and not isinstance(value, str):
+            raise ManifestError(f"manifest.json target.{key}: expected a string, got {value!r}")
+
+
 def _jsonable(value: Any) -> Any:
     """Tuples in a task section become lists, so a manifest round-trips to an equal digest."""
     if isinstance(value, Mapping):
@@ -279,15 +297,36 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def _shown(path: Path) -> str:
+    """A path fit for a one-line message: NUL and control bytes escaped, long ones shortened."""
+    text = repr(str(path))[1:-1]
+    return text if len(text) <= 200 else f"{text[:120]}...({len(text)} characters)...{text[-40:]}"
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
 def read_manifest(artifact: str | Path) -> Manifest:
     """Read and validate ``artifact/manifest.json``."""
     root = Path(artifact)
-    if not root.exists():
+    shown = _shown(root)
+    try:
+        exists, is_dir = root.exists(), root.is_dir()
+    except (ValueError, OSError) as exc:  # a NUL byte; a name too long for the filesystem
+        raise ManifestError(f"{shown}: not a usable path ({_reason(exc)})") from None
+    if not exists:
         raise ManifestError(f"{root}: no such artifact folder")
-    if not root.is_dir():
+    if not is_dir:
         raise ManifestError(f"{root}: not a folder (an artifact is a folder with a manifest.json)")
     path = root / MANIFEST_NAME
-    if not path.is_file():
+    try:
+        is_file = path.is_file()
+    except (ValueError, OSError) as exc:
+        raise ManifestError(f"{shown}: not a usable path ({_reason(exc)})") from None
+    if not is_file:
         raise ManifestError(f"{root}: no {MANIFEST_NAME} (not an enginekit artifact, or an interrupted write)")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
