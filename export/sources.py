@@ -106,8 +106,12 @@ def _load_timm_name(name: str, *, random_weights: bool, seed: int, weights: str 
             raise SourceError(f"{weights}: --weights must be an existing .safetensors file (weights are never unpickled)")
         from safetensors.torch import load_file
 
+        try:
+            state = load_file(str(wpath))
+        except Exception as exc:  # SafetensorError (a corrupt or truncated header), OSError
+            raise SourceError(f"{wpath}: not a readable safetensors file ({_first_line(exc)})") from exc
         model = timm.create_model(name, pretrained=False)
-        _load_state(model, load_file(str(wpath)), str(wpath))
+        _load_state(model, state, str(wpath))
         provenance.update(weights=str(wpath.resolve()), weights_sha256=sha256_file(wpath))
     else:
         try:

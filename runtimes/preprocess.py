@@ -56,6 +56,9 @@ RESIZE_MODES = ("shortest_edge", "exact", "keep_ratio", "none")
 #: the odd pixel before).
 CROP_OFFSETS = ("round", "floor")
 SOURCES = ("timm", "transformers", "custom")
+#: Largest side a manifest may ask for: 8192 x 8192 x 3 float32 is 768 MiB per image,
+#: already far past any classifier's input; a typo such as 100000 would ask for 112 GiB.
+MAX_SIDE = 8192
 
 
 @dataclass(frozen=True)
@@ -91,11 +94,11 @@ class Preprocessing:
             if isinstance(getattr(self, name), list):
                 object.__setattr__(self, name, tuple(getattr(self, name)))
         # Raised as ValueError naming the field; from_dict turns it into a ManifestError.
-        _check_ints("size", self.size, 2)
+        _check_ints("size", self.size, 2, maximum=MAX_SIDE)
         if self.resize not in RESIZE_MODES:
             raise ValueError(f"preprocessing.resize: {self.resize!r} is not one of {RESIZE_MODES}")
         wanted = {"shortest_edge": 1, "exact": 2, "keep_ratio": 2, "none": 0}[self.resize]
-        _check_ints("resize_size", self.resize_size, wanted)
+        _check_ints("resize_size", self.resize_size, wanted, maximum=MAX_SIDE)
         if self.interpolation not in INTERPOLATIONS:
             raise ValueError(
                 f"preprocessing.interpolation: {self.interpolation!r} is not one of {tuple(INTERPOLATIONS)}"
@@ -117,7 +120,7 @@ class Preprocessing:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"preprocessing.{name}: expected true or false, got {getattr(self, name)!r}")
         if self.resize_max_size is not None:
-            _check_ints("resize_max_size", (self.resize_max_size,), 1)
+            _check_ints("resize_max_size", (self.resize_max_size,), 1, maximum=MAX_SIDE)
             if self.resize != "shortest_edge" or self.resize_max_size <= self.resize_size[0]:
                 raise ValueError("preprocessing.resize_max_size: only for 'shortest_edge', and above its edge")
         if not self.center_crop and not (self.resize == "exact" and self.resize_size == self.size):
@@ -229,6 +232,9 @@ def resized_size(height: int, width: int, cfg: Preprocessing) -> tuple[int, int]
 
 def _resize(image: Image.Image, cfg: Preprocessing) -> Image.Image:
     height, width = resized_size(image.height, image.width, cfg)
+    if height * width > MAX_SIDE * MAX_SIDE:  # a sliver of an image resized by its short side
+        raise ImageError(f"{image.width}x{image.height} image would be resized to {width}x{height}, "
+                         f"over {MAX_SIDE}x{MAX_SIDE} pixels (extreme aspect ratio)")
     if (height, width) == (image.height, image.width):
         return image  # torchvision returns the input untouched; Pillow would copy it
     return image.resize((width, height), INTERPOLATIONS[cfg.interpolation])

@@ -53,8 +53,8 @@ ImageLike = Any  # str | Path | PIL.Image.Image | np.ndarray
 class ImageClassifier:
     """``predict`` and ``embed`` over a loaded engine.
 
-    Accepts file paths, PIL images and uint8 arrays (H, W[, C]); a single
-    image may be passed bare. Work is split into batches of ``batch_size``.
+    Accepts file paths, encoded image bytes, PIL images and uint8 arrays
+    (H, W[, C]); a single image may be passed bare. Work is split into batches of ``batch_size``.
     """
 
     task = "image-classification"
@@ -74,7 +74,7 @@ class ImageClassifier:
             raise ManifestError(f"classifier engine must output 'logits' and 'embedding', it has {sorted(names)}")
         self._input = runner.inputs[0].name
         num_classes = next(o for o in runner.outputs if o.name == "logits").shape[-1]
-        self.labels: tuple[str, ...] = manifest.labels or tuple(str(i) for i in range(int(num_classes)))
+        self.labels: tuple[str, ...] = _check_labels(manifest.task_config.get("labels"), num_classes)
 
     @classmethod
     def from_artifact(
@@ -116,6 +116,8 @@ class ImageClassifier:
     def run_pixels(self, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
         """Run preprocessed ``pixel_values`` (N, 3, H, W) float32 through the engine
         (an engine built for a fixed batch runs them in slices of it)."""
+        if isinstance(pixel_values, np.ndarray) and pixel_values.dtype.kind == "f" and not np.isfinite(pixel_values).all():
+            raise InputError("pixel_values hold NaN or infinite values")
         return run_batched(self.runner, pixel_values)
 
     def logits(self, images: ImageLike | Sequence[ImageLike]) -> np.ndarray:
@@ -128,9 +130,12 @@ class ImageClassifier:
 
     def predict(self, images: ImageLike | Sequence[ImageLike], top_k: int = 5) -> list[Prediction]:
         """One :class:`Prediction` per image, in order."""
-        if top_k < 1:
-            raise InputError(f"top_k must be at least 1, got {top_k}")
+        if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
+            raise InputError(f"top_k must be an integer of at least 1, got {top_k!r}")
         probs = softmax(self.logits(images))
+        if probs.shape[1] != len(self.labels):
+            raise InputError(f"the engine returned {probs.shape[1]} classes, the manifest has "
+                             f"{len(self.labels)} labels")
         k = min(top_k, probs.shape[1])
         order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
         out = []
@@ -162,11 +167,34 @@ class ImageClassifier:
         return f"ImageClassifier({str(self.path)!r}, backend={self.backend!r}, device={self.device!r})"
 
 
+def _check_labels(labels: Any, num_classes: int | str) -> tuple[str, ...]:
+    """The classifier section's labels: a list of strings, one per output class
+    (``num_classes`` is a string where the engine's class dimension is symbolic)."""
+    if labels is None:
+        if not isinstance(num_classes, int):
+            raise ManifestError(f"classifier engine has a symbolic class dimension {num_classes!r} and the "
+                                "manifest lists no labels")
+        return tuple(str(i) for i in range(num_classes))
+    if isinstance(labels, (str, bytes)) or not isinstance(labels, (list, tuple)):
+        raise ManifestError(f"manifest.json labels: expected a list of strings, got {type(labels).__name__}")
+    bad = next((label for label in labels if not isinstance(label, str)), None)
+    if bad is not None:
+        raise ManifestError(f"manifest.json labels: expected a list of strings, found {bad!r}")
+    if isinstance(num_classes, int) and len(labels) != num_classes:
+        raise ManifestError(f"manifest.json labels: {len(labels)} labels for an engine with {num_classes} classes")
+    return tuple(labels)
+
+
 def _as_list(images: Any) -> list[Any]:
-    if isinstance(images, (str, Path)):
+    if images is None:
+        raise InputError("no images given (got None)")
+    if isinstance(images, (str, Path, bytes, bytearray)):
         return [images]
     if isinstance(images, np.ndarray):
         return [images] if images.ndim in (2, 3) else list(images)
     if hasattr(images, "getbands"):  # a PIL image
         return [images]
-    return list(images)
+    try:
+        return list(images)
+    except TypeError:
+        raise InputError(f"not an image or a sequence of images (got {type(images).__name__})") from None
