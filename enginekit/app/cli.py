@@ -385,7 +385,7 @@ def inspect(artifact: Path, as_json: bool, verify: bool) -> None:
 
     console = Console()
     console.print(render_manifest(manifest, artifact, verified=verify))
-    signed = "signed (" + SIGNATURE_NAME + "; check with --verify-with KEY)" if (artifact / SIGNATURE_NAME).is_file() \
+    signed = f"signed: {SIGNATURE_NAME}, check it with --verify-with KEY" if (artifact / SIGNATURE_NAME).is_file() \
         else "not signed"
     console.print(f"digest         sha256:{manifest.digest()}  ({signed})", highlight=False, soft_wrap=True)
 
