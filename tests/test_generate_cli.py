@@ -115,3 +115,10 @@ def test_classifier_commands_refuse_a_pipeline_in_one_line(tiny_pipelines: dict,
     ):
         code, out = _run(*args)
         assert code == 1 and message in out and "Traceback" not in out, (args, out)
+
+
+def test_generate_refuses_a_wrong_digest(tiny_pipelines: dict, tmp_path: Path) -> None:
+    code, out = _run("generate", str(tiny_pipelines[("tiny-sd15", "onnx")]), "a cat", "-o", str(tmp_path / "x.png"),
+                     "--digest", "0" * 64, "--steps", "1")
+    assert code == 1 and "digest" in out and "Traceback" not in out
+    assert not (tmp_path / "x.png").exists()

@@ -59,6 +59,8 @@ def generate_images(
     device: str = "auto",
     backend: str | None = None,
     overwrite: bool = True,
+    digest: str | None = None,
+    verify_with: str | Path | None = None,
     init_image: str | Path | None = None,
     on_step: Callable[[int, float, Any], Any] | None = None,
     **call: Any,
@@ -67,14 +69,15 @@ def generate_images(
 
     Each file is written to a temporary name beside it and renamed into place, so an
     interrupted or failed run leaves no half-written image. Returns the paths and the
-    pipeline's output (seed and timesteps)."""
+    pipeline's output (seed and timesteps). ``digest`` / ``verify_with`` pin the artifact
+    as :func:`enginekit.load` does, in the same load that runs it."""
     count = (1 if isinstance(prompts, str) else len(prompts)) * int(call.get("num_images_per_prompt", 1))
     paths = output_paths(out, count)
     if not overwrite:
         taken = [p for p in paths if p.exists()]
         if taken:
             raise InputError(f"{taken[0]} already exists; choose another output or pass --overwrite")
-    with load(artifact, device=device, backend=backend) as pipe:
+    with load(artifact, device=device, backend=backend, digest=digest, verify_with=verify_with) as pipe:
         if getattr(pipe, "task", None) != "text-to-image":
             raise InputError(f"{artifact} is a {pipe.task} artifact; generate needs a text-to-image pipeline")
         result = pipe(prompts, image=init_image, callback=on_step, output_type="pil", **call)

@@ -226,8 +226,6 @@ def generate(artifact: Path, prompt: str, out: Path, negative: str | None, steps
     """Generate images for PROMPT with a text-to-image ARTIFACT (torch-free)."""
     import time
 
-    _check_pins(artifact, digest, verify_with)
-
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from enginekit.app.build import generate_images
@@ -246,7 +244,8 @@ def generate(artifact: Path, prompt: str, out: Path, negative: str | None, steps
         if init_image is not None:
             call["strength"] = strength
         paths, result = generate_images(artifact, prompt, out, device=device, backend=backend,
-                                        init_image=init_image, on_step=on_step, **call)
+                                        digest=digest, verify_with=verify_with, init_image=init_image,
+                                        on_step=on_step, **call)
     elapsed = time.perf_counter() - started
     if as_json:
         _emit_json({"images": [str(p) for p in paths], "seed": result.seed, "steps": len(result.timesteps),
@@ -254,22 +253,6 @@ def generate(artifact: Path, prompt: str, out: Path, negative: str | None, steps
         return
     _console().print(f"[green]wrote[/] {', '.join(map(str, paths))}  (seed {result.seed}, "
                      f"{len(result.timesteps)} steps, {elapsed:.1f} s)")
-
-
-def _check_pins(artifact: Path, digest: str | None, verify_with: Path | None) -> None:
-    """--digest / --verify-with for a command that loads through a library call of its own."""
-    if digest is None and verify_with is None:
-        return
-    from enginekit.artifact import check_digest
-    from enginekit.manifest import read_manifest
-
-    manifest = read_manifest(artifact)
-    if digest is not None:
-        check_digest(artifact, manifest, digest)
-    if verify_with is not None:
-        from enginekit.signing import verify_signature
-
-        verify_signature(artifact, verify_with)
 
 
 def _finite(value: Any) -> Any:
@@ -383,7 +366,8 @@ def inspect(artifact: Path, as_json: bool, verify: bool) -> None:
         return
     from rich.console import Console
 
-    console = Console()
+    # Piped or captured output has no terminal width to fit: keep whole names and shapes.
+    console = Console() if sys.stdout.isatty() else Console(width=200)
     console.print(render_manifest(manifest, artifact, verified=verify))
     signed = f"signed: {SIGNATURE_NAME}, check it with --verify-with KEY" if (artifact / SIGNATURE_NAME).is_file() \
         else "not signed"
