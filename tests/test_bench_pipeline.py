@@ -30,13 +30,9 @@ FAST = PipelineBenchConfig(height=64, width=64, steps=2, warmup=1, runs=2, image
 
 
 @pytest.fixture(scope="module")
-def sd15(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """tiny-sd15 exported once for the module (the ONNX artifact, run on ONNX Runtime)."""
-    from enginekit.export.diffusion.sd import export_pipeline
-
-    out = tmp_path_factory.mktemp("bench-tiny-sd15") / "onnx"
-    export_pipeline("tiny-sd15", out)
-    return out
+def sd15(tiny_pipelines: dict) -> Path:
+    """tiny-sd15 as the session's shared export writes it (the ONNX artifact, run on ONNX Runtime)."""
+    return tiny_pipelines[("tiny-sd15", "onnx")]
 
 
 @pytest.fixture(scope="module")
