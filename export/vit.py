@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import platform
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -21,6 +20,7 @@ from enginekit.artifact import atomic_artifact, make_component, write_manifest
 from enginekit.errors import ExportError, FidelityError
 from enginekit.export.sources import SourceModel, resolve_source
 from enginekit.fidelity import compare_outputs
+from enginekit.export.provenance import host, tool_versions
 from enginekit.manifest import Manifest, TensorSpec
 from enginekit.runtimes.onnxruntime import run_onnx_file
 
@@ -145,7 +145,7 @@ def export_classifier(
             task_config={"preprocessing": src.preprocessing.to_dict(),
                          "labels": list(src.labels) if src.labels is not None else None},
             provenance={**src.provenance, "architecture": src.architecture, "parent": None,
-                        "tools": _tool_versions(options.opset), "host": _host()},
+                        "tools": tool_versions(options.opset, ("timm", "transformers")), "host": host()},
             target={"backend": "onnxruntime", "device": "cpu"},
             fidelity=fidelity,
             extra={"num_classes": num_classes, "embedding_dim": dim, "parameters": sum(p.numel() for p in src.model.parameters())},
@@ -185,22 +185,3 @@ def _torch_export(wrapper: Any, example: Any, path: Path, opset: int, external: 
             stale.unlink()
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location="model.onnx.data", size_threshold=1024)
-
-
-def _tool_versions(opset: int) -> dict[str, Any]:
-    from importlib import metadata
-
-    versions: dict[str, Any] = {"opset": opset}
-    for pkg in ("enginekit", "torch", "onnx", "onnxruntime", "onnxscript", "timm", "transformers"):
-        with contextlib.suppress(metadata.PackageNotFoundError):
-            versions[pkg] = metadata.version(pkg)
-    return versions
-
-
-def _host() -> dict[str, Any]:
-    try:
-        from enginekit.hardware import fingerprint
-
-        return fingerprint()
-    except ImportError:  # pragma: no cover
-        return {"node": platform.node(), "machine": platform.machine()}

@@ -34,6 +34,7 @@ from enginekit.artifact import atomic_artifact, make_assets, make_component, wri
 from enginekit.errors import ExportError, FidelityError
 from enginekit.export.diffusion.sources import PipelineSource, resolve_pipeline
 from enginekit.fidelity import compare_outputs
+from enginekit.export.provenance import host, tool_versions
 from enginekit.manifest import Component, Manifest, TensorSpec
 from enginekit.runtimes.onnxruntime import run_onnx_file
 
@@ -331,7 +332,7 @@ def export_pipeline(
                 assets=make_assets(tmp, assets),
                 task_config=task_config,
                 provenance={**src.provenance, "family": src.family, "parent": None,
-                            "tools": _tool_versions(options.opset), "host": _host(),
+                            "tools": tool_versions(options.opset, ("diffusers", "transformers", "tokenizers")), "host": host(),
                             "exporters": exporters, "peak_rss_bytes": rss.peak,
                             "export_seconds": round(time.monotonic() - started, 1)},
                 target={"backend": "onnxruntime", "device": "cpu"},
@@ -579,24 +580,3 @@ def _jsonable(value: Any) -> Any:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
-
-
-def _tool_versions(opset: int) -> dict[str, Any]:
-    from importlib import metadata
-
-    versions: dict[str, Any] = {"opset": opset}
-    for pkg in ("enginekit", "torch", "onnx", "onnxruntime", "onnxscript", "diffusers", "transformers", "tokenizers"):
-        with contextlib.suppress(metadata.PackageNotFoundError):
-            versions[pkg] = metadata.version(pkg)
-    return versions
-
-
-def _host() -> dict[str, Any]:
-    try:
-        from enginekit.hardware import fingerprint
-
-        return fingerprint()
-    except ImportError:  # pragma: no cover
-        import platform
-
-        return {"node": platform.node(), "machine": platform.machine()}
