@@ -96,7 +96,7 @@ def test_store_round_trip(with_torch: list[dict[str, Any]], tmp_path: Path) -> N
 def test_report_renders_a_pipeline_table(with_torch: list[dict[str, Any]], tmp_path: Path) -> None:
     files = write_report(with_torch, tmp_path / "report")
     md = files["report.md"].read_text()
-    assert "openvino" not in md and "onnx (onnxruntime/cpu, float): 64×64, 2 steps" in md
+    assert "openvino" not in md and "tiny-sd15 (onnxruntime/cpu, float): 64×64, 2 steps" in md
     assert "| part | rows | p50 ms |" in md and "PyTorch p50 ms" in md
     rows = {line.split("|")[1].strip(): line for line in md.splitlines() if line.startswith("| ")}
     assert PARTS <= set(rows)
