@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 import enginekit
-from enginekit.bench.pipeline import _diffusers_pipeline
+from enginekit.bench.pipeline import DIFFUSERS_SCHEDULERS, _diffusers_pipeline
 from enginekit.fidelity import psnr
 from enginekit.hardware import fingerprint
 from enginekit.manifest import read_manifest
@@ -44,8 +44,8 @@ def main() -> None:
 
     manifest = read_manifest(args.artifacts[0])
     pipe = _diffusers_pipeline(manifest)
-    classes = {"euler": "EulerDiscreteScheduler", "ddim": "DDIMScheduler", "dpm++2m": "DPMSolverMultistepScheduler"}
-    pipe.scheduler = getattr(diffusers, classes[args.scheduler]).from_config(pipe.scheduler.config)
+    cls, overrides = DIFFUSERS_SCHEDULERS[args.scheduler]
+    pipe.scheduler = getattr(diffusers, cls).from_config(pipe.scheduler.config, **overrides)
     pipe.set_progress_bar_config(disable=True)
     f = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     latents = np.random.default_rng(args.seed).standard_normal(

@@ -13,6 +13,7 @@ import pytest
 pytest.importorskip("diffusers")
 
 import enginekit  # noqa: E402
+from enginekit.bench.pipeline import DIFFUSERS_SCHEDULERS  # noqa: E402
 from enginekit.errors import ImageError, InputError, ManifestError  # noqa: E402
 from enginekit.runtimes.tasks.text_to_image import GenerationCancelled, TextToImage  # noqa: E402
 
@@ -21,14 +22,7 @@ from .conftest import diffusers_twin, installed_backends, make_photo, psnr  # no
 SIZE = 64
 PROMPTS = ["a lighthouse at dusk", "a red bicycle leaning on a wall"]
 NEGATIVES = ["blurry", "low quality"]
-_SCHEDULER_CLASSES = {
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler-a": ("EulerAncestralDiscreteScheduler", {}),
-    "ddim": ("DDIMScheduler", {}),
-    "dpm++2m": ("DPMSolverMultistepScheduler", {}),
-    "dpm++2m-karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
-    "lcm": ("LCMScheduler", {}),
-}
+_SCHEDULER_CLASSES = DIFFUSERS_SCHEDULERS  # our port -> diffusers' class, as the bench pairs them
 
 
 def _latents(n: int, seed: int = 0) -> np.ndarray:
