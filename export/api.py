@@ -20,7 +20,7 @@ def source_task(spec: str, family: str | None = None, task: str | None = None) -
     checkpoint, or anything with a diffusion ``family``), else ``image-classification``.
     A hub id cannot be told apart offline: it is a classifier unless ``task`` or
     ``family`` says otherwise."""
-    from enginekit.export.diffusion.sources import BUILTINS, FAMILIES
+    from enginekit.export.diffusion.sources import ARCHITECTURES, BUILTINS, FAMILIES
 
     if task is not None and task not in TASKS:
         raise SourceError(f"unknown task {task!r}; enginekit exports: {', '.join(TASKS)}")
@@ -30,7 +30,7 @@ def source_task(spec: str, family: str | None = None, task: str | None = None) -
     path = Path(spec).expanduser()
     looks_pipeline = (
         spec in BUILTINS
-        or spec in FAMILIES
+        or spec in ARCHITECTURES
         or (path.is_dir() and (path / "model_index.json").is_file())
         or (path.suffix == ".safetensors" and not path.is_dir())
         or family is not None

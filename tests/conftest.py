@@ -111,13 +111,13 @@ def make_photo(size: tuple[int, int], seed: int, mode: str = "RGB") -> "object":
 @pytest.fixture(scope="session")
 def tiny_pipelines(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], Path]:
     """The built-in tiny pipelines exported once per session and compiled for every
-    installed backend: {(name, kind): path}, name in tiny-sd15 / tiny-sdxl, kind onnx or a backend."""
+    installed backend: {(name, kind): path}, name in tiny-sd15 / tiny-sdxl / tiny-sd3 / tiny-flux, kind onnx or a backend."""
     from enginekit.api import compile_artifact
     from enginekit.export.diffusion.sd import export_pipeline
 
     root = tmp_path_factory.mktemp("pipelines")
     out: dict[tuple[str, str], Path] = {}
-    for name in ("tiny-sd15", "tiny-sdxl"):
+    for name in ("tiny-sd15", "tiny-sdxl", "tiny-sd3", "tiny-flux"):
         onnx_dir = root / name
         export_pipeline(name, onnx_dir)
         out[(name, "onnx")] = onnx_dir

@@ -16,7 +16,10 @@ from enginekit.fidelity import compare_outputs  # noqa: E402
 from .conftest import diffusers_twin, installed_backends  # noqa: E402
 
 COMPONENTS = {"tiny-sd15": ("text_encoder", "unet", "vae_decoder", "vae_encoder"),
-              "tiny-sdxl": ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")}
+              "tiny-sdxl": ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder"),
+              "tiny-sd3": ("text_encoder", "text_encoder_2", "text_encoder_3", "transformer", "vae_decoder",
+                           "vae_encoder"),
+              "tiny-flux": ("text_encoder", "text_encoder_2", "transformer", "vae_decoder", "vae_encoder")}
 _twins: dict[str, object] = {}
 
 
@@ -29,6 +32,41 @@ def _pipe(name: str):
 def _reference(pipe, component: str, rng: np.random.Generator) -> tuple[dict, dict]:
     """(feeds, PyTorch outputs) for one component."""
     with torch.inference_mode():
+        if component == "text_encoder_3" or (component == "text_encoder_2" and type(pipe).__name__ == "FluxPipeline"):
+            enc = getattr(pipe, component)  # T5: any length, </s> then <pad>
+            ids = rng.integers(3, enc.config.vocab_size, (3, 40)).astype(np.int64)
+            ids[:, 30], ids[:, 31:] = 1, 0
+            return {"input_ids": ids}, {"last_hidden_state": enc(torch.from_numpy(ids))[0]}
+        if component == "transformer" and type(pipe).__name__ == "FluxPipeline":
+            cfg = pipe.transformer.config
+            h, w = 3, 4  # packed-token grid
+            img_ids = np.zeros((h, w, 3), np.float32)
+            img_ids[..., 1] += np.arange(h)[:, None]
+            img_ids[..., 2] += np.arange(w)[None, :]
+            feeds = {"sample": rng.standard_normal((3, h * w, cfg.in_channels), dtype=np.float32),
+                     "timestep": np.array([0.01, 0.5, 0.98], np.float32),
+                     "encoder_hidden_states": rng.standard_normal((3, 40, cfg.joint_attention_dim), dtype=np.float32),
+                     "pooled_projections": rng.standard_normal((3, cfg.pooled_projection_dim), dtype=np.float32),
+                     "txt_ids": np.zeros((40, 3), np.float32), "img_ids": img_ids.reshape(h * w, 3),
+                     "guidance": np.array([1.0, 3.5, 7.0], np.float32)}
+            out = pipe.transformer(hidden_states=torch.from_numpy(feeds["sample"]),
+                                   timestep=torch.from_numpy(feeds["timestep"]),
+                                   encoder_hidden_states=torch.from_numpy(feeds["encoder_hidden_states"]),
+                                   pooled_projections=torch.from_numpy(feeds["pooled_projections"]),
+                                   txt_ids=torch.from_numpy(feeds["txt_ids"]), img_ids=torch.from_numpy(feeds["img_ids"]),
+                                   guidance=torch.from_numpy(feeds["guidance"])).sample
+            return feeds, {"out_sample": out}
+        if component == "transformer":
+            cfg = pipe.transformer.config
+            sample = rng.standard_normal((3, cfg.in_channels, 6, 10), dtype=np.float32)
+            t = np.array([1.5, 500.0, 981.25], dtype=np.float32)
+            ehs = rng.standard_normal((3, 77 + 40, cfg.joint_attention_dim), dtype=np.float32)
+            pooled = rng.standard_normal((3, cfg.pooled_projection_dim), dtype=np.float32)
+            out = pipe.transformer(hidden_states=torch.from_numpy(sample), timestep=torch.from_numpy(t),
+                                   encoder_hidden_states=torch.from_numpy(ehs),
+                                   pooled_projections=torch.from_numpy(pooled)).sample
+            return ({"sample": sample, "timestep": t, "encoder_hidden_states": ehs, "pooled_projections": pooled},
+                    {"out_sample": out})
         if component.startswith("text_encoder"):
             enc = getattr(pipe, component)
             ids = rng.integers(0, enc.config.vocab_size, (3, 77)).astype(np.int64)

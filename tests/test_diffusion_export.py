@@ -299,7 +299,7 @@ def test_unknown_specs_and_families() -> None:
     with pytest.raises(SourceError, match="is not a pipeline source"):
         resolve_pipeline("no-such-thing")
     with pytest.raises(SourceError, match="unknown family"):
-        resolve_pipeline("tiny-sd15", family="flux")
+        resolve_pipeline("tiny-sd15", family="sd9")
     with pytest.raises(SourceError, match="is a sd15 pipeline, not sdxl"):
         resolve_pipeline("tiny-sd15", family="sdxl")
     with pytest.raises(SourceError, match="--random-weights applies to"):

@@ -79,7 +79,8 @@ def test_export_without_torch_names_the_extra(tmp_path: Path) -> None:
     assert "pip install 'enginekit[export]'" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_generate_without_torch(tiny_pipelines: dict, tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", ["tiny-sd15", "tiny-sd3", "tiny-flux"])
+def test_generate_without_torch(tiny_pipelines: dict, tmp_path: Path, name: str) -> None:
     """TextToImage and `enginekit generate` with torch, diffusers and transformers unimportable."""
     out = tmp_path / "a.png"
     code = _BLOCKER + textwrap.dedent(
@@ -87,11 +88,11 @@ def test_generate_without_torch(tiny_pipelines: dict, tmp_path: Path) -> None:
         import json
         import enginekit
         from enginekit.app.cli import main
-        pipe = enginekit.load({str(tiny_pipelines[("tiny-sd15", "onnx")])!r}, device="cpu")
+        pipe = enginekit.load({str(tiny_pipelines[(name, "onnx")])!r}, device="cpu")
         images = pipe("a lighthouse", num_inference_steps=2, seed=3, output_type="np").images
         heavy = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
         print(json.dumps({{"shape": list(images.shape), "heavy": heavy}}))
-        sys.argv = ["enginekit", "generate", {str(tiny_pipelines[("tiny-sd15", "onnx")])!r}, "a lighthouse",
+        sys.argv = ["enginekit", "generate", {str(tiny_pipelines[(name, "onnx")])!r}, "a lighthouse",
                     "-o", {str(out)!r}, "--steps", "2", "--seed", "3", "--json"]
         main()
         """

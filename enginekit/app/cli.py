@@ -81,12 +81,12 @@ def cli(verbose: bool) -> None:
 @cli.command()
 @click.argument("model")
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Artifact folder to write.")
-@click.option("--family", type=click.Choice(["sd15", "sd21", "sdxl"]),
+@click.option("--family", type=click.Choice(["sd15", "sd21", "sdxl", "sd3", "flux"]),
               help="Diffusion family: required for a single-file .safetensors checkpoint, checked otherwise.")
 @click.option("--task", type=click.Choice(["image-classification", "text-to-image"]),
               help="What MODEL is, where the source cannot tell (a hub id is a classifier unless told).")
 @click.option("--random-weights", is_flag=True,
-              help="timm:NAME, sd15, sd21, sdxl: the real architecture with seeded weights (offline).")
+              help="timm:NAME, sd15, sd21, sdxl, sd3-medium: the real architecture with seeded weights (offline).")
 @click.option("--weights", type=click.Path(path_type=Path), help="timm:NAME only: a .safetensors file to load.")
 @click.option("--seed", default=0, show_default=True, help="Seed for random weights and parity inputs.")
 @click.option("--revision", help="Hub revision (branch, tag or commit) for a hub id.")
@@ -111,9 +111,9 @@ def export(model: str, out: Path, family: str | None, task: str | None, random_w
       timm:NAME                     e.g. timm:vit_small_patch16_384 (add --random-weights offline)
       PATH                          a folder: timm hub format or transformers save_pretrained
       ORG/NAME, hf-hub:ORG/NAME     a Hugging Face Hub repository (honours HF_HUB_OFFLINE)
-    Diffusion pipelines (SD 1.5, SD 2.x, SDXL), one ONNX graph per component:
-      tiny-sd15, tiny-sdxl          built-in seeded tiny pipelines
-      sd15, sd21, sdxl              the real architectures; needs --random-weights
+    Diffusion pipelines (SD 1.5, SD 2.x, SDXL, SD3, FLUX), one ONNX graph per component:
+      tiny-sd15, tiny-sdxl, tiny-sd3, tiny-flux  built-in seeded tiny pipelines
+      sd15, sd21, sdxl, sd3-medium  the real architectures; needs --random-weights
       PATH                          a diffusers folder (model_index.json + component subfolders)
       FILE.safetensors --family F   a single-file checkpoint, as A1111/sdnext keep them
       ORG/NAME --task text-to-image a hub pipeline
@@ -208,8 +208,11 @@ def compile_cmd(artifact: Path, backend: str, out: Path, device: str, threads: i
 @click.option("--seed", type=int, default=None, help="Seed for numpy's generator (printed when omitted).")
 @click.option("--height", type=int, help="Image height, a multiple of 8 (default: the model's size).")
 @click.option("--width", type=int, help="Image width, a multiple of 8 (default: the model's size).")
-@click.option("--scheduler", type=click.Choice(["euler", "euler-a", "ddim", "dpm++2m", "dpm++2m-karras", "lcm"]),
-              default=None, help="Sampler (default: the pipeline's own where ported, else euler).")
+@click.option("--scheduler", type=click.Choice(["euler", "euler-a", "ddim", "dpm++2m", "dpm++2m-karras", "lcm",
+                                                "flow-euler"]),
+              default=None, help="Sampler (default: the pipeline's own where ported, else euler; SD3: flow-euler).")
+@click.option("--max-sequence-length", type=int, default=None,
+              help="SD3, FLUX: T5 prompt tokens (SD3 default 256; FLUX dev 512, schnell 256; at most 512).")
 @click.option("--init-image", type=click.Path(path_type=Path), help="Image-to-image: start from this picture.")
 @click.option("--strength", default=0.8, show_default=True, help="Image-to-image: how much of it to repaint (0-1].")
 @click.option("--num-images", default=1, show_default=True, help="Images for the prompt.")
@@ -221,8 +224,8 @@ def compile_cmd(artifact: Path, backend: str, out: Path, device: str, threads: i
               help="Refuse the artifact unless its signature (`enginekit sign`) verifies with this public key.")
 def generate(artifact: Path, prompt: str, out: Path, negative: str | None, steps: int, guidance: float,
              seed: int | None, height: int | None, width: int | None, scheduler: str | None,
-             init_image: Path | None, strength: float, num_images: int, device: str, backend: str | None,
-             as_json: bool, digest: str | None, verify_with: Path | None) -> None:
+             max_sequence_length: int | None, init_image: Path | None, strength: float, num_images: int, device: str,
+             backend: str | None, as_json: bool, digest: str | None, verify_with: Path | None) -> None:
     """Generate images for PROMPT with a text-to-image ARTIFACT (torch-free)."""
     import time
 
@@ -243,6 +246,8 @@ def generate(artifact: Path, prompt: str, out: Path, negative: str | None, steps
                                     scheduler=scheduler)
         if init_image is not None:
             call["strength"] = strength
+        if max_sequence_length is not None:
+            call["max_sequence_length"] = max_sequence_length
         paths, result = generate_images(artifact, prompt, out, device=device, backend=backend,
                                         digest=digest, verify_with=verify_with, init_image=init_image,
                                         on_step=on_step, **call)

@@ -34,21 +34,32 @@ def image_parity(pipe: Any, root: Path, manifest: Manifest, *, steps: int = 3, s
     f = ours.config.vae_scale_factor
     latents = np.random.default_rng(seed).standard_normal(
         (1, ours.config.latent_channels, size // f, size // f), dtype=np.float32)
+    flux = ours.config.prompt_layout == "flux"
+    negative = None if flux else NEGATIVE  # FLUX is guidance-distilled: no negative prompt, no CFG pass
+    if flux:
+        from enginekit.runtimes.tasks.text_to_image import pack_latents
+
+        guidance = 3.5
+        latents = pack_latents(latents)
+    # Euler for both: diffusers' discrete Euler for the UNet families, flow-matching Euler for SD3.
+    flow = ours.config.is_flow
+    scheduler = "flow-euler" if flow else "euler"
     original = pipe.scheduler
-    pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(original.config)
+    cls = diffusers.FlowMatchEulerDiscreteScheduler if flow else diffusers.EulerDiscreteScheduler
+    pipe.scheduler = cls.from_config(original.config)
     pipe.set_progress_bar_config(disable=True)
     try:
         with torch.inference_mode():
-            ref = pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=steps, guidance_scale=guidance,
+            ref = pipe(PROMPT, negative_prompt=negative, num_inference_steps=steps, guidance_scale=guidance,
                        height=size, width=size, latents=torch.from_numpy(latents), output_type="np").images
     finally:
         pipe.scheduler = original
     try:
-        got = ours(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=steps, guidance_scale=guidance,
-                   height=size, width=size, latents=latents, scheduler="euler", output_type="np").images
+        got = ours(PROMPT, negative_prompt=negative, num_inference_steps=steps, guidance_scale=guidance,
+                   height=size, width=size, latents=latents, scheduler=scheduler, output_type="np").images
     finally:
         ours.close()
     return {"psnr_db": psnr(ref, got), "reference": "diffusers", "runtime": "onnxruntime-cpu",
-            "prompt": PROMPT, "negative_prompt": NEGATIVE, "scheduler": "euler", "steps": steps,
+            "prompt": PROMPT, "negative_prompt": negative, "scheduler": scheduler, "steps": steps,
             "guidance_scale": guidance, "height": size, "width": size, "latents": f"numpy default_rng({seed})",
             "max_abs": float(np.abs(ref.astype(np.float64) - got).max())}

@@ -1,13 +1,17 @@
-"""Export a UNet diffusion pipeline (SD 1.5, SD 2.x, SDXL) to an ONNX artifact, one component at a time.
+"""Export a diffusion pipeline (SD 1.5, SD 2.x, SDXL, SD3) to an ONNX artifact, one component at a time.
 
 Folders and IO contract (symbolic dims are strings; the numpy runtime depends on these names):
 
 - ``text_encoder/model.onnx`` (SDXL also ``text_encoder_2/``): ``input_ids`` int64 (batch, sequence)
   -> ``last_hidden_state`` (batch, sequence, H), ``penultimate_hidden_state`` (hidden_states[-2]),
   ``pooled`` (batch, P): pooler_output, or text_embeds for CLIPTextModelWithProjection.
+  A T5 encoder (SD3's ``text_encoder_3``) gives ``last_hidden_state`` only, over a free sequence.
 - ``unet/model.onnx``: ``sample`` (batch, C, latent_height, latent_width), ``timestep`` float32 (batch,),
   ``encoder_hidden_states`` (batch, sequence, D); SDXL adds ``text_embeds`` and ``time_ids`` (batch, 6);
   an LCM UNet (``time_cond_proj_dim``) adds ``timestep_cond``. Out ``out_sample``.
+- ``transformer/model.onnx`` (SD3's MMDiT): the same ``sample``, ``timestep`` (sigma x 1000) and
+  ``encoder_hidden_states`` (CLIP tokens then T5 tokens) plus ``pooled_projections`` (batch, P) ->
+  ``out_sample`` (the flow velocity).
 - ``vae_decoder/model.onnx``: ``latent_sample`` (already divided by the scaling factor) -> ``sample``.
 - ``vae_encoder/model.onnx``: ``sample`` -> ``latent_parameters`` (mean and logvar concatenated).
 
@@ -23,6 +27,7 @@ import io
 import json
 import threading
 import time
+import types
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +49,11 @@ __all__ = ["PipelineExportOptions", "export_pipeline"]
 _EXTERNAL_DATA_BYTES = 1_800_000_000
 _DATA_FILE = "model.onnx.data"
 _TEXT_OUTPUTS = ("last_hidden_state", "penultimate_hidden_state", "pooled")
+_TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+#: T5 prompt lengths traced and checked (two, so the sequence axis is exercised).
+_T5_TRACE, _T5_PARITY = 32, 48
+#: SD3's default ``max_sequence_length`` (T5 tokens), as its pipeline's __call__ has it.
+SD3_MAX_SEQUENCE_LENGTH = 256
 
 
 @dataclass(frozen=True)
@@ -97,6 +107,38 @@ def _wrappers() -> dict[str, type]:
             return self.unet(sample, timestep, encoder_hidden_states, timestep_cond=named.get("timestep_cond"),
                              added_cond_kwargs=added, return_dict=False)[0]
 
+    class T5Encoder(torch.nn.Module):
+        def __init__(self, encoder: Any) -> None:
+            super().__init__()
+            self.encoder = encoder
+
+        def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+            return self.encoder(input_ids, return_dict=False)[0]
+
+    def tensor_crop(self: Any, height: Any, width: Any) -> torch.Tensor:
+        """diffusers' PatchEmbed.cropped_pos_embed, the centre offsets computed on tensors: as
+        shape arithmetic, torch.export folds ``(max - h) // 2`` into a form that is one row off
+        for an odd patch grid (the graph then fails or silently shifts the embedding)."""
+        size = self.pos_embed_max_size
+        grid = self.pos_embed.reshape(1, size, size, -1)
+        for axis, side in ((1, height // self.patch_size), (2, width // self.patch_size)):
+            start = torch.div(torch.full((), size, dtype=torch.int64) - torch.full((), side, dtype=torch.int64),
+                              2, rounding_mode="floor")
+            grid = grid.index_select(axis, torch.arange(side, dtype=torch.int64) + start)
+        return grid.reshape(1, -1, grid.shape[-1])
+
+    class Transformer(torch.nn.Module):
+        def __init__(self, transformer: Any) -> None:
+            super().__init__()
+            self.transformer = transformer
+            embed = getattr(transformer, "pos_embed", None)
+            if getattr(embed, "pos_embed_max_size", None):  # same numbers, an exportable crop
+                embed.cropped_pos_embed = types.MethodType(tensor_crop, embed)
+
+        def forward(self, sample, timestep, encoder_hidden_states, pooled_projections):  # type: ignore[no-untyped-def]
+            return self.transformer(hidden_states=sample, timestep=timestep, encoder_hidden_states=encoder_hidden_states,
+                                    pooled_projections=pooled_projections, return_dict=False)[0]
+
     class VaeDecoder(torch.nn.Module):
         def __init__(self, vae: Any) -> None:
             super().__init__()
@@ -113,7 +155,19 @@ def _wrappers() -> dict[str, type]:
         def forward(self, sample: torch.Tensor) -> torch.Tensor:
             return self.vae.encode(sample).latent_dist.parameters
 
-    return {"text": TextEncoder, "unet": UNet, "vae_decoder": VaeDecoder, "vae_encoder": VaeEncoder}
+    class FluxTransformer(torch.nn.Module):
+        def __init__(self, transformer: Any) -> None:
+            super().__init__()
+            self.transformer = transformer
+
+        def forward(self, sample, timestep, encoder_hidden_states, pooled_projections, txt_ids, img_ids,
+                    guidance=None):  # type: ignore[no-untyped-def]
+            return self.transformer(hidden_states=sample, timestep=timestep, encoder_hidden_states=encoder_hidden_states,
+                                    pooled_projections=pooled_projections, txt_ids=txt_ids, img_ids=img_ids,
+                                    guidance=guidance, return_dict=False)[0]
+
+    return {"text": TextEncoder, "t5": T5Encoder, "unet": UNet, "transformer": Transformer, "flux": FluxTransformer,
+            "vae_decoder": VaeDecoder, "vae_encoder": VaeEncoder}
 
 
 @dataclass
@@ -148,7 +202,7 @@ def _plans(pipe: Any, family: str, opts: PipelineExportOptions) -> list[Callable
     W = _wrappers()
     gen = torch.Generator().manual_seed(opts.seed)
     B, PB, L = opts.trace_batch, opts.parity_batch, opts.sequence_length
-    names = [n for n in ("text_encoder", "text_encoder_2") if getattr(pipe, n, None) is not None]
+    names = [n for n in _TEXT_ENCODERS if getattr(pipe, n, None) is not None]
 
     def nbytes(m: Any) -> int:
         return sum(p.numel() * p.element_size() for p in m.parameters())
@@ -157,6 +211,8 @@ def _plans(pipe: Any, family: str, opts: PipelineExportOptions) -> list[Callable
         def make() -> _Plan:
             enc = getattr(pipe, name)
             cfg = enc.config
+            if _is_t5(enc):
+                return t5(name, enc)
             tok = getattr(pipe, "tokenizer" + name[len("text_encoder"):])
             bos, eos = int(tok.bos_token_id), int(tok.eos_token_id)
             pooled_dim = int(getattr(cfg, "projection_dim", cfg.hidden_size)) if hasattr(enc, "text_projection") else int(cfg.hidden_size)
@@ -174,6 +230,23 @@ def _plans(pipe: Any, family: str, opts: PipelineExportOptions) -> list[Callable
             )
         return make
 
+    def t5(name: str, enc: Any) -> _Plan:
+        cfg = enc.config
+        seq = ("batch", "sequence")
+        # Traced and checked at two lengths: T5's relative positions take any.
+        return _Plan(
+            name, W["t5"](enc).eval(),
+            [TensorSpec("input_ids", "int64", seq)],
+            [TensorSpec("last_hidden_state", "float32", (*seq, int(cfg.d_model)))],
+            (_t5_ids(gen, B, _T5_TRACE, cfg.vocab_size),),
+            (_t5_ids(gen, PB, _T5_PARITY, cfg.vocab_size),),
+            nbytes(enc),
+        )
+
+    if getattr(pipe, "transformer", None) is not None and family == "flux":
+        return [text(n) for n in names] + _flux_and_vae(pipe, W, gen, opts, nbytes)
+    if getattr(pipe, "transformer", None) is not None:
+        return [text(n) for n in names] + _transformer_and_vae(pipe, W, gen, opts, nbytes)
     unet_cfg = pipe.unet.config
     f = 2 ** (len(unet_cfg.block_out_channels) - 1)
     vae_f = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
@@ -215,6 +288,15 @@ def _plans(pipe: Any, family: str, opts: PipelineExportOptions) -> list[Callable
                      [TensorSpec("out_sample", "float32", ("batch", out_c, "latent_height", "latent_width"))],
                      feeds(B, trace_hw), feeds(PB, parity_hw), nbytes(u))
 
+    return [text(n) for n in names] + [unet, *_vae_plans(pipe, W, gen, opts, nbytes, trace_hw, parity_hw)]
+
+
+def _vae_plans(pipe: Any, W: dict[str, type], gen: Any, opts: PipelineExportOptions, nbytes: Callable[[Any], int],
+               trace_hw: tuple[int, int], parity_hw: tuple[int, int]) -> list[Callable[[], _Plan]]:
+    import torch
+
+    B = opts.trace_batch
+    vae_f = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     lc = int(pipe.vae.config.latent_channels)
 
     def vae_decoder() -> _Plan:
@@ -235,7 +317,100 @@ def _plans(pipe: Any, family: str, opts: PipelineExportOptions) -> list[Callable
                      (torch.rand(B, 3, th, tw, generator=gen) * 2 - 1,),
                      (torch.rand(1, 3, ph, pw, generator=gen) * 2 - 1,), nbytes(v))
 
-    return [text(n) for n in names] + [unet, vae_decoder, vae_encoder]
+    return [vae_decoder, vae_encoder]
+
+
+def _transformer_and_vae(pipe: Any, W: dict[str, type], gen: Any, opts: PipelineExportOptions,
+                         nbytes: Callable[[Any], int]) -> list[Callable[[], _Plan]]:
+    """SD3's MMDiT denoiser, then the VAE: latents a multiple of the patch size, the
+    prompt CLIP's tokens then T5's (of a free length)."""
+    import torch
+
+    cfg = pipe.transformer.config
+    p = int(cfg.patch_size)
+    # Checked at another area with odd patch-grid sides, which a baked position crop would miss.
+    trace_hw, parity_hw = (4 * p, 6 * p), (5 * p, 3 * p)
+    B, PB, L = opts.trace_batch, opts.parity_batch, opts.sequence_length
+    C, D, P = int(cfg.in_channels), int(cfg.joint_attention_dim), int(cfg.pooled_projection_dim)
+
+    def transformer() -> _Plan:
+        def feeds(batch: int, hw: tuple[int, int], t5_len: int) -> tuple[Any, ...]:
+            return (torch.randn(batch, C, *hw, generator=gen),
+                    torch.rand(batch, generator=gen) * 1000.0,  # sigma x 1000
+                    torch.randn(batch, L + t5_len, D, generator=gen),
+                    torch.randn(batch, P, generator=gen))
+
+        lat = ("batch", C, "latent_height", "latent_width")
+        inputs = [TensorSpec("sample", "float32", lat), TensorSpec("timestep", "float32", ("batch",)),
+                  TensorSpec("encoder_hidden_states", "float32", ("batch", "sequence", D)),
+                  TensorSpec("pooled_projections", "float32", ("batch", P))]
+        outputs = [TensorSpec("out_sample", "float32", ("batch", int(cfg.out_channels), "latent_height", "latent_width"))]
+        return _Plan("transformer", W["transformer"](pipe.transformer).eval(), inputs, outputs,
+                     feeds(B, trace_hw, _T5_TRACE), feeds(PB, parity_hw, _T5_PARITY), nbytes(pipe.transformer))
+
+    return [transformer, *_vae_plans(pipe, W, gen, opts, nbytes, trace_hw, parity_hw)]
+
+
+def _flux_and_vae(pipe: Any, W: dict[str, type], gen: Any, opts: PipelineExportOptions,
+                  nbytes: Callable[[Any], int]) -> list[Callable[[], _Plan]]:
+    """FLUX's transformer on packed latents (2x2 patches of the VAE latent as one token of
+    4C channels), with the rotary ids of text and image tokens and, for dev, the guidance."""
+    import torch
+
+    cfg = pipe.transformer.config
+    trace_grid, parity_grid = (2, 3), (3, 5)  # packed-token grids: other sizes and areas
+    B, PB = opts.trace_batch, opts.parity_batch
+    C, D, P = int(cfg.in_channels), int(cfg.joint_attention_dim), int(cfg.pooled_projection_dim)
+    guided = bool(cfg.guidance_embeds)
+
+    def transformer() -> _Plan:
+        def feeds(batch: int, grid: tuple[int, int], t5_len: int) -> tuple[Any, ...]:
+            h, w = grid
+            img_ids = torch.zeros(h, w, 3)
+            img_ids[..., 1] += torch.arange(h)[:, None]
+            img_ids[..., 2] += torch.arange(w)[None, :]
+            out = [torch.randn(batch, h * w, C, generator=gen),
+                   torch.rand(batch, generator=gen),  # FLUX takes sigma (timestep / 1000)
+                   torch.randn(batch, t5_len, D, generator=gen),
+                   torch.randn(batch, P, generator=gen),
+                   torch.zeros(t5_len, 3),
+                   img_ids.reshape(h * w, 3)]
+            if guided:
+                out.append(torch.rand(batch, generator=gen) * 5.0)
+            return tuple(out)
+
+        inputs = [TensorSpec("sample", "float32", ("batch", "image_sequence", C)),
+                  TensorSpec("timestep", "float32", ("batch",)),
+                  TensorSpec("encoder_hidden_states", "float32", ("batch", "sequence", D)),
+                  TensorSpec("pooled_projections", "float32", ("batch", P)),
+                  TensorSpec("txt_ids", "float32", ("sequence", 3)),
+                  TensorSpec("img_ids", "float32", ("image_sequence", 3))]
+        if guided:
+            inputs.append(TensorSpec("guidance", "float32", ("batch",)))
+        out_c = int(cfg.out_channels or C)
+        outputs = [TensorSpec("out_sample", "float32", ("batch", "image_sequence", out_c))]
+        return _Plan("transformer", W["flux"](pipe.transformer).eval(), inputs, outputs,
+                     feeds(B, trace_grid, _T5_TRACE), feeds(PB, parity_grid, _T5_PARITY), nbytes(pipe.transformer))
+
+    trace_hw = tuple(2 * d for d in trace_grid)
+    parity_hw = tuple(2 * d for d in parity_grid)
+    return [transformer, *_vae_plans(pipe, W, gen, opts, nbytes, trace_hw, parity_hw)]  # type: ignore[arg-type]
+
+
+def _is_t5(encoder: Any) -> bool:
+    return type(encoder).__name__.startswith("T5")
+
+
+def _t5_ids(gen: Any, batch: int, length: int, vocab: int) -> Any:
+    """T5-like ids: random tokens, ``</s>`` (1) at a random place, then ``<pad>`` (0)."""
+    import torch
+
+    ids = torch.randint(3, vocab, (batch, length), generator=gen)
+    ends = torch.randint(1, length, (batch,), generator=gen)
+    for row, end in enumerate(ends.tolist()):
+        ids[row, end] = 1
+        ids[row, end + 1:] = 0
+    return ids
 
 
 # --------------------------------------------------------------------------- export
@@ -317,7 +492,7 @@ def export_pipeline(
                 fidelity[plan.name] = {k: report[k] for k in ("min_cosine", "max_abs", "passed")}
                 exporters[plan.name] = exporter
                 del plan, make
-                if owned and not options.image_check and comp.name in ("text_encoder", "text_encoder_2", "unet"):
+                if owned and not options.image_check and comp.name in (*_TEXT_ENCODERS, "unet", "transformer"):
                     setattr(pipe, comp.name, None)  # the last reference: the weights go now
                 gc.collect()
                 rss.sample()
@@ -508,6 +683,10 @@ def _name_dims(path: Path, plan: _Plan) -> None:
 
 
 def _task_config(pipe: Any, family: str) -> dict[str, Any]:
+    if family == "sd3":
+        return _sd3_task_config(pipe)
+    if family == "flux":
+        return _flux_task_config(pipe)
     unet, vae = pipe.unet.config, pipe.vae.config
     sdxl = family == "sdxl"
     encoders = [n for n in ("text_encoder", "text_encoder_2") if getattr(pipe, n, None) is not None]
@@ -540,6 +719,74 @@ def _task_config(pipe: Any, family: str) -> dict[str, Any]:
     }
 
 
+def _sd3_task_config(pipe: Any) -> dict[str, Any]:
+    """SD3: both CLIP encoders' penultimate states and pooled outputs, T5's last state when
+    the pipeline has T5 (zeros of the joint width when not, as diffusers does)."""
+    tr, vae = pipe.transformer.config, pipe.vae.config
+    text_encoders = [
+        {"component": n, "tokenizer": "tokenizer" + n[len("text_encoder"):],
+         "hidden_state": "last" if n == "text_encoder_3" else "penultimate", "use_pooled": n != "text_encoder_3"}
+        for n in _TEXT_ENCODERS if getattr(pipe, n, None) is not None
+    ]
+    sched = dict(pipe.scheduler.config)
+    return {
+        "pipeline": type(pipe).__name__,
+        "denoiser": "transformer",
+        "prompt_layout": "sd3",
+        "text_encoders": text_encoders,
+        "tokenizers": {},
+        "scheduler": _jsonable(sched),
+        "latent_channels": int(vae.latent_channels),
+        "vae_scale_factor": 2 ** (len(vae.block_out_channels) - 1),
+        "vae_scaling_factor": float(vae.scaling_factor),
+        "vae_shift_factor": None if vae.get("shift_factor") is None else float(vae.shift_factor),
+        "prediction_type": "flow",
+        "sample_size": int(tr.sample_size),
+        "patch_size": int(tr.patch_size),
+        "joint_attention_dim": int(tr.joint_attention_dim),
+        "max_sequence_length": SD3_MAX_SEQUENCE_LENGTH,
+        "force_zeros_for_empty_prompt": False,
+        "time_cond_proj_dim": None,
+        "vae_precision": "any",
+        "text_encoder_vocab_sizes": {e["component"]: int(getattr(pipe, e["component"]).config.vocab_size)
+                                     for e in text_encoders},
+    }
+
+
+def _flux_task_config(pipe: Any) -> dict[str, Any]:
+    """FLUX: CLIP's pooled output and T5's last state; packed latents; guidance-distilled (dev)
+    or not (schnell: 256 T5 tokens by default, dev 512)."""
+    tr, vae = pipe.transformer.config, pipe.vae.config
+    vsf = 2 ** (len(vae.block_out_channels) - 1)
+    guided = bool(tr.guidance_embeds)
+    return {
+        "pipeline": type(pipe).__name__,
+        "denoiser": "transformer",
+        "prompt_layout": "flux",
+        "text_encoders": [
+            {"component": "text_encoder", "tokenizer": "tokenizer", "hidden_state": "last", "use_pooled": True},
+            {"component": "text_encoder_2", "tokenizer": "tokenizer_2", "hidden_state": "last", "use_pooled": False},
+        ],
+        "tokenizers": {},
+        "scheduler": _jsonable(dict(pipe.scheduler.config)),
+        "latent_channels": int(vae.latent_channels),
+        "vae_scale_factor": vsf,
+        "vae_scaling_factor": float(vae.scaling_factor),
+        "vae_shift_factor": None if vae.get("shift_factor") is None else float(vae.shift_factor),
+        "prediction_type": "flow",
+        "sample_size": int(getattr(pipe, "default_sample_size", 128)) if int(vae.sample_size) >= 512
+        else int(vae.sample_size) // vsf,
+        "packed_latents": True,
+        "guidance_embeds": guided,
+        "joint_attention_dim": int(tr.joint_attention_dim),
+        "max_sequence_length": 512 if guided else 256,
+        "force_zeros_for_empty_prompt": False,
+        "time_cond_proj_dim": None,
+        "vae_precision": "any",
+        "text_encoder_vocab_sizes": {n: int(getattr(pipe, n).config.vocab_size) for n in ("text_encoder", "text_encoder_2")},
+    }
+
+
 def _model_index(pipe: Any) -> dict[str, Any]:
     import diffusers
 
@@ -554,7 +801,10 @@ def _write_assets(root: Path, pipe: Any, task_config: dict[str, Any], model_inde
     rels: list[str] = []
     for enc in task_config["text_encoders"]:
         name = enc["tokenizer"]
-        cfg = save_tokenizer(getattr(pipe, name), root / name)
+        # T5 carries no usable model_max_length: the pipeline's max_sequence_length is the default.
+        t5 = _is_t5(getattr(pipe, enc["component"]))
+        length = task_config.get("max_sequence_length") if t5 else None
+        cfg = save_tokenizer(getattr(pipe, name), root / name, max_length=length)
         cfg["file"] = f"{name}/{cfg['file']}"
         task_config["tokenizers"][name] = cfg
         rels.append(cfg["file"])

@@ -8,10 +8,10 @@ must be ``.safetensors``.
 
 Specs understood by :func:`resolve_pipeline`:
 
-``tiny-sd15``, ``tiny-sdxl``
+``tiny-sd15``, ``tiny-sdxl``, ``tiny-sd3``, ``tiny-flux``
     seeded tiny twins with the real component structure (configs in
     ``enginekit/configs/tiny-*``) and the real CLIP BPE tokenizers: unit-test fast.
-``sd15``, ``sd21``, ``sdxl`` with ``random_weights=True``
+``sd15``, ``sd21``, ``sdxl``, ``sd3-medium`` with ``random_weights=True``
     the published architectures (configs kept in ``enginekit/configs/<family>``)
     with seeded weights, for offline benchmarks.
 a folder
@@ -35,16 +35,20 @@ from typing import Any
 from enginekit.artifact import sha256_file
 from enginekit.errors import SourceError
 
-__all__ = ["FAMILIES", "BUILTINS", "PipelineSource", "resolve_pipeline", "config_dir"]
+__all__ = ["FAMILIES", "BUILTINS", "ARCHITECTURES", "PipelineSource", "resolve_pipeline", "config_dir"]
 
-#: Families of the UNet export, as the manifest names them.
-FAMILIES = ("sd15", "sd21", "sdxl")
+#: Pipeline families, as the manifest names them: the UNet ones and SD3 (MMDiT transformer).
+FAMILIES = ("sd15", "sd21", "sdxl", "sd3", "flux")
 #: Built-in tiny twins: name -> family.
-BUILTINS = {"tiny-sd15": "sd15", "tiny-sdxl": "sdxl"}
-_PIPELINES = {"sd15": "StableDiffusionPipeline", "sd21": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
+BUILTINS = {"tiny-sd15": "sd15", "tiny-sdxl": "sdxl", "tiny-sd3": "sd3", "tiny-flux": "flux"}
+#: Published architectures built with seeded weights (``--random-weights``): name -> family.
+ARCHITECTURES = {"sd15": "sd15", "sd21": "sd21", "sdxl": "sdxl", "sd3-medium": "sd3"}
+_PIPELINES = {"sd15": "StableDiffusionPipeline", "sd21": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline",
+              "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}
 #: UNet cross_attention_dim of the published families (SDXL is told by its pipeline class).
 _CROSS_DIMS = {768: "sd15", 1024: "sd21"}
-_WEIGHT_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+_WEIGHT_COMPONENTS = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
+_TOKENIZERS = ("tokenizer", "tokenizer_2", "tokenizer_3")
 _PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
 #: The text-encoder key prefix that tells an LDM single file's family.
 _LDM_TEXT_PREFIX = {
@@ -94,25 +98,26 @@ def resolve_pipeline(
     (a diffusers pipeline layout) instead of the repository's one for ``family``.
     """
     if family is not None and family not in FAMILIES:
-        raise SourceError(f"unknown family {family!r}; the UNet families are {', '.join(FAMILIES)}")
+        raise SourceError(f"unknown family {family!r}; the pipeline families are {', '.join(FAMILIES)}")
     if spec in BUILTINS:
         fam = BUILTINS[spec]
         _check_family(spec, fam, family)
         src = _build_seeded(config_dir(spec), fam, seed)
         src.provenance.update(source=spec, kind="builtin", weights="random", seed=seed)
         return src
-    if spec in FAMILIES:
+    if spec in ARCHITECTURES:
         if not random_weights:
             raise SourceError(
                 f"{spec!r} names an architecture, not weights: pass --random-weights to build it with seeded "
                 "weights, or give a hub id, a pipeline folder or a .safetensors checkpoint"
             )
-        _check_family(spec, spec, family)
-        src = _build_seeded(config_dir(spec), spec, seed)
+        fam = ARCHITECTURES[spec]
+        _check_family(spec, fam, family)
+        src = _build_seeded(config_dir(spec), fam, seed)
         src.provenance.update(source=spec, kind="random", weights="random", seed=seed)
         return src
     if random_weights:
-        raise SourceError(f"--random-weights applies to {', '.join(FAMILIES)} only, not to {spec!r}")
+        raise SourceError(f"--random-weights applies to {', '.join(ARCHITECTURES)} only, not to {spec!r}")
     path = Path(spec).expanduser()
     if path.is_dir():
         return _load_folder(path, family, revision=None)
@@ -124,7 +129,7 @@ def resolve_pipeline(
     if hub_id.count("/") == 1 and not spec.startswith((".", "/", "~")) and not hub_id.endswith(".safetensors"):
         return _load_hub(hub_id, revision, family)
     raise SourceError(
-        f"{spec!r} is not a pipeline source: use {', '.join(BUILTINS)}, {', '.join(FAMILIES)} with --random-weights, "
+        f"{spec!r} is not a pipeline source: use {', '.join(BUILTINS)}, {', '.join(ARCHITECTURES)} with --random-weights, "
         "a save_pretrained folder, a .safetensors checkpoint or a hub id 'org/name'"
     )
 
@@ -172,8 +177,20 @@ def _pad_token(tok_dir: Path) -> str:
 
 
 def _tokenizer_for(folder: Path, name: str) -> Any:
-    """The tokenizer saved in ``folder/name``, or the real CLIP BPE with that folder's pad token."""
+    """The tokenizer saved in ``folder/name``, or the real CLIP BPE with that folder's pad token
+    (a T5 stand-in for a config folder's T5 tokenizer: see :func:`stand_in_t5_tokenizer`)."""
     tok_dir = folder / name
+    config = _read_json(tok_dir / "tokenizer_config.json") if (tok_dir / "tokenizer_config.json").is_file() else {}
+    if str(config.get("tokenizer_class", "")).startswith("T5"):
+        if (tok_dir / "tokenizer.json").is_file() or (tok_dir / "spiece.model").is_file():
+            from transformers import AutoTokenizer
+
+            return AutoTokenizer.from_pretrained(str(tok_dir), use_fast=True)
+        from enginekit.export.diffusion.tokenizer import stand_in_t5_tokenizer
+
+        enc_cfg = folder / name.replace("tokenizer", "text_encoder") / "config.json"
+        vocab = int(_read_json(enc_cfg).get("vocab_size", 32128)) if enc_cfg.is_file() else 32128
+        return stand_in_t5_tokenizer(min(vocab, 32100), int(config.get("model_max_length", 512)))
     if (tok_dir / "vocab.json").is_file() and (tok_dir / "merges.txt").is_file():
         from transformers import CLIPTokenizer
 
@@ -203,15 +220,17 @@ def _build_seeded(folder: Path, family: str, seed: int) -> PipelineSource:
             model = cls.from_config(cls.load_config(str(folder / name)))
         else:
             cls = getattr(transformers, cls_name)
-            model = cls(transformers.CLIPTextConfig.from_pretrained(str(folder / name)))
+            model = cls(cls.config_class.from_pretrained(str(folder / name)))
         components[name] = model.eval()
     sched_cls = getattr(diffusers, index["scheduler"][1])
     components["scheduler"] = sched_cls.from_config(sched_cls.load_config(str(folder / "scheduler")))
-    for name in ("tokenizer", "tokenizer_2"):
+    for name in _TOKENIZERS:
         if name in index:
             components[name] = _tokenizer_for(folder, name)
     kwargs: dict[str, Any] = {}
-    if family == "sdxl":
+    if family in ("sd3", "flux"):
+        pass
+    elif family == "sdxl":
         kwargs["force_zeros_for_empty_prompt"] = bool(index.get("force_zeros_for_empty_prompt", True))
     else:
         kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
@@ -224,10 +243,14 @@ def _detect_family(folder: Path, index: dict[str, Any]) -> tuple[str, str]:
     cls_name = index.get("_class_name")
     if cls_name == "StableDiffusionXLPipeline":
         return "sdxl", "pipeline class"
+    if cls_name == "StableDiffusion3Pipeline":
+        return "sd3", "pipeline class"
+    if cls_name == "FluxPipeline":
+        return "flux", "pipeline class"
     if cls_name != "StableDiffusionPipeline":
         raise SourceError(
-            f"{folder}: model_index.json names {cls_name!r}; the UNet export takes StableDiffusionPipeline "
-            "(SD 1.x/2.x) or StableDiffusionXLPipeline"
+            f"{folder}: model_index.json names {cls_name!r}; the export takes StableDiffusionPipeline "
+            "(SD 1.x/2.x), StableDiffusionXLPipeline, StableDiffusion3Pipeline or FluxPipeline"
         )
     unet_cfg = _read_json(folder / "unet" / "config.json") if (folder / "unet" / "config.json").is_file() else {}
     dim = unet_cfg.get("cross_attention_dim")
@@ -273,8 +296,14 @@ def _load_folder(folder: Path, family: str | None, revision: str | None) -> Pipe
             raise SourceError(f"{folder}: a {detected} pipeline by its {how}, not {family} (--family {family})")
     hashes = _require_safetensors(folder, index)
     kwargs: dict[str, Any] = {}
-    if detected != "sdxl":
+    if detected in ("sd15", "sd21"):
         kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    elif detected in ("sd3", "flux"):
+        # T5 and the IP-adapter image encoder are optional: absent (or null) in model_index, loaded as None.
+        for name in ("text_encoder_3", "tokenizer_3", "image_encoder", "feature_extractor"):
+            entry = index.get(name)
+            if not (isinstance(entry, list) and entry and entry[0] is not None):
+                kwargs[name] = None
     try:
         pipe = _pipeline_class(detected).from_pretrained(
             str(folder), use_safetensors=True, local_files_only=True, **kwargs
@@ -402,8 +431,12 @@ def _load_single_file(path: Path, family: str | None, config: str | Path | None)
         raise SourceError(f"{path}: pickled checkpoints are never loaded; convert it to .safetensors first")
     if path.suffix != ".safetensors":
         raise SourceError(f"{path}: a single-file source must be a .safetensors checkpoint")
+    single = tuple(_LDM_TEXT_PREFIX)
     if family is None:
-        raise SourceError(f"{path}: a single-file checkpoint needs --family ({', '.join(FAMILIES)})")
+        raise SourceError(f"{path}: a single-file checkpoint needs --family ({', '.join(single)})")
+    if family not in single:
+        raise SourceError(f"{path}: single-file checkpoints are read for {', '.join(single)}; "
+                          f"export a {family} pipeline from its diffusers folder")
     folder = Path(config) if config is not None else config_dir(family)
     if not (folder / "model_index.json").is_file():
         raise SourceError(f"{folder}: the config folder has no model_index.json")
@@ -411,7 +444,7 @@ def _load_single_file(path: Path, family: str | None, config: str | Path | None)
     _check_fit(path, header, family, folder)
     del header
     index = _read_json(folder / "model_index.json")
-    kwargs: dict[str, Any] = {name: _tokenizer_for(folder, name) for name in ("tokenizer", "tokenizer_2") if name in index}
+    kwargs: dict[str, Any] = {name: _tokenizer_for(folder, name) for name in _TOKENIZERS if name in index}
     if family != "sdxl":
         kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     try:

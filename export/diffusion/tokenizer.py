@@ -28,7 +28,7 @@ import tokenizers
 from enginekit.errors import ArtifactError, ExportError, SourceError
 from enginekit.runtimes.tasks.tokenizers import PromptTokenizer, TokenizerConfig
 
-__all__ = ["TOKENIZER_FILE", "save_tokenizer", "real_clip_tokenizer"]
+__all__ = ["TOKENIZER_FILE", "save_tokenizer", "real_clip_tokenizer", "stand_in_t5_tokenizer"]
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -100,6 +100,37 @@ def real_clip_tokenizer(pad_token: str = "<|endoftext|>", model_max_length: int 
         # Read in full here (transformers 4's slow tokenizer reads the files in its
         # constructor), so the folder can go when this returns.
         return CLIPTokenizer.from_pretrained(str(folder), pad_token=pad_token, model_max_length=model_max_length)
+
+
+def stand_in_t5_tokenizer(vocab_size: int, model_max_length: int = 512) -> Any:
+    """A transformers ``T5TokenizerFast`` (SentencePiece unigram) of ``vocab_size`` ids, built offline.
+
+    T5's real ``spiece.model`` is not shipped anywhere this can read without the hub, so the
+    seeded pipelines (``tiny-sd3``, ``sd3-medium --random-weights``) tokenize with a stand-in:
+    T5's special tokens (``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2), single characters, then whole
+    words from CLIP's BPE vocabulary as ``▁word`` pieces, scored so longer pieces win. The ids
+    mean nothing to a trained T5; the pipeline around them is the real one. A folder or hub
+    source brings its own tokenizer.
+    """
+    transformers = _transformers()
+    if vocab_size < 64:
+        raise SourceError(f"a T5 stand-in tokenizer needs at least 64 ids, not {vocab_size}")
+    vocab, _ = _clip_bpe()
+    chars = [c for c in "abcdefghijklmnopqrstuvwxyz0123456789.,!?'-&:;()"]
+    pieces: list[str] = ["▁"] + chars + ["▁" + c for c in chars]
+    seen = set(pieces)
+    for token in vocab:
+        if token.endswith("</w>") and token[:-4].isalpha():
+            piece = "▁" + token[:-4]
+            if piece not in seen:
+                seen.add(piece)
+                pieces.append(piece)
+        if len(pieces) >= vocab_size - 3:
+            break
+    pieces = pieces[: vocab_size - 3]
+    scored = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    scored += [(p, -10.0 + 0.5 * len(p) - i * 1e-6) for i, p in enumerate(pieces)]
+    return transformers.T5TokenizerFast(vocab=scored, extra_ids=0, model_max_length=model_max_length)
 
 
 @lru_cache(maxsize=1)

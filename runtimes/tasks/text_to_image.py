@@ -1,7 +1,7 @@
 """The text-to-image task: a diffusers-style pipeline over loaded engines, without torch.
 
-``TextToImage`` runs Stable Diffusion 1.x/2.x and SDXL artifacts (their text
-encoders, UNet and VAE exported as components) with numpy, Pillow, the Rust
+``TextToImage`` runs Stable Diffusion 1.x/2.x, SDXL and SD3 artifacts (their text
+encoders, UNet or MMDiT transformer and VAE exported as components) with numpy, Pillow, the Rust
 ``tokenizers`` library and the backend. Its ``__call__`` reads as diffusers'
 pipelines do, in numbered steps: check inputs → encode the prompt → prepare
 timesteps → prepare latents → denoise → decode.
@@ -38,6 +38,8 @@ log = logging.getLogger("enginekit")
 MAX_STEPS = 1000
 MAX_IMAGES = 16
 MAX_SIDE = 4096
+#: T5 prompt tokens at most (diffusers' SD3 pipeline refuses more than 512).
+MAX_SEQUENCE_LENGTH = 512
 
 #: diffusers' scheduler classes -> our ports; a pipeline keeps its own unless told.
 _PORTED = {
@@ -150,6 +152,31 @@ class PipelineConfig:
     def is_xl(self) -> bool:
         return any(e.use_pooled for e in self.text_encoders)
 
+    @property
+    def prompt_layout(self) -> str:
+        """How the encoders' outputs become the denoiser's prompt: "clip" (SD 1.x/2.x/XL: hidden
+        states side by side) or "sd3" (CLIP states padded to the joint width, then T5's tokens)."""
+        return str(self.extra.get("prompt_layout", "clip"))
+
+    @property
+    def is_flow(self) -> bool:
+        """A rectified-flow model (SD3): sampled with flow-matching Euler only."""
+        return self.prediction_type == "flow"
+
+    def prompt_length(self, max_sequence_length: int | None = None) -> int:
+        """Tokens of the denoiser's ``encoder_hidden_states``: CLIP's window, plus T5's for SD3."""
+        clip = min(int(self.tokenizers[e.tokenizer].get("max_length", 77)) for e in self.text_encoders
+                   if self.tokenizers[e.tokenizer].get("kind", "clip") == "clip")
+        if self.prompt_layout == "flux":
+            return max_sequence_length or self.max_sequence_length
+        if self.prompt_layout != "sd3":
+            return clip
+        return clip + (max_sequence_length or self.max_sequence_length)
+
+    @property
+    def max_sequence_length(self) -> int:
+        return int(self.extra.get("max_sequence_length", 256))
+
 
 @dataclass
 class PipelineOutput:
@@ -163,7 +190,7 @@ class PipelineOutput:
 
 
 class TextToImage:
-    """A Stable Diffusion pipeline (1.x, 2.x, XL) over an artifact's components.
+    """A Stable Diffusion pipeline (1.x, 2.x, XL, 3) over an artifact's components.
 
     Called like a diffusers pipeline::
 
@@ -219,14 +246,20 @@ class TextToImage:
         width = cfg.default_size if width is None else width
         batch = 1 if batch is None else _int_in("batch", batch, 1, MAX_IMAGES)
         f = cfg.vae_scale_factor
+        flux = cfg.prompt_layout == "flux"
+        step = f * (2 if flux else 1)
         for name, side in (("height", height), ("width", width)):
-            _int_in(name, side, f, MAX_SIDE)
-            if side % f:
-                raise InputError(f"{name} must be a multiple of {f}, got {side}")
+            _int_in(name, side, step, MAX_SIDE)
+            if side % step:
+                raise InputError(f"{name} must be a multiple of {step}, got {side}")
         latent = {"latent_height": height // f, "latent_width": width // f}
-        length = min(int(t.get("max_length", 77)) for t in cfg.tokenizers.values())
-        dims: dict[str, dict[str, int]] = {e.component: {"sequence": length} for e in cfg.text_encoders}
-        dims[cfg.denoiser] = {"batch": 2 * batch, "sequence": length, **latent}
+        dims: dict[str, dict[str, int]] = {
+            e.component: {"sequence": int(cfg.tokenizers[e.tokenizer].get("max_length", 77))} for e in cfg.text_encoders}
+        if flux:  # no unconditional pass; packed tokens
+            dims[cfg.denoiser] = {"batch": batch, "sequence": cfg.prompt_length(),
+                                  "image_sequence": (height // step) * (width // step)}
+        else:
+            dims[cfg.denoiser] = {"batch": 2 * batch, "sequence": cfg.prompt_length(), **latent}
         dims["vae_decoder"] = {"batch": batch, **latent}
         if "vae_encoder" in manifest.components:
             dims["vae_encoder"] = {"batch": 1, "height": height, "width": width}
@@ -279,6 +312,7 @@ class TextToImage:
         callback: Callback | None = None,
         cancel: threading.Event | None = None,
         generator: np.random.Generator | None = None,
+        max_sequence_length: int | None = None,
     ) -> PipelineOutput:
         """Generate images for ``prompt``.
 
@@ -286,7 +320,9 @@ class TextToImage:
         ``latents``: initial noise in diffusers' layout (N, C, H/8, W/8), float32, before
         scaling by the scheduler's ``init_noise_sigma`` (as diffusers takes them).
         ``image`` + ``strength``: image-to-image through the VAE encoder.
-        ``scheduler``: one of :data:`SCHEDULERS`; default the pipeline's own where ported.
+        ``scheduler``: one of :data:`SCHEDULERS`; default the pipeline's own where ported
+        (a flow-matching model, SD3, takes ``flow-euler`` only).
+        ``max_sequence_length``: SD3's T5 prompt tokens (default 256, at most 512).
         ``callback(step, timestep, latents)`` runs after every step; returning ``False``
         (or setting ``cancel``) stops the generation with :class:`GenerationCancelled`.
         """
@@ -306,7 +342,14 @@ class TextToImage:
         rescale = _float_in("guidance_rescale", guidance_rescale, 0.0, 1.0)
         if output_type not in ("pil", "np", "latent"):
             raise InputError(f"output_type must be 'pil', 'np' or 'latent', got {output_type!r}")
-        init = _init_image(image, height, width, cfg.vae_scale_factor) if image is not None else None
+        flux = cfg.prompt_layout == "flux"
+        if flux and image is not None:
+            raise InputError("image-to-image is not supported for FLUX pipelines yet")
+        if flux and negatives is not None:
+            raise InputError("FLUX is guidance-distilled: it takes no negative prompt (guidance_scale steers it)")
+        # FLUX packs 2x2 latent patches into one token: sides are multiples of twice the VAE factor.
+        factor = cfg.vae_scale_factor * (2 if flux else 1)
+        init = _init_image(image, height, width, factor) if image is not None else None
         if init is not None:
             height, width = init.shape[-2:]
             strength = _float_in("strength", strength, 0.0, 1.0)
@@ -315,15 +358,26 @@ class TextToImage:
         height = cfg.default_size if height is None else height
         width = cfg.default_size if width is None else width
         for name, side in (("height", height), ("width", width)):
-            _int_in(name, side, cfg.vae_scale_factor, MAX_SIDE)
-            if side % cfg.vae_scale_factor:
-                raise InputError(f"{name} must be a multiple of {cfg.vae_scale_factor}, got {side} "
-                                 f"(try {side // cfg.vae_scale_factor * cfg.vae_scale_factor})")
+            _int_in(name, side, factor, MAX_SIDE)
+            if side % factor:
+                raise InputError(f"{name} must be a multiple of {factor}, got {side} "
+                                 f"(try {side // factor * factor})")
         name = scheduler or default_scheduler_name(cfg.scheduler)
         if name not in SCHEDULERS:
             raise InputError(f"unknown scheduler {name!r}; choose one of: {', '.join(SCHEDULERS)}")
+        if cfg.is_flow != (name == "flow-euler"):
+            raise InputError(f"scheduler {name!r} does not fit this {cfg.prediction_type}-prediction model; "
+                             f"use {'flow-euler' if cfg.is_flow else 'any but flow-euler'}")
+        seq_len = None
+        if max_sequence_length is not None:
+            if cfg.prompt_layout not in ("sd3", "flux"):
+                raise InputError("max_sequence_length applies to SD3 and FLUX pipelines (T5 prompts) only")
+            seq_len = _int_in("max_sequence_length", max_sequence_length, 1, MAX_SEQUENCE_LENGTH)
         batch = len(prompts) * per_prompt
         shape = (batch, cfg.latent_channels, height // cfg.vae_scale_factor, width // cfg.vae_scale_factor)
+        grid = (height // factor, width // factor)
+        if flux:  # diffusers' packed layout: (N, (H/16)(W/16), 4C)
+            shape = (batch, grid[0] * grid[1], cfg.latent_channels * 4)
         if latents is not None:
             latents = np.asarray(latents)
             if latents.shape != shape:
@@ -337,17 +391,22 @@ class TextToImage:
             seed = int(np.random.SeedSequence().generate_state(1)[0]) if seed is None else seed
             generator = np.random.default_rng(seed)
         # LCM-distilled UNets take the guidance as an embedding and run no unconditional pass.
-        do_cfg = guidance > 1.0 and cfg.time_cond_proj_dim is None
+        do_cfg = guidance > 1.0 and cfg.time_cond_proj_dim is None and not flux
 
         # 2. Encode the prompt (and the negative prompt) with every text encoder.
-        embeds, pooled = self.encode_prompt(prompts, negatives, per_prompt, do_cfg)
+        embeds, pooled = self.encode_prompt(prompts, negatives, per_prompt, do_cfg, max_sequence_length=seq_len)
 
         # 3. Prepare timesteps (image-to-image starts part-way down the schedule).
         sched = make_scheduler(name, cfg.scheduler)
-        sched.set_timesteps(steps)
+        if flux:  # diffusers' FluxPipeline: a 1 -> 1/n ramp, shifted by mu from the image's token count
+            sched.set_timesteps(steps, mu=sched.mu_for(grid[0] * grid[1]),
+                                sigmas=np.linspace(1.0, 1.0 / steps, steps))
+        else:
+            sched.set_timesteps(steps)
         timesteps = np.asarray(sched.timesteps)
         if init is not None:
-            start = steps - min(int(steps * strength), steps)
+            # diffusers' get_timesteps: SD3's img2img rounds the skipped steps down, SD's the kept ones.
+            start = int(max(steps - steps * strength, 0)) if cfg.is_flow else steps - min(int(steps * strength), steps)
             timesteps = timesteps[start * sched.order:]
             if len(timesteps) == 0:
                 raise InputError(f"strength {strength} with {steps} steps leaves no step to run; raise either")
@@ -357,19 +416,26 @@ class TextToImage:
         if init is not None:
             latents = self._image_latents(init, batch, timesteps[:1], sched, generator, latents)
         else:
-            if latents is None:
+            if latents is None and flux:
+                noise = generator.standard_normal((batch, cfg.latent_channels, 2 * grid[0], 2 * grid[1]),
+                                                  dtype=np.float32)
+                latents = pack_latents(noise)
+            elif latents is None:
                 latents = generator.standard_normal(shape, dtype=np.float32)
             latents = (latents.astype(np.float32) * np.float32(sched.init_noise_sigma)).astype(np.float32)
 
         # 5. Denoise.
         extra = self._added_conditions(pooled, batch, height, width, do_cfg, guidance)
+        if flux:
+            extra.update(self._flux_conditions(embeds, grid, batch, guidance))
+        t_scale = np.float32(1000.0 if flux else 1.0)  # FLUX's transformer takes sigma, not sigma x 1000
         for i, t in enumerate(timesteps):
             if cancel is not None and cancel.is_set():
                 raise GenerationCancelled(f"generation cancelled before step {i + 1} of {len(timesteps)}")
             model_in = np.concatenate([latents, latents]) if do_cfg else latents
             model_in = sched.scale_model_input(model_in, t)
             feeds = {"sample": model_in.astype(np.float32),
-                     "timestep": np.full((model_in.shape[0],), t, dtype=np.float32),
+                     "timestep": np.full((model_in.shape[0],), np.float32(t) / t_scale, dtype=np.float32),
                      "encoder_hidden_states": embeds, **extra}
             noise_pred = self._run(cfg.denoiser, feeds)["out_sample"].astype(np.float32)
             if do_cfg:
@@ -387,7 +453,7 @@ class TextToImage:
         # 6. Decode.
         if output_type == "latent":
             return PipelineOutput(images=latents, seed=seed, timesteps=tuple(float(t) for t in timesteps))
-        pixels = self.decode(latents)
+        pixels = self.decode(unpack_latents(latents, *grid) if flux else latents)
         if output_type == "np":
             images: Any = pixels
         else:
@@ -399,11 +465,16 @@ class TextToImage:
     # ------------------------------------------------------------------ the steps
 
     def encode_prompt(
-        self, prompts: list[str], negatives: list[str] | None, per_prompt: int, do_cfg: bool
+        self, prompts: list[str], negatives: list[str] | None, per_prompt: int, do_cfg: bool,
+        max_sequence_length: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """Prompt embeddings (unconditional rows first when ``do_cfg``) and the pooled
-        embedding the SDXL denoiser also takes (None for SD 1.x/2.x)."""
+        embedding the SDXL and SD3 denoisers also take (None for SD 1.x/2.x)."""
         cfg = self.config
+        if cfg.prompt_layout == "sd3":
+            return self._encode_sd3(prompts, negatives, per_prompt, do_cfg, max_sequence_length)
+        if cfg.prompt_layout == "flux":
+            return self._encode_flux(prompts, per_prompt, max_sequence_length)
         zero_negative = do_cfg and negatives is None and cfg.force_zeros_for_empty_prompt
         texts = list(prompts)
         if do_cfg and not zero_negative:
@@ -418,10 +489,7 @@ class TextToImage:
                               f"{dropped} tokens were dropped", UserWarning, stacklevel=3)
             runner = self.components[enc.component]
             ids_spec = runner.inputs[0]
-            vocab = _vocab_of(self.config, enc.component)
-            if vocab is not None and tok.vocab_size > vocab:
-                raise ManifestError(f"tokenizer {enc.tokenizer!r} has {tok.vocab_size} tokens but text encoder "
-                                    f"{enc.component!r} embeds {vocab}: they do not belong together")
+            self._check_vocab(enc, tok)
             out = self._run(enc.component, {ids_spec.name: encoded.input_ids})
             key = "last_hidden_state" if enc.hidden_state == "last" else "penultimate_hidden_state"
             hidden_parts.append(out[key].astype(np.float32))
@@ -437,6 +505,105 @@ class TextToImage:
         pooled = np.repeat(pooled, per_prompt, axis=0) if pooled is not None else None
         return hidden, pooled
 
+    def _encode_sd3(self, prompts: list[str], negatives: list[str] | None, per_prompt: int, do_cfg: bool,
+                    max_sequence_length: int | None) -> tuple[np.ndarray, np.ndarray]:
+        """diffusers' StableDiffusion3Pipeline.encode_prompt: CLIP-L and CLIP-G penultimate states
+        side by side, zero-padded to the joint width, then T5's last state (zeros without T5)
+        along the sequence; the pooled outputs of both CLIP encoders side by side."""
+        cfg = self.config
+        texts = ((negatives or [""] * len(prompts)) + list(prompts)) if do_cfg else list(prompts)
+        seq_len = max_sequence_length or cfg.max_sequence_length
+        joint = int(cfg.extra.get("joint_attention_dim", 0))
+        fixed, want = self._denoiser_sequence(), cfg.prompt_length(seq_len)
+        if fixed is not None and fixed != want:
+            clip_len = cfg.prompt_length(seq_len) - seq_len
+            raise InputError(f"this engine was compiled for max_sequence_length {fixed - clip_len} "
+                             f"({fixed} prompt tokens), not {seq_len}; recompile without static shapes or pass "
+                             f"max_sequence_length={fixed - clip_len}")
+        clip_parts, pooled_parts, t5 = [], [], None
+        for enc in cfg.text_encoders:
+            tok = self.tokenizer(enc.tokenizer)
+            is_t5 = tok.kind == "t5"
+            encoded = tok.encode(texts, max_length=seq_len if is_t5 else None)
+            dropped = max(encoded.dropped)
+            if dropped and (is_t5 or enc is cfg.text_encoders[0]):
+                window = f"max_sequence_length of {seq_len}" if is_t5 else f"CLIP window of {tok.max_length}"
+                warnings.warn(f"prompt longer than the {window} tokens: {dropped} tokens were dropped",
+                              UserWarning, stacklevel=4)
+            self._check_vocab(enc, tok)
+            runner = self.components[enc.component]
+            out = self._run(enc.component, {runner.inputs[0].name: encoded.input_ids})
+            if is_t5:
+                t5 = out["last_hidden_state"].astype(np.float32)
+                continue
+            key = "last_hidden_state" if enc.hidden_state == "last" else "penultimate_hidden_state"
+            clip_parts.append(out[key].astype(np.float32))
+            pooled_parts.append(out["pooled"].astype(np.float32))
+        clip = np.concatenate(clip_parts, axis=-1)
+        if t5 is None:
+            t5 = np.zeros((len(texts), seq_len, joint or clip.shape[-1]), dtype=np.float32)
+        if clip.shape[-1] > t5.shape[-1]:
+            raise ManifestError(f"the CLIP states are {clip.shape[-1]} wide, more than T5's {t5.shape[-1]}")
+        clip = np.pad(clip, ((0, 0), (0, 0), (0, t5.shape[-1] - clip.shape[-1])))
+        hidden = np.concatenate([clip, t5], axis=1)
+        pooled = np.concatenate(pooled_parts, axis=-1)
+        return np.repeat(hidden, per_prompt, axis=0), np.repeat(pooled, per_prompt, axis=0)
+
+    def _encode_flux(self, prompts: list[str], per_prompt: int,
+                     max_sequence_length: int | None) -> tuple[np.ndarray, np.ndarray]:
+        """diffusers' FluxPipeline.encode_prompt: T5's last state is the prompt, CLIP's pooled
+        output the pooled projection."""
+        cfg = self.config
+        seq_len = max_sequence_length or cfg.max_sequence_length
+        fixed = self._denoiser_sequence()
+        if fixed is not None and fixed != seq_len:
+            raise InputError(f"this engine was compiled for max_sequence_length {fixed}, not {seq_len}; "
+                             f"recompile without static shapes or pass max_sequence_length={fixed}")
+        hidden = pooled = None
+        for enc in cfg.text_encoders:
+            tok = self.tokenizer(enc.tokenizer)
+            is_t5 = tok.kind == "t5"
+            encoded = tok.encode(prompts, max_length=seq_len if is_t5 else None)
+            dropped = max(encoded.dropped)
+            if dropped:
+                window = f"max_sequence_length of {seq_len}" if is_t5 else f"CLIP window of {tok.max_length}"
+                warnings.warn(f"prompt longer than the {window} tokens: {dropped} tokens were dropped",
+                              UserWarning, stacklevel=4)
+            self._check_vocab(enc, tok)
+            runner = self.components[enc.component]
+            out = self._run(enc.component, {runner.inputs[0].name: encoded.input_ids})
+            if is_t5:
+                hidden = out["last_hidden_state"].astype(np.float32)
+            else:
+                pooled = out["pooled"].astype(np.float32)
+        if hidden is None or pooled is None:
+            raise ManifestError("a FLUX pipeline needs a CLIP and a T5 text encoder")
+        return np.repeat(hidden, per_prompt, axis=0), np.repeat(pooled, per_prompt, axis=0)
+
+    def _flux_conditions(self, embeds: np.ndarray, grid: tuple[int, int], batch: int,
+                         guidance: float) -> dict[str, np.ndarray]:
+        """The rotary ids of FLUX's text tokens (zeros) and image tokens (row, column), and
+        the distilled guidance for a dev transformer."""
+        h, w = grid
+        img_ids = np.zeros((h, w, 3), dtype=np.float32)
+        img_ids[..., 1] += np.arange(h, dtype=np.float32)[:, None]
+        img_ids[..., 2] += np.arange(w, dtype=np.float32)[None, :]
+        extra = {"txt_ids": np.zeros((embeds.shape[1], 3), dtype=np.float32), "img_ids": img_ids.reshape(h * w, 3)}
+        if "guidance" in {s.name for s in self.components[self.config.denoiser].inputs}:
+            extra["guidance"] = np.full((batch,), guidance, dtype=np.float32)
+        return extra
+
+    def _denoiser_sequence(self) -> int | None:
+        spec = next((s for s in self.components[self.config.denoiser].inputs if s.name == "encoder_hidden_states"), None)
+        dim = spec.shape[1] if spec is not None and len(spec.shape) > 1 else None
+        return dim if isinstance(dim, int) and dim > 0 else None
+
+    def _check_vocab(self, enc: TextEncoderSpec, tok: PromptTokenizer) -> None:
+        vocab = _vocab_of(self.config, enc.component)
+        if vocab is not None and tok.vocab_size > vocab:
+            raise ManifestError(f"tokenizer {enc.tokenizer!r} has {tok.vocab_size} tokens but text encoder "
+                                f"{enc.component!r} embeds {vocab}: they do not belong together")
+
     def _added_conditions(self, pooled: np.ndarray | None, batch: int, height: int, width: int,
                           do_cfg: bool, guidance: float) -> dict[str, np.ndarray]:
         """The denoiser's extra inputs: SDXL's pooled text embedding and size ids; LCM's guidance embedding."""
@@ -445,6 +612,10 @@ class TextToImage:
         names = {s.name for s in denoiser.inputs}
         rows = batch * (2 if do_cfg else 1)
         extra: dict[str, np.ndarray] = {}
+        if "pooled_projections" in names:
+            if pooled is None:
+                raise ManifestError("the denoiser takes pooled_projections but no text encoder gives a pooled output")
+            extra["pooled_projections"] = pooled
         if "text_embeds" in names:
             if pooled is None:
                 raise ManifestError("the denoiser takes text_embeds but no text encoder gives a pooled output")
@@ -509,6 +680,20 @@ class TextToImage:
 
     def __repr__(self) -> str:
         return f"TextToImage({str(self.path)!r}, {self.manifest.family}, backend={self.backend!r})"
+
+
+def pack_latents(latents: np.ndarray) -> np.ndarray:
+    """diffusers' FluxPipeline._pack_latents: (N, C, H, W) -> (N, (H/2)(W/2), 4C)."""
+    n, c, h, w = latents.shape
+    x = latents.reshape(n, c, h // 2, 2, w // 2, 2).transpose(0, 2, 4, 1, 3, 5)
+    return np.ascontiguousarray(x.reshape(n, (h // 2) * (w // 2), c * 4))
+
+
+def unpack_latents(latents: np.ndarray, grid_h: int, grid_w: int) -> np.ndarray:
+    """diffusers' FluxPipeline._unpack_latents: (N, h*w, 4C) -> (N, C, 2h, 2w)."""
+    n, _, channels = latents.shape
+    x = latents.reshape(n, grid_h, grid_w, channels // 4, 2, 2).transpose(0, 3, 1, 4, 2, 5)
+    return np.ascontiguousarray(x.reshape(n, channels // 4, grid_h * 2, grid_w * 2))
 
 
 def guidance_scale_embedding(w: np.ndarray, dim: int) -> np.ndarray:

@@ -175,12 +175,17 @@ class PromptTokenizer:
         """Ids this tokenizer can produce are below this; compare with the text encoder's."""
         return self.config.vocab_size
 
-    def encode(self, prompts: str | Sequence[str]) -> EncodedPrompts:
-        """Tokenize, truncate and pad ``prompts`` (a bare string is one prompt).
+    def encode(self, prompts: str | Sequence[str], max_length: int | None = None) -> EncodedPrompts:
+        """Tokenize, truncate and pad ``prompts`` (a bare string is one prompt) to
+        ``max_length`` ids (default: the config's; T5 takes the pipeline's ``max_sequence_length``).
 
         Truncation keeps the special tokens and drops content from the right, as
         transformers does; :attr:`EncodedPrompts.dropped` says how much went.
         """
+        length = self.config.max_length if max_length is None else int(max_length)
+        budget = length - (self.config.max_length - self._budget)
+        if budget < 1:
+            raise InputError(f"max_length {length} leaves no room for a prompt beside the special tokens")
         if isinstance(prompts, str):
             prompts = [prompts]
         if not isinstance(prompts, Sequence):
@@ -189,14 +194,13 @@ class PromptTokenizer:
         for i, text in enumerate(texts):
             if not isinstance(text, str):
                 raise InputError(f"prompt {i} must be a string, got {type(text).__name__}")
-        length = self.config.max_length
         ids = np.full((len(texts), length), self.config.pad_token_id, dtype=np.int64)
         mask = np.zeros((len(texts), length), dtype=np.int64)
         dropped: list[int] = []
         for row, enc in enumerate(self._tok.encode_batch(texts, add_special_tokens=False)):
-            over = max(0, len(enc.ids) - self._budget)
+            over = max(0, len(enc.ids) - budget)
             if over:
-                enc.truncate(self._budget)
+                enc.truncate(budget)
             full = self._tok.post_process(enc).ids
             ids[row, : len(full)] = full
             mask[row, : len(full)] = 1
