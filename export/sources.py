@@ -212,7 +212,7 @@ def _load_timm_folder(path: Path, cfg: dict[str, Any]) -> SourceModel:
 def _load_transformers_folder(path: Path, cfg: dict[str, Any]) -> SourceModel:
     import transformers
 
-    from enginekit.export.preprocessing import from_transformers_config
+    from enginekit.export.preprocessing import config_backend, from_transformers_config
 
     archs = cfg.get("architectures") or []
     if "ViTForImageClassification" not in archs:
@@ -224,7 +224,8 @@ def _load_transformers_folder(path: Path, cfg: dict[str, Any]) -> SourceModel:
             "(processor.save_pretrained(folder)) so preprocessing can be recorded"
         )
     try:
-        preprocessing = from_transformers_config(json.loads(proc_path.read_text(encoding="utf-8")))
+        proc_config = json.loads(proc_path.read_text(encoding="utf-8"))
+        preprocessing = from_transformers_config(proc_config)
         model = transformers.ViTForImageClassification.from_pretrained(str(path), use_safetensors=True)
     except SourceError:
         raise
@@ -233,7 +234,11 @@ def _load_transformers_folder(path: Path, cfg: dict[str, Any]) -> SourceModel:
     model.eval()
     id2label = model.config.id2label or {}
     labels = [id2label[i] for i in sorted(id2label)] if id2label else None
-    provenance = {"library": "transformers", "transformers_version": transformers.__version__, "weights": "local"}
+    provenance = {"library": "transformers", "transformers_version": transformers.__version__, "weights": "local",
+                  # which processor the recorded preprocessing follows, bit for bit
+                  "image_processor": {"type": proc_config.get("image_processor_type") or "ViTImageProcessor",
+                                      "backend": preprocessing.resize_kernel if preprocessing.resize != "none"
+                                      else config_backend(proc_config)}}
     return SourceModel(
         model, "transformers", "ViTForImageClassification", preprocessing, _labels(labels, model.config.num_labels), provenance
     )
