@@ -15,10 +15,10 @@ from typing import Any, Iterator, Mapping
 
 from enginekit.artifact import atomic_artifact, check_digest, copy_assets, verify_artifact, write_manifest
 from enginekit.engine import Backend, CompileOptions, Runner
-from enginekit.errors import BackendError, DeviceError, InputError
+from enginekit.errors import BackendError, BackendUnavailableError, DeviceError, InputError
 from enginekit.hardware import fingerprint
 from enginekit.manifest import Manifest, read_manifest
-from enginekit.registry import get_backend, task_class
+from enginekit.registry import backend_class, get_backend, task_class
 
 __all__ = ["load", "load_runner", "compile_artifact", "default_backend", "resolve_device", "Components"]
 
@@ -34,9 +34,13 @@ def default_backend(manifest: Manifest) -> str:
 
 def resolve_device(backend: Backend, device: str) -> str:
     """``'auto'`` picks the backend's best device here, in the order of
-    :meth:`Backend.devices` (a GPU before the CPU); anything else is checked."""
+    :meth:`Backend.devices` (a GPU before the CPU); anything else is checked by the
+    backend. ``AUTO`` spelled as a backend's own plugin is called (OpenVINO's AUTO)
+    hands the choice to that plugin; any other spelling of auto is enginekit's pick."""
+    if device.lower() == "auto" and device == backend.native_auto:
+        return device
     available = backend.devices()
-    if device == "auto":
+    if device.lower() == "auto":
         if not available:
             raise DeviceError(f"{backend.name}: no usable device on this machine")
         log.info("%s: device 'auto' picked %r (available: %s)", backend.name, available[0], ", ".join(available))
@@ -58,7 +62,13 @@ def _open(path: str | Path, backend: str | None, digest: str | None = None,
         verify_signature(root, verify_with)
     verify_artifact(root, manifest)
     name = backend or default_backend(manifest)
-    be = get_backend(name)
+    try:
+        be = get_backend(name)
+    except BackendUnavailableError as exc:
+        if backend is None and manifest.kind == "onnx" and backend_class("openvino").is_available():
+            raise BackendUnavailableError(f"{exc}; or run this ONNX artifact on OpenVINO, which reads ONNX: "
+                                          "backend='openvino' (--backend openvino)") from None
+        raise
     if manifest.kind not in be.loads:
         raise BackendError(
             f"backend {name!r} cannot load a {manifest.kind!r} artifact (it loads: {', '.join(be.loads)}); "
@@ -161,8 +171,12 @@ def compile_artifact(
     out_dir: str | Path,
     options: CompileOptions = CompileOptions(),
     overwrite: bool = False,
+    parent: Mapping[str, Any] | None = None,
 ) -> Manifest:
-    """Compile the artifact at ``path`` for ``backend`` into ``out_dir`` (written atomically)."""
+    """Compile the artifact at ``path`` for ``backend`` into ``out_dir`` (written atomically).
+
+    ``parent`` replaces the provenance's record of the artifact compiled from (a caller
+    that compiles a temporary intermediate names the artifact it came from instead)."""
     root = Path(path)
     manifest = read_manifest(root)
     verify_artifact(root, manifest)
@@ -175,7 +189,8 @@ def compile_artifact(
         compiled = be.compile(root, manifest, tmp, options)
         copy_assets(root, tmp, manifest)
         provenance = dict(compiled.provenance)
-        provenance["parent"] = {"path": str(root.resolve()), "manifest_sha256": manifest.digest(), "kind": manifest.kind}
+        provenance["parent"] = dict(parent) if parent is not None else {
+            "path": str(root.resolve()), "manifest_sha256": manifest.digest(), "kind": manifest.kind}
         provenance["tools"] = {**provenance.get("tools", {}), be.name: be.version()}
         provenance["host"] = fingerprint()
         compiled = compiled.replace(provenance=provenance)

@@ -203,6 +203,9 @@ class Backend(abc.ABC):
     compiles: ClassVar[tuple[str, ...]] = ("onnx",)
     #: The typed options :meth:`compile` takes in ``CompileOptions.extra``.
     Options: ClassVar[type[BackendOptions]] = BackendOptions
+    #: A device name that hands the choice to the backend's own plugin (OpenVINO's
+    #: ``AUTO``) instead of enginekit's ``auto``, which picks from :meth:`devices`.
+    native_auto: ClassVar[str | None] = None
 
     def options(self, extra: Mapping[str, Any]) -> BackendOptions:
         """Parse ``CompileOptions.extra`` into this backend's typed options (refusing unknown keys)."""

@@ -19,10 +19,10 @@ from typing import Any, Mapping
 
 import psutil
 
-__all__ = ["ISA_FLAGS", "fingerprint", "fingerprint_id"]
+__all__ = ["ARM_ISA_FLAGS", "ISA_FLAGS", "X86_ISA_FLAGS", "fingerprint", "fingerprint_id"]
 
-#: CPU flags that decide which kernels the backends pick.
-ISA_FLAGS = (
+#: x86 CPU flags that decide which kernels the backends pick (/proc/cpuinfo ``flags``).
+X86_ISA_FLAGS = (
     "sse4_2",
     "avx",
     "avx2",
@@ -38,6 +38,37 @@ ISA_FLAGS = (
     "amx_int8",
     "amx_fp16",
 )
+#: The same for ARM (/proc/cpuinfo ``Features``): NEON (``asimd``, ``neon`` on 32-bit),
+#: fp16 arithmetic, int8 dot products and matrix multiply, bf16, SVE and SME.
+ARM_ISA_FLAGS = (
+    "neon",
+    "asimd",
+    "fphp",
+    "asimdhp",
+    "asimddp",
+    "asimdfhm",
+    "i8mm",
+    "bf16",
+    "sve",
+    "sve2",
+    "sme",
+)
+ISA_FLAGS = X86_ISA_FLAGS + ARM_ISA_FLAGS
+
+#: ARM's ``CPU implementer`` and ``CPU part`` codes of the cores edge boxes carry
+#: (Raspberry Pi 3/4/5, Jetson Nano/Xavier/Orin, Graviton, Ampere), from the Linux kernel's cputype.h.
+_ARM_IMPLEMENTERS = {"0x41": "ARM", "0x42": "Broadcom", "0x4e": "NVIDIA", "0x51": "Qualcomm", "0x61": "Apple",
+                     "0xc0": "Ampere"}
+_ARM_PARTS = {
+    ("0x41", "0xd03"): "Cortex-A53", ("0x41", "0xd04"): "Cortex-A35", ("0x41", "0xd05"): "Cortex-A55",
+    ("0x41", "0xd07"): "Cortex-A57", ("0x41", "0xd08"): "Cortex-A72", ("0x41", "0xd09"): "Cortex-A73",
+    ("0x41", "0xd0a"): "Cortex-A75", ("0x41", "0xd0b"): "Cortex-A76", ("0x41", "0xd0c"): "Neoverse-N1",
+    ("0x41", "0xd0d"): "Cortex-A77", ("0x41", "0xd40"): "Neoverse-V1", ("0x41", "0xd41"): "Cortex-A78",
+    ("0x41", "0xd42"): "Cortex-A78AE", ("0x41", "0xd44"): "Cortex-X1", ("0x41", "0xd46"): "Cortex-A510",
+    ("0x41", "0xd47"): "Cortex-A710", ("0x41", "0xd48"): "Cortex-X2", ("0x41", "0xd49"): "Neoverse-N2",
+    ("0x41", "0xd4f"): "Neoverse-V2", ("0x41", "0xd80"): "Cortex-A520", ("0x41", "0xd81"): "Cortex-A720",
+    ("0x4e", "0x004"): "Carmel", ("0xc0", "0xac3"): "Ampere-1",
+}  # fmt: skip
 
 #: Version keys and the distributions that provide them, first found wins
 #: (a GPU build of ONNX Runtime installs as ``onnxruntime-gpu``).
@@ -55,33 +86,61 @@ _DISTRIBUTIONS: dict[str, tuple[str, ...]] = {
 }
 
 _CPUINFO = Path("/proc/cpuinfo")
+#: The board name on ARM boards (Jetson, Raspberry Pi), NUL-terminated.
+_DEVICE_TREE_MODEL = Path("/proc/device-tree/model")
 _NVIDIA_SMI_TIMEOUT_S = 5.0
 
 
 def _cpuinfo() -> dict[str, str]:
-    """First processor block of /proc/cpuinfo; empty where there is none (macOS, Windows)."""
+    """The first processor block of /proc/cpuinfo, plus the machine-wide lines ARM kernels
+    put after the last block (``Hardware``, ``Model``) and, as ``CPU parts``, every
+    distinct ``CPU part`` (big.LITTLE chips have two); empty where there is no such file."""
     try:
         text = _CPUINFO.read_text(encoding="utf-8", errors="replace")
     except OSError:
         return {}
     info: dict[str, str] = {}
+    parts: list[str] = []
     for line in text.splitlines():
-        if not line.strip():
-            if info:
-                break
-            continue
         key, sep, value = line.partition(":")
-        if sep:
-            info.setdefault(key.strip(), value.strip())
+        if not sep:
+            continue
+        key, value = key.strip(), value.strip()
+        info.setdefault(key, value)
+        if key == "CPU part" and value not in parts:
+            parts.append(value)
+    if parts:
+        info["CPU parts"] = " ".join(parts)
     return info
 
 
+def _board() -> str | None:
+    try:
+        text = _DEVICE_TREE_MODEL.read_bytes().decode("utf-8", errors="replace")
+    except OSError:
+        return None
+    return text.strip("\x00 \n") or None
+
+
+def _arm_cpu(info: Mapping[str, str]) -> str | None:
+    """``ARM Cortex-A76`` (or ``ARM Cortex-A76 + Cortex-A55``) from ARM's implementer and part codes."""
+    implementer = info.get("CPU implementer", "").lower()
+    if not implementer:
+        return None
+    names = [_ARM_PARTS.get((implementer, part.lower()), f"part {part}") for part in info.get("CPU parts", "").split()]
+    vendor = _ARM_IMPLEMENTERS.get(implementer, f"implementer {implementer}")
+    return f"{vendor} {' + '.join(names)}".strip()
+
+
 def _cpu_model(info: Mapping[str, str]) -> str:
-    return info.get("model name") or platform.processor() or platform.machine() or "unknown"
+    arm = _arm_cpu(info)
+    name = info.get("model name") or arm or platform.processor() or platform.machine() or "unknown"
+    board = info.get("Model") or (_board() if arm else None)
+    return f"{name} ({board})" if board and board not in name else name
 
 
 def _flags(info: Mapping[str, str]) -> list[str]:
-    present = set(info.get("flags", "").split())
+    present = set((info.get("flags") or info.get("Features") or "").split())
     return [f for f in ISA_FLAGS if f in present]
 
 
@@ -131,13 +190,17 @@ def fingerprint() -> dict[str, Any]:
     """Describe this machine and its library versions as a JSON-ready dict.
 
     Keys: ``cpu_model``, ``physical_cores``, ``logical_cores``, ``flags`` (the
-    :data:`ISA_FLAGS` present, [] off Linux), ``memory_bytes``, ``os``,
+    :data:`ISA_FLAGS` present, [] off Linux; on ARM read from ``Features``), on ARM
+    ``cpu_implementer`` and ``cpu_parts`` (the codes), ``memory_bytes``, ``os``,
     ``arch``, ``python``, ``gpus`` (name, compute_capability, driver,
     memory_bytes per NVIDIA GPU) and ``versions`` (installed packages only).
     """
     info = _cpuinfo()
+    arm = {"cpu_implementer": info["CPU implementer"], "cpu_parts": info.get("CPU parts", "").split()} \
+        if "CPU implementer" in info else {}
     return {
         "cpu_model": _cpu_model(info),
+        **arm,
         "physical_cores": psutil.cpu_count(logical=False),
         "logical_cores": psutil.cpu_count(logical=True),
         "flags": _flags(info),

@@ -36,7 +36,9 @@ def source_task(spec: str, family: str | None = None, task: str | None = None) -
         or family is not None
     )
     found = "text-to-image" if looks_pipeline else "image-classification"
-    if task is not None and task != found and not (task == "text-to-image" and not path.exists()):
+    # Only a hub id can be either: timm names, the built-in model and folders tell.
+    could_be_pipeline = not path.exists() and not spec.startswith("timm:") and spec != "default"
+    if task is not None and task != found and not (task == "text-to-image" and could_be_pipeline):
         raise SourceError(f"{spec!r} is a {found} source, not {task}")
     return task or found
 

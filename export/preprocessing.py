@@ -14,7 +14,7 @@ from typing import Any, Mapping
 from enginekit.errors import SourceError
 from enginekit.runtimes.preprocess import INTERPOLATIONS, Preprocessing
 
-__all__ = ["from_timm", "from_timm_data_config", "from_transformers", "from_transformers_config"]
+__all__ = ["config_backend", "from_timm", "from_timm_data_config", "from_transformers", "from_transformers_config"]
 
 # timm.data.constants; repeated so that translating a stored data config needs no timm.
 _TIMM_DEFAULT_CROP_PCT = 0.875
@@ -43,7 +43,7 @@ _VIT_TYPES = {"ViTImageProcessor", "ViTImageProcessorPil", "ViTImageProcessorFas
 _IGNORED_KEYS = {
     "image_processor_type", "feature_extractor_type", "processor_class", "_processor_class",
     "do_convert_rgb", "data_format", "input_data_format", "return_tensors", "device",
-    "disable_grouping", "image_seq_length", "pad_size", "backend",
+    "disable_grouping", "image_seq_length", "pad_size", "backend", "use_fast",
 }  # fmt: skip
 # Methods whose transformers base implementation the translation assumes.
 _BACKEND_METHODS = (
@@ -102,10 +102,11 @@ def from_timm_data_config(data_config: Mapping[str, Any]) -> Preprocessing:
 def from_transformers(processor: Any) -> Preprocessing:
     """The preprocessing a transformers image processor applies (ViT-style processors).
 
-    Exact for the PIL backend (``ViTImageProcessorPil``). The torchvision
-    backend (what ``AutoImageProcessor`` returns by default) resizes uint8
-    tensors with torchvision's own antialiased kernels: bilinear lands within
-    one uint8 level of Pillow, bicubic can be several levels off on sharp edges.
+    The PIL backend (``ViTImageProcessorPil``) resizes with Pillow; the torchvision
+    backend (``ViTImageProcessor``, what ``AutoImageProcessor`` returns by default in
+    transformers 5) resizes uint8 tensors with torchvision's antialiased kernels, a
+    uint8 level from Pillow's in places: the result's ``resize_kernel`` says which,
+    and the runtime replays either bit for bit (bilinear and bicubic).
     """
     try:
         from transformers.image_processing_backends import PilBackend, TorchvisionBackend
@@ -120,6 +121,7 @@ def from_transformers(processor: Any) -> Preprocessing:
         if ours is not theirs:
             raise SourceError(f"{name}: overrides {method}(), a custom preprocessing enginekit cannot replay")
     config: dict[str, Any] = {"image_processor_type": name}
+    kernel = "pil" if base is PilBackend else "torchvision"
     keys = set(_VIT_DEFAULTS) | set(getattr(type(processor), "valid_kwargs", object).__annotations__)
     for key in sorted(keys):
         value = getattr(processor, key, None)
@@ -128,14 +130,40 @@ def from_transformers(processor: Any) -> Preprocessing:
             value = {k: v for k, v in dict(value).items() if v is not None}
         if value is not None:
             config[key] = value
-    return _translate(config, name)
+    return _translate(config, name, kernel)
 
 
-def from_transformers_config(config: Mapping[str, Any]) -> Preprocessing:
+def config_backend(config: Mapping[str, Any]) -> str:
+    """Which transformers backend ``AutoImageProcessor`` would load for this
+    ``preprocessor_config.json``: ``pil`` or ``torchvision``. The config's own word
+    first (``backend``, ``use_fast``, a ``...Pil``/``...Fast`` type), else the installed
+    transformers' default (torchvision in transformers 5 when torchvision is installed)."""
+    import importlib.util
+
+    backend = str(config.get("backend") or "").lower()
+    if backend in ("pil", "torchvision"):
+        return backend
+    if config.get("use_fast") is False:
+        return "pil"
+    kind = str(config.get("image_processor_type") or config.get("feature_extractor_type") or "")
+    if kind.endswith("Pil"):
+        return "pil"
+    if kind.endswith("Fast") or config.get("use_fast") is True:
+        return "torchvision"
+    try:
+        from transformers.image_processing_backends import TorchvisionBackend  # noqa: F401  (transformers 5)
+    except ImportError:
+        return "pil"
+    return "torchvision" if importlib.util.find_spec("torchvision") is not None else "pil"
+
+
+def from_transformers_config(config: Mapping[str, Any], backend: str | None = None) -> Preprocessing:
     """Translate a ``preprocessor_config.json`` dict without instantiating a processor.
 
     Keys a ViT config leaves out take ``ViTImageProcessor``'s defaults; a config
-    of another processor type must spell out every setting.
+    of another processor type must spell out every setting. ``backend`` (``pil`` or
+    ``torchvision``) is the processor followed; by default the one ``AutoImageProcessor``
+    loads for this config (:func:`config_backend`).
     """
     kind = config.get("image_processor_type") or config.get("feature_extractor_type") or "ViTImageProcessor"
     if kind not in _VIT_TYPES:
@@ -145,10 +173,17 @@ def from_transformers_config(config: Mapping[str, Any]) -> Preprocessing:
                 f"{kind}: preprocessor config has no {missing[0]!r}, and only ViT defaults are known; "
                 "use from_transformers(AutoImageProcessor.from_pretrained(...)) instead"
             )
-    return _translate({**_VIT_DEFAULTS, **config}, kind)
+    if backend is None:
+        backend = config_backend(config)
+        if backend == "torchvision" and config.get("resample", 2) not in (2, 3):
+            # torchvision's other filters are not replayed: follow the PIL processor (recorded)
+            backend = "pil"
+    if backend not in ("pil", "torchvision"):
+        raise SourceError(f"image processor backend {backend!r} is not one of pil, torchvision")
+    return _translate({**_VIT_DEFAULTS, **config}, kind, backend)
 
 
-def _translate(config: Mapping[str, Any], name: str) -> Preprocessing:
+def _translate(config: Mapping[str, Any], name: str, kernel: str = "pil") -> Preprocessing:
     for key, value in config.items():
         if key in _VIT_DEFAULTS or key in _IGNORED_KEYS:
             continue
@@ -177,7 +212,8 @@ def _translate(config: Mapping[str, Any], name: str) -> Preprocessing:
             resize_size=resize_size,
             interpolation=_interpolation(config.get("resample"), name),
             center_crop=crop is not None,
-            crop_offset="floor",  # transformers: (h - crop_h) // 2
+            # transformers: (h - crop_h) // 2; its torchvision backend pads the odd pixel after
+            crop_offset="floor_after" if kernel == "torchvision" else "floor",
             rescale_factor=float(config["rescale_factor"]) if config.get("do_rescale") else None,
             mean=mean,
             std=std,
@@ -186,6 +222,7 @@ def _translate(config: Mapping[str, Any], name: str) -> Preprocessing:
             # fail to normalize them); converting only changes what would fail.
             alpha_background=(255, 255, 255),
             source="transformers",
+            resize_kernel=kernel if config.get("do_resize") else "pil",
         )
     except ValueError as exc:
         raise SourceError(f"{name}: {exc}") from exc

@@ -33,7 +33,7 @@ from enginekit.artifact import sha256_file
 from enginekit.errors import SourceError
 from enginekit.runtimes.preprocess import Preprocessing
 
-__all__ = ["SourceModel", "resolve_source", "source_for_manifest"]
+__all__ = ["SourceModel", "resolve_source", "source_for_manifest", "timm_family"]
 
 _WEIGHTS = "model.safetensors"
 _PICKLES = ("pytorch_model.bin", "model.pth", "model.pt", "pytorch_model.pth")
@@ -49,6 +49,9 @@ class SourceModel:
     preprocessing: Preprocessing
     labels: tuple[str, ...] | None
     provenance: dict[str, Any] = field(default_factory=dict)
+    #: The manifest's ``family``: ``vit`` for ViTs, else the timm module the architecture
+    #: lives in (``resnet``, ``convnext``, ...).
+    family: str = "vit"
 
 
 def resolve_source(
@@ -124,7 +127,19 @@ def _load_timm_name(name: str, *, random_weights: bool, seed: int, weights: str 
         provenance.update(weights="pretrained", hub_id=model.pretrained_cfg.get("hf_hub_id"))
     model.eval()
     labels = model.pretrained_cfg.get("label_names")
-    return SourceModel(model, "timm", name, from_timm(model), _labels(labels, model.num_classes), provenance)
+    return SourceModel(model, "timm", name, from_timm(model), _labels(labels, model.num_classes), provenance,
+                       family=timm_family(model))
+
+
+#: timm modules whose models are plain ViTs (what the ``vit`` family and its fusions mean).
+_VIT_MODULES = {"vision_transformer", "deit"}
+
+
+def timm_family(model: Any) -> str:
+    """``vit`` for timm's ViTs, else the name of the timm module defining the model
+    (``resnet``, ``convnext``, ``efficientnet``, ...)."""
+    module = type(model).__module__.rsplit(".", 1)[-1]
+    return "vit" if module in _VIT_MODULES else module
 
 
 def _load_state(model: Any, state: dict, where: str) -> None:
@@ -190,13 +205,14 @@ def _load_timm_folder(path: Path, cfg: dict[str, Any]) -> SourceModel:
     model.eval()
     labels = cfg.get("label_names") or model.pretrained_cfg.get("label_names")
     provenance = {"library": "timm", "timm_version": timm.__version__, "weights": "local"}
-    return SourceModel(model, "timm", cfg["architecture"], from_timm(model), _labels(labels, model.num_classes), provenance)
+    return SourceModel(model, "timm", cfg["architecture"], from_timm(model), _labels(labels, model.num_classes),
+                       provenance, family=timm_family(model))
 
 
 def _load_transformers_folder(path: Path, cfg: dict[str, Any]) -> SourceModel:
     import transformers
 
-    from enginekit.export.preprocessing import from_transformers_config
+    from enginekit.export.preprocessing import config_backend, from_transformers_config
 
     archs = cfg.get("architectures") or []
     if "ViTForImageClassification" not in archs:
@@ -208,7 +224,8 @@ def _load_transformers_folder(path: Path, cfg: dict[str, Any]) -> SourceModel:
             "(processor.save_pretrained(folder)) so preprocessing can be recorded"
         )
     try:
-        preprocessing = from_transformers_config(json.loads(proc_path.read_text(encoding="utf-8")))
+        proc_config = json.loads(proc_path.read_text(encoding="utf-8"))
+        preprocessing = from_transformers_config(proc_config)
         model = transformers.ViTForImageClassification.from_pretrained(str(path), use_safetensors=True)
     except SourceError:
         raise
@@ -217,7 +234,11 @@ def _load_transformers_folder(path: Path, cfg: dict[str, Any]) -> SourceModel:
     model.eval()
     id2label = model.config.id2label or {}
     labels = [id2label[i] for i in sorted(id2label)] if id2label else None
-    provenance = {"library": "transformers", "transformers_version": transformers.__version__, "weights": "local"}
+    provenance = {"library": "transformers", "transformers_version": transformers.__version__, "weights": "local",
+                  # which processor the recorded preprocessing follows, bit for bit
+                  "image_processor": {"type": proc_config.get("image_processor_type") or "ViTImageProcessor",
+                                      "backend": preprocessing.resize_kernel if preprocessing.resize != "none"
+                                      else config_backend(proc_config)}}
     return SourceModel(
         model, "transformers", "ViTForImageClassification", preprocessing, _labels(labels, model.config.num_labels), provenance
     )

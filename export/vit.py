@@ -100,7 +100,8 @@ def export_classifier(
         direct = _reference_logits(src, parity_x)
     # The wrapper must be the model: its logits equal the model's own forward.
     if not torch.allclose(ref_logits, direct, atol=1e-5, rtol=1e-5):
-        raise ExportError(f"internal error: the embedding wrapper changes {src.architecture}'s logits")
+        raise ExportError(f"cannot export {src.architecture} ({src.family} family): its logits are not "
+                          "forward_head(pre_logits=True) followed by its classifier, which enginekit's export assumes")
 
     n_bytes = sum(p.numel() * p.element_size() for p in src.model.parameters())
     with atomic_artifact(out_dir, overwrite=overwrite) as tmp:
@@ -140,7 +141,7 @@ def export_classifier(
         manifest = Manifest(
             kind="onnx",
             task="image-classification",
-            family="vit",
+            family=src.family,
             components={"model": component},
             task_config={"preprocessing": src.preprocessing.to_dict(),
                          "labels": list(src.labels) if src.labels is not None else None},

@@ -4,11 +4,19 @@
 optimized graph, so a load on the edge box skips them; the session options used
 are recorded in the manifest. ``load`` runs both the compiled kind and a plain
 exported ONNX folder (no compile step needed).
+
+Two more compile options: ``transformer_fusions=True`` runs ONNX Runtime's own
+transformer optimizer (``onnxruntime.transformers.optimizer``, ``model_type="vit"``)
+on a ViT classifier first, fusing LayerNorm/Gelu/attention subgraphs into its
+contrib kernels, and checks the fused graph against the unfused one on seeded
+inputs (a miss is a :class:`FidelityError`; the check is recorded in the target);
+``static_batch=N`` fixes the symbolic batch dimension, as OpenVINO's does.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import tempfile
 from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -16,7 +24,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from enginekit.artifact import make_component
-from enginekit.errors import BackendError, DeviceError
+from enginekit.errors import BackendError, DeviceError, FidelityError
 from enginekit.manifest import Manifest, TensorSpec
 from enginekit.runtimes.base import Backend, BackendOptions, CompileOptions, Runner
 
@@ -35,6 +43,10 @@ _ORT_DTYPES = {
 }
 _QUANT_METHOD = {"fp16": "fp16", "int8": "int8-dynamic", "int4": "int4-weight"}
 _PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+#: Device spellings other tools use for the same device.
+_DEVICE_ALIASES = {"gpu": "cuda"}
+#: The fused graph against the unfused one: max |fused - unfused| <= atol + rtol * max |unfused|.
+_FUSION_ATOL, _FUSION_RTOL = 1e-4, 1e-3
 _LEVELS = ("disable", "basic", "extended", "all")
 
 
@@ -49,6 +61,10 @@ class OnnxRuntimeOptions(BackendOptions):
 
     graph_optimization_level: str = field(default="extended", metadata={"choices": _LEVELS})
     precision: str = field(default="fp32", metadata={"choices": ("fp32", "fp16", "bf16", "int8", "int4")})
+    #: ONNX Runtime's transformer optimizer (model_type "vit") before the graph optimizations.
+    transformer_fusions: bool = False
+    #: Fix the batch axis of every input to this size (0: keep it dynamic).
+    static_batch: int = 0
 
 
 def _spec(arg: Any) -> TensorSpec:
@@ -128,7 +144,8 @@ class OnnxRuntimeBackend(Backend):
         return so
 
     def _providers(self, device: str) -> list[str]:
-        kind = device.split(":")[0]
+        kind = device.split(":")[0].lower()
+        kind = _DEVICE_ALIASES.get(kind, kind)
         if kind not in _PROVIDERS:
             raise DeviceError(f"onnxruntime: unknown device {device!r}; use one of: {', '.join(_PROVIDERS)}")
         if kind not in self.devices():
@@ -147,36 +164,54 @@ class OnnxRuntimeBackend(Backend):
                 f"onnxruntime runs a graph at the precision it holds; for {opts.precision} make that graph first "
                 f"(enginekit quantize ART --method {_QUANT_METHOD.get(opts.precision, 'fp16')} -o Q), then compile Q"
             )
+        if opts.static_batch < 0:
+            raise BackendError(f"onnxruntime: static_batch must be a positive batch size, got {opts.static_batch}")
+        if opts.transformer_fusions and (manifest.task != "image-classification" or manifest.family != "vit"):
+            raise BackendError(f"onnxruntime: transformer fusions (model_type vit) are for ViT classifiers; this "
+                               f"artifact is a {manifest.task} model of family {manifest.family!r}")
         level = opts.graph_optimization_level
         providers = self._providers(options.device)
         components = {}
-        for comp in manifest.components.values():
-            so = self._session_options(options.threads, level)
-            rel_dir = Path(comp.entry).parent
-            (out_dir / rel_dir).mkdir(parents=True, exist_ok=True)
-            entry = str(rel_dir / "model.onnx")
-            so.optimized_model_filepath = str(out_dir / entry)
-            data_file = None
-            if len(comp.files) > 1:  # the source keeps weights as external data: so must we
-                data_file = "model.onnx.data"
-                so.add_session_config_entry("session.optimized_model_external_initializers_file_name", data_file)
-                so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-            try:
-                session = ort.InferenceSession(str(artifact / comp.entry), so, providers=providers)
-            except Exception as exc:
-                raise BackendError(f"onnxruntime could not optimize {comp.entry}: {exc}") from exc
-            files = [entry] + ([str(rel_dir / data_file)] if data_file else [])
-            components[comp.name] = make_component(
-                out_dir,
-                comp.name,
-                entry,
-                files,
-                [_spec(a) for a in session.get_inputs()],
-                [_spec(a) for a in session.get_outputs()],
-                comp.precision,
-                quantization=comp.quantization,
-                fidelity=comp.fidelity,
-            )
+        fusions: dict[str, Any] = {}
+        with tempfile.TemporaryDirectory(prefix="enginekit-ort-") as scratch:
+            for comp in manifest.components.values():
+                so = self._session_options(options.threads, level)
+                if opts.static_batch:
+                    for dim in {s.shape[0] for s in comp.inputs if s.shape and isinstance(s.shape[0], str)}:
+                        so.add_free_dimension_override_by_name(dim, opts.static_batch)
+                rel_dir = Path(comp.entry).parent
+                (out_dir / rel_dir).mkdir(parents=True, exist_ok=True)
+                entry = str(rel_dir / "model.onnx")
+                so.optimized_model_filepath = str(out_dir / entry)
+                data_file = None
+                if len(comp.files) > 1:  # the source keeps weights as external data: so must we
+                    data_file = "model.onnx.data"
+                    so.add_session_config_entry("session.optimized_model_external_initializers_file_name", data_file)
+                    so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+                source = artifact / comp.entry
+                if opts.transformer_fusions:
+                    fused = Path(scratch) / comp.name / "model.onnx"
+                    fusions[comp.name] = {"model_type": "vit", "fused": _fuse_vit(source, fused, data_file is not None)}
+                    source = fused
+                try:
+                    session = ort.InferenceSession(str(source), so, providers=providers)
+                except Exception as exc:
+                    raise BackendError(f"onnxruntime could not optimize {comp.entry}: {exc}") from exc
+                if opts.transformer_fusions:
+                    fusions[comp.name]["check"] = _check_fused(artifact / comp.entry, session, comp, providers)
+                files = [entry] + ([str(rel_dir / data_file)] if data_file else [])
+                components[comp.name] = make_component(
+                    out_dir,
+                    comp.name,
+                    entry,
+                    files,
+                    [_spec(a) for a in session.get_inputs()],
+                    [_spec(a) for a in session.get_outputs()],
+                    comp.precision,
+                    quantization=comp.quantization,
+                    fidelity=comp.fidelity,
+                )
+                del session
         target = {
             "backend": self.name,
             "device": options.device,
@@ -185,6 +220,10 @@ class OnnxRuntimeBackend(Backend):
             "intra_op_num_threads": options.threads,
             "onnxruntime_version": ort.__version__,
         }
+        if opts.static_batch:
+            target["static_batch"] = opts.static_batch
+        if fusions:
+            target["transformer_fusions"] = fusions if len(fusions) > 1 else next(iter(fusions.values()))
         return manifest.replace(kind=self.kind, components=components, target=target)
 
     def load(self, artifact: Path, manifest: Manifest, device: str, component: str | None = None) -> Runner:
@@ -201,3 +240,60 @@ class OnnxRuntimeBackend(Backend):
         except Exception as exc:
             raise BackendError(f"onnxruntime could not load {artifact / comp.entry}: {exc}") from exc
         return OnnxRuntimeRunner(session, device)
+
+
+def _fuse_vit(source: Path, dest: Path, external: bool) -> dict[str, int]:
+    """Run ONNX Runtime's transformer optimizer (model_type vit) on ``source`` into ``dest``;
+    returns the fused operators it made (count per kind, those it made only)."""
+    import logging
+
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    quiet = logging.getLogger("onnxruntime.transformers")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # it logs every fusion pass at WARNING
+    try:
+        # num_heads/hidden_size 0: read from the graph; opt_level 0: fusions only, ORT's
+        # own graph optimizations run afterwards at the level asked for.
+        model = optimize_model(str(source), model_type="vit", num_heads=0, hidden_size=0, opt_level=0)
+        model.save_model_to_file(str(dest), use_external_data_format=external)
+        stats = model.get_fused_operator_statistics()
+    except Exception as exc:
+        raise BackendError(f"onnxruntime's transformer optimizer failed on {source.name}: "
+                           f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from exc
+    finally:
+        quiet.setLevel(level)
+    return {name: int(n) for name, n in stats.items() if n}
+
+
+def _check_fused(source: Path, fused: Any, comp: Any, providers: list[str]) -> dict[str, Any]:
+    """The fused session against the unfused graph on seeded normal inputs; a miss is a FidelityError."""
+    import onnxruntime as ort
+
+    from enginekit.fidelity import compare_outputs
+
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for spec in [_spec(a) for a in fused.get_inputs()]:
+        if not spec.dtype.startswith("float"):
+            return {"skipped": f"input {spec.name!r} is {spec.dtype}, not float"}
+        shape = [d if isinstance(d, int) and d > 0 else 2 for d in spec.shape]
+        feeds[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    plain = ort.InferenceSession(str(source), so, providers=providers)
+    names = [o.name for o in plain.get_outputs()]
+    reference = dict(zip(names, plain.run(names, feeds)))
+    got = dict(zip(names, fused.run(names, feeds)))
+    report = compare_outputs(reference, got)
+    first = names[0]
+    budget = _FUSION_ATOL + _FUSION_RTOL * float(np.abs(reference[first]).max())
+    report = {"reference": "the unfused graph", "inputs": "seeded normal noise",
+              "samples": int(next(iter(feeds.values())).shape[0]), "budget_max_abs": budget, **report}
+    if report[f"{first}_max_abs"] > budget:
+        raise FidelityError(f"{comp.name}: the fused graph misses its budget against the unfused one: {first} max abs "
+                            f"{report[f'{first}_max_abs']:.3g} (budget {budget:.3g}), cosine "
+                            f"{report[f'{first}_cosine']:.6f}; compile without transformer fusions")
+    return report

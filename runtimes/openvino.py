@@ -17,6 +17,14 @@ rewrites it: ``extra={"static_batch": N}`` fixes the batch axis, which lets the
 CPU plugin pick static-shape kernels (markedly faster at batch 1 for int8), and
 ``extra={"inference_precision": ...}`` sets the run-time precision.
 
+``load`` also runs a plain exported ONNX artifact: OpenVINO reads ONNX itself,
+so an edge box with only OpenVINO installed needs no compile step (the graph is
+converted in memory at each load, then served from the model cache).
+
+``extra={"num_streams": N}`` sets how many inference streams the CPU plugin
+runs (benchmark_app's ``-nstreams``; 0 lets the performance hint decide).
+Device ``AUTO`` is OpenVINO's AUTO plugin: it picks the device itself.
+
 Run-time precision is recorded at compile time as ``inference_precision_hint``
 and applied on every device: ``f32`` for float32 engines (CPUs with AMX or
 AVX512-BF16 would otherwise run bf16 without saying so), ``default`` (the
@@ -87,6 +95,8 @@ class OpenVINOOptions(BackendOptions):
     static_batch: int = 0
     dims: Mapping[str, Any] = field(default_factory=dict)
     inference_precision: str | None = field(default=None, metadata={"choices": _INFERENCE_PRECISIONS})
+    #: Inference streams (0: the performance hint decides).
+    num_streams: int = 0
 
 
 def _one_line(exc: BaseException) -> str:
@@ -231,9 +241,10 @@ class OpenVINOBackend(Backend):
     name: ClassVar[str] = "openvino"
     extra: ClassVar[str] = "openvino"
     kind: ClassVar[str] = "openvino"
-    loads: ClassVar[tuple[str, ...]] = ("openvino",)
+    loads: ClassVar[tuple[str, ...]] = ("openvino", "onnx")
     compiles: ClassVar[tuple[str, ...]] = ("onnx", "openvino")
     Options: ClassVar[type[BackendOptions]] = OpenVINOOptions
+    native_auto: ClassVar[str | None] = "AUTO"
 
     def __init__(self) -> None:
         self._core_obj: Any = None  # made on first use: nothing touches a device here
@@ -275,7 +286,12 @@ class OpenVINOBackend(Backend):
         return sorted(known, key=lambda d: _KINDS.index(d.split(".")[0]))
 
     def _device(self, device: str, check_present: bool = True) -> str:
-        """Map ``cpu`` / ``gpu`` / ``gpu.1`` to OpenVINO's ``CPU`` / ``GPU`` / ``GPU.1``."""
+        """Map ``cpu`` / ``gpu`` / ``gpu.1`` to OpenVINO's ``CPU`` / ``GPU`` / ``GPU.1``;
+        ``AUTO`` is OpenVINO's AUTO plugin (it picks among the devices present)."""
+        if device.upper() == "AUTO":
+            if check_present and not self._available():
+                raise DeviceError("openvino: AUTO found no device on this machine")
+            return "AUTO"
         kind, _, index = device.lower().partition(".")
         if kind not in _KINDS or (index and not (kind == "gpu" and index.isdigit())):
             raise DeviceError(
@@ -302,6 +318,8 @@ class OpenVINOBackend(Backend):
         # build box without a GPU can prepare a GPU engine.
         self._device(options.device, check_present=False)
         static_batch = opts.static_batch
+        if opts.num_streams < 0:
+            raise BackendError(f"openvino: num_streams must be a positive number of streams, got {opts.num_streams}")
         if static_batch < 0:
             raise BackendError(f"openvino: static_batch must be a positive batch size, got {static_batch}")
         unknown = sorted(set(opts.keep_fp32) - set(manifest.components))
@@ -358,6 +376,8 @@ class OpenVINOBackend(Backend):
             "inference_num_threads": options.threads,
             "compress_to_fp16": opts.precision == "fp16",
         }
+        if opts.num_streams:
+            target["num_streams"] = opts.num_streams
         if opts.keep_fp32:
             target["keep_fp32"] = list(opts.keep_fp32)
         if static_batch:
@@ -376,14 +396,15 @@ class OpenVINOBackend(Backend):
         import openvino.properties as props
         import openvino.properties.hint as hints
 
-        target = manifest.target
+        target = manifest.target if manifest.kind == self.kind else {}  # plain ONNX: the defaults
         hint = str(target.get("performance_hint", "LATENCY")).upper()
         if hint not in _PERFORMANCE_HINTS:
             raise BackendError(
                 f"openvino: manifest performance_hint {hint!r} is not one of {', '.join(_PERFORMANCE_HINTS)}"
             )
         config: dict[str, Any] = {hints.performance_mode(): getattr(hints.PerformanceMode, hint)}
-        precision = str(target.get("inference_precision_hint", "f32"))
+        floats = all(c.precision == "fp32" for c in manifest.components.values())
+        precision = str(target.get("inference_precision_hint", "f32" if floats else "default"))
         types = {"f32": ov.Type.f32, "f16": ov.Type.f16, "bf16": ov.Type.bf16}
         if precision in types:
             config[hints.inference_precision()] = types[precision]
@@ -395,6 +416,11 @@ class OpenVINOBackend(Backend):
         threads = int(target.get("inference_num_threads") or target.get("threads") or 0)
         if threads > 0:
             config[props.inference_num_threads()] = threads
+        streams = target.get("num_streams") or 0
+        if isinstance(streams, bool) or not isinstance(streams, int) or streams < 0:
+            raise BackendError(f"openvino: manifest num_streams {streams!r} is not a number of streams")
+        if streams:
+            config[props.streams.num()] = streams
         if cache_dir is not None:
             config[props.cache_dir()] = str(cache_dir)
         return config
@@ -420,9 +446,11 @@ class OpenVINOBackend(Backend):
         comp = manifest.component(component)
         ov_device = self._device(device)
         cache_dir = _make_cache_dir(manifest)
+        # The OpenVINO plugins take the compute-precision and thread hints; AUTO passes
+        # them on to the device it picks.
         config = self._config(manifest, cache_dir)
         core = self._core()
-        xml = artifact / comp.entry
+        xml = artifact / comp.entry  # model.xml, or a plain artifact's model.onnx
         try:
             # Compiling from the path (not a read_model result) lets a cache hit
             # skip parsing the IR altogether.
@@ -435,4 +463,9 @@ class OpenVINOBackend(Backend):
             from_cache = None
         inputs = _specs(compiled.inputs, comp.inputs)
         outputs = _specs(compiled.outputs, comp.outputs)
+        if ov_device == "AUTO":
+            try:  # what AUTO picked, e.g. "auto:cpu"
+                device = "auto:" + ",".join(str(d).lower() for d in compiled.get_property("EXECUTION_DEVICES"))
+            except Exception:
+                device = "auto"
         return OpenVINORunner(compiled, inputs, outputs, device, cache_dir, from_cache)

@@ -8,7 +8,11 @@ edge box gets the same pixels without torch:
 1. convert to RGB (dropping alpha like timm's loader, or compositing it onto
    a background like transformers' ``convert_to_rgb``);
 2. resize with ``PIL.Image.resize`` (what torchvision does to a PIL image, and
-   what transformers' PIL backend does);
+   what transformers' PIL backend does), or, with ``resize_kernel="torchvision"``,
+   with a numpy port of torchvision's antialiased uint8 tensor resize (what
+   transformers 5's default, torchvision-backed image processors do: the same
+   filters as Pillow, in 15-bit instead of 22-bit fixed point, so results differ
+   from Pillow's by a uint8 level in places);
 3. center crop to the model input size, padding first where the image is
    smaller;
 4. rescale and normalize in float32, in the libraries' order of operations.
@@ -33,6 +37,7 @@ __all__ = [
     "RESIZE_MODES",
     "CROP_OFFSETS",
     "SOURCES",
+    "RESIZE_KERNELS",
     "Preprocessing",
     "preprocess",
     "resized_size",
@@ -53,9 +58,13 @@ INTERPOLATIONS: dict[str, Image.Resampling] = {
 RESIZE_MODES = ("shortest_edge", "exact", "keep_ratio", "none")
 #: ``round``: torchvision ``CenterCrop`` (``int(round(d / 2.0))``, padding
 #: puts the odd pixel after). ``floor``: transformers (``d // 2``, padding puts
-#: the odd pixel before).
-CROP_OFFSETS = ("round", "floor")
+#: the odd pixel before). ``floor_after``: transformers' torchvision backend (``d // 2``,
+#: padding puts the odd pixel after).
+CROP_OFFSETS = ("round", "floor", "floor_after")
 SOURCES = ("timm", "transformers", "custom")
+#: ``pil``: ``PIL.Image.resize``. ``torchvision``: ``torchvision.transforms.v2.functional.resize``
+#: of a uint8 tensor with ``antialias=True`` (bilinear and bicubic), bit for bit.
+RESIZE_KERNELS = ("pil", "torchvision")
 #: Largest side a manifest may ask for: 8192 x 8192 x 3 float32 is 768 MiB per image,
 #: already far past any classifier's input; a typo such as 100000 would ask for 112 GiB.
 MAX_SIDE = 8192
@@ -88,6 +97,7 @@ class Preprocessing:
     convert_rgb: bool = True
     alpha_background: tuple[int, int, int] | None = None
     source: str = "custom"
+    resize_kernel: str = "pil"
 
     def __post_init__(self) -> None:
         for name in _TUPLE_FIELDS:  # lists (as from JSON) become tuples: hashable, comparable
@@ -105,6 +115,11 @@ class Preprocessing:
             )
         if self.crop_offset not in CROP_OFFSETS:
             raise ValueError(f"preprocessing.crop_offset: {self.crop_offset!r} is not one of {CROP_OFFSETS}")
+        if self.resize_kernel not in RESIZE_KERNELS:
+            raise ValueError(f"preprocessing.resize_kernel: {self.resize_kernel!r} is not one of {RESIZE_KERNELS}")
+        if self.resize_kernel == "torchvision" and self.interpolation not in _TV_FILTERS:
+            raise ValueError(f"preprocessing.resize_kernel: torchvision is replayed for {', '.join(_TV_FILTERS)} "
+                             f"only, not {self.interpolation!r}")
         if self.source not in SOURCES:
             raise ValueError(f"preprocessing.source: {self.source!r} is not one of {SOURCES}")
         if (self.mean is None) != (self.std is None):
@@ -134,8 +149,12 @@ class Preprocessing:
             _check_ints("alpha_background", self.alpha_background, 3, minimum=0, maximum=255)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON for ``manifest.json`` (tuples become lists)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        """Plain JSON for ``manifest.json`` (tuples become lists); the default ``resize_kernel``
+        is left out, so manifests written before it existed read (and hash) the same."""
+        out = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        if out["resize_kernel"] == "pil":
+            del out["resize_kernel"]
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Preprocessing:
@@ -230,14 +249,81 @@ def resized_size(height: int, width: int, cfg: Preprocessing) -> tuple[int, int]
     return (new_long, new_short) if width <= height else (new_short, new_long)
 
 
-def _resize(image: Image.Image, cfg: Preprocessing) -> Image.Image:
+def _resize(image: Image.Image, cfg: Preprocessing) -> Image.Image | np.ndarray:
     height, width = resized_size(image.height, image.width, cfg)
     if height * width > MAX_SIDE * MAX_SIDE:  # a sliver of an image resized by its short side
         raise ImageError(f"{image.width}x{image.height} image would be resized to {width}x{height}, "
                          f"over {MAX_SIDE}x{MAX_SIDE} pixels (extreme aspect ratio)")
     if (height, width) == (image.height, image.width):
         return image  # torchvision returns the input untouched; Pillow would copy it
+    if cfg.resize_kernel == "torchvision":
+        return _tv_resize(np.asarray(image), height, width, cfg.interpolation)
     return image.resize((width, height), INTERPOLATIONS[cfg.interpolation])
+
+
+# torchvision's antialiased uint8 resize (ATen's separable AA kernels, as UpSampleKernel's
+# uint8 paths run them): Pillow's filters and support, weights normalized in float64 and
+# then rounded to int16 with the most fraction bits that keep the largest weight under
+# 2**15; a horizontal pass, then a vertical one, each rounding back to uint8.
+_TV_FILTERS = ("bilinear", "bicubic")
+
+
+def _tv_filter(name: str) -> tuple[float, Any]:
+    if name == "bilinear":
+        return 1.0, lambda x: np.maximum(0.0, 1.0 - np.abs(x))
+    a = -0.5  # the antialiased bicubic uses Pillow's a, not the -0.75 of the plain one
+
+    def cubic(x: np.ndarray) -> np.ndarray:
+        x = np.abs(x)
+        return np.where(x < 1, ((a + 2) * x - (a + 3)) * x * x + 1,
+                        np.where(x < 2, (((x - 5) * x + 8) * x - 4) * a, 0.0))
+
+    return 2.0, cubic
+
+
+def _tv_weights(insize: int, outsize: int, name: str) -> tuple[np.ndarray, np.ndarray, int]:
+    """Per output index: int16-valued weights, the input indices they apply to, and their precision."""
+    support, fn = _tv_filter(name)
+    scale = insize / outsize
+    filter_scale = max(scale, 1.0)
+    support *= filter_scale
+    center = scale * (np.arange(outsize) + 0.5)
+    xmin = np.maximum((center - support + 0.5).astype(np.int64), 0)
+    xsize = np.minimum((center + support + 0.5).astype(np.int64), insize) - xmin
+    k = np.arange(int(xsize.max()))
+    weights = fn((k[None, :] + xmin[:, None] - center[:, None] + 0.5) / filter_scale)
+    weights = np.where(k[None, :] < xsize[:, None], weights, 0.0)
+    weights /= weights.sum(axis=1, keepdims=True)
+    largest = float(weights.max())
+    precision = 0
+    while precision < 22 and int(0.5 + largest * (1 << (precision + 1))) < (1 << 15):
+        precision += 1
+    scaled = weights * (1 << precision)
+    as_int = np.where(scaled < 0, scaled - 0.5, scaled + 0.5).astype(np.int64)  # C's truncation
+    return as_int, np.minimum(xmin[:, None] + k[None, :], insize - 1), precision
+
+
+def _tv_pass(pixels: np.ndarray, axis: int, outsize: int, name: str) -> np.ndarray:
+    weights, index, precision = _tv_weights(pixels.shape[axis], outsize, name)
+    src = pixels.astype(np.int64)
+    shape = list(pixels.shape)
+    shape[axis] = outsize
+    acc = np.zeros(shape, dtype=np.int64)
+    for k in range(weights.shape[1]):
+        if axis == 1:
+            acc += weights[None, :, k, None] * src[:, index[:, k], :]
+        else:
+            acc += weights[:, k, None, None] * src[index[:, k], :, :]
+    return np.clip((acc + (1 << (precision - 1))) >> precision, 0, 255).astype(np.uint8)
+
+
+def _tv_resize(pixels: np.ndarray, height: int, width: int, name: str) -> np.ndarray:
+    """uint8 HWC ``pixels`` resized as ``torchvision``'s ``resize(antialias=True)`` resizes a uint8 tensor."""
+    if pixels.shape[1] != width:
+        pixels = _tv_pass(pixels, 1, width, name)
+    if pixels.shape[0] != height:
+        pixels = _tv_pass(pixels, 0, height, name)
+    return pixels
 
 
 def _center_crop(pixels: np.ndarray, cfg: Preprocessing) -> np.ndarray:
@@ -251,7 +337,7 @@ def _center_crop(pixels: np.ndarray, cfg: Preprocessing) -> np.ndarray:
         if target > n:
             # torchvision puts the odd padding pixel after, transformers before.
             excess = target - n
-            before = excess // 2 if cfg.crop_offset == "round" else math.ceil(excess / 2)
+            before = math.ceil(excess / 2) if cfg.crop_offset == "floor" else excess // 2
             starts.append(-before)
             padded_shape[axis] = target
         elif cfg.crop_offset == "round":

@@ -257,9 +257,28 @@ def test_outputs_are_copies(ov_artifact: Path) -> None:
     np.testing.assert_array_equal(first["embedding"], kept)
 
 
-def test_refuses_onnx_artifact(onnx_artifact: Path) -> None:
-    with pytest.raises(BackendError, match="compile it with the openvino backend"):
-        OpenVINOBackend().load(onnx_artifact, read_manifest(onnx_artifact), "cpu")
+def test_runs_a_plain_onnx_artifact(onnx_artifact: Path) -> None:
+    """OpenVINO reads ONNX itself: an exported artifact runs with no compile step."""
+    x = np.random.default_rng(5).standard_normal((3, IN_DIM)).astype(np.float32)
+    with _load(onnx_artifact) as runner:
+        assert runner.backend == "openvino" and [s.name for s in runner.inputs] == ["x"]
+        got = runner.run({"x": x})
+    np.testing.assert_allclose(got["embedding"], _reference(x)["embedding"], rtol=1e-5, atol=1e-5)
+
+
+def test_auto_device_is_openvinos_auto_plugin(ov_artifact: Path) -> None:
+    x = np.ones((1, IN_DIM), np.float32)
+    with _load(ov_artifact, device="AUTO") as runner:
+        assert runner.device.startswith("auto:") and "cpu" in runner.device
+        np.testing.assert_allclose(runner.run({"x": x})["embedding"], _reference(x)["embedding"], rtol=1e-5, atol=1e-5)
+
+
+def test_streams_recorded_and_applied(onnx_artifact: Path, tmp_path: Path) -> None:
+    out, manifest = _compile(onnx_artifact, tmp_path / "streams", extra={"num_streams": 2,
+                                                                         "performance_hint": "throughput"})
+    assert manifest.target["num_streams"] == 2 and manifest.target["performance_hint"] == "THROUGHPUT"
+    with _load(out) as runner:
+        assert int(runner._compiled.get_property("NUM_STREAMS")) == 2
 
 
 def test_closed_runner_refuses(ov_artifact: Path) -> None:

@@ -122,6 +122,8 @@ def test_cli_writes_a_working_engine_and_a_report(tiny_timm_dir: Path, tmp_path:
         if c["status"] == "rejected" and "agreement" in c["reason"]:
             assert "decided samples" in c["reason"]
     assert report["picked"] == best["candidate"]["name"]
+    # the report names the commands that rebuild the pick by hand (tests/test_cli_familiar.py runs them)
+    assert report["rebuild"][0].startswith("enginekit export") and "```sh" in (out / "report.md").read_text()
     # the picked engine is an ordinary artifact: it loads, verifies and predicts
     import enginekit
 

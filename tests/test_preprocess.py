@@ -135,6 +135,13 @@ def _case(name: str, model: Any) -> tuple[Preprocessing, Callable]:
         },
         "transformers-pil-crop-pads": {"size": {"height": 180, "width": 201}, "do_center_crop": True, "crop_size": 224},
     }  # fmt: skip
+    if name.startswith("transformers-tv-"):  # the same settings, transformers 5's default torchvision backend
+        from transformers import ViTImageProcessor
+
+        settings = dict(processors[name.replace("-tv-", "-pil-")])
+        if settings.get("resample") == 1:  # lanczos: torchvision's is not replayed; bilinear instead
+            settings["resample"] = 2
+        return _transformers_case(ViTImageProcessor(**settings))
     return _transformers_case(ViTImageProcessorPil(**processors[name]))
 
 
@@ -144,6 +151,8 @@ CASES = [
     "timm-deit_tiny_patch16_224",
     "transformers-pil-default",
     "transformers-pil-384-bicubic",
+    "transformers-tv-default",
+    "transformers-tv-384-bicubic",
 ]
 # Modes no shipped ViT uses: run on the odd-sized RGB photos only, to keep the file fast.
 EXTRA_CASES = [
@@ -152,6 +161,8 @@ EXTRA_CASES = [
     "timm-non-square-224x160",
     "transformers-pil-shortest-edge-crop",
     "transformers-pil-crop-pads",
+    "transformers-tv-shortest-edge-crop",
+    "transformers-tv-crop-pads",
 ]
 
 
@@ -170,26 +181,40 @@ def test_matches_reference(name: str, photo_paths: list[Path], tiny_timm_model: 
     assert Preprocessing.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
 
 
-def test_transformers_torchvision_backend_within_one_level(photo_paths: list[Path]) -> None:
-    """The default ViTImageProcessor resizes uint8 tensors with torchvision's own
-    antialiased kernels, not Pillow's: 0.2-20% of values (by image) land one uint8
-    level apart with bilinear (bicubic: up to 15 levels on these photos, so it is
-    not tested here). We match the PIL backend exactly and stay within one level
-    of this one; its fused rescale+normalize adds < 1e-7."""
+def test_both_transformers_backends_are_followed_and_recorded(photo_paths: list[Path], tmp_path: Path) -> None:
+    """transformers 5's default ViTImageProcessor resizes uint8 tensors with torchvision's
+    antialiased kernels (15-bit fixed point), ViTImageProcessorPil with Pillow's (22-bit):
+    they differ by a uint8 level in places. Each translation replays its own processor
+    (the parametrized cases above check the pixels: torchvision's within float rounding of
+    its fused rescale+normalize) and says which it follows; the two disagree with each other."""
     from transformers import ViTImageProcessor
+    from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
 
-    from enginekit.export.preprocessing import from_transformers
+    from enginekit.export.preprocessing import config_backend, from_transformers, from_transformers_config
 
-    processor = ViTImageProcessor()
-    cfg = from_transformers(processor)
-    one_level = (1 / 255) / min(cfg.std)
-    for path in photo_paths:
-        ref = processor(Image.open(path), do_convert_rgb=True, return_tensors="np")["pixel_values"][0]
-        assert np.abs(preprocess(load_images([path]), cfg)[0] - ref).max() <= one_level + TOL, path.name
-    # No resize involved: rescale+normalize alone agree to float32 rounding.
-    square = Image.fromarray(np.random.default_rng(1).integers(0, 256, (224, 224, 3), dtype=np.uint8))
-    ref = processor(square, return_tensors="np")["pixel_values"][0]
-    assert np.abs(preprocess([square], cfg)[0] - ref).max() <= TOL
+    fast, slow = from_transformers(ViTImageProcessor()), from_transformers(ViTImageProcessorPil())
+    assert (fast.resize_kernel, slow.resize_kernel) == ("torchvision", "pil")
+    assert fast.to_dict()["resize_kernel"] == "torchvision" and "resize_kernel" not in slow.to_dict()
+    images = load_images(photo_paths)
+    assert np.abs(preprocess(images, fast) - preprocess(images, slow)).max() > TOL  # the kernels really differ
+    # a saved folder follows what AutoImageProcessor loads for it, unless its config says otherwise
+    saved = {"image_processor_type": "ViTImageProcessor", "size": {"height": 32, "width": 32}}
+    assert config_backend(saved) == "torchvision" and from_transformers_config(saved).resize_kernel == "torchvision"
+    assert from_transformers_config({**saved, "use_fast": False}).resize_kernel == "pil"
+    assert from_transformers_config(saved, backend="pil").resize_kernel == "pil"
+    with pytest.raises(SourceError, match="torchvision is replayed for bilinear, bicubic only"):
+        from_transformers_config({**saved, "resample": 0}, backend="torchvision")  # nearest
+    assert from_transformers_config({**saved, "resample": 0}).resize_kernel == "pil"  # followed, and recorded
+    assert Preprocessing.from_dict(fast.to_dict()) == fast
+
+
+def test_export_records_the_processor_it_followed(exported: dict) -> None:
+    from enginekit.manifest import read_manifest
+
+    manifest = read_manifest(exported["hf"])  # saved with transformers 5's ViTImageProcessor
+    assert manifest.provenance["image_processor"] == {"type": "ViTImageProcessor", "backend": "torchvision"}
+    assert manifest.preprocessing["resize_kernel"] == "torchvision"
+    assert "resize_kernel" not in read_manifest(exported["timm"]).preprocessing  # timm: Pillow, as timm does
 
 
 def test_to_dict_is_plain_json() -> None:

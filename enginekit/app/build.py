@@ -13,7 +13,43 @@ from enginekit.errors import InputError
 from enginekit.manifest import Manifest, read_manifest
 from enginekit.registry import task_class
 
-__all__ = ["build_engine", "generate_images", "output_paths"]
+__all__ = ["COMPILE_FLAGS", "DEFAULT_INT8", "backend_flags", "build_engine", "generate_images", "output_paths"]
+
+
+#: The typed ``compile`` flags: flag -> (the backend that takes it, its option key, what
+#: users of that backend's own tools call it).
+COMPILE_FLAGS: dict[str, tuple[str, str, str]] = {
+    "hint": ("openvino", "performance_hint", "benchmark_app -hint"),
+    "streams": ("openvino", "num_streams", "benchmark_app -nstreams"),
+    "inference_precision": ("openvino", "inference_precision", "benchmark_app -infer_precision"),
+    "graph_optimization_level": ("onnxruntime", "graph_optimization_level", "SessionOptions.graph_optimization_level"),
+    "transformer_fusions": ("onnxruntime", "transformer_fusions", "onnxruntime.transformers.optimizer"),
+}
+#: ``--int8``: the int8 method each backend quantizes with (and the backend it quantizes for).
+DEFAULT_INT8: dict[str, tuple[str, str]] = {
+    "onnxruntime": ("int8-dynamic", "onnxruntime"),
+    "openvino": ("int8-static", "openvino"),
+}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def backend_flags(backend: str, flags: Mapping[str, Any]) -> dict[str, Any]:
+    """The backend options of the typed ``compile`` flags that were given (None: not given);
+    a flag of another backend is a one-line :class:`InputError` naming the ones this takes."""
+    out: dict[str, Any] = {}
+    for name, value in flags.items():
+        if value is None or value is False:
+            continue
+        owner, key, _ = COMPILE_FLAGS[name]
+        if owner != backend:
+            own = ", ".join(_flag(n) for n, (b, _, _) in COMPILE_FLAGS.items() if b == backend) or "none of them"
+            raise InputError(f"{_flag(name)} is a {owner} option; --backend {backend} takes {own} "
+                             "(and --batch, --threads, --option KEY=VALUE)")
+        out[key] = value
+    return out
 
 
 def build_engine(
@@ -28,17 +64,64 @@ def build_engine(
     width: int | None = None,
     batch: int | None = None,
     options: Mapping[str, Any] | None = None,
+    flags: Mapping[str, Any] | None = None,
+    int8: bool = False,
+    calibration: str | None = None,
     overwrite: bool = False,
+    on_step: Callable[[str], Any] = lambda msg: None,
 ) -> Manifest:
     """Compile ``artifact`` for ``backend`` with the task's defaults: the family's precision
-    exceptions and, given a size or batch, static shapes; ``options`` (backend option ->
-    value) override them."""
+    exceptions and, given a size or batch, static shapes; ``flags`` (the typed ``compile``
+    flags, see :data:`COMPILE_FLAGS`) and ``options`` (backend option -> value) override them.
+
+    ``int8=True`` first quantizes with the backend's default int8 method
+    (:data:`DEFAULT_INT8`; static methods calibrate on ``calibration``, by default the
+    built-in digits for the built-in model and ``photos`` otherwise), gated on fidelity
+    as ``enginekit quantize`` is, and compiles the result."""
     manifest = read_manifest(artifact)
     cls = task_class(manifest.task)
     extra = dict(cls.compile_options(manifest, backend, precision, height, width, batch))
+    typed = backend_flags(backend, flags or {})
+    both = sorted(set(typed) & set(options or {}))
+    if both:
+        raise InputError(f"{both[0]} is given twice (a flag and --option {both[0]}=...); give it once")
+    extra.update(typed)
     extra.update(options or {})
-    return compile_artifact(artifact, backend, out, CompileOptions(device=device, threads=threads, extra=extra),
-                            overwrite=overwrite)
+    if device.lower() == "auto":
+        from enginekit.api import resolve_device
+        from enginekit.registry import get_backend
+
+        device = resolve_device(get_backend(backend), device)
+    compile_options = CompileOptions(device=device, threads=threads, extra=extra)
+    if not int8:
+        if calibration is not None:
+            raise InputError("--calibration is for --int8 (static int8 calibrates on it)")
+        return compile_artifact(artifact, backend, out, compile_options, overwrite=overwrite)
+    if backend not in DEFAULT_INT8:
+        raise InputError(f"--int8 has no default method for {backend}; quantize first (enginekit quantize -m ...)")
+    if precision != "fp32":
+        raise InputError(f"--int8 and --precision {precision} disagree; give one")
+    if manifest.task != "image-classification":
+        raise InputError(f"--int8 quantizes image classifiers; this is a {manifest.task} artifact")
+    from enginekit.quant.api import quantize_artifact
+    from enginekit.quant.base import get_method
+
+    method, quant_backend = DEFAULT_INT8[backend]
+    if calibration is None and get_method(method, quant_backend).needs_calibration:
+        calibration = "builtin" if manifest.provenance.get("source") == "default" else "photos"
+    root = Path(artifact)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{Path(out).name}.int8-", dir=Path(out).parent) as scratch:
+        on_step(f"quantize {method} ({quant_backend})" + (f" calibrated on {calibration}" if calibration else ""))
+        quantized = quantize_artifact(root, Path(scratch) / "q", method, backend=quant_backend,
+                                      calibration=calibration, overwrite=True)
+        on_step(f"compile for {backend}")
+        # The quantized step lives in a temporary folder: the parent named is the ONNX it came from.
+        parent = {"path": str(root.resolve()), "manifest_sha256": manifest.digest(), "kind": manifest.kind,
+                  "quantized_with": method, "quantization_fidelity": quantized.fidelity}
+        compiled = compile_artifact(Path(scratch) / "q", backend, out, compile_options, overwrite=overwrite,
+                                    parent=parent)
+    return compiled
 
 
 def output_paths(out: str | Path, count: int) -> list[Path]:

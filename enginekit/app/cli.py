@@ -65,10 +65,13 @@ def cli(verbose: bool) -> None:
       export MODEL -o onnx/           PyTorch -> ONNX, parity-checked (ViT or SD pipeline)
       compile onnx/ --backend B -o e/  ONNX -> ONNX Runtime or OpenVINO engine
       quantize onnx/ -m METHOD -o q/  fp16 / int8 / int4, gated on fidelity
+      optimize MODEL -o best/         all of the above: the fastest engine that keeps its
+                                      fidelity to PyTorch, with the commands that rebuild it
       evaluate q/ --data labelled/    accuracy and agreement with the float parent
       predict e/ IMAGES...            classify images with any artifact
       generate e/ PROMPT -o a.png     text-to-image with a pipeline artifact
-      inspect e/                      show what an artifact's manifest says
+      inspect e/                      show what an artifact's manifest says, and its digest
+      sign e/ --key key.pem           sign an artifact (check it with --verify-with key.pub)
       doctor                          hardware, installed backends, versions
       bench e/ f/ --batch 1,8         time engines; records go to a results store
       bench report results/ -o rep/   tables and plots per hardware and across
@@ -79,12 +82,15 @@ def cli(verbose: bool) -> None:
 
 
 @cli.command()
-@click.argument("model")
-@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Artifact folder to write.")
+@click.argument("args", nargs=-1, metavar="[MODEL] [OUTPUT]")
+@click.option("-m", "--model", "model_opt", metavar="MODEL",
+              help="The model to export, as optimum-cli takes it (then OUTPUT may follow as an argument).")
+@click.option("-o", "--output", "out", type=click.Path(path_type=Path), help="Artifact folder to write.")
 @click.option("--family", type=click.Choice(["sd15", "sd21", "sdxl", "sd3", "flux"]),
               help="Diffusion family: required for a single-file .safetensors checkpoint, checked otherwise.")
 @click.option("--task", type=click.Choice(["image-classification", "text-to-image"]),
-              help="What MODEL is, where the source cannot tell (a hub id is a classifier unless told).")
+              help="What MODEL is: checked against the source (a pipeline is not an image-classification "
+                   "model), and needed where it cannot tell (a hub id is a classifier unless told).")
 @click.option("--random-weights", is_flag=True,
               help="timm:NAME, sd15, sd21, sdxl, sd3-medium: the real architecture with seeded weights (offline).")
 @click.option("--weights", type=click.Path(path_type=Path), help="timm:NAME only: a .safetensors file to load.")
@@ -100,10 +106,14 @@ def cli(verbose: bool) -> None:
                    "off frees each component as soon as it is exported, for less memory.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists (atomically).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
-def export(model: str, out: Path, family: str | None, task: str | None, random_weights: bool, weights: Path | None,
-           seed: int, revision: str | None, opset: int, atol: float | None, rtol: float | None, image_check: bool,
-           overwrite: bool, as_json: bool) -> None:
+def export(args: tuple[str, ...], model_opt: str | None, out: Path | None, family: str | None, task: str | None,
+           random_weights: bool, weights: Path | None, seed: int, revision: str | None, opset: int,
+           atol: float | None, rtol: float | None, image_check: bool, overwrite: bool, as_json: bool) -> None:
     """Export MODEL to an ONNX artifact and check it against PyTorch.
+
+    \b
+      enginekit export MODEL -o OUTPUT
+      enginekit export --model MODEL [--task TASK] OUTPUT     (optimum-cli's order)
 
     \b
     Classifiers (ViT, timm or transformers):
@@ -120,6 +130,7 @@ def export(model: str, out: Path, family: str | None, task: str | None, random_w
     """
     from enginekit.export.api import export_model
 
+    model, out = _model_and_output(args, model_opt, out)
     console = _console()
     with console.status("exporting") as status:
         manifest = export_model(
@@ -149,6 +160,24 @@ def export(model: str, out: Path, family: str | None, task: str | None, random_w
     )
 
 
+def _model_and_output(args: tuple[str, ...], model: str | None, out: Path | None) -> tuple[str, Path]:
+    """MODEL and OUTPUT from ``export``'s arguments: ``MODEL -o OUT``, ``MODEL OUT`` or ``--model MODEL OUT``."""
+    rest = list(args)
+    if model is None:
+        if not rest:
+            raise click.UsageError("give the model to export: enginekit export MODEL -o OUTPUT (or --model MODEL)")
+        model = rest.pop(0)
+    if rest and out is not None:
+        raise click.ClickException(f"OUTPUT is given twice ({rest[0]!r} and -o {out}); give one")
+    if len(rest) > 1:
+        raise click.ClickException(f"unexpected extra arguments: {' '.join(rest[1:])}")
+    if rest:
+        out = Path(rest[0])
+    if out is None:
+        raise click.UsageError("give the folder to write: -o OUTPUT")
+    return model, out
+
+
 def _backend_option(values: tuple[str, ...]) -> dict[str, Any]:
     """``--option key=value``: the value is read as JSON where it parses (numbers, true, lists), else a string."""
     out: dict[str, Any] = {}
@@ -163,38 +192,83 @@ def _backend_option(values: tuple[str, ...]) -> dict[str, Any]:
     return out
 
 
+_DEVICE_HELP = ("cpu, gpu (CUDA on ONNX Runtime; refused where there is none), AUTO (OpenVINO's AUTO plugin "
+                "picks) or auto (enginekit picks the best device here and says which)")
+
+
 @cli.command(name="compile")
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--backend", "-b", required=True, help="onnxruntime or openvino (see `enginekit doctor`).")
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Engine folder to write.")
-@click.option("--device", default="cpu", show_default=True, help="Device the engine targets: cpu, cuda, gpu.")
+@click.option("-d", "--device", default="cpu", show_default=True, help=f"Device the engine targets: {_DEVICE_HELP}.")
 @click.option("--threads", default=0, show_default=True, help="Worker threads (0: backend default).")
-@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
-              help="OpenVINO: weight precision of the IR (a pipeline keeps its family's exceptions, e.g. "
-                   "SDXL's VAE, in fp32). ONNX Runtime runs the graph's own precision: quantize first.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default=None,
+              help="OpenVINO: weight precision of the IR (default fp32; a pipeline keeps its family's exceptions, "
+                   "e.g. SDXL's VAE, in fp32). ONNX Runtime runs the graph's own precision: quantize first.")
+@click.option("--fp16", is_flag=True, help="Same as --precision fp16 (trtexec's --fp16).")
+@click.option("--int8", is_flag=True,
+              help="Quantize with the backend's default int8 method first (onnxruntime: int8-dynamic; openvino: "
+                   "int8-static, calibrated on --calibration), gated like `enginekit quantize`, then compile.")
+@click.option("--calibration", "-c",
+              help="With --int8: calibration data, an image folder, a preprocessed .npy, 'photos' (crops of real "
+                   "photos, offline) or 'builtin' (default: builtin for the built-in model, photos otherwise).")
+@click.option("--batch", type=int,
+              help="A static batch: images per call, fixed in the engine (faster kernels at that size; other "
+                   "sizes run in slices of it). Pipelines, OpenVINO: the UNet gets 2x for CFG.")
+@click.option("--hint", type=click.Choice(["latency", "throughput"], case_sensitive=False),
+              help="OpenVINO performance hint (benchmark_app -hint; default latency).")
+@click.option("--streams", type=click.IntRange(min=1),
+              help="OpenVINO inference streams (benchmark_app -nstreams; default: the hint decides).")
+@click.option("--inference-precision", type=click.Choice(["f32", "bf16", "f16"], case_sensitive=False),
+              help="OpenVINO run-time precision (benchmark_app -infer_precision; default f32 for float engines).")
+@click.option("--graph-optimization-level", type=click.Choice(["disable", "basic", "extended", "all"]),
+              help="ONNX Runtime graph optimizations applied offline (default extended).")
+@click.option("--transformer-fusions", is_flag=True,
+              help="ONNX Runtime, ViT classifiers: fuse with ORT's transformer optimizer (model_type vit) first; "
+                   "the fused graph is checked against the unfused one.")
 @click.option("--height", type=int, help="OpenVINO, pipelines: compile static shapes for this image height.")
 @click.option("--width", type=int, help="OpenVINO, pipelines: compile static shapes for this image width.")
-@click.option("--batch", type=int, help="OpenVINO: a static batch (images per call; a pipeline's UNet gets 2x for CFG).")
 @click.option("--option", "options", multiple=True, metavar="KEY=VALUE",
               help="A backend option, repeatable (e.g. performance_hint=THROUGHPUT); unknown keys are refused.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists (atomically).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
-def compile_cmd(artifact: Path, backend: str, out: Path, device: str, threads: int, precision: str,
-                height: int | None, width: int | None, batch: int | None, options: tuple[str, ...],
+def compile_cmd(artifact: Path, backend: str, out: Path, device: str, threads: int, precision: str | None,
+                fp16: bool, int8: bool, calibration: str | None, batch: int | None, hint: str | None,
+                streams: int | None, inference_precision: str | None, graph_optimization_level: str | None,
+                transformer_fusions: bool, height: int | None, width: int | None, options: tuple[str, ...],
                 overwrite: bool, as_json: bool) -> None:
-    """Compile an ONNX ARTIFACT (every component of a pipeline) into a BACKEND engine."""
+    """Compile an ONNX ARTIFACT (every component of a pipeline) into a BACKEND engine.
+
+    \b
+    The typed flags belong to one backend each, and the other refuses them:
+      openvino      --hint, --streams, --inference-precision, --precision/--fp16
+      onnxruntime   --graph-optimization-level, --transformer-fusions
+      both          --batch, --threads, --int8, -d/--device
+    """
     from enginekit.app.build import build_engine
 
-    with _console().status(f"compiling for {backend}"):
+    if fp16 and precision not in (None, "fp16"):
+        raise click.ClickException(f"--fp16 and --precision {precision} disagree; give one")
+    precision = "fp16" if fp16 else (precision or "fp32")
+    flags = {"hint": hint.upper() if hint else None, "streams": streams,
+             "inference_precision": inference_precision.lower() if inference_precision else None,
+             "graph_optimization_level": graph_optimization_level, "transformer_fusions": transformer_fusions}
+    console = _console()
+    with console.status(f"compiling for {backend}") as status:
         manifest = build_engine(artifact, backend, out, device=device, threads=threads, precision=precision,
                                 height=height, width=width, batch=batch, options=_backend_option(options),
-                                overwrite=overwrite)
+                                flags=flags, int8=int8, calibration=calibration, overwrite=overwrite,
+                                on_step=lambda msg: status.update(msg))
     if as_json:
         _emit_json(manifest.to_dict())
     else:
         precisions = ", ".join(sorted({c.precision for c in manifest.components.values()}))
-        _console().print(f"[green]wrote[/] {out}  ({manifest.kind}, {len(manifest.components)} component(s), "
-                         f"{precisions}, device {manifest.target.get('device')})")
+        fused = manifest.target.get("transformer_fusions")
+        console.print(f"[green]wrote[/] {out}  ({manifest.kind}, {len(manifest.components)} component(s), "
+                      f"{precisions}, device {manifest.target.get('device')}"
+                      + (f"; fused {', '.join(f'{n} {k}' for k, n in fused['fused'].items()) or 'nothing'}, "
+                         f"max abs {fused['check'].get('logits_max_abs', 0):.1e} vs unfused"
+                         if fused and "fused" in fused else "") + ")")
 
 
 @cli.command()
@@ -216,7 +290,7 @@ def compile_cmd(artifact: Path, backend: str, out: Path, device: str, threads: i
 @click.option("--init-image", type=click.Path(path_type=Path), help="Image-to-image: start from this picture.")
 @click.option("--strength", default=0.8, show_default=True, help="Image-to-image: how much of it to repaint (0-1].")
 @click.option("--num-images", default=1, show_default=True, help="Images for the prompt.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, gpu.")
+@click.option("-d", "--device", default="auto", show_default=True, help=_DEVICE_HELP + ".")
 @click.option("--backend", help="Backend to run on (default: the one the artifact was built for).")
 @click.option("--json", "as_json", is_flag=True, help="Print what was written as JSON.")
 @click.option("--digest", help="Refuse the artifact unless its manifest digest (see `enginekit inspect`) is this.")
@@ -277,8 +351,10 @@ def _finite(value: Any) -> Any:
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.argument("images", nargs=-1, required=True)
 @click.option("--top-k", "-k", default=5, show_default=True, help="Classes to list per image.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, gpu.")
-@click.option("--backend", help="Backend to run on (default: the one the artifact was built for).")
+@click.option("-d", "--device", default="auto", show_default=True, help=_DEVICE_HELP + ".")
+@click.option("--backend", "-b",
+              help="Backend to run on (default: the one the artifact was built for; an exported ONNX artifact "
+                   "also runs on openvino, no compile step).")
 @click.option("--batch-size", default=8, show_default=True)
 @click.option("--skip-bad", is_flag=True,
               help="Skip files that are not readable images (listed at the end) instead of stopping at the first.")
@@ -394,16 +470,23 @@ def sign(artifact: Path, key: Path, password: str | None) -> None:
 
 @cli.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
-@click.option("--method", "-m", required=True,
+@click.option("--method", "-m", default=None,
               help="onnxruntime: int8-dynamic, int8-static, int4-weight, fp16; openvino: int8-static, "
                    "int8-weight, int4-weight, fp16; tensorrt: int8-qdq.")
+@click.option("--int8", is_flag=True,
+              help="The backend's default int8 method: onnxruntime int8-dynamic, openvino int8-static "
+                   "(calibrated on --calibration, default photos), tensorrt int8-qdq.")
+@click.option("--fp16", is_flag=True, help="Same as --method fp16.")
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Artifact folder to write.")
 @click.option("--backend", "-b", default=None, help="onnxruntime (default) or openvino.")
 @click.option("--target", type=click.Choice(["tensorrt"]), default=None,
               help="Build a TensorRT-ready ONNX (validated here on ONNX Runtime).")
-@click.option("--calibration", "-c", help="Calibration data: an image folder, a preprocessed .npy, or 'builtin'.")
-@click.option("--eval-data", help="Held-out data for the fidelity gate (default: a fifth of --calibration, "
-                                  "the built-in digits' held-out split, or seeded noise).")
+@click.option("--calibration", "-c",
+              help="Calibration data: an image folder, a preprocessed .npy, 'photos' (seeded crops of real photos, "
+                   "offline, for any model) or 'builtin' (the built-in model's digits).")
+@click.option("--eval-data", help="Held-out data for the fidelity gate: a folder, an .npy, 'photos' or 'builtin' "
+                                  "(default: a fifth of --calibration, the held-out crops of 'photos' or digits "
+                                  "of 'builtin', or seeded noise).")
 @click.option("--calibrate-method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax",
               show_default=True, help="onnxruntime static int8: how activation ranges are chosen.")
 @click.option("--per-channel/--per-tensor", default=True, show_default=True, help="int8 weight scales.")
@@ -420,7 +503,8 @@ def sign(artifact: Path, key: Path, password: str | None) -> None:
 @click.option("--eval-size", default=64, show_default=True, help="At most this many held-out samples.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists (atomically).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
-def quantize(artifact: Path, method: str, out: Path, backend: str | None, target: str | None,
+def quantize(artifact: Path, method: str | None, int8: bool, fp16: bool, out: Path, backend: str | None,
+             target: str | None,
              calibration: str | None, eval_data: str | None, calibrate_method: str, per_channel: bool,
              group_size: int, symmetric: bool, ratio: float, exclude: tuple[str, ...],
              min_agreement: float | None, min_cosine: float | None, auto_fallback: bool,
@@ -439,6 +523,11 @@ def quantize(artifact: Path, method: str, out: Path, backend: str | None, target
 
     if target and backend and backend != target:
         raise click.UsageError(f"--target {target} and --backend {backend} disagree; give one")
+    method = _quant_method(method, int8, fp16, target or backend or "onnxruntime")
+    if int8 and calibration is None and method in ("int8-static", "int8-qdq"):
+        from enginekit.manifest import read_manifest
+
+        calibration = "builtin" if read_manifest(artifact).provenance.get("source") == "default" else "photos"
     options = QuantOptions(calibrate_method=calibrate_method, per_channel=per_channel, group_size=group_size,
                            symmetric=symmetric, ratio=ratio, exclude_nodes=exclude)
     console = _console()
@@ -464,9 +553,25 @@ def quantize(artifact: Path, method: str, out: Path, backend: str | None, target
     )
 
 
+def _quant_method(method: str | None, int8: bool, fp16: bool, backend: str) -> str:
+    """``-m METHOD``, or the shortcut ``--int8`` / ``--fp16`` stands for on ``backend``."""
+    from enginekit.app.build import DEFAULT_INT8
+
+    given = [name for name, on in (("--method", method is not None), ("--int8", int8), ("--fp16", fp16)) if on]
+    if len(given) != 1:
+        raise click.ClickException("give the quantization: -m METHOD, --int8 or --fp16" if not given
+                                   else f"{' and '.join(given)} disagree; give one")
+    if fp16:
+        return "fp16"
+    if int8:
+        return "int8-qdq" if backend == "tensorrt" else DEFAULT_INT8.get(backend, ("int8-dynamic",))[0]
+    return str(method)
+
+
 @cli.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
-@click.option("--data", "-d", help="Labelled images (one sub-folder per class), an .npy, or 'builtin'.")
+@click.option("--data", "-d", help="Labelled images (one sub-folder per class), an .npy, or 'builtin' ('photos' "
+                                   "is unlabelled: it measures agreement with the float parent only).")
 @click.option("--limit", type=int, help="Use at most this many samples.")
 @click.option("--json", "as_json", is_flag=True)
 def evaluate(artifact: Path, data: str | None, limit: int | None, as_json: bool) -> None:
@@ -532,7 +637,7 @@ def _batches(value: str) -> tuple[int, ...]:
 @click.option("--duration", type=float, default=None, help="Or: seconds of timed runs per batch size.")
 @click.option("--warmup", type=int, default=None, help="Untimed runs first (default 10; pipelines 1).")
 @click.option("--threads", default=0, show_default=True, help="Engine threads (0: backend default); recorded.")
-@click.option("--device", default="cpu", show_default=True)
+@click.option("-d", "--device", default="cpu", show_default=True, help=_DEVICE_HELP + ".")
 @click.option("--store", type=click.Path(path_type=Path), default=Path("results/results.jsonl"), show_default=True,
               help="JSON-lines results store the records are appended to.")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), help="Also write this run's records here.")
@@ -657,8 +762,9 @@ def _csv(value: str | None) -> tuple[str, ...] | None:
 @click.option("--precisions", default=",".join(("fp32", "fp16", "int8", "int4")), show_default=True,
               help="Precision families to try; fp16 includes bf16.")
 @click.option("--batch", default=1, show_default=True, help="Batch size to pick the engine for.")
-@click.option("--data", help="Calibration and held-out data: an image folder, an .npy, 'photos' or 'builtin' "
-                             "(default: builtin for the built-in model, photos otherwise).")
+@click.option("--data", help="Calibration and held-out data: an image folder, an .npy, 'photos' (seeded crops of "
+                             "real photos, offline) or 'builtin' (default: builtin for the built-in model, photos "
+                             "otherwise).")
 @click.option("--calibration-size", default=64, show_default=True,
               help="Samples static int8 methods calibrate on, at most (never the held-out ones).")
 @click.option("--eval-size", default=128, show_default=True, help="Held-out samples the budget is checked on.")
@@ -723,6 +829,9 @@ def optimize(model: str, out: Path, budget_agreement: float, budget_cosine: floa
         if c["status"] in ("rejected", "failed"):
             console.print(f"[dim]{c['candidate']['name']}: {c['status']}: {c['reason']}[/]", highlight=False)
     console.print(f"[green]wrote[/] {out} ({report['picked']}) and {out / 'report.md'}")
+    if report.get("rebuild"):
+        console.print("rebuild it by hand:\n" + "\n".join(f"  {line}" for line in report["rebuild"]), highlight=False,
+                      markup=False, soft_wrap=True)
 
 
 def _optimize_table(report: dict[str, Any]) -> Any:

@@ -231,8 +231,11 @@ def _build(cand: Candidate, onnx_dir: Path, work: Path, built: dict[str, Path], 
         else:
             dest = work / "quantized" / cand.base
             on_step(f"quantize {cand.method} ({cand.quant_backend})")
+            # eval_data: the gate is off, and naming a held-out set keeps quantize from splitting
+            # the calibration samples again, so they are the ones `quantize -c SPEC` would take.
             quantize_artifact(onnx_dir, dest, cand.method, backend=cand.quant_backend or "onnxruntime",
                               calibration=str(calib_npy) if calib_npy is not None else None,
+                              eval_data=str(calib_npy) if calib_npy is not None else None,
                               calibration_size=config.calibration_size,
                               options=QuantOptions(group_size=_group_size(onnx_dir, config.group_size)),
                               check_fidelity=False, overwrite=True)
@@ -460,6 +463,11 @@ def _run(model: str, out: Path, work: Path, candidates: list[Candidate], config:
         "candidates": [oc.to_dict() for oc in outcomes],
         "picked": best.candidate.name if best else None,
     }
+    if best is not None:  # the enginekit commands that rebuild the pick by hand
+        from enginekit.app.rebuild import rebuild_commands
+
+        report["rebuild"] = rebuild_commands(report, asdict(best.candidate), seed=seed, revision=revision,
+                                             group_size=_group_size(onnx_dir, config.group_size))
     markdown = render_report(report)
     if best is None:
         (work / "report.json").write_text(json.dumps(report, indent=2, default=str))
@@ -543,5 +551,7 @@ def render_report(report: Mapping[str, Any]) -> str:
         )
     lines += ["", "Latency is warm p50 at the batch above, timed in one run with the baseline; agreement and "
               "cosine are against PyTorch's outputs on the held-out samples.", ""]
+    if report.get("rebuild"):
+        lines += [f"Rebuild {report['picked']} by hand:", "", "```sh", *report["rebuild"], "```", ""]
     return "\n".join(lines)
 

@@ -88,13 +88,13 @@ class ImageClassifier:
     @staticmethod
     def compile_options(manifest: Manifest, backend: str, precision: str = "fp32", height: int | None = None,
                         width: int | None = None, batch: int | None = None) -> dict[str, Any]:
-        """Backend options for compiling a classifier: the precision, and a static batch (OpenVINO)."""
+        """Backend options for compiling a classifier: the precision, and a static batch."""
         if height is not None or width is not None:
             raise InputError("a classifier's input size is fixed by its preprocessing; drop --height/--width")
         extra: dict[str, Any] = {"precision": precision} if precision != "fp32" else {}
         if batch is not None:
-            if backend != "openvino":
-                raise InputError(f"a static batch (--batch) is an OpenVINO option, not {backend}'s")
+            if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+                raise InputError(f"--batch must be a positive batch size, got {batch!r}")
             extra["static_batch"] = batch
         return extra
 
