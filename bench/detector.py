@@ -14,8 +14,9 @@ with margin:
    :data:`FIT_SEED` and up: never the crops ``optimize`` calibrates or judges on
    (seeds 0 to 3);
 3. the head: a logistic regression (scikit-learn, weak regularization) that tells
-   the two photographs apart, written into the 2-way linear head as
-   ``[-z/2, +z/2]``: the decision is the sign of ``z``, and ``|z|`` is its margin;
+   the two photographs apart gives the difference of the two logits, ``z`` (the
+   decision is its sign, ``|z|`` its margin); it is added as ``-z/2, +z/2`` to the mean
+   of timm's seeded head init, the part cross-entropy training would leave alone;
 4. saved with timm's ``save_for_hf`` (``config.json`` + ``model.safetensors``), a
    folder ``optimize`` and ``export`` take as MODEL, with ``detector.json`` beside it
    saying how it was made and what margins the head has on fresh crops.
@@ -91,8 +92,14 @@ def build_detector(out: str | Path, *, seed: int = 0, fit_size: int = 96, check_
     clf = LogisticRegression(C=100.0, max_iter=5000).fit(feats, y)
     w, b = clf.coef_[0].astype(np.float32), np.float32(clf.intercept_[0])
     with torch.no_grad():
-        model.head.weight.copy_(torch.from_numpy(np.stack([-w / 2, w / 2])))
-        model.head.bias.copy_(torch.tensor([-b / 2, b / 2]))
+        # Cross-entropy moves only the difference of the two logits; their sum stays where
+        # timm's seeded init put it. So the fitted difference goes on top of the init's mean,
+        # as training the head from that init would leave it (and the logits are not mirror
+        # images, which would make their cosine a mere sign check).
+        mean_w = model.head.weight.mean(0, keepdim=True)
+        mean_b = model.head.bias.mean()
+        model.head.weight.copy_(mean_w + torch.from_numpy(np.stack([-w / 2, w / 2])))
+        model.head.bias.copy_(mean_b + torch.tensor([-b / 2, b / 2]))
     say(f"margin check on {check_size} fresh crops (seed {FIT_SEED + 1})")
     xc, yc = _crops(check_size, FIT_SEED + 1, cfg)
     with torch.inference_mode():
