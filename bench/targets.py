@@ -255,6 +255,35 @@ def layer_profile(path: Path, runs: int = 10) -> dict[str, float] | None:
     return dict(totals.most_common(8))
 
 
+class QuietLock:
+    """A lock file that says "a benchmark is timing, keep the machine quiet", held only while
+    timing: ``acquire`` waits while another holder's file exists, then writes ours; ``release``
+    removes ours. Building and judging candidates needs no quiet machine and holds nothing."""
+
+    def __init__(self, path: Path | None, say: Any) -> None:
+        self.path, self.say, self.held_since = path, say, None
+
+    def acquire(self) -> None:
+        if self.path is None or self.held_since is not None:
+            return
+        while True:
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                break
+            except FileExistsError:
+                time.sleep(15)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()} enginekit.bench.targets\n")
+        self.held_since = time.monotonic()
+        self.say(f"holding the quiet lock {self.path}")
+
+    def release(self) -> None:
+        if self.path is not None and self.held_since is not None:
+            self.path.unlink(missing_ok=True)
+            self.say(f"released the quiet lock after {time.monotonic() - self.held_since:.0f} s")
+            self.held_since = None
+
+
 def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """The run with the median cold/warm ratio, with every run's ratio beside it (a shared
     machine's speed moves between runs)."""
@@ -290,6 +319,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="Cold starts measured (each with an empty model cache, then filled); the median is "
                              "shown; 0 skips them.")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--quiet-lock", type=Path, default=None,
+                        help="Lock file to hold (waiting for others' first) while timing: from optimize's "
+                             "timing phase to the end; building and judging run without it.")
     parser.add_argument("--reuse", action="store_true",
                         help="Measure cold start and the floor on the pick already in WORK/best (skip optimize).")
     args = parser.parse_args(argv)
@@ -300,7 +332,17 @@ def main(argv: list[str] | None = None) -> int:
     from enginekit.app.optimize import OptimizeConfig, optimize
 
     threads = args.threads or torch.get_num_threads()
-    say = lambda msg: print(f"· {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    log = lambda msg: print(f"· {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    lock = QuietLock(args.quiet_lock, log)
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the lock is released on the way out
+
+    def say(msg: str) -> None:
+        if msg.startswith("timing PyTorch"):  # optimize's phase 2: PyTorch, every engine, PyTorch again
+            lock.acquire()
+        log(msg)
+
     if args.model is None:
         detector = args.work / "detector"
         if not (detector / "detector.json").is_file():
@@ -312,32 +354,36 @@ def main(argv: list[str] | None = None) -> int:
     config = OptimizeConfig(batch=1, eval_size=args.eval_size, runs=args.runs, threads=args.threads,
                             tie_margin=args.tie_margin, precisions=tuple(args.precisions.split(",")))
     best = args.work / "best"
-    if args.reuse and (best / "report.json").is_file():
-        report = json.loads((best / "report.json").read_text())
-    else:
-        report = optimize(args.model, best, config, random_weights=args.model.startswith("timm:"),
-                          work_dir=args.work / "candidates", overwrite=True, on_step=say)
-    picked = next(c for c in report["candidates"] if c["status"] == "picked")
-    base = report["baseline"]
-    speedup = picked["record"]["speedup"]
+    try:
+        if args.reuse and (best / "report.json").is_file():
+            report = json.loads((best / "report.json").read_text())
+        else:
+            report = optimize(args.model, best, config, random_weights=args.model.startswith("timm:"),
+                              work_dir=args.work / "candidates", overwrite=True, on_step=say)
+        picked = next(c for c in report["candidates"] if c["status"] == "picked")
+        base = report["baseline"]
+        speedup = picked["record"]["speedup"]
 
-    say(f"cold start of the pick in fresh processes (model cache empty, then filled), {args.cold_repeats} times")
-    empties, filled = [], []
-    for _ in range(args.cold_repeats):
-        with tempfile.TemporaryDirectory() as cache:
-            empties.append(_cold_in_subprocess(best, args.runs, Path(cache)))
-            filled.append(_cold_in_subprocess(best, args.runs, Path(cache)))
-    cold, warm_cache = (_median_run(empties), _median_run(filled)) if empties else (None, None)
+        lock.acquire()  # (already held unless --reuse)
+        say(f"cold start of the pick in fresh processes (model cache empty, then filled), {args.cold_repeats} times")
+        empties, filled = [], []
+        for _ in range(args.cold_repeats):
+            with tempfile.TemporaryDirectory() as cache:
+                empties.append(_cold_in_subprocess(best, args.runs, Path(cache)))
+                filled.append(_cold_in_subprocess(best, args.runs, Path(cache)))
+        cold, warm_cache = (_median_run(empties), _median_run(filled)) if empties else (None, None)
 
-    say("arithmetic floor: multiply-adds and this CPU's peak GEMM rates")
-    src = resolve_source(args.model, random_weights=args.model.startswith("timm:"))
-    size = tuple(src.preprocessing.size)
-    macs = model_macs(src.model, size)
-    rates = peak_gemm_rates(threads)
-    rate_key, rate = _precision_rate(picked, rates)
-    floor_ms = arithmetic_floor(macs, rate)
-    ceilings = precision_ceilings(macs, rates, base["latency_ms"]["p50"], report["candidates"])
-    profile = layer_profile(best)
+        say("arithmetic floor: multiply-adds and this CPU's peak GEMM rates")
+        src = resolve_source(args.model, random_weights=args.model.startswith("timm:"))
+        size = tuple(src.preprocessing.size)
+        macs = model_macs(src.model, size)
+        rates = peak_gemm_rates(threads)
+        rate_key, rate = _precision_rate(picked, rates)
+        floor_ms = arithmetic_floor(macs, rate)
+        ceilings = precision_ceilings(macs, rates, base["latency_ms"]["p50"], report["candidates"])
+        profile = layer_profile(best)
+    finally:
+        lock.release()
 
     result = {
         "model": args.model, "hardware": report["hardware"], "threads": threads, "picked": picked["candidate"],

@@ -331,3 +331,25 @@ def test_the_speed_target_follows_the_cpu() -> None:
 
     assert speedup_target(["avx2", "fma"]) == TARGET_SPEEDUP
     assert speedup_target(["avx2", "avx512f", "avx512_bf16"]) == speedup_target(["amx_bf16"]) == TARGET_SPEEDUP_BF16
+
+
+def test_quiet_lock_waits_for_others_and_removes_only_its_own(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    import enginekit.bench.targets as targets
+
+    path = tmp_path / "quiet.lock"
+    path.write_text("someone else\n")
+    waits: list[float] = []
+
+    def sleep(seconds: float) -> None:  # the other holder finishes while we wait
+        waits.append(seconds)
+        path.unlink()
+
+    monkeypatch.setattr(targets.time, "sleep", sleep)
+    lock = targets.QuietLock(path, lambda msg: None)
+    lock.acquire()
+    assert waits and path.read_text().startswith(str(__import__("os").getpid()))
+    lock.acquire()  # held already: a no-op
+    lock.release()
+    assert not path.exists()
+    targets.QuietLock(None, lambda msg: None).acquire()  # no lock asked for: nothing happens
