@@ -8,7 +8,15 @@ One record (a JSON object, :data:`RECORD_SCHEMA` 1) per (artifact, batch size)::
      "batch": int, "threads": int, "latency_ms": {p50, p90, p99, mean, min, max, count}, "runs": int,
      "throughput_ips": float, "load_ms": float|None, "first_inference_ms": float|None,
      "peak_rss_bytes": int|None, "size_bytes": int|None, "fidelity": {...}, "baseline": bool,
-     "speedup": float|None, "model": str|None}
+     "speedup": float|None, "model": str|None, "conditions": {...}}
+
+``conditions`` says how the number was taken (every key optional): ``mode``
+(latency: one request at a time; throughput: ``requests`` in flight),
+``p99_over_p50`` (the spread of the timed runs), ``load_avg_start`` /
+``load_avg_end`` (the machine's 1/5/15-minute load averages around the run),
+``own_process`` (the engine ran alone in a fresh process, so ``peak_rss_bytes``
+is its own; without it ``peak_rss_bytes`` is None) and, on PyTorch baseline
+records, ``baseline_p50_ms`` (before and after the engines) and ``drift``.
 
 ``model`` names the source model (``provenance.source``); speed-ups are
 ratios to the baseline of the same model, batch and hardware.
@@ -21,6 +29,7 @@ and kept apart from the warm latency. ``speedup`` is filled by
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -38,6 +47,7 @@ from enginekit.hardware import fingerprint, fingerprint_id
 from enginekit.manifest import Manifest, TensorSpec
 
 __all__ = [
+    "DRIFT_WARN",
     "RECORD_SCHEMA",
     "BenchConfig",
     "add_speedups",
@@ -47,8 +57,10 @@ __all__ = [
     "torch_baselines",
     "engine_info",
     "latency_stats",
+    "load_average",
     "make_feeds",
     "make_record",
+    "spread",
     "time_callable",
 ]
 
@@ -59,6 +71,23 @@ FIDELITY_KEYS = ("top1_agreement", "logits_cosine", "logits_max_abs", "accuracy"
 PIPELINE_KEYS = ("part", "height", "width", "steps")
 #: Where each backend's runner reads its thread count from ``manifest.target`` at load.
 THREADS_KEY = {"onnxruntime": "intra_op_num_threads", "openvino": "inference_num_threads"}
+#: PyTorch's p50 after the engines over its p50 before them: beyond 1 ± this, the machine's
+#: speed moved during the run and the speed-ups are flagged.
+DRIFT_WARN = 0.15
+
+
+def load_average() -> list[float] | None:
+    """The machine's 1, 5 and 15-minute load averages (None where the platform has none)."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
+def spread(stats: Mapping[str, float]) -> float | None:
+    """p99 / p50 of a :func:`latency_stats` result: 1.0 is a steady run, 2 and more a noisy one."""
+    p50, p99 = stats.get("p50"), stats.get("p99")
+    return float(p99 / p50) if p50 and p99 is not None and p50 > 0 else None
 
 
 @dataclass(frozen=True)
@@ -180,8 +209,11 @@ def _peak_rss_bytes(samples: Iterable[int]) -> int:
     return max(peak, int(maxrss if sys.platform == "darwin" else maxrss * 1024))
 
 
-def _open(path: Path, device: str, backend: str | None, threads: int) -> tuple[Runner, Manifest, str, int]:
-    """``load_runner`` with ``threads`` set in the manifest target the runner reads at load.
+def _open(path: Path, device: str, backend: str | None, threads: int,
+          mode: str = "latency") -> tuple[Runner, Manifest, str, int]:
+    """``load_runner`` with ``threads`` set in the manifest target the runner reads at load
+    (and, for ``mode="throughput"`` on OpenVINO, the THROUGHPUT performance hint, as
+    benchmark_app uses by default: several streams, one per request in flight).
 
     Returns the runner, the manifest as on disk, the backend name and the thread
     count in effect (``threads``, else what a compiled artifact recorded, else 0).
@@ -195,15 +227,25 @@ def _open(path: Path, device: str, backend: str | None, threads: int) -> tuple[R
     name = backend or default_backend(manifest)
     key = THREADS_KEY.get(name)
     recorded = int(manifest.target.get(key) or 0) if key else 0
-    if not threads or key is None:
+    overrides: dict[str, Any] = {key: threads} if threads and key is not None else {}
+    if mode == "throughput" and name == "openvino":
+        overrides["performance_hint"] = "THROUGHPUT"
+    if not overrides:
         runner, manifest = load_runner(path, device, name)
         return runner, manifest, name, recorded
     verify_artifact(path, manifest)
     be = get_backend(name)
     if manifest.kind not in be.loads:  # let load_runner raise its own message
         load_runner(path, device, name)
-    pinned = manifest.replace(target={**manifest.target, key: threads})
-    return be.load(path, pinned, resolve_device(be, device)), manifest, name, threads
+    pinned = manifest.replace(target={**manifest.target, **overrides})
+    return be.load(path, pinned, resolve_device(be, device)), manifest, name, threads or recorded
+
+
+def _default_backend(path: Path) -> str:
+    from enginekit.api import default_backend
+    from enginekit.manifest import read_manifest
+
+    return default_backend(read_manifest(path))
 
 
 def engine_info(path: str | Path, manifest: Manifest, backend: str, device: str) -> dict[str, Any]:
@@ -238,6 +280,7 @@ def make_record(
     speedup: float | None = None,
     timestamp: str | None = None,
     model: str | None = None,
+    conditions: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One result record from a :func:`bench_runner` ``result`` and what is known about the engine.
 
@@ -263,6 +306,7 @@ def make_record(
         "baseline": bool(baseline),
         "speedup": speedup,
         "model": model,
+        "conditions": {"mode": "latency", "p99_over_p50": spread(result["latency_ms"]), **(conditions or {})},
     }
 
 
@@ -280,28 +324,44 @@ def bench_artifact(
     *,
     baseline: bool = False,
     progress: bool = True,
+    own_process: bool = False,
+    mode: str = "latency",
+    requests: int = 0,
 ) -> list[dict[str, Any]]:
     """Load the artifact at ``path`` once and bench it at every ``config.batch_sizes``; one record each.
 
     Steps: 1. load (``load_ms``: ``load_runner`` wall time, hash checks and session
     creation included, with ``config.threads`` pinned); 2. the first inference at
     the first batch size (``first_inference_ms``, cold, before any warm-up);
-    3. warm timing per batch size (:func:`bench_runner`) under a progress bar;
-    4. peak memory: the process high-water mark, ``max(psutil RSS after load and
-    after each timing, ru_maxrss)`` — on Linux that is ``ru_maxrss``, which also
-    counts whatever the process held before the bench (an interpreter with torch
-    loaded reads high); run one artifact per process for a clean number.
+    3. warm timing per batch size under a progress bar: one request at a time
+    (``mode="latency"``, :func:`bench_runner`) or ``requests`` in flight
+    (``mode="throughput"``, :func:`enginekit.bench.throughput.bench_throughput`);
+    4. peak memory, only with ``own_process`` (the caller started this process for
+    this artifact alone, :func:`enginekit.bench.session.bench_isolated`): the process
+    high-water mark, ``max(psutil RSS after load and after each timing, ru_maxrss)``.
+    In a shared process that mark counts whatever else the process holds (PyTorch,
+    other engines), so ``peak_rss_bytes`` stays None.
     Cold-start fields are the same on every record of the artifact.
     """
+    if mode not in ("latency", "throughput"):
+        raise ValueError(f"bench mode must be latency or throughput, got {mode!r}")
     path = Path(path)
     hw = fingerprint()
     proc = psutil.Process()
     rss: list[int] = []
+    load_start = load_average()
 
+    threads = config.threads
+    if mode == "throughput" and not threads and (backend or _default_backend(path)) == "onnxruntime":
+        # N requests from N threads: split the cores between them rather than let each
+        # session's pool take all of them (what ORT's own perf test does with -x).
+        cores = psutil.cpu_count(logical=False) or 1
+        threads = max(1, cores // (requests or cores))
     start = time.perf_counter()
-    runner, manifest, name, threads = _open(path, device, backend, config.threads)
+    runner, manifest, name, threads = _open(path, device, backend, threads, mode)
     load_ms = (time.perf_counter() - start) * 1e3
     rss.append(proc.memory_info().rss)
+    extra: dict[str, Any] = {}
     try:
         batches = _batches_for(runner.inputs, config.batch_sizes, path)
         first = make_feeds(runner.inputs, batches[0], config.seed)
@@ -311,7 +371,14 @@ def bench_artifact(
         results = []
         for batch in batches:
             with _progress_bar(f"{path.name} batch {batch}", config.runs, progress) as bar:
-                results.append(bench_runner(runner, batch, config, on_progress=lambda _i: bar.update(1)))
+                if mode == "throughput":
+                    from enginekit.bench.throughput import bench_throughput
+
+                    result = bench_throughput(runner, batch, config, requests, on_progress=lambda _i: bar.update(1))
+                    extra = {k: result.pop(k) for k in ("requests", "how") if k in result}
+                    results.append(result)
+                else:
+                    results.append(bench_runner(runner, batch, config, on_progress=lambda _i: bar.update(1)))
             rss.append(proc.memory_info().rss)
         engine = engine_info(path, manifest, name, runner.device or device)
     finally:
@@ -319,11 +386,18 @@ def bench_artifact(
 
     size = sum(f.size for c in manifest.components.values() for f in c.files)
     fidelity = {k: manifest.fidelity[k] for k in FIDELITY_KEYS if k in manifest.fidelity}
-    peak = _peak_rss_bytes(rss)
+    if "inputs" in manifest.fidelity:  # what data judged those numbers, and against what
+        fidelity["data"] = manifest.fidelity["inputs"]
+    for key in ("reference", "budget"):
+        if key in manifest.fidelity:
+            fidelity[key] = manifest.fidelity[key]
+    peak = _peak_rss_bytes(rss) if own_process else None
+    conditions = {"mode": mode, "own_process": own_process, "load_avg_start": load_start,
+                  "load_avg_end": load_average(), "torch_in_process": "torch" in sys.modules, **extra}
     return [
         make_record(engine=engine, result=r, threads=threads, hardware=hw, load_ms=load_ms,
                     first_inference_ms=first_ms, peak_rss_bytes=peak, size_bytes=size, fidelity=fidelity,
-                    baseline=baseline, model=manifest.provenance.get("source"))
+                    baseline=baseline, model=manifest.provenance.get("source"), conditions=conditions)
         for r in results
     ]
 
@@ -406,7 +480,8 @@ def bench_torch(
 
 
 def add_speedups(records: list[dict[str, Any]]) -> None:
-    """Set ``speedup`` = baseline p50 / record p50 in place, where a baseline record
+    """Set ``speedup`` = baseline p50 / record p50 in place (for throughput-mode records:
+    record frames/s / baseline frames/s), where a baseline record
     (``baseline`` true) of the same batch, ``hardware_id``, ``model`` and Ray node (when
     the records came from ``--ray``) exists (the last one wins). Pipeline records
     (:mod:`enginekit.bench.pipeline`) also match on ``part``, ``height``, ``width`` and ``steps``."""
@@ -415,15 +490,23 @@ def add_speedups(records: list[dict[str, Any]]) -> None:
         return (rec.get("hardware_id"), int(rec["batch"]), rec.get("model"), (rec.get("node") or {}).get("node_id"),
                 *(rec.get(k) for k in PIPELINE_KEYS))
 
-    base: dict[tuple[Any, ...], float] = {}
+    base: dict[tuple[Any, ...], dict[str, Any]] = {}
     for rec in records:
         if rec.get("baseline"):
-            base[key(rec)] = float(rec["latency_ms"]["p50"])
+            base[key(rec)] = rec
     for rec in records:
         ref = base.get(key(rec))
-        p50 = float(rec["latency_ms"]["p50"])
-        if ref is not None and p50 > 0 and math.isfinite(p50):
-            rec["speedup"] = ref / p50
+        if ref is None:
+            continue
+        if (rec.get("conditions") or {}).get("mode") == "throughput":
+            # Frames per second with several requests in flight, over PyTorch's one at a time.
+            ips, ref_ips = float(rec.get("throughput_ips") or 0), float(ref.get("throughput_ips") or 0)
+            if ips > 0 and ref_ips > 0 and math.isfinite(ips):
+                rec["speedup"] = ips / ref_ips
+            continue
+        p50, ref_p50 = float(rec["latency_ms"]["p50"]), float(ref["latency_ms"]["p50"])
+        if p50 > 0 and math.isfinite(p50):
+            rec["speedup"] = ref_p50 / p50
 
 
 def torch_baselines(artifacts: Sequence[str | Path], config: BenchConfig, progress: bool = True) -> list[dict[str, Any]]:

@@ -107,6 +107,8 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
         m = read_manifest(path)
         fid = float_manifest.fidelity if path == onnx else m.fidelity
         row: dict[str, Any] = {"backend": backend, "method": method, "path": str(path), "size_mb": _size(path) / 1e6,
+                               "judged_on": fid.get("inputs"), "samples": fid.get("samples"),
+                               "reference": fid.get("reference"),
                                "top1_agreement": fid.get("top1_agreement"), "logits_cosine": fid.get("logits_cosine"),
                                "accuracy": fid.get("accuracy"), "excluded": len((m.quantization or {}).get("excluded_nodes", []))}
         if path != onnx:
@@ -149,6 +151,12 @@ def markdown(rows: list[dict[str, Any]], model: str) -> str:
         lines.append(f"| {method} | {r['backend']} | {r['size_mb']:.2f} | {fmt(quality, '.4f')} | "
                      f"{fmt(r['logits_cosine'], '.5f')} | {verdict} | {fmt(r['ort_ms'], '.2f')} | "
                      f"{fmt(r['ov_ms'], '.2f')} |")
+    from enginekit.quant.data import describe_data
+
+    judged = sorted({describe_data(r["judged_on"], r["samples"]) for r in rows
+                     if r.get("judged_on") and r.get("samples") and r.get("reference") == "float parent"})
+    if judged:
+        lines += ["", f"Agreement and cosine are against the float parent, on {'; '.join(judged)}."]
     return "\n".join(lines)
 
 

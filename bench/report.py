@@ -22,15 +22,16 @@ __all__ = ["render_markdown_table", "write_report"]
 
 REPORT_NAME = "report.md"
 NOTABLE_FLAGS = ("avx2", "avx512f", "avx512_vnni", "amx_tile")
-FIDELITY_BUDGET_COSINE = 0.999
 DPI = 120
 MISSING = "-"
 
 TABLE_HEADERS = (
     "engine", "backend", "device", "method", "p50 ms", "p90 ms", "p99 ms",
     "img/s", "load ms", "first inf. ms", "peak RSS MB", "size MB",
-    "top-1 agree", "cosine", "speed-up",
+    "top-1 agree", "cosine", "fidelity vs", "judged on", "speed-up",
 )
+#: The words a record's ``fidelity.reference`` is shown as.
+REFERENCES = {"pytorch": "PyTorch", "pytorch eager fp32": "PyTorch", "float parent": "float parent"}
 
 
 # ---------------------------------------------------------------- formatting
@@ -170,6 +171,47 @@ def _fid(rec: dict[str, Any], name: str) -> float | None:
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
+def _reference(rec: dict[str, Any]) -> str | None:
+    """What the record's fidelity numbers compare against: "float parent", "PyTorch", another name, or None."""
+    if rec.get("baseline"):
+        return None
+    ref = (rec.get("fidelity") or {}).get("reference")
+    if not ref:
+        return None
+    return REFERENCES.get(str(ref).lower(), str(ref))
+
+
+def _budget(rec: dict[str, Any], metric: str) -> float | None:
+    """The record's own fidelity budget for ``metric`` (``logits_cosine`` or ``top1_agreement``), if recorded."""
+    budget = (rec.get("fidelity") or {}).get("budget")
+    key = {"logits_cosine": "min_cosine", "top1_agreement": "min_agreement"}[metric]
+    value = budget.get(key) if isinstance(budget, dict) else None
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+_DATA_NAMES = (("photos", "photo crops"), ("patterns", "patterns"), ("synthetic", "seeded noise"),
+               ("seeded normal noise", "seeded noise"), ("builtin:digits", "built-in digits"),
+               ("folder:", "image folder"), ("npy:", ".npy"))
+
+
+def _judged_on(rec: dict[str, Any]) -> str | None:
+    """The data the record's fidelity was measured on, in short ("photo crops + patterns", "seeded noise")."""
+    fid = rec.get("fidelity") or {}
+    data = fid.get("data") or fid.get("inputs")
+    if not data or rec.get("baseline"):
+        return None
+
+    def short(part: str) -> str:
+        return next((name for key, name in _DATA_NAMES if part.startswith(key)), part)
+
+    return " + ".join(short(p.strip()) for p in str(data).split(" + "))
+
+
+def _own_rss(rec: dict[str, Any]) -> Any:
+    """Peak RSS only where it is the engine's own (timed in a process of its own)."""
+    return rec.get("peak_rss_bytes") if (rec.get("conditions") or {}).get("own_process") else None
+
+
 def _table_row(rec: dict[str, Any], group: list[dict[str, Any]]) -> list[str]:
     e = rec.get("engine") or {}
     lat = rec.get("latency_ms") or {}
@@ -179,8 +221,9 @@ def _table_row(rec: dict[str, Any], group: list[dict[str, Any]]) -> list[str]:
         _num(lat.get("p50"), 2), _num(lat.get("p90"), 2), _num(lat.get("p99"), 2),
         _num(rec.get("throughput_ips"), 1), _num(rec.get("load_ms"), 1),
         _num(rec.get("first_inference_ms"), 1),
-        _num(rec.get("peak_rss_bytes"), 1, 1e6), _num(rec.get("size_bytes"), 1, 1e6),
+        _num(_own_rss(rec), 1, 1e6), _num(rec.get("size_bytes"), 1, 1e6),
         _num(_fid(rec, "top1_agreement"), 4), _num(_fid(rec, "logits_cosine"), 6),
+        _reference(rec), _judged_on(rec),
         _num(_speedup(rec, group), 2, suffix="×"),
     ]
 
@@ -197,7 +240,8 @@ def _pyplot():
         import matplotlib
     except ImportError as exc:
         raise EngineKitError(
-            "benchmark plots need matplotlib; install it with `pip install enginekit[bench]`"
+            "benchmark plots need matplotlib; install it with `pip install enginekit[bench]`, "
+            "or write the tables alone with --no-plots"
         ) from exc
     # Set here, not at import: importing this module must not change global state.
     matplotlib.use("Agg", force=True)
@@ -275,9 +319,16 @@ def _plot_speedup_vs_fidelity(plt, recs, group, labels, hw_label: str, path: Pat
     others = [r for r in at_batch if not r.get("baseline")]
     metric = ("logits_cosine" if any(_fid(r, "logits_cosine") is not None for r in others)
               else "top1_agreement")
-    xlabel = "logits cosine vs baseline" if metric == "logits_cosine" else "top-1 agreement vs baseline"
-    points = [(labels[_engine_key(r)], _fid(r, metric), _speedup(r, group)) for r in others]
-    points = [(n, x, y) for n, x, y in points if x is not None and y is not None]
+    refs = {_reference(r) for r in others if _fid(r, metric) is not None}
+    refs.discard(None)
+    what = "logits cosine" if metric == "logits_cosine" else "top-1 agreement"
+    # Each engine's numbers are against its own reference: PyTorch (export, optimize) or
+    # its float parent (quantize). One reference names the axis; several get a marker each.
+    xlabel = f"{what} vs {refs.pop()}" if len(refs) == 1 else f"{what} vs each engine's reference (marker)"
+    markers = {"PyTorch": "^", "float parent": "o"}
+    points = [(labels[_engine_key(r)], _fid(r, metric), _speedup(r, group), _reference(r), _budget(r, metric))
+              for r in others]
+    points = [p for p in points if p[1] is not None and p[2] is not None]
 
     fig, ax = plt.subplots(figsize=(8, 5))
     try:
@@ -287,32 +338,40 @@ def _plot_speedup_vs_fidelity(plt, recs, group, labels, hw_label: str, path: Pat
         points.sort(key=lambda p: (p[1], p[2]))
         # Few short names fit beside their points; otherwise number the points and
         # key the numbers in a legend, so long or crowded labels never overlap.
-        direct = len(points) <= 4 and all(len(n) <= 28 for n, _, _ in points)
-        for i, (name, x, y) in enumerate(points, start=1):
-            ax.scatter([x], [y], s=60, zorder=3, color=f"C{(i - 1) % 10}",
-                       label=None if direct else f"{i}: {name}")
+        direct = len(points) <= 4 and all(len(n) <= 28 for n, *_ in points)
+        mixed = len({p[3] for p in points}) > 1
+        for i, (name, x, y, ref, _) in enumerate(points, start=1):
+            tag = f" (vs {ref or 'unrecorded'})" if mixed else ""
+            ax.scatter([x], [y], s=60, zorder=3, color=f"C{(i - 1) % 10}", marker=markers.get(ref, "s"),
+                       label=None if direct and not mixed else f"{i}: {name}{tag}")
             text, dy = (name, 8 if i % 2 else -14) if direct else (str(i), 6)
             ax.annotate(text, (x, y), xytext=(-6, dy), textcoords="offset points",
                         fontsize=9, ha="right")
-        xs = [1.0] + [x for _, x, _ in points]
-        if metric == "logits_cosine":
-            xs.append(FIDELITY_BUDGET_COSINE)
-            ax.axvline(FIDELITY_BUDGET_COSINE, linestyle="--", color="tab:red", linewidth=1.2)
-            ax.annotate("fidelity budget", (FIDELITY_BUDGET_COSINE, 1.0),
+        xs = [1.0] + [x for _, x, *_ in points]
+        # Each engine's own budget, one dashed line per distinct value, named after its engines.
+        budgets: dict[float, list[str]] = defaultdict(list)
+        for name, _, _, _, budget in points:
+            if budget is not None:
+                budgets[budget].append(name)
+        for j, (budget, names) in enumerate(sorted(budgets.items())):
+            xs.append(budget)
+            ax.axvline(budget, linestyle="--", color="tab:red", linewidth=1.2, alpha=0.8)
+            whose = "budget" if len(budgets) == 1 else "budget of " + ", ".join(names)
+            ax.annotate(f"{whose} ({budget:g})", (budget, 1.0 - 0.3 * (j % 3)),
                         xycoords=("data", "axes fraction"), xytext=(-4, -6),
                         textcoords="offset points", rotation=90, ha="right", va="top",
-                        fontsize=9, color="tab:red")
+                        fontsize=8, color="tab:red")
         lo, hi = min(xs), max(xs)
         pad = max((hi - lo) * 0.15, 1e-4)
         # Labels hang to the left of their points; leave room for them there.
         ax.set_xlim(lo - (2.5 if direct else 1.0) * pad, hi + pad)
         ax.ticklabel_format(axis="x", useOffset=False)
-        ys = [1.0] + [y for _, _, y in points]
+        ys = [1.0] + [y for _, _, y, *_ in points]
         ax.set_ylim(0, max(ys) * 1.2)
         _style(ax, f"speed-up vs fidelity at batch {batch} — {hw_label}", xlabel,
                "speed-up vs baseline (×)")
         ax.xaxis.set_major_locator(MaxNLocator(nbins=5))
-        if not direct:  # direct labels need no key; the baseline star is labelled too
+        if not direct or mixed:  # direct labels need no key; the baseline star is labelled too
             ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
         _save(fig, path)
     finally:
@@ -348,8 +407,11 @@ def _plot_matrix(plt, rows, columns, cells, path: Path) -> None:
 
 # ---------------------------------------------------------------- report
 
-def write_report(records: list[dict[str, Any]], out_dir: Path) -> dict[str, Path]:
+def write_report(records: list[dict[str, Any]], out_dir: Path, *, plots: bool = True) -> dict[str, Path]:
     """Write ``report.md`` and its PNG plots into ``out_dir``; return ``{file name: path}``.
+
+    ``plots=False`` writes the tables alone and never imports matplotlib (an edge box
+    without it can still report).
 
     The folder is replaced atomically (an existing ``out_dir`` is overwritten).
     One section per ``hardware_id`` with a table per pipeline engine and size (its
@@ -359,7 +421,7 @@ def write_report(records: list[dict[str, Any]], out_dir: Path) -> dict[str, Path
     """
     if not records:
         raise InputError("no benchmark records to report; run a benchmark first")
-    plt = _pyplot()
+    plt = _pyplot() if plots else None
     out_dir = Path(out_dir)
 
     by_hw: dict[str, list[dict[str, Any]]] = defaultdict(list)
@@ -400,6 +462,9 @@ def write_report(records: list[dict[str, Any]], out_dir: Path) -> dict[str, Path
                 note = f" ({', '.join(map(str, threads))} thread(s))" if threads else ""
                 md += [f"### Batch {batch}{note}", "",
                        render_markdown_table(TABLE_HEADERS, [_table_row(r, recs) for r in rows])]
+            md += _table_notes(recs)
+            if plt is None:
+                continue
 
             lat_name = f"latency-vs-batch-{hw}.png"
             _plot_latency_vs_batch(plt, recs, labels, hw_labels[hw], tmp / lat_name)
@@ -466,6 +531,28 @@ def _pipeline_sections(recs: list[dict[str, Any]]) -> list[str]:
     return md
 
 
+def _table_notes(recs: list[dict[str, Any]]) -> list[str]:
+    """What the classifier tables' columns rest on: peak memory, references, drift of the baseline."""
+    from enginekit.bench.harness import DRIFT_WARN
+
+    notes = []
+    if any(r.get("peak_rss_bytes") for r in recs) and not all(_own_rss(r) for r in recs if r.get("peak_rss_bytes")):
+        notes.append("Peak RSS is shown only for engines timed in a process of their own (`enginekit bench` "
+                     "does that); a shared process's high-water mark is not an engine's.")
+    if any(_reference(r) for r in recs):
+        notes.append("Fidelity columns compare each engine with the reference named in *fidelity vs*, on the data "
+                     "named in *judged on*.")
+    for r in recs:
+        c = r.get("conditions") or {}
+        drift = c.get("drift")
+        if r.get("baseline") and isinstance(drift, (int, float)) and abs(drift - 1) > DRIFT_WARN:
+            p = c.get("baseline_p50_ms") or {}
+            notes.append(f"**The machine's speed moved during the batch-{r.get('batch')} run**: PyTorch p50 "
+                         f"{_num(p.get('before'), 2)} ms before the engines, {_num(p.get('after'), 2)} ms after; "
+                         "speed-ups divide by the faster.")
+    return [*(f"{n}\n" for n in notes)] if notes else []
+
+
 def _across_hardware(plt, kept_by_hw, hw_labels, tmp: Path, files: list[str]) -> list[str]:
     """The matrix section: engine (name + method) × hardware, batch-1 p50 and speed-up."""
     cells: dict[tuple[str, str], tuple[float, float | None]] = {}
@@ -494,10 +581,11 @@ def _across_hardware(plt, kept_by_hw, hw_labels, tmp: Path, files: list[str]) ->
             line.append(f"{p50:.2f}" + (f" ({speedup:.2f}×)" if speedup is not None else ""))
         table.append(line)
     name = "matrix-batch1.png"
-    _plot_matrix(plt, rows, columns, cells, tmp / name)
-    files.append(name)
+    if plt is not None:
+        _plot_matrix(plt, rows, columns, cells, tmp / name)
+        files.append(name)
     return ["## Across hardware", "",
             ("Batch-1 p50 latency in ms (speed-up vs that hardware's baseline in parentheses); "
             "where an engine ran on several backends of one machine, the fastest is shown."), "",
             render_markdown_table(["engine"] + columns, table),
-            f"![batch-1 p50 by engine and hardware]({name})", ""]
+            *([f"![batch-1 p50 by engine and hardware]({name})"] if plt is not None else []), ""]

@@ -1,10 +1,14 @@
 """The speed targets of ``optimize``, measured on this machine (a script, not a timed test).
 
-For ``vit_small_patch16_384`` with seeded weights, batch 1, 384x384:
+For the detector-shaped ``vit_small_patch16_384`` checkpoint of
+:mod:`enginekit.bench.detector` (seeded body, a 2-label head fitted so its decisions
+have margin; built into ``WORK/detector`` when missing), batch 1, 384x384:
 
 1. ``optimize``'s pick against PyTorch eager fp32 timed in the same run: the target is
-   at least 2.5x, with top-1 agreement >= 0.99 and logits cosine >= 0.999 against
-   PyTorch on held-out photo crops;
+   at least 3x on a CPU with AVX512-BF16 or AMX, 2.5x on one without (AVX2 only), with
+   top-1 agreement >= 0.99 and logits cosine >= 0.999 against PyTorch on **both**
+   held-out sets: photo crops from the calibration source and the differently made
+   ``patterns`` set;
 2. cold start of the pick: ``enginekit.load`` + the first inference in a fresh
    process, against one warm inference in that process; the target is at most 3x.
    Measured with the OpenVINO model cache empty and again with it filled,
@@ -17,6 +21,7 @@ Every number is measured by this script; it prints a markdown summary and writes
 ``--json``. About 15 minutes on 2 cores::
 
     .venv/bin/python -m enginekit.bench.targets --work out/targets
+    .venv/bin/python -m enginekit.bench.targets --work out/targets --reuse   # cold start + floor of that pick
     .venv/bin/python -m enginekit.bench.targets --model timm:test_vit --eval-size 16 --runs 5   # smoke
 """
 
@@ -35,10 +40,20 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["arithmetic_floor", "cold_start", "main", "model_macs", "peak_gemm_rates", "precision_ceilings"]
+__all__ = ["arithmetic_floor", "cold_start", "main", "model_macs", "peak_gemm_rates", "precision_ceilings",
+           "speedup_target"]
 
+#: The speed-up target by what the CPU computes bf16 with: 3x with AVX512-BF16 or AMX, 2.5x without.
+TARGET_SPEEDUP_BF16 = 3.0
 TARGET_SPEEDUP = 2.5
 TARGET_COLD_RATIO = 3.0
+TARGET_AGREEMENT = 0.99
+TARGET_COSINE = 0.999
+
+
+def speedup_target(flags: list[str] | tuple[str, ...]) -> float:
+    """The speed-up the pick must reach on a CPU with ``flags``."""
+    return TARGET_SPEEDUP_BF16 if {"avx512_bf16", "amx_bf16"} & set(flags) else TARGET_SPEEDUP
 
 _COLD = (
     "import json, sys; from enginekit.bench.targets import cold_start; "
@@ -240,6 +255,35 @@ def layer_profile(path: Path, runs: int = 10) -> dict[str, float] | None:
     return dict(totals.most_common(8))
 
 
+class QuietLock:
+    """A lock file that says "a benchmark is timing, keep the machine quiet", held only while
+    timing: ``acquire`` waits while another holder's file exists, then writes ours; ``release``
+    removes ours. Building and judging candidates needs no quiet machine and holds nothing."""
+
+    def __init__(self, path: Path | None, say: Any) -> None:
+        self.path, self.say, self.held_since = path, say, None
+
+    def acquire(self) -> None:
+        if self.path is None or self.held_since is not None:
+            return
+        while True:
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                break
+            except FileExistsError:
+                time.sleep(15)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()} enginekit.bench.targets\n")
+        self.held_since = time.monotonic()
+        self.say(f"holding the quiet lock {self.path}")
+
+    def release(self) -> None:
+        if self.path is not None and self.held_since is not None:
+            self.path.unlink(missing_ok=True)
+            self.say(f"released the quiet lock after {time.monotonic() - self.held_since:.0f} s")
+            self.held_since = None
+
+
 def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """The run with the median cold/warm ratio, with every run's ratio beside it (a shared
     machine's speed moves between runs)."""
@@ -262,16 +306,22 @@ def _cold_row(label: str, c: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="timm:vit_small_patch16_384")
+    parser.add_argument("--model", default=None,
+                        help="MODEL for optimize (default: the detector checkpoint, built into WORK/detector)")
     parser.add_argument("--work", type=Path, default=Path("out/targets"))
     parser.add_argument("--eval-size", type=int, default=128)
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--tie-margin", type=float, default=0.0,
                         help="optimize --tie-margin: leave near-tied samples out of the agreement budget")
-    parser.add_argument("--cold-repeats", type=int, default=5,
-                        help="Cold starts measured (each with an empty model cache, then filled); the median is shown.")
+    parser.add_argument("--precisions", default="fp32,fp16,int8,int4", help="optimize --precisions")
+    parser.add_argument("--cold-repeats", type=int, default=3,
+                        help="Cold starts measured (each with an empty model cache, then filled); the median is "
+                             "shown; 0 skips them.")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--quiet-lock", type=Path, default=None,
+                        help="Lock file to hold (waiting for others' first) while timing: from optimize's "
+                             "timing phase to the end; building and judging run without it.")
     parser.add_argument("--reuse", action="store_true",
                         help="Measure cold start and the floor on the pick already in WORK/best (skip optimize).")
     args = parser.parse_args(argv)
@@ -282,36 +332,58 @@ def main(argv: list[str] | None = None) -> int:
     from enginekit.app.optimize import OptimizeConfig, optimize
 
     threads = args.threads or torch.get_num_threads()
-    say = lambda msg: print(f"· {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    log = lambda msg: print(f"· {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    lock = QuietLock(args.quiet_lock, log)
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the lock is released on the way out
+
+    def say(msg: str) -> None:
+        if msg.startswith("timing PyTorch"):  # optimize's phase 2: PyTorch, every engine, PyTorch again
+            lock.acquire()
+        log(msg)
+
+    if args.model is None:
+        detector = args.work / "detector"
+        if not (detector / "detector.json").is_file():
+            from enginekit.bench.detector import build_detector
+
+            say(f"building the detector-shaped checkpoint -> {detector}")
+            build_detector(detector, say=say)
+        args.model = str(detector)
     config = OptimizeConfig(batch=1, eval_size=args.eval_size, runs=args.runs, threads=args.threads,
-                            tie_margin=args.tie_margin)
+                            tie_margin=args.tie_margin, precisions=tuple(args.precisions.split(",")))
     best = args.work / "best"
-    if args.reuse and (best / "report.json").is_file():
-        report = json.loads((best / "report.json").read_text())
-    else:
-        report = optimize(args.model, best, config, random_weights=args.model.startswith("timm:"),
-                          work_dir=args.work / "candidates", overwrite=True, on_step=say)
-    picked = next(c for c in report["candidates"] if c["status"] == "picked")
-    base = report["baseline"]
-    speedup = picked["record"]["speedup"]
+    try:
+        if args.reuse and (best / "report.json").is_file():
+            report = json.loads((best / "report.json").read_text())
+        else:
+            report = optimize(args.model, best, config, random_weights=args.model.startswith("timm:"),
+                              work_dir=args.work / "candidates", overwrite=True, on_step=say)
+        picked = next(c for c in report["candidates"] if c["status"] == "picked")
+        base = report["baseline"]
+        speedup = picked["record"]["speedup"]
 
-    say(f"cold start of the pick in fresh processes (model cache empty, then filled), {args.cold_repeats} times")
-    empties, filled = [], []
-    for _ in range(args.cold_repeats):
-        with tempfile.TemporaryDirectory() as cache:
-            empties.append(_cold_in_subprocess(best, args.runs, Path(cache)))
-            filled.append(_cold_in_subprocess(best, args.runs, Path(cache)))
-    cold, warm_cache = _median_run(empties), _median_run(filled)
+        lock.acquire()  # (already held unless --reuse)
+        say(f"cold start of the pick in fresh processes (model cache empty, then filled), {args.cold_repeats} times")
+        empties, filled = [], []
+        for _ in range(args.cold_repeats):
+            with tempfile.TemporaryDirectory() as cache:
+                empties.append(_cold_in_subprocess(best, args.runs, Path(cache)))
+                filled.append(_cold_in_subprocess(best, args.runs, Path(cache)))
+        cold, warm_cache = (_median_run(empties), _median_run(filled)) if empties else (None, None)
 
-    say("arithmetic floor: multiply-adds and this CPU's peak GEMM rates")
-    src = resolve_source(args.model, random_weights=args.model.startswith("timm:"))
-    size = tuple(src.preprocessing.size)
-    macs = model_macs(src.model, size)
-    rates = peak_gemm_rates(threads)
-    rate_key, rate = _precision_rate(picked, rates)
-    floor_ms = arithmetic_floor(macs, rate)
-    ceilings = precision_ceilings(macs, rates, base["latency_ms"]["p50"], report["candidates"])
-    profile = layer_profile(best)
+        say("arithmetic floor: multiply-adds and this CPU's peak GEMM rates")
+        src = resolve_source(args.model, random_weights=args.model.startswith("timm:"))
+        size = tuple(src.preprocessing.size)
+        macs = model_macs(src.model, size)
+        rates = peak_gemm_rates(threads)
+        rate_key, rate = _precision_rate(picked, rates)
+        floor_ms = arithmetic_floor(macs, rate)
+        ceilings = precision_ceilings(macs, rates, base["latency_ms"]["p50"], report["candidates"])
+        profile = layer_profile(best)
+    finally:
+        lock.release()
 
     result = {
         "model": args.model, "hardware": report["hardware"], "threads": threads, "picked": picked["candidate"],
@@ -327,22 +399,30 @@ def main(argv: list[str] | None = None) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2, default=str))
     fid = picked["fidelity"]
+    target = speedup_target(report["hardware"].get("flags") or [])
     ok = lambda cond: "**met**" if cond else "**missed**"  # noqa: E731
+    sets = fid.get("sets") or [{**fid, "described": f"{fid['samples']} held-out samples"}]
+    result["target_speedup"] = target
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2, default=str))
     lines = [
-        f"### {args.model} (seeded weights), batch 1, {size[0]}x{size[1]}, {threads} threads",
+        f"### {args.model}, batch 1, {size[0]}x{size[1]}, {threads} threads",
         "",
         "| target | measured | |",
         "|:---|:---|:---|",
-        f"| pick >= {TARGET_SPEEDUP}x PyTorch eager fp32 | {picked['candidate']['name']}: "
-        f"{picked['record']['latency_ms']['p50']:.1f} ms vs {base['latency_ms']['p50']:.1f} ms = {speedup:.2f}x | "
-        f"{ok(speedup >= TARGET_SPEEDUP)} |",
-        f"| top-1 agreement >= 0.99 | {fid['top1_agreement']:.4f} on {fid['samples']} held-out crops | "
-        f"{ok(fid['top1_agreement'] >= 0.99)} |",
+        f"| pick >= {target}x PyTorch eager fp32 (same run) | {picked['candidate']['name']}: "
+        f"{picked['record']['latency_ms']['p50']:.1f} ms vs {base['latency_ms']['p50']:.1f} ms = {speedup:.2f}x "
+        f"(PyTorch p50 {result['pytorch_p50_before_ms']:.1f} ms before the engines, "
+        f"{result['pytorch_p50_after_ms']:.1f} ms after; the faster is the baseline) | {ok(speedup >= target)} |",
+        *(f"| top-1 agreement >= {TARGET_AGREEMENT} on {s['described']} | {s['top1_agreement']:.4f} | "
+          f"{ok(s['top1_agreement'] >= TARGET_AGREEMENT)} |" for s in sets),
         *([f"| (agreement on decided samples, ties under {args.tie_margin} std left out) | "
            f"{fid['top1_agreement_decided']:.4f} ({fid['ties']} ties) | "
            f"{'met' if fid['top1_agreement_decided'] >= 0.99 else 'missed'} |"] if args.tie_margin else []),
-        f"| logits cosine >= 0.999 | {fid['logits_cosine']:.5f} | {ok(fid['logits_cosine'] >= 0.999)} |",
-        *(_cold_row(label, c) for label, c in (("model cache empty", cold), ("model cache filled", warm_cache))),
+        *(f"| logits cosine >= {TARGET_COSINE} on {s['described']} | {s['logits_cosine']:.5f} | "
+          f"{ok(s['logits_cosine'] >= TARGET_COSINE)} |" for s in sets),
+        *(_cold_row(label, c) for label, c in (("model cache empty", cold), ("model cache filled", warm_cache))
+          if c is not None),
         "",
         f"Arithmetic floor: {macs / 1e9:.2f} G multiply-adds per image. Peak GEMM rates measured here "
         "(2048^3, G multiply-adds/s): " + ", ".join(f"{k} {v / 1e9:.0f}" for k, v in rates.items()) + ". "
@@ -353,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
         "| precision | peak G MAC/s | floor ms | best possible speed-up | fastest candidate | its p50 ms | x floor |",
         "|:---|---:|---:|---:|:---|---:|---:|",
         *(f"| {c['precision']} | {c['rate'] / 1e9:.0f} | {c['floor_ms']:.1f} | {c['max_speedup']:.2f}x "
-          f"({'can' if c['max_speedup'] >= TARGET_SPEEDUP else 'cannot'} reach {TARGET_SPEEDUP}x) | "
+          f"({'can' if c['max_speedup'] >= target else 'cannot'} reach {target}x) | "
           + (f"{c['fastest']} | {c['fastest_ms']:.1f} | {c['fastest_ms'] / c['floor_ms']:.2f}x |" if c["fastest"]
              else "- | - | - |")
           for c in ceilings),

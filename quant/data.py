@@ -14,6 +14,11 @@ A data spec is one of:
     seeded random crops (position, scale, flip) of the two real photographs
     scikit-learn ships: crops seeded 0 calibrate, crops seeded 1 evaluate.
     Real image statistics for any model, offline; unlabelled.
+``patterns``
+    seeded procedural images, made differently from photos: colour gradients,
+    stripes and checkerboards at random angles and pitches, discs and
+    smooth noise fields. ``optimize`` judges on them as a second, differently
+    made held-out set. Unlabelled; needs nothing beyond numpy and Pillow.
 ``synthetic``
     seeded normal noise; calibration refuses it unless explicitly allowed.
 """
@@ -32,7 +37,8 @@ from enginekit.manifest import Manifest
 from enginekit.runtimes.images import expand_image_paths, load_images
 from enginekit.runtimes.preprocess import Preprocessing, preprocess
 
-__all__ = ["InputSet", "load_inputs", "photo_crops", "split_every"]
+__all__ = ["InputSet", "describe_data", "load_inputs", "pattern_images", "photo_crops", "photos_available",
+           "split_every"]
 
 
 @dataclass(frozen=True)
@@ -98,6 +104,12 @@ def load_inputs(
         return InputSet(x, None, f"synthetic (seeded normal noise, seed {seed})")
     if text == "builtin":
         return _builtin(manifest, cfg, purpose, limit)
+    if text == "patterns":
+        pattern_seed = seed + 1000 if purpose == "calibration" else seed + 1001
+        images = pattern_images(limit or 64, pattern_seed)
+        chunks = [preprocess(images[i : i + 32], cfg) for i in range(0, len(images), 32)]
+        return InputSet(np.concatenate(chunks), None,
+                        f"patterns (seeded gradients, stripes, checkerboards, discs, smooth noise; seed {pattern_seed})")
     if text == "photos":
         crop_seed = seed if purpose == "calibration" else seed + 1
         crops = photo_crops(limit or 64, crop_seed)
@@ -106,7 +118,7 @@ def load_inputs(
     path = Path(text).expanduser()
     if not path.exists():
         raise InputError(f"{path}: no such file or folder (expected a folder of images, an .npy file, "
-                         "'photos' or 'builtin')")
+                         "'photos', 'patterns' or 'builtin')")
     if path.is_file():
         if path.suffix != ".npy":
             raise InputError(f"{path}: a data file must be a preprocessed .npy array; for images give their folder")
@@ -178,3 +190,71 @@ def photo_crops(n: int, seed: int) -> list[Any]:
             crop = crop[:, ::-1]
         crops.append(Image.fromarray(np.ascontiguousarray(crop)))
     return crops
+
+
+def photos_available() -> bool:
+    """Whether the ``photos`` set can be made here (scikit-learn ships the two photographs)."""
+    import importlib.util
+
+    return importlib.util.find_spec("sklearn") is not None
+
+
+def describe_data(source: str, samples: int, role: str = "held-out") -> str:
+    """What judged a result, for a summary line: "64 held-out photo crops (scikit-learn sample
+    photos)", "64 held-out samples of seeded noise (not images)", ... from an :class:`InputSet`'s
+    ``source`` and size."""
+    text = str(source)
+    if text.startswith("photos"):
+        what = "photo crops (scikit-learn's sample photos)"
+    elif text.startswith("patterns"):
+        what = "pattern images (seeded gradients, stripes, checkerboards, discs)"
+    elif text.startswith("synthetic"):
+        what = "samples of seeded noise (not images)"
+    elif text.startswith("builtin:digits"):
+        what = "built-in digits"
+    elif text.startswith("folder:"):
+        what = f"images from {text[len('folder:'):].split(' (')[0]}"
+    elif text.startswith("npy:"):
+        what = f"samples from {text[len('npy:'):]}"
+    else:
+        what = f"samples ({text})"
+    return f"{samples} {role} {what}".replace("  ", " ")
+
+
+def pattern_images(n: int, seed: int, size: int = 256) -> list[Any]:
+    """``n`` seeded procedural RGB images (``size`` square): a colour gradient, stripes, a
+    checkerboard, discs or a smooth noise field each, in random colours, angles and pitches."""
+    from PIL import Image, ImageFilter
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    images = []
+    for i in range(n):
+        kind = i % 5
+        c0, c1 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+        angle = rng.uniform(0, np.pi)
+        u = np.cos(angle) * xx + np.sin(angle) * yy
+        v = -np.sin(angle) * xx + np.cos(angle) * yy
+        if kind == 0:  # gradient
+            t = (u - u.min()) / max(float(np.ptp(u)), 1e-6)
+        elif kind == 1:  # stripes
+            t = 0.5 + 0.5 * np.sin(2 * np.pi * u * rng.uniform(3, 40))
+        elif kind == 2:  # checkerboard
+            pitch = rng.uniform(4, 24)
+            t = ((np.floor(u * pitch) + np.floor(v * pitch)) % 2).astype(np.float32)
+        elif kind == 3:  # discs on a gradient
+            t = 0.3 * (u - u.min()) / max(float(np.ptp(u)), 1e-6)
+            for _ in range(int(rng.integers(1, 6))):
+                cx, cy, r = rng.uniform(0, 1), rng.uniform(0, 1), rng.uniform(0.05, 0.3)
+                t = np.where((xx - cx) ** 2 + (yy - cy) ** 2 < r * r, rng.uniform(0.5, 1.0), t)
+        else:  # smooth noise
+            coarse = rng.uniform(0, 1, (int(rng.integers(4, 16)),) * 2).astype(np.float32)
+            t = np.asarray(Image.fromarray((coarse * 255).astype(np.uint8)).resize((size, size), Image.BICUBIC),
+                           np.float32) / 255
+        img = c0 + (c1 - c0) * t[..., None]
+        img = np.clip(img + rng.normal(0, 4, img.shape), 0, 255).astype(np.uint8)
+        pil = Image.fromarray(img, "RGB")
+        if rng.random() < 0.5:
+            pil = pil.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.5, 2.0))))
+        images.append(pil)
+    return images

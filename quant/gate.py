@@ -9,7 +9,7 @@ import numpy as np
 
 from enginekit.errors import FidelityError
 from enginekit.fidelity import compare_outputs
-from enginekit.quant.data import InputSet
+from enginekit.quant.data import InputSet, describe_data
 from enginekit.runtimes.base import Runner, run_batched
 
 __all__ = ["Budget", "check", "measure", "misses", "run_all"]
@@ -70,6 +70,6 @@ def check(report: dict[str, Any], budget: Budget, what: str) -> None:
         if "accuracy" in report:
             extra = f"; accuracy {report['accuracy']:.4f} vs float {report['reference_accuracy']:.4f}"
         raise FidelityError(
-            f"{what} misses its fidelity budget on {report['samples']} held-out samples: "
+            f"{what} misses its fidelity budget on {describe_data(report.get('inputs', ''), report['samples'])}: "
             f"{'; '.join(missed)} (max abs {report['logits_max_abs']:.3g}{extra}); nothing was written"
         )

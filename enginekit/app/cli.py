@@ -481,12 +481,12 @@ def sign(artifact: Path, key: Path, password: str | None) -> None:
 @click.option("--backend", "-b", default=None, help="onnxruntime (default) or openvino.")
 @click.option("--target", type=click.Choice(["tensorrt"]), default=None,
               help="Build a TensorRT-ready ONNX (validated here on ONNX Runtime).")
-@click.option("--calibration", "-c",
-              help="Calibration data: an image folder, a preprocessed .npy, 'photos' (seeded crops of real photos, "
-                   "offline, for any model) or 'builtin' (the built-in model's digits).")
-@click.option("--eval-data", help="Held-out data for the fidelity gate: a folder, an .npy, 'photos' or 'builtin' "
-                                  "(default: a fifth of --calibration, the held-out crops of 'photos' or digits "
-                                  "of 'builtin', or seeded noise).")
+@click.option("--calibration", "-c", help="Calibration data: an image folder, a preprocessed .npy, 'photos' "
+                                          "(crops of real photos, offline), 'patterns' or 'builtin'.")
+@click.option("--eval-data", help="Held-out data for the fidelity gate: a folder, an .npy, 'photos', 'patterns' "
+                                  "or 'builtin' (default: a fifth of --calibration, else the built-in digits' "
+                                  "held-out split for the built-in model, else held-out 'photos' crops; seeded "
+                                  "noise only without scikit-learn, and then said so).")
 @click.option("--calibrate-method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax",
               show_default=True, help="onnxruntime static int8: how activation ranges are chosen.")
 @click.option("--per-channel/--per-tensor", default=True, show_default=True, help="int8 weight scales.")
@@ -546,10 +546,13 @@ def quantize(artifact: Path, method: str | None, int8: bool, fp16: bool, out: Pa
     size = sum(f.size for c in manifest.components.values() for f in c.files)
     acc = f", accuracy {fid['accuracy']:.4f} (float {fid['reference_accuracy']:.4f})" if "accuracy" in fid else ""
     kept = manifest.quantization.get("excluded_nodes") or []
+    from enginekit.quant.data import describe_data
+
     console.print(
-        f"[green]wrote[/] {out}  ({manifest.quantization['method']}, {size / 1e6:.1f} MB; vs float on "
-        f"{fid['samples']} held-out samples: agreement {fid['top1_agreement']:.4f}, cosine "
-        f"{fid['logits_cosine']:.5f}{acc}{f'; {len(kept)} nodes kept in float' if kept else ''})"
+        f"[green]wrote[/] {out}  ({manifest.quantization['method']}, {size / 1e6:.1f} MB; vs the float parent: "
+        f"agreement {fid['top1_agreement']:.4f}, cosine {fid['logits_cosine']:.5f}{acc} on "
+        f"{describe_data(fid.get('inputs', ''), fid['samples'])}"
+        f"{f'; {len(kept)} nodes kept in float' if kept else ''})", highlight=False
     )
 
 
@@ -646,14 +649,21 @@ def _batches(value: str) -> tuple[int, ...]:
 @click.option("--baseline", type=click.Choice(["torch"]), default=None,
               help="Also time PyTorch eager fp32 of each artifact's source model in the same run; "
                    "speed-ups are against it.")
+@click.option("--mode", type=click.Choice(["latency", "throughput"]), default="latency", show_default=True,
+              help="latency: one request at a time; throughput: several in flight (OpenVINO's async infer "
+                   "queue, ONNX Runtime sessions run from threads), frames/s as benchmark_app reports.")
+@click.option("--requests", "--nireq", "requests", default=0, show_default=True,
+              help="Throughput mode: requests in flight (0: OpenVINO's optimal number, else one per core).")
+@click.option("--same-process", is_flag=True,
+              help="Time every engine in this process (faster; peak memory is then not reported).")
 @click.option("--height", type=int, default=None, help="Pipelines: image height (default: the engine's).")
 @click.option("--width", type=int, default=None, help="Pipelines: image width (default: the engine's).")
 @click.option("--steps", default=20, show_default=True, help="Pipelines: denoising steps of the whole image.")
 @click.option("--image-runs", default=1, show_default=True, help="Pipelines: timed whole images (0: none).")
 def bench_run(artifacts: tuple[Path, ...], batch: str, runs: int | None, duration: float | None,
               warmup: int | None, threads: int, device: str, store: Path, json_out: Path | None,
-              ray_address: str | None, baseline: str | None, height: int | None, width: int | None, steps: int,
-              image_runs: int) -> None:
+              ray_address: str | None, baseline: str | None, mode: str, requests: int, same_process: bool,
+              height: int | None, width: int | None, steps: int, image_runs: int) -> None:
     """Time each ARTIFACT: warm latency p50/p90/p99, throughput, load and first
     inference, peak memory, size, and its recorded fidelity, in one row.
 
@@ -661,10 +671,17 @@ def bench_run(artifacts: tuple[Path, ...], batch: str, runs: int | None, duratio
     whole image (--height/--width/--steps); with --baseline torch, diffusers' PyTorch
     pipeline of the same weights runs the same parts before and after the engine.
 
+    A classifier ARTIFACT is timed in a fresh process of its own (its peak memory
+    is its own); with --baseline torch, PyTorch eager runs before and after the
+    engines, speed-ups divide by the faster, and a warning says when the
+    machine's speed moved between the two. The load average and each engine's
+    p99/p50 spread are recorded.
+
     With --ray, each node of the cluster benches copies of the ARTIFACTs (sent
     from here) and the records of every node are appended here."""
-    from enginekit.bench.harness import BenchConfig, add_speedups, bench_artifact, torch_baselines
+    from enginekit.bench.harness import BenchConfig, add_speedups
     from enginekit.bench.pipeline import PipelineBenchConfig, baseline_note, bench_pipeline, is_pipeline
+    from enginekit.bench.session import bench_classifiers, run_notes
     from enginekit.bench.store import ResultsStore
 
     pipelines = [p for p in artifacts if is_pipeline(p)]
@@ -679,6 +696,11 @@ def bench_run(artifacts: tuple[Path, ...], batch: str, runs: int | None, duratio
                                       image_runs=image_runs, threads=threads)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
+    if requests < 0:
+        raise click.UsageError(f"--requests must be at least 0, got {requests}")
+    if mode == "throughput" and (pipelines or ray_address):
+        raise click.UsageError("--mode throughput times classifier artifacts on this machine: "
+                               "drop --ray and the pipelines")
     if pipelines and (ray_address or len(_batches(batch)) > 1):
         raise click.UsageError("a text-to-image pipeline is benched here at one batch (--batch N images): "
                                "drop --ray or the extra batch sizes")
@@ -689,8 +711,8 @@ def bench_run(artifacts: tuple[Path, ...], batch: str, runs: int | None, duratio
         records = bench_on_ray(ray_address, artifacts, config, device=device, torch_baseline=baseline == "torch",
                                shutdown=False)
     elif artifacts:
-        records = torch_baselines(artifacts, config) if baseline == "torch" else []
-        records += [rec for path in artifacts for rec in bench_artifact(path, config, device=device)]
+        records = bench_classifiers(artifacts, config, device, baseline=baseline == "torch", mode=mode,
+                                    requests=requests, isolate=not same_process)
     for path in pipelines:
         records += bench_pipeline(path, pconfig, device=device, baseline=baseline == "torch")
     add_speedups(records)
@@ -703,25 +725,36 @@ def bench_run(artifacts: tuple[Path, ...], batch: str, runs: int | None, duratio
 
     table = Table(title=f"appended {len(records)} records to {escape(str(store))}")
     parts = any(r.get("part") for r in records)
-    for col in ("engine", *(("part",) if parts else ()), "method", "batch", "p50 ms", "p90 ms", "p99 ms", "img/s",
-                "speed-up", "load ms", "first ms", "size MB", "cosine", *(("node",) if ray_address else ())):
+    rss = any(r.get("peak_rss_bytes") for r in records)
+    inflight = any((r.get("conditions") or {}).get("mode") == "throughput" for r in records)
+    for col in ("engine", *(("part",) if parts else ()), "method", "batch", *(("in flight",) if inflight else ()),
+                "p50 ms", "p90 ms", "p99 ms", "p99/p50", "fps" if inflight else "img/s",
+                "speed-up", "load ms", "first ms", *(("peak MB",) if rss else ()), "size MB", "cosine",
+                *(("node",) if ray_address else ())):
         table.add_column(col, justify="left" if col in ("engine", "part", "method", "node") else "right")
     for r in records:
         lat = r["latency_ms"]
         cos = r["fidelity"].get("logits_cosine")
+        cond = r.get("conditions") or {}
+        ratio = cond.get("p99_over_p50")
         table.add_row(escape(r["engine"]["name"]), *((escape(r.get("part") or "-"),) if parts else ()),
-                      r["engine"]["method"], str(r["batch"]), f"{lat['p50']:.2f}",
-                      f"{lat['p90']:.2f}", f"{lat['p99']:.2f}", f"{r['throughput_ips']:.1f}",
+                      r["engine"]["method"], str(r["batch"]),
+                      *((str(cond.get("requests") or 1),) if inflight else ()), f"{lat['p50']:.2f}",
+                      f"{lat['p90']:.2f}", f"{lat['p99']:.2f}", f"{ratio:.2f}" if ratio else "-",
+                      f"{r['throughput_ips']:.1f}",
                       f"{r['speedup']:.2f}x" if r.get("speedup") else "-",
                       f"{r['load_ms']:.0f}" if r["load_ms"] is not None else "-",
                       f"{r['first_inference_ms']:.1f}" if r["first_inference_ms"] is not None else "-",
+                      *((f"{r['peak_rss_bytes'] / 1e6:.0f}" if r.get("peak_rss_bytes") else "-",) if rss else ()),
                       f"{(r['size_bytes'] or 0) / 1e6:.1f}", f"{cos:.5f}" if cos is not None else "-",
                       *((escape(f"{r['node']['hostname']} {r['node']['node_id'][:8]}"),) if ray_address else ()))
-    out = Console(width=None if sys.stdout.isatty() else 160)
+    out = Console(width=None if sys.stdout.isatty() else 200)
     out.print(table)
     note = baseline_note(records)
     if note:
         out.print(escape(note), highlight=False)
+    for line in run_notes(records):
+        out.print(escape(line), style="bold yellow" if line.startswith("WARNING") else None, highlight=False)
     if ray_address:
         # Records are saved and printed: leave without Ray's driver teardown, which can crash
         # the process after the work is done (a known Ray core-worker shutdown race).
@@ -733,14 +766,16 @@ def bench_run(artifacts: tuple[Path, ...], batch: str, runs: int | None, duratio
 @bench.command(name="report")
 @click.argument("results", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Report folder.")
-def bench_report(results: tuple[Path, ...], out: Path) -> None:
+@click.option("--no-plots", is_flag=True, help="Tables only: no PNG plots, and matplotlib is not needed.")
+def bench_report(results: tuple[Path, ...], out: Path, no_plots: bool) -> None:
     """Markdown tables and PNG plots from RESULTS (.jsonl files or folders of them),
     per hardware and across hardware."""
     from enginekit.bench.report import write_report
     from enginekit.bench.store import read_results
 
-    files = write_report(read_results(list(results)), out)
-    _console().print(f"[green]wrote[/] {out / 'report.md'} and {len(files) - 1} plots")
+    files = write_report(read_results(list(results)), out, plots=not no_plots)
+    plots = f" and {len(files) - 1} plots" if not no_plots else " (tables only)"
+    _console().print(f"[green]wrote[/] {out / 'report.md'}{plots}")
 
 
 def _csv(value: str | None) -> tuple[str, ...] | None:
@@ -762,9 +797,11 @@ def _csv(value: str | None) -> tuple[str, ...] | None:
 @click.option("--precisions", default=",".join(("fp32", "fp16", "int8", "int4")), show_default=True,
               help="Precision families to try; fp16 includes bf16.")
 @click.option("--batch", default=1, show_default=True, help="Batch size to pick the engine for.")
-@click.option("--data", help="Calibration and held-out data: an image folder, an .npy, 'photos' (seeded crops of "
-                             "real photos, offline) or 'builtin' (default: builtin for the built-in model, photos "
-                             "otherwise).")
+@click.option("--data", help="Calibration and held-out data: an image folder, an .npy, 'photos', 'patterns' or "
+                             "'builtin' (default: builtin for the built-in model, photos otherwise).")
+@click.option("--second-data", help="A second, differently made held-out set every candidate must also keep the "
+                                    "budget on (default: 'patterns' beside photos or builtin, 'photos' beside "
+                                    "your own data).")
 @click.option("--calibration-size", default=64, show_default=True,
               help="Samples static int8 methods calibrate on, at most (never the held-out ones).")
 @click.option("--eval-size", default=128, show_default=True, help="Held-out samples the budget is checked on.")
@@ -783,14 +820,16 @@ def _csv(value: str | None) -> tuple[str, ...] | None:
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def optimize(model: str, out: Path, budget_agreement: float, budget_cosine: float, tie_margin: float,
              backends: str | None,
-             precisions: str, batch: int, data: str | None, calibration_size: int, eval_size: int,
+             precisions: str, batch: int, data: str | None, second_data: str | None, calibration_size: int,
+             eval_size: int,
              runs: int | None, duration: float | None, warmup: int, threads: int, dynamic_shape: bool,
              random_weights: bool, weights: Path | None, revision: str | None, seed: int, work: Path | None,
              store: Path | None, overwrite: bool, as_json: bool) -> None:
     """Find the fastest engine for MODEL on this machine that keeps its fidelity.
 
     Exports MODEL, builds every candidate (each installed backend x fp32, fp16/bf16,
-    int8 and int4), checks each against PyTorch on held-out samples, times each
+    int8 and int4), checks each against PyTorch on two held-out sets (from the
+    calibration source, and made differently: --second-data), times each
     beside PyTorch eager, and writes the fastest that keeps the budget to OUTPUT
     with a report of every candidate's fate. MODEL is anything `export` takes.
     """
@@ -802,7 +841,7 @@ def optimize(model: str, out: Path, budget_agreement: float, budget_cosine: floa
     try:
         config = OptimizeConfig(backends=_csv(backends), precisions=_csv(precisions) or (), batch=batch,
                                 min_agreement=budget_agreement, min_cosine=budget_cosine, tie_margin=tie_margin,
-                                data=data,
+                                data=data, second_data=second_data,
                                 calibration_size=calibration_size, eval_size=eval_size,
                                 static_shape=not dynamic_shape, warmup=warmup, runs=runs, duration_s=duration,
                                 threads=threads)
@@ -840,20 +879,28 @@ def _optimize_table(report: dict[str, Any]) -> Any:
 
     base = report["baseline"]
     labelled = "accuracy" in base["fidelity"]
+    data = report.get("data") or {}
+    from enginekit.quant.data import describe_data
+
+    judged = " and ".join(describe_data(d["source"], d["size"]) for d in (data.get("held_out"), data.get("second")) if d)
     table = Table(title=f"enginekit optimize {escape(report['model'])}: batch {report['batch']}, budget agreement >= "
-                        f"{report['budget']['min_agreement']}, cosine >= {report['budget']['min_cosine']}")
-    cols = ["candidate", "precision", "p50 ms", "speed-up", "agreement", "cosine"] + (["accuracy"] if labelled else [])
+                        f"{report['budget']['min_agreement']}, cosine >= {report['budget']['min_cosine']} on "
+                        f"each of {escape(judged)}")
+    second = (report.get("data") or {}).get("second")
+    cols = (["candidate", "precision", "p50 ms", "speed-up", "agreement" + (" (held-out / second)" if second else ""),
+             "cosine" + (" (held-out / second)" if second else "")] + (["accuracy"] if labelled else []))
     for col in [*cols, "fate"]:
         table.add_column(col, justify="left" if col in ("candidate", "precision", "fate") else "right")
 
     def cells(name: str, precision: str, rec: dict[str, Any] | None, fid: dict[str, Any], fate: str) -> list[str]:
         lat = (rec or {}).get("latency_ms") or {}
         speed = (rec or {}).get("speedup")
+        sets = fid.get("sets") or [fid]
         row = [name, precision, f"{lat['p50']:.2f}" if lat else "-", f"{speed:.2f}x" if speed else "-",
-               (f"{fid['top1_agreement']:.4f}" + (f" ({fid['top1_agreement_decided']:.4f})"
-                                                   if "top1_agreement_decided" in fid else ""))
+               (" / ".join(f"{s['top1_agreement']:.4f}" for s in sets)
+                + (f" ({fid['top1_agreement_decided']:.4f})" if "top1_agreement_decided" in fid else ""))
                if "top1_agreement" in fid else "-",
-               f"{fid['logits_cosine']:.5f}" if "logits_cosine" in fid else "-"]
+               " / ".join(f"{s['logits_cosine']:.5f}" for s in sets) if "logits_cosine" in fid else "-"]
         if labelled:
             row.append(f"{fid['accuracy']:.4f}" if "accuracy" in fid else "-")
         return [*row, fate]
