@@ -522,17 +522,7 @@ class TextToImage:
                              f"max_sequence_length={fixed - clip_len}")
         clip_parts, pooled_parts, t5 = [], [], None
         for enc in cfg.text_encoders:
-            tok = self.tokenizer(enc.tokenizer)
-            is_t5 = tok.kind == "t5"
-            encoded = tok.encode(texts, max_length=seq_len if is_t5 else None)
-            dropped = max(encoded.dropped)
-            if dropped and (is_t5 or enc is cfg.text_encoders[0]):
-                window = f"max_sequence_length of {seq_len}" if is_t5 else f"CLIP window of {tok.max_length}"
-                warnings.warn(f"prompt longer than the {window} tokens: {dropped} tokens were dropped",
-                              UserWarning, stacklevel=4)
-            self._check_vocab(enc, tok)
-            runner = self.components[enc.component]
-            out = self._run(enc.component, {runner.inputs[0].name: encoded.input_ids})
+            is_t5, out = self._run_encoder(enc, texts, seq_len, warn=enc is cfg.text_encoders[0])
             if is_t5:
                 t5 = out["last_hidden_state"].astype(np.float32)
                 continue
@@ -561,17 +551,7 @@ class TextToImage:
                              f"recompile without static shapes or pass max_sequence_length={fixed}")
         hidden = pooled = None
         for enc in cfg.text_encoders:
-            tok = self.tokenizer(enc.tokenizer)
-            is_t5 = tok.kind == "t5"
-            encoded = tok.encode(prompts, max_length=seq_len if is_t5 else None)
-            dropped = max(encoded.dropped)
-            if dropped:
-                window = f"max_sequence_length of {seq_len}" if is_t5 else f"CLIP window of {tok.max_length}"
-                warnings.warn(f"prompt longer than the {window} tokens: {dropped} tokens were dropped",
-                              UserWarning, stacklevel=4)
-            self._check_vocab(enc, tok)
-            runner = self.components[enc.component]
-            out = self._run(enc.component, {runner.inputs[0].name: encoded.input_ids})
+            is_t5, out = self._run_encoder(enc, prompts, seq_len, warn=True)
             if is_t5:
                 hidden = out["last_hidden_state"].astype(np.float32)
             else:
@@ -592,6 +572,22 @@ class TextToImage:
         if "guidance" in {s.name for s in self.components[self.config.denoiser].inputs}:
             extra["guidance"] = np.full((batch,), guidance, dtype=np.float32)
         return extra
+
+    def _run_encoder(self, enc: TextEncoderSpec, texts: list[str], seq_len: int,
+                     warn: bool) -> tuple[bool, dict[str, np.ndarray]]:
+        """Tokenize ``texts`` for ``enc`` (T5 to ``seq_len`` tokens, CLIP to its window), warn
+        about truncation (always for T5, for CLIP when ``warn``) and run the encoder."""
+        tok = self.tokenizer(enc.tokenizer)
+        is_t5 = tok.kind == "t5"
+        encoded = tok.encode(texts, max_length=seq_len if is_t5 else None)
+        dropped = max(encoded.dropped)
+        if dropped and (is_t5 or warn):
+            window = f"max_sequence_length of {seq_len}" if is_t5 else f"CLIP window of {tok.max_length}"
+            warnings.warn(f"prompt longer than the {window} tokens: {dropped} tokens were dropped",
+                          UserWarning, stacklevel=5)
+        self._check_vocab(enc, tok)
+        runner = self.components[enc.component]
+        return is_t5, self._run(enc.component, {runner.inputs[0].name: encoded.input_ids})
 
     def _denoiser_sequence(self) -> int | None:
         spec = next((s for s in self.components[self.config.denoiser].inputs if s.name == "encoder_hidden_states"), None)
