@@ -126,9 +126,9 @@ def test_bounded_load_overload_answers_503_and_the_rest_correctly(exported: dict
 
 def test_sigterm_drains_requests_in_flight(tiny_pipelines: dict) -> None:
     path = tiny_pipelines[("tiny-sd15", "onnx")]
-    with serving(f"sd={path}", "--max-queue", "8") as (proc, url):
+    with serving(f"sd={path}", "--max-queue", "8", "--timeout-s", "90") as (proc, url):
         # Requests long enough to be in flight when the signal lands: many steps at a larger size.
-        body = {"prompt": "drain", "steps": 150, "seed": 5, "height": 256, "width": 256}
+        body = {"prompt": "drain", "steps": 40, "seed": 5, "height": 128, "width": 128}
         answers: list[httpx.Response] = []
         lock = threading.Lock()
 
