@@ -13,7 +13,7 @@ import numpy as np
 
 from enginekit.errors import EngineKitError
 from enginekit.serve.batching import Batcher, Job, JobQueue
-from enginekit.serve.errors import scrub
+from enginekit.serve.errors import ApiError, scrub
 from enginekit.serve.metrics import Metrics
 from enginekit.serve.settings import ServeSettings
 
@@ -113,7 +113,17 @@ class ModelSlot:
             self.jobs.progress(job, i + 1, job.steps or steps)
 
         job.steps = steps
-        return self.obj(**job.kwargs, callback=callback, cancel=job.cancel)
+        try:
+            return self.obj(**job.kwargs, callback=callback, cancel=job.cancel)
+        except EngineKitError:
+            raise
+        except Exception as exc:
+            # Parameters the checks let through but this engine cannot run (an exported UNet
+            # whose skip connections need a larger latent, a static shape): the request's fault.
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            log.warning("model %s: the engine failed on %s", self.name, job.kwargs.get("height"), exc_info=True)
+            raise ApiError(422, f"the engine cannot run these parameters (height, width, ...): "
+                                f"{scrub(first, self.known_paths())[:300]}") from None
 
     @property
     def depth(self) -> int:
