@@ -121,7 +121,7 @@ class ModelSlot:
             # Parameters the checks let through but this engine cannot run (an exported UNet
             # whose skip connections need a larger latent, a static shape): the request's fault.
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            log.warning("model %s: the engine failed on %s", self.name, job.kwargs.get("height"), exc_info=True)
+            log.warning("model %s: the engine failed on a request: %s", self.name, first)
             raise ApiError(422, f"the engine cannot run these parameters (height, width, ...): "
                                 f"{scrub(first, self.known_paths())[:300]}") from None
 
