@@ -21,7 +21,8 @@ from enginekit import __version__
 from enginekit.errors import EngineKitError
 
 _EXTRA_FOR = {"torch": "export", "timm": "export", "transformers": "export", "torchvision": "export",
-              "onnxruntime": "onnxruntime", "openvino": "openvino", "sklearn": "data", "onnxscript": "export", "nncf": "quant", "matplotlib": "bench"}
+              "onnxruntime": "onnxruntime", "openvino": "openvino", "sklearn": "data", "onnxscript": "export", "nncf": "quant", "matplotlib": "bench",
+              "fastapi": "serve", "uvicorn": "serve", "prometheus_client": "serve", "multipart": "serve"}
 
 
 class _Group(click.Group):
@@ -76,6 +77,7 @@ def cli(verbose: bool) -> None:
       bench e/ f/ --batch 1,8         time engines; records go to a results store
       bench report results/ -o rep/   tables and plots per hardware and across
       demo                            the whole path on the built-in model
+      serve e/ f/ --port 8000         HTTP: KServe v2, /v1/classify, /v1/generate, a web page
     """
     if verbose:
         logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
@@ -944,6 +946,55 @@ def demo(out: Path, as_json: bool) -> None:
         from rich.console import Console
 
         Console().print(render_demo(rows))
+
+
+@cli.command()
+@click.argument("artifacts", nargs=-1, required=True, metavar="ARTIFACT... [NAME=ARTIFACT]...")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0: every interface).")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="TCP port.")
+@click.option("--max-batch", default=8, show_default=True, help="Classifiers: images per engine call (1: no batching).")
+@click.option("--max-delay-ms", default=5.0, show_default=True, help="Classifiers: wait this long to fill a batch.")
+@click.option("--max-queue", default=64, show_default=True, help="Requests waiting per model before 503s.")
+@click.option("--timeout-s", default=30.0, show_default=True, help="Answer 504 (and cancel) past this.")
+@click.option("--api-key-file", type=click.Path(path_type=Path),
+              help="Bearer keys, one a line: every endpoint but health then needs one.")
+@click.option("--cors-origin", "cors_origins", multiple=True, help="Allow this origin (CORS); repeatable.")
+@click.option("--max-body-mb", default=32.0, show_default=True, help="Largest request body.")
+@click.option("--max-pixels", default=16_000_000, show_default=True, help="Largest uploaded image (width x height).")
+@click.option("--max-images", default=16, show_default=True, help="Images per request.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, gpu.")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
+              help="Server processes (each loads every model).")
+@click.option("--ray", "use_ray", is_flag=True, help="Deploy on Ray Serve (a running cluster, or a local one).")
+@click.option("--replicas", default=1, show_default=True, type=click.IntRange(1, 1024), help="--ray: replicas.")
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["critical", "error", "warning", "info", "debug"]))
+def serve(artifacts: tuple[str, ...], host: str, port: int, max_batch: int, max_delay_ms: float, max_queue: int,
+          timeout_s: float, api_key_file: Path | None, cors_origins: tuple[str, ...], max_body_mb: float,
+          max_pixels: int, max_images: int, device: str, workers: int, use_ray: bool, replicas: int,
+          log_level: str) -> None:
+    """Serve artifacts over HTTP: KServe v2 (/v2), /v1/classify, /v1/generate, the A1111
+    API (/sdapi/v1), /metrics and a web page at /. Each artifact is served under its
+    folder's name; NAME=ARTIFACT picks another. SIGTERM drains (finishes what is in flight)."""
+    from enginekit.serve.settings import ServeSettings, parse_model_specs, read_api_keys
+
+    models = parse_model_specs(artifacts)
+    settings = ServeSettings(max_batch=max_batch, max_delay_ms=max_delay_ms, max_queue=max_queue,
+                             timeout_s=timeout_s, api_keys=read_api_keys(api_key_file) if api_key_file else frozenset(),
+                             cors_origins=cors_origins, max_body_bytes=int(max_body_mb * 1024 * 1024),
+                             max_pixels=max_pixels, max_images=max_images, device=device)
+    logging.basicConfig(level=getattr(logging, log_level.upper()), format="%(name)s: %(message)s")
+    if use_ray:
+        from enginekit.serve.ray_serve import run_on_ray
+
+        run_on_ray(models, settings, host=host, port=port, replicas=replicas)
+        return
+    if host not in ("127.0.0.1", "localhost", "::1") and not settings.api_keys:
+        click.echo(f"warning: serving on {host} without --api-key-file: anyone who reaches it can use it", err=True)
+    click.echo(f"serving {', '.join(models)} on http://{host}:{port} (ready: /v2/health/ready)", err=True)
+    from enginekit.serve.server import run_server
+
+    run_server(models, settings, host=host, port=port, workers=workers, log_level=log_level)
 
 
 def _terminate(signum: int, frame: Any) -> None:

@@ -1,0 +1,106 @@
+"""What a server is told: its limits and its models, checked once, before anything loads."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from enginekit.errors import InputError
+
+__all__ = ["ServeSettings", "parse_model_specs", "read_api_keys"]
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """Limits and switches of one server; every field has the CLI option of the same name."""
+
+    #: Dynamic batching of classifiers: up to ``max_batch`` images per engine call, waiting at
+    #: most ``max_delay_ms`` after the first for the rest (``max_batch=1`` turns batching off).
+    max_batch: int = 8
+    max_delay_ms: float = 5.0
+    #: Requests waiting per model beyond which the server answers 503 at once.
+    max_queue: int = 64
+    #: A request not answered within this many seconds gets 504 and its work is cancelled.
+    timeout_s: float = 30.0
+    #: Bearer tokens; empty means no authentication.
+    api_keys: frozenset[str] = frozenset()
+    #: Origins allowed by CORS; empty means no CORS headers at all.
+    cors_origins: tuple[str, ...] = ()
+    max_body_bytes: int = 32 * 1024 * 1024
+    max_pixels: int = 16_000_000
+    max_images: int = 16
+    max_prompt_chars: int = 2000
+    max_steps: int = 150
+    max_side: int = 2048
+    #: Formats an upload may be in (Pillow's names).
+    image_formats: frozenset[str] = frozenset({"PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF"})
+    #: Warm every model up (one small run) before reporting ready.
+    warmup: bool = True
+    #: How long a drain (SIGTERM) waits for requests in flight before exiting anyway.
+    drain_timeout_s: float = 60.0
+    device: str = "auto"
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        ints = {"max_batch": (1, 4096), "max_queue": (1, 1_000_000), "max_body_bytes": (1024, 2**40),
+                "max_pixels": (1, 10**10), "max_images": (1, 1024), "max_prompt_chars": (1, 10**6),
+                "max_steps": (1, 1000), "max_side": (8, 16384)}
+        for name, (low, high) in ints.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise InputError(f"{name.replace('_', '-')} must be an integer from {low} to {high}, got {value!r}")
+        for name in ("max_delay_ms", "timeout_s", "drain_timeout_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 86400:
+                raise InputError(f"{name.replace('_', '-')} must be a number of 0 or more, got {value!r}")
+        if self.timeout_s <= 0:
+            raise InputError("timeout-s must be above 0")
+
+
+def parse_model_specs(specs: Sequence[str | Path]) -> dict[str, Path]:
+    """``["out/sd-ov", "clf=out/x"]`` -> ``{"sd-ov": Path("out/sd-ov"), "clf": Path("out/x")}``.
+
+    A bare path is served under its folder's name; ``name=path`` chooses another.
+    """
+    models: dict[str, Path] = {}
+    for spec in specs:
+        text = str(spec)
+        name, sep, path = text.partition("=")
+        if not sep or "/" in name or not name:
+            name, path = Path(text).resolve().name, text
+        if not _NAME.match(name):
+            raise InputError(f"model name {name!r}: use letters, digits, '.', '_' or '-' (up to 64), "
+                             "or choose one with NAME=PATH")
+        if name in models:
+            raise InputError(f"two models are named {name!r}; name one with NAME=PATH")
+        models[name] = Path(path)
+    if not models:
+        raise InputError("no artifacts to serve")
+    return models
+
+
+def read_api_keys(path: str | Path) -> frozenset[str]:
+    """One key per line; blank lines and ``#`` comments are skipped."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"--api-key-file: cannot read it ({getattr(exc, 'strerror', None) or exc})") from None
+    keys = _keys(text.splitlines())
+    if not keys:
+        raise InputError("--api-key-file holds no key")
+    return keys
+
+
+def _keys(lines: Iterable[str]) -> frozenset[str]:
+    out = set()
+    for line in lines:
+        line = line.strip()
+        if line and not line.startswith("#"):
+            if any(c.isspace() for c in line):
+                raise InputError("--api-key-file: a key may not contain spaces")
+            out.add(line)
+    return frozenset(out)

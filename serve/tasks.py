@@ -1,0 +1,417 @@
+"""Task endpoints: ``POST /v1/classify`` and ``POST /v1/generate`` (PNG, JSON or
+server-sent progress events), over the models' batchers and job queues."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import io
+import json
+import secrets
+import time
+import uuid
+import warnings
+from typing import Any, AsyncIterator, Literal, Optional
+
+import numpy as np
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from enginekit.errors import ImageError, InputError
+from enginekit.runtimes.schedulers import SCHEDULERS
+from enginekit.serve.batching import Job
+from enginekit.serve.errors import ApiError
+from enginekit.serve.models import CLASSIFIER, PIPELINE, ModelSlot
+
+__all__ = ["router", "GenerateRequest", "classify_rows", "decode_images", "run_generation", "predictions"]
+
+router = APIRouter(tags=["tasks"])
+
+
+def _state(request: Request) -> Any:
+    return request.app.state.server
+
+
+# ---------------------------------------------------------------------------- images in
+
+def b64_image(value: Any, field: str) -> bytes:
+    """Base64 (optionally a ``data:`` URL) to bytes; anything else is a 422 naming ``field``."""
+    if not isinstance(value, str) or not value:
+        raise ApiError(422, f"{field}: expected a base64 string")
+    if value.startswith("data:"):
+        value = value.partition(",")[2]
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(422, f"{field}: not valid base64") from None
+
+
+def check_image(data: bytes, index: int, settings: Any) -> None:
+    """Format and pixel count from the header alone, before anything is decoded."""
+    from PIL import Image
+
+    formats = settings.image_formats
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                fmt, (w, h) = im.format, im.size
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ApiError(413, f"image {index}: too many pixels (the limit is {settings.max_pixels})") from None
+    except Exception:
+        raise ApiError(415, f"image {index}: not an image in a supported format ({', '.join(sorted(formats))})") from None
+    if fmt not in formats:
+        raise ApiError(415, f"image {index}: {fmt} is not accepted (send one of {', '.join(sorted(formats))})")
+    if w * h > settings.max_pixels:
+        raise ApiError(413, f"image {index}: {w}x{h} is over the limit of {settings.max_pixels} pixels")
+
+
+def open_image(data: bytes, index: int, settings: Any) -> Any:
+    from enginekit.runtimes.images import load_images
+
+    check_image(data, index, settings)
+    try:
+        return load_images([data])[0]
+    except ImageError as exc:
+        raise ApiError(422, f"image {index}: {str(exc).partition(': ')[2] or exc}") from None
+
+
+async def decode_images(state: Any, slot: ModelSlot, images: list[bytes]) -> np.ndarray:
+    """Uploaded images to the classifier's preprocessed ``pixel_values`` (off the event loop)."""
+    from enginekit.runtimes.preprocess import preprocess
+
+    def work() -> np.ndarray:
+        pil = [open_image(data, i, state.settings) for i, data in enumerate(images)]
+        return preprocess(pil, slot.obj.preprocessing)
+
+    return await asyncio.to_thread(work)
+
+
+# ---------------------------------------------------------------------------- classify
+
+async def classify_rows(state: Any, slot: ModelSlot, pixels: np.ndarray) -> dict[str, np.ndarray]:
+    """Run ``pixels`` through the model's batcher: 503 when its queue is full, 504 past the timeout."""
+    state.metrics.queue_depth.labels(slot.name).set(slot.depth)
+    try:
+        return await asyncio.wait_for(slot.batcher.submit(pixels), state.settings.timeout_s)
+    except asyncio.TimeoutError:
+        state.metrics.rejections.labels(slot.name, "timeout").inc()
+        raise ApiError(504, f"model {slot.name!r} did not answer within {state.settings.timeout_s:g} s") from None
+    except ApiError as exc:
+        if exc.status == 503:
+            state.metrics.rejections.labels(slot.name, "queue_full").inc()
+        raise
+
+
+def predictions(slot: ModelSlot, out: dict[str, np.ndarray], top_k: int, embedding: bool) -> list[dict[str, Any]]:
+    from enginekit.runtimes.tasks.classifier import softmax
+
+    probs = softmax(out["logits"])
+    labels = slot.obj.labels
+    k = min(top_k, probs.shape[1])
+    order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    result = []
+    for n, (row, idx) in enumerate(zip(probs, order)):
+        best = int(idx[0])
+        item: dict[str, Any] = {"label": labels[best], "index": best, "score": float(row[best]),
+                                "top_k": [{"label": labels[int(i)], "score": float(row[int(i)])} for i in idx]}
+        if embedding:
+            item["embedding"] = out["embedding"][n].astype(float).tolist()
+        result.append(item)
+    return result
+
+
+def _int_field(value: Any, name: str, low: int, high: int) -> int:
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ApiError(422, f"{name}: must be an integer from {low} to {high}, got {value!r}"[:200])
+    return value
+
+
+def _bool_field(value: Any, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
+        return value.lower() in ("true", "1")
+    raise ApiError(422, f"{name}: must be true or false")
+
+
+_CLASSIFY_BODY = {"requestBody": {"required": True, "content": {
+    "multipart/form-data": {"schema": {"type": "object", "required": ["images"], "properties": {
+        "images": {"type": "array", "items": {"type": "string", "format": "binary"}},
+        "top_k": {"type": "integer", "minimum": 1}, "model": {"type": "string"}, "embedding": {"type": "boolean"}}}},
+    "application/json": {"schema": {"type": "object", "required": ["images"], "properties": {
+        "images": {"type": "array", "items": {"type": "string", "contentEncoding": "base64"}},
+        "top_k": {"type": "integer", "minimum": 1}, "model": {"type": "string"}, "embedding": {"type": "boolean"}}}},
+}}}
+
+
+@router.post("/v1/classify", openapi_extra=_CLASSIFY_BODY)
+async def classify(request: Request) -> JSONResponse:
+    """Classify one or more images: multipart uploads (any file fields), or JSON
+    ``{"images": [base64, ...]}``; ``top_k`` (5), ``model``, ``embedding`` (false)."""
+    state = _state(request)
+    settings = state.settings
+    ctype = request.headers.get("content-type", "").lower()
+    if ctype.startswith("multipart/form-data"):
+        form = await request.form(max_files=settings.max_images + 1, max_fields=32)
+        fields: dict[str, Any] = {}
+        images: list[bytes] = []
+        for key, value in form.multi_items():
+            if hasattr(value, "read"):
+                images.append(await value.read())
+            elif key in ("top_k", "model", "embedding"):
+                fields[key] = value
+            else:
+                raise ApiError(422, f"{key}: unknown field (classify takes images, top_k, model, embedding)"[:200])
+    elif ctype.startswith("application/json"):
+        fields = await _json_body(request)
+        raw = fields.pop("images", fields.pop("image", None))
+        if isinstance(raw, str):
+            raw = [raw]
+        if not isinstance(raw, list):
+            raise ApiError(422, "images: expected a list of base64 strings")
+        if len(raw) > settings.max_images:
+            raise ApiError(413, f"images: {len(raw)} images is over the limit of {settings.max_images} per request")
+        images = [b64_image(v, f"images[{i}]") for i, v in enumerate(raw)]
+        unknown = set(fields) - {"top_k", "model", "embedding"}
+        if unknown:
+            raise ApiError(422, f"{sorted(unknown)[0]}: unknown field (classify takes images, top_k, model, embedding)"[:200])
+    elif ctype.startswith("image/"):
+        images, fields = [await request.body()], dict(request.query_params)
+    else:
+        raise ApiError(415, "send multipart/form-data (image files), application/json (base64 images) or one image/*")
+    if not images:
+        raise ApiError(422, "images: no image given")
+    if len(images) > settings.max_images:
+        raise ApiError(413, f"images: {len(images)} images is over the limit of {settings.max_images} per request")
+    top_k = _int_field(fields.get("top_k", 5), "top_k", 1, 1000)
+    embedding = _bool_field(fields.get("embedding", False), "embedding")
+    model = fields.get("model")
+    if model is not None and not isinstance(model, str):
+        raise ApiError(422, "model: expected a string")
+    slot = state.pick(CLASSIFIER, model)
+    request.state.model = slot.name
+    pixels = await decode_images(state, slot, images)
+    out = await classify_rows(state, slot, pixels)
+    return JSONResponse({"model": slot.name, "predictions": predictions(slot, out, top_k, embedding)})
+
+
+async def _json_body(request: Request) -> dict[str, Any]:
+    try:
+        body = json.loads(await request.body())
+    except (ValueError, UnicodeDecodeError):
+        raise ApiError(422, "body: not valid JSON") from None
+    if not isinstance(body, dict):
+        raise ApiError(422, "body: expected a JSON object")
+    return body
+
+
+# ---------------------------------------------------------------------------- generate
+
+class GenerateRequest(BaseModel):
+    """What ``/v1/generate`` takes (JSON, or the same fields as multipart form with an
+    ``init_image`` file). Static bounds here; the server's own limits in :meth:`checked`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(max_length=100_000)
+    negative_prompt: Optional[str] = Field(default=None, max_length=100_000)
+    model: Optional[str] = Field(default=None, max_length=64)
+    steps: int = Field(default=20, ge=1, le=1000)
+    guidance: float = Field(default=7.5, ge=0.0, le=30.0)
+    seed: Optional[int] = Field(default=None, ge=-1, le=2**63 - 1, description="-1 or absent: random")
+    height: Optional[int] = Field(default=None, ge=8, le=16384)
+    width: Optional[int] = Field(default=None, ge=8, le=16384)
+    scheduler: Optional[Literal[SCHEDULERS]] = None  # type: ignore[valid-type]
+    num_images: int = Field(default=1, ge=1, le=1024)
+    strength: float = Field(default=0.8, gt=0.0, le=1.0, description="image-to-image: how much to repaint")
+    init_image: Optional[str] = Field(default=None, description="image-to-image: base64 of the starting picture")
+    response_format: Optional[Literal["png", "json", "sse"]] = None
+
+    @classmethod
+    def checked(cls, fields: dict[str, Any], settings: Any) -> GenerateRequest:
+        from enginekit.serve.app import validation_message
+
+        try:
+            req = cls.model_validate(fields)
+        except ValidationError as exc:
+            raise ApiError(422, validation_message(exc.errors())) from None
+        if len(req.prompt) > settings.max_prompt_chars:
+            raise ApiError(422, f"prompt: {len(req.prompt)} characters is over the limit of {settings.max_prompt_chars}")
+        if req.negative_prompt is not None and len(req.negative_prompt) > settings.max_prompt_chars:
+            raise ApiError(422, f"negative_prompt: over the limit of {settings.max_prompt_chars} characters")
+        if req.steps > settings.max_steps:
+            raise ApiError(422, f"steps: must be from 1 to {settings.max_steps}, got {req.steps}")
+        if req.num_images > settings.max_images:
+            raise ApiError(422, f"num_images: must be from 1 to {settings.max_images}, got {req.num_images}")
+        for name in ("height", "width"):
+            side = getattr(req, name)
+            if side is not None and (side > settings.max_side or side % 8):
+                raise ApiError(422, f"{name}: must be a multiple of 8 up to {settings.max_side}, got {side}")
+        if (req.height or 0) * (req.width or 0) * req.num_images > settings.max_pixels:
+            raise ApiError(413, f"height x width x num_images is over the limit of {settings.max_pixels} pixels")
+        return req
+
+    def pipeline_kwargs(self, init_image: Any = None) -> dict[str, Any]:
+        seed = secrets.randbits(63) if self.seed in (None, -1) else self.seed
+        kwargs: dict[str, Any] = {"prompt": self.prompt, "negative_prompt": self.negative_prompt,
+                                  "num_inference_steps": self.steps, "guidance_scale": self.guidance,
+                                  "height": self.height, "width": self.width, "seed": seed,
+                                  "num_images_per_prompt": self.num_images, "scheduler": self.scheduler}
+        if init_image is not None:
+            kwargs.update(image=init_image, strength=self.strength)
+        return kwargs
+
+
+async def parse_generate(request: Request) -> tuple[GenerateRequest, Any]:
+    """The request and its decoded init image (or None), from JSON or multipart."""
+    state = _state(request)
+    ctype = request.headers.get("content-type", "").lower()
+    init_bytes: bytes | None = None
+    if ctype.startswith("multipart/form-data"):
+        form = await request.form(max_files=1, max_fields=32)
+        fields: dict[str, Any] = {}
+        for key, value in form.multi_items():
+            if hasattr(value, "read"):
+                if key != "init_image":
+                    raise ApiError(422, f"{key}: only init_image may be a file"[:200])
+                init_bytes = await value.read()
+            elif value != "":
+                fields[key] = value
+    elif ctype.startswith("application/json"):
+        fields = await _json_body(request)
+    else:
+        raise ApiError(415, "send application/json, or multipart/form-data with an init_image file")
+    req = GenerateRequest.checked(fields, state.settings)
+    if req.init_image is not None:
+        init_bytes = b64_image(req.init_image, "init_image")
+    init = await asyncio.to_thread(open_image, init_bytes, 0, state.settings) if init_bytes is not None else None
+    return req, init
+
+
+def submit_job(request: Request, slot: ModelSlot, req: GenerateRequest, init: Any = None) -> Job:
+    state = _state(request)
+    factor = slot.obj.config.vae_scale_factor
+    for name in ("height", "width"):
+        side = getattr(req, name)
+        if side is not None and side % factor:
+            raise ApiError(422, f"{name}: must be a multiple of {factor} for this model, got {side}")
+    try:
+        job = slot.jobs.submit(uuid.uuid4().hex, req.pipeline_kwargs(init))
+    except ApiError:
+        state.metrics.rejections.labels(slot.name, "queue_full").inc()
+        raise
+    job.future.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved: no stray log
+    state.metrics.queue_depth.labels(slot.name).set(slot.depth)
+    return job
+
+
+async def await_job(request: Request, slot: ModelSlot, job: Job) -> Any:
+    """The job's result; 504 (and the job cancelled) past the timeout, cancelled if the client leaves."""
+    state = _state(request)
+    deadline = time.monotonic() + state.settings.timeout_s
+    while not job.future.done():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            job.cancel.set()
+            state.metrics.rejections.labels(slot.name, "timeout").inc()
+            raise ApiError(504, f"model {slot.name!r} did not finish within {state.settings.timeout_s:g} s; "
+                                "the generation was cancelled")
+        await asyncio.wait({job.future}, timeout=min(left, 0.2))
+        if not job.future.done() and await request.is_disconnected():
+            job.cancel.set()
+            state.metrics.rejections.labels(slot.name, "client_gone").inc()
+            raise ClientGone()
+    return job.future.result()
+
+
+class ClientGone(ApiError):
+    def __init__(self) -> None:
+        super().__init__(499, "client closed the connection; the generation was cancelled")
+
+
+async def run_generation(request: Request, slot: ModelSlot, req: GenerateRequest, init: Any = None) -> Any:
+    return await await_job(request, slot, submit_job(request, slot, req, init))
+
+
+def png_bytes(image: Any) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def images_json(slot: ModelSlot, out: Any) -> dict[str, Any]:
+    return {"model": slot.name, "seed": out.seed,
+            "images": [base64.b64encode(png_bytes(im)).decode("ascii") for im in out.images]}
+
+
+@router.post("/v1/generate", openapi_extra={"requestBody": {"required": True, "content": {
+    "application/json": {"schema": GenerateRequest.model_json_schema()}}}},
+    responses={200: {"content": {"image/png": {}, "application/json": {}, "text/event-stream": {}}}})
+async def generate(request: Request) -> Response:
+    """Text-to-image (image-to-image with ``init_image``). Answers PNG bytes by default,
+    JSON with base64 images for ``response_format=json`` (or ``Accept: application/json``),
+    and progress as server-sent events for ``response_format=sse`` (or ``Accept: text/event-stream``)."""
+    state = _state(request)
+    req, init = await parse_generate(request)
+    slot = state.pick(PIPELINE, req.model)
+    request.state.model = slot.name
+    accept = request.headers.get("accept", "")
+    fmt = req.response_format or ("sse" if "text/event-stream" in accept else
+                                  "json" if "application/json" in accept and "image/png" not in accept else "png")
+    if fmt == "png" and req.num_images > 1:
+        raise ApiError(422, "response_format: PNG answers one image; ask for json (or sse) with num_images > 1")
+    if fmt == "sse":
+        job = submit_job(request, slot, req, init)
+        return StreamingResponse(_events(state, slot, job), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Job-Id": job.id})
+    out = await run_generation(request, slot, req, init)
+    if fmt == "json":
+        return JSONResponse(images_json(slot, out))
+    return Response(png_bytes(out.images[0]), media_type="image/png", headers={"X-Seed": str(out.seed)})
+
+
+def _sse(event: str, data: dict[str, Any]) -> bytes:
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n".encode()
+
+
+async def _events(state: Any, slot: ModelSlot, job: Job) -> AsyncIterator[bytes]:
+    """``queued``, then ``progress`` per step, then ``done`` (with the images) or ``error``.
+    Leaving early (the client disconnected) cancels the generation."""
+    listener: asyncio.Queue = asyncio.Queue()
+    job.listeners.append(listener)
+    deadline = time.monotonic() + state.settings.timeout_s
+    try:
+        yield _sse("queued", {"id": job.id, "position": slot.depth})
+        while not job.future.done():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                job.cancel.set()
+                state.metrics.rejections.labels(slot.name, "timeout").inc()
+                yield _sse("error", {"status": 504, "error": f"did not finish within {state.settings.timeout_s:g} s"})
+                return
+            getter = asyncio.ensure_future(listener.get())
+            await asyncio.wait({getter, job.future}, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+            if getter.done():
+                event = getter.result()
+                if "step" in event:
+                    yield _sse("progress", {"id": job.id, **event})
+            else:
+                getter.cancel()
+        try:
+            out = job.future.result()
+        except Exception as exc:
+            status = 422 if isinstance(exc, InputError) else 500
+            yield _sse("error", {"status": status, "error": state.scrub(str(exc).splitlines()[0] if str(exc) else
+                                                                       type(exc).__name__)})
+            return
+        yield _sse("done", {"id": job.id, **images_json(slot, out)})
+    finally:
+        if not job.future.done():
+            job.cancel.set()
+            state.metrics.rejections.labels(slot.name, "client_gone").inc()
+        job.listeners.remove(listener)
