@@ -965,14 +965,11 @@ def demo(out: Path, as_json: bool) -> None:
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, gpu.")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
               help="Server processes (each loads every model).")
-@click.option("--ray", "use_ray", is_flag=True, help="Deploy on Ray Serve (a running cluster, or a local one).")
-@click.option("--replicas", default=1, show_default=True, type=click.IntRange(1, 1024), help="--ray: replicas.")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]))
 def serve(artifacts: tuple[str, ...], host: str, port: int, max_batch: int, max_delay_ms: float, max_queue: int,
           timeout_s: float, api_key_file: Path | None, cors_origins: tuple[str, ...], max_body_mb: float,
-          max_pixels: int, max_images: int, device: str, workers: int, use_ray: bool, replicas: int,
-          log_level: str) -> None:
+          max_pixels: int, max_images: int, device: str, workers: int, log_level: str) -> None:
     """Serve artifacts over HTTP: KServe v2 (/v2), /v1/classify, /v1/generate, the A1111
     API (/sdapi/v1), /metrics and a web page at /. Each artifact is served under its
     folder's name; NAME=ARTIFACT picks another. SIGTERM drains (finishes what is in flight)."""
@@ -984,11 +981,6 @@ def serve(artifacts: tuple[str, ...], host: str, port: int, max_batch: int, max_
                              cors_origins=cors_origins, max_body_bytes=int(max_body_mb * 1024 * 1024),
                              max_pixels=max_pixels, max_images=max_images, device=device)
     logging.basicConfig(level=getattr(logging, log_level.upper()), format="%(name)s: %(message)s")
-    if use_ray:
-        from enginekit.serve.ray_serve import run_on_ray
-
-        run_on_ray(models, settings, host=host, port=port, replicas=replicas)
-        return
     if host not in ("127.0.0.1", "localhost", "::1") and not settings.api_keys:
         click.echo(f"warning: serving on {host} without --api-key-file: anyone who reaches it can use it", err=True)
     click.echo(f"serving {', '.join(models)} on http://{host}:{port} (ready: /v2/health/ready)", err=True)
