@@ -381,6 +381,10 @@ def bench_pipeline(
     path = Path(path)
     hw, proc = fingerprint(), psutil.Process()
     pipe, manifest, name, threads = _open_pipeline(path, device, backend, config.threads)
+    if pipe.config.denoiser != "unet":
+        pipe.close()
+        raise InputError(f"bench times UNet pipelines (SD 1.x/2.x/XL); {manifest.family} pipelines "
+                         "(a transformer denoiser) are not benched yet")
     config = replace(config, threads=threads)
     try:
         loads: dict[str, float] = {}

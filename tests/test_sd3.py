@@ -160,3 +160,14 @@ def test_image_to_image_runs_part_of_the_schedule(tiny_pipelines: dict) -> None:
     out = pipe("a cat", image=init, strength=0.5, num_inference_steps=10, seed=1, output_type="np")
     # diffusers' SD3 img2img: int(max(10 - 10 * 0.5, 0)) = 5 steps skipped.
     assert len(out.timesteps) == 5 and out.images.shape == (1, SIZE, SIZE, 3)
+
+
+def test_bench_says_it_does_not_time_transformer_pipelines_yet(tiny_pipelines: dict, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from enginekit.app.cli import cli
+
+    result = CliRunner().invoke(cli, ["bench", "run", str(tiny_pipelines[("tiny-sd3", "onnx")]), "--runs", "1",
+                                      "--store", str(tmp_path / "r.jsonl")])
+    assert result.exit_code == 1 and "not benched yet" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "r.jsonl").exists()
