@@ -509,9 +509,9 @@ def add_speedups(records: list[dict[str, Any]]) -> None:
             rec["speedup"] = ref_p50 / p50
 
 
-def torch_baselines(artifacts: Sequence[str | Path], config: BenchConfig, progress: bool = True) -> list[dict[str, Any]]:
-    """:func:`bench_torch` once per distinct source model among ``artifacts``, rebuilt
-    from each manifest's provenance (:func:`enginekit.export.sources.source_for_manifest`)."""
+def distinct_sources(artifacts: Sequence[str | Path]) -> list[tuple[Manifest, Any]]:
+    """(manifest, rebuilt source) per distinct source model among ``artifacts``, each
+    verified and rebuilt from its provenance (:func:`enginekit.export.sources.source_for_manifest`)."""
     import json
 
     from enginekit.artifact import verify_artifact
@@ -525,9 +525,13 @@ def torch_baselines(artifacts: Sequence[str | Path], config: BenchConfig, progre
         key = json.dumps({k: manifest.provenance.get(k) for k in ("source", "weights", "seed", "weights_sha256")},
                          sort_keys=True, default=str)
         distinct.setdefault(key, manifest)
+    return [(m, source_for_manifest(m.provenance)) for m in distinct.values()]
+
+
+def torch_baselines(artifacts: Sequence[str | Path], config: BenchConfig, progress: bool = True) -> list[dict[str, Any]]:
+    """:func:`bench_torch` once per distinct source model among ``artifacts`` (:func:`distinct_sources`)."""
     records: list[dict[str, Any]] = []
-    for manifest in distinct.values():
-        src = source_for_manifest(manifest.provenance)
+    for manifest, src in distinct_sources(artifacts):
         records += bench_torch(src.model, manifest.component().inputs, config,
                                model_id=manifest.provenance.get("source"), progress=progress)
     return records

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from enginekit.bench.harness import (
+    distinct_sources,
     DRIFT_WARN,
     BenchConfig,
     add_speedups,
@@ -91,29 +92,13 @@ def _child(job_path: str, out_path: str) -> int:
     return 0
 
 
-def _torch_sources(artifacts: Sequence[str | Path]) -> list[tuple[Any, Any]]:
-    """(manifest, rebuilt source) per distinct source model among ``artifacts``."""
-    from enginekit.artifact import verify_artifact
-    from enginekit.export.sources import source_for_manifest
-    from enginekit.manifest import read_manifest
-
-    distinct: dict[str, Any] = {}
-    for path in artifacts:
-        manifest = read_manifest(path)
-        verify_artifact(path, manifest)
-        key = json.dumps({k: manifest.provenance.get(k) for k in ("source", "weights", "seed", "weights_sha256")},
-                         sort_keys=True, default=str)
-        distinct.setdefault(key, manifest)
-    return [(m, source_for_manifest(m.provenance)) for m in distinct.values()]
-
-
 def bench_classifiers(artifacts: Sequence[str | Path], config: BenchConfig, device: str = "cpu", *,
                       baseline: bool = False, mode: str = "latency", requests: int = 0,
                       isolate: bool = True, progress: bool = True) -> list[dict[str, Any]]:
     """Time every artifact (each in its own process unless ``isolate`` is off), between two
     PyTorch timings when ``baseline``; speed-ups filled. See the module docstring."""
     start_load = load_average()
-    sources = _torch_sources(artifacts) if baseline else []
+    sources = distinct_sources(artifacts) if baseline else []
 
     def torch_side(label: str) -> list[list[dict[str, Any]]]:
         return [bench_torch(src.model, m.component().inputs, config, model_id=m.provenance.get("source"),
