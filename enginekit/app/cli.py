@@ -289,6 +289,8 @@ def compile_cmd(artifact: Path, backend: str, out: Path, device: str, threads: i
               default=None, help="Sampler (default: the pipeline's own where ported, else euler; SD3: flow-euler).")
 @click.option("--max-sequence-length", type=int, default=None,
               help="SD3, FLUX: T5 prompt tokens (SD3 default 256; FLUX dev 512, schnell 256; at most 512).")
+@click.option("--true-cfg", "true_cfg", type=float, default=None,
+              help="FLUX: true CFG scale (> 1, with --negative: a second pass on the negative prompt).")
 @click.option("--init-image", type=click.Path(path_type=Path), help="Image-to-image: start from this picture.")
 @click.option("--strength", default=0.8, show_default=True, help="Image-to-image: how much of it to repaint (0-1].")
 @click.option("--num-images", default=1, show_default=True, help="Images for the prompt.")
@@ -300,7 +302,7 @@ def compile_cmd(artifact: Path, backend: str, out: Path, device: str, threads: i
               help="Refuse the artifact unless its signature (`enginekit sign`) verifies with this public key.")
 def generate(artifact: Path, prompt: str, out: Path, negative: str | None, steps: int, guidance: float,
              seed: int | None, height: int | None, width: int | None, scheduler: str | None,
-             max_sequence_length: int | None, init_image: Path | None, strength: float, num_images: int, device: str,
+             max_sequence_length: int | None, true_cfg: float | None, init_image: Path | None, strength: float, num_images: int, device: str,
              backend: str | None, as_json: bool, digest: str | None, verify_with: Path | None) -> None:
     """Generate images for PROMPT with a text-to-image ARTIFACT (torch-free)."""
     import time
@@ -324,6 +326,8 @@ def generate(artifact: Path, prompt: str, out: Path, negative: str | None, steps
             call["strength"] = strength
         if max_sequence_length is not None:
             call["max_sequence_length"] = max_sequence_length
+        if true_cfg is not None:
+            call["true_cfg_scale"] = true_cfg
         paths, result = generate_images(artifact, prompt, out, device=device, backend=backend,
                                         digest=digest, verify_with=verify_with, init_image=init_image,
                                         on_step=on_step, **call)

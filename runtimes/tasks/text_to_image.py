@@ -313,16 +313,22 @@ class TextToImage:
         cancel: threading.Event | None = None,
         generator: np.random.Generator | None = None,
         max_sequence_length: int | None = None,
+        true_cfg_scale: float = 1.0,
     ) -> PipelineOutput:
         """Generate images for ``prompt``.
 
         ``negative_prompt``: what to steer away from (CFG needs ``guidance_scale > 1``).
-        ``latents``: initial noise in diffusers' layout (N, C, H/8, W/8), float32, before
-        scaling by the scheduler's ``init_noise_sigma`` (as diffusers takes them).
-        ``image`` + ``strength``: image-to-image through the VAE encoder.
+        ``latents``: initial noise in diffusers' layout (N, C, H/8, W/8; FLUX packed,
+        N, H/16 * W/16, 4C), float32, before scaling by the scheduler's ``init_noise_sigma``
+        (as diffusers takes them).
+        ``image`` + ``strength``: image-to-image through the VAE encoder; ``latents`` is then
+        the noise added to the encoded image.
         ``scheduler``: one of :data:`SCHEDULERS`; default the pipeline's own where ported
         (a flow-matching model, SD3, takes ``flow-euler`` only).
-        ``max_sequence_length``: SD3's T5 prompt tokens (default 256, at most 512).
+        ``max_sequence_length``: SD3's and FLUX's T5 prompt tokens (default 256; FLUX dev 512; at most 512).
+        ``true_cfg_scale``: FLUX only. Above 1, with a ``negative_prompt``, a second transformer
+        pass on the negative prompt steers away from it (diffusers' "true CFG"); FLUX's own
+        ``guidance_scale`` stays the distilled guidance embedding.
         ``callback(step, timestep, latents)`` runs after every step; returning ``False``
         (or setting ``cancel``) stops the generation with :class:`GenerationCancelled`.
         """
@@ -343,10 +349,12 @@ class TextToImage:
         if output_type not in ("pil", "np", "latent"):
             raise InputError(f"output_type must be 'pil', 'np' or 'latent', got {output_type!r}")
         flux = cfg.prompt_layout == "flux"
-        if flux and image is not None:
-            raise InputError("image-to-image is not supported for FLUX pipelines yet")
-        if flux and negatives is not None:
-            raise InputError("FLUX is guidance-distilled: it takes no negative prompt (guidance_scale steers it)")
+        true_cfg = _float_in("true_cfg_scale", true_cfg_scale, 0.0, 100.0)
+        if true_cfg != 1.0 and not flux:
+            raise InputError("true_cfg_scale applies to FLUX pipelines only (the others take guidance_scale)")
+        if flux and negatives is not None and true_cfg <= 1.0:
+            raise InputError("FLUX is guidance-distilled: a negative prompt needs true_cfg_scale above 1 "
+                             "(a second pass on it); guidance_scale alone takes none")
         # FLUX packs 2x2 latent patches into one token: sides are multiples of twice the VAE factor.
         factor = cfg.vae_scale_factor * (2 if flux else 1)
         init = _init_image(image, height, width, factor) if image is not None else None
@@ -390,11 +398,18 @@ class TextToImage:
         if generator is None:
             seed = int(np.random.SeedSequence().generate_state(1)[0]) if seed is None else seed
             generator = np.random.default_rng(seed)
-        # LCM-distilled UNets take the guidance as an embedding and run no unconditional pass.
+        # LCM-distilled UNets take the guidance as an embedding and run no unconditional pass;
+        # FLUX runs a negative pass only for true CFG.
         do_cfg = guidance > 1.0 and cfg.time_cond_proj_dim is None and not flux
+        true_pass = flux and negatives is not None and true_cfg > 1.0
+        two_pass, scale = (True, true_cfg) if true_pass else (do_cfg, guidance)
 
         # 2. Encode the prompt (and the negative prompt) with every text encoder.
         embeds, pooled = self.encode_prompt(prompts, negatives, per_prompt, do_cfg, max_sequence_length=seq_len)
+        if true_pass:  # negative rows first, as CFG's
+            assert negatives is not None and pooled is not None
+            neg_embeds, neg_pooled = self._encode_flux(negatives, per_prompt, seq_len)
+            embeds, pooled = np.concatenate([neg_embeds, embeds]), np.concatenate([neg_pooled, pooled])
 
         # 3. Prepare timesteps (image-to-image starts part-way down the schedule).
         sched = make_scheduler(name, cfg.scheduler)
@@ -414,7 +429,10 @@ class TextToImage:
 
         # 4. Prepare latents: seeded noise, the caller's, or the encoded image with noise added.
         if init is not None:
-            latents = self._image_latents(init, batch, timesteps[:1], sched, generator, latents)
+            noise = unpack_latents(latents, *grid) if flux and latents is not None else latents
+            latents = self._image_latents(init, batch, timesteps[:1], sched, generator, noise)
+            if flux:
+                latents = pack_latents(latents)
         else:
             if latents is None and flux:
                 noise = generator.standard_normal((batch, cfg.latent_channels, 2 * grid[0], 2 * grid[1]),
@@ -427,20 +445,20 @@ class TextToImage:
         # 5. Denoise.
         extra = self._added_conditions(pooled, batch, height, width, do_cfg, guidance)
         if flux:
-            extra.update(self._flux_conditions(embeds, grid, batch, guidance))
+            extra.update(self._flux_conditions(embeds, grid, batch * (2 if two_pass else 1), guidance))
         t_scale = np.float32(1000.0 if flux else 1.0)  # FLUX's transformer takes sigma, not sigma x 1000
         for i, t in enumerate(timesteps):
             if cancel is not None and cancel.is_set():
                 raise GenerationCancelled(f"generation cancelled before step {i + 1} of {len(timesteps)}")
-            model_in = np.concatenate([latents, latents]) if do_cfg else latents
+            model_in = np.concatenate([latents, latents]) if two_pass else latents
             model_in = sched.scale_model_input(model_in, t)
             feeds = {"sample": model_in.astype(np.float32),
                      "timestep": np.full((model_in.shape[0],), np.float32(t) / t_scale, dtype=np.float32),
                      "encoder_hidden_states": embeds, **extra}
             noise_pred = self._run(cfg.denoiser, feeds)["out_sample"].astype(np.float32)
-            if do_cfg:
+            if two_pass:
                 uncond, text = np.split(noise_pred, 2)
-                noise_pred = uncond + np.float32(guidance) * (text - uncond)
+                noise_pred = uncond + np.float32(scale) * (text - uncond)
                 if rescale > 0:
                     noise_pred = _rescale_noise_cfg(noise_pred, text, rescale)
             noise = generator.standard_normal(latents.shape, dtype=np.float32) if sched.stochastic else None
