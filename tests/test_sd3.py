@@ -162,6 +162,31 @@ def test_image_to_image_runs_part_of_the_schedule(tiny_pipelines: dict) -> None:
     assert len(out.timesteps) == 5 and out.images.shape == (1, SIZE, SIZE, 3)
 
 
+def test_image_to_image_matches_diffusers(tiny_pipelines: dict, monkeypatch) -> None:
+    """StableDiffusion3Img2ImgPipeline on the same encoder draw and noise (diffusers draws with
+    torch, ours with numpy: the test hands diffusers ours)."""
+    import diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3_img2img as img2img
+    from PIL import Image
+
+    seed, steps, strength = 3, 5, 0.7
+    init = Image.fromarray((np.random.default_rng(2).uniform(0, 255, (SIZE, SIZE, 3))).astype(np.uint8))
+    noise = _latents(1, seed=6)
+    eps = np.random.default_rng(seed).standard_normal((1, 16, SIZE // 8, SIZE // 8), dtype=np.float32)
+    monkeypatch.setattr(img2img, "retrieve_latents", lambda output, generator=None, sample_mode="sample":
+                        output.latent_dist.mean + output.latent_dist.std * torch.from_numpy(eps))
+    monkeypatch.setattr(img2img, "randn_tensor", lambda shape, **kw: torch.from_numpy(noise).reshape(shape))
+    twin = img2img.StableDiffusion3Img2ImgPipeline(**_pipe().components)
+    twin.set_progress_bar_config(disable=True)
+    call = dict(negative_prompt="blurry", strength=strength, num_inference_steps=steps, guidance_scale=5.0,
+                max_sequence_length=32)
+    with torch.inference_mode():
+        ref = twin("a lighthouse at dusk", image=init, height=SIZE, width=SIZE, output_type="np", **call).images
+    pipe = enginekit.load(tiny_pipelines[("tiny-sd3", "onnx")], device="cpu")
+    out = pipe("a lighthouse at dusk", image=init, latents=noise, seed=seed, output_type="np", **call)
+    assert len(out.timesteps) == 4  # int(max(5 - 3.5, 0)) = 1 of 5 steps skipped
+    assert psnr(ref, out.images) >= 40.0, f"{psnr(ref, out.images):.1f} dB"
+
+
 def test_bench_says_it_does_not_time_transformer_pipelines_yet(tiny_pipelines: dict, tmp_path: Path) -> None:
     from click.testing import CliRunner
 
