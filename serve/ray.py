@@ -216,6 +216,8 @@ def serve_on_ray(models: Mapping[str, str | Path], settings: ServeSettings, opti
     """Serve ``models`` on Ray Serve until SIGINT or SIGTERM, then shut down cleanly."""
     _check_artifacts({k: Path(v) for k, v in models.items()})  # 1.
     ray, serve = _import_serve()
+    # Serve's own logger prints INFO lines whatever the root level: follow this server's.
+    logging.getLogger("ray.serve").setLevel(max(logging.INFO, log.getEffectiveLevel()))
     owned = _connect(ray, options)  # 2.
     stop = {"signal": None}
 
