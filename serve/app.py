@@ -126,11 +126,13 @@ def error_response(status: int, message: str, headers: Mapping[str, str] | None 
     return JSONResponse({"error": message}, status_code=status, headers=dict(headers or {}))
 
 
-def lifespan_of(state: ServerState):
+def lifespan_of(state: ServerState, load_before_start: bool = False):
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loader = asyncio.get_running_loop().create_task(state.load_all())
         try:
+            if load_before_start:  # a Ray Serve replica: not routed to until its models are in
+                await asyncio.shield(loader)
             yield
         finally:
             loader.cancel()
@@ -139,14 +141,17 @@ def lifespan_of(state: ServerState):
     return lifespan
 
 
-def create_app(models: Mapping[str, str | Path], settings: ServeSettings = ServeSettings()) -> FastAPI:
+def create_app(models: Mapping[str, str | Path], settings: ServeSettings = ServeSettings(), *,
+               load_before_start: bool = False) -> FastAPI:
     """The server for ``models`` (name -> artifact folder). Models load and warm in the
-    background when the app starts (its lifespan); ``/v2/health/ready`` says when all are."""
+    background when the app starts (its lifespan); ``/v2/health/ready`` says when all are.
+    ``load_before_start`` makes the lifespan's startup wait for them instead (Ray Serve
+    counts a replica as running once its startup returns)."""
     from enginekit import __version__
     from enginekit.serve import kserve, sdapi, tasks
 
     state = ServerState(models, settings)
-    app = FastAPI(title="enginekit serve", version=__version__, lifespan=lifespan_of(state),
+    app = FastAPI(title="enginekit serve", version=__version__, lifespan=lifespan_of(state, load_before_start),
                   docs_url="/docs", redoc_url=None,
                   description="KServe v2 REST, task endpoints and the A1111 API over enginekit artifacts.")
     app.state.server = state

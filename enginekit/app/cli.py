@@ -969,15 +969,32 @@ def demo(out: Path, as_json: bool) -> None:
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, gpu.")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
               help="Server processes (each loads every model).")
+@click.option("--ray", "on_ray", is_flag=True, help="Serve through Ray Serve: each replica loads every model.")
+@click.option("--replicas", default=1, show_default=True, type=click.IntRange(1, 1024), help="--ray: replicas.")
+@click.option("--max-replicas", type=click.IntRange(1, 1024),
+              help="--ray: autoscale from --replicas up to this many.")
+@click.option("--replica-cpus", default=1.0, show_default=True, type=click.FloatRange(0, 1024),
+              help="--ray: CPUs Ray reserves per replica.")
+@click.option("--ray-address", metavar="HOST:PORT",
+              help="--ray: a running cluster's head (default: start a local cluster).")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]))
 def serve(artifacts: tuple[str, ...], host: str, port: int, max_batch: int, max_delay_ms: float, max_queue: int,
           timeout_s: float, api_key_file: Path | None, cors_origins: tuple[str, ...], max_body_mb: float,
-          max_pixels: int, max_images: int, device: str, workers: int, log_level: str) -> None:
+          max_pixels: int, max_images: int, device: str, workers: int, on_ray: bool, replicas: int,
+          max_replicas: int | None, replica_cpus: float, ray_address: str | None, log_level: str) -> None:
     """Serve artifacts over HTTP: KServe v2 (/v2), /v1/classify, /v1/generate, the A1111
     API (/sdapi/v1), /metrics and a web page at /. Each artifact is served under its
-    folder's name; NAME=ARTIFACT picks another. SIGTERM drains (finishes what is in flight)."""
+    folder's name; NAME=ARTIFACT picks another. SIGTERM drains (finishes what is in flight).
+    --ray serves the same app through Ray Serve, on --replicas replicas."""
     from enginekit.serve.settings import ServeSettings, parse_model_specs, read_api_keys
+
+    ray_only = {"--replicas": replicas != 1, "--max-replicas": max_replicas is not None,
+                "--replica-cpus": replica_cpus != 1.0, "--ray-address": ray_address is not None}
+    if not on_ray and any(ray_only.values()):
+        raise click.UsageError(f"{', '.join(k for k, v in ray_only.items() if v)} only go with --ray")
+    if on_ray and workers != 1:
+        raise click.UsageError("--workers is for one machine; with --ray, use --replicas")
 
     models = parse_model_specs(artifacts)
     settings = ServeSettings(max_batch=max_batch, max_delay_ms=max_delay_ms, max_queue=max_queue,
@@ -987,6 +1004,14 @@ def serve(artifacts: tuple[str, ...], host: str, port: int, max_batch: int, max_
     logging.basicConfig(level=getattr(logging, log_level.upper()), format="%(name)s: %(message)s")
     if host not in ("127.0.0.1", "localhost", "::1") and not settings.api_keys:
         click.echo(f"warning: serving on {host} without --api-key-file: anyone who reaches it can use it", err=True)
+    if on_ray:
+        from enginekit.serve.ray import RayOptions, serve_on_ray
+
+        options = RayOptions(replicas=replicas, max_replicas=max_replicas, replica_cpus=replica_cpus,
+                             address=ray_address)
+        click.echo(f"starting Ray Serve ({'cluster ' + ray_address if ray_address else 'a local cluster'})", err=True)
+        serve_on_ray(models, settings, options, host=host, port=port, on_ready=lambda m: click.echo(m, err=True))
+        return
     click.echo(f"serving {', '.join(models)} on http://{host}:{port} (ready: /v2/health/ready)", err=True)
     from enginekit.serve.server import run_server
 
