@@ -4,10 +4,12 @@ Three kinds of part, one record each (the classifier record's fields, see
 :mod:`enginekit.bench.harness`, plus ``part``, ``height``, ``width`` and ``steps``):
 
 - ``component:NAME``: one call of a component on seeded feeds at the size asked for:
-  a text encoder on the CFG batch (the negative and the positive prompt), the UNet on
-  2 × images latents, the VAE decoder on the images' latents, the VAE encoder on one image;
-- ``step``: one denoising step, both CFG passes in one UNet call plus the guidance
-  and the scheduler step: the headline number;
+  a text encoder on the CFG batch (the negative and the positive prompt), the denoiser
+  (the UNet, or SD3's and FLUX's transformer) on 2 × images latents, the VAE decoder on
+  the images' latents, the VAE encoder on one image;
+- ``step``: one denoising step, both CFG passes in one denoiser call plus the guidance
+  and the scheduler step: the headline number. FLUX is guidance-distilled: its step is
+  one pass per image, its text encoders see the prompt alone;
 - ``image``: a whole image, encode the prompt → ``steps`` denoising steps → decode.
 
 With the PyTorch baseline, diffusers' pipeline of the same weights (rebuilt from the
@@ -115,19 +117,27 @@ class _Plan:
     height: int
     width: int
     scheduler: str
-    ids: dict[str, np.ndarray]  # text encoder -> (2, L) int64: [negative, prompt]
-    unet: dict[str, np.ndarray]
-    latents: np.ndarray  # (images, C, h/f, w/f)
+    ids: dict[str, np.ndarray]  # text encoder -> (2, L) int64: [negative, prompt] (FLUX: (1, L), the prompt)
+    denoiser: str  # the component: unet or transformer
+    unet: dict[str, np.ndarray]  # the denoiser's feeds
+    cfg: bool  # both guidance passes in one call (every family but FLUX)
+    latents: np.ndarray  # (images, C, h/f, w/f); FLUX packed (images, h/16 * w/16, 4C)
     decoder_in: np.ndarray
     encoder_in: np.ndarray
     timestep: float
+    mu: float | None  # FLUX's resolution-dependent shift
+
+
+def _is_flux(pipe: Any) -> bool:
+    return pipe.config.prompt_layout == "flux"
 
 
 def _size(pipe: Any, config: PipelineBenchConfig) -> tuple[int, int]:
     """The size to bench: the one asked for, which a static engine must have been compiled for."""
-    f = pipe.config.vae_scale_factor
-    shape = pipe.components["unet"].inputs[0].shape
-    static = [d * f if isinstance(d, int) and d > 0 else None for d in shape[2:4]]
+    flux = _is_flux(pipe)
+    f = pipe.config.vae_scale_factor * (2 if flux else 1)  # FLUX packs 2x2 latents into a token
+    shape = pipe.components[pipe.config.denoiser].inputs[0].shape
+    static = [None, None] if flux else [d * f if isinstance(d, int) and d > 0 else None for d in shape[2:4]]
     height = config.height or static[0] or pipe.config.default_size
     width = config.width or static[1] or pipe.config.default_size
     for name, side, fixed in (("height", height, static[0]), ("width", width, static[1])):
@@ -136,10 +146,15 @@ def _size(pipe: Any, config: PipelineBenchConfig) -> tuple[int, int]:
         if fixed is not None and fixed != side:
             raise ShapeError(f"{pipe.path}: compiled for a static {name} of {fixed}, not {side}; bench it at "
                              f"--height {static[0]} --width {static[1]} or compile it for this size")
-    rows = shape[0]
-    if isinstance(rows, int) and rows > 0 and rows != 2 * config.images:
-        raise ShapeError(f"{pipe.path}: the UNet was compiled for {rows} rows (batch {rows // 2} with CFG), "
-                         f"not {2 * config.images}; bench it with --batch {rows // 2}")
+    tokens = shape[1] if flux else None
+    if isinstance(tokens, int) and tokens > 0 and tokens != (height // f) * (width // f):
+        raise ShapeError(f"{pipe.path}: the transformer was compiled for {tokens} image tokens, not the "
+                         f"{(height // f) * (width // f)} of {height}x{width}; bench it at the size it was compiled for")
+    rows, per = shape[0], 1 if flux else 2
+    if isinstance(rows, int) and rows > 0 and rows != per * config.images:
+        raise ShapeError(f"{pipe.path}: the {pipe.config.denoiser} was compiled for {rows} rows (batch "
+                         f"{rows // per}{' with CFG' if per == 2 else ''}), not {per * config.images}; bench it "
+                         f"with --batch {rows // per}")
     return height, width
 
 
@@ -154,33 +169,54 @@ def _plan(pipe: Any, config: PipelineBenchConfig) -> _Plan:
     from enginekit.runtimes.schedulers import make_scheduler
     from enginekit.runtimes.tasks.text_to_image import default_scheduler_name
 
+    from enginekit.runtimes.tasks.text_to_image import pack_latents
+
     cfg = pipe.config
     height, width = _size(pipe, config)
-    f, n = cfg.vae_scale_factor, config.images
+    f, n, flux = cfg.vae_scale_factor, config.images, _is_flux(pipe)
     rng = np.random.default_rng(config.seed)
+    seq_len = cfg.max_sequence_length if cfg.prompt_layout in ("sd3", "flux") else None
+    texts = [config.prompt] if flux else ["", config.prompt]
     ids = {}
     for enc in cfg.text_encoders:
-        ids[enc.component] = np.asarray(pipe.tokenizer(enc.tokenizer).encode(["", config.prompt]).input_ids,
-                                        dtype=np.int64)
+        tok = pipe.tokenizer(enc.tokenizer)
+        ids[enc.component] = np.asarray(tok.encode(texts, max_length=seq_len if tok.kind == "t5" else None)
+                                        .input_ids, dtype=np.int64)
     name = config.scheduler or default_scheduler_name(cfg.scheduler)
     sched = make_scheduler(name, cfg.scheduler)
-    sched.set_timesteps(config.steps)
+    grid = (height // (2 * f), width // (2 * f))
+    mu = sched.mu_for(grid[0] * grid[1]) if flux else None
+    _set_timesteps(sched, config.steps, mu)
     t = float(np.asarray(sched.timesteps)[0])
-    seq = next(iter(ids.values())).shape[1]
-    dims = {"batch": 2 * n, "sequence": seq, "latent_height": height // f, "latent_width": width // f}
-    unet: dict[str, np.ndarray] = {}
-    for spec in pipe.components["unet"].inputs:
+    seq = (seq_len if flux else cfg.prompt_length(seq_len)) if seq_len else next(iter(ids.values())).shape[1]
+    rows = n if flux else 2 * n
+    dims = {"batch": rows, "sequence": seq, "latent_height": height // f, "latent_width": width // f,
+            "image_sequence": grid[0] * grid[1]}
+    denoiser = cfg.denoiser
+    feeds: dict[str, np.ndarray] = {}
+    for spec in pipe.components[denoiser].inputs:
         shape = _concrete(spec, dims)
-        if spec.name == "timestep":
-            unet[spec.name] = np.full(shape, t, dtype=np.float32)
+        if spec.name == "timestep":  # FLUX's transformer takes the sigma, t / 1000
+            feeds[spec.name] = np.full(shape, t / 1000.0 if flux else t, dtype=np.float32)
         elif spec.name == "time_ids":
-            unet[spec.name] = np.tile(np.array([height, width, 0, 0, height, width], np.float32), (shape[0], 1))
-        else:
-            unet[spec.name] = rng.standard_normal(shape, dtype=np.float32)
+            feeds[spec.name] = np.tile(np.array([height, width, 0, 0, height, width], np.float32), (shape[0], 1))
+        elif spec.name not in ("txt_ids", "img_ids", "guidance"):
+            feeds[spec.name] = rng.standard_normal(shape, dtype=np.float32)
+    if flux:
+        feeds.update(pipe._flux_conditions(feeds["encoder_hidden_states"], grid, rows, config.guidance_scale))
     latents = rng.standard_normal((n, cfg.latent_channels, height // f, width // f), dtype=np.float32)
     decoder_in = rng.standard_normal(latents.shape, dtype=np.float32)
     encoder_in = rng.uniform(-1.0, 1.0, (1, 3, height, width)).astype(np.float32)
-    return _Plan(height, width, name, ids, unet, latents, decoder_in, encoder_in, t)
+    return _Plan(height, width, name, ids, denoiser, feeds, not flux, pack_latents(latents) if flux else latents,
+                 decoder_in, encoder_in, t, mu)
+
+
+def _set_timesteps(sched: Any, steps: int, mu: float | None) -> None:
+    """As the pipelines set them: FLUX's 1 -> 1/n ramp shifted by ``mu``, else the default."""
+    if mu is None:
+        sched.set_timesteps(steps)
+    else:
+        sched.set_timesteps(steps, mu=mu, sigmas=np.linspace(1.0, 1.0 / steps, steps))
 
 
 # ---------------------------------------------------------------- the two sides
@@ -196,8 +232,8 @@ def _engine_parts(pipe: Any, plan: _Plan, config: PipelineBenchConfig,
     for name, ids in plan.ids.items():
         feeds = {comps[name].inputs[0].name: ids}
         parts[f"component:{name}"] = (len(ids), lambda r=comps[name], x=feeds: r.run(x))
-    unet = comps["unet"]
-    parts["component:unet"] = (len(plan.unet["sample"]), lambda: unet.run(plan.unet))
+    unet = comps[plan.denoiser]
+    parts[f"component:{plan.denoiser}"] = (len(plan.unet["sample"]), lambda: unet.run(plan.unet))
     parts["component:vae_decoder"] = (len(plan.decoder_in),
                                       lambda: comps["vae_decoder"].run({"latent_sample": plan.decoder_in}))
     if "vae_encoder" in comps:
@@ -205,14 +241,18 @@ def _engine_parts(pipe: Any, plan: _Plan, config: PipelineBenchConfig,
     sched = make_scheduler(plan.scheduler, pipe.config.scheduler)
 
     def step() -> np.ndarray:
-        sched.set_timesteps(config.steps)  # a fresh step index: every timed step is the first
-        x = sched.scale_model_input(np.concatenate([plan.latents, plan.latents]), plan.timestep)
+        _set_timesteps(sched, config.steps, plan.mu)  # a fresh step index: every timed step is the first
+        x = np.concatenate([plan.latents, plan.latents]) if plan.cfg else plan.latents
+        x = sched.scale_model_input(x, plan.timestep)
         eps = unet.run({**plan.unet, "sample": x.astype(np.float32)})["out_sample"]
-        uncond, text = np.split(eps, 2)
-        return sched.step(uncond + g * (text - uncond), plan.timestep, plan.latents)
+        if plan.cfg:
+            uncond, text = np.split(eps, 2)
+            eps = uncond + g * (text - uncond)
+        return sched.step(eps, plan.timestep, plan.latents)
 
     def image() -> None:
-        out["image"] = pipe(config.prompt, negative_prompt="", num_inference_steps=config.steps,
+        out["image"] = pipe(config.prompt, negative_prompt="" if plan.cfg else None,
+                            num_inference_steps=config.steps,
                             guidance_scale=config.guidance_scale, height=plan.height, width=plan.width,
                             num_images_per_prompt=config.images, latents=plan.latents, scheduler=plan.scheduler,
                             output_type="np").images
@@ -252,28 +292,47 @@ def _torch_parts(dpipe: Any, plan: _Plan, config: PipelineBenchConfig,
     dpipe.set_progress_bar_config(disable=True)
     sched, g = dpipe.scheduler, config.guidance_scale
     tt = {k: torch.from_numpy(v) for k, v in plan.unet.items()}
-    added = {"text_embeds": tt["text_embeds"], "time_ids": tt["time_ids"]} if "time_ids" in tt else None
-    unet_kw = {"timestep_cond": tt.get("timestep_cond"), "added_cond_kwargs": added, "return_dict": False}
     latents, t = torch.from_numpy(plan.latents), torch.tensor(plan.timestep)
+    if plan.denoiser == "unet":
+        added = {"text_embeds": tt["text_embeds"], "time_ids": tt["time_ids"]} if "time_ids" in tt else None
+        unet_kw = {"timestep_cond": tt.get("timestep_cond"), "added_cond_kwargs": added, "return_dict": False}
+
+        def denoise(x: Any, timestep: Any) -> Any:
+            return dpipe.unet(x, timestep, tt["encoder_hidden_states"], **unet_kw)[0]
+    else:  # SD3's and FLUX's transformer take keywords; FLUX's timestep is the sigma
+        extra = {k: tt[k] for k in ("pooled_projections", "txt_ids", "img_ids", "guidance") if k in tt}
+        scale = 1000.0 if "img_ids" in tt else 1.0
+
+        def denoise(x: Any, timestep: Any) -> Any:
+            return dpipe.transformer(hidden_states=x, timestep=(timestep / scale).expand(x.shape[0]),
+                                     encoder_hidden_states=tt["encoder_hidden_states"], return_dict=False,
+                                     **extra)[0]
+    timestep_kw = {"mu": plan.mu, "sigmas": np.linspace(1.0, 1.0 / config.steps, config.steps)} \
+        if plan.mu is not None else {}
     dec_in, enc_in = torch.from_numpy(plan.decoder_in), torch.from_numpy(plan.encoder_in)
     parts: dict[str, tuple[int, Callable[[], Any]]] = {}
     for name, ids in plan.ids.items():
         parts[f"component:{name}"] = (len(ids), lambda m=getattr(dpipe, name), x=torch.from_numpy(ids):
                                       m(x, output_hidden_states=True))
-    parts["component:unet"] = (len(plan.unet["sample"]), lambda: dpipe.unet(
-        tt["sample"], tt["timestep"], tt["encoder_hidden_states"], **unet_kw))
+    parts[f"component:{plan.denoiser}"] = (len(plan.unet["sample"]), lambda: denoise(
+        tt["sample"], tt["timestep"][0] * (1000.0 if plan.mu is not None else 1.0)))
     parts["component:vae_decoder"] = (len(plan.decoder_in), lambda: dpipe.vae.decode(dec_in, return_dict=False))
     parts["component:vae_encoder"] = (1, lambda: dpipe.vae.encode(enc_in).latent_dist.parameters)
 
     def step() -> Any:
-        sched.set_timesteps(config.steps)
-        x = sched.scale_model_input(torch.cat([latents, latents]), t)
-        eps = dpipe.unet(x, t, tt["encoder_hidden_states"], **unet_kw)[0]
-        uncond, text = eps.chunk(2)
-        return sched.step(uncond + g * (text - uncond), t, latents, return_dict=False)[0]
+        sched.set_timesteps(config.steps, **timestep_kw)
+        x = torch.cat([latents, latents]) if plan.cfg else latents
+        if hasattr(sched, "scale_model_input"):  # flow matching has none: its input is unscaled
+            x = sched.scale_model_input(x, t)
+        eps = denoise(x, t)
+        if plan.cfg:
+            uncond, text = eps.chunk(2)
+            eps = uncond + g * (text - uncond)
+        return sched.step(eps, t, latents, return_dict=False)[0]
 
     def image() -> None:
-        out["image"] = dpipe(config.prompt, negative_prompt="", num_inference_steps=config.steps,
+        out["image"] = dpipe(config.prompt, negative_prompt="" if plan.cfg else None,
+                             num_inference_steps=config.steps,
                              guidance_scale=g, height=plan.height, width=plan.width,
                              num_images_per_prompt=config.images, latents=latents.clone(), output_type="np").images
 
@@ -381,14 +440,10 @@ def bench_pipeline(
     path = Path(path)
     hw, proc = fingerprint(), psutil.Process()
     pipe, manifest, name, threads = _open_pipeline(path, device, backend, config.threads)
-    if pipe.config.denoiser != "unet":
-        pipe.close()
-        raise InputError(f"bench times UNet pipelines (SD 1.x/2.x/XL); {manifest.family} pipelines "
-                         "(a transformer denoiser) are not benched yet")
     config = replace(config, threads=threads)
     try:
         loads: dict[str, float] = {}
-        for comp in ("unet", "vae_decoder", "vae_encoder", *(e.component for e in pipe.config.text_encoders)):
+        for comp in (pipe.config.denoiser, "vae_decoder", "vae_encoder", *(e.component for e in pipe.config.text_encoders)):
             if comp in pipe.components:
                 start = time.perf_counter()
                 pipe.components[comp]  # noqa: B018 - loads it

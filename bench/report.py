@@ -493,7 +493,7 @@ PIPELINE_HEADERS = ("part", "rows", "p50 ms", "p90 ms", "runs", "PyTorch p50 ms"
 
 
 def _part_order(part: str) -> tuple[int, str]:
-    rank = {"component:text_encoder": 0, "component:text_encoder_2": 1, "component:unet": 2,
+    rank = {"component:text_encoder": 0, "component:text_encoder_2": 1, "component:text_encoder_3": 2, "component:unet": 2, "component:transformer": 2,
             "component:vae_decoder": 3, "component:vae_encoder": 4, "step": 5, "image": 6}
     return (rank.get(part, 4), part)
 
