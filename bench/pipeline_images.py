@@ -73,7 +73,8 @@ class Generation:
         med = lambda v: float(np.median(v)) if v else None  # noqa: E731
         return {"step_ms": med(self.step_ms), "image_ms": med(self.image_ms),
                 "step_samples": len(self.step_ms), "image_samples": len(self.image_ms),
-                "components_ms": {k: med(v) for k, v in self.component_ms.items()}}
+                "components_ms": {k: med(v) for k, v in self.component_ms.items()},
+                "calls_per_image": {k: len(v) / max(len(self.image_ms), 1) for k, v in self.component_ms.items()}}
 
 
 def generation_plan(task_config: Any, size: int, steps: int, guidance: float = 7.5) -> GenerationPlan:
