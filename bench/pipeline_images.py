@@ -202,7 +202,7 @@ def diffusers_images(dpipe: Any, jobs: Sequence[ImageJob], plan: GenerationPlan,
         for h in handles:
             h.remove()
         del vae.decode  # back to the class's method
-    gen.component_ms = {("vae_decoder" if k == "vae_decoder" else k): v for k, v in calls.items()}
+    gen.component_ms = calls
     return gen
 
 
