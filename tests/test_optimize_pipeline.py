@@ -230,3 +230,23 @@ def test_library_refusals(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="no held-out prompts"):
         optimize_pipeline("tiny-sd15", tmp_path / "o", PipelineOptimizeConfig(prompts=()))
     assert not (tmp_path / "o").exists()
+
+
+def test_component_inference_precision_is_checked_and_recorded(sd15_run: tuple[dict, Path], tmp_path: Path) -> None:
+    from enginekit.api import compile_artifact
+    from enginekit.errors import BackendError
+    from enginekit.manifest import read_manifest
+    from enginekit.runtimes.base import CompileOptions
+
+    _, out = sd15_run
+    onnx_dir = out.parent / "work" / "onnx"
+    with pytest.raises(BackendError, match="names 'nope'"):
+        compile_artifact(onnx_dir, "openvino", tmp_path / "a",
+                         CompileOptions(extra={"component_inference_precision": {"nope": "f32"}}))
+    with pytest.raises(BackendError, match="must be one of"):
+        compile_artifact(onnx_dir, "openvino", tmp_path / "b",
+                         CompileOptions(extra={"component_inference_precision": {"unet": "f64"}}))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    picked = read_manifest(out)
+    if "fp16-unet" in picked.provenance["optimize"]["candidate"]:
+        assert picked.target["component_inference_precision"]["vae_decoder"] == "f32"
