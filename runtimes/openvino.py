@@ -97,6 +97,9 @@ class OpenVINOOptions(BackendOptions):
     inference_precision: str | None = field(default=None, metadata={"choices": _INFERENCE_PRECISIONS})
     #: Inference streams (0: the performance hint decides).
     num_streams: int = 0
+    #: Run-time precision per component, over ``inference_precision`` (a pipeline's fp16
+    #: denoiser beside a VAE that computes in f32 even where the CPU would pick bf16).
+    component_inference_precision: Mapping[str, Any] = field(default_factory=dict)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -327,6 +330,14 @@ class OpenVINOBackend(Backend):
             raise BackendError(f"openvino: keep_fp32 names {unknown[0]!r}, which this artifact does not have "
                                f"(it has: {', '.join(manifest.components)})")
         dims = _parse_dims(opts.dims, manifest)
+        per_component = dict(opts.component_inference_precision)
+        for name, value in per_component.items():
+            if name not in manifest.components:
+                raise BackendError(f"openvino: component_inference_precision names {name!r}, which this artifact "
+                                   f"does not have (it has: {', '.join(manifest.components)})")
+            if value not in _INFERENCE_PRECISIONS:
+                raise BackendError(f"openvino: component_inference_precision[{name!r}] must be one of "
+                                   f"{', '.join(_INFERENCE_PRECISIONS)}, got {value!r}")
         components = {}
         for comp in manifest.components.values():
             compress = opts.precision == "fp16" and comp.name not in opts.keep_fp32
@@ -384,6 +395,8 @@ class OpenVINOBackend(Backend):
             target["static_batch"] = static_batch
         if dims:
             target["dims"] = dims
+        if per_component:
+            target["component_inference_precision"] = per_component
         # A new run-time precision or shape makes a recorded fidelity stale.
         fidelity = manifest.fidelity
         if manifest.kind == self.kind and (static_batch or dims or inference_precision != manifest.target.get(
@@ -391,7 +404,7 @@ class OpenVINOBackend(Backend):
             fidelity = {}
         return manifest.replace(kind=self.kind, components=components, target=target, fidelity=fidelity)
 
-    def _config(self, manifest: Manifest, cache_dir: Path | None) -> dict[str, Any]:
+    def _config(self, manifest: Manifest, cache_dir: Path | None, component: str | None = None) -> dict[str, Any]:
         import openvino as ov
         import openvino.properties as props
         import openvino.properties.hint as hints
@@ -405,6 +418,7 @@ class OpenVINOBackend(Backend):
         config: dict[str, Any] = {hints.performance_mode(): getattr(hints.PerformanceMode, hint)}
         floats = all(c.precision == "fp32" for c in manifest.components.values())
         precision = str(target.get("inference_precision_hint", "f32" if floats else "default"))
+        precision = str((target.get("component_inference_precision") or {}).get(component, precision))
         types = {"f32": ov.Type.f32, "f16": ov.Type.f16, "bf16": ov.Type.bf16}
         if precision in types:
             config[hints.inference_precision()] = types[precision]
@@ -448,7 +462,7 @@ class OpenVINOBackend(Backend):
         cache_dir = _make_cache_dir(manifest)
         # The OpenVINO plugins take the compute-precision and thread hints; AUTO passes
         # them on to the device it picks.
-        config = self._config(manifest, cache_dir)
+        config = self._config(manifest, cache_dir, comp.name)
         core = self._core()
         xml = artifact / comp.entry  # model.xml, or a plain artifact's model.onnx
         try:

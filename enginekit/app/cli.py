@@ -822,15 +822,24 @@ def _csv(value: str | None) -> tuple[str, ...] | None:
 @click.option("--seed", default=0, show_default=True, help="Seed for random weights and the export's parity inputs.")
 @click.option("--work", type=click.Path(path_type=Path), help="Keep the export and every candidate here.")
 @click.option("--store", type=click.Path(path_type=Path), help="Also append the timing records to this results store.")
+@click.option("--min-psnr", type=float, default=None,
+              help="Pipelines: least image PSNR (dB) against diffusers on every held-out image [default: 30].")
+@click.option("--size", type=int, default=None, help="Pipelines: image side judged and timed (default: the model's).")
+@click.option("--steps", type=int, default=None, help="Pipelines: denoising steps per image [default: 4].")
+@click.option("--prompts", "prompts_file", type=click.Path(path_type=Path, dir_okay=False),
+              help="Pipelines: held-out prompts, one a line (default: built-in ones no quantizer calibrates on).")
+@click.option("--seeds", default=None, help="Pipelines: comma-separated latent seeds per prompt [default: 0].")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists (atomically).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def optimize(model: str, out: Path, budget_agreement: float, budget_cosine: float, tie_margin: float,
-             backends: str | None,
+@click.pass_context
+def optimize(ctx: click.Context, model: str, out: Path, budget_agreement: float, budget_cosine: float,
+             tie_margin: float, backends: str | None,
              precisions: str, batch: int, data: str | None, second_data: str | None, calibration_size: int,
              eval_size: int,
              runs: int | None, duration: float | None, warmup: int, threads: int, dynamic_shape: bool,
              random_weights: bool, weights: Path | None, revision: str | None, seed: int, work: Path | None,
-             store: Path | None, overwrite: bool, as_json: bool) -> None:
+             store: Path | None, min_psnr: float | None, size: int | None, steps: int | None,
+             prompts_file: Path | None, seeds: str | None, overwrite: bool, as_json: bool) -> None:
     """Find the fastest engine for MODEL on this machine that keeps its fidelity.
 
     Exports MODEL, builds every candidate (each installed backend x fp32, fp16/bf16,
@@ -838,7 +847,34 @@ def optimize(model: str, out: Path, budget_agreement: float, budget_cosine: floa
     calibration source, and made differently: --second-data), times each
     beside PyTorch eager, and writes the fastest that keeps the budget to OUTPUT
     with a report of every candidate's fate. MODEL is anything `export` takes.
+
+    A diffusion pipeline (tiny-sd15, sd15 --random-weights, a diffusers folder, ...)
+    is judged by image PSNR against diffusers on held-out prompts and seeds
+    (--min-psnr, --size, --steps, --prompts, --seeds) and picked by its time per
+    denoising step.
     """
+    from enginekit.export.api import source_task
+
+    given = {name for name in ctx.params
+             if ctx.get_parameter_source(name) not in (click.core.ParameterSource.DEFAULT, None)}
+    pipeline_only = {"min_psnr", "size", "steps", "prompts_file", "seeds"}
+    if source_task(model) == "text-to-image":
+        classifier_only = sorted(given & {"budget_agreement", "budget_cosine", "tie_margin", "batch", "data",
+                                          "second_data", "calibration_size", "eval_size", "runs", "duration",
+                                          "warmup", "dynamic_shape", "weights", "store"})
+        if classifier_only:
+            flag = "--" + classifier_only[0].replace("_", "-")
+            raise click.UsageError(f"{flag} is for classifiers; {model!r} is a diffusion pipeline (its flags: "
+                                   "--min-psnr, --size, --steps, --prompts, --seeds, --backends, --precisions)")
+        _optimize_pipeline_cmd(model, out, backends=backends, precisions=precisions, min_psnr=min_psnr, size=size,
+                               steps=steps, prompts_file=prompts_file, seeds=seeds, threads=threads,
+                               random_weights=random_weights, revision=revision, seed=seed, work=work,
+                               overwrite=overwrite, as_json=as_json)
+        return
+    wrong = sorted(given & pipeline_only)
+    if wrong:
+        flag = "--" + ("prompts" if wrong[0] == "prompts_file" else wrong[0].replace("_", "-"))
+        raise click.UsageError(f"{flag} is for diffusion pipelines; {model!r} is an image classifier")
     from enginekit.app.optimize import OptimizeConfig
     from enginekit.app.optimize import optimize as run_optimize
 
@@ -873,6 +909,56 @@ def optimize(model: str, out: Path, budget_agreement: float, budget_cosine: floa
     for c in report["candidates"]:
         if c["status"] in ("rejected", "failed"):
             console.print(f"[dim]{c['candidate']['name']}: {c['status']}: {c['reason']}[/]", highlight=False)
+    console.print(f"[green]wrote[/] {out} ({report['picked']}) and {out / 'report.md'}")
+    if report.get("rebuild"):
+        console.print("rebuild it by hand:\n" + "\n".join(f"  {line}" for line in report["rebuild"]), highlight=False,
+                      markup=False, soft_wrap=True)
+
+
+def _optimize_pipeline_cmd(model: str, out: Path, *, backends: str | None, precisions: str, min_psnr: float | None,
+                           size: int | None, steps: int | None, prompts_file: Path | None, seeds: str | None,
+                           threads: int, random_weights: bool, revision: str | None, seed: int, work: Path | None,
+                           overwrite: bool, as_json: bool) -> None:
+    """``optimize`` on a pipeline: see :mod:`enginekit.app.optimize_pipeline`."""
+    from enginekit.app.optimize_pipeline import PipelineOptimizeConfig, optimize_pipeline, table_rows
+
+    defaults = PipelineOptimizeConfig()
+    prompts = defaults.prompts
+    if prompts_file is not None:
+        try:
+            prompts = tuple(line.strip() for line in prompts_file.read_text(encoding="utf-8").splitlines()
+                            if line.strip())
+        except (OSError, UnicodeDecodeError) as exc:
+            raise click.BadParameter(f"cannot read {prompts_file}: {exc}", param_hint="--prompts") from None
+    try:
+        seed_list = tuple(int(v) for v in _csv(seeds) or ()) or defaults.seeds
+    except ValueError:
+        raise click.BadParameter(f"{seeds!r} is not a comma-separated list of integers", param_hint="--seeds") from None
+    config = PipelineOptimizeConfig(backends=_csv(backends), precisions=_csv(precisions) or (),
+                                    min_psnr=defaults.min_psnr if min_psnr is None else min_psnr, size=size,
+                                    steps=steps or defaults.steps, prompts=prompts, seeds=seed_list, threads=threads)
+    console = _console()
+    with contextlib.redirect_stdout(sys.stderr):
+        report = optimize_pipeline(model, out, config, random_weights=random_weights, revision=revision, seed=seed,
+                                   work_dir=work, overwrite=overwrite,
+                                   on_step=lambda msg: console.print(f"[dim]·[/] {msg}", highlight=False, markup=False))
+    if as_json:
+        _emit_json(report)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"enginekit optimize {report['model']}: {report['size']}x{report['size']}, "
+                        f"{report['steps']} steps, budget PSNR >= {report['budget']['min_psnr_db']:g} dB vs diffusers")
+    from enginekit.app.optimize_pipeline import HEADERS
+
+    for col in HEADERS:
+        table.add_column(col, justify="left" if col in ("candidate", "precision", "fate") else "right")
+    from rich.markup import escape
+
+    for row in table_rows(report):
+        table.add_row(*(escape(cell) for cell in row))
+    Console(width=None if sys.stdout.isatty() else 200).print(table)
     console.print(f"[green]wrote[/] {out} ({report['picked']}) and {out / 'report.md'}")
     if report.get("rebuild"):
         console.print("rebuild it by hand:\n" + "\n".join(f"  {line}" for line in report["rebuild"]), highlight=False,

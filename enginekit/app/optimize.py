@@ -356,8 +356,9 @@ def optimize(
     from enginekit.registry import backend_class, backend_names
 
     if source_task(model) != "image-classification":
-        raise SourceError(f"optimize picks engines for image classifiers; {model!r} is a diffusion pipeline "
-                          "(export and compile it: enginekit export / enginekit compile)")
+        raise SourceError(f"optimize() picks engines for image classifiers; {model!r} is a diffusion pipeline "
+                          "(use enginekit.app.optimize_pipeline.optimize_pipeline, which `enginekit optimize` "
+                          "calls for pipelines)")
     out = Path(out)
     if out.exists() and not overwrite:  # fail before minutes of work, not after
         raise ArtifactError(f"{out} already exists; choose another output or pass --overwrite")

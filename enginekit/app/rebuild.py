@@ -12,7 +12,7 @@ import json
 import shlex
 from typing import Any, Mapping
 
-__all__ = ["rebuild_commands"]
+__all__ = ["rebuild_commands", "pipeline_rebuild_commands"]
 
 #: compile option key -> the ``compile`` flag that sets it (booleans are bare flags).
 _FLAGS = {
@@ -91,4 +91,49 @@ def rebuild_commands(report: Mapping[str, Any], candidate: Mapping[str, Any], *,
         if config.get("threads"):
             parts += ["--threads", str(config["threads"])]
         lines.append(" ".join(parts))
+    return lines
+
+
+def pipeline_rebuild_commands(report: Mapping[str, Any], candidate: Mapping[str, Any], components: list[str], *,
+                              seed: int = 0, revision: str | None = None) -> list[str]:
+    """The commands that rebuild a pipeline ``optimize`` candidate (a report's
+    ``candidates[i]["candidate"]``): export, then ``quantize_pipeline`` where the candidate is
+    quantized (a Python call: the per-component precisions are its ``components`` argument),
+    then ``compile`` with the same options (OpenVINO: static shapes at the size judged)."""
+    source = report.get("source") or {}
+    parts = ["enginekit", "export", _q(report["model"]), "-o", "onnx"]
+    if source.get("kind") == "random":
+        parts.append("--random-weights")
+    if revision:
+        parts += ["--revision", _q(revision)]
+    if seed:
+        parts += ["--seed", str(seed)]
+    lines = [" ".join(parts)]
+    if candidate.get("builder"):
+        return lines + [f"# {candidate['name']} was built by a custom builder ({candidate['builder']}): no commands"]
+    backend, built = str(candidate["backend"]), "onnx"
+    if candidate.get("how") == "quantize":
+        precisions = candidate["precisions"]
+        per = {c: precisions.get(c, precisions.get("*", "fp32")) for c in components}
+        call = (f"from enginekit.quant.diffusion import quantize_pipeline; quantize_pipeline('onnx', 'quantized', "
+                f"{candidate['method']!r}, backend={backend!r}, components={per!r}, check_fidelity=False)")
+        lines.append(f"python -c {_q(call)}")
+        built = "quantized"
+        if backend != "openvino":
+            return lines
+    parts = ["enginekit", "compile", built, "-b", backend, "-o", _q(candidate["name"])]
+    if candidate.get("compile_precision", "fp32") != "fp32":
+        parts += ["--precision", str(candidate["compile_precision"])]
+    if backend == "openvino":
+        parts += ["--height", str(report["size"]), "--width", str(report["size"]), "--batch", "1"]
+    for key, value in (candidate.get("compile_options") or {}).items():
+        flag = _FLAGS.get(key)
+        if flag is not None and not isinstance(value, (list, dict)):
+            parts += [flag, _q(value)]
+        else:
+            parts += ["--option", _q(f"{key}={json.dumps(value, separators=(',', ':'))}")]
+    threads = (report.get("config") or {}).get("threads")
+    if threads:
+        parts += ["--threads", str(threads)]
+    lines.append(" ".join(parts))
     return lines

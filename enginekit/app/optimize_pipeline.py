@@ -1,0 +1,521 @@
+"""``optimize`` for diffusion pipelines: the fastest assembly per denoising step within an image-PSNR budget.
+
+1. export the float ONNX pipeline once (every component parity-checked against PyTorch);
+2. diffusers' fp32 pipeline of the same weights (rebuilt from the export's provenance)
+   draws the reference image of every held-out (prompt, seed) pair, timed (the baseline);
+3. plan the candidates: each backend × precision as whole-pipeline assemblies (all
+   fp32, all fp16) and mixed ones (the denoiser at fp16/int8/int4, the rest fp32: the
+   usual win, since the VAE is what half precision hurts and the denoiser is what runs
+   every step). fp32/fp16 build through ``compile`` (OpenVINO compresses weights to
+   fp16; the CPU then computes in bf16 where it has AMX/AVX512-BF16, the fp32 components
+   pinned to f32); quantized ones through :func:`enginekit.quant.diffusion.quantize_pipeline`
+   where it is installed, else they are skipped;
+4. each built candidate generates the held-out images on the reference's latents, alone
+   in the process (one warm-up image first); its worst PSNR against diffusers is
+   judged against the budget, and the same generations time its steps, its whole
+   images and each component's calls;
+5. diffusers is timed again after the engines; speed-ups divide by the faster run;
+6. the fastest per step within the budget is copied atomically to OUT, with
+   ``report.md`` and ``report.json`` saying what became of every candidate and which
+   component each speed-up came from (per-component times against the all-fp32
+   candidate of the same backend), and the commands that rebuild it.
+
+Nothing is written to OUT when no candidate meets the budget; the report then stays
+in the work folder, whose path the error names.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from enginekit.errors import ArtifactError, FidelityError, InputError
+
+__all__ = ["HELD_OUT_PROMPTS", "PipelineCandidate", "PipelineOptimizeConfig", "optimize_pipeline",
+           "plan_pipeline_candidates", "select", "render_pipeline_report", "QUANTIZE_MISSING"]
+
+PRECISIONS = ("fp32", "fp16", "int8", "int4")
+#: Held-out prompts (never calibration prompts: those quantizers draw are left out, below).
+HELD_OUT_PROMPTS = (
+    "a red fox sitting in fresh snow, morning light, detailed photograph",
+    "an old wooden sailboat on a calm lake at sunset, watercolor",
+    "a bowl of ramen on a dark table, studio lighting, close-up",
+    "a futuristic city skyline at night with neon signs, digital art",
+)
+QUANTIZE_MISSING = "quantize for pipelines not available"
+
+
+@dataclass(frozen=True)
+class PipelineCandidate:
+    """One assembly to try: a backend, each component's precision, and how to build it."""
+
+    name: str
+    backend: str
+    #: component -> fp32 | fp16 | int8 | int4 ("*" for every component not named).
+    precisions: Mapping[str, str]
+    #: "compile": float engines through ``compile``; "quantize": through quantize_pipeline.
+    how: str = "compile"
+    #: The quantize_pipeline method (the denoiser's, for a mixed assembly).
+    method: str | None = None
+    #: ``compile`` options (backend option -> value) and typed flags.
+    compile_precision: str = "fp32"
+    compile_options: Mapping[str, Any] = field(default_factory=dict)
+    description: str = ""
+    #: Tests and experiments: builds the engine itself, ``builder(onnx_dir, dest) -> path``.
+    builder: Callable[[Path, Path], Path] | None = field(default=None, compare=False)
+
+    @property
+    def family(self) -> str:
+        """The lowest precision in the assembly (what ``--precisions`` selects on)."""
+        order = {p: i for i, p in enumerate(PRECISIONS)}
+        return max(self.precisions.values(), key=lambda p: order.get(p, 0))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["builder"] = None if self.builder is None else getattr(self.builder, "__name__", "custom")
+        d["family"] = self.family
+        return d
+
+
+@dataclass(frozen=True)
+class PipelineOptimizeConfig:
+    """What pipeline ``optimize`` tries and how it judges."""
+
+    backends: tuple[str, ...] | None = None
+    precisions: tuple[str, ...] = PRECISIONS
+    min_psnr: float = 30.0
+    min_ssim: float | None = None
+    size: int | None = None
+    steps: int = 4
+    guidance: float = 7.5
+    prompts: tuple[str, ...] = HELD_OUT_PROMPTS[:2]
+    seeds: tuple[int, ...] = (0,)
+    threads: int = 0
+    calibration_prompts: int = 8
+    group_size: int = 128
+
+    def check(self) -> None:
+        unknown = [p for p in self.precisions if p not in PRECISIONS]
+        if unknown or not self.precisions:
+            raise InputError(f"precisions must be among {', '.join(PRECISIONS)}; got "
+                             f"{', '.join(self.precisions) or 'none'}")
+        if not self.prompts:
+            raise InputError("no held-out prompts: give at least one (--prompts FILE, one prompt a line)")
+        if not self.seeds:
+            raise InputError("no seeds: give at least one (--seeds 0,1)")
+        if self.min_psnr < 0:
+            raise InputError(f"--min-psnr must be at least 0 dB, got {self.min_psnr}")
+        if self.steps < 2 or self.steps > 200:
+            raise InputError(f"--steps must be 2-200 (a step is timed between two step ends), got {self.steps}")
+        if self.guidance <= 1.0:
+            raise InputError(f"guidance must be above 1 (the step is timed with CFG), got {self.guidance}")
+
+
+def plan_pipeline_candidates(backends: Sequence[str], precisions: Sequence[str], components: Sequence[str],
+                             denoiser: str, *, size: int, cpu_flags: Sequence[str] = ()) -> list[PipelineCandidate]:
+    """Every assembly for ``backends`` × ``precisions``: all fp32, all fp16, and the denoiser at
+    each lower precision with every other component fp32. OpenVINO engines get static shapes
+    at ``size`` (batch 1, the denoiser at 2 rows for CFG)."""
+    rest = [c for c in components if c != denoiser]
+    f32_rest = {c: "f32" for c in rest}
+    half = "bf16 compute (AMX/AVX512-BF16)" if {"amx_bf16", "avx512_bf16"} & set(cpu_flags) else \
+        "the CPU's own compute precision"
+    out: list[PipelineCandidate] = []
+    for be in backends:
+        ov = be == "openvino"
+        out.append(PipelineCandidate(f"{be}-fp32", be, {"*": "fp32"}, compile_options={"inference_precision": "f32"}
+                                     if ov else {}, description="every component fp32"))
+        if "fp16" in precisions:
+            if ov:
+                out.append(PipelineCandidate(f"{be}-fp16", be, {"*": "fp16"}, compile_precision="fp16",
+                                             description=f"fp16 weights everywhere (the family's fp32 exceptions "
+                                                         f"kept), {half}"))
+                out.append(PipelineCandidate(
+                    f"{be}-fp16-{denoiser}", be, {denoiser: "fp16", "*": "fp32"}, compile_precision="fp16",
+                    compile_options={"keep_fp32": rest, "component_inference_precision": f32_rest},
+                    description=f"{denoiser} fp16 weights with {half}; the rest fp32, computed in f32"))
+            else:
+                out.append(PipelineCandidate(f"{be}-fp16", be, {"*": "fp16"}, how="quantize", method="fp16",
+                                             description="fp16 graphs (quantize_pipeline)"))
+                out.append(PipelineCandidate(f"{be}-fp16-{denoiser}", be, {denoiser: "fp16", "*": "fp32"},
+                                             how="quantize", method="fp16",
+                                             description=f"{denoiser} fp16 (quantize_pipeline), the rest fp32"))
+        for p in ("int8", "int4"):
+            if p in precisions:
+                out.append(PipelineCandidate(
+                    f"{be}-{p}-{denoiser}", be, {denoiser: p, "*": "fp32"}, how="quantize", method=p,
+                    compile_options={"inference_precision": "f32"} if ov else {},
+                    description=f"{denoiser} {p} (quantize_pipeline), the rest fp32"))
+    return [c for c in out if c.family in precisions]
+
+
+# --------------------------------------------------------------------------- building
+
+
+def _quantize_pipeline() -> Callable[..., Any]:
+    """Q's quantizer, imported lazily; ImportError when it is not installed."""
+    from enginekit.quant.diffusion import quantize_pipeline  # noqa: PLC0415
+
+    return quantize_pipeline
+
+
+def _build(cand: PipelineCandidate, onnx_dir: Path, work: Path, components: Sequence[str],
+           config: PipelineOptimizeConfig, size: int, on_step: Callable[[str], None]) -> Path:
+    from enginekit.app.build import build_engine
+
+    dest = work / "candidates" / cand.name
+    if cand.builder is not None:
+        return cand.builder(onnx_dir, dest)
+    source = onnx_dir
+    if cand.how == "quantize":
+        quantize = _quantize_pipeline()
+        qdir = work / "quantized" / cand.name
+        per = {c: cand.precisions.get(c, cand.precisions.get("*", "fp32")) for c in components}
+        on_step(f"quantize_pipeline {cand.method} for {cand.backend}: "
+                + ", ".join(f"{c} {p}" for c, p in per.items()))
+        quantize(onnx_dir, qdir, cand.method, backend=cand.backend, components=per,
+                 calibration_prompts=config.calibration_prompts, group_size=config.group_size,
+                 check_fidelity=False, overwrite=True, on_step=on_step)
+        source = qdir
+        if cand.backend != "openvino":
+            return qdir  # ONNX Runtime runs the quantized graphs as they are
+    ov = cand.backend == "openvino"
+    on_step(f"compile {cand.name}")
+    build_engine(source, cand.backend, dest, device="cpu", threads=config.threads,
+                 precision=cand.compile_precision, height=size if ov else None, width=size if ov else None,
+                 batch=1 if ov else None, options=dict(cand.compile_options), overwrite=True)
+    return dest
+
+
+# --------------------------------------------------------------------------- selection
+
+
+def select(outcomes: Sequence[dict[str, Any]], min_psnr: float, min_ssim: float | None = None) -> str | None:
+    """Mark every judged outcome ``missed`` (with its numbers), ``slower`` or ``picked``: the
+    fastest per denoising step whose worst image keeps the budget. Returns the pick's name."""
+    passing = []
+    for oc in outcomes:
+        if oc["status"] != "judged":
+            continue
+        fid = oc["fidelity"]
+        misses = []
+        if fid["psnr_db_min"] < min_psnr:
+            misses.append(f"PSNR {fid['psnr_db_min']:.2f} dB < {min_psnr:g} dB (worst image)")
+        if min_ssim is not None and fid.get("ssim_min") is not None and fid["ssim_min"] < min_ssim:
+            misses.append(f"SSIM {fid['ssim_min']:.4f} < {min_ssim:g}")
+        if misses:
+            oc["status"], oc["reason"] = "missed", "missed budget: " + "; ".join(misses)
+        else:
+            passing.append(oc)
+    if not passing:
+        return None
+    best = min(passing, key=lambda oc: oc["timing"]["step_ms"])
+    for oc in passing:
+        if oc is best:
+            oc["status"], oc["reason"] = "picked", "fastest per step within the budget"
+        else:
+            oc["status"] = "slower"
+            oc["reason"] = (f"slower per step than {best['candidate']['name']} "
+                            f"({oc['timing']['step_ms']:.1f} vs {best['timing']['step_ms']:.1f} ms)")
+    return best["candidate"]["name"]
+
+
+def _attribute(outcomes: Sequence[dict[str, Any]], baseline: Mapping[str, Any]) -> None:
+    """Speed-ups against diffusers, and per component against the all-fp32 candidate of the same backend."""
+    ref = {oc["candidate"]["backend"]: oc for oc in outcomes
+           if oc["candidate"]["name"] == f"{oc['candidate']['backend']}-fp32" and oc.get("timing")}
+    for oc in outcomes:
+        t = oc.get("timing")
+        if not t:
+            continue
+        oc["speedup_step"] = baseline["step_ms"] / t["step_ms"] if t.get("step_ms") else None
+        oc["speedup_image"] = baseline["image_ms"] / t["image_ms"] if t.get("image_ms") else None
+        base = ref.get(oc["candidate"]["backend"])
+        if base is None or base is oc:
+            continue
+        b = base["timing"]
+        per = {c: b["components_ms"][c] / ms for c, ms in t["components_ms"].items()
+               if ms and b["components_ms"].get(c)}
+        # Time saved per image: a text encoder runs once an image, the denoiser once a step.
+        calls = t.get("calls_per_image") or {}
+        saved = {c: (b["components_ms"][c] - ms) * calls.get(c, 1.0) for c, ms in t["components_ms"].items()
+                 if b["components_ms"].get(c)}
+        oc["vs_fp32"] = {"candidate": base["candidate"]["name"], "step": b["step_ms"] / t["step_ms"],
+                         "components": per, "saved_ms_per_image": saved,
+                         "from": max(saved, key=lambda c: saved[c]) if saved and max(saved.values()) > 0 else None}
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+
+
+def _held_out(prompts: Sequence[str]) -> list[str]:
+    """The prompts less any a quantizer calibrates on (so the judge never sees calibration prompts)."""
+    try:
+        from enginekit.quant import diffusion
+
+        calibration = set(getattr(diffusion, "CALIBRATION_PROMPTS", ()))
+    except ImportError:
+        calibration = set()
+    kept = [p for p in prompts if p not in calibration]
+    if not kept:
+        raise InputError("every held-out prompt is also a calibration prompt; give others (--prompts FILE)")
+    return kept
+
+
+def optimize_pipeline(
+    model: str,
+    out: str | Path,
+    config: PipelineOptimizeConfig = PipelineOptimizeConfig(),  # noqa: B008 - frozen dataclass
+    *,
+    random_weights: bool = False,
+    revision: str | None = None,
+    seed: int = 0,
+    work_dir: str | Path | None = None,
+    overwrite: bool = False,
+    extra_candidates: Sequence[PipelineCandidate] = (),
+    on_step: Callable[[str], None] = lambda msg: None,
+) -> dict[str, Any]:
+    """Build, judge and time every candidate assembly of pipeline ``model``; write the fastest per
+    step within the PSNR budget to ``out``. Returns the report (also ``out/report.json``).
+    ``extra_candidates`` are tried beside the planned ones."""
+    from enginekit.registry import backend_class, backend_names
+
+    config.check()
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise ArtifactError(f"{out} already exists; choose another output or pass --overwrite")
+    installed = [b for b in backend_names() if backend_class(b).is_available()]
+    backends = list(config.backends) if config.backends else installed
+    for name in backends:
+        backend_class(name)  # an unknown name raises UnknownBackendError naming the known ones
+        if name not in installed:
+            raise InputError(f"backend {name!r} is not installed here (installed: {', '.join(installed) or 'none'})")
+    prompts = _held_out(config.prompts)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    keep = work_dir is not None
+    work = Path(work_dir) if keep else Path(tempfile.mkdtemp(prefix=f".{out.name}.optimize-", dir=out.parent))
+    work.mkdir(parents=True, exist_ok=True)
+    from enginekit.api import warm_cache
+    from enginekit.artifact import using_cache_root
+
+    try:
+        with using_cache_root(work / "model-cache"):
+            report = _run(model, out, work, backends, prompts, config, random_weights=random_weights,
+                          revision=revision, seed=seed, overwrite=overwrite, extra=extra_candidates, on_step=on_step)
+    except FidelityError:
+        keep = True  # the report of why nothing passed lives there
+        raise
+    finally:
+        if not keep:
+            shutil.rmtree(work, ignore_errors=True)
+    warm_cache(out, "cpu")
+    return report
+
+
+def _run(model: str, out: Path, work: Path, backends: list[str], prompts: list[str], config: PipelineOptimizeConfig,
+         *, random_weights: bool, revision: str | None, seed: int, overwrite: bool,
+         extra: Sequence[PipelineCandidate], on_step: Callable[[str], None]) -> dict[str, Any]:
+    import gc
+
+    from enginekit.artifact import atomic_artifact, write_manifest
+    from enginekit.bench.pipeline import _diffusers_pipeline
+    from enginekit.bench.pipeline_images import (ImageJob, diffusers_images, engine_images, generation_plan,
+                                                 judge_images)
+    from enginekit.export.api import export_model
+    from enginekit.hardware import fingerprint
+    from enginekit.manifest import read_manifest
+    from enginekit.runtimes.tasks.text_to_image import PipelineConfig
+
+    hw = fingerprint()
+    onnx_dir = work / "onnx"
+    on_step(f"1. export {model} -> {onnx_dir}")
+    manifest = export_model(model, onnx_dir, task="text-to-image", random_weights=random_weights, revision=revision,
+                            seed=seed, image_check=False, overwrite=True, on_step=lambda m: on_step("  " + m))
+    pcfg = PipelineConfig.from_section(manifest.task_config)
+    size = config.size or pcfg.default_size
+    plan = generation_plan(manifest.task_config, size, config.steps, config.guidance)
+    jobs = [ImageJob(p, s) for p in prompts for s in config.seeds]
+    components = list(manifest.components)
+    candidates = plan_pipeline_candidates(backends, config.precisions, components, pcfg.denoiser, size=size,
+                                          cpu_flags=hw.get("flags") or []) + list(extra)
+    threads = config.threads or hw.get("physical_cores") or 1
+
+    on_step(f"2. diffusers fp32 eager: {len(jobs)} reference image(s) at {size}x{size}, {config.steps} steps")
+    dpipe = _diffusers_pipeline(manifest)
+    before = diffusers_images(dpipe, jobs, plan, threads)
+    reference = before.images
+    del dpipe
+    gc.collect()
+    on_step(f"  step {before.summary()['step_ms']:.1f} ms, image {before.summary()['image_ms']:.0f} ms")
+
+    outcomes: list[dict[str, Any]] = []
+    for i, cand in enumerate(candidates, 1):
+        oc: dict[str, Any] = {"candidate": cand.to_dict(), "status": "pending", "reason": ""}
+        outcomes.append(oc)
+        on_step(f"3. [{i}/{len(candidates)}] {cand.name}: {cand.description}")
+        start = time.perf_counter()
+        try:
+            path = _build(cand, onnx_dir, work, components, config, size, on_step)
+        except ImportError as exc:
+            if cand.how != "quantize":
+                raise
+            oc["status"], oc["reason"] = "skipped", f"{QUANTIZE_MISSING} ({_one_line(exc)})"
+            on_step(f"  {oc['reason']}")
+            continue
+        except Exception as exc:  # one candidate's failure (any library's) must not end the run
+            oc["status"], oc["reason"] = "failed", _one_line(exc)
+            on_step(f"  failed: {oc['reason']}")
+            continue
+        oc["build_s"] = time.perf_counter() - start
+        oc["path"] = str(path)
+        try:
+            gen, _ = engine_images(path, cand.backend, jobs, plan, threads)
+            oc["fidelity"] = judge_images(reference, gen.images, jobs)
+            oc["timing"] = gen.summary()
+        except Exception as exc:
+            oc["status"], oc["reason"] = "failed", _one_line(exc)
+            on_step(f"  failed: {oc['reason']}")
+            continue
+        oc["status"] = "judged"
+        oc["size_bytes"] = sum(f.size for c in read_manifest(path).components.values() for f in c.files)
+        on_step(f"  worst PSNR {oc['fidelity']['psnr_db_min']:.2f} dB; step {oc['timing']['step_ms']:.1f} ms, "
+                f"image {oc['timing']['image_ms']:.0f} ms")
+
+    on_step("5. diffusers fp32 eager again, after the engines")
+    dpipe = _diffusers_pipeline(manifest)
+    after = diffusers_images(dpipe, jobs[:1], plan, threads)
+    del dpipe
+    gc.collect()
+    b, a = before.summary(), after.summary()
+    baseline = min((b, a), key=lambda s: s["step_ms"])
+    baseline = {**baseline, "before": {"step_ms": b["step_ms"], "image_ms": b["image_ms"]},
+                "after": {"step_ms": a["step_ms"], "image_ms": a["image_ms"]}, "threads": threads,
+                "drift": a["step_ms"] / b["step_ms"]}
+    picked = select(outcomes, config.min_psnr, config.min_ssim)
+    _attribute(outcomes, baseline)
+    report: dict[str, Any] = {
+        "model": model, "family": manifest.family, "output": str(out),
+        "source": {k: manifest.provenance.get(k) for k in ("source", "kind", "weights", "seed")
+                   if manifest.provenance.get(k) is not None},
+        "size": size, "steps": config.steps, "guidance": plan.guidance, "scheduler": plan.scheduler,
+        "denoiser": pcfg.denoiser, "held_out": {"prompts": prompts, "seeds": list(config.seeds)},
+        "budget": {"min_psnr_db": config.min_psnr, "min_ssim": config.min_ssim, "judged_on": "worst image"},
+        "config": {k: v for k, v in asdict(config).items() if k != "prompts"},
+        "hardware": hw, "baseline": baseline, "candidates": outcomes, "picked": picked,
+    }
+    if picked is not None:
+        from enginekit.app.rebuild import pipeline_rebuild_commands
+
+        best = next(oc for oc in outcomes if oc["status"] == "picked")
+        report["rebuild"] = pipeline_rebuild_commands(report, best["candidate"], components, seed=seed,
+                                                      revision=revision)
+    markdown = render_pipeline_report(report)
+    if picked is None:
+        (work / "report.json").write_text(json.dumps(report, indent=2, default=str))
+        (work / "report.md").write_text(markdown)
+        lines = "\n".join(f"  {oc['candidate']['name']}: {oc['status']} ({oc['reason']})" for oc in outcomes)
+        raise FidelityError(f"no candidate met the budget (image PSNR >= {config.min_psnr:g} dB against diffusers "
+                            f"on every held-out image):\n{lines}\n{table_text(report)}\n"
+                            f"nothing was written to {out}; the report is in {work / 'report.md'}")
+    best = next(oc for oc in outcomes if oc["status"] == "picked")
+    on_step(f"6. picked {picked} -> {out}")
+    with atomic_artifact(out, overwrite=overwrite) as tmp:
+        shutil.copytree(best["path"], tmp, dirs_exist_ok=True)
+        m = read_manifest(tmp)
+        provenance = {**m.provenance, "optimize": {
+            "model": model, "candidate": picked, "candidates": len(outcomes), "size": size, "steps": config.steps,
+            "baseline_step_ms": baseline["step_ms"], "step_ms": best["timing"]["step_ms"],
+            "speedup_step": best.get("speedup_step"), "psnr_db_min": best["fidelity"]["psnr_db_min"]}}
+        write_manifest(tmp, m.replace(provenance=provenance, fidelity={**m.fidelity, "image": best["fidelity"]}))
+        (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str))
+        (tmp / "report.md").write_text(markdown)
+    return report
+
+
+# --------------------------------------------------------------------------- the report
+
+
+def _f(value: Any, spec: str, suffix: str = "") -> str:
+    return "-" if value is None else format(value, spec) + suffix
+
+
+def table_rows(report: Mapping[str, Any]) -> list[list[str]]:
+    """One row per candidate (after diffusers'): name, precisions, step ms, image ms, speed-ups,
+    worst/mean PSNR, speed-up vs the backend's fp32 and the component it came from, fate."""
+    base = report["baseline"]
+    rows = [["diffusers eager (baseline)", "fp32", _f(base["step_ms"], ".1f"), _f(base["image_ms"], ".0f"),
+             "1.00x", "1.00x", "reference", "-", "-", "baseline"]]
+    for oc in report["candidates"]:
+        c, t, fid, vs = oc["candidate"], oc.get("timing") or {}, oc.get("fidelity") or {}, oc.get("vs_fp32") or {}
+        precisions = ", ".join(f"{k if k != '*' else 'rest' if len(c['precisions']) > 1 else 'all'} {v}"
+                               for k, v in c["precisions"].items())
+        came = "-" if not vs else (f"{vs['step']:.2f}x ({vs['from']} {vs['components'].get(vs['from'], 0):.2f}x)"
+                                   if vs.get("from") else f"{vs['step']:.2f}x (no component faster)")
+        fate = oc["status"] + (f": {oc['reason']}" if oc["reason"] and oc["status"] != "picked" else "")
+        rows.append([c["name"], precisions, _f(t.get("step_ms"), ".1f"), _f(t.get("image_ms"), ".0f"),
+                     _f(oc.get("speedup_step"), ".2f", "x"), _f(oc.get("speedup_image"), ".2f", "x"),
+                     f"{_f(fid.get('psnr_db_min'), '.2f')} / {_f(fid.get('psnr_db_mean'), '.2f')}" if fid else "-",
+                     came, _f(oc.get("size_bytes") and oc["size_bytes"] / 1e6, ".0f"), fate])
+    return rows
+
+
+HEADERS = ["candidate", "precision", "step ms", "image ms", "step speed-up", "image speed-up",
+           "PSNR dB worst / mean", "vs own fp32 (from)", "size MB", "fate"]
+
+
+def table_text(report: Mapping[str, Any]) -> str:
+    return "\n".join("| " + " | ".join(r).replace("\n", " ") + " |" for r in [HEADERS, *table_rows(report)])
+
+
+def render_pipeline_report(report: Mapping[str, Any]) -> str:
+    """The markdown report: the run's settings, the baseline and one row per candidate with its fate."""
+    hw, base = report["hardware"], report["baseline"]
+    held = report["held_out"]
+    lines = [
+        f"# enginekit optimize: {report['model']} ({report['family']})",
+        "",
+        f"- machine: {hw.get('cpu_model')}, {hw.get('logical_cores')} logical cores, "
+        f"flags {', '.join(hw.get('flags') or []) or 'none'}",
+        f"- {report['size']}x{report['size']}, batch 1, {report['steps']} {report['scheduler']} steps, guidance "
+        f"{report['guidance']}; {report['denoiser']} step = both CFG passes + guidance + scheduler step",
+        f"- budget: image PSNR >= {report['budget']['min_psnr_db']:g} dB against diffusers fp32 on the same latents, "
+        f"on the worst of {len(held['prompts']) * len(held['seeds'])} held-out image(s) "
+        f"({len(held['prompts'])} prompt(s) x seeds {', '.join(map(str, held['seeds']))}); SSIM "
+        + ("judged too" if report["budget"].get("min_ssim") is not None else "not judged"),
+        f"- baseline: diffusers fp32 eager ({base['threads']} threads): step {base['before']['step_ms']:.1f} ms before "
+        f"the engines, {base['after']['step_ms']:.1f} ms after; speed-ups divide by the faster"
+        + (" (**the machine's speed moved during the run**)" if abs(base["drift"] - 1) > 0.15 else ""),
+        f"- picked: **{report['picked'] or 'none'}**",
+        "",
+        "| " + " | ".join(HEADERS) + " |",
+        "|" + "|".join([":---", ":---"] + ["---:"] * 7 + [":---"]) + "|",
+        *("| " + " | ".join(cell.replace("|", "/") for cell in row) + " |" for row in table_rows(report)),
+        "",
+        "Times are medians: a step is the time between two step ends (the first step is never counted), an "
+        "image the whole generation, after one untimed warm-up image; each engine ran alone. "
+        "\"vs own fp32\": the step speed-up over the same backend's all-fp32 candidate, and the component "
+        "whose calls saved the most time per image, with its own speed-up per call.",
+        "",
+    ]
+    per = [oc for oc in report["candidates"] if oc.get("timing")]
+    if per:
+        comps = sorted({c for oc in per for c in oc["timing"]["components_ms"]})
+        lines += ["Per-component time per call (ms, median):", "",
+                  "| candidate | " + " | ".join(comps) + " |", "|:---|" + "---:|" * len(comps),
+                  "| diffusers eager | " + " | ".join(_f(base["components_ms"].get(c), ".1f") for c in comps) + " |",
+                  *(f"| {oc['candidate']['name']} | " + " | ".join(_f(oc["timing"]["components_ms"].get(c), ".1f")
+                                                             for c in comps) + " |" for oc in per), ""]
+    if report.get("rebuild"):
+        lines += [f"Rebuild {report['picked']} by hand:", "", "```sh", *report["rebuild"], "```", ""]
+    return "\n".join(lines)
