@@ -273,14 +273,29 @@ def compile_cmd(artifact: Path, backend: str, out: Path, device: str, threads: i
                          if fused and "fused" in fused else "") + ")")
 
 
+def _task_section(artifact: Path) -> dict[str, Any]:
+    """The artifact's task_config, or {} when it has no readable manifest (load reports why)."""
+    from enginekit.errors import EngineKitError
+    from enginekit.manifest import read_manifest
+
+    try:
+        return dict(read_manifest(artifact).task_config or {})
+    except (EngineKitError, OSError):
+        return {}
+
+
 @cli.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.argument("prompt")
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
               help="Image file to write (.png, .jpg, .webp); several images get -1, -2, ... before the suffix.")
 @click.option("--negative", default=None, help="Negative prompt.")
-@click.option("--steps", default=20, show_default=True, help="Denoising steps.")
-@click.option("--guidance", default=7.5, show_default=True, help="Classifier-free guidance scale (1 turns CFG off).")
+@click.option("--steps", type=int, default=None,
+              help="Denoising steps (default: the model's own where its export records one, FLUX schnell 4 and "
+                   "dev 28; else 20).")
+@click.option("--guidance", type=float, default=None,
+              help="Classifier-free guidance scale, 1 turns CFG off (default: the model's own, FLUX schnell 0 "
+                   "and dev 3.5; else 7.5).")
 @click.option("--seed", type=int, default=None, help="Seed for numpy's generator (printed when omitted).")
 @click.option("--height", type=int, help="Image height, a multiple of 8 (default: the model's size).")
 @click.option("--width", type=int, help="Image width, a multiple of 8 (default: the model's size).")
@@ -298,7 +313,7 @@ def compile_cmd(artifact: Path, backend: str, out: Path, device: str, threads: i
 @click.option("--digest", help="Refuse the artifact unless its manifest digest (see `enginekit inspect`) is this.")
 @click.option("--verify-with", type=click.Path(path_type=Path),
               help="Refuse the artifact unless its signature (`enginekit sign`) verifies with this public key.")
-def generate(artifact: Path, prompt: str, out: Path, negative: str | None, steps: int, guidance: float,
+def generate(artifact: Path, prompt: str, out: Path, negative: str | None, steps: int | None, guidance: float | None,
              seed: int | None, height: int | None, width: int | None, scheduler: str | None,
              max_sequence_length: int | None, init_image: Path | None, strength: float, num_images: int, device: str,
              backend: str | None, as_json: bool, digest: str | None, verify_with: Path | None) -> None:
@@ -317,6 +332,9 @@ def generate(artifact: Path, prompt: str, out: Path, negative: str | None, steps
         def on_step(step: int, t: float, latents: Any) -> None:
             progress.update(bar, completed=step + 1, total=max(step + 1, progress.tasks[0].total or 0))
 
+        # None lets the pipeline use the model's own defaults where the export recorded them.
+        if steps is None and "default_steps" not in _task_section(artifact):
+            steps = 20
         call: dict[str, Any] = dict(negative_prompt=negative, num_inference_steps=steps, guidance_scale=guidance,
                                     height=height, width=width, num_images_per_prompt=num_images, seed=seed,
                                     scheduler=scheduler)

@@ -780,6 +780,11 @@ def _flux_task_config(pipe: Any) -> dict[str, Any]:
         "guidance_embeds": guided,
         "joint_attention_dim": int(tr.joint_attention_dim),
         "max_sequence_length": 512 if guided else 256,
+        # Called without steps or guidance, the engine runs what each model was made for: dev as
+        # diffusers' FluxPipeline defaults (28 steps, embedded guidance 3.5), schnell as its model
+        # card (timestep-distilled: 4 steps, guidance 0; it has no guidance input at all).
+        "default_steps": 28 if guided else 4,
+        "default_guidance_scale": 3.5 if guided else 0.0,
         "force_zeros_for_empty_prompt": False,
         "time_cond_proj_dim": None,
         "vae_precision": "any",
