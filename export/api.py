@@ -57,6 +57,8 @@ def export_model(
     atol: float | None = None,
     rtol: float | None = None,
     image_check: bool = True,
+    loras: tuple[str, ...] = (),
+    lora_scale: float = 1.0,
     overwrite: bool = False,
     on_step: Callable[[str], None] = lambda msg: None,
 ) -> Manifest:
@@ -67,10 +69,16 @@ def export_model(
 
         if weights is not None:
             raise SourceError("--weights is for timm classifiers; give a pipeline's .safetensors file as MODEL")
+        from enginekit.export.diffusion.lora import parse_lora
+
         budget: dict[str, Any] = {k: v for k, v in (("atol", atol), ("rtol", rtol)) if v is not None}
-        return export_pipeline(spec, out_dir, PipelineExportOptions(opset=opset, seed=seed, image_check=image_check, **budget),
+        specs = tuple(parse_lora(text, lora_scale) for text in loras)
+        return export_pipeline(spec, out_dir, PipelineExportOptions(opset=opset, seed=seed, image_check=image_check,
+                                                                    loras=specs, **budget),
                                family=family, random_weights=random_weights, revision=revision,
                                overwrite=overwrite, on_step=on_step)
+    if loras:
+        raise SourceError("--lora applies to diffusion pipelines only")
     from enginekit.export.vit import ExportOptions, export_classifier
 
     budget = {k: v for k, v in (("atol", atol), ("rtol", rtol)) if v is not None}

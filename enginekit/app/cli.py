@@ -94,7 +94,8 @@ def cli(verbose: bool) -> None:
               help="What MODEL is: checked against the source (a pipeline is not an image-classification "
                    "model), and needed where it cannot tell (a hub id is a classifier unless told).")
 @click.option("--random-weights", is_flag=True,
-              help="timm:NAME, sd15, sd21, sdxl, sd3-medium: the real architecture with seeded weights (offline).")
+              help="timm:NAME, sd15, sd21, sdxl, sd3-medium, sd35-medium, sd35-large, flux-dev, flux-schnell: "
+                   "the real architecture with seeded weights (offline).")
 @click.option("--weights", type=click.Path(path_type=Path), help="timm:NAME only: a .safetensors file to load.")
 @click.option("--seed", default=0, show_default=True, help="Seed for random weights and parity inputs.")
 @click.option("--revision", help="Hub revision (branch, tag or commit) for a hub id.")
@@ -106,11 +107,17 @@ def cli(verbose: bool) -> None:
 @click.option("--image-check/--no-image-check", default=True, show_default=True,
               help="Pipelines: also compare a whole image with diffusers' on the same latents (40 dB budget); "
                    "off frees each component as soon as it is exported, for less memory.")
+@click.option("--lora", "loras", multiple=True, metavar="FILE.safetensors[:SCALE]",
+              help="Pipelines: fuse this LoRA (diffusers/PEFT or kohya format) into the weights before export; "
+                   "repeatable, fused in order.")
+@click.option("--lora-scale", type=float, default=1.0, show_default=True,
+              help="Scale for each --lora that names none.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists (atomically).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def export(args: tuple[str, ...], model_opt: str | None, out: Path | None, family: str | None, task: str | None,
            random_weights: bool, weights: Path | None, seed: int, revision: str | None, opset: int,
-           atol: float | None, rtol: float | None, image_check: bool, overwrite: bool, as_json: bool) -> None:
+           atol: float | None, rtol: float | None, image_check: bool, loras: tuple[str, ...], lora_scale: float,
+           overwrite: bool, as_json: bool) -> None:
     """Export MODEL to an ONNX artifact and check it against PyTorch.
 
     \b
@@ -124,8 +131,9 @@ def export(args: tuple[str, ...], model_opt: str | None, out: Path | None, famil
       PATH                          a folder: timm hub format or transformers save_pretrained
       ORG/NAME, hf-hub:ORG/NAME     a Hugging Face Hub repository (honours HF_HUB_OFFLINE)
     Diffusion pipelines (SD 1.5, SD 2.x, SDXL, SD3, FLUX), one ONNX graph per component:
-      tiny-sd15, tiny-sdxl, tiny-sd3, tiny-flux  built-in seeded tiny pipelines
-      sd15, sd21, sdxl, sd3-medium  the real architectures; needs --random-weights
+      tiny-sd15, tiny-sdxl, tiny-sd3, tiny-sd35, tiny-flux  built-in seeded tiny pipelines
+      sd15, sd21, sdxl, sd3-medium, sd35-medium, sd35-large, flux-dev, flux-schnell
+                                    the real architectures; needs --random-weights
       PATH                          a diffusers folder (model_index.json + component subfolders)
       FILE.safetensors --family F   a single-file checkpoint, as A1111/sdnext keep them
       ORG/NAME --task text-to-image a hub pipeline
@@ -138,7 +146,7 @@ def export(args: tuple[str, ...], model_opt: str | None, out: Path | None, famil
         manifest = export_model(
             model, out, family=family, task=task, random_weights=random_weights, weights=weights,
             revision=revision, seed=seed, opset=opset, atol=atol, rtol=rtol, image_check=image_check,
-            overwrite=overwrite, on_step=lambda msg: status.update(msg),
+            loras=loras, lora_scale=lora_scale, overwrite=overwrite, on_step=lambda msg: status.update(msg),
         )
     if as_json:
         _emit_json(manifest.to_dict())
@@ -273,14 +281,29 @@ def compile_cmd(artifact: Path, backend: str, out: Path, device: str, threads: i
                          if fused and "fused" in fused else "") + ")")
 
 
+def _task_section(artifact: Path) -> dict[str, Any]:
+    """The artifact's task_config, or {} when it has no readable manifest (load reports why)."""
+    from enginekit.errors import EngineKitError
+    from enginekit.manifest import read_manifest
+
+    try:
+        return dict(read_manifest(artifact).task_config or {})
+    except (EngineKitError, OSError):
+        return {}
+
+
 @cli.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.argument("prompt")
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
               help="Image file to write (.png, .jpg, .webp); several images get -1, -2, ... before the suffix.")
 @click.option("--negative", default=None, help="Negative prompt.")
-@click.option("--steps", default=20, show_default=True, help="Denoising steps.")
-@click.option("--guidance", default=7.5, show_default=True, help="Classifier-free guidance scale (1 turns CFG off).")
+@click.option("--steps", type=int, default=None,
+              help="Denoising steps (default: the model's own where its export records one, FLUX schnell 4 and "
+                   "dev 28; else 20).")
+@click.option("--guidance", type=float, default=None,
+              help="Classifier-free guidance scale, 1 turns CFG off (default: the model's own, FLUX schnell 0 "
+                   "and dev 3.5; else 7.5).")
 @click.option("--seed", type=int, default=None, help="Seed for numpy's generator (printed when omitted).")
 @click.option("--height", type=int, help="Image height, a multiple of 8 (default: the model's size).")
 @click.option("--width", type=int, help="Image width, a multiple of 8 (default: the model's size).")
@@ -300,7 +323,7 @@ def compile_cmd(artifact: Path, backend: str, out: Path, device: str, threads: i
 @click.option("--digest", help="Refuse the artifact unless its manifest digest (see `enginekit inspect`) is this.")
 @click.option("--verify-with", type=click.Path(path_type=Path),
               help="Refuse the artifact unless its signature (`enginekit sign`) verifies with this public key.")
-def generate(artifact: Path, prompt: str, out: Path, negative: str | None, steps: int, guidance: float,
+def generate(artifact: Path, prompt: str, out: Path, negative: str | None, steps: int | None, guidance: float | None,
              seed: int | None, height: int | None, width: int | None, scheduler: str | None,
              max_sequence_length: int | None, true_cfg: float | None, init_image: Path | None, strength: float, num_images: int, device: str,
              backend: str | None, as_json: bool, digest: str | None, verify_with: Path | None) -> None:
@@ -319,6 +342,9 @@ def generate(artifact: Path, prompt: str, out: Path, negative: str | None, steps
         def on_step(step: int, t: float, latents: Any) -> None:
             progress.update(bar, completed=step + 1, total=max(step + 1, progress.tasks[0].total or 0))
 
+        # None lets the pipeline use the model's own defaults where the export recorded them.
+        if steps is None and "default_steps" not in _task_section(artifact):
+            steps = 20
         call: dict[str, Any] = dict(negative_prompt=negative, num_inference_steps=steps, guidance_scale=guidance,
                                     height=height, width=width, num_images_per_prompt=num_images, seed=seed,
                                     scheduler=scheduler)

@@ -37,6 +37,7 @@ import numpy as np
 
 from enginekit.artifact import atomic_artifact, make_assets, make_component, write_manifest
 from enginekit.errors import ExportError, FidelityError
+from enginekit.export.diffusion.lora import LoraSpec, fuse_loras
 from enginekit.export.diffusion.sources import PipelineSource, resolve_pipeline
 from enginekit.fidelity import compare_outputs
 from enginekit.export.provenance import host, tool_versions
@@ -77,6 +78,8 @@ class PipelineExportOptions:
     #: Image side for the check (None: the model's own size).
     image_check_size: int | None = None
     min_psnr: float = 40.0
+    #: LoRA files fused into the weights (in order, each at its scale) before anything is exported.
+    loras: tuple[LoraSpec, ...] = ()
 
 
 # --------------------------------------------------------------------------- wrappers
@@ -462,7 +465,7 @@ def export_pipeline(
 
     A spec resolved here is owned here: each component is dropped from the pipeline
     once exported, so a full-size SD 1.5 fits in 24 GB. A :class:`PipelineSource`
-    passed in is left whole (its caller holds it).
+    passed in is left whole (its caller holds it), though ``options.loras`` are fused into it.
     """
     with _PeakRSS() as rss:
         started = time.monotonic()
@@ -476,6 +479,10 @@ def export_pipeline(
             if family is not None and family != src.family:
                 raise ExportError(f"the source is a {src.family} pipeline, not {family}")
         pipe = src.pipeline
+        if options.loras:
+            on_step(f"fusing {len(options.loras)} LoRA file(s) into the weights")
+            src.provenance["lora"] = fuse_loras(pipe, src.family, options.loras)
+            rss.sample()
         task_config = _task_config(pipe, src.family)
         # Read before any component is dropped: setting one to None rewrites the pipeline's config.
         model_index = _model_index(pipe)
@@ -780,6 +787,11 @@ def _flux_task_config(pipe: Any) -> dict[str, Any]:
         "guidance_embeds": guided,
         "joint_attention_dim": int(tr.joint_attention_dim),
         "max_sequence_length": 512 if guided else 256,
+        # Called without steps or guidance, the engine runs what each model was made for: dev as
+        # diffusers' FluxPipeline defaults (28 steps, embedded guidance 3.5), schnell as its model
+        # card (timestep-distilled: 4 steps, guidance 0; it has no guidance input at all).
+        "default_steps": 28 if guided else 4,
+        "default_guidance_scale": 3.5 if guided else 0.0,
         "force_zeros_for_empty_prompt": False,
         "time_cond_proj_dim": None,
         "vae_precision": "any",

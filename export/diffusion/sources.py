@@ -8,10 +8,11 @@ must be ``.safetensors``.
 
 Specs understood by :func:`resolve_pipeline`:
 
-``tiny-sd15``, ``tiny-sdxl``, ``tiny-sd3``, ``tiny-flux``
+``tiny-sd15``, ``tiny-sdxl``, ``tiny-sd3``, ``tiny-sd35``, ``tiny-flux``
     seeded tiny twins with the real component structure (configs in
     ``enginekit/configs/tiny-*``) and the real CLIP BPE tokenizers: unit-test fast.
-``sd15``, ``sd21``, ``sdxl``, ``sd3-medium`` with ``random_weights=True``
+``sd15``, ``sd21``, ``sdxl``, ``sd3-medium``, ``sd35-medium``, ``sd35-large``, ``flux-dev``,
+``flux-schnell`` with ``random_weights=True``
     the published architectures (configs kept in ``enginekit/configs/<family>``)
     with seeded weights, for offline benchmarks.
 a folder
@@ -40,9 +41,11 @@ __all__ = ["FAMILIES", "BUILTINS", "ARCHITECTURES", "PipelineSource", "resolve_p
 #: Pipeline families, as the manifest names them: the UNet ones and SD3 (MMDiT transformer).
 FAMILIES = ("sd15", "sd21", "sdxl", "sd3", "flux")
 #: Built-in tiny twins: name -> family.
-BUILTINS = {"tiny-sd15": "sd15", "tiny-sdxl": "sdxl", "tiny-sd3": "sd3", "tiny-flux": "flux"}
+BUILTINS = {"tiny-sd15": "sd15", "tiny-sdxl": "sdxl", "tiny-sd3": "sd3", "tiny-sd35": "sd3", "tiny-flux": "flux"}
 #: Published architectures built with seeded weights (``--random-weights``): name -> family.
-ARCHITECTURES = {"sd15": "sd15", "sd21": "sd21", "sdxl": "sdxl", "sd3-medium": "sd3"}
+#: Where each config's values come from: enginekit/configs/__init__.py.
+ARCHITECTURES = {"sd15": "sd15", "sd21": "sd21", "sdxl": "sdxl", "sd3-medium": "sd3", "sd35-medium": "sd3",
+                 "sd35-large": "sd3", "flux-dev": "flux", "flux-schnell": "flux"}
 _PIPELINES = {"sd15": "StableDiffusionPipeline", "sd21": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline",
               "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}
 #: UNet cross_attention_dim of the published families (SDXL is told by its pipeline class).

@@ -177,6 +177,16 @@ class PipelineConfig:
     def max_sequence_length(self) -> int:
         return int(self.extra.get("max_sequence_length", 256))
 
+    @property
+    def default_steps(self) -> int:
+        """Steps when the caller names none: the model's own (FLUX schnell 4, dev 28), else 50."""
+        return int(self.extra.get("default_steps", 50))
+
+    @property
+    def default_guidance_scale(self) -> float:
+        """Guidance when the caller names none: the model's own (FLUX schnell 0, dev 3.5), else 7.5."""
+        return float(self.extra.get("default_guidance_scale", 7.5))
+
 
 @dataclass
 class PipelineOutput:
@@ -297,8 +307,8 @@ class TextToImage:
         self,
         prompt: str | Sequence[str],
         negative_prompt: str | Sequence[str] | None = None,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 7.5,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
         height: int | None = None,
         width: int | None = None,
         num_images_per_prompt: int = 1,
@@ -325,6 +335,8 @@ class TextToImage:
         the noise added to the encoded image.
         ``scheduler``: one of :data:`SCHEDULERS`; default the pipeline's own where ported
         (a flow-matching model, SD3, takes ``flow-euler`` only).
+        ``num_inference_steps``, ``guidance_scale``: default the model's own where its export
+        records them (FLUX schnell: 4 steps, guidance 0; dev: 28, 3.5), else 50 and 7.5.
         ``max_sequence_length``: SD3's and FLUX's T5 prompt tokens (default 256; FLUX dev 512; at most 512).
         ``true_cfg_scale``: FLUX only. Above 1, with a ``negative_prompt``, a second transformer
         pass on the negative prompt steers away from it (diffusers' "true CFG"); FLUX's own
@@ -340,6 +352,10 @@ class TextToImage:
             raise InputError(f"negative_prompt has {len(negatives)} entries for {len(prompts)} prompts")
         if negatives is not None and len(negatives) == 1:
             negatives = negatives * len(prompts)
+        if num_inference_steps is None:
+            num_inference_steps = cfg.default_steps
+        if guidance_scale is None:
+            guidance_scale = cfg.default_guidance_scale
         steps = _int_in("num_inference_steps", num_inference_steps, 1, MAX_STEPS)
         per_prompt = _int_in("num_images_per_prompt", num_images_per_prompt, 1, MAX_IMAGES)
         if len(prompts) * per_prompt > MAX_IMAGES:
@@ -414,7 +430,9 @@ class TextToImage:
         # 3. Prepare timesteps (image-to-image starts part-way down the schedule).
         sched = make_scheduler(name, cfg.scheduler)
         if flux:  # diffusers' FluxPipeline: a 1 -> 1/n ramp, shifted by mu from the image's token count
-            sched.set_timesteps(steps, mu=sched.mu_for(grid[0] * grid[1]),
+            # schnell's schedule has a fixed shift and takes no mu (diffusers ignores the one it is given).
+            mu = sched.mu_for(grid[0] * grid[1]) if sched.config.use_dynamic_shifting else None
+            sched.set_timesteps(steps, mu=mu,
                                 sigmas=np.linspace(1.0, 1.0 / steps, steps))
         else:
             sched.set_timesteps(steps)
