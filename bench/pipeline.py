@@ -125,7 +125,7 @@ class _Plan:
     decoder_in: np.ndarray
     encoder_in: np.ndarray
     timestep: float
-    mu: float | None  # FLUX's resolution-dependent shift
+    mu: float | None  # FLUX dev's resolution-dependent shift (schnell's is fixed)
 
 
 def _is_flux(pipe: Any) -> bool:
@@ -185,8 +185,8 @@ def _plan(pipe: Any, config: PipelineBenchConfig) -> _Plan:
     name = config.scheduler or default_scheduler_name(cfg.scheduler)
     sched = make_scheduler(name, cfg.scheduler)
     grid = (height // (2 * f), width // (2 * f))
-    mu = sched.mu_for(grid[0] * grid[1]) if flux else None
-    _set_timesteps(sched, config.steps, mu)
+    mu = sched.mu_for(grid[0] * grid[1]) if flux and sched.config.use_dynamic_shifting else None
+    _set_timesteps(sched, config.steps, flux, mu)
     t = float(np.asarray(sched.timesteps)[0])
     seq = (seq_len if flux else cfg.prompt_length(seq_len)) if seq_len else next(iter(ids.values())).shape[1]
     rows = n if flux else 2 * n
@@ -211,12 +211,12 @@ def _plan(pipe: Any, config: PipelineBenchConfig) -> _Plan:
                  decoder_in, encoder_in, t, mu)
 
 
-def _set_timesteps(sched: Any, steps: int, mu: float | None) -> None:
-    """As the pipelines set them: FLUX's 1 -> 1/n ramp shifted by ``mu``, else the default."""
-    if mu is None:
-        sched.set_timesteps(steps)
-    else:
+def _set_timesteps(sched: Any, steps: int, flux: bool, mu: float | None) -> None:
+    """As the pipelines set them: FLUX's 1 -> 1/n ramp (dev's shifted by ``mu``), else the default."""
+    if flux:
         sched.set_timesteps(steps, mu=mu, sigmas=np.linspace(1.0, 1.0 / steps, steps))
+    else:
+        sched.set_timesteps(steps)
 
 
 # ---------------------------------------------------------------- the two sides
@@ -241,7 +241,7 @@ def _engine_parts(pipe: Any, plan: _Plan, config: PipelineBenchConfig,
     sched = make_scheduler(plan.scheduler, pipe.config.scheduler)
 
     def step() -> np.ndarray:
-        _set_timesteps(sched, config.steps, plan.mu)  # a fresh step index: every timed step is the first
+        _set_timesteps(sched, config.steps, not plan.cfg, plan.mu)  # a fresh index: each timed step is the first
         x = np.concatenate([plan.latents, plan.latents]) if plan.cfg else plan.latents
         x = sched.scale_model_input(x, plan.timestep)
         eps = unet.run({**plan.unet, "sample": x.astype(np.float32)})["out_sample"]
@@ -308,14 +308,14 @@ def _torch_parts(dpipe: Any, plan: _Plan, config: PipelineBenchConfig,
                                      encoder_hidden_states=tt["encoder_hidden_states"], return_dict=False,
                                      **extra)[0]
     timestep_kw = {"mu": plan.mu, "sigmas": np.linspace(1.0, 1.0 / config.steps, config.steps)} \
-        if plan.mu is not None else {}
+        if not plan.cfg else {}
     dec_in, enc_in = torch.from_numpy(plan.decoder_in), torch.from_numpy(plan.encoder_in)
     parts: dict[str, tuple[int, Callable[[], Any]]] = {}
     for name, ids in plan.ids.items():
         parts[f"component:{name}"] = (len(ids), lambda m=getattr(dpipe, name), x=torch.from_numpy(ids):
                                       m(x, output_hidden_states=True))
     parts[f"component:{plan.denoiser}"] = (len(plan.unet["sample"]), lambda: denoise(
-        tt["sample"], tt["timestep"][0] * (1000.0 if plan.mu is not None else 1.0)))
+        tt["sample"], tt["timestep"][0] * (1.0 if plan.cfg else 1000.0)))
     parts["component:vae_decoder"] = (len(plan.decoder_in), lambda: dpipe.vae.decode(dec_in, return_dict=False))
     parts["component:vae_encoder"] = (1, lambda: dpipe.vae.encode(enc_in).latent_dist.parameters)
 
