@@ -142,6 +142,7 @@ def test_ort_int8_falls_back_from_static_to_weight_only(sd15: Path, tmp_path: Pa
     assert steps[0]["variant"] == "static" and steps[0]["psnr_db"] == pytest.approx(static)
 
 
+@pytest.mark.slow  # about 45 s: a sensitivity pass and one more quantization
 @pytest.mark.skipif(not _available("openvino"), reason="openvino is not installed")
 def test_auto_fallback_keeps_sensitive_layers_in_float(sd15: Path, tmp_path: Path) -> None:
     from enginekit.quant.diffusion import quantize_pipeline
