@@ -10,7 +10,7 @@ from typing import Mapping
 
 import numpy as np
 
-__all__ = ["cosine_similarity", "compare_outputs", "top1_agreement", "psnr"]
+__all__ = ["cosine_similarity", "compare_outputs", "top1_agreement", "psnr", "ssim"]
 
 
 def cosine_similarity(a: np.ndarray, b: np.ndarray) -> float:
@@ -58,3 +58,45 @@ def psnr(reference: np.ndarray, image: np.ndarray, peak: float = 1.0) -> float:
         raise ValueError(f"image has shape {got.shape}, reference {ref.shape}")
     mse = float(np.mean((ref - got) ** 2))
     return float("inf") if mse == 0 else 10.0 * float(np.log10(peak * peak / mse))
+
+
+def _gaussian_blur(x: np.ndarray, sigma: float, radius: int) -> np.ndarray:
+    """Separable gaussian filter over the first two axes, edges mirrored as scipy's
+    ``mode="reflect"`` does (numpy calls it "symmetric")."""
+    offsets = np.arange(-radius, radius + 1, dtype=np.float64)
+    kernel = np.exp(-0.5 * (offsets / sigma) ** 2)
+    kernel /= kernel.sum()
+    pad = [(radius, radius), (radius, radius)] + [(0, 0)] * (x.ndim - 2)
+    padded = np.pad(x, pad, mode="symmetric")
+    h, w = x.shape[:2]
+    rows = sum(k * padded[i : i + h] for i, k in enumerate(kernel))
+    return sum(k * rows[:, i : i + w] for i, k in enumerate(kernel))
+
+
+def ssim(reference: np.ndarray, image: np.ndarray, data_range: float = 1.0, sigma: float = 1.5) -> float:
+    """Structural similarity of ``image`` against ``reference`` (1.0 when equal).
+
+    As ``skimage.metrics.structural_similarity(..., gaussian_weights=True, sigma=1.5,
+    use_sample_covariance=False, data_range=...)`` (Wang et al. 2004): gaussian-weighted
+    local means, variances and covariance (window radius ``int(3.5 * sigma + 0.5)``),
+    K1 = 0.01, K2 = 0.03, the map's border of one radius left out of the mean. Takes
+    (H, W), (H, W, C) or a batch (N, H, W, C); colour channels and images are averaged.
+    """
+    ref = np.asarray(reference, dtype=np.float64)
+    got = np.asarray(image, dtype=np.float64)
+    if ref.shape != got.shape:
+        raise ValueError(f"image has shape {got.shape}, reference {ref.shape}")
+    if ref.ndim == 4:
+        return float(np.mean([ssim(r, g, data_range, sigma) for r, g in zip(ref, got)]))
+    if ref.ndim not in (2, 3):
+        raise ValueError(f"ssim takes (H, W), (H, W, C) or (N, H, W, C) images, got shape {ref.shape}")
+    radius = int(3.5 * sigma + 0.5)
+    if min(ref.shape[:2]) < 2 * radius + 1:
+        raise ValueError(f"images of {ref.shape[0]}x{ref.shape[1]} are smaller than the {2 * radius + 1}-pixel window")
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    mu_x, mu_y = _gaussian_blur(ref, sigma, radius), _gaussian_blur(got, sigma, radius)
+    vx = _gaussian_blur(ref * ref, sigma, radius) - mu_x * mu_x
+    vy = _gaussian_blur(got * got, sigma, radius) - mu_y * mu_y
+    cov = _gaussian_blur(ref * got, sigma, radius) - mu_x * mu_y
+    s = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (vx + vy + c2))
+    return float(s[radius:-radius, radius:-radius].mean())

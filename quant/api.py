@@ -104,9 +104,13 @@ def quantize_artifact(
     root = Path(artifact)
     parent = read_manifest(root)
     verify_artifact(root, parent)
+    if parent.task == "text-to-image":
+        raise QuantizationError(f"{root}: a text-to-image pipeline quantizes with "
+                                "enginekit.quant.diffusion.quantize_pipeline (methods fp16, int8, int4); "
+                                "`enginekit quantize` picks it by itself")
     if parent.task != "image-classification":
-        raise QuantizationError(f"{root}: quantize takes image classifiers; this is a {parent.task} artifact "
-                                "(pipelines compile at fp16 with `enginekit compile --precision fp16`)")
+        raise QuantizationError(f"{root}: quantize takes image classifiers and text-to-image pipelines; "
+                                f"this is a {parent.task} artifact")
     if parent.kind != "onnx" or parent.quantization:
         raise QuantizationError(f"{root}: quantize takes a float ONNX artifact (from export), this one is "
                                 f"{parent.kind}{' ' + parent.quantization.get('method', '') if parent.quantization else ''}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -60,8 +60,10 @@ class QuantJob:
     out_dir: Path
     #: Name of the model's single image input.
     input_name: str
-    #: Preprocessed calibration inputs, (N, 3, H, W) float32; None for methods that need none.
-    calibration: np.ndarray | None
+    #: Preprocessed calibration inputs, (N, 3, H, W) float32 for a single-input model, or one
+    #: feed dict per sample (a pipeline's denoiser: its recorded inputs at batch 2 and more);
+    #: None for methods that need none.
+    calibration: np.ndarray | Sequence[Mapping[str, np.ndarray]] | None
     options: QuantOptions = field(default_factory=QuantOptions)
 
 

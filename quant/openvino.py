@@ -50,7 +50,7 @@ import numpy as np
 from enginekit.errors import QuantizationError
 from enginekit.quant.base import MethodResult, QuantJob, QuantOptions
 
-__all__ = ["int8_static", "int8_weight", "int4_weight", "fp16", "sensitivity"]
+__all__ = ["int8_static", "int8_weight", "int4_weight", "int8_hybrid", "fp16", "fp32", "sensitivity"]
 
 _KIND = "openvino"
 _ENTRY = "model.xml"
@@ -163,7 +163,18 @@ def _batch(x: np.ndarray | None, method: str, what: str) -> np.ndarray:
     return np.ascontiguousarray(arr, dtype=np.float32)
 
 
-def _dataset(nncf: Any, images: np.ndarray, input_name: str) -> Any:
+def _feeds(x: Any, method: str) -> list[dict[str, np.ndarray]] | None:
+    """``x`` as a list of feed dicts when it is one (a pipeline's recorded denoiser inputs), else None."""
+    if not isinstance(x, (list, tuple)):
+        return None
+    if not x or not all(isinstance(d, dict) for d in x):
+        raise QuantizationError(f"{method}: calibration feeds must be a non-empty list of {{input: array}} dicts")
+    return [dict(d) for d in x]
+
+
+def _dataset(nncf: Any, images: Any, input_name: str) -> Any:
+    if isinstance(images, list):  # feed dicts, each one model call
+        return nncf.Dataset(images)
     # One sample per item, batch 1: NNCF counts items for subset_size, and
     # per-sample statistics are what its range estimators average over.
     return nncf.Dataset(list(images), lambda x: {input_name: x[None]})
@@ -263,6 +274,99 @@ def int8_static(job: QuantJob) -> MethodResult:
         "inference_precision_hint": "f32",
         **_versions(nncf),
     })
+
+
+def _weight_ops(model: Any) -> list[str]:
+    """MatMuls with a constant operand and embedding Gathers: the ops weight compression
+    covers (as optimum-intel's ``_collect_ops_with_weights``)."""
+    def constant(port: Any) -> bool:
+        node = port.get_node()
+        while node.get_type_name() == "Convert":
+            node = node.input_value(0).get_node()
+        return node.get_type_name() == "Constant"
+
+    names = []
+    for op in model.get_ops():
+        kind = op.get_type_name()
+        if kind == "MatMul" and (constant(op.input_value(0)) or constant(op.input_value(1))):
+            names.append(op.get_friendly_name())
+        elif kind == "Gather" and op.input_value(0).get_element_type().is_real() and constant(op.input_value(0)):
+            names.append(op.get_friendly_name())
+    return names
+
+
+def _hybrid(nncf: Any, model: Any, job: QuantJob, feeds: list[dict[str, np.ndarray]], method: str,
+            *, fold_weights: bool) -> tuple[Any, int]:
+    """optimum-intel's hybrid mode: int8 weight compression of every MatMul and embedding
+    (convolutions left to the second pass), then ``nncf.quantize`` of what remains
+    (convolutions with their weights, the activations of the other ops) with the weighted
+    ops ignored, transformer model type, SmoothQuant off. Returns the model and how many
+    ops were weight-compressed."""
+    from nncf.openvino.quantization.backend_parameters import BackendParameters
+    from nncf.quantization.advanced_parameters import AdvancedSmoothQuantParameters
+
+    weighted = _weight_ops(model)
+    has_conv = any(op.get_type_name() == "Convolution" for op in model.get_ops())
+    user = _ignored_scope(nncf, model, job.options.exclude_nodes, method)
+    try:
+        compressed = nncf.compress_weights(
+            model, mode=nncf.CompressWeightsMode.INT8_ASYM,
+            ignored_scope=nncf.IgnoredScope(types=["Convolution"], names=list(job.options.exclude_nodes),
+                                            validate=False) if has_conv or user else None)
+    except Exception as exc:
+        raise QuantizationError(f"{method}: nncf.compress_weights failed: {_first_line(exc)}") from exc
+    ignored = sorted(set(weighted) | set(job.options.exclude_nodes))
+    advanced = nncf.AdvancedQuantizationParameters(
+        smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=-1),
+        backend_params={BackendParameters.COMPRESS_WEIGHTS: fold_weights},
+    )
+    try:
+        quantized = nncf.quantize(
+            compressed, _dataset(nncf, feeds, job.input_name), model_type=nncf.ModelType.TRANSFORMER,
+            subset_size=len(feeds), ignored_scope=nncf.IgnoredScope(names=ignored, validate=False) if ignored else None,
+            advanced_parameters=advanced,
+        )
+    except Exception as exc:
+        raise QuantizationError(f"{method}: nncf.quantize failed: {_first_line(exc)}") from exc
+    return quantized, len(weighted)
+
+
+def int8_hybrid(job: QuantJob) -> MethodResult:
+    """Hybrid int8 for a diffusion denoiser (optimum-intel's ``_hybrid_quantization``):
+    int8 weights for MatMuls and embeddings, int8 weights and activations for
+    convolutions and activations elsewhere, calibrated on ``job.calibration`` (the
+    denoiser's recorded feed dicts). Options: ``exclude_nodes`` (kept in float)."""
+    method = "int8-hybrid"
+    feeds = _feeds(job.calibration, method)
+    if feeds is None:
+        raise QuantizationError(f"{method} needs the denoiser's recorded feeds as calibration")
+    with _quiet_nncf() as nncf:
+        model = _read(job, method)
+        quantized, compressed = _hybrid(nncf, model, job, feeds, method, fold_weights=True)
+        _save(quantized, job, method)
+    return MethodResult(_KIND, _ENTRY, _FILES, "int8", {
+        "method": method,
+        "bits": 8,
+        "weights": "int8 asymmetric per-channel (MatMul, embeddings: weight compression); convolutions "
+                   "int8 with their activations",
+        "activations": "int8 (FakeQuantize) except at the weight-compressed ops",
+        "model_type": "transformer",
+        "smooth_quant": False,
+        "weight_compressed_ops": compressed,
+        "subset_size": len(feeds),
+        "exclude_nodes": list(job.options.exclude_nodes),
+        "recipe": "optimum-intel hybrid quantization",
+        "inference_precision_hint": "f32",
+        **_versions(nncf),
+    })
+
+
+def fp32(job: QuantJob) -> MethodResult:
+    """The float model as IR, weights as they are (a pipeline component left unquantized)."""
+    method = "fp32"
+    _save(_read(job, method), job, method)
+    return MethodResult(_KIND, _ENTRY, _FILES, "fp32", {"method": method, "library": "openvino",
+                                                        **_versions(None)})
 
 
 def _compress(nncf: Any, job: QuantJob, method: str, **kwargs: Any) -> None:
@@ -429,7 +533,7 @@ def _probes(model: Any) -> list[tuple[str, Any, Any]]:
     return probes
 
 
-def sensitivity(job: QuantJob, eval_inputs: np.ndarray) -> list[tuple[str, float]]:
+def sensitivity(job: QuantJob, eval_inputs: Any, hybrid: bool = False) -> list[tuple[str, float]]:
     """Rank the ops int8-static quantizes by the error quantization adds to each, worst first.
 
     One quantization (``job``'s calibration and options, as ``int8_static``)
@@ -443,11 +547,18 @@ def sensitivity(job: QuantJob, eval_inputs: np.ndarray) -> list[tuple[str, float
     OpenVINO op names, ready for ``QuantOptions.exclude_nodes``.
     """
     method = "sensitivity"
-    images = _batch(job.calibration, method, "calibration")
-    inputs = _batch(eval_inputs, method, "eval_inputs")
+    feeds = _feeds(job.calibration, method)
+    images = feeds if feeds is not None else _batch(job.calibration, method, "calibration")
+    dicts = _feeds(eval_inputs, method)
+    inputs: Any = dicts if dicts is not None else _batch(eval_inputs, method, "eval_inputs")
     with _quiet_nncf() as nncf:
         model = _read(job, method)
-        quantized, _ = _quantize(nncf, model, job, images, method, fold_weights=False)
+        if hybrid:  # the denoiser's hybrid recipe; ``exclude_nodes`` go to its quantize pass
+            if feeds is None:
+                raise QuantizationError(f"{method}: hybrid ranking needs feed dicts as calibration")
+            quantized, _ = _hybrid(nncf, model, job, feeds, method, fold_weights=False)
+        else:
+            quantized, _ = _quantize(nncf, model, job, images, method, fold_weights=False)
         ov = _openvino()
         probes = _probes(quantized)
         if not probes:
@@ -467,7 +578,7 @@ def sensitivity(job: QuantJob, eval_inputs: np.ndarray) -> list[tuple[str, float
         # Batch 1: every probe output is returned, and a ViT's are ~200 MB a sample.
         for x in tqdm(inputs, desc="Layer sensitivity", unit="img", disable=len(inputs) < 8):
             try:
-                res = request.infer({job.input_name: x[None]})
+                res = request.infer(x if isinstance(x, dict) else {job.input_name: x[None]})
             except Exception as exc:
                 raise QuantizationError(f"{method}: probe inference failed: {_first_line(exc)}") from exc
             for i in range(len(probes)):

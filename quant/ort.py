@@ -30,7 +30,7 @@ import logging
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -183,12 +183,17 @@ def _details(method: str, **fields: Any) -> dict[str, Any]:
 # -- calibration ---------------------------------------------------------------
 
 
-def _calibration(job: QuantJob) -> np.ndarray:
+def _calibration(job: QuantJob) -> Any:
+    """The calibration samples: an (N, C, H, W) float32 array, or a list of feed dicts."""
     data = job.calibration
     if data is None:
         raise QuantizationError(
             "static quantization needs calibration data: give --calibration (a folder of images or an .npy file)"
         )
+    if isinstance(data, (list, tuple)):
+        if not data or not all(isinstance(d, Mapping) for d in data):
+            raise QuantizationError("calibration feeds must be a non-empty list of {input name: array} dicts")
+        return list(data)
     data = np.asarray(data)
     if data.ndim != 4 or len(data) == 0:
         raise QuantizationError(f"calibration data must be a non-empty (N, C, H, W) array, got shape {data.shape}")
@@ -205,12 +210,17 @@ def _calibration_method(name: str) -> Any:
     return methods[name]
 
 
-def _one_sample_reader(input_name: str, sample: np.ndarray) -> Any:
+def _feed(input_name: str, sample: Any) -> dict[str, np.ndarray]:
+    """One sample as a feed: a dict as it is, an image (C, H, W) as a batch of one."""
+    return dict(sample) if isinstance(sample, Mapping) else {input_name: sample[None]}
+
+
+def _one_sample_reader(feed: dict[str, np.ndarray]) -> Any:
     from onnxruntime.quantization import CalibrationDataReader
 
     class _OneSample(CalibrationDataReader):
         def __init__(self) -> None:
-            self._feed: dict[str, np.ndarray] | None = {input_name: sample}
+            self._feed: dict[str, np.ndarray] | None = feed
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             feed, self._feed = self._feed, None
@@ -243,7 +253,7 @@ def _calibrate(job: QuantJob, op_types: Sequence[str], scratch: Path, *, symmetr
         )
         bar = tqdm(data, desc=f"calibrating ({job.options.calibrate_method})", unit="sample", leave=False, delay=2)
         for sample in bar:
-            calibrator.collect_data(_one_sample_reader(job.input_name, sample[None]))
+            calibrator.collect_data(_one_sample_reader(_feed(job.input_name, sample)))
         save_tensors_data(calibrator.compute_data(), cache)
         del calibrator
     return cache
@@ -469,7 +479,7 @@ def fp16(job: QuantJob) -> MethodResult:
 # -- sensitivity -------------------------------------------------------------------
 
 
-def sensitivity(job: QuantJob, eval_inputs: np.ndarray) -> list[tuple[str, float]]:
+def sensitivity(job: QuantJob, eval_inputs: Any) -> list[tuple[str, float]]:
     """Rank the nodes :func:`int8_static` quantizes by the error each one adds.
 
     Quantizes once (into scratch), then runs the float and the QDQ model over
@@ -494,10 +504,15 @@ def sensitivity(job: QuantJob, eval_inputs: np.ndarray) -> list[tuple[str, float
     )
     from tqdm.auto import tqdm
 
-    x = np.asarray(eval_inputs)
-    if x.ndim != 4 or len(x) == 0:
-        raise QuantizationError(f"eval_inputs must be a non-empty (N, C, H, W) array, got shape {x.shape}")
-    x = np.ascontiguousarray(x, dtype=np.float32)
+    if isinstance(eval_inputs, (list, tuple)):  # feed dicts (a pipeline's denoiser)
+        if not eval_inputs:
+            raise QuantizationError("eval_inputs must be a non-empty list of feed dicts")
+        x: Any = list(eval_inputs)
+    else:
+        x = np.asarray(eval_inputs)
+        if x.ndim != 4 or len(x) == 0:
+            raise QuantizationError(f"eval_inputs must be a non-empty (N, C, H, W) array, got shape {x.shape}")
+        x = np.ascontiguousarray(x, dtype=np.float32)
     with _scratch(job) as scratch:
         qjob = QuantJob(job.model, scratch / "int8", job.input_name, job.calibration, job.options)
         qjob.out_dir.mkdir()
@@ -527,7 +542,8 @@ def sensitivity(job: QuantJob, eval_inputs: np.ndarray) -> list[tuple[str, float
             # Per node: |f_out|^2, |f_out - q_out|^2, |f_in|^2, |f_in - q_in (pre-QDQ)|^2
             sums = {n.name: np.zeros(4) for n in quantized}
             for i in tqdm(range(len(x)), desc="sensitivity", unit="sample", leave=False, delay=2):
-                f_acts, q_acts = (_saved_tensors(s, {job.input_name: x[i : i + 1]}) for s in sessions)
+                feed = _feed(job.input_name, x[i])
+                f_acts, q_acts = (_saved_tensors(s, feed) for s in sessions)
                 # The matching takes collect_activations' shape: {name: [one array per run]}.
                 match = create_activation_matching({k: [v] for k, v in q_acts.items()},
                                                    {k: [v] for k, v in f_acts.items()})

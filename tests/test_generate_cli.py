@@ -109,7 +109,7 @@ def test_classifier_commands_refuse_a_pipeline_in_one_line(tiny_pipelines: dict,
     make_photo((32, 32), seed=1).save(tmp_path / "p.png")
     for args, message in (
         (["predict", art, str(tmp_path / "p.png")], "predict classifies images"),
-        (["quantize", art, "-m", "int8-dynamic", "-o", str(tmp_path / "q")], "quantize takes image classifiers"),
+        (["quantize", art, "-m", "int8-dynamic", "-o", str(tmp_path / "q")], "unknown method 'int8-dynamic' for a pipeline; use one of: fp16, int8, int4"),
         (["evaluate", art, "--data", "builtin"], "evaluate judges image classifiers"),
         (["optimize", "tiny-sd15", "-o", str(tmp_path / "best")], "optimize picks engines for image classifiers"),
     ):

@@ -226,6 +226,9 @@ class TextToImage:
                                 f"(it has: {', '.join(manifest.components)})")
         self._tokenizers: dict[str, PromptTokenizer] = {}
         self._lock = threading.Lock()
+        #: ``recorder(component, feeds)`` sees every engine call's typed feeds (quantization
+        #: records the denoiser's real inputs this way); None costs one attribute check.
+        self.recorder: Callable[[str, Mapping[str, np.ndarray]], None] | None = None
 
     @classmethod
     def from_artifact(cls, components: Mapping[str, Runner], manifest: Manifest, path: Path) -> TextToImage:
@@ -299,6 +302,8 @@ class TextToImage:
         for spec in runner.inputs:
             value = feeds[spec.name]
             typed[spec.name] = value.astype(spec.dtype, copy=False) if spec.dtype != "bfloat16" else value
+        if self.recorder is not None:
+            self.recorder(component, typed)
         return runner.run(typed)
 
     # ------------------------------------------------------------------ the call
