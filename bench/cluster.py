@@ -15,13 +15,11 @@ connects through the local node; Ray Client ``ray://`` addresses are refused).
 
 from __future__ import annotations
 
-import contextlib
-import os
 import socket
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -34,6 +32,7 @@ from enginekit.errors import (
     InputError,
     IntegrityError,
 )
+from enginekit.raytools import bounded_connect
 
 __all__ = ["PackedArtifact", "bench_on_ray", "pack_artifact", "parse_address", "unpack_artifact"]
 
@@ -119,26 +118,8 @@ def _check_reachable(address: str, timeout_s: float) -> None:
         ) from exc
 
 
-@contextlib.contextmanager
-def _bounded_connect(timeout_s: float) -> Iterator[None]:
-    """Make ``ray.init`` give up after about ``2 * timeout_s`` on a port that answers but is no GCS.
-
-    Ray reads ``py_gcs_connect_timeout_s`` when it is first imported, and
-    ``gcs_server_port_wait_time_s`` (the number of one-second connect retries)
-    on each init. Values the user set win; the environment is restored after.
-    """
-    knobs = {"RAY_py_gcs_connect_timeout_s": str(max(1, round(timeout_s))), "RAY_gcs_server_port_wait_time_s": "1"}
-    added = [k for k in knobs if k not in os.environ]
-    os.environ.update({k: knobs[k] for k in added})
-    try:
-        yield
-    finally:
-        for k in added:
-            os.environ.pop(k, None)
-
-
 def _import_ray(connect_timeout_s: float) -> Any:
-    with _bounded_connect(connect_timeout_s):
+    with bounded_connect(connect_timeout_s):
         try:
             import ray
         except ImportError as exc:
@@ -237,7 +218,7 @@ def bench_on_ray(
     owned = not ray.is_initialized()
     if owned:  # 2.
         try:
-            with _bounded_connect(connect_timeout_s):
+            with bounded_connect(connect_timeout_s):
                 ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
         except ConnectionError as exc:
             raise InputError(f"{address} answers but is not a Ray cluster's head (GCS port): {exc}") from exc

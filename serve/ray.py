@@ -19,15 +19,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import signal
 import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 from enginekit.errors import BackendUnavailableError, EngineKitError, InputError
+from enginekit.raytools import bounded_connect
 from enginekit.serve.settings import ServeSettings
 
 __all__ = ["RayOptions", "APP_NAME", "DEPLOYMENT_NAME", "deployment_options", "serve_on_ray"]
@@ -130,20 +130,6 @@ def _check_artifacts(models: Mapping[str, Path]) -> None:
         read_manifest(Path(path))  # raises ManifestError naming the path
 
 
-@contextlib.contextmanager
-def _bounded_connect(timeout_s: float) -> Iterator[None]:
-    """Make ``ray.init`` give up quickly on a port that answers but is no GCS (Ray alone retries
-    for minutes); values the user set win, and the environment is restored after."""
-    knobs = {"RAY_py_gcs_connect_timeout_s": str(max(1, round(timeout_s))), "RAY_gcs_server_port_wait_time_s": "1"}
-    added = [k for k in knobs if k not in os.environ]
-    os.environ.update({k: knobs[k] for k in added})
-    try:
-        yield
-    finally:
-        for k in added:
-            os.environ.pop(k, None)
-
-
 def _connect(ray: Any, options: RayOptions) -> bool:
     """Connect (or start a local cluster); True when this process started the cluster."""
     quiet = {"logging_level": logging.WARNING, "log_to_driver": False}
@@ -159,7 +145,7 @@ def _connect(ray: Any, options: RayOptions) -> bool:
         raise InputError(f"no Ray cluster reachable at {options.address} ({exc.strerror or exc}); start one with "
                          f"`ray start --head --port={port}`, or leave out --ray-address to start a local one") from None
     try:
-        with _bounded_connect(CONNECT_TIMEOUT_S):
+        with bounded_connect(CONNECT_TIMEOUT_S):
             ray.init(address=options.address, **quiet)
     except ConnectionError as exc:
         raise InputError(f"{options.address} answers but is not a Ray cluster's head (GCS port): {exc}") from None
