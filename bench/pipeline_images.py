@@ -21,7 +21,7 @@ Works for every family: UNet pipelines with CFG, SD3 (flow matching, CFG) and FL
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,6 +96,22 @@ def generation_plan(task_config: Any, size: int, steps: int, guidance: float = 7
                           latent_shape=(1, cfg.latent_channels, size // f, size // f), flux=flux)
 
 
+def _generate_all(call: Callable[[ImageJob, int, list[float]], np.ndarray], jobs: Sequence[ImageJob],
+                  plan: GenerationPlan, gen: Generation, calls: dict[str, list[float]], warmup: bool) -> None:
+    """Every job through ``call(job, steps, marks)`` (which appends a time per step end to
+    ``marks``), after an optional one-step warm-up whose component calls are not counted:
+    images, per-image times and step times (between consecutive step ends) land in ``gen``."""
+    if warmup:
+        call(jobs[0], 1, [])
+    calls.clear()
+    for job in jobs:
+        marks: list[float] = []
+        start = time.perf_counter()
+        gen.images.append(np.asarray(call(job, plan.steps, marks), dtype=np.float32))
+        gen.image_ms.append((time.perf_counter() - start) * 1e3)
+        gen.step_ms += [(b - a) * 1e3 for a, b in zip(marks, marks[1:])]
+
+
 def engine_images(path: Path, backend: str, jobs: Sequence[ImageJob], plan: GenerationPlan,
                   threads: int = 0) -> tuple[Generation, int]:
     """Generate every job with the engine at ``path`` (threads pinned as the pipeline bench
@@ -122,14 +138,7 @@ def engine_images(path: Path, backend: str, jobs: Sequence[ImageJob], plan: Gene
                         latents=plan.latents(job.seed), scheduler=plan.scheduler, output_type="np",
                         callback=lambda i, t, x: marks.append(time.perf_counter()) and None).images
 
-        call(jobs[0], 1, [])  # warm-up: loads (and compiles) every component
-        calls.clear()
-        for job in jobs:
-            marks: list[float] = []
-            start = time.perf_counter()
-            gen.images.append(np.asarray(call(job, plan.steps, marks), dtype=np.float32))
-            gen.image_ms.append((time.perf_counter() - start) * 1e3)
-            gen.step_ms += [(b - a) * 1e3 for a, b in zip(marks, marks[1:])]
+        _generate_all(call, jobs, plan, gen, calls, warmup=True)  # the warm-up loads (and compiles) each component
     finally:
         pipe.close()
     gen.component_ms = calls
@@ -188,15 +197,7 @@ def diffusers_images(dpipe: Any, jobs: Sequence[ImageJob], plan: GenerationPlan,
                              height=plan.size, width=plan.size, latents=torch.from_numpy(plan.latents(job.seed)),
                              output_type="np", callback_on_step_end=on_step, **extra).images
 
-            if warmup:
-                call(jobs[0], 1, [])
-            calls.clear()
-            for job in jobs:
-                marks: list[float] = []
-                start = time.perf_counter()
-                gen.images.append(np.asarray(call(job, plan.steps, marks), dtype=np.float32))
-                gen.image_ms.append((time.perf_counter() - start) * 1e3)
-                gen.step_ms += [(b - a) * 1e3 for a, b in zip(marks, marks[1:])]
+            _generate_all(call, jobs, plan, gen, calls, warmup=warmup)
     finally:
         torch.set_num_threads(previous)
         for h in handles:
