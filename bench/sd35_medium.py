@@ -12,9 +12,10 @@
 4. prints a markdown table and writes ``<work>/sd35_medium.json``.
 
 Each stage runs under a watchdog in this (parent) process that reads the child's RSS and kills
-it past ``--rss-limit-gb``. Run (the full size takes minutes and ~15 GB; hold the quiet lock)::
+it past ``--rss-limit-gb``. Run (the full size took 13 min on 2 cores, OpenVINO peaking near 18 GiB;
+hold the quiet lock)::
 
-    flock /tmp/enginekit-quiet.lock python -m enginekit.bench.sd35_medium --work /tmp/m --dtype fp16
+    flock /tmp/enginekit-quiet.lock python -m enginekit.bench.sd35_medium --work /tmp/m --dtype fp32
     python -m enginekit.bench.sd35_medium --work /tmp/m2 --num-layers 2 --dtype fp32   # the RSS probe
 """
 
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -321,7 +321,8 @@ def compare(work: Path, engine: str) -> dict[str, float]:
 
 
 def table(records: list[dict[str, Any]]) -> str:
-    rows = ["| stage | precision | ms per call (median) | calls | peak RSS (GiB) | wall (s) | cosine vs PyTorch | max abs |",
+    rows = ["| stage | precision | ms per call (median) | calls | peak RSS (GiB) | wall (s) | cosine vs PyTorch "
+            "| max abs |",
             "|:---|:---|---:|---:|---:|---:|---:|---:|"]
     for r in records:
         if "error" in r:
@@ -377,7 +378,8 @@ def run_all(setup: Setup, work: Path, *, rss_limit_gb: float = 18.0, timeout_s: 
     hw = fingerprint()
     report: dict[str, Any] = {"config": CONFIG, "setup": asdict(setup),
                               "transformer_config": transformer_config(setup.overrides),
-                              "machine": {k: hw.get(k) for k in ("cpu_model", "logical_cores", "memory_bytes", "flags")},
+                              "machine": {k: hw.get(k) for k in
+                                          ("cpu_model", "logical_cores", "memory_bytes", "flags")},
                               "records": []}
     for stage in stages:
         record = run_stage(stage, setup, work, rss_limit_gb * 2**30, timeout_s)
