@@ -120,7 +120,7 @@ def test_port_that_is_not_ray_fails_bounded(exported: dict, tmp_path: Path) -> N
 
     thread = threading.Thread(target=accept, daemon=True)
     thread.start()
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
     try:
         start = time.monotonic()
         proc = subprocess.run([sys.executable, "-m", "enginekit.app.cli", "bench", str(exported["timm"]), "--ray",
@@ -181,7 +181,10 @@ def test_bench_on_a_two_node_cluster(isolation: None, exported: dict, tmp_path: 
         f"ray start --address=127.0.0.1:6379 --num-cpus=1 {memory}",
         shlex.join(bench),
     ])
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1",
+    # RAY_AUTH_MODE: a token another local cluster left in ~/.ray would turn token auth on for the
+    # head, and the worker's `ray start` would be refused; this cluster lives in a loopback-only namespace.
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1",
+           "PYTHONFAULTHANDLER": "1",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     try:
         proc = subprocess.run([*ISOLATE, "bash", "-c", script], check=False, capture_output=True, text=True,

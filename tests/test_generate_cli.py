@@ -111,7 +111,6 @@ def test_classifier_commands_refuse_a_pipeline_in_one_line(tiny_pipelines: dict,
         (["predict", art, str(tmp_path / "p.png")], "predict classifies images"),
         (["quantize", art, "-m", "int8-dynamic", "-o", str(tmp_path / "q")], "unknown method 'int8-dynamic' for a pipeline; use one of: fp16, int8, int4"),
         (["evaluate", art, "--data", "builtin"], "evaluate judges image classifiers"),
-        (["optimize", "tiny-sd15", "-o", str(tmp_path / "best")], "optimize picks engines for image classifiers"),
     ):
         code, out = _run(*args)
         assert code == 1 and message in out and "Traceback" not in out, (args, out)
