@@ -140,3 +140,27 @@ def psnr(reference: np.ndarray, image: np.ndarray) -> float:
     from enginekit.fidelity import psnr as _psnr
 
     return _psnr(reference, image)
+
+
+#: A loopback-only network namespace (and its own PIDs): Ray binds 127.0.0.1 there.
+ISOLATE = ["unshare", "--net", "--pid", "--fork", "--mount-proc", "--kill-child"]
+
+
+def skip_unless_loopback_namespace(what: str) -> None:
+    """Skip, saying why, where ``what`` cannot run in a loopback-only network namespace."""
+    import os
+    import shutil
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip(f"{what} runs Ray in its own network namespace, which needs root")
+    for tool in ("unshare", "ip"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{what} needs `{tool}` (util-linux / iproute2)")
+    try:
+        probe = subprocess.run([*ISOLATE, "ip", "link", "set", "lo", "up"], check=False, capture_output=True,
+                               text=True, timeout=15)
+    except subprocess.TimeoutExpired:
+        pytest.skip("`unshare` did not return within 15 s")
+    if probe.returncode != 0:
+        pytest.skip(f"cannot make a network and PID namespace here ({probe.stderr.strip() or probe.returncode})")

@@ -32,9 +32,10 @@ from enginekit.bench.store import ResultsStore
 from enginekit.app.cli import cli
 from enginekit.errors import InputError, IntegrityError
 
+from .conftest import ISOLATE, skip_unless_loopback_namespace
+
 HAVE_RAY = importlib.util.find_spec("ray") is not None
 NODES = 2  # a head with 2 CPUs and a worker with 1: two Ray nodes on one 2-core machine
-ISOLATE = ["unshare", "--net", "--pid", "--fork", "--mount-proc", "--kill-child"]
 CLUSTER_TIMEOUT_S = 150
 
 
@@ -148,18 +149,7 @@ def isolation() -> None:
         pytest.skip("Ray is not installed: pip install 'enginekit[ray]'")
     if not (Path(sys.executable).parent / "ray").is_file():
         pytest.skip(f"no `ray` command beside {sys.executable}")
-    if os.geteuid() != 0:
-        pytest.skip("the Ray cluster test runs Ray in its own network namespace, which needs root")
-    for tool in ("unshare", "ip"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"the Ray cluster test needs `{tool}` (util-linux / iproute2)")
-    try:
-        probe = subprocess.run([*ISOLATE, "ip", "link", "set", "lo", "up"], check=False, capture_output=True,
-                               text=True, timeout=15)
-    except subprocess.TimeoutExpired:
-        pytest.skip("`unshare` did not return within 15 s")
-    if probe.returncode != 0:
-        pytest.skip(f"cannot make a network and PID namespace here ({probe.stderr.strip() or probe.returncode})")
+    skip_unless_loopback_namespace("the Ray cluster test")
 
 
 def test_bench_on_a_two_node_cluster(isolation: None, exported: dict, tmp_path: Path) -> None:

@@ -24,9 +24,9 @@ from click.testing import CliRunner
 from enginekit.app.cli import cli
 from enginekit.errors import InputError
 from enginekit.serve.settings import ServeSettings
+from .conftest import ISOLATE, skip_unless_loopback_namespace
 
 HAVE_SERVE = importlib.util.find_spec("ray") is not None and importlib.util.find_spec("grpc") is not None
-ISOLATE = ["unshare", "--net", "--pid", "--fork", "--mount-proc", "--kill-child"]
 INNER_TIMEOUT_S = 300
 INNER = Path(__file__).with_name("_serve_ray_inner.py")
 INNER_TESTS = 7
@@ -99,18 +99,7 @@ def test_cli_ray_address_unreachable_is_one_line(exported: dict) -> None:
 def _skip_unless_isolated() -> None:
     if not HAVE_SERVE:
         pytest.skip("Ray Serve is not installed: pip install 'enginekit[ray]'")
-    if os.geteuid() != 0:
-        pytest.skip("the Ray Serve test runs Ray in its own network namespace, which needs root")
-    for tool in ("unshare", "ip"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"the Ray Serve test needs `{tool}` (util-linux / iproute2)")
-    try:
-        probe = subprocess.run([*ISOLATE, "ip", "link", "set", "lo", "up"], check=False, capture_output=True,
-                               text=True, timeout=15)
-    except subprocess.TimeoutExpired:
-        pytest.skip("`unshare` did not return within 15 s")
-    if probe.returncode != 0:
-        pytest.skip(f"cannot make a network and PID namespace here ({probe.stderr.strip() or probe.returncode})")
+    skip_unless_loopback_namespace("the Ray Serve test")
 
 
 def test_ray_serve_two_replicas_in_a_loopback_namespace(exported: dict, tiny_pipelines: dict) -> None:
