@@ -273,7 +273,8 @@ def _diffusers_pipeline(manifest: Manifest) -> Any:
     seeded = prov.get("kind") in ("builtin", "random")
     src = resolve_pipeline(str(spec), random_weights=prov.get("kind") == "random",
                            seed=int(prov.get("seed") or 0), family=prov.get("family") if not seeded else None,
-                           revision=prov.get("revision") if prov.get("kind") == "hub" else None)
+                           revision=prov.get("revision") if prov.get("kind") == "hub" else None,
+                           without_t5=bool(prov.get("without_t5")))
     recorded, now = prov.get("weights_sha256"), src.provenance.get("weights_sha256")
     if recorded and now is not None and now != recorded:
         raise SourceError(f"{spec}: the weights changed since the artifact was exported "

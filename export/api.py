@@ -59,6 +59,7 @@ def export_model(
     image_check: bool = True,
     loras: tuple[str, ...] = (),
     lora_scale: float = 1.0,
+    without_t5: bool = False,
     overwrite: bool = False,
     on_step: Callable[[str], None] = lambda msg: None,
 ) -> Manifest:
@@ -74,11 +75,13 @@ def export_model(
         budget: dict[str, Any] = {k: v for k, v in (("atol", atol), ("rtol", rtol)) if v is not None}
         specs = tuple(parse_lora(text, lora_scale) for text in loras)
         return export_pipeline(spec, out_dir, PipelineExportOptions(opset=opset, seed=seed, image_check=image_check,
-                                                                    loras=specs, **budget),
+                                                                    loras=specs, without_t5=without_t5, **budget),
                                family=family, random_weights=random_weights, revision=revision,
                                overwrite=overwrite, on_step=on_step)
     if loras:
         raise SourceError("--lora applies to diffusion pipelines only")
+    if without_t5:
+        raise SourceError("--no-t5 applies to SD3/SD3.5 pipelines only")
     from enginekit.export.vit import ExportOptions, export_classifier
 
     budget = {k: v for k, v in (("atol", atol), ("rtol", rtol)) if v is not None}

@@ -337,6 +337,34 @@ def test_parity_miss_raises_and_writes_nothing(tmp_path: Path) -> None:
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
 
 
+def test_without_the_image_check_weights_are_dropped_before_onnx_runtime_loads_the_graph(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """So a 10 GB transformer is never in memory twice (PyTorch's and ONNX Runtime's copies)."""
+    from enginekit.export.diffusion import sd
+
+    held: dict[str, object] = {}
+    real_resolve, real_run = sd.resolve_pipeline, sd.run_onnx_file
+
+    def resolve(*args, **kwargs):
+        held["src"] = real_resolve(*args, **kwargs)
+        return held["src"]
+
+    still_loaded: dict[str, bool] = {}
+
+    def run(path, feeds):
+        name = Path(path).parent.name
+        still_loaded[name] = getattr(held["src"].pipeline, name, None) is not None
+        return real_run(path, feeds)
+
+    monkeypatch.setattr(sd, "resolve_pipeline", resolve)
+    monkeypatch.setattr(sd, "run_onnx_file", run)
+    export_pipeline("tiny-sd3", tmp_path / "a", PipelineExportOptions(image_check=False))
+    assert {k: v for k, v in still_loaded.items() if k in ("text_encoder", "text_encoder_2", "text_encoder_3",
+                                                           "transformer")} == dict.fromkeys(
+        ("text_encoder", "text_encoder_2", "text_encoder_3", "transformer"), False)
+    assert "vae_decoder" in still_loaded
+
+
 # --------------------------------------------------------------------------- full size
 
 

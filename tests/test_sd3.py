@@ -130,6 +130,56 @@ def test_a_folder_without_t5_exports_and_matches_diffusers(no_t5_folder: tuple[P
     assert psnr(ref, got) >= 40.0
 
 
+def test_export_no_t5_never_builds_t5_and_diffusers_is_rebuilt_without_it(tmp_path: Path) -> None:
+    """``export --no-t5``: no T5 graph, the provenance says so, and the diffusers pipeline
+    bench/optimize rebuild from it has no T5 either (the images agree on the same latents)."""
+    from click.testing import CliRunner
+
+    from enginekit.app.cli import cli
+    from enginekit.bench.pipeline import _diffusers_pipeline
+    from enginekit.export.diffusion import sources
+
+    built: list[str] = []
+    real = sources._tokenizer_for
+    sources._tokenizer_for = lambda folder, name: built.append(name) or real(folder, name)
+    try:
+        result = CliRunner().invoke(cli, ["export", "tiny-sd3", "--no-t5", "--no-image-check", "-o", str(tmp_path / "a")])
+    finally:
+        sources._tokenizer_for = real
+    assert result.exit_code == 0, result.output
+    assert "tokenizer_3" not in built and "tokenizer" in built
+    pipe = enginekit.load(tmp_path / "a", device="cpu")
+    assert "text_encoder_3" not in pipe.manifest.components and pipe.manifest.provenance["without_t5"] is True
+    ref_pipe = _diffusers_pipeline(pipe.manifest)
+    assert ref_pipe.text_encoder_3 is None and ref_pipe.tokenizer_3 is None
+    ref_pipe.set_progress_bar_config(disable=True)
+    latents = _latents(len(PROMPTS), seed=5)
+    got = pipe(PROMPTS, negative_prompt=NEGATIVES, num_inference_steps=3, guidance_scale=5.0, height=SIZE,
+               width=SIZE, latents=latents, output_type="np").images
+    assert psnr(_reference(ref_pipe, latents, NEGATIVES, steps=3), got) >= 40.0
+
+
+def test_no_t5_on_a_folder_that_has_t5_leaves_it_unloaded(tmp_path: Path) -> None:
+    from enginekit.export.diffusion.sources import resolve_pipeline
+
+    resolve_pipeline("tiny-sd3").pipeline.save_pretrained(str(tmp_path / "p"), safe_serialization=True)
+    src = resolve_pipeline(str(tmp_path / "p"), without_t5=True)
+    assert src.pipeline.text_encoder_3 is None and src.pipeline.text_encoder is not None
+    assert src.provenance["without_t5"] is True
+
+
+@pytest.mark.parametrize(("model", "why"), [("tiny-flux", "FLUX conditions on T5"), ("tiny-sd15", "no T5 encoder"),
+                                            ("default", "SD3/SD3.5 pipelines only")])
+def test_no_t5_is_refused_where_there_is_no_optional_t5(tmp_path: Path, model: str, why: str) -> None:
+    from click.testing import CliRunner
+
+    from enginekit.app.cli import cli
+
+    result = CliRunner().invoke(cli, ["export", model, "--no-t5", "-o", str(tmp_path / "x")])
+    assert result.exit_code != 0 and why in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "x").exists()
+
+
 @pytest.mark.skipif("openvino" not in installed_backends(), reason="needs OpenVINO")
 def test_static_shapes_on_openvino(tiny_pipelines: dict, tmp_path: Path) -> None:
     from enginekit.api import compile_artifact

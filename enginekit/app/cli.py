@@ -112,12 +112,15 @@ def cli(verbose: bool) -> None:
                    "repeatable, fused in order.")
 @click.option("--lora-scale", type=float, default=1.0, show_default=True,
               help="Scale for each --lora that names none.")
+@click.option("--no-t5", "without_t5", is_flag=True,
+              help="SD3/SD3.5: leave the T5 encoder out (never loaded), as diffusers allows: prompts condition "
+                   "through the CLIP encoders alone; saves T5-XXL's 4.7B parameters (19 GB in fp32).")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists (atomically).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def export(args: tuple[str, ...], model_opt: str | None, out: Path | None, family: str | None, task: str | None,
            random_weights: bool, weights: Path | None, seed: int, revision: str | None, opset: int,
            atol: float | None, rtol: float | None, image_check: bool, loras: tuple[str, ...], lora_scale: float,
-           overwrite: bool, as_json: bool) -> None:
+           without_t5: bool, overwrite: bool, as_json: bool) -> None:
     """Export MODEL to an ONNX artifact and check it against PyTorch.
 
     \b
@@ -146,7 +149,8 @@ def export(args: tuple[str, ...], model_opt: str | None, out: Path | None, famil
         manifest = export_model(
             model, out, family=family, task=task, random_weights=random_weights, weights=weights,
             revision=revision, seed=seed, opset=opset, atol=atol, rtol=rtol, image_check=image_check,
-            loras=loras, lora_scale=lora_scale, overwrite=overwrite, on_step=lambda msg: status.update(msg),
+            loras=loras, lora_scale=lora_scale, without_t5=without_t5, overwrite=overwrite,
+            on_step=lambda msg: status.update(msg),
         )
     if as_json:
         _emit_json(manifest.to_dict())
@@ -945,6 +949,8 @@ def _csv(value: str | None) -> tuple[str, ...] | None:
 @click.option("--prompts", "prompts_file", type=click.Path(path_type=Path, dir_okay=False),
               help="Pipelines: held-out prompts, one a line (default: built-in ones no quantizer calibrates on).")
 @click.option("--seeds", default=None, help="Pipelines: comma-separated latent seeds per prompt [default: 0].")
+@click.option("--no-t5", "without_t5", is_flag=True,
+              help="SD3/SD3.5 pipelines: export and judge without the T5 encoder (as `export --no-t5`).")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists (atomically).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.pass_context
@@ -955,7 +961,8 @@ def optimize(ctx: click.Context, model: str, out: Path, budget_agreement: float,
              runs: int | None, duration: float | None, warmup: int, threads: int, dynamic_shape: bool,
              random_weights: bool, weights: Path | None, revision: str | None, seed: int, work: Path | None,
              store: Path | None, min_psnr: float | None, size: int | None, steps: int | None,
-             prompts_file: Path | None, seeds: str | None, overwrite: bool, as_json: bool) -> None:
+             prompts_file: Path | None, seeds: str | None, without_t5: bool, overwrite: bool,
+             as_json: bool) -> None:
     """Find the fastest engine for MODEL on this machine that keeps its fidelity.
 
     Exports MODEL, builds every candidate (each installed backend x fp32, fp16/bf16,
@@ -973,7 +980,7 @@ def optimize(ctx: click.Context, model: str, out: Path, budget_agreement: float,
 
     given = {name for name in ctx.params
              if ctx.get_parameter_source(name) not in (click.core.ParameterSource.DEFAULT, None)}
-    pipeline_only = {"min_psnr", "size", "steps", "prompts_file", "seeds"}
+    pipeline_only = {"min_psnr", "size", "steps", "prompts_file", "seeds", "without_t5"}
     if source_task(model) == "text-to-image":
         classifier_only = sorted(given & {"budget_agreement", "budget_cosine", "tie_margin", "batch", "data",
                                           "second_data", "calibration_size", "eval_size", "runs", "duration",
@@ -981,15 +988,15 @@ def optimize(ctx: click.Context, model: str, out: Path, budget_agreement: float,
         if classifier_only:
             flag = "--" + classifier_only[0].replace("_", "-")
             raise click.UsageError(f"{flag} is for classifiers; {model!r} is a diffusion pipeline (its flags: "
-                                   "--min-psnr, --size, --steps, --prompts, --seeds, --backends, --precisions)")
+                                   "--min-psnr, --size, --steps, --prompts, --seeds, --no-t5, --backends, --precisions)")
         _optimize_pipeline_cmd(model, out, backends=backends, precisions=precisions, min_psnr=min_psnr, size=size,
                                steps=steps, prompts_file=prompts_file, seeds=seeds, threads=threads,
                                random_weights=random_weights, revision=revision, seed=seed, work=work,
-                               overwrite=overwrite, as_json=as_json)
+                               without_t5=without_t5, overwrite=overwrite, as_json=as_json)
         return
     wrong = sorted(given & pipeline_only)
     if wrong:
-        flag = "--" + ("prompts" if wrong[0] == "prompts_file" else wrong[0].replace("_", "-"))
+        flag = {"prompts_file": "--prompts", "without_t5": "--no-t5"}.get(wrong[0], "--" + wrong[0].replace("_", "-"))
         raise click.UsageError(f"{flag} is for diffusion pipelines; {model!r} is an image classifier")
     from enginekit.app.optimize import OptimizeConfig
     from enginekit.app.optimize import optimize as run_optimize
@@ -1034,7 +1041,7 @@ def optimize(ctx: click.Context, model: str, out: Path, budget_agreement: float,
 def _optimize_pipeline_cmd(model: str, out: Path, *, backends: str | None, precisions: str, min_psnr: float | None,
                            size: int | None, steps: int | None, prompts_file: Path | None, seeds: str | None,
                            threads: int, random_weights: bool, revision: str | None, seed: int, work: Path | None,
-                           overwrite: bool, as_json: bool) -> None:
+                           without_t5: bool, overwrite: bool, as_json: bool) -> None:
     """``optimize`` on a pipeline: see :mod:`enginekit.app.optimize_pipeline`."""
     from enginekit.app.optimize_pipeline import PipelineOptimizeConfig, optimize_pipeline, table_rows
 
@@ -1052,7 +1059,8 @@ def _optimize_pipeline_cmd(model: str, out: Path, *, backends: str | None, preci
         raise click.BadParameter(f"{seeds!r} is not a comma-separated list of integers", param_hint="--seeds") from None
     config = PipelineOptimizeConfig(backends=_csv(backends), precisions=_csv(precisions) or (),
                                     min_psnr=defaults.min_psnr if min_psnr is None else min_psnr, size=size,
-                                    steps=steps or defaults.steps, prompts=prompts, seeds=seed_list, threads=threads)
+                                    steps=steps or defaults.steps, prompts=prompts, seeds=seed_list, threads=threads,
+                                    without_t5=without_t5)
     console = _console()
     with contextlib.redirect_stdout(sys.stderr):
         report = optimize_pipeline(model, out, config, random_weights=random_weights, revision=revision, seed=seed,

@@ -99,6 +99,8 @@ class PipelineOptimizeConfig:
     threads: int = 0
     calibration_prompts: int = 8
     group_size: int = 128
+    #: SD3/SD3.5: export and judge the pipeline without its T5 encoder (as diffusers allows).
+    without_t5: bool = False
 
     def check(self) -> None:
         unknown = [p for p in self.precisions if p not in PRECISIONS]
@@ -341,7 +343,8 @@ def _run(model: str, out: Path, work: Path, backends: list[str], prompts: list[s
     onnx_dir = work / "onnx"
     on_step(f"1. export {model} -> {onnx_dir}")
     manifest = export_model(model, onnx_dir, task="text-to-image", random_weights=random_weights, revision=revision,
-                            seed=seed, image_check=False, overwrite=True, on_step=lambda m: on_step("  " + m))
+                            seed=seed, image_check=False, without_t5=config.without_t5, overwrite=True,
+                            on_step=lambda m: on_step("  " + m))
     pcfg = PipelineConfig.from_section(manifest.task_config)
     size = config.size or pcfg.default_size
     plan = generation_plan(manifest.task_config, size, config.steps, config.guidance)
@@ -406,7 +409,7 @@ def _run(model: str, out: Path, work: Path, backends: list[str], prompts: list[s
     _attribute(outcomes, baseline)
     report: dict[str, Any] = {
         "model": model, "family": manifest.family, "output": str(out),
-        "source": {k: manifest.provenance.get(k) for k in ("source", "kind", "weights", "seed")
+        "source": {k: manifest.provenance.get(k) for k in ("source", "kind", "weights", "seed", "without_t5")
                    if manifest.provenance.get(k) is not None},
         "size": size, "steps": config.steps, "guidance": plan.guidance, "scheduler": plan.scheduler,
         "denoiser": pcfg.denoiser, "held_out": {"prompts": prompts, "seeds": list(config.seeds)},

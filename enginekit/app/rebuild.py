@@ -104,6 +104,8 @@ def pipeline_rebuild_commands(report: Mapping[str, Any], candidate: Mapping[str,
     parts = ["enginekit", "export", _q(report["model"]), "-o", "onnx"]
     if source.get("kind") == "random":
         parts.append("--random-weights")
+    if source.get("without_t5"):
+        parts.append("--no-t5")
     if revision:
         parts += ["--revision", _q(revision)]
     if seed:

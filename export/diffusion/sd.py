@@ -80,6 +80,8 @@ class PipelineExportOptions:
     min_psnr: float = 40.0
     #: LoRA files fused into the weights (in order, each at its scale) before anything is exported.
     loras: tuple[LoraSpec, ...] = ()
+    #: SD3/SD3.5: leave the T5 encoder out (never built or loaded), as diffusers allows.
+    without_t5: bool = False
 
 
 # --------------------------------------------------------------------------- wrappers
@@ -473,7 +475,7 @@ def export_pipeline(
         if owned:
             on_step("loading the PyTorch pipeline")
             src = resolve_pipeline(str(spec_or_source), family=family, random_weights=random_weights,
-                                   seed=options.seed, revision=revision)
+                                   seed=options.seed, revision=revision, without_t5=options.without_t5)
         else:
             src = spec_or_source
             if family is not None and family != src.family:
@@ -494,13 +496,21 @@ def export_pipeline(
             for i, make in enumerate(plans, 1):
                 plan = make()
                 on_step(f"[{i}/{len(plans)}] {plan.name}: exporting to ONNX (opset {options.opset})")
-                comp, report, exporter = _export_component(tmp, plan, options, on_step, i, len(plans))
+                droppable = owned and not options.image_check and plan.name in (*_TEXT_ENCODERS, "unet", "transformer")
+
+                def release(plan: _Plan = plan) -> None:
+                    # The last references: the weights go now, before ONNX Runtime loads the graph
+                    # for the parity check, so a 10 GB transformer is never in memory twice.
+                    plan.module = None
+                    setattr(pipe, plan.name, None)
+                    gc.collect()
+
+                comp, report, exporter = _export_component(tmp, plan, options, on_step, i, len(plans),
+                                                           release if droppable else None)
                 components[plan.name] = comp
                 fidelity[plan.name] = {k: report[k] for k in ("min_cosine", "max_abs", "passed")}
                 exporters[plan.name] = exporter
-                del plan, make
-                if owned and not options.image_check and comp.name in (*_TEXT_ENCODERS, "unet", "transformer"):
-                    setattr(pipe, comp.name, None)  # the last reference: the weights go now
+                del plan, make, release
                 gc.collect()
                 rss.sample()
             on_step("writing tokenizers, scheduler and model index")
@@ -550,8 +560,11 @@ def _check_image(pipe: Any, root: Path, manifest: Manifest, options: PipelineExp
 
 
 def _export_component(
-    root: Path, plan: _Plan, opts: PipelineExportOptions, on_step: Callable[[str], None], i: int, n: int
+    root: Path, plan: _Plan, opts: PipelineExportOptions, on_step: Callable[[str], None], i: int, n: int,
+    release: Callable[[], None] | None = None,
 ) -> tuple[Component, dict[str, Any], str]:
+    """Export one component and check it on ONNX Runtime against PyTorch's outputs (computed
+    first); ``release``, when given, drops the PyTorch module between the two."""
     import torch
 
     folder = root / plan.name
@@ -565,6 +578,8 @@ def _export_component(
     del reference
     exporter = _torch_export(plan, path, opts.opset, external)
     _name_dims(path, plan)
+    if release is not None:
+        release()
     on_step(f"[{i}/{n}] {plan.name}: checking ONNX Runtime against PyTorch")
     feeds = {spec.name: t.numpy() for spec, t in zip(plan.inputs, plan.parity)}
     got = run_onnx_file(path, feeds)

@@ -93,19 +93,38 @@ def resolve_pipeline(
     seed: int = 0,
     revision: str | None = None,
     config: str | Path | None = None,
+    without_t5: bool = False,
 ) -> PipelineSource:
     """Load the pipeline named by ``spec`` (see the module docstring for the forms).
 
     ``family`` validates (or, where the pipeline cannot tell, decides) the family;
     a single file needs it. ``config`` points a single file at another config folder
     (a diffusers pipeline layout) instead of the repository's one for ``family``.
+    ``without_t5`` leaves SD3's T5 encoder out (never built or loaded), as diffusers
+    allows: prompts then condition through the two CLIP encoders alone.
     """
     if family is not None and family not in FAMILIES:
         raise SourceError(f"unknown family {family!r}; the pipeline families are {', '.join(FAMILIES)}")
+    src = _resolve(spec, family, random_weights, seed, revision, config, without_t5)
+    if without_t5:
+        src.provenance["without_t5"] = True
+    return src
+
+
+def _check_t5(where: str, family: str, without_t5: bool) -> None:
+    if without_t5 and family != "sd3":
+        why = "FLUX conditions on T5 and cannot run without it" if family == "flux" else f"{family} has no T5 encoder"
+        raise SourceError(f"{where}: --no-t5 is for SD3/SD3.5 pipelines ({why})")
+
+
+def _resolve(spec: str, family: str | None, random_weights: bool, seed: int, revision: str | None,
+             config: str | Path | None, without_t5: bool) -> PipelineSource:
+    skip = ("text_encoder_3", "tokenizer_3") if without_t5 else ()
     if spec in BUILTINS:
         fam = BUILTINS[spec]
         _check_family(spec, fam, family)
-        src = _build_seeded(config_dir(spec), fam, seed)
+        _check_t5(spec, fam, without_t5)
+        src = _build_seeded(config_dir(spec), fam, seed, skip)
         src.provenance.update(source=spec, kind="builtin", weights="random", seed=seed)
         return src
     if spec in ARCHITECTURES:
@@ -116,21 +135,23 @@ def resolve_pipeline(
             )
         fam = ARCHITECTURES[spec]
         _check_family(spec, fam, family)
-        src = _build_seeded(config_dir(spec), fam, seed)
+        _check_t5(spec, fam, without_t5)
+        src = _build_seeded(config_dir(spec), fam, seed, skip)
         src.provenance.update(source=spec, kind="random", weights="random", seed=seed)
         return src
     if random_weights:
         raise SourceError(f"--random-weights applies to {', '.join(ARCHITECTURES)} only, not to {spec!r}")
     path = Path(spec).expanduser()
     if path.is_dir():
-        return _load_folder(path, family, revision=None)
+        return _load_folder(path, family, revision=None, without_t5=without_t5)
     if path.is_file():
+        _check_t5(str(path), family or "this checkpoint", without_t5)
         return _load_single_file(path, family, config)
     hub_id = spec[len("hf-hub:") :] if spec.startswith("hf-hub:") else spec
     if "@" in hub_id:
         hub_id, revision = hub_id.split("@", 1)
     if hub_id.count("/") == 1 and not spec.startswith((".", "/", "~")) and not hub_id.endswith(".safetensors"):
-        return _load_hub(hub_id, revision, family)
+        return _load_hub(hub_id, revision, family, without_t5)
     raise SourceError(
         f"{spec!r} is not a pipeline source: use {', '.join(BUILTINS)}, {', '.join(ARCHITECTURES)} with --random-weights, "
         "a save_pretrained folder, a .safetensors checkpoint or a hub id 'org/name'"
@@ -205,8 +226,9 @@ def _tokenizer_for(folder: Path, name: str) -> Any:
     return real_clip_tokenizer(pad_token=_pad_token(tok_dir), model_max_length=max_len)
 
 
-def _build_seeded(folder: Path, family: str, seed: int) -> PipelineSource:
-    """Build every component from ``folder``'s configs with ``torch.manual_seed(seed)`` before each."""
+def _build_seeded(folder: Path, family: str, seed: int, skip: tuple[str, ...] = ()) -> PipelineSource:
+    """Build every component from ``folder``'s configs with ``torch.manual_seed(seed)`` before each
+    (those in ``skip`` are left None, never built)."""
     import diffusers
     import torch
     import transformers
@@ -215,6 +237,9 @@ def _build_seeded(folder: Path, family: str, seed: int) -> PipelineSource:
     components: dict[str, Any] = {}
     for name in _WEIGHT_COMPONENTS:
         if name not in index:
+            continue
+        if name in skip:
+            components[name] = None
             continue
         library, cls_name = index[name]
         torch.manual_seed(seed)
@@ -229,7 +254,7 @@ def _build_seeded(folder: Path, family: str, seed: int) -> PipelineSource:
     components["scheduler"] = sched_cls.from_config(sched_cls.load_config(str(folder / "scheduler")))
     for name in _TOKENIZERS:
         if name in index:
-            components[name] = _tokenizer_for(folder, name)
+            components[name] = None if name in skip else _tokenizer_for(folder, name)
     kwargs: dict[str, Any] = {}
     if family in ("sd3", "flux"):
         pass
@@ -286,7 +311,7 @@ def _require_safetensors(folder: Path, index: dict[str, Any]) -> dict[str, str]:
     return hashes
 
 
-def _load_folder(folder: Path, family: str | None, revision: str | None) -> PipelineSource:
+def _load_folder(folder: Path, family: str | None, revision: str | None, without_t5: bool = False) -> PipelineSource:
     if not (folder / "model_index.json").is_file():
         raise SourceError(f"{folder}: no model_index.json (expected a diffusers pipeline written by save_pretrained)")
     index = _read_json(folder / "model_index.json")
@@ -297,6 +322,7 @@ def _load_folder(folder: Path, family: str | None, revision: str | None) -> Pipe
             detected, how = family, "--family"
         else:
             raise SourceError(f"{folder}: a {detected} pipeline by its {how}, not {family} (--family {family})")
+    _check_t5(str(folder), detected, without_t5)
     hashes = _require_safetensors(folder, index)
     kwargs: dict[str, Any] = {}
     if detected in ("sd15", "sd21"):
@@ -307,6 +333,8 @@ def _load_folder(folder: Path, family: str | None, revision: str | None) -> Pipe
             entry = index.get(name)
             if not (isinstance(entry, list) and entry and entry[0] is not None):
                 kwargs[name] = None
+        if without_t5:
+            kwargs.update(text_encoder_3=None, tokenizer_3=None)
     try:
         pipe = _pipeline_class(detected).from_pretrained(
             str(folder), use_safetensors=True, local_files_only=True, **kwargs
@@ -328,7 +356,7 @@ def _eval(pipe: Any) -> None:
             module.float().eval()
 
 
-def _load_hub(hub_id: str, revision: str | None, family: str | None) -> PipelineSource:
+def _load_hub(hub_id: str, revision: str | None, family: str | None, without_t5: bool = False) -> PipelineSource:
     try:
         from huggingface_hub import snapshot_download
     except ImportError as exc:  # pragma: no cover - part of the export extra
@@ -339,7 +367,7 @@ def _load_hub(hub_id: str, revision: str | None, family: str | None) -> Pipeline
     except Exception as exc:
         hint = " (HF_HUB_OFFLINE is set and it is not in the hub cache)" if offline else ""
         raise SourceError(f"could not fetch {hub_id!r} from the hub{hint}: {_first_line(exc)}") from exc
-    src = _load_folder(Path(folder), family, revision)
+    src = _load_folder(Path(folder), family, revision, without_t5)
     src.provenance.update(source=f"hf-hub:{hub_id}", kind="hub", hub_id=hub_id, revision=Path(folder).name)
     return src
 
