@@ -367,7 +367,9 @@ async def generate(request: Request) -> Response:
         raise ApiError(422, "response_format: PNG answers one image; ask for json (or sse) with num_images > 1")
     if fmt == "sse":
         job = submit_job(request, slot, req, init)
-        return StreamingResponse(_events(state, slot, job), media_type="text/event-stream",
+        listener: asyncio.Queue = asyncio.Queue()
+        job.listeners.append(listener)  # now, not when the stream starts: no step is missed
+        return StreamingResponse(_events(state, slot, job, listener), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Job-Id": job.id})
     out = await run_generation(request, slot, req, init)
     if fmt == "json":
@@ -379,11 +381,9 @@ def _sse(event: str, data: dict[str, Any]) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data)}\n\n".encode()
 
 
-async def _events(state: Any, slot: ModelSlot, job: Job) -> AsyncIterator[bytes]:
+async def _events(state: Any, slot: ModelSlot, job: Job, listener: asyncio.Queue) -> AsyncIterator[bytes]:
     """``queued``, then ``progress`` per step, then ``done`` (with the images) or ``error``.
     Leaving early (the client disconnected) cancels the generation."""
-    listener: asyncio.Queue = asyncio.Queue()
-    job.listeners.append(listener)
     deadline = time.monotonic() + state.settings.timeout_s
     try:
         yield _sse("queued", {"id": job.id, "position": slot.depth})
@@ -402,6 +402,12 @@ async def _events(state: Any, slot: ModelSlot, job: Job) -> AsyncIterator[bytes]
                     yield _sse("progress", {"id": job.id, **event})
             else:
                 getter.cancel()
+        # Steps posted from the engine thread may land after the result: send them first.
+        await asyncio.sleep(0)
+        while not listener.empty():
+            event = listener.get_nowait()
+            if "step" in event:
+                yield _sse("progress", {"id": job.id, **event})
         try:
             out = job.future.result()
         except Exception as exc:
