@@ -33,7 +33,11 @@ class _Item:
 class Batcher:
     """Gathers requests of ``(n, ...)`` rows into one ``run(batch)`` call of up to
     ``max_batch`` rows, waiting at most ``max_delay_s`` after the first arrival;
-    each request gets back its own slice of every output."""
+    each request gets back its own slice of every output.
+
+    The wait applies only when requests are arriving together (more than one is waiting,
+    or the last batch held more than one row): a lone request on a quiet model runs at
+    once, so batching costs a single client no latency."""
 
     def __init__(self, name: str, run: Callable[[np.ndarray], dict[str, np.ndarray]], max_batch: int,
                  max_delay_s: float, max_queue: int, on_batch: Callable[[int], None] = lambda n: None) -> None:
@@ -48,6 +52,7 @@ class Batcher:
         self._task: asyncio.Task | None = None
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"batch-{name}")
         self.busy = False
+        self._last_rows = 0
 
     @property
     def depth(self) -> int:
@@ -75,7 +80,8 @@ class Batcher:
             while not self._queue:
                 self._wake.clear()
                 await self._wake.wait()
-            deadline = self._queue[0].arrived + self.max_delay_s
+            together = self._last_rows > 1 or self._rows_waiting() > 1
+            deadline = self._queue[0].arrived + (self.max_delay_s if together else 0.0)
             while self._rows_waiting() < self.max_batch and (left := deadline - time.monotonic()) > 0:
                 self._wake.clear()
                 try:
@@ -86,6 +92,7 @@ class Batcher:
             if not batch:
                 continue
             rows = np.concatenate([item.rows for item in batch]) if len(batch) > 1 else batch[0].rows
+            self._last_rows = len(rows)
             self._on_batch(len(rows))
             self.busy = True
             try:

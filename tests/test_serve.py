@@ -529,3 +529,27 @@ def test_page_is_served(server: AppRunner) -> None:
     r = server.get("/")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
     assert "<script" in r.text and "/v1/classify" in r.text and "/v1/generate" in r.text
+
+
+def test_batcher_runs_a_lone_request_at_once_and_gathers_concurrent_ones() -> None:
+    from enginekit.serve.batching import Batcher
+
+    calls: list[int] = []
+
+    def run(rows: np.ndarray) -> dict[str, np.ndarray]:
+        calls.append(len(rows))
+        return {"y": rows * 2}
+
+    async def scenario() -> tuple[float, list[np.ndarray]]:
+        b = Batcher("m", run, max_batch=4, max_delay_s=0.5, max_queue=8)
+        t0 = time.perf_counter()
+        lone = await b.submit(np.ones((1, 2), np.float32))
+        lone_s = time.perf_counter() - t0
+        together = await asyncio.gather(*[b.submit(np.full((1, 2), i, np.float32)) for i in range(4)])
+        b.close()
+        return lone_s, [lone["y"]] + [t["y"] for t in together]
+
+    lone_s, outs = asyncio.run(scenario())
+    assert lone_s < 0.25  # no 0.5 s gathering wait for a single client
+    assert calls == [1, 4]
+    assert [o.tolist() for o in outs[1:]] == [[[2 * i, 2 * i]] for i in range(4)]
