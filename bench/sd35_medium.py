@@ -35,6 +35,8 @@ import numpy as np
 from enginekit.errors import EngineKitError, ExportError
 
 CONFIG = "sd35-medium"
+#: The SD3-family configs whose transformer this script can build (``--config``).
+CONFIGS = ("sd3-medium", "sd35-medium", "sd35-large")
 _ONNX = Path("onnx") / "transformer" / "model.onnx"
 _NAMES = ("sample", "timestep", "encoder_hidden_states", "pooled_projections")
 _DTYPES = ("fp32", "fp16", "bf16")
@@ -46,6 +48,8 @@ class Setup:
 
     seed: int = 0
     dtype: str = "fp32"
+    #: Which config's transformer (enginekit/configs/<config>/transformer).
+    config: str = CONFIG
     #: Transformer config keys replaced (``num_layers`` for the RSS probe; widths for tests).
     overrides: dict[str, Any] = field(default_factory=dict)
     batch: int = 2  # CFG: the unconditional and the conditional rows
@@ -59,12 +63,14 @@ class Setup:
     budget_s: float = 180.0
 
 
-def transformer_config(overrides: dict[str, Any]) -> dict[str, Any]:
-    """The sd35-medium transformer config with ``overrides``; dual-attention layers past
-    ``num_layers`` are dropped."""
+def transformer_config(overrides: dict[str, Any], config: str = CONFIG) -> dict[str, Any]:
+    """The ``config`` transformer config (sd35-medium by default) with ``overrides``;
+    dual-attention layers past ``num_layers`` are dropped."""
     from enginekit.export.diffusion.sources import config_dir
 
-    cfg = json.loads((config_dir(CONFIG) / "transformer" / "config.json").read_text())
+    if config not in CONFIGS:
+        raise ExportError(f"sd35_medium: config must be one of {', '.join(CONFIGS)}, not {config!r}")
+    cfg = json.loads((config_dir(config) / "transformer" / "config.json").read_text())
     unknown = set(overrides) - set(cfg)
     if unknown:
         raise ExportError(f"sd35_medium: the transformer config has no {', '.join(sorted(unknown))}")
@@ -80,16 +86,45 @@ def build_transformer(setup: Setup, dtype: str = "fp32") -> Any:
 
     if dtype not in _DTYPES:
         raise ExportError(f"sd35_medium: dtype must be one of {', '.join(_DTYPES)}, not {dtype!r}")
+    cfg = transformer_config(setup.overrides, setup.config)
+    half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(dtype)
+    direct = half is not None and _fp32_bytes(cfg) > _memory_bytes() / 2
     torch.manual_seed(setup.seed)
-    model = diffusers.SD3Transformer2DModel.from_config(transformer_config(setup.overrides)).eval()
-    if dtype != "fp32":
-        model = model.to({"fp16": torch.float16, "bf16": torch.bfloat16}[dtype])
+    if direct:
+        # The fp32 weights would not fit beside their cast copy: draw them in the half dtype itself
+        # (other values than draw-then-cast, the same distribution).
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(half)
+        try:
+            model = diffusers.SD3Transformer2DModel.from_config(cfg).eval()
+        finally:
+            torch.set_default_dtype(previous)
+    else:
+        model = diffusers.SD3Transformer2DModel.from_config(cfg).eval()
+        if half is not None:
+            model = model.to(half)
     return model
+
+
+def _fp32_bytes(cfg: dict[str, Any]) -> int:
+    """The transformer's fp32 weight bytes, counted on the meta device (nothing allocated)."""
+    import diffusers
+    import torch
+
+    with torch.device("meta"):
+        model = diffusers.SD3Transformer2DModel.from_config(cfg)
+    return 4 * sum(p.numel() for p in model.parameters())
+
+
+def _memory_bytes() -> int:
+    import psutil
+
+    return int(psutil.virtual_memory().total)
 
 
 def call_inputs(setup: Setup) -> dict[str, np.ndarray]:
     """One CFG denoising call's seeded float32 inputs (the same in every subprocess)."""
-    cfg = transformer_config(setup.overrides)
+    cfg = transformer_config(setup.overrides, setup.config)
     rng = np.random.default_rng(setup.seed + 1)
     f = 8  # the SD3 VAE's downscale
     if setup.height % (f * cfg["patch_size"]) or setup.width % (f * cfg["patch_size"]):
@@ -147,6 +182,7 @@ def export_onnx(setup: Setup, work: Path, opset: int = 18) -> dict[str, Any]:
     from enginekit.export.diffusion.sd import _name_dims, _torch_export
 
     started = time.perf_counter()
+    direct = setup.dtype != "fp32" and _fp32_bytes(transformer_config(setup.overrides, setup.config)) > _memory_bytes() / 2
     model = build_transformer(setup, setup.dtype)
     built = time.perf_counter() - started
     gc.collect()
@@ -165,7 +201,9 @@ def export_onnx(setup: Setup, work: Path, opset: int = 18) -> dict[str, Any]:
     gc.collect()
     files = {p.name: p.stat().st_size for p in sorted(path.parent.iterdir())}
     memory["export_peak_gb"] = _gb(_hwm_bytes())
-    return {"exporter": exporter, "opset": opset, "dtype": setup.dtype, "parameters": n_params, **memory,
+    return {"exporter": exporter, "opset": opset, "dtype": setup.dtype, "parameters": n_params,
+            "weights_drawn_in": setup.dtype if direct else "fp32" + (f", cast to {setup.dtype}" if setup.dtype != "fp32" else ""),
+            **memory,
             "build_s": round(built, 1), "export_s": round(time.perf_counter() - started - built, 1), "files": files}
 
 
@@ -340,7 +378,9 @@ def table(records: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, required=True, help="Folder for the ONNX file, outputs and JSON.")
-    parser.add_argument("--dtype", default="fp32", choices=_DTYPES, help="Weights cast to this before export.")
+    parser.add_argument("--dtype", default="fp32", choices=_DTYPES,
+                        help="Weights cast to this before export (drawn in it where fp32 would not fit).")
+    parser.add_argument("--config", default=CONFIG, choices=CONFIGS, help="Whose transformer (default sd35-medium).")
     parser.add_argument("--num-layers", type=int, help="Fewer transformer blocks (the RSS probe).")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--warmup", type=int, default=1)
@@ -359,7 +399,7 @@ def main(argv: list[str] | None = None) -> None:
         result["maxrss_bytes"] = _hwm_bytes()
         (args.work / f"{args.stage}.json").write_text(json.dumps(result))
         return
-    setup = Setup(seed=args.seed, dtype=args.dtype, warmup=args.warmup, repeats=args.repeats, budget_s=args.budget_s,
+    setup = Setup(seed=args.seed, dtype=args.dtype, config=args.config, warmup=args.warmup, repeats=args.repeats, budget_s=args.budget_s,
                   overrides={"num_layers": args.num_layers} if args.num_layers else {})
     report = run_all(setup, args.work, rss_limit_gb=args.rss_limit_gb, timeout_s=args.stage_timeout_s,
                      skip=tuple(args.skip), on_record=lambda r: print(json.dumps(r), flush=True))
@@ -376,8 +416,8 @@ def run_all(setup: Setup, work: Path, *, rss_limit_gb: float = 18.0, timeout_s: 
     if setup.dtype != "fp32" and "onnxruntime" in stages:
         stages.remove("onnxruntime")  # ONNX Runtime's CPU kernels are fp32; a half export is not timed there
     hw = fingerprint()
-    report: dict[str, Any] = {"config": CONFIG, "setup": asdict(setup),
-                              "transformer_config": transformer_config(setup.overrides),
+    report: dict[str, Any] = {"config": setup.config, "setup": asdict(setup),
+                              "transformer_config": transformer_config(setup.overrides, setup.config),
                               "machine": {k: hw.get(k) for k in
                                           ("cpu_model", "logical_cores", "memory_bytes", "flags")},
                               "records": []}

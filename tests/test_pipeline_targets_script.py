@@ -33,3 +33,7 @@ def test_targets_on_tiny_sd3_without_t5(tmp_path: Path, capsys: pytest.CaptureFi
         assert m["peak_rss_bytes"] > 50 * 2**20 and m["step_ms"] > 0 and m["image_ms"] >= m["step_ms"]
     assert "peak memory, diffusers eager fp32" in out and "peak memory, the pick (onnxruntime)" in out
     assert "transformer at 64² with CFG" in out
+    # --reuse takes that pick again without optimizing (no export, no candidates)
+    assert main(["--work", str(tmp_path / "w"), "--model", "tiny-sd3", "--reuse", "--no-peak-memory"]) == 0
+    assert "reusing the pick" in capsys.readouterr().err
+    assert main(["--work", str(tmp_path / "none"), "--reuse"]) == 2

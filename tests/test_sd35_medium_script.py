@@ -29,6 +29,23 @@ def test_config_is_the_full_size_one_with_overrides() -> None:
         m.transformer_config({"bogus": 1})
 
 
+def test_other_sd3_configs_and_half_weights_drawn_directly_when_fp32_would_not_fit(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    large = m.transformer_config({}, "sd35-large")
+    assert (large["num_layers"], large["num_attention_heads"]) == (38, 38)
+    with pytest.raises(ExportError, match="config must be one of"):
+        m.transformer_config({}, "flux-dev")
+    setup = _setup(dtype="bf16")
+    cast = m.build_transformer(setup, "bf16")  # fits: drawn in fp32, then cast
+    monkeypatch.setattr(m, "_memory_bytes", lambda: 1024)  # "fp32 would not fit"
+    direct = m.build_transformer(setup, "bf16")
+    assert {p.dtype for p in direct.parameters()} == {torch.bfloat16} == {p.dtype for p in cast.parameters()}
+    assert torch.get_default_dtype() == torch.float32  # restored
+    assert sum(p.numel() for p in direct.parameters()) == sum(p.numel() for p in cast.parameters())
+
+
 def test_call_inputs_are_one_cfg_step() -> None:
     feeds = m.call_inputs(m.Setup())
     assert feeds["sample"].shape == (2, 16, 64, 64)
