@@ -385,6 +385,9 @@ def quantize_pipeline(artifact: str | Path, out_dir: str | Path, method: str, *,
         gate_size = gate.size or cfg.default_size
 
         def attempt(variant: str, opts: QuantOptions, fallback: list[dict[str, Any]] | None) -> Manifest:
+            # The float engines are not needed while quantizing (NNCF holds its own copies of the
+            # denoiser): free them; the cosines below load what they use again, on demand.
+            float_pipe.close()
             with atomic_artifact(out_dir, overwrite=overwrite) as tmp:
                 comps: dict[str, Component] = {}
                 details: dict[str, Any] = {}
