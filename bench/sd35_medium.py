@@ -17,6 +17,7 @@ hold the quiet lock)::
 
     flock /tmp/enginekit-quiet.lock python -m enginekit.bench.sd35_medium --work /tmp/m --dtype fp32
     python -m enginekit.bench.sd35_medium --work /tmp/m2 --num-layers 2 --dtype fp32   # the RSS probe
+    python -m enginekit.bench.sd35_medium --work /tmp/L --config sd35-large --dtype bf16 --skip pytorch  # 8B, drawn in bf16
 """
 
 from __future__ import annotations
