@@ -168,6 +168,31 @@ def test_no_t5_on_a_folder_that_has_t5_leaves_it_unloaded(tmp_path: Path) -> Non
     assert src.provenance["without_t5"] is True
 
 
+def test_no_t5_from_the_hub_fetches_no_t5_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hub snapshot is asked to leave T5 out, and a folder without its files loads."""
+    import shutil
+
+    import huggingface_hub
+
+    from enginekit.export.diffusion.sources import resolve_pipeline
+
+    folder = tmp_path / "snap"
+    resolve_pipeline("tiny-sd3").pipeline.save_pretrained(str(folder), safe_serialization=True)
+    asked: dict[str, object] = {}
+
+    def snapshot(repo_id, **kwargs):
+        asked.update(kwargs)
+        for name in kwargs.get("ignore_patterns") or ():
+            shutil.rmtree(folder / name.split("/")[0], ignore_errors=True)
+        return str(folder)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot)
+    src = resolve_pipeline("org/sd3-model", without_t5=True)
+    assert asked["ignore_patterns"] == ["text_encoder_3/*", "tokenizer_3/*"]
+    assert not (folder / "text_encoder_3").exists() and src.pipeline.text_encoder_3 is None
+    assert not any(k.startswith("text_encoder_3/") for k in src.provenance["weights_sha256"])
+
+
 @pytest.mark.parametrize(("model", "why"), [("tiny-flux", "FLUX conditions on T5"), ("tiny-sd15", "no T5 encoder"),
                                             ("default", "SD3/SD3.5 pipelines only")])
 def test_no_t5_is_refused_where_there_is_no_optional_t5(tmp_path: Path, model: str, why: str) -> None:

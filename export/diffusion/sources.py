@@ -290,11 +290,12 @@ def _detect_family(folder: Path, index: dict[str, Any]) -> tuple[str, str]:
     return ("sd15" if act == "quick_gelu" else "sd21"), f"text encoder activation {act!r}"
 
 
-def _require_safetensors(folder: Path, index: dict[str, Any]) -> dict[str, str]:
-    """sha256 of every component's safetensors weights; a component with only pickles is refused."""
+def _require_safetensors(folder: Path, index: dict[str, Any], skip: tuple[str, ...] = ()) -> dict[str, str]:
+    """sha256 of every component's safetensors weights (but those in ``skip``, never loaded);
+    a component with only pickles is refused."""
     hashes: dict[str, str] = {}
     for name in _WEIGHT_COMPONENTS:
-        if name not in index or index[name][0] is None:
+        if name not in index or index[name][0] is None or name in skip:
             continue
         sub = folder / name
         safe = sorted(p for p in sub.glob("*.safetensors") if p.name.count(".") == 1)  # no .fp16 variants
@@ -323,7 +324,7 @@ def _load_folder(folder: Path, family: str | None, revision: str | None, without
         else:
             raise SourceError(f"{folder}: a {detected} pipeline by its {how}, not {family} (--family {family})")
     _check_t5(str(folder), detected, without_t5)
-    hashes = _require_safetensors(folder, index)
+    hashes = _require_safetensors(folder, index, ("text_encoder_3",) if without_t5 else ())
     kwargs: dict[str, Any] = {}
     if detected in ("sd15", "sd21"):
         kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
@@ -363,7 +364,10 @@ def _load_hub(hub_id: str, revision: str | None, family: str | None, without_t5:
         raise SourceError("hub ids need huggingface_hub: pip install 'enginekit[export]'") from exc
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     try:
-        folder = snapshot_download(hub_id, revision=revision, allow_patterns=_HUB_PATTERNS, local_files_only=offline)
+        # --no-t5: T5-XXL's 19 GB are not fetched at all
+        ignore = ["text_encoder_3/*", "tokenizer_3/*"] if without_t5 else None
+        folder = snapshot_download(hub_id, revision=revision, allow_patterns=_HUB_PATTERNS, ignore_patterns=ignore,
+                                   local_files_only=offline)
     except Exception as exc:
         hint = " (HF_HUB_OFFLINE is set and it is not in the hub cache)" if offline else ""
         raise SourceError(f"could not fetch {hub_id!r} from the hub{hint}: {_first_line(exc)}") from exc
