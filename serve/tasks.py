@@ -402,7 +402,7 @@ async def _events(state: Any, slot: ModelSlot, job: Job, listener: asyncio.Queue
                     yield _sse("progress", {"id": job.id, **event})
             else:
                 getter.cancel()
-        # Steps posted from the engine thread may land after the result: send them first.
+        # The loop above stops as soon as the result is set; steps still queued go out before it.
         await asyncio.sleep(0)
         while not listener.empty():
             event = listener.get_nowait()
