@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-__all__ = ["run_demo", "render_demo", "evaluate_folder", "time_batch1"]
+__all__ = ["run_demo", "evaluate_folder", "time_batch1"]
 
 
 def evaluate_folder(clf: Any, folder: Path) -> tuple[float, int]:
@@ -88,15 +88,3 @@ def _torch_row(source: Any, digits: Path) -> dict[str, Any]:
         latency = time_batch1(lambda: source.model(one))
     return {"engine": "pytorch eager (reference)", "artifact": "-", "device": "cpu",
             "latency_ms_batch1": latency, "accuracy": accuracy, "images": len(paths)}
-
-
-def render_demo(rows: list[dict[str, Any]]) -> Any:
-    from rich.table import Table
-
-    table = Table(title="enginekit demo: built-in digits ViT, held-out digits")
-    for col, justify in (("engine", "left"), ("device", "left"), ("batch-1 latency (ms)", "right"),
-                         ("accuracy", "right"), ("images", "right")):
-        table.add_column(col, justify=justify)
-    for r in rows:
-        table.add_row(r["engine"], r["device"], f"{r['latency_ms_batch1']:.3f}", f"{r['accuracy']:.4f}", str(r["images"]))
-    return table

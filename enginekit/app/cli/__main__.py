@@ -1,0 +1,5 @@
+"""``python -m enginekit.app.cli``."""
+
+from enginekit.app.cli import main
+
+main()

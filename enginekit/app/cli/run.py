@@ -1,0 +1,136 @@
+"""``generate`` and ``predict``: the commands that run an artifact."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from rich.markup import escape
+
+from enginekit.app import render
+from enginekit.app.cli.common import DEVICE_HELP, Params, cli, emit_json, err_console, given_params
+
+# generate's parameters that are not pipeline call arguments.
+_NOT_CALL = ("artifact", "prompt", "out", "init_image", "device", "backend", "as_json", "digest", "verify_with")
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.argument("prompt")
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
+              help="Image file to write (.png, .jpg, .webp); several images get -1, -2, ... before the suffix.")
+@click.option("--negative", default=None, help="Negative prompt.")
+@click.option("--steps", type=int, default=None,
+              help="Denoising steps (default: the model's own, from its manifest).")
+@click.option("--guidance", type=float, default=None,
+              help="Classifier-free guidance scale, 1 turns CFG off (default: the model's own, from its "
+                   "manifest).")
+@click.option("--seed", type=int, default=None, help="Seed for numpy's generator (printed when omitted).")
+@click.option("--height", type=int, help="Image height, a multiple of 8 (default: the model's size).")
+@click.option("--width", type=int, help="Image width, a multiple of 8 (default: the model's size).")
+@click.option("--scheduler", type=click.Choice(["euler", "euler-a", "ddim", "dpm++2m", "dpm++2m-karras", "lcm",
+                                                "flow-euler"]),
+              default=None, help="Sampler (default: the pipeline's own where ported, else euler; SD3: flow-euler).")
+@click.option("--max-sequence-length", type=int, default=None,
+              help="SD3, FLUX: T5 prompt tokens (SD3 default 256; FLUX dev 512, schnell 256; at most 512).")
+@click.option("--true-cfg", "true_cfg", type=float, default=None,
+              help="FLUX: true CFG scale (> 1, with --negative: a second pass on the negative prompt).")
+@click.option("--init-image", type=click.Path(path_type=Path), help="Image-to-image: start from this picture.")
+@click.option("--strength", type=float, default=None,
+              help="Image-to-image: how much of --init-image to repaint (0-1] [default: 0.8].")
+@click.option("--num-images", default=1, show_default=True, help="Images for the prompt.")
+@click.option("-d", "--device", default="auto", show_default=True, help=DEVICE_HELP + ".")
+@click.option("--backend", help="Backend to run on (default: the one the artifact was built for).")
+@click.option("--json", "as_json", is_flag=True, help="Print what was written as JSON.")
+@click.option("--digest", help="Refuse the artifact unless its manifest digest (see `enginekit inspect`) is this.")
+@click.option("--verify-with", type=click.Path(path_type=Path),
+              help="Refuse the artifact unless its signature (`enginekit sign`) verifies with this public key.")
+def generate(**params: Any) -> None:
+    """Generate images for PROMPT with a text-to-image ARTIFACT (torch-free)."""
+    import time
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from enginekit.app.build import generate_images
+
+    ctx = click.get_current_context()
+    o = Params(params)
+    if o.strength is not None and o.init_image is None:
+        raise click.UsageError("--strength is for image-to-image: give --init-image too")
+    started = time.perf_counter()
+    with Progress(TextColumn("denoising"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err_console(), transient=True, disable=o.as_json) as progress:
+        bar = progress.add_task("denoising", total=None)
+
+        def on_step(step: int, t: float, latents: Any) -> None:
+            progress.update(bar, completed=step + 1, total=max(step + 1, progress.tasks[0].total or 0))
+
+        # Unset values stay unset: the pipeline reads the model's own defaults from its manifest.
+        names = {"negative": "negative_prompt", "steps": "num_inference_steps", "guidance": "guidance_scale",
+                 "num_images": "num_images_per_prompt", "true_cfg": "true_cfg_scale"}
+        call = {names.get(k, k): v for k, v in given_params(ctx, exclude=_NOT_CALL).items()}
+        paths, result = generate_images(o.artifact, o.prompt, o.out, device=o.device, backend=o.backend,
+                                        digest=o.digest, verify_with=o.verify_with, init_image=o.init_image,
+                                        on_step=on_step, **call)
+    elapsed = time.perf_counter() - started
+    if o.as_json:
+        emit_json({"images": [str(p) for p in paths], "seed": result.seed, "steps": len(result.timesteps),
+                    "seconds": round(elapsed, 3)})
+        return
+    err_console().print(f"[green]wrote[/] {escape(', '.join(map(str, paths)))}  (seed {result.seed}, "
+                     f"{len(result.timesteps)} steps, {elapsed:.1f} s)")
+
+
+def _finite(value: Any) -> Any:
+    """NaN and infinities become null: JSON has no such numbers."""
+    import math
+
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.argument("images", nargs=-1, required=True)
+@click.option("--top-k", "-k", default=5, show_default=True, help="Classes to list per image.")
+@click.option("-d", "--device", default="auto", show_default=True, help=DEVICE_HELP + ".")
+@click.option("--backend", "-b",
+              help="Backend to run on (default: the one the artifact was built for; an exported ONNX artifact "
+                   "also runs on openvino, no compile step).")
+@click.option("--batch-size", default=8, show_default=True)
+@click.option("--skip-bad", is_flag=True,
+              help="Skip files that are not readable images (listed at the end) instead of stopping at the first.")
+@click.option("--digest", help="Refuse the artifact unless its manifest digest (see `enginekit inspect`) is this.")
+@click.option("--verify-with", type=click.Path(path_type=Path),
+              help="Refuse the artifact unless its signature (`enginekit sign`) verifies with this public key.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print a JSON array, one object per image in order: image, label, index, score, top_k "
+                   "(with --skip-bad, a skipped file's object has image and error instead).")
+def predict(**params: Any) -> None:
+    """Classify IMAGES (files or folders) with an ARTIFACT."""
+    from enginekit.app.classify import ClassifyOptions, classify_files
+
+    o = Params(params)
+    found = classify_files(o.artifact, o.images, ClassifyOptions(
+        top_k=o.top_k, device=o.device, backend=o.backend, batch_size=o.batch_size, skip_bad=o.skip_bad,
+        digest=o.digest, verify_with=o.verify_with))
+    if o.as_json:
+        data = [{"image": str(p), "error": err} if err is not None else {"image": str(p), **pred.to_dict()}
+                for p, pred, err in found.results]
+        click.echo(json.dumps(_finite(data), indent=2, allow_nan=False))
+    else:
+        from rich.console import Console
+
+        Console().print(render.predict_table(f"{o.artifact} on {found.engine}", found.results, o.top_k))
+    if found.bad:
+        click.echo(f"skipped {len(found.bad)} of {len(found.results)} file(s), not readable images:", err=True)
+        for _, err in found.bad:
+            click.echo(f"  {err}", err=True)
