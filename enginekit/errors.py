@@ -15,6 +15,8 @@ can print one line instead of a traceback::
     │   ├── BackendUnavailableError  registered, but its library is not installed
     │   └── DeviceError          the device asked for is missing or unsupported
     ├── InputError               bad user input to a task or runner
+    │   ├── OptionError          an option that does not apply to this input (CLI: a usage error)
+    │   ├── UnsupportedStageError  the artifact's task has no implementation of the stage
     │   ├── ImageError           a file or object that is not a readable image
     │   └── ShapeError           a feed with the wrong name, dtype or shape
     ├── SourceError              a model source (hub id, folder, file) cannot be loaded
@@ -36,13 +38,33 @@ __all__ = [
     "BackendUnavailableError",
     "DeviceError",
     "InputError",
+    "OptionError",
+    "UnsupportedStageError",
     "ImageError",
     "ShapeError",
     "SourceError",
     "QuantizationError",
     "ExportError",
     "FidelityError",
+    "one_line",
 ]
+
+#: Lines some libraries open their messages with that say where, not what (OpenVINO's C++ source location).
+_LOCATION_LINES = ("Exception from ", "Check '")
+
+
+def one_line(exc: BaseException, *, with_type: bool = False, limit: int = 300) -> str:
+    """The one informative line of ``exc``'s message, for an error that wraps it
+    (``raise ExportError(f"...: {one_line(exc)}") from exc``): the first non-empty line
+    that is not a source location, else the exception's type name; ``with_type`` puts
+    the type in front; longer than ``limit`` characters, it is cut with "..."."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    useful = [ln for ln in lines if not ln.startswith(_LOCATION_LINES)]
+    text = (useful or lines or [""])[0]
+    if with_type:
+        text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    text = text or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class EngineKitError(Exception):
@@ -83,6 +105,14 @@ class DeviceError(BackendError):
 
 class InputError(EngineKitError, ValueError):
     """Bad input handed to a task or a runner."""
+
+
+class OptionError(InputError):
+    """An option was set that does not apply to this input (a pipeline flag for a classifier)."""
+
+
+class UnsupportedStageError(InputError):
+    """The artifact's task has no implementation of the stage asked for."""
 
 
 class ImageError(InputError):

@@ -8,15 +8,22 @@ run time (tests, notebooks). Nothing is imported until a backend is asked for.
 Tasks work the same way under ``enginekit.tasks``: the manifest's ``task``
 (``image-classification``, ``text-to-image``) names the class ``load()``
 returns, so a new task is one module and one entry point.
+
+A task also names the implementations of the stages that differ by task
+(:class:`TaskStages`: quantize, evaluate, optimize, bench, inspect's details),
+as ``"module:attr"`` strings imported on use. :func:`stage` is the one place
+a task name chooses code: the library's stage functions (``enginekit.stages``)
+and the CLI ask it, and never compare a task name themselves.
 """
 
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass, fields
 from importlib import metadata
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
-from enginekit.errors import BackendUnavailableError, UnknownBackendError, UnknownTaskError
+from enginekit.errors import BackendUnavailableError, UnknownBackendError, UnknownTaskError, UnsupportedStageError
 
 if TYPE_CHECKING:
     from enginekit.engine import Backend
@@ -31,6 +38,11 @@ __all__ = [
     "register_task",
     "task_names",
     "task_class",
+    "TaskStages",
+    "task_stages",
+    "stage",
+    "expect_stage",
+    "source_task",
 ]
 
 ENTRY_POINT_GROUP = "enginekit.backends"
@@ -38,6 +50,51 @@ TASK_ENTRY_POINT_GROUP = "enginekit.tasks"
 
 _runtime: dict[str, str] = {}
 _runtime_tasks: dict[str, str] = {}
+
+
+@dataclass(frozen=True)
+class TaskStages:
+    """Where one task's stage implementations live (``"module:attr"``; None: the stage does
+    not apply to the task). Each is called as :mod:`enginekit.stages` documents:
+
+    - ``quantize(artifact, out, QuantizeOptions, on_step=)`` -> the new manifest
+    - ``evaluate(artifact, data, limit=)`` -> a report dict
+    - ``optimize(model, out, OptimizeOptions, on_step=)`` -> the report dict
+    - ``bench(paths, BenchOptions, check_only=False)`` -> records (none when ``check_only``)
+    - ``details(manifest)`` -> (label, value) rows ``inspect`` adds
+    - ``export(source, out, ExportRequest, on_step=)`` -> the manifest (``enginekit.export.api``)
+    - ``recognises(source, family)`` -> whether a model source (``export``'s MODEL) exports to this task
+    """
+
+    quantize: str | None = None
+    evaluate: str | None = None
+    optimize: str | None = None
+    bench: str | None = None
+    details: str | None = None
+    export: str | None = None
+    recognises: str | None = None
+
+
+_BUILTIN_STAGES: dict[str, TaskStages] = {
+    "image-classification": TaskStages(
+        quantize="enginekit.quant.api:quantize_classifier",
+        evaluate="enginekit.quant.api:evaluate_artifact",
+        optimize="enginekit.app.optimize_stages:optimize_classifier",
+        bench="enginekit.bench.stages:bench_classifiers",
+        export="enginekit.export.api:export_classifier_source",
+    ),
+    "text-to-image": TaskStages(
+        quantize="enginekit.quant.api:quantize_text_to_image",
+        optimize="enginekit.app.optimize_stages:optimize_text_to_image",
+        bench="enginekit.bench.stages:bench_pipelines",
+        details="enginekit.app.render:pipeline_details",
+        export="enginekit.export.api:export_pipeline_source",
+        recognises="enginekit.export.api:is_pipeline_source",
+    ),
+}
+_runtime_stages: dict[str, TaskStages] = {}
+#: The task a model source exports to when no task's ``recognises`` claims it.
+DEFAULT_SOURCE_TASK = "image-classification"
 
 
 def register_backend(name: str, target: str) -> None:
@@ -88,11 +145,65 @@ def get_backend(name: str) -> Backend:
     return cls()
 
 
-def register_task(name: str, target: str) -> None:
-    """Register ``target`` (``"package.module:Class"``) as the task object for manifests of task ``name``."""
+def register_task(name: str, target: str, stages: TaskStages | None = None) -> None:
+    """Register ``target`` (``"package.module:Class"``) as the task object for manifests of task
+    ``name``, with its stage implementations (``stages``; None: no stage but ``load``)."""
     if name in _entry_points(TASK_ENTRY_POINT_GROUP) or name in _runtime_tasks:
         raise ValueError(f"a task named {name!r} is already registered")
     _runtime_tasks[name] = target
+    _runtime_stages[name] = stages or TaskStages()
+
+
+def unregister_task(name: str) -> None:
+    """Forget a task :func:`register_task` added (tests, notebooks); entry points stay."""
+    _runtime_tasks.pop(name, None)
+    _runtime_stages.pop(name, None)
+
+
+def task_stages(name: str) -> TaskStages:
+    """The stage implementations of task ``name`` (a one-line error for a task nobody registered)."""
+    if name not in _task_targets():
+        known = ", ".join(task_names()) or "none"
+        raise UnknownTaskError(f"task {name!r} is not supported by this enginekit (it knows: {known})")
+    return _runtime_stages.get(name) or _BUILTIN_STAGES.get(name) or TaskStages()
+
+
+def stage(task: str, name: str) -> Callable[..., Any]:
+    """Import and return task ``task``'s implementation of stage ``name`` (a field of
+    :class:`TaskStages`); :class:`UnsupportedStageError` names the tasks it applies to."""
+    target = getattr(task_stages(task), name)
+    if target is None:
+        takers = [t for t in task_names() if getattr(task_stages(t), name) is not None]
+        raise UnsupportedStageError(f"{name} does not apply to {task} artifacts"
+                                    + (f" (it takes: {', '.join(takers)})" if takers else ""))
+    return _import(target)
+
+
+def expect_stage(task: str, name: str, target: str) -> None:
+    """Refuse, in one line, to run ``target`` as stage ``name`` for a ``task`` that routes
+    the stage elsewhere (a direct call of one task's implementation with another's artifact)."""
+    routed = getattr(task_stages(task), name)
+    if routed != target:
+        raise UnsupportedStageError(
+            f"this is a {task} artifact: {target.replace(':', '.')} does not take it"
+            + (f"; use enginekit.stages.{name} (for {task}: {routed.replace(':', '.')})" if routed else
+               f"; {name} does not apply to {task} artifacts"))
+
+
+def source_task(source: str, family: str | None = None) -> str:
+    """The task model ``source`` (anything ``export`` takes; ``family``: a diffusion family it
+    was given) exports to: the first task whose ``recognises`` claims it, else
+    :data:`DEFAULT_SOURCE_TASK`."""
+    for name in task_names():
+        target = task_stages(name).recognises
+        if target is not None and _import(target)(source, family):
+            return name
+    return DEFAULT_SOURCE_TASK
+
+
+def stage_names() -> list[str]:
+    """The stages a task may implement (the fields of :class:`TaskStages`)."""
+    return [f.name for f in fields(TaskStages)]
 
 
 def _task_targets() -> dict[str, str]:

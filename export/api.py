@@ -3,42 +3,61 @@ told apart by the source itself (or ``task=`` / ``family=`` where it cannot tell
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from enginekit.errors import SourceError
 from enginekit.manifest import Manifest
 
-__all__ = ["TASKS", "source_task", "export_model"]
-
-TASKS = ("image-classification", "text-to-image")
+__all__ = ["TASKS", "source_task", "is_pipeline_source", "export_model"]
 
 
-def source_task(spec: str, family: str | None = None, task: str | None = None) -> str:
-    """Which task ``spec`` exports to: ``text-to-image`` for a pipeline (a built-in or
-    seeded pipeline name, a folder holding ``model_index.json``, a ``.safetensors``
-    checkpoint, or anything with a diffusion ``family``), else ``image-classification``.
-    A hub id cannot be told apart offline: it is a classifier unless ``task`` or
-    ``family`` says otherwise."""
-    from enginekit.export.diffusion.sources import ARCHITECTURES, BUILTINS, FAMILIES
+def _tasks() -> tuple[str, ...]:
+    from enginekit.registry import task_names, task_stages
 
-    if task is not None and task not in TASKS:
-        raise SourceError(f"unknown task {task!r}; enginekit exports: {', '.join(TASKS)}")
-    if family is not None and family not in FAMILIES:
-        raise SourceError(f"unknown family {family!r}; the diffusion families are {', '.join(FAMILIES)} "
-                          "(classifiers need no --family)")
+    return tuple(t for t in task_names() if task_stages(t).export is not None)
+
+
+#: The tasks ``export`` writes (those with an export implementation in the task registry).
+TASKS = _tasks()
+
+
+def is_pipeline_source(spec: str, family: str | None = None) -> bool:
+    """Whether ``spec`` names a diffusion pipeline: a built-in or seeded pipeline name, a
+    folder holding ``model_index.json``, a ``.safetensors`` checkpoint, or anything given a
+    diffusion ``family``. (The task registry asks this to route a source.)"""
+    from enginekit.export.diffusion.sources import ARCHITECTURES, BUILTINS
+
     path = Path(spec).expanduser()
-    looks_pipeline = (
+    return (
         spec in BUILTINS
         or spec in ARCHITECTURES
         or (path.is_dir() and (path / "model_index.json").is_file())
         or (path.suffix == ".safetensors" and not path.is_dir())
         or family is not None
     )
-    found = "text-to-image" if looks_pipeline else "image-classification"
+
+
+def source_task(spec: str, family: str | None = None, task: str | None = None) -> str:
+    """Which task ``spec`` exports to, as the task registry recognises it (a pipeline:
+    see :func:`is_pipeline_source`; anything else is a classifier). A hub id cannot be
+    told apart offline: it is a classifier unless ``task`` or ``family`` says otherwise."""
+    from enginekit.export.diffusion.sources import FAMILIES
+    from enginekit.registry import DEFAULT_SOURCE_TASK
+    from enginekit.registry import source_task as recognise
+
+    if task is not None and task not in TASKS:
+        raise SourceError(f"unknown task {task!r}; enginekit exports: {', '.join(TASKS)}")
+    if family is not None and family not in FAMILIES:
+        raise SourceError(f"unknown family {family!r}; the diffusion families are {', '.join(FAMILIES)} "
+                          "(classifiers need no --family)")
+    found = recognise(spec, family)
     # Only a hub id can be either: timm names, the built-in model and folders tell.
-    could_be_pipeline = not path.exists() and not spec.startswith("timm:") and spec != "default"
-    if task is not None and task != found and not (task == "text-to-image" and could_be_pipeline):
+    path = Path(spec).expanduser()
+    ambiguous = found == DEFAULT_SOURCE_TASK and not path.exists() and not spec.startswith("timm:") \
+        and spec != "default"
+    if task is not None and task != found and not ambiguous:
         raise SourceError(f"{spec!r} is a {found} source, not {task}")
     return task or found
 
@@ -63,28 +82,62 @@ def export_model(
     overwrite: bool = False,
     on_step: Callable[[str], None] = lambda msg: None,
 ) -> Manifest:
-    """Export ``spec`` to an ONNX artifact at ``out_dir``, parity-checked against PyTorch."""
-    kind = source_task(spec, family, task)
-    if kind == "text-to-image":
-        from enginekit.export.diffusion.sd import PipelineExportOptions, export_pipeline
+    """Export ``spec`` to an ONNX artifact at ``out_dir``, parity-checked against PyTorch,
+    with the export implementation of the task it is (see :func:`source_task`)."""
+    from enginekit.registry import stage
 
-        if weights is not None:
-            raise SourceError("--weights is for timm classifiers; give a pipeline's .safetensors file as MODEL")
-        from enginekit.export.diffusion.lora import parse_lora
+    request = ExportRequest(family=family, random_weights=random_weights, weights=weights, revision=revision,
+                            seed=seed, opset=opset, atol=atol, rtol=rtol, image_check=image_check, loras=loras,
+                            lora_scale=lora_scale, without_t5=without_t5, overwrite=overwrite)
+    return stage(source_task(spec, family, task), "export")(spec, out_dir, request, on_step=on_step)
 
-        budget: dict[str, Any] = {k: v for k, v in (("atol", atol), ("rtol", rtol)) if v is not None}
-        specs = tuple(parse_lora(text, lora_scale) for text in loras)
-        return export_pipeline(spec, out_dir, PipelineExportOptions(opset=opset, seed=seed, image_check=image_check,
-                                                                    loras=specs, without_t5=without_t5, **budget),
-                               family=family, random_weights=random_weights, revision=revision,
-                               overwrite=overwrite, on_step=on_step)
-    if loras:
-        raise SourceError("--lora applies to diffusion pipelines only")
-    if without_t5:
-        raise SourceError("--no-t5 applies to SD3/SD3.5 pipelines only")
+
+@dataclass(frozen=True)
+class ExportRequest:
+    """What ``export`` was asked, beside the source and the output."""
+
+    family: str | None = None
+    random_weights: bool = False
+    weights: str | Path | None = None
+    revision: str | None = None
+    seed: int = 0
+    opset: int = 18
+    atol: float | None = None
+    rtol: float | None = None
+    image_check: bool = True
+    loras: tuple[str, ...] = ()
+    lora_scale: float = 1.0
+    without_t5: bool = False
+    overwrite: bool = False
+
+    def budget(self) -> dict[str, Any]:
+        return {k: v for k, v in (("atol", self.atol), ("rtol", self.rtol)) if v is not None}
+
+
+def export_pipeline_source(spec: str, out_dir: str | Path, request: ExportRequest, *,
+                           on_step: Callable[[str], None] = lambda msg: None) -> Manifest:
+    """``export`` of a diffusion pipeline (the task registry routes text-to-image sources here)."""
+    from enginekit.export.diffusion.lora import parse_lora
+    from enginekit.export.diffusion.sd import PipelineExportOptions, export_pipeline
+
+    if request.weights is not None:
+        raise SourceError("--weights is for timm classifiers; give a pipeline's .safetensors file as MODEL")
+    specs = tuple(parse_lora(text, request.lora_scale) for text in request.loras)
+    options = PipelineExportOptions(opset=request.opset, seed=request.seed, image_check=request.image_check,
+                                    loras=specs, without_t5=request.without_t5, **request.budget())
+    return export_pipeline(spec, out_dir, options, family=request.family, random_weights=request.random_weights,
+                           revision=request.revision, overwrite=request.overwrite, on_step=on_step)
+
+
+def export_classifier_source(spec: str, out_dir: str | Path, request: ExportRequest, *,
+                             on_step: Callable[[str], None] = lambda msg: None) -> Manifest:
+    """``export`` of an image classifier (the task registry routes classifier sources here)."""
     from enginekit.export.vit import ExportOptions, export_classifier
 
-    budget = {k: v for k, v in (("atol", atol), ("rtol", rtol)) if v is not None}
-    return export_classifier(spec, out_dir, ExportOptions(opset=opset, seed=seed, **budget),
-                             random_weights=random_weights, weights=weights, revision=revision,
-                             overwrite=overwrite, on_step=on_step)
+    if request.loras:
+        raise SourceError("--lora applies to diffusion pipelines only")
+    if request.without_t5:
+        raise SourceError("--no-t5 applies to SD3/SD3.5 pipelines only")
+    return export_classifier(spec, out_dir, ExportOptions(opset=request.opset, seed=request.seed, **request.budget()),
+                             random_weights=request.random_weights, weights=request.weights,
+                             revision=request.revision, overwrite=request.overwrite, on_step=on_step)

@@ -20,14 +20,37 @@ from typing import Any, Callable
 
 from enginekit.api import load_runner
 from enginekit.artifact import atomic_artifact, make_component, verify_artifact, write_manifest
-from enginekit.errors import FidelityError, InputError, QuantizationError
+from enginekit.errors import FidelityError, InputError, OptionError, QuantizationError
 from enginekit.hardware import fingerprint
 from enginekit.manifest import Manifest, read_manifest
 from enginekit.quant.base import QuantJob, QuantMethod, QuantOptions, get_method
 from enginekit.quant.data import InputSet, describe_data, load_inputs, photos_available, split_every
 from enginekit.quant.gate import Budget, check, measure, run_all
+from enginekit.registry import expect_stage
 
-__all__ = ["quantize_artifact", "evaluate_artifact"]
+__all__ = ["quantize_artifact", "evaluate_artifact", "quantize_classifier", "quantize_text_to_image",
+           "DEFAULT_INT8", "default_int8_method", "default_calibration"]
+
+#: ``--int8``: the int8 method each backend quantizes a classifier with. Pipelines: "int8"
+#: (the denoiser int8, as :func:`enginekit.quant.diffusion.quantize_pipeline` plans it).
+DEFAULT_INT8: dict[str, str] = {
+    "onnxruntime": "int8-dynamic",
+    "openvino": "int8-static",
+    "tensorrt": "int8-qdq",
+}
+
+
+def default_int8_method(backend: str) -> str:
+    """What ``--int8`` means for a classifier on ``backend``: the one table, :data:`DEFAULT_INT8`."""
+    if backend not in DEFAULT_INT8:
+        raise InputError(f"--int8 has no default method for {backend}; quantize first (enginekit quantize -m ...)")
+    return DEFAULT_INT8[backend]
+
+
+def default_calibration(parent: Manifest) -> str:
+    """The calibration (and held-out) data when none is given: the built-in digits for the
+    built-in model, crops of real photos otherwise."""
+    return "builtin" if parent.provenance.get("source") == "default" else "photos"
 
 _SENSITIVITY = {"onnxruntime": "enginekit.quant.ort", "tensorrt": "enginekit.quant.ort", "openvino": "enginekit.quant.openvino"}
 
@@ -68,8 +91,9 @@ def _datasets(
     if held is None:
         # Judge on real images where they can be had: seeded noise gives near-tied logits
         # that say little about an engine (and is named as noise wherever it is reported).
-        default = ("builtin" if parent.provenance.get("source") == "default"
-                   else "photos" if photos_available() else "synthetic")
+        default = default_calibration(parent)
+        if default == "photos" and not photos_available():
+            default = "synthetic"
         held = load_inputs(default, parent, purpose="evaluation", limit=eval_size, seed=1)
     return (calib if method.needs_calibration else None), held
 
@@ -104,13 +128,7 @@ def quantize_artifact(
     root = Path(artifact)
     parent = read_manifest(root)
     verify_artifact(root, parent)
-    if parent.task == "text-to-image":
-        raise QuantizationError(f"{root}: a text-to-image pipeline quantizes with "
-                                "enginekit.quant.diffusion.quantize_pipeline (methods fp16, int8, int4); "
-                                "`enginekit quantize` picks it by itself")
-    if parent.task != "image-classification":
-        raise QuantizationError(f"{root}: quantize takes image classifiers and text-to-image pipelines; "
-                                f"this is a {parent.task} artifact")
+    expect_stage(parent.task, "quantize", f"{__name__}:quantize_classifier")
     if parent.kind != "onnx" or parent.quantization:
         raise QuantizationError(f"{root}: quantize takes a float ONNX artifact (from export), this one is "
                                 f"{parent.kind}{' ' + parent.quantization.get('method', '') if parent.quantization else ''}")
@@ -220,9 +238,7 @@ def evaluate_artifact(artifact: str | Path, data: str | None = None, limit: int 
                       device: str = "cpu") -> dict[str, Any]:
     """Accuracy (when ``data`` is labelled) and agreement with the float parent, if it is still on disk."""
     root = Path(artifact)
-    if read_manifest(root).task != "image-classification":
-        raise QuantizationError(f"{root}: evaluate judges image classifiers; this is a "
-                                f"{read_manifest(root).task} artifact")
+    expect_stage(read_manifest(root).task, "evaluate", f"{__name__}:evaluate_artifact")
     runner, manifest = load_runner(root, device=device)
     spec = data or ("builtin" if manifest.provenance.get("source") == "default" else None)
     if spec is None:
@@ -245,3 +261,58 @@ def evaluate_artifact(artifact: str | Path, data: str | None = None, limit: int 
     report["artifact"] = str(root)
     report["method"] = (manifest.quantization or {}).get("method", "float")
     return report
+
+
+_CLASSIFIER = ("method", "int8", "fp16", "backend", "target", "calibration", "overwrite", "eval_data",
+               "calibrate_method", "per_channel", "group_size", "symmetric", "ratio", "exclude", "min_agreement",
+               "min_cosine", "auto_fallback", "allow_synthetic_calibration", "calibration_size", "eval_size")
+_PIPELINE = ("method", "int8", "fp16", "backend", "calibration", "overwrite", "group_size", "ratio", "auto_fallback",
+             "components", "calibration_prompts", "calibration_steps", "min_psnr", "min_ssim")
+
+
+def _method(options: Any, int8: Callable[[], str]) -> str:
+    """``method``, or what ``--int8`` / ``--fp16`` stand for; exactly one of the three."""
+    chosen = [options.flag(n) for n in ("method", "int8", "fp16") if getattr(options, n)]
+    if len(chosen) != 1:
+        raise InputError("give the quantization: -m METHOD, --int8 or --fp16" if not chosen
+                         else f"{' and '.join(chosen)} disagree; give one")
+    return "fp16" if options.fp16 else int8() if options.int8 else str(options.method)
+
+
+def quantize_classifier(artifact: str | Path, out: str | Path, options: Any, *,
+                        on_step: Callable[[str], None] = lambda msg: None) -> Manifest:
+    """``enginekit.stages.quantize`` of an image classifier: :func:`quantize_artifact`
+    with the fields of ``options`` (a :class:`enginekit.stages.QuantizeOptions`) it takes."""
+    from enginekit.stages import refuse
+
+    refuse(options, _CLASSIFIER, lambda wrong: f"{', '.join(wrong)}: pipeline options; {artifact} is a classifier")
+    if options.target and options.backend and options.backend != options.target:
+        raise OptionError(f"--target {options.target} and --backend {options.backend} disagree; give one")
+    backend = options.target or options.backend or "onnxruntime"
+    method = _method(options, lambda: default_int8_method(backend))
+    calibration = options.calibration
+    if calibration is None and options.int8 and get_method(method, backend).needs_calibration:
+        calibration = default_calibration(read_manifest(artifact))
+    quant = QuantOptions(**options.set(("calibrate_method", "per_channel", "group_size", "symmetric", "ratio")),
+                         **({"exclude_nodes": tuple(options.exclude)} if options.exclude else {}))
+    return quantize_artifact(artifact, out, method, backend=backend, calibration=calibration, options=quant,
+                             on_step=on_step, **options.set(("eval_data", "min_agreement", "min_cosine",
+                                                             "auto_fallback", "allow_synthetic_calibration",
+                                                             "calibration_size", "eval_size", "overwrite")))
+
+
+def quantize_text_to_image(artifact: str | Path, out: str | Path, options: Any, *,
+                           on_step: Callable[[str], None] = lambda msg: None) -> Manifest:
+    """``enginekit.stages.quantize`` of a text-to-image pipeline:
+    :func:`enginekit.quant.diffusion.quantize_pipeline` with the fields of ``options`` it takes."""
+    from enginekit.quant.diffusion import quantize_pipeline
+    from enginekit.stages import refuse
+
+    refuse(options, _PIPELINE, lambda wrong: f"{', '.join(wrong)}: classifier options; {artifact} is a text-to-image "
+                                             "pipeline (it takes --component, --calibration PROMPTS.txt, "
+                                             "--min-psnr, --min-ssim)")
+    method = _method(options, lambda: "int8")
+    return quantize_pipeline(artifact, out, method, backend=options.backend or "onnxruntime", on_step=on_step,
+                             **options.set(("components", "calibration", "calibration_prompts", "calibration_steps",
+                                            "group_size", "ratio", "min_psnr", "min_ssim", "auto_fallback",
+                                            "overwrite")))

@@ -13,7 +13,7 @@ from enginekit.errors import InputError
 from enginekit.manifest import Manifest, read_manifest
 from enginekit.registry import task_class
 
-__all__ = ["COMPILE_FLAGS", "DEFAULT_INT8", "backend_flags", "build_engine", "generate_images", "output_paths"]
+__all__ = ["COMPILE_FLAGS", "backend_flags", "build_engine", "generate_images", "output_paths"]
 
 
 #: The typed ``compile`` flags: flag -> (the backend that takes it, its option key, what
@@ -25,13 +25,6 @@ COMPILE_FLAGS: dict[str, tuple[str, str, str]] = {
     "graph_optimization_level": ("onnxruntime", "graph_optimization_level", "SessionOptions.graph_optimization_level"),
     "transformer_fusions": ("onnxruntime", "transformer_fusions", "onnxruntime.transformers.optimizer"),
 }
-#: ``--int8``: the int8 method each backend quantizes with (and the backend it quantizes for).
-DEFAULT_INT8: dict[str, tuple[str, str]] = {
-    "onnxruntime": ("int8-dynamic", "onnxruntime"),
-    "openvino": ("int8-static", "openvino"),
-}
-
-
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -74,10 +67,9 @@ def build_engine(
     exceptions and, given a size or batch, static shapes; ``flags`` (the typed ``compile``
     flags, see :data:`COMPILE_FLAGS`) and ``options`` (backend option -> value) override them.
 
-    ``int8=True`` first quantizes with the backend's default int8 method
-    (:data:`DEFAULT_INT8`; static methods calibrate on ``calibration``, by default the
-    built-in digits for the built-in model and ``photos`` otherwise), gated on fidelity
-    as ``enginekit quantize`` is, and compiles the result."""
+    ``int8=True`` first quantizes as ``enginekit quantize --int8`` does (the backend's
+    default int8 method, :data:`enginekit.quant.api.DEFAULT_INT8`, calibrated on
+    ``calibration`` or the default data), gated on fidelity, and compiles the result."""
     manifest = read_manifest(artifact)
     cls = task_class(manifest.task)
     extra = dict(cls.compile_options(manifest, backend, precision, height, width, batch))
@@ -97,24 +89,17 @@ def build_engine(
         if calibration is not None:
             raise InputError("--calibration is for --int8 (static int8 calibrates on it)")
         return compile_artifact(artifact, backend, out, compile_options, overwrite=overwrite)
-    if backend not in DEFAULT_INT8:
-        raise InputError(f"--int8 has no default method for {backend}; quantize first (enginekit quantize -m ...)")
     if precision != "fp32":
         raise InputError(f"--int8 and --precision {precision} disagree; give one")
-    if manifest.task != "image-classification":
-        raise InputError(f"--int8 quantizes image classifiers; this is a {manifest.task} artifact")
-    from enginekit.quant.api import quantize_artifact
-    from enginekit.quant.base import get_method
+    from enginekit.stages import QuantizeOptions, quantize
 
-    method, quant_backend = DEFAULT_INT8[backend]
-    if calibration is None and get_method(method, quant_backend).needs_calibration:
-        calibration = "builtin" if manifest.provenance.get("source") == "default" else "photos"
     root = Path(artifact)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{Path(out).name}.int8-", dir=Path(out).parent) as scratch:
-        on_step(f"quantize {method} ({quant_backend})" + (f" calibrated on {calibration}" if calibration else ""))
-        quantized = quantize_artifact(root, Path(scratch) / "q", method, backend=quant_backend,
-                                      calibration=calibration, overwrite=True)
+        quantized = quantize(root, Path(scratch) / "q", QuantizeOptions(int8=True, backend=backend,
+                                                                        calibration=calibration, overwrite=True),
+                             on_step=on_step)
+        method = quantized.quantization.get("method")
         on_step(f"compile for {backend}")
         # The quantized step lives in a temporary folder: the parent named is the ONNX it came from.
         parent = {"path": str(root.resolve()), "manifest_sha256": manifest.digest(), "kind": manifest.kind,
@@ -161,7 +146,7 @@ def generate_images(
         if taken:
             raise InputError(f"{taken[0]} already exists; choose another output or pass --overwrite")
     with load(artifact, device=device, backend=backend, digest=digest, verify_with=verify_with) as pipe:
-        if getattr(pipe, "task", None) != "text-to-image":
+        if not callable(pipe):  # a task that generates is called; a classifier predicts
             raise InputError(f"{artifact} is a {pipe.task} artifact; generate needs a text-to-image pipeline")
         result = pipe(prompts, image=init_image, callback=on_step, output_type="pil", **call)
     for path, image in zip(paths, result.images):

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from enginekit.bench.harness import DRIFT_WARN, BenchConfig
-from enginekit.errors import ArtifactError, FidelityError, InputError
+from enginekit.errors import ArtifactError, FidelityError, InputError, one_line
 
 __all__ = ["PRECISIONS", "Candidate", "OptimizeConfig", "optimize", "plan_candidates", "render_report", "second_spec"]
 
@@ -181,11 +181,6 @@ class _Outcome:
     def to_dict(self) -> dict[str, Any]:
         return {"candidate": asdict(self.candidate), "status": self.status, "reason": self.reason,
                 "build_s": self.build_s, "fidelity": self.fidelity, "record": self.record}
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
 
 
 def _datasets(spec: str, manifest: Any, config: OptimizeConfig) -> tuple[Any, Any]:
@@ -351,14 +346,9 @@ def optimize(
     the exported ONNX and every candidate; by default they live in a temporary
     folder beside ``out`` that is removed at the end.
     """
-    from enginekit.errors import SourceError
-    from enginekit.export.api import source_task
-    from enginekit.registry import backend_class, backend_names
+    from enginekit.registry import backend_class, backend_names, expect_stage, source_task
 
-    if source_task(model) != "image-classification":
-        raise SourceError(f"optimize() picks engines for image classifiers; {model!r} is a diffusion pipeline "
-                          "(use enginekit.app.optimize_pipeline.optimize_pipeline, which `enginekit optimize` "
-                          "calls for pipelines)")
+    expect_stage(source_task(model), "optimize", "enginekit.app.optimize_stages:optimize_classifier")
     out = Path(out)
     if out.exists() and not overwrite:  # fail before minutes of work, not after
         raise ArtifactError(f"{out} already exists; choose another output or pass --overwrite")
@@ -426,7 +416,9 @@ def _run(model: str, out: Path, work: Path, candidates: list[Candidate], config:
     on_step(f"export -> {onnx_dir}")
     manifest = export_classifier(src, onnx_dir, ExportOptions(seed=seed), overwrite=True)
 
-    spec = config.data or ("builtin" if manifest.provenance.get("source") == "default" else "photos")
+    from enginekit.quant.api import default_calibration
+
+    spec = config.data or default_calibration(manifest)
     on_step(f"data: {spec} ({config.calibration_size} calibration, {config.eval_size} held-out at most)")
     calib, held = _datasets(spec, manifest, config)
     from enginekit.quant.data import describe_data, load_inputs
@@ -460,7 +452,7 @@ def _run(model: str, out: Path, work: Path, candidates: list[Candidate], config:
             oc.build_s = time.perf_counter() - start
             _judge(oc, references, [held, second], manifest.labels, config)
         except Exception as exc:  # one candidate's failure (any library's) must not end the run
-            oc.status, oc.reason = "failed", _one_line(exc)
+            oc.status, oc.reason = "failed", one_line(exc, with_type=True)
             if cand.base not in built and cand.method is not None:
                 failed_bases[cand.base] = oc.reason
             on_step(f"  failed: {oc.reason}")
@@ -486,7 +478,7 @@ def _run(model: str, out: Path, work: Path, candidates: list[Candidate], config:
         try:
             rec = bench_artifact(oc.path, bench, backend=oc.candidate.backend, progress=progress)[0]
         except Exception as exc:  # an engine that judged fine but cannot be timed is a failure too
-            oc.status, oc.reason = "failed", _one_line(exc)
+            oc.status, oc.reason = "failed", one_line(exc, with_type=True)
             continue
         rec["engine"]["name"] = oc.candidate.name
         rec["fidelity"] = {k: oc.fidelity[k] for k in ("top1_agreement", "logits_cosine", "logits_max_abs",
