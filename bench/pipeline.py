@@ -41,7 +41,8 @@ from enginekit.bench.harness import (
     make_record,
     time_callable,
 )
-from enginekit.errors import InputError, ShapeError, SourceError
+from enginekit.errors import InputError, ShapeError
+from enginekit.export.diffusion.reference import reference_pipeline
 from enginekit.hardware import fingerprint
 from enginekit.manifest import Manifest, TensorSpec
 
@@ -262,24 +263,8 @@ def _engine_parts(pipe: Any, plan: _Plan, config: PipelineBenchConfig,
     return parts
 
 
-def _diffusers_pipeline(manifest: Manifest) -> Any:
-    """diffusers' pipeline of the artifact's weights, from its provenance; changed local weights are an error."""
-    from enginekit.export.diffusion.sources import resolve_pipeline
-
-    prov = manifest.provenance
-    spec = prov.get("source")
-    if not spec:
-        raise SourceError("the artifact's manifest records no source pipeline (provenance.source)")
-    seeded = prov.get("kind") in ("builtin", "random")
-    src = resolve_pipeline(str(spec), random_weights=prov.get("kind") == "random",
-                           seed=int(prov.get("seed") or 0), family=prov.get("family") if not seeded else None,
-                           revision=prov.get("revision") if prov.get("kind") == "hub" else None,
-                           without_t5=bool(prov.get("without_t5")))
-    recorded, now = prov.get("weights_sha256"), src.provenance.get("weights_sha256")
-    if recorded and now is not None and now != recorded:
-        raise SourceError(f"{spec}: the weights changed since the artifact was exported "
-                          "(their sha256 differs from the manifest's); re-export it to bench against them")
-    return src.pipeline
+# diffusers' pipeline of the artifact's weights lives beside export's source resolution.
+_diffusers_pipeline = reference_pipeline
 
 
 def _torch_parts(dpipe: Any, plan: _Plan, config: PipelineBenchConfig,

@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
-from enginekit.errors import ArtifactError, IntegrityError
+from enginekit.errors import ArtifactError, IntegrityError, one_line
 from enginekit.manifest import MANIFEST_NAME, Component, FileEntry, Manifest, TensorSpec
 
 __all__ = [
@@ -423,7 +423,7 @@ def check_onnx_external_data(root: Path, entry: str) -> list[str]:
     try:
         model = onnx.load(str(root / entry), load_external_data=False)
     except Exception as exc:  # onnx raises DecodeError and others
-        raise IntegrityError(f"{root / entry}: not a readable ONNX model ({_one_line(exc)})") from exc
+        raise IntegrityError(f"{root / entry}: not a readable ONNX model ({one_line(exc)})") from exc
     base = (root / entry).parent
     found: dict[str, None] = {}
     for tensor in _get_all_tensors(model):
@@ -436,6 +436,3 @@ def check_onnx_external_data(root: Path, entry: str) -> list[str]:
     return list(found)
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

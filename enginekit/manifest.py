@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
-from enginekit.errors import ManifestError
+from enginekit.errors import ManifestError, one_line
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -306,7 +306,7 @@ def _shown(path: Path) -> str:
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
-    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return one_line(exc)
 
 
 def read_manifest(artifact: str | Path) -> Manifest:

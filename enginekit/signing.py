@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from enginekit.artifact import SIGNATURE_NAME, verify_artifact
-from enginekit.errors import EngineKitError, IntegrityError
+from enginekit.errors import EngineKitError, IntegrityError, one_line
 from enginekit.manifest import read_manifest
 
 __all__ = ["sign_artifact", "verify_signature"]
@@ -39,12 +39,6 @@ def _hashing_config(hashing: Any) -> Any:
     return hashing.Config().set_ignored_paths(paths=[SIGNATURE_NAME], ignore_git_paths=False)
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    line = text.splitlines()[0] if text else type(exc).__name__
-    return line if len(line) <= 300 else line[:300] + "..."
-
-
 def sign_artifact(path: str | Path, private_key: str | Path, password: str | None = None) -> Path:
     """Verify the artifact at ``path`` in full, then sign it with ``private_key`` (EC, PEM);
     returns the signature file (``path/signature.sig``, replaced atomically)."""
@@ -62,7 +56,7 @@ def sign_artifact(path: str | Path, private_key: str | Path, password: str | Non
             config = signing.Config().use_elliptic_key_signer(private_key=key, password=password)
             config.set_hashing_config(_hashing_config(hashing)).sign(root, tmp)
         except (ValueError, TypeError, OSError) as exc:
-            raise EngineKitError(f"{root}: could not sign with {key}: {_one_line(exc)}") from exc
+            raise EngineKitError(f"{root}: could not sign with {key}: {one_line(exc)}") from exc
         os.chmod(tmp, 0o644 & ~_umask())
         target = root / SIGNATURE_NAME
         os.replace(tmp, target)
@@ -86,7 +80,7 @@ def verify_signature(path: str | Path, public_key: str | Path) -> None:
         config = verifying.Config().use_elliptic_key_verifier(public_key=key)
         config.set_hashing_config(_hashing_config(hashing)).verify(root, signature)
     except Exception as exc:  # model-signing raises ValueError and parser errors of its dependencies
-        raise IntegrityError(f"{root}: signature does not verify with {key}: {_one_line(exc)}") from exc
+        raise IntegrityError(f"{root}: signature does not verify with {key}: {one_line(exc)}") from exc
 
 
 def _umask() -> int:

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from enginekit.artifact import sha256_file
-from enginekit.errors import SourceError
+from enginekit.errors import SourceError, one_line
 from enginekit.runtimes.preprocess import Preprocessing
 
 __all__ = ["SourceModel", "resolve_source", "source_for_manifest", "timm_family"]
@@ -112,7 +112,7 @@ def _load_timm_name(name: str, *, random_weights: bool, seed: int, weights: str 
         try:
             state = load_file(str(wpath))
         except Exception as exc:  # SafetensorError (a corrupt or truncated header), OSError
-            raise SourceError(f"{wpath}: not a readable safetensors file ({_first_line(exc)})") from exc
+            raise SourceError(f"{wpath}: not a readable safetensors file ({one_line(exc)})") from exc
         model = timm.create_model(name, pretrained=False)
         _load_state(model, state, str(wpath))
         provenance.update(weights=str(wpath.resolve()), weights_sha256=sha256_file(wpath))
@@ -121,7 +121,7 @@ def _load_timm_name(name: str, *, random_weights: bool, seed: int, weights: str 
             model = timm.create_model(name, pretrained=True)
         except Exception as exc:  # hub errors, offline errors, missing weights
             raise SourceError(
-                f"could not fetch pretrained weights for timm:{name} ({type(exc).__name__}: {_first_line(exc)}); "
+                f"could not fetch pretrained weights for timm:{name} ({type(exc).__name__}: {one_line(exc)}); "
                 "offline, pass --random-weights to build the architecture with seeded weights"
             ) from exc
         provenance.update(weights="pretrained", hub_id=model.pretrained_cfg.get("hf_hub_id"))
@@ -146,7 +146,7 @@ def _load_state(model: Any, state: dict, where: str) -> None:
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise SourceError(f"{where}: weights do not fit the architecture ({_first_line(exc)})") from exc
+        raise SourceError(f"{where}: weights do not fit the architecture ({one_line(exc)})") from exc
 
 
 def _read_config(path: Path) -> dict[str, Any]:
@@ -201,7 +201,7 @@ def _load_timm_folder(path: Path, cfg: dict[str, Any]) -> SourceModel:
         # timm's own local-folder loader: prefers model.safetensors, weights_only otherwise.
         model = timm.create_model(f"local-dir:{path.resolve()}", pretrained=True)
     except Exception as exc:
-        raise SourceError(f"{path}: timm could not build {cfg['architecture']!r} ({_first_line(exc)})") from exc
+        raise SourceError(f"{path}: timm could not build {cfg['architecture']!r} ({one_line(exc)})") from exc
     model.eval()
     labels = cfg.get("label_names") or model.pretrained_cfg.get("label_names")
     provenance = {"library": "timm", "timm_version": timm.__version__, "weights": "local"}
@@ -230,7 +230,7 @@ def _load_transformers_folder(path: Path, cfg: dict[str, Any]) -> SourceModel:
     except SourceError:
         raise
     except Exception as exc:
-        raise SourceError(f"{path}: transformers could not load the model ({_first_line(exc)})") from exc
+        raise SourceError(f"{path}: transformers could not load the model ({one_line(exc)})") from exc
     model.eval()
     id2label = model.config.id2label or {}
     labels = [id2label[i] for i in sorted(id2label)] if id2label else None
@@ -259,7 +259,7 @@ def _load_hub(hub_id: str, revision: str | None) -> SourceModel:
         )
     except Exception as exc:
         hint = " (HF_HUB_OFFLINE is set and it is not in the hub cache)" if offline else ""
-        raise SourceError(f"could not fetch {hub_id!r} from the hub{hint}: {_first_line(exc)}") from exc
+        raise SourceError(f"could not fetch {hub_id!r} from the hub{hint}: {one_line(exc)}") from exc
     src = _load_folder(Path(folder))
     src.provenance.update(source=f"hf-hub:{hub_id}", hub_id=hub_id, revision=Path(folder).name)
     return src
@@ -272,11 +272,6 @@ def _labels(labels: Any, num_classes: int) -> tuple[str, ...] | None:
     if len(labels) != num_classes:
         raise SourceError(f"the model has {num_classes} classes but {len(labels)} label names")
     return labels
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def source_for_manifest(provenance: dict[str, Any]) -> SourceModel:

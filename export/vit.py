@@ -17,7 +17,7 @@ from typing import Any, Callable
 import numpy as np
 
 from enginekit.artifact import atomic_artifact, make_component, write_manifest
-from enginekit.errors import ExportError, FidelityError
+from enginekit.errors import ExportError, FidelityError, one_line
 from enginekit.export.sources import SourceModel, resolve_source
 from enginekit.fidelity import compare_outputs
 from enginekit.export.provenance import host, tool_versions
@@ -176,7 +176,7 @@ def _torch_export(wrapper: Any, example: Any, path: Path, opset: int, external: 
                 verbose=False,
             )
     except Exception as exc:
-        raise ExportError(f"torch.onnx.export failed: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from exc
+        raise ExportError(f"torch.onnx.export failed: {one_line(exc)}") from exc
     if external:
         # One data file beside model.onnx, whatever name the exporter chose.
         import onnx

@@ -172,9 +172,9 @@ def _diffusers_images(manifest: Manifest, pipe: Any, gate: GateSpec) -> np.ndarr
     import diffusers
     import torch
 
-    from enginekit.bench.pipeline import _diffusers_pipeline
+    from enginekit.export.diffusion.reference import reference_pipeline
 
-    dpipe = _diffusers_pipeline(manifest)
+    dpipe = reference_pipeline(manifest)
     cls = diffusers.FlowMatchEulerDiscreteScheduler if pipe.config.is_flow else diffusers.EulerDiscreteScheduler
     dpipe.scheduler = cls.from_config(dpipe.scheduler.config)
     dpipe.set_progress_bar_config(disable=True)

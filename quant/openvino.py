@@ -47,7 +47,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from enginekit.errors import QuantizationError
+from enginekit.errors import QuantizationError, one_line
 from enginekit.quant.base import MethodResult, QuantJob, QuantOptions
 
 __all__ = ["int8_static", "int8_weight", "int4_weight", "int8_hybrid", "fp16", "fp32", "sensitivity"]
@@ -66,14 +66,6 @@ _DATA_MOVEMENT = frozenset({
 })
 #: Ops whose output does not depend on input values.
 _NO_VALUE = frozenset({"ShapeOf", "FakeQuantize", "Result", "Parameter", "Constant"})
-
-
-def _first_line(exc: BaseException) -> str:
-    """One informative line of an NNCF or OpenVINO exception (OpenVINO's open with a C++ location)."""
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    useful = [ln for ln in lines if not ln.startswith(("Exception from ", "Check '"))]
-    text = (useful or lines or [type(exc).__name__])[0]
-    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def _openvino() -> Any:
@@ -133,7 +125,7 @@ def _read(job: QuantJob, method: str) -> Any:
     try:
         model = ov.convert_model(str(job.model))
     except Exception as exc:
-        raise QuantizationError(f"{method}: openvino could not convert {job.model.name}: {_first_line(exc)}") from exc
+        raise QuantizationError(f"{method}: openvino could not convert {job.model.name}: {one_line(exc)}") from exc
     names = set().union(*(p.get_names() for p in model.inputs))
     if job.input_name not in names:
         have = ", ".join(sorted(names))
@@ -148,7 +140,7 @@ def _save(model: Any, job: QuantJob, method: str, *, fp16: bool = False) -> None
         # compress_to_fp16 defaults to True in save_model: only the fp16 method wants it.
         ov.save_model(model, str(job.out_dir / _ENTRY), compress_to_fp16=fp16)
     except Exception as exc:
-        raise QuantizationError(f"{method}: could not write the IR to {job.out_dir}: {_first_line(exc)}") from exc
+        raise QuantizationError(f"{method}: could not write the IR to {job.out_dir}: {one_line(exc)}") from exc
 
 
 def _batch(x: np.ndarray | None, method: str, what: str) -> np.ndarray:
@@ -244,7 +236,7 @@ def _quantize(
             advanced_parameters=advanced,
         )
     except Exception as exc:
-        raise QuantizationError(f"{method}: nncf.quantize failed: {_first_line(exc)}") from exc
+        raise QuantizationError(f"{method}: nncf.quantize failed: {one_line(exc)}") from exc
     return quantized, estimator_name
 
 
@@ -314,7 +306,7 @@ def _hybrid(nncf: Any, model: Any, job: QuantJob, feeds: list[dict[str, np.ndarr
             ignored_scope=nncf.IgnoredScope(types=["Convolution"], names=list(job.options.exclude_nodes),
                                             validate=False) if has_conv or user else None)
     except Exception as exc:
-        raise QuantizationError(f"{method}: nncf.compress_weights failed: {_first_line(exc)}") from exc
+        raise QuantizationError(f"{method}: nncf.compress_weights failed: {one_line(exc)}") from exc
     ignored = sorted(set(weighted) | set(job.options.exclude_nodes))
     advanced = nncf.AdvancedQuantizationParameters(
         smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=-1),
@@ -327,7 +319,7 @@ def _hybrid(nncf: Any, model: Any, job: QuantJob, feeds: list[dict[str, np.ndarr
             advanced_parameters=advanced,
         )
     except Exception as exc:
-        raise QuantizationError(f"{method}: nncf.quantize failed: {_first_line(exc)}") from exc
+        raise QuantizationError(f"{method}: nncf.quantize failed: {one_line(exc)}") from exc
     return quantized, len(weighted)
 
 
@@ -383,7 +375,7 @@ def _compress(nncf: Any, job: QuantJob, method: str, **kwargs: Any) -> None:
             f"{len(failed) or 'some'} layer(s){example}; use a divisor of them, or -1 for per-channel"
         ) from exc
     except Exception as exc:
-        raise QuantizationError(f"{method}: nncf.compress_weights failed: {_first_line(exc)}") from exc
+        raise QuantizationError(f"{method}: nncf.compress_weights failed: {one_line(exc)}") from exc
     _save(compressed, job, method)
 
 
@@ -570,7 +562,7 @@ def sensitivity(job: QuantJob, eval_inputs: Any, hybrid: bool = False) -> list[t
             compiled = ov.Core().compile_model(probe_model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
             request = compiled.create_infer_request()
         except Exception as exc:
-            raise QuantizationError(f"{method}: could not compile the probe model: {_first_line(exc)}") from exc
+            raise QuantizationError(f"{method}: could not compile the probe model: {one_line(exc)}") from exc
         err = np.zeros(len(probes))
         ref = np.zeros(len(probes))
         from tqdm.auto import tqdm
@@ -580,7 +572,7 @@ def sensitivity(job: QuantJob, eval_inputs: Any, hybrid: bool = False) -> list[t
             try:
                 res = request.infer(x if isinstance(x, dict) else {job.input_name: x[None]})
             except Exception as exc:
-                raise QuantizationError(f"{method}: probe inference failed: {_first_line(exc)}") from exc
+                raise QuantizationError(f"{method}: probe inference failed: {one_line(exc)}") from exc
             for i in range(len(probes)):
                 q = res[2 * i].astype(np.float64)
                 f = res[2 * i + 1].astype(np.float64)

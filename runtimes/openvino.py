@@ -45,7 +45,7 @@ from typing import Any, ClassVar, Mapping, Sequence
 import numpy as np
 
 from enginekit.artifact import cache_root, make_component
-from enginekit.errors import BackendError, DeviceError
+from enginekit.errors import BackendError, DeviceError, one_line
 from enginekit.manifest import Manifest, TensorSpec
 from enginekit.runtimes.base import Backend, BackendOptions, CompileOptions, Runner
 
@@ -100,14 +100,6 @@ class OpenVINOOptions(BackendOptions):
     #: Run-time precision per component, over ``inference_precision`` (a pipeline's fp16
     #: denoiser beside a VAE that computes in f32 even where the CPU would pick bf16).
     component_inference_precision: Mapping[str, Any] = field(default_factory=dict)
-
-
-def _one_line(exc: BaseException) -> str:
-    """The informative line of an OpenVINO exception (they open with a C++ source location)."""
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    useful = [ln for ln in lines if not ln.startswith(("Exception from ", "Check '"))]
-    text = (useful or lines or [type(exc).__name__])[0]
-    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def _dtype(element_type: Any) -> str:
@@ -230,7 +222,7 @@ class OpenVINORunner(Runner):
             try:
                 results = self._request.infer(feeds, share_outputs=True)
             except Exception as exc:
-                raise BackendError(f"openvino inference failed: {_one_line(exc)}") from exc
+                raise BackendError(f"openvino inference failed: {one_line(exc)}") from exc
             # The request reuses its output buffers: copy before the next call overwrites them.
             return {o.name: np.array(results[port], copy=True) for o, port in zip(self.outputs, self._ports)}
 
@@ -274,14 +266,14 @@ class OpenVINOBackend(Backend):
             try:
                 self._core_obj = ov.Core()
             except Exception as exc:
-                raise BackendError(f"openvino could not start: {_one_line(exc)}") from exc
+                raise BackendError(f"openvino could not start: {one_line(exc)}") from exc
         return self._core_obj
 
     def _available(self) -> list[str]:
         try:
             return [str(d) for d in self._core().available_devices]
         except Exception as exc:
-            raise BackendError(f"openvino could not list devices: {_one_line(exc)}") from exc
+            raise BackendError(f"openvino could not list devices: {one_line(exc)}") from exc
 
     def devices(self) -> list[str]:
         found = [d.lower() for d in self._available()]
@@ -356,7 +348,7 @@ class OpenVINOBackend(Backend):
             except BackendError:
                 raise
             except Exception as exc:
-                raise BackendError(f"openvino could not convert {comp.entry}: {_one_line(exc)}") from exc
+                raise BackendError(f"openvino could not convert {comp.entry}: {one_line(exc)}") from exc
             comp_precision = "fp16" if compress and comp.precision == "fp32" else comp.precision
             components[comp.name] = make_component(
                 out_dir,
@@ -470,7 +462,7 @@ class OpenVINOBackend(Backend):
             # skip parsing the IR altogether.
             compiled = core.compile_model(str(xml), ov_device, config)
         except Exception as exc:
-            raise BackendError(f"openvino could not load {xml} on {ov_device}: {_one_line(exc)}") from exc
+            raise BackendError(f"openvino could not load {xml} on {ov_device}: {one_line(exc)}") from exc
         try:
             from_cache: bool | None = bool(compiled.get_property(props.loaded_from_cache()))
         except Exception:  # not every plugin reports it

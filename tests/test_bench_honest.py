@@ -312,7 +312,7 @@ def test_bench_throughput_mode_on_every_backend(compiled: dict, tmp_path: Path) 
 def test_detector_checkpoint_decides_with_margin(tmp_path: Path) -> None:
     """The speed target's model, on timm's tiny test_vit: a 2-label head fitted on the seeded body's
     features that tells the two photos apart, saved as a folder export takes."""
-    from enginekit.bench.detector import LABELS, build_detector
+    from benchmarks.detector import LABELS, build_detector
     from enginekit.export.sources import resolve_source
 
     info = build_detector(tmp_path / "det", arch="test_vit", fit_size=24, check_size=12)
@@ -324,7 +324,7 @@ def test_detector_checkpoint_decides_with_margin(tmp_path: Path) -> None:
 
 
 def test_the_speed_target_follows_the_cpu() -> None:
-    from enginekit.bench.targets import TARGET_SPEEDUP, TARGET_SPEEDUP_BF16, speedup_target
+    from benchmarks.targets import TARGET_SPEEDUP, TARGET_SPEEDUP_BF16, speedup_target
 
     assert speedup_target(["avx2", "fma"]) == TARGET_SPEEDUP
     assert speedup_target(["avx2", "avx512f", "avx512_bf16"]) == speedup_target(["amx_bf16"]) == TARGET_SPEEDUP_BF16
@@ -332,7 +332,7 @@ def test_the_speed_target_follows_the_cpu() -> None:
 
 def test_quiet_lock_waits_for_others_and_removes_only_its_own(tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    import enginekit.bench.targets as targets
+    import benchmarks.targets as targets
 
     path = tmp_path / "quiet.lock"
     path.write_text("someone else\n")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from enginekit.bench.targets import arithmetic_floor, model_macs, precision_ceilings
+from benchmarks.targets import arithmetic_floor, model_macs, precision_ceilings
 
 
 class _Attention(torch.nn.Module):

@@ -110,7 +110,7 @@ def test_classifier_commands_refuse_a_pipeline_in_one_line(tiny_pipelines: dict,
     for args, message in (
         (["predict", art, str(tmp_path / "p.png")], "predict classifies images"),
         (["quantize", art, "-m", "int8-dynamic", "-o", str(tmp_path / "q")], "unknown method 'int8-dynamic' for a pipeline; use one of: fp16, int8, int4"),
-        (["evaluate", art, "--data", "builtin"], "evaluate judges image classifiers"),
+        (["evaluate", art, "--data", "builtin"], "evaluate does not apply to text-to-image artifacts"),
     ):
         code, out = _run(*args)
         assert code == 1 and message in out and "Traceback" not in out, (args, out)
@@ -121,3 +121,15 @@ def test_generate_refuses_a_wrong_digest(tiny_pipelines: dict, tmp_path: Path) -
                      "--digest", "0" * 64, "--steps", "1")
     assert code == 1 and "digest" in out and "Traceback" not in out
     assert not (tmp_path / "x.png").exists()
+
+
+def test_strength_without_an_init_image_is_an_error(tiny_pipelines: dict, tmp_path: Path) -> None:
+    import enginekit
+    from enginekit.errors import InputError
+
+    art = tiny_pipelines[("tiny-sd15", "onnx")]
+    code, out = _run("generate", str(art), "a cat", "-o", str(tmp_path / "c.png"), "--strength", "0.5")
+    assert code == 2 and "--strength is for image-to-image" in out
+    assert not (tmp_path / "c.png").exists()
+    with enginekit.load(art, device="cpu") as pipe, pytest.raises(InputError, match="strength 0.5 is for image-to-image"):
+        pipe("a cat", num_inference_steps=1, strength=0.5)

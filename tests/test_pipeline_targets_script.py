@@ -1,4 +1,4 @@
-"""``bench/pipeline_targets.py`` end to end on tiny-sd3 without T5: optimize's pick, the
+"""``benchmarks/pipeline_targets.py`` end to end on tiny-sd3 without T5: optimize's pick, the
 denoiser's FLOP count for SD3's transformer, and the one-image peak-memory subprocesses."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ pytest.importorskip("onnxruntime")
 
 
 def test_targets_on_tiny_sd3_without_t5(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from enginekit.bench.pipeline_targets import main
+    from benchmarks.pipeline_targets import main
 
     rc = main(["--work", str(tmp_path / "w"), "--model", "tiny-sd3", "--no-t5", "--size", "64", "--steps", "2",
                "--seeds", "0", "--backends", "onnxruntime", "--precisions", "fp32"])

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from enginekit.bench import sd35_medium as m
+from benchmarks import sd35_medium as m
 from enginekit.errors import ExportError
 
 #: One block, narrow widths, a small position table: the script's paths in seconds.

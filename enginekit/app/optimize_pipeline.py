@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from enginekit.errors import ArtifactError, FidelityError, InputError
+from enginekit.errors import ArtifactError, FidelityError, InputError, one_line
 
 __all__ = ["HELD_OUT_PROMPTS", "PipelineCandidate", "PipelineOptimizeConfig", "optimize_pipeline",
            "plan_pipeline_candidates", "select", "render_pipeline_report", "QUANTIZE_MISSING"]
@@ -256,11 +256,6 @@ def _attribute(outcomes: Sequence[dict[str, Any]], baseline: Mapping[str, Any]) 
 # --------------------------------------------------------------------------- the run
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
-
-
 def _held_out(prompts: Sequence[str]) -> list[str]:
     """The prompts less any a quantizer calibrates on (so the judge never sees calibration prompts)."""
     try:
@@ -331,7 +326,7 @@ def _run(model: str, out: Path, work: Path, backends: list[str], prompts: list[s
     import gc
 
     from enginekit.artifact import atomic_artifact, write_manifest
-    from enginekit.bench.pipeline import _diffusers_pipeline
+    from enginekit.export.diffusion.reference import reference_pipeline as _diffusers_pipeline
     from enginekit.bench.pipeline_images import (ImageJob, diffusers_images, engine_images, generation_plan,
                                                  judge_images)
     from enginekit.export.api import export_model
@@ -373,11 +368,11 @@ def _run(model: str, out: Path, work: Path, backends: list[str], prompts: list[s
         except ImportError as exc:
             if cand.how != "quantize":
                 raise
-            oc["status"], oc["reason"] = "skipped", f"{QUANTIZE_MISSING} ({_one_line(exc)})"
+            oc["status"], oc["reason"] = "skipped", f"{QUANTIZE_MISSING} ({one_line(exc, with_type=True)})"
             on_step(f"  {oc['reason']}")
             continue
         except Exception as exc:  # one candidate's failure (any library's) must not end the run
-            oc["status"], oc["reason"] = "failed", _one_line(exc)
+            oc["status"], oc["reason"] = "failed", one_line(exc, with_type=True)
             on_step(f"  failed: {oc['reason']}")
             continue
         oc["build_s"] = time.perf_counter() - start
@@ -387,7 +382,7 @@ def _run(model: str, out: Path, work: Path, backends: list[str], prompts: list[s
             oc["fidelity"] = judge_images(reference, gen.images, jobs)
             oc["timing"] = gen.summary()
         except Exception as exc:
-            oc["status"], oc["reason"] = "failed", _one_line(exc)
+            oc["status"], oc["reason"] = "failed", one_line(exc, with_type=True)
             on_step(f"  failed: {oc['reason']}")
             continue
         oc["status"] = "judged"

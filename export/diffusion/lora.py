@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from enginekit.artifact import sha256_file
-from enginekit.errors import SourceError
+from enginekit.errors import SourceError, one_line
 
 __all__ = ["LoraSpec", "parse_lora", "fuse_loras"]
 
@@ -69,7 +69,7 @@ def _check_file(path: Path) -> dict[str, Any]:
         with safe_open(str(path), framework="pt") as f:
             keys = list(f.keys())
     except Exception as exc:  # SafetensorError for a corrupt header, OSError for unreadable files
-        raise SourceError(f"LoRA {path}: not a readable safetensors file ({_first_line(exc)})") from exc
+        raise SourceError(f"LoRA {path}: not a readable safetensors file ({one_line(exc)})") from exc
     if not keys:
         raise SourceError(f"LoRA {path}: the file holds no tensors")
     if not any("lora" in k.lower() for k in keys):
@@ -151,7 +151,7 @@ def fuse_loras(pipe: Any, family: str, loras: tuple[LoraSpec, ...] | list[LoraSp
                 pipe.load_lora_weights(str(spec.path), adapter_name=name)
         except Exception as exc:  # shape mismatches, unknown layouts: diffusers/peft raise many kinds
             raise SourceError(
-                f"LoRA {spec.path}: does not fit this {family} pipeline ({_first_line(exc)}); "
+                f"LoRA {spec.path}: does not fit this {family} pipeline ({one_line(exc)}); "
                 f"its keys look like a {_hint(header['keys'])} LoRA"
             ) from exc
         loaded = [comp for comp, names in pipe.get_list_adapters().items() if name in names]
@@ -192,6 +192,3 @@ class _quiet_diffusers:
         self._logger.setLevel(self._level)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

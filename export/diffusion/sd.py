@@ -36,7 +36,7 @@ from typing import Any, Callable
 import numpy as np
 
 from enginekit.artifact import atomic_artifact, make_assets, make_component, write_manifest
-from enginekit.errors import ExportError, FidelityError
+from enginekit.errors import ExportError, FidelityError, one_line
 from enginekit.export.diffusion.lora import LoraSpec, fuse_loras
 from enginekit.export.diffusion.sources import PipelineSource, resolve_pipeline
 from enginekit.fidelity import compare_outputs
@@ -643,7 +643,7 @@ def _torch_export(plan: _Plan, path: Path, opset: int, external: bool) -> str:
                                   opset_version=opset, dynamo=False, dynamic_axes=axes)
         except Exception as exc:
             raise ExportError(f"torch.onnx.export of {plan.name} failed with both exporters: "
-                              f"dynamo: {_first_line(first)}; torchscript: {_first_line(exc)}") from exc
+                              f"dynamo: {one_line(first)}; torchscript: {one_line(exc)}") from exc
         exporter = "torchscript"
         external = external or any(p.name != "model.onnx" for p in path.parent.iterdir())
     if external or any(p.name != "model.onnx" for p in path.parent.iterdir()):
@@ -854,6 +854,3 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from enginekit.artifact import sha256_file
-from enginekit.errors import SourceError
+from enginekit.errors import SourceError, one_line
 
 __all__ = ["FAMILIES", "BUILTINS", "ARCHITECTURES", "PipelineSource", "resolve_pipeline", "config_dir"]
 
@@ -161,11 +161,6 @@ def _resolve(spec: str, family: str | None, random_weights: bool, seed: int, rev
 # --------------------------------------------------------------------------- helpers
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def _check_family(where: str, detected: str, asked: str | None) -> None:
     if asked is not None and asked != detected:
         raise SourceError(f"{where} is a {detected} pipeline, not {asked} (--family {asked})")
@@ -175,7 +170,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
-        raise SourceError(f"{path}: unreadable ({_first_line(exc)})") from exc
+        raise SourceError(f"{path}: unreadable ({one_line(exc)})") from exc
     if not isinstance(data, dict):
         raise SourceError(f"{path}: must hold a JSON object")
     return data
@@ -341,7 +336,7 @@ def _load_folder(folder: Path, family: str | None, revision: str | None, without
             str(folder), use_safetensors=True, local_files_only=True, **kwargs
         )
     except Exception as exc:  # diffusers/transformers raise many kinds
-        raise SourceError(f"{folder}: diffusers could not load the pipeline ({_first_line(exc)})") from exc
+        raise SourceError(f"{folder}: diffusers could not load the pipeline ({one_line(exc)})") from exc
     _eval(pipe)
     provenance = {"source": str(folder.resolve()), "kind": "folder", "family": detected, "family_from": how,
                   "revision": revision, "weights_sha256": hashes}
@@ -370,7 +365,7 @@ def _load_hub(hub_id: str, revision: str | None, family: str | None, without_t5:
                                    local_files_only=offline)
     except Exception as exc:
         hint = " (HF_HUB_OFFLINE is set and it is not in the hub cache)" if offline else ""
-        raise SourceError(f"could not fetch {hub_id!r} from the hub{hint}: {_first_line(exc)}") from exc
+        raise SourceError(f"could not fetch {hub_id!r} from the hub{hint}: {one_line(exc)}") from exc
     src = _load_folder(Path(folder), family, revision, without_t5)
     src.provenance.update(source=f"hf-hub:{hub_id}", kind="hub", hub_id=hub_id, revision=Path(folder).name)
     return src
@@ -393,7 +388,7 @@ def _read_header(path: Path) -> dict[str, Any]:
                          "F64": torch.float64, "I64": torch.int64}.get(sl.get_dtype(), torch.float32)
                 out[key] = torch.empty(sl.get_shape(), dtype=dtype, device="meta")
     except Exception as exc:  # SafetensorError for a corrupt header, OSError for unreadable files
-        raise SourceError(f"{path}: not a readable safetensors checkpoint ({_first_line(exc)})") from exc
+        raise SourceError(f"{path}: not a readable safetensors checkpoint ({one_line(exc)})") from exc
     if not out:
         raise SourceError(f"{path}: the checkpoint holds no tensors")
     return out
@@ -447,7 +442,7 @@ def _check_fit(path: Path, header: dict[str, Any], family: str, folder: Path) ->
             else:
                 got = sfu.convert_ldm_clip_checkpoint(header)
         except Exception as exc:  # converters index keys they expect
-            problems.append(f"{name}: {_first_line(exc)}")
+            problems.append(f"{name}: {one_line(exc)}")
             continue
         if not hasattr(model, "text_model") and name.startswith("text_encoder"):
             got = {k.removeprefix("text_model."): v for k, v in got.items()}
@@ -485,7 +480,7 @@ def _load_single_file(path: Path, family: str | None, config: str | Path | None)
     try:
         pipe = _pipeline_class(family).from_single_file(str(path), config=str(folder), local_files_only=True, **kwargs)
     except Exception as exc:
-        raise SourceError(f"{path}: diffusers could not load the checkpoint as {family} ({_first_line(exc)})") from exc
+        raise SourceError(f"{path}: diffusers could not load the checkpoint as {family} ({one_line(exc)})") from exc
     _eval(pipe)
     provenance = {"source": str(path.resolve()), "kind": "single_file", "family": family,
                   "config": str(folder.resolve()) if config is not None else folder.name,

@@ -379,6 +379,8 @@ class TextToImage:
         # FLUX packs 2x2 latent patches into one token: sides are multiples of twice the VAE factor.
         factor = cfg.vae_scale_factor * (2 if flux else 1)
         init = _init_image(image, height, width, factor) if image is not None else None
+        if init is None and strength != 0.8:  # 0.8: the keyword default, diffusers' own
+            raise InputError(f"strength {strength} is for image-to-image: give an image (--init-image) or drop it")
         if init is not None:
             height, width = init.shape[-2:]
             strength = _float_in("strength", strength, 0.0, 1.0)

@@ -25,7 +25,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import tokenizers
 
-from enginekit.errors import ArtifactError, InputError, ManifestError
+from enginekit.errors import ArtifactError, InputError, ManifestError, one_line
 
 __all__ = ["TokenizerConfig", "EncodedPrompts", "PromptTokenizer", "KINDS"]
 
@@ -154,7 +154,7 @@ class PromptTokenizer:
         try:
             tok = tokenizers.Tokenizer.from_file(str(path))
         except Exception as exc:  # the Rust library raises plain Exception with serde's message
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            first = one_line(exc)
             raise ArtifactError(f"tokenizer file {path} cannot be read: {first}") from exc
         return cls(tok, cfg)
 

@@ -23,7 +23,7 @@ with margin:
 
 Run::
 
-    .venv/bin/python -m enginekit.bench.detector out/detector          # ~1 min on 2 cores
+    .venv/bin/python -m benchmarks.detector out/detector          # ~1 min on 2 cores
 """
 
 from __future__ import annotations

@@ -12,8 +12,8 @@ a folder, and is judged on other crops (agreement and cosine with float).
 
 Run::
 
-    python -m enginekit.bench.quant_table --model default
-    python -m enginekit.bench.quant_table --model timm:vit_small_patch16_384 --work out/quant-vit
+    python -m benchmarks.quant_table --model default
+    python -m benchmarks.quant_table --model timm:vit_small_patch16_384 --work out/quant-vit
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The speed targets of ``optimize``, measured on this machine (a script, not a timed test).
 
 For the detector-shaped ``vit_small_patch16_384`` checkpoint of
-:mod:`enginekit.bench.detector` (seeded body, a 2-label head fitted so its decisions
+:mod:`benchmarks.detector` (seeded body, a 2-label head fitted so its decisions
 have margin; built into ``WORK/detector`` when missing), batch 1, 384x384:
 
 1. ``optimize``'s pick against PyTorch eager fp32 timed in the same run: the target is
@@ -20,9 +20,9 @@ have margin; built into ``WORK/detector`` when missing), batch 1, 384x384:
 Every number is measured by this script; it prints a markdown summary and writes
 ``--json``. About 15 minutes on 2 cores::
 
-    .venv/bin/python -m enginekit.bench.targets --work out/targets
-    .venv/bin/python -m enginekit.bench.targets --work out/targets --reuse   # cold start + floor of that pick
-    .venv/bin/python -m enginekit.bench.targets --model timm:test_vit --eval-size 16 --runs 5   # smoke
+    .venv/bin/python -m benchmarks.targets --work out/targets
+    .venv/bin/python -m benchmarks.targets --work out/targets --reuse   # cold start + floor of that pick
+    .venv/bin/python -m benchmarks.targets --model timm:test_vit --eval-size 16 --runs 5   # smoke
 """
 
 from __future__ import annotations
@@ -40,6 +40,8 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks import child_env
+
 __all__ = ["arithmetic_floor", "cold_start", "main", "model_macs", "peak_gemm_rates", "precision_ceilings",
            "speedup_target"]
 
@@ -56,7 +58,7 @@ def speedup_target(flags: list[str] | tuple[str, ...]) -> float:
     return TARGET_SPEEDUP_BF16 if {"avx512_bf16", "amx_bf16"} & set(flags) else TARGET_SPEEDUP
 
 _COLD = (
-    "import json, sys; from enginekit.bench.targets import cold_start; "
+    "import json, sys; from benchmarks.targets import cold_start; "
     "print(json.dumps(cold_start(sys.argv[1], int(sys.argv[2]))))"
 )
 
@@ -96,7 +98,7 @@ def cold_start(path: str, runs: int) -> dict[str, Any]:
 
 
 def _cold_in_subprocess(path: Path, runs: int, cache_dir: Path) -> dict[str, Any]:
-    env = {**os.environ, "ENGINEKIT_CACHE_DIR": str(cache_dir)}
+    env = child_env(ENGINEKIT_CACHE_DIR=str(cache_dir))
     proc = subprocess.run([sys.executable, "-c", _COLD, str(path), str(runs)], capture_output=True, text=True,
                           env=env, check=False)
     if proc.returncode != 0:
@@ -273,7 +275,7 @@ class QuietLock:
             except FileExistsError:
                 time.sleep(15)
         with os.fdopen(fd, "w") as f:
-            f.write(f"{os.getpid()} enginekit.bench.targets\n")
+            f.write(f"{os.getpid()} benchmarks.targets\n")
         self.held_since = time.monotonic()
         self.say(f"holding the quiet lock {self.path}")
 
@@ -346,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.model is None:
         detector = args.work / "detector"
         if not (detector / "detector.json").is_file():
-            from enginekit.bench.detector import build_detector
+            from benchmarks.detector import build_detector
 
             say(f"building the detector-shaped checkpoint -> {detector}")
             build_detector(detector, say=say)

@@ -1,7 +1,7 @@
 """Load test of ``enginekit serve``: throughput and p50/p99 latency against the number of
 concurrent clients, with dynamic batching on and off, on loopback.
 
-    python -m enginekit.bench.serve_load out/digits out/vit-small --concurrency 1,2,4,8 \\
+    python -m benchmarks.serve_load out/digits out/vit-small --concurrency 1,2,4,8 \\
         --requests 300 --max-batch 8 --max-delay-ms 5 [--json results.json]
 
 For each artifact and each mode (batching off: ``--max-batch 1``; on: ``--max-batch N``)

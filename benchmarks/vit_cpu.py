@@ -15,9 +15,9 @@ Runtime on the offline-optimized (compiled) ONNX, and OpenVINO IR. Per engine:
 Run (artifacts in ``--work`` are reused when their manifests match; ``--rebuild``
 re-exports)::
 
-    python -m enginekit.bench.vit_cpu                      # the real model, ~2 min export
-    python -m enginekit.bench.vit_cpu --model timm:test_vit --runs 5 --warmup 2   # smoke
-    python bench/vit_cpu.py --threads 4 --json out/vit-cpu.json
+    python -m benchmarks.vit_cpu                      # the real model, ~2 min export
+    python -m benchmarks.vit_cpu --model timm:test_vit --runs 5 --warmup 2   # smoke
+    python -m benchmarks.vit_cpu --threads 4 --json out/vit-cpu.json
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from benchmarks import child_env
 from enginekit.bench.harness import BenchConfig, latency_stats, time_callable
 
 #: (row label, artifact sub-folder, backend compiled with or None for the export itself).
@@ -45,7 +46,7 @@ ENGINES = (
 #: Where each compiled kind records CompileOptions.threads in its manifest target.
 _THREADS_KEY = {"onnxruntime": "intra_op_num_threads", "openvino": "inference_num_threads"}
 _COLD = (
-    "import json, sys; from enginekit.bench.vit_cpu import cold_start; "
+    "import json, sys; from benchmarks.vit_cpu import cold_start; "
     "print(json.dumps(cold_start(sys.argv[1], int(sys.argv[2]), sys.argv[3])))"
 )
 COLUMNS = (  # (header, row key, format)
@@ -98,7 +99,7 @@ def cold_start(path: str, threads: int, input_npy: str) -> dict[str, Any]:
 
 
 def _cold_in_subprocess(path: Path, threads: int, input_npy: Path, cache_dir: Path) -> dict[str, Any]:
-    env = {**os.environ, "ENGINEKIT_CACHE_DIR": str(cache_dir)}
+    env = child_env(ENGINEKIT_CACHE_DIR=str(cache_dir))
     proc = subprocess.run([sys.executable, "-c", _COLD, str(path), str(threads), str(input_npy)],
                           capture_output=True, text=True, env=env, check=False)
     if proc.returncode != 0:

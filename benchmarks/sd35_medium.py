@@ -15,9 +15,9 @@ Each stage runs under a watchdog in this (parent) process that reads the child's
 it past ``--rss-limit-gb``. Run (the full size took 13 min on 2 cores, OpenVINO peaking near 18 GiB;
 hold the quiet lock)::
 
-    flock /tmp/enginekit-quiet.lock python -m enginekit.bench.sd35_medium --work /tmp/m --dtype fp32
-    python -m enginekit.bench.sd35_medium --work /tmp/m2 --num-layers 2 --dtype fp32   # the RSS probe
-    python -m enginekit.bench.sd35_medium --work /tmp/L --config sd35-large --dtype bf16 --skip pytorch  # 8B, drawn in bf16
+    flock /tmp/enginekit-quiet.lock python -m benchmarks.sd35_medium --work /tmp/m --dtype fp32
+    python -m benchmarks.sd35_medium --work /tmp/m2 --num-layers 2 --dtype fp32   # the RSS probe
+    python -m benchmarks.sd35_medium --work /tmp/L --config sd35-large --dtype bf16 --skip pytorch  # 8B, drawn in bf16
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks import child_env
 from enginekit.errors import EngineKitError, ExportError
 
 CONFIG = "sd35-medium"
@@ -287,10 +288,10 @@ def run_stage(stage: str, setup: Setup, work: Path, rss_limit: float, timeout_s:
     work.mkdir(parents=True, exist_ok=True)
     result_file = work / f"{stage}.json"
     result_file.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "enginekit.bench.sd35_medium", "--stage", stage, "--work", str(work),
+    cmd = [sys.executable, "-m", "benchmarks.sd35_medium", "--stage", stage, "--work", str(work),
            "--setup", json.dumps(asdict(setup))]
     started = time.perf_counter()
-    child = subprocess.Popen(cmd)
+    child = subprocess.Popen(cmd, env=child_env())
     proc = psutil.Process(child.pid)
     peak, why = 0, None
     while child.poll() is None:

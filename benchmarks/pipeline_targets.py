@@ -19,8 +19,8 @@ TMUL), 128 (AVX512-BF16); int8 2048 (AMX-INT8), 256 (AVX512-VNNI). The clock is
 the one the OS reports (psutil / /proc/cpuinfo): on a VM the nominal, not the turbo,
 clock. Run (minutes: the export, each OpenVINO compile, diffusers at ~10 s a step):
 
-    python -m enginekit.bench.pipeline_targets --work /tmp/o/targets
-    python -m enginekit.bench.pipeline_targets --work /tmp/o/sd35m --model sd35-medium --no-t5 \
+    python -m benchmarks.pipeline_targets --work /tmp/o/targets
+    python -m benchmarks.pipeline_targets --work /tmp/o/sd35m --model sd35-medium --no-t5 \
         --backends openvino --precisions fp16 --steps 2 --seeds 0
 """
 
@@ -47,7 +47,7 @@ manifest = read_manifest(path)
 plan = generation_plan(manifest.task_config, size, steps)
 jobs = [ImageJob(prompt, 0)]
 if side == "diffusers":
-    from enginekit.bench.pipeline import _diffusers_pipeline
+    from enginekit.export.diffusion.reference import reference_pipeline as _diffusers_pipeline
     gen = diffusers_images(_diffusers_pipeline(manifest), jobs, plan, threads, warmup=False)
 else:
     gen, _ = engine_images(path, side, jobs, plan, threads)
@@ -108,7 +108,7 @@ def unet_flops(manifest: Any, size: int) -> float:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from enginekit.bench.pipeline import _diffusers_pipeline
+    from enginekit.export.diffusion.reference import reference_pipeline as _diffusers_pipeline
 
     pipe = _diffusers_pipeline(manifest)
     f = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
