@@ -70,7 +70,11 @@ FIDELITY_KEYS = ("top1_agreement", "logits_cosine", "logits_max_abs", "accuracy"
 #: What tells apart the records of one pipeline run (absent, None, on classifier records).
 PIPELINE_KEYS = ("part", "height", "width", "steps")
 #: Where each backend's runner reads its thread count from ``manifest.target`` at load.
-THREADS_KEY = {"onnxruntime": "intra_op_num_threads", "openvino": "inference_num_threads"}
+def threads_key(backend: str) -> str | None:
+    """The manifest ``target`` key holding ``backend``'s thread count (the backend says)."""
+    from enginekit.registry import backend_class
+
+    return backend_class(backend).threads_key
 #: PyTorch's p50 after the engines over its p50 before them: beyond 1 ± this, the machine's
 #: speed moved during the run and the speed-ups are flagged.
 DRIFT_WARN = 0.15
@@ -225,7 +229,7 @@ def _open(path: Path, device: str, backend: str | None, threads: int,
 
     manifest = read_manifest(path)
     name = backend or default_backend(manifest)
-    key = THREADS_KEY.get(name)
+    key = threads_key(name)
     recorded = int(manifest.target.get(key) or 0) if key else 0
     overrides: dict[str, Any] = {key: threads} if threads and key is not None else {}
     if mode == "throughput" and name == "openvino":

@@ -32,7 +32,6 @@ import numpy as np
 import psutil
 
 from enginekit.bench.harness import (
-    THREADS_KEY,
     BenchConfig,
     _progress_bar,
     add_speedups,
@@ -46,9 +45,8 @@ from enginekit.export.diffusion.reference import reference_pipeline
 from enginekit.hardware import fingerprint
 from enginekit.manifest import Manifest, TensorSpec
 
-__all__ = ["PipelineBenchConfig", "bench_pipeline", "baseline_note", "is_pipeline", "PIPELINE_TASK"]
+__all__ = ["PipelineBenchConfig", "bench_pipeline", "baseline_note", "is_pipeline"]
 
-PIPELINE_TASK = "text-to-image"
 #: Our scheduler ports -> diffusers' classes (and overrides), so both sides step alike.
 DIFFUSERS_SCHEDULERS: Mapping[str, tuple[str, Mapping[str, Any]]] = {
     "euler": ("EulerDiscreteScheduler", {}),
@@ -102,10 +100,11 @@ class PipelineBenchConfig:
 
 
 def is_pipeline(path: str | Path) -> bool:
-    """Whether the artifact at ``path`` is a text-to-image pipeline (reads the manifest only)."""
+    """Whether the artifact at ``path`` is benched here, as the task registry routes it (reads the manifest only)."""
     from enginekit.manifest import read_manifest
+    from enginekit.registry import task_stages
 
-    return read_manifest(path).task == PIPELINE_TASK
+    return task_stages(read_manifest(path).task).bench == "enginekit.bench.stages:bench_pipelines"
 
 
 # ---------------------------------------------------------------- feeds
@@ -370,18 +369,17 @@ def _open_pipeline(path: Path, device: str, backend: str | None, threads: int) -
     from enginekit.artifact import verify_artifact
     from enginekit.errors import BackendError
     from enginekit.manifest import read_manifest
-    from enginekit.registry import get_backend, task_class
+    from enginekit.registry import expect_stage, get_backend, task_class
 
     manifest = read_manifest(path)
-    if manifest.task != PIPELINE_TASK:
-        raise InputError(f"{path}: a {manifest.task} artifact, not a {PIPELINE_TASK} pipeline")
+    expect_stage(manifest.task, "bench", "enginekit.bench.stages:bench_pipelines")
     verify_artifact(path, manifest)
     name = backend or default_backend(manifest)
     be = get_backend(name)
     if manifest.kind not in be.loads:
         raise BackendError(f"backend {name!r} cannot load a {manifest.kind!r} artifact; "
                            f"compile it first: enginekit compile {path} --backend {name} -o OUT")
-    key = THREADS_KEY.get(name)
+    key = be.threads_key
     recorded = int(manifest.target.get(key) or 0) if key else 0
     threads = threads or recorded or psutil.cpu_count(logical=False) or os.cpu_count() or 1
     pinned = manifest.replace(target={**manifest.target, key: threads}) if key else manifest

@@ -36,6 +36,7 @@ import numpy as np
 
 from benchmarks import child_env
 from enginekit.bench.harness import BenchConfig, latency_stats, time_callable
+from enginekit.registry import backend_class
 
 #: (row label, artifact sub-folder, backend compiled with or None for the export itself).
 ENGINES = (
@@ -44,7 +45,6 @@ ENGINES = (
     ("openvino (compiled)", "openvino", "openvino"),
 )
 #: Where each compiled kind records CompileOptions.threads in its manifest target.
-_THREADS_KEY = {"onnxruntime": "intra_op_num_threads", "openvino": "inference_num_threads"}
 _COLD = (
     "import json, sys; from benchmarks.vit_cpu import cold_start; "
     "print(json.dumps(cold_start(sys.argv[1], int(sys.argv[2]), sys.argv[3])))"
@@ -144,7 +144,7 @@ def build_artifacts(source: Any, spec: str, work: Path, threads: int, rebuild: b
 
         def up_to_date(m: Any, backend: str = backend) -> bool:
             return (m.provenance["parent"]["manifest_sha256"] == digest
-                    and int(m.target.get(_THREADS_KEY[backend]) or 0) == threads)
+                    and int(m.target.get(backend_class(backend).threads_key) or 0) == threads)
 
         if rebuild or not _matches(work / name, up_to_date):
             say(f"compiling {backend} -> {work / name}")

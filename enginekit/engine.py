@@ -203,6 +203,9 @@ class Backend(abc.ABC):
     compiles: ClassVar[tuple[str, ...]] = ("onnx",)
     #: The typed options :meth:`compile` takes in ``CompileOptions.extra``.
     Options: ClassVar[type[BackendOptions]] = BackendOptions
+    #: The ``target`` key of a manifest that holds the engine's thread count, applied at
+    #: load (None: the backend takes none); callers that pin threads ask this, not a name.
+    threads_key: ClassVar[str | None] = None
     #: A device name that hands the choice to the backend's own plugin (OpenVINO's
     #: ``AUTO``) instead of enginekit's ``auto``, which picks from :meth:`devices`.
     native_auto: ClassVar[str | None] = None

@@ -3,7 +3,7 @@ told apart by the source itself (or ``task=`` / ``family=`` where it cannot tell
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -62,34 +62,19 @@ def source_task(spec: str, family: str | None = None, task: str | None = None) -
     return task or found
 
 
-def export_model(
-    spec: str,
-    out_dir: str | Path,
-    *,
-    family: str | None = None,
-    task: str | None = None,
-    random_weights: bool = False,
-    weights: str | Path | None = None,
-    revision: str | None = None,
-    seed: int = 0,
-    opset: int = 18,
-    atol: float | None = None,
-    rtol: float | None = None,
-    image_check: bool = True,
-    loras: tuple[str, ...] = (),
-    lora_scale: float = 1.0,
-    without_t5: bool = False,
-    overwrite: bool = False,
-    on_step: Callable[[str], None] = lambda msg: None,
-) -> Manifest:
+def export_model(spec: str, out_dir: str | Path, *, task: str | None = None,
+                 on_step: Callable[[str], None] = lambda msg: None, **options: Any) -> Manifest:
     """Export ``spec`` to an ONNX artifact at ``out_dir``, parity-checked against PyTorch,
-    with the export implementation of the task it is (see :func:`source_task`)."""
+    with the export implementation of the task it is (see :func:`source_task`).
+    ``options`` are the fields of :class:`ExportRequest` (``family``, ``random_weights``,
+    ``seed``, ``loras``, ...)."""
     from enginekit.registry import stage
 
-    request = ExportRequest(family=family, random_weights=random_weights, weights=weights, revision=revision,
-                            seed=seed, opset=opset, atol=atol, rtol=rtol, image_check=image_check, loras=loras,
-                            lora_scale=lora_scale, without_t5=without_t5, overwrite=overwrite)
-    return stage(source_task(spec, family, task), "export")(spec, out_dir, request, on_step=on_step)
+    unknown = sorted(set(options) - {f.name for f in fields(ExportRequest)})
+    if unknown:
+        raise SourceError(f"export takes no option {unknown[0]!r}")
+    request = ExportRequest(**options)
+    return stage(source_task(spec, request.family, task), "export")(spec, out_dir, request, on_step=on_step)
 
 
 @dataclass(frozen=True)

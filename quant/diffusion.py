@@ -37,6 +37,7 @@ from enginekit.fidelity import compare_outputs, psnr, ssim
 from enginekit.hardware import fingerprint
 from enginekit.manifest import Component, Manifest, read_manifest
 from enginekit.quant.base import MethodResult, QuantJob, QuantOptions
+from enginekit.registry import expect_stage
 
 __all__ = ["quantize_pipeline", "BUDGETS", "METHODS", "default_plan", "read_prompts", "GateSpec"]
 
@@ -323,8 +324,7 @@ def quantize_pipeline(artifact: str | Path, out_dir: str | Path, method: str, *,
     root = Path(artifact)
     parent = read_manifest(root)
     verify_artifact(root, parent)
-    if parent.task != "text-to-image":
-        raise QuantizationError(f"{root}: quantize_pipeline takes text-to-image artifacts, this is {parent.task}")
+    expect_stage(parent.task, "quantize", "enginekit.quant.api:quantize_text_to_image")
     if parent.kind != "onnx" or parent.quantization:
         raise QuantizationError(f"{root}: quantize takes a float ONNX pipeline (from export), this one is "
                                 f"{parent.kind}{' ' + str(parent.quantization.get('method')) if parent.quantization else ''}")

@@ -114,6 +114,7 @@ class OnnxRuntimeBackend(Backend):
     kind: ClassVar[str] = "onnxruntime"
     loads: ClassVar[tuple[str, ...]] = ("onnx", "onnxruntime")
     Options: ClassVar[type[BackendOptions]] = OnnxRuntimeOptions
+    threads_key: ClassVar[str | None] = "intra_op_num_threads"
 
     @classmethod
     def is_available(cls) -> bool:

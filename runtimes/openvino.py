@@ -239,6 +239,7 @@ class OpenVINOBackend(Backend):
     loads: ClassVar[tuple[str, ...]] = ("openvino", "onnx")
     compiles: ClassVar[tuple[str, ...]] = ("onnx", "openvino")
     Options: ClassVar[type[BackendOptions]] = OpenVINOOptions
+    threads_key: ClassVar[str | None] = "inference_num_threads"
     native_auto: ClassVar[str | None] = "AUTO"
 
     def __init__(self) -> None:
