@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from enginekit.errors import OptionError, UnsupportedStageError
+from enginekit.errors import OptionError, UnknownTaskError, UnsupportedStageError
 from enginekit.registry import stage
 
 __all__ = [
@@ -212,5 +212,5 @@ def details(manifest: Any) -> list[tuple[str, str]]:
     """(label, value) rows of what ``inspect`` shows beyond the common fields, by task."""
     try:
         return stage(manifest.task, "details")(manifest)
-    except UnsupportedStageError:
+    except (UnsupportedStageError, UnknownTaskError):  # inspect shows what it can of any artifact
         return []

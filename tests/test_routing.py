@@ -125,3 +125,10 @@ def test_built_in_tasks_route_every_stage_they_have_to_an_importable_target() ->
         routed = task_stages(task)
         for name in ("quantize", "optimize", "bench", "export"):
             assert callable(stage(task, name)), (task, name, getattr(routed, name))
+
+
+def test_inspect_shows_an_artifact_of_a_task_nobody_registered(tmp_path: Path) -> None:
+    art = _artifact(tmp_path / "a", "no-such-task")
+    res = CliRunner().invoke(cli, ["inspect", str(art)])
+    assert res.exit_code == 0, res.output
+    assert "no-such-task" in res.output and "digest" in res.output
