@@ -19,6 +19,7 @@ import click
 
 from enginekit import __version__
 from enginekit.errors import EngineKitError
+from enginekit.export.diffusion.families import family_names
 
 _EXTRA_FOR = {"torch": "export", "timm": "export", "transformers": "export", "torchvision": "export",
               "onnxruntime": "onnxruntime", "openvino": "openvino", "sklearn": "data", "onnxscript": "export", "nncf": "quant", "matplotlib": "bench",
@@ -88,7 +89,7 @@ def cli(verbose: bool) -> None:
 @click.option("-m", "--model", "model_opt", metavar="MODEL",
               help="The model to export, as optimum-cli takes it (then OUTPUT may follow as an argument).")
 @click.option("-o", "--output", "out", type=click.Path(path_type=Path), help="Artifact folder to write.")
-@click.option("--family", type=click.Choice(["sd15", "sd21", "sdxl", "sd3", "flux"]),
+@click.option("--family", type=click.Choice(family_names()),
               help="Diffusion family: required for a single-file .safetensors checkpoint, checked otherwise.")
 @click.option("--task", type=click.Choice(["image-classification", "text-to-image"]),
               help="What MODEL is: checked against the source (a pipeline is not an image-classification "
