@@ -16,7 +16,6 @@ layout, ``(N, C, H/8, W/8)``) to compare images with diffusers exactly.
 from __future__ import annotations
 
 import logging
-import math
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +27,12 @@ from enginekit.errors import EngineKitError, InputError, ManifestError
 from enginekit.manifest import Manifest
 from enginekit.runtimes.base import Runner
 from enginekit.runtimes.schedulers import SCHEDULERS, make_scheduler
+from enginekit.runtimes.tasks.call_args import as_prompts as _as_prompts
+from enginekit.runtimes.tasks.call_args import check_latents
+from enginekit.runtimes.tasks.call_args import float_in as _float_in
+from enginekit.runtimes.tasks.call_args import int_in as _int_in
 from enginekit.runtimes.tasks.layouts import (Guidance, Layout, guidance_scale_embedding, layout_for,
-                                              pack_latents, unpack_latents)
+                                              pack_latents, rescale_noise_cfg, unpack_latents)
 from enginekit.runtimes.tasks.pipeline_config import PipelineConfig, TextEncoderSpec, default_scheduler_name
 from enginekit.runtimes.tasks.tokenizers import PromptTokenizer
 
@@ -322,7 +325,7 @@ class TextToImage:
             if not layout.uses_t5:
                 raise InputError("max_sequence_length applies to SD3 and FLUX pipelines (T5 prompts) only")
             seq_len = _int_in("max_sequence_length", max_sequence_length, 1, MAX_SEQUENCE_LENGTH)
-        latents = self._check_latents(latents, layout.latent_shape(len(prompts) * per_prompt, height, width),
+        latents = check_latents(latents, layout.latent_shape(len(prompts) * per_prompt, height, width),
                                       height, width)
         if seed is not None:
             _int_in("seed", seed, 0, 2**63 - 1)
@@ -331,19 +334,6 @@ class TextToImage:
             generator = np.random.default_rng(seed)
         return _Call(prompts, negatives, per_prompt, steps, guidance, rescale, height, width, name, seq_len, init,
                      strength, latents, seed, generator, output_type)
-
-    @staticmethod
-    def _check_latents(latents: np.ndarray | None, shape: tuple[int, ...], height: int,
-                       width: int) -> np.ndarray | None:
-        if latents is None:
-            return None
-        latents = np.asarray(latents)
-        if latents.shape != shape:
-            raise InputError(f"latents must have shape {shape} for {shape[0]} image(s) at {height}x{width}, "
-                             f"got {tuple(latents.shape)}")
-        if not np.isfinite(latents).all():
-            raise InputError("latents hold NaN or infinite values")
-        return latents
 
     def encode_prompt(
         self, prompts: list[str], negatives: list[str] | None, per_prompt: int, do_cfg: bool,
@@ -394,7 +384,7 @@ class TextToImage:
                 uncond, text = np.split(noise_pred, 2)
                 noise_pred = uncond + scale * (text - uncond)
                 if call.rescale > 0:
-                    noise_pred = _rescale_noise_cfg(noise_pred, text, call.rescale)
+                    noise_pred = rescale_noise_cfg(noise_pred, text, call.rescale)
             noise = call.generator.standard_normal(latents.shape, dtype=np.float32) if sched.stochastic else None
             latents = sched.step(noise_pred, t, latents, noise=noise)
             if callback is not None and callback(i, float(t), latents) is False:
@@ -449,40 +439,6 @@ class TextToImage:
 
     def __repr__(self) -> str:
         return f"TextToImage({str(self.path)!r}, {self.manifest.family}, backend={self.backend!r})"
-
-
-def _rescale_noise_cfg(noise_cfg: np.ndarray, noise_text: np.ndarray, rescale: float) -> np.ndarray:
-    """diffusers' ``rescale_noise_cfg`` (Lin et al. 2023, section 3.4)."""
-    axes = tuple(range(1, noise_text.ndim))
-    std_text = noise_text.std(axis=axes, keepdims=True)
-    std_cfg = noise_cfg.std(axis=axes, keepdims=True)
-    rescaled = noise_cfg * (std_text / std_cfg)
-    return (rescale * rescaled + (1 - rescale) * noise_cfg).astype(np.float32)
-
-
-def _as_prompts(value: Any, name: str) -> list[str]:
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
-        return list(value)
-    raise InputError(f"{name} must be a string or a non-empty list of strings, got {type(value).__name__}")
-
-
-def _int_in(name: str, value: Any, low: int, high: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise InputError(f"{name} must be an integer, got {value!r}")
-    if not low <= int(value) <= high:
-        raise InputError(f"{name} must be between {low} and {high}, got {value}")
-    return int(value)
-
-
-def _float_in(name: str, value: Any, low: float, high: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
-        raise InputError(f"{name} must be a number, got {value!r}")
-    value = float(value)
-    if not math.isfinite(value) or not low <= value <= high:
-        raise InputError(f"{name} must be between {low:g} and {high:g}, got {value}")
-    return value
 
 
 def _init_image(image: Any, height: int | None, width: int | None, factor: int) -> np.ndarray:

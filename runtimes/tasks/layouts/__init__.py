@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from enginekit.runtimes.tasks.layouts.base import (Guidance, Layout, get_layout, guidance_scale_embedding,
                                                    layout_for, layout_names, pack_latents, register_layout,
-                                                   unpack_latents)
+                                                   rescale_noise_cfg, unpack_latents)
 from enginekit.runtimes.tasks.layouts.clip import ClipLayout
 from enginekit.runtimes.tasks.layouts.flux import FluxLayout
 from enginekit.runtimes.tasks.layouts.sd3 import SD3Layout
 
 __all__ = ["Layout", "Guidance", "ClipLayout", "SD3Layout", "FluxLayout", "register_layout", "get_layout",
-           "layout_names", "layout_for", "pack_latents", "unpack_latents", "guidance_scale_embedding"]
+           "layout_names", "layout_for", "pack_latents", "unpack_latents", "guidance_scale_embedding", "rescale_noise_cfg"]

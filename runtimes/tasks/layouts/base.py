@@ -17,7 +17,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from enginekit.runtimes.tasks.text_to_image import TextToImage
 
 __all__ = ["Layout", "Guidance", "register_layout", "get_layout", "layout_names", "layout_for",
-           "pack_latents", "unpack_latents", "guidance_scale_embedding"]
+           "pack_latents", "unpack_latents", "guidance_scale_embedding", "rescale_noise_cfg"]
 
 _LAYOUTS: dict[str, type[Layout]] = {}
 
@@ -234,3 +234,12 @@ def guidance_scale_embedding(w: np.ndarray, dim: int) -> np.ndarray:
     if dim % 2 == 1:
         emb = np.pad(emb, ((0, 0), (0, 1)))
     return emb.astype(np.float32)
+
+
+def rescale_noise_cfg(noise_cfg: np.ndarray, noise_text: np.ndarray, rescale: float) -> np.ndarray:
+    """diffusers' ``rescale_noise_cfg`` (Lin et al. 2023, section 3.4)."""
+    axes = tuple(range(1, noise_text.ndim))
+    std_text = noise_text.std(axis=axes, keepdims=True)
+    std_cfg = noise_cfg.std(axis=axes, keepdims=True)
+    rescaled = noise_cfg * (std_text / std_cfg)
+    return (rescale * rescaled + (1 - rescale) * noise_cfg).astype(np.float32)
