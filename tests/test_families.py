@@ -153,3 +153,21 @@ def test_no_literal_family_checks_outside_the_registries() -> None:
                 if _LITERAL.search(line) or "prompt_layout" in line:
                     offenders.append(f"{path.relative_to(ROOT)}:{i}: {line.strip()}")
     assert not offenders, "\n".join(offenders)
+
+
+@pytest.mark.parametrize(("spec", "layout", "steps", "guidance"), [
+    ("tiny-sd15", ClipLayout, 50, 7.5), ("tiny-sdxl", ClipLayout, 50, 7.5), ("tiny-flux", FluxLayout, 28, 3.5)])
+def test_the_family_writes_layout_and_call_defaults_into_the_section(spec: str, layout: type, steps: int,
+                                                                     guidance: float) -> None:
+    pytest.importorskip("diffusers")
+    from enginekit.export.diffusion.sources import resolve_pipeline
+
+    src = resolve_pipeline(spec)
+    section = F.get_family(src.family).task_config(src.pipeline)
+    section["tokenizers"] = {e["tokenizer"]: {"kind": "clip", "max_length": 77} for e in section["text_encoders"]}
+    config = PipelineConfig.from_section(section)
+    assert type(layout_for(config)) is layout and section["layout"] == layout.name
+    assert (config.default_steps, config.default_guidance_scale) == (steps, guidance)
+    assert config.default_size == config.sample_size * config.vae_scale_factor == section["default_size"]
+    assert section["default_scheduler"] == config.default_scheduler
+    assert (section["vae_precision"] == "fp32") is (spec == "tiny-sdxl")  # SDXL's VAE stays fp32
