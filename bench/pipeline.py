@@ -120,24 +120,21 @@ class _Plan:
     ids: dict[str, np.ndarray]  # text encoder -> (2, L) int64: [negative, prompt] (FLUX: (1, L), the prompt)
     denoiser: str  # the component: unet or transformer
     unet: dict[str, np.ndarray]  # the denoiser's feeds
-    cfg: bool  # both guidance passes in one call (every family but FLUX)
+    cfg: bool  # both guidance passes in one call (the layout's batched CFG; not FLUX)
     latents: np.ndarray  # (images, C, h/f, w/f); FLUX packed (images, h/16 * w/16, 4C)
     decoder_in: np.ndarray
     encoder_in: np.ndarray
     timestep: float
     mu: float | None  # FLUX dev's resolution-dependent shift (schnell's is fixed)
-
-
-def _is_flux(pipe: Any) -> bool:
-    return pipe.config.prompt_layout == "flux"
+    layout: Any  # the pipeline's runtime layout
 
 
 def _size(pipe: Any, config: PipelineBenchConfig) -> tuple[int, int]:
     """The size to bench: the one asked for, which a static engine must have been compiled for."""
-    flux = _is_flux(pipe)
-    f = pipe.config.vae_scale_factor * (2 if flux else 1)  # FLUX packs 2x2 latents into a token
+    packed = pipe.layout.packs_latents
+    f = pipe.layout.size_multiple  # FLUX packs 2x2 latents into a token
     shape = pipe.components[pipe.config.denoiser].inputs[0].shape
-    static = [None, None] if flux else [d * f if isinstance(d, int) and d > 0 else None for d in shape[2:4]]
+    static = [None, None] if packed else [d * f if isinstance(d, int) and d > 0 else None for d in shape[2:4]]
     height = config.height or static[0] or pipe.config.default_size
     width = config.width or static[1] or pipe.config.default_size
     for name, side, fixed in (("height", height, static[0]), ("width", width, static[1])):
@@ -146,11 +143,11 @@ def _size(pipe: Any, config: PipelineBenchConfig) -> tuple[int, int]:
         if fixed is not None and fixed != side:
             raise ShapeError(f"{pipe.path}: compiled for a static {name} of {fixed}, not {side}; bench it at "
                              f"--height {static[0]} --width {static[1]} or compile it for this size")
-    tokens = shape[1] if flux else None
+    tokens = shape[1] if packed else None
     if isinstance(tokens, int) and tokens > 0 and tokens != (height // f) * (width // f):
         raise ShapeError(f"{pipe.path}: the transformer was compiled for {tokens} image tokens, not the "
                          f"{(height // f) * (width // f)} of {height}x{width}; bench it at the size it was compiled for")
-    rows, per = shape[0], 1 if flux else 2
+    rows, per = shape[0], 2 if pipe.layout.batched_cfg else 1
     if isinstance(rows, int) and rows > 0 and rows != per * config.images:
         raise ShapeError(f"{pipe.path}: the {pipe.config.denoiser} was compiled for {rows} rows (batch "
                          f"{rows // per}{' with CFG' if per == 2 else ''}), not {per * config.images}; bench it "
@@ -167,56 +164,42 @@ def _concrete(spec: TensorSpec, dims: Mapping[str, int]) -> tuple[int, ...]:
 
 def _plan(pipe: Any, config: PipelineBenchConfig) -> _Plan:
     from enginekit.runtimes.schedulers import make_scheduler
-    from enginekit.runtimes.tasks.text_to_image import default_scheduler_name
-
-    from enginekit.runtimes.tasks.text_to_image import pack_latents
-
-    cfg = pipe.config
+    cfg, layout = pipe.config, pipe.layout
     height, width = _size(pipe, config)
-    f, n, flux = cfg.vae_scale_factor, config.images, _is_flux(pipe)
+    f, n, two_pass = cfg.vae_scale_factor, config.images, layout.batched_cfg
     rng = np.random.default_rng(config.seed)
-    seq_len = cfg.max_sequence_length if cfg.prompt_layout in ("sd3", "flux") else None
-    texts = [config.prompt] if flux else ["", config.prompt]
+    seq_len = cfg.max_sequence_length if layout.uses_t5 else None
+    texts = ["", config.prompt] if two_pass else [config.prompt]
     ids = {}
     for enc in cfg.text_encoders:
         tok = pipe.tokenizer(enc.tokenizer)
         ids[enc.component] = np.asarray(tok.encode(texts, max_length=seq_len if tok.kind == "t5" else None)
                                         .input_ids, dtype=np.int64)
-    name = config.scheduler or default_scheduler_name(cfg.scheduler)
+    name = config.scheduler or cfg.default_scheduler
     sched = make_scheduler(name, cfg.scheduler)
-    grid = (height // (2 * f), width // (2 * f))
-    mu = sched.mu_for(grid[0] * grid[1]) if flux and sched.config.use_dynamic_shifting else None
-    _set_timesteps(sched, config.steps, flux, mu)
+    mu = layout.set_timesteps(sched, config.steps, height, width)
     t = float(np.asarray(sched.timesteps)[0])
-    seq = (seq_len if flux else cfg.prompt_length(seq_len)) if seq_len else next(iter(ids.values())).shape[1]
-    rows = n if flux else 2 * n
+    seq = layout.prompt_length(seq_len) if seq_len else next(iter(ids.values())).shape[1]
+    rows = 2 * n if two_pass else n
     dims = {"batch": rows, "sequence": seq, "latent_height": height // f, "latent_width": width // f,
-            "image_sequence": grid[0] * grid[1]}
+            "image_sequence": (height // (2 * f)) * (width // (2 * f))}
     denoiser = cfg.denoiser
     feeds: dict[str, np.ndarray] = {}
     for spec in pipe.components[denoiser].inputs:
         shape = _concrete(spec, dims)
         if spec.name == "timestep":  # FLUX's transformer takes the sigma, t / 1000
-            feeds[spec.name] = np.full(shape, t / 1000.0 if flux else t, dtype=np.float32)
+            feeds[spec.name] = layout.timestep(t, shape[0])
         elif spec.name == "time_ids":
             feeds[spec.name] = np.tile(np.array([height, width, 0, 0, height, width], np.float32), (shape[0], 1))
         elif spec.name not in ("txt_ids", "img_ids", "guidance"):
             feeds[spec.name] = rng.standard_normal(shape, dtype=np.float32)
-    if flux:
-        feeds.update(pipe._flux_conditions(feeds["encoder_hidden_states"], grid, rows, config.guidance_scale))
-    latents = rng.standard_normal((n, cfg.latent_channels, height // f, width // f), dtype=np.float32)
+    feeds.update(layout.extra_inputs(pipe, feeds["encoder_hidden_states"].shape[1], height, width, rows,
+                                     config.guidance_scale))
+    latents = rng.standard_normal(layout.unpacked_shape(n, height, width), dtype=np.float32)
     decoder_in = rng.standard_normal(latents.shape, dtype=np.float32)
     encoder_in = rng.uniform(-1.0, 1.0, (1, 3, height, width)).astype(np.float32)
-    return _Plan(height, width, name, ids, denoiser, feeds, not flux, pack_latents(latents) if flux else latents,
-                 decoder_in, encoder_in, t, mu)
-
-
-def _set_timesteps(sched: Any, steps: int, flux: bool, mu: float | None) -> None:
-    """As the pipelines set them: FLUX's 1 -> 1/n ramp (dev's shifted by ``mu``), else the default."""
-    if flux:
-        sched.set_timesteps(steps, mu=mu, sigmas=np.linspace(1.0, 1.0 / steps, steps))
-    else:
-        sched.set_timesteps(steps)
+    return _Plan(height, width, name, ids, denoiser, feeds, two_pass, layout.pack(latents),
+                 decoder_in, encoder_in, t, mu, layout)
 
 
 # ---------------------------------------------------------------- the two sides
@@ -241,7 +224,7 @@ def _engine_parts(pipe: Any, plan: _Plan, config: PipelineBenchConfig,
     sched = make_scheduler(plan.scheduler, pipe.config.scheduler)
 
     def step() -> np.ndarray:
-        _set_timesteps(sched, config.steps, not plan.cfg, plan.mu)  # a fresh index: each timed step is the first
+        plan.layout.set_timesteps(sched, config.steps, plan.height, plan.width)  # a fresh index: each timed step is the first
         x = np.concatenate([plan.latents, plan.latents]) if plan.cfg else plan.latents
         x = sched.scale_model_input(x, plan.timestep)
         eps = unet.run({**plan.unet, "sample": x.astype(np.float32)})["out_sample"]
@@ -300,7 +283,7 @@ def _torch_parts(dpipe: Any, plan: _Plan, config: PipelineBenchConfig,
         parts[f"component:{name}"] = (len(ids), lambda m=getattr(dpipe, name), x=torch.from_numpy(ids):
                                       m(x, output_hidden_states=True))
     parts[f"component:{plan.denoiser}"] = (len(plan.unet["sample"]), lambda: denoise(
-        tt["sample"], tt["timestep"][0] * (1.0 if plan.cfg else 1000.0)))
+        tt["sample"], tt["timestep"][0] * plan.layout.timestep_scale))
     parts["component:vae_decoder"] = (len(plan.decoder_in), lambda: dpipe.vae.decode(dec_in, return_dict=False))
     parts["component:vae_encoder"] = (1, lambda: dpipe.vae.encode(enc_in).latent_dist.parameters)
 

@@ -51,13 +51,14 @@ class GenerationPlan:
     negative: str | None
     scheduler: str  # our port's name; diffusers gets the matching class
     latent_shape: tuple[int, ...]
-    flux: bool
+    #: The latents travel packed (FLUX); then diffusers takes no negative prompt either.
+    packed: bool
 
     def latents(self, seed: int) -> np.ndarray:
-        from enginekit.runtimes.tasks.text_to_image import pack_latents
+        from enginekit.runtimes.tasks.layouts import pack_latents
 
         x = np.random.default_rng(seed).standard_normal(self.latent_shape, dtype=np.float32)
-        return pack_latents(x) if self.flux else x
+        return pack_latents(x) if self.packed else x
 
 
 @dataclass
@@ -81,19 +82,21 @@ def generation_plan(task_config: Any, size: int, steps: int, guidance: float = 7
     """The call for a pipeline whose manifest task section is ``task_config``: Euler (flow-matching
     Euler for SD3 and FLUX), CFG ``guidance`` with a negative prompt, FLUX at 3.5 without one."""
     from enginekit.errors import InputError
+    from enginekit.runtimes.tasks.layouts import layout_for
     from enginekit.runtimes.tasks.text_to_image import PipelineConfig
 
     cfg = PipelineConfig.from_section(task_config)
-    flux = cfg.prompt_layout == "flux"
-    f = cfg.vae_scale_factor
-    step = f * (2 if flux else 1)
+    layout = layout_for(cfg)
+    step = layout.size_multiple
     if size < step or size % step:
         raise InputError(f"--size must be a positive multiple of {step} for this pipeline, got {size}")
     if steps < 2:
         raise InputError(f"--steps must be at least 2 (a step is timed between two step ends), got {steps}")
-    return GenerationPlan(size=size, steps=steps, guidance=3.5 if flux else guidance,
-                          negative=None if flux else NEGATIVE, scheduler="flow-euler" if cfg.is_flow else "euler",
-                          latent_shape=(1, cfg.latent_channels, size // f, size // f), flux=flux)
+    reference = layout.reference_guidance
+    return GenerationPlan(size=size, steps=steps, guidance=guidance if reference is None else reference,
+                          negative=NEGATIVE if layout.takes_negative_prompt else None,
+                          scheduler="flow-euler" if cfg.is_flow else "euler",
+                          latent_shape=layout.unpacked_shape(1, size, size), packed=layout.packs_latents)
 
 
 def _generate_all(call: Callable[[ImageJob, int, list[float]], np.ndarray], jobs: Sequence[ImageJob],
@@ -192,7 +195,7 @@ def diffusers_images(dpipe: Any, jobs: Sequence[ImageJob], plan: GenerationPlan,
                     marks.append(time.perf_counter())
                     return kwargs
 
-                extra = {} if plan.flux else {"negative_prompt": plan.negative}
+                extra = {} if plan.negative is None else {"negative_prompt": plan.negative}
                 return dpipe(job.prompt, num_inference_steps=steps, guidance_scale=plan.guidance,
                              height=plan.size, width=plan.size, latents=torch.from_numpy(plan.latents(job.seed)),
                              output_type="np", callback_on_step_end=on_step, **extra).images

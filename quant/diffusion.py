@@ -144,20 +144,16 @@ def _open(root: Path, manifest: Manifest, backend: str) -> Any:
 
 def _gate_call(pipe: Any, gate: GateSpec) -> tuple[dict[str, Any], list[tuple[str, np.ndarray]]]:
     """Call arguments and (prompt, latents) per gate image: seeded latents in diffusers' layout."""
-    from enginekit.runtimes.tasks.text_to_image import pack_latents
-
     cfg = pipe.config
     size = gate.size or cfg.default_size
-    flux = cfg.prompt_layout == "flux"
-    f = cfg.vae_scale_factor
-    call = {"num_inference_steps": gate.steps, "guidance_scale": 3.5 if flux else 7.5, "height": size,
-            "width": size, "negative_prompt": None if flux else NEGATIVE}
+    layout = pipe.layout
+    call = {"num_inference_steps": gate.steps, "guidance_scale": _guidance(layout), "height": size,
+            "width": size, "negative_prompt": _negative(layout)}
     jobs = []
     for prompt in gate.prompts:
         for seed in gate.seeds:
-            lat = np.random.default_rng(seed).standard_normal((1, cfg.latent_channels, size // f, size // f),
-                                                              dtype=np.float32)
-            jobs.append((prompt, pack_latents(lat) if flux else lat))
+            lat = np.random.default_rng(seed).standard_normal(layout.unpacked_shape(1, size, size), dtype=np.float32)
+            jobs.append((prompt, layout.pack(lat)))
     return call, jobs
 
 
@@ -185,6 +181,16 @@ def _diffusers_images(manifest: Manifest, pipe: Any, gate: GateSpec) -> np.ndarr
                                for p, lat in jobs])
 
 
+def _negative(layout: Any) -> str | None:
+    """The negative prompt calibration and the gate use: none for a guidance-distilled model."""
+    return NEGATIVE if layout.takes_negative_prompt else None
+
+
+def _guidance(layout: Any) -> float:
+    """CFG 7.5, or the layout's own reference guidance (FLUX's distilled 3.5)."""
+    return layout.reference_guidance if layout.reference_guidance is not None else 7.5
+
+
 def _rebuildable(manifest: Manifest) -> bool:
     return manifest.provenance.get("kind") in ("builtin", "random")
 
@@ -199,13 +205,12 @@ def _record(pipe: Any, prompts: Sequence[str], steps: int, on_step: Callable[[st
             calls.setdefault(component, []).append({k: np.array(v, copy=True) for k, v in feeds.items()})
 
     scheduler = "flow-euler" if pipe.config.is_flow else "euler"
-    flux = pipe.config.prompt_layout == "flux"
     pipe.recorder = recorder
     try:
         for i, prompt in enumerate(prompts):
             on_step(f"recording denoiser inputs: prompt {i + 1}/{len(prompts)}")
-            pipe(prompt, negative_prompt=None if flux else NEGATIVE, num_inference_steps=steps,
-                 guidance_scale=3.5 if flux else 7.5, seed=i, scheduler=scheduler, output_type="latent")
+            pipe(prompt, negative_prompt=_negative(pipe.layout), num_inference_steps=steps,
+                 guidance_scale=_guidance(pipe.layout), seed=i, scheduler=scheduler, output_type="latent")
     finally:
         pipe.recorder = None
     return calls
@@ -416,7 +421,7 @@ def quantize_pipeline(artifact: str | Path, out_dir: str | Path, method: str, *,
                 report: dict[str, Any] = {
                     "reference": "float parent", "judged_on": {
                         "prompts": list(gate.prompts), "seeds": list(gate.seeds), "steps": gate.steps,
-                        "height": gate_size, "width": gate_size, "negative_prompt": None if cfg.prompt_layout == "flux" else NEGATIVE,
+                        "height": gate_size, "width": gate_size, "negative_prompt": _negative(float_pipe.layout),
                         "scheduler": "flow-euler" if cfg.is_flow else "euler",
                         "latents": "numpy default_rng(seed), diffusers' layout", "images": len(images)},
                     "vs_parent": vs_parent, "components": cos,

@@ -167,7 +167,7 @@ class OnnxRuntimeBackend(Backend):
             )
         if opts.static_batch < 0:
             raise BackendError(f"onnxruntime: static_batch must be a positive batch size, got {opts.static_batch}")
-        if opts.transformer_fusions and (manifest.task != "image-classification" or manifest.family != "vit"):
+        if opts.transformer_fusions and _fusion_model_type(manifest) is None:
             raise BackendError(f"onnxruntime: transformer fusions (model_type vit) are for ViT classifiers; this "
                                f"artifact is a {manifest.task} model of family {manifest.family!r}")
         level = opts.graph_optimization_level
@@ -298,3 +298,10 @@ def _check_fused(source: Path, fused: Any, comp: Any, providers: list[str]) -> d
                             f"{report[f'{first}_max_abs']:.3g} (budget {budget:.3g}), cosine "
                             f"{report[f'{first}_cosine']:.6f}; compile without transformer fusions")
     return report
+
+
+def _fusion_model_type(manifest: Manifest) -> str | None:
+    """The transformer optimizer's model_type, as the artifact's task says (None: not fusable)."""
+    from enginekit.registry import task_class
+
+    return getattr(task_class(manifest.task), "fusion_model_type", lambda m: None)(manifest)

@@ -55,7 +55,7 @@ def test_packing_matches_diffusers() -> None:
 @pytest.mark.parametrize("kind", ["onnx", *installed_backends()])
 def test_images_match_diffusers_on_the_same_latents(tiny_pipelines: dict, kind: str) -> None:
     pipe = enginekit.load(tiny_pipelines[("tiny-flux", kind)], device="cpu")
-    assert pipe.config.prompt_layout == "flux" and pipe.config.max_sequence_length == 512  # dev: guidance embeds
+    assert pipe.config.layout == "flux" and pipe.config.max_sequence_length == 512  # dev: guidance embeds
     latents = _latents(len(PROMPTS))
     got = pipe(PROMPTS, num_inference_steps=4, guidance_scale=3.5, height=SIZE, width=SIZE, latents=latents,
                output_type="np").images

@@ -46,7 +46,7 @@ def _reference(pipe, latents: np.ndarray, negative, steps: int = 4, **kwargs) ->
 @pytest.mark.parametrize("kind", ["onnx", *installed_backends()])
 def test_images_match_diffusers_on_the_same_latents(tiny_pipelines: dict, kind: str) -> None:
     pipe = enginekit.load(tiny_pipelines[("tiny-sd3", kind)], device="cpu")
-    assert pipe.config.prompt_layout == "sd3" and pipe.config.is_flow
+    assert pipe.config.layout == "sd3" and pipe.config.is_flow
     latents = _latents(len(PROMPTS))
     got = pipe(PROMPTS, negative_prompt=NEGATIVES, num_inference_steps=4, guidance_scale=5.0, height=SIZE,
                width=SIZE, latents=latents, output_type="np").images

@@ -31,16 +31,12 @@ def image_parity(pipe: Any, root: Path, manifest: Manifest, *, steps: int = 3, s
 
     ours = TextToImage(Components(root, manifest, get_backend("onnxruntime"), "cpu"), manifest, root)
     size = size or ours.config.default_size
-    f = ours.config.vae_scale_factor
-    latents = np.random.default_rng(seed).standard_normal(
-        (1, ours.config.latent_channels, size // f, size // f), dtype=np.float32)
-    flux = ours.config.prompt_layout == "flux"
-    negative = None if flux else NEGATIVE  # FLUX is guidance-distilled: no negative prompt, no CFG pass
-    if flux:
-        from enginekit.runtimes.tasks.text_to_image import pack_latents
-
-        guidance = 3.5
-        latents = pack_latents(latents)
+    layout = ours.layout
+    latents = layout.pack(np.random.default_rng(seed).standard_normal(
+        layout.unpacked_shape(1, size, size), dtype=np.float32))
+    # A guidance-distilled model (FLUX) takes no negative prompt and its own reference guidance.
+    negative = NEGATIVE if layout.takes_negative_prompt else None
+    guidance = layout.reference_guidance if layout.reference_guidance is not None else guidance
     # Euler for both: diffusers' discrete Euler for the UNet families, flow-matching Euler for SD3.
     flow = ours.config.is_flow
     scheduler = "flow-euler" if flow else "euler"

@@ -145,7 +145,7 @@ def fuse_loras(pipe: Any, family: str, loras: tuple[LoraSpec, ...] | list[LoraSp
         problem = _text_encoder_peft_problem() if text_keys else None
         if problem:
             raise SourceError(f"LoRA {spec.path}: {len(text_keys)} of its tensors are text-encoder weights, and "
-                              f"{problem}; upgrade peft, or use a LoRA of the {'transformer' if family in ('sd3', 'flux') else 'UNet'} only")
+                              f"{problem}; upgrade peft, or use a LoRA of the {_denoiser_title(family)} only")
         try:
             with _quiet_diffusers():
                 pipe.load_lora_weights(str(spec.path), adapter_name=name)
@@ -192,3 +192,7 @@ class _quiet_diffusers:
         self._logger.setLevel(self._level)
 
 
+def _denoiser_title(family: str) -> str:
+    from enginekit.export.diffusion.families import get_family
+
+    return "UNet" if get_family(family).denoiser == "unet" else get_family(family).denoiser

@@ -36,7 +36,8 @@ from typing import Any, Callable
 import numpy as np
 
 from enginekit.artifact import atomic_artifact, make_assets, make_component, write_manifest
-from enginekit.errors import ExportError, FidelityError, one_line
+from enginekit.errors import ExportError, FidelityError, SourceError, one_line
+from enginekit.export.diffusion.families import check_family, get_family
 from enginekit.export.diffusion.lora import LoraSpec, fuse_loras
 from enginekit.export.diffusion.sources import PipelineSource, resolve_pipeline
 from enginekit.fidelity import compare_outputs
@@ -53,8 +54,6 @@ _TEXT_OUTPUTS = ("last_hidden_state", "penultimate_hidden_state", "pooled")
 _TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 #: T5 prompt lengths traced and checked (two, so the sequence axis is exercised).
 _T5_TRACE, _T5_PARITY = 32, 48
-#: SD3's default ``max_sequence_length`` (T5 tokens), as its pipeline's __call__ has it.
-SD3_MAX_SEQUENCE_LENGTH = 256
 
 
 @dataclass(frozen=True)
@@ -201,7 +200,8 @@ def _token_ids(gen: Any, batch: int, length: int, vocab: int, bos: int, eos: int
 
 
 def _plans(pipe: Any, family: str, opts: PipelineExportOptions) -> list[Callable[[], _Plan]]:
-    """A factory per component, so each module is wrapped only when its turn comes."""
+    """A factory per component, so each module is wrapped only when its turn comes: the text
+    encoders, then the family's denoiser plan (with the VAE)."""
     import torch
 
     W = _wrappers()
@@ -248,10 +248,9 @@ def _plans(pipe: Any, family: str, opts: PipelineExportOptions) -> list[Callable
             nbytes(enc),
         )
 
-    if getattr(pipe, "transformer", None) is not None and family == "flux":
-        return [text(n) for n in names] + _flux_and_vae(pipe, W, gen, opts, nbytes)
-    if getattr(pipe, "transformer", None) is not None:
-        return [text(n) for n in names] + _transformer_and_vae(pipe, W, gen, opts, nbytes)
+    transformer_plan = _TRANSFORMER_PLANS.get(get_family(family).plan)
+    if transformer_plan is not None:
+        return [text(n) for n in names] + transformer_plan(pipe, W, gen, opts, nbytes)
     unet_cfg = pipe.unet.config
     f = 2 ** (len(unet_cfg.block_out_channels) - 1)
     vae_f = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
@@ -402,6 +401,10 @@ def _flux_and_vae(pipe: Any, W: dict[str, type], gen: Any, opts: PipelineExportO
     return [transformer, *_vae_plans(pipe, W, gen, opts, nbytes, trace_hw, parity_hw)]  # type: ignore[arg-type]
 
 
+#: The transformer families' denoiser plans, by the family's ``plan`` (the UNet's is inline above).
+_TRANSFORMER_PLANS = {"mmdit": _transformer_and_vae, "flux": _flux_and_vae}
+
+
 def _is_t5(encoder: Any) -> bool:
     return type(encoder).__name__.startswith("T5")
 
@@ -478,14 +481,16 @@ def export_pipeline(
                                    seed=options.seed, revision=revision, without_t5=options.without_t5)
         else:
             src = spec_or_source
-            if family is not None and family != src.family:
-                raise ExportError(f"the source is a {src.family} pipeline, not {family}")
+            try:
+                check_family("the source", src.family, family)
+            except SourceError as exc:
+                raise ExportError(str(exc)) from None
         pipe = src.pipeline
         if options.loras:
             on_step(f"fusing {len(options.loras)} LoRA file(s) into the weights")
             src.provenance["lora"] = fuse_loras(pipe, src.family, options.loras)
             rss.sample()
-        task_config = _task_config(pipe, src.family)
+        task_config = get_family(src.family).task_config(pipe)
         # Read before any component is dropped: setting one to None rewrites the pipeline's config.
         model_index = _model_index(pipe)
         exporters: dict[str, str] = {}
@@ -702,116 +707,6 @@ def _name_dims(path: Path, plan: _Plan) -> None:
 
 
 # --------------------------------------------------------------------------- assets and task config
-
-
-def _task_config(pipe: Any, family: str) -> dict[str, Any]:
-    if family == "sd3":
-        return _sd3_task_config(pipe)
-    if family == "flux":
-        return _flux_task_config(pipe)
-    unet, vae = pipe.unet.config, pipe.vae.config
-    sdxl = family == "sdxl"
-    encoders = [n for n in ("text_encoder", "text_encoder_2") if getattr(pipe, n, None) is not None]
-    text_encoders = [
-        {"component": n, "tokenizer": "tokenizer" + n[len("text_encoder"):],
-         "hidden_state": "penultimate" if sdxl else "last", "use_pooled": sdxl and n == "text_encoder_2"}
-        for n in encoders
-    ]
-    sched = dict(pipe.scheduler.config)
-    return {
-        "pipeline": type(pipe).__name__,
-        "denoiser": "unet",
-        "text_encoders": text_encoders,
-        "tokenizers": {},  # filled when the tokenizers are written
-        "scheduler": _jsonable(sched),
-        "latent_channels": int(vae.latent_channels),
-        "vae_scale_factor": 2 ** (len(vae.block_out_channels) - 1),
-        "vae_scaling_factor": float(vae.scaling_factor),
-        "vae_shift_factor": None if vae.get("shift_factor") is None else float(vae.shift_factor),
-        "prediction_type": sched.get("prediction_type", "epsilon"),
-        "sample_size": int(unet.sample_size),
-        "force_zeros_for_empty_prompt": bool(pipe.config.get("force_zeros_for_empty_prompt", False)),
-        "requires_aesthetics_score": bool(pipe.config.get("requires_aesthetics_score", False)),
-        "time_cond_proj_dim": None if unet.time_cond_proj_dim is None else int(unet.time_cond_proj_dim),
-        "addition_time_embed_dim": int(unet.addition_time_embed_dim) if sdxl else None,
-        # Only the SDXL pipeline honours force_upcast (its VAE overflows in fp16); diffusers'
-        # AutoencoderKL defaults the flag to True, so SD 1.x/2.x configs carry it without meaning it.
-        "vae_precision": "fp32" if sdxl and vae.get("force_upcast", True) else "any",
-        "text_encoder_vocab_sizes": {n: int(getattr(pipe, n).config.vocab_size) for n in encoders},
-    }
-
-
-def _sd3_task_config(pipe: Any) -> dict[str, Any]:
-    """SD3: both CLIP encoders' penultimate states and pooled outputs, T5's last state when
-    the pipeline has T5 (zeros of the joint width when not, as diffusers does)."""
-    tr, vae = pipe.transformer.config, pipe.vae.config
-    text_encoders = [
-        {"component": n, "tokenizer": "tokenizer" + n[len("text_encoder"):],
-         "hidden_state": "last" if n == "text_encoder_3" else "penultimate", "use_pooled": n != "text_encoder_3"}
-        for n in _TEXT_ENCODERS if getattr(pipe, n, None) is not None
-    ]
-    sched = dict(pipe.scheduler.config)
-    return {
-        "pipeline": type(pipe).__name__,
-        "denoiser": "transformer",
-        "prompt_layout": "sd3",
-        "text_encoders": text_encoders,
-        "tokenizers": {},
-        "scheduler": _jsonable(sched),
-        "latent_channels": int(vae.latent_channels),
-        "vae_scale_factor": 2 ** (len(vae.block_out_channels) - 1),
-        "vae_scaling_factor": float(vae.scaling_factor),
-        "vae_shift_factor": None if vae.get("shift_factor") is None else float(vae.shift_factor),
-        "prediction_type": "flow",
-        "sample_size": int(tr.sample_size),
-        "patch_size": int(tr.patch_size),
-        "joint_attention_dim": int(tr.joint_attention_dim),
-        "max_sequence_length": SD3_MAX_SEQUENCE_LENGTH,
-        "force_zeros_for_empty_prompt": False,
-        "time_cond_proj_dim": None,
-        "vae_precision": "any",
-        "text_encoder_vocab_sizes": {e["component"]: int(getattr(pipe, e["component"]).config.vocab_size)
-                                     for e in text_encoders},
-    }
-
-
-def _flux_task_config(pipe: Any) -> dict[str, Any]:
-    """FLUX: CLIP's pooled output and T5's last state; packed latents; guidance-distilled (dev)
-    or not (schnell: 256 T5 tokens by default, dev 512)."""
-    tr, vae = pipe.transformer.config, pipe.vae.config
-    vsf = 2 ** (len(vae.block_out_channels) - 1)
-    guided = bool(tr.guidance_embeds)
-    return {
-        "pipeline": type(pipe).__name__,
-        "denoiser": "transformer",
-        "prompt_layout": "flux",
-        "text_encoders": [
-            {"component": "text_encoder", "tokenizer": "tokenizer", "hidden_state": "last", "use_pooled": True},
-            {"component": "text_encoder_2", "tokenizer": "tokenizer_2", "hidden_state": "last", "use_pooled": False},
-        ],
-        "tokenizers": {},
-        "scheduler": _jsonable(dict(pipe.scheduler.config)),
-        "latent_channels": int(vae.latent_channels),
-        "vae_scale_factor": vsf,
-        "vae_scaling_factor": float(vae.scaling_factor),
-        "vae_shift_factor": None if vae.get("shift_factor") is None else float(vae.shift_factor),
-        "prediction_type": "flow",
-        "sample_size": int(getattr(pipe, "default_sample_size", 128)) if int(vae.sample_size) >= 512
-        else int(vae.sample_size) // vsf,
-        "packed_latents": True,
-        "guidance_embeds": guided,
-        "joint_attention_dim": int(tr.joint_attention_dim),
-        "max_sequence_length": 512 if guided else 256,
-        # Called without steps or guidance, the engine runs what each model was made for: dev as
-        # diffusers' FluxPipeline defaults (28 steps, embedded guidance 3.5), schnell as its model
-        # card (timestep-distilled: 4 steps, guidance 0; it has no guidance input at all).
-        "default_steps": 28 if guided else 4,
-        "default_guidance_scale": 3.5 if guided else 0.0,
-        "force_zeros_for_empty_prompt": False,
-        "time_cond_proj_dim": None,
-        "vae_precision": "any",
-        "text_encoder_vocab_sizes": {n: int(getattr(pipe, n).config.vocab_size) for n in ("text_encoder", "text_encoder_2")},
-    }
 
 
 def _model_index(pipe: Any) -> dict[str, Any]:

@@ -2,9 +2,10 @@
 a hub id, a built-in tiny twin, or a real architecture with seeded weights.
 
 Every source resolves to a :class:`PipelineSource`: the loaded diffusers pipeline
-(fp32, eval mode), its family (``sd15``, ``sd21`` for SD 2.x, ``sdxl``) and where it
-came from. Weights are never unpickled: folders must hold safetensors, single files
-must be ``.safetensors``.
+(fp32, eval mode), its family (a name registered in :mod:`.families`) and where it
+came from. Everything family-specific (recognition, pipeline arguments, T5 rules, the
+single-file layout) is asked of the family's registry entry. Weights are never
+unpickled: folders must hold safetensors, single files must be ``.safetensors``.
 
 Specs understood by :func:`resolve_pipeline`:
 
@@ -35,30 +36,21 @@ from typing import Any
 
 from enginekit.artifact import sha256_file
 from enginekit.errors import SourceError, one_line
+from enginekit.export.diffusion.families import (DiffusionFamily, check_family, detect_family, families,
+                                                 family_names, get_family)
 
 __all__ = ["FAMILIES", "BUILTINS", "ARCHITECTURES", "PipelineSource", "resolve_pipeline", "config_dir"]
 
-#: Pipeline families, as the manifest names them: the UNet ones and SD3 (MMDiT transformer).
-FAMILIES = ("sd15", "sd21", "sdxl", "sd3", "flux")
+#: Pipeline families, as the manifest names them (the registry's names, at import).
+FAMILIES = family_names()
 #: Built-in tiny twins: name -> family.
-BUILTINS = {"tiny-sd15": "sd15", "tiny-sdxl": "sdxl", "tiny-sd3": "sd3", "tiny-sd35": "sd3", "tiny-flux": "flux"}
+BUILTINS = {b: f.name for f in families() for b in f.builtins}
 #: Published architectures built with seeded weights (``--random-weights``): name -> family.
 #: Where each config's values come from: enginekit/configs/__init__.py.
-ARCHITECTURES = {"sd15": "sd15", "sd21": "sd21", "sdxl": "sdxl", "sd3-medium": "sd3", "sd35-medium": "sd3",
-                 "sd35-large": "sd3", "flux-dev": "flux", "flux-schnell": "flux"}
-_PIPELINES = {"sd15": "StableDiffusionPipeline", "sd21": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline",
-              "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}
-#: UNet cross_attention_dim of the published families (SDXL is told by its pipeline class).
-_CROSS_DIMS = {768: "sd15", 1024: "sd21"}
+ARCHITECTURES = {c: f.name for f in families() for c in f.configs}
 _WEIGHT_COMPONENTS = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
 _TOKENIZERS = ("tokenizer", "tokenizer_2", "tokenizer_3")
 _PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
-#: The text-encoder key prefix that tells an LDM single file's family.
-_LDM_TEXT_PREFIX = {
-    "sd15": "cond_stage_model.transformer.",
-    "sd21": "cond_stage_model.model.",
-    "sdxl": "conditioner.embedders.1.model.",
-}
 _HUB_PATTERNS = [
     "model_index.json", "*/config.json", "*/scheduler_config.json", "*/*.safetensors.index.json",
     "tokenizer*/*.json", "tokenizer*/*.txt", "*/model.safetensors", "*/model-*-of-*.safetensors",
@@ -103,17 +95,19 @@ def resolve_pipeline(
     ``without_t5`` leaves SD3's T5 encoder out (never built or loaded), as diffusers
     allows: prompts then condition through the two CLIP encoders alone.
     """
-    if family is not None and family not in FAMILIES:
-        raise SourceError(f"unknown family {family!r}; the pipeline families are {', '.join(FAMILIES)}")
+    if family is not None:
+        get_family(family)
     src = _resolve(spec, family, random_weights, seed, revision, config, without_t5)
     if without_t5:
         src.provenance["without_t5"] = True
     return src
 
 
-def _check_t5(where: str, family: str, without_t5: bool) -> None:
-    if without_t5 and family != "sd3":
-        why = "FLUX conditions on T5 and cannot run without it" if family == "flux" else f"{family} has no T5 encoder"
+def _check_t5(where: str, family: str | None, without_t5: bool) -> None:
+    if not without_t5:
+        return
+    why = get_family(family).no_t5_error() if family is not None else "this checkpoint has no T5 encoder"
+    if why:
         raise SourceError(f"{where}: --no-t5 is for SD3/SD3.5 pipelines ({why})")
 
 
@@ -122,7 +116,7 @@ def _resolve(spec: str, family: str | None, random_weights: bool, seed: int, rev
     skip = ("text_encoder_3", "tokenizer_3") if without_t5 else ()
     if spec in BUILTINS:
         fam = BUILTINS[spec]
-        _check_family(spec, fam, family)
+        check_family(spec, fam, family)
         _check_t5(spec, fam, without_t5)
         src = _build_seeded(config_dir(spec), fam, seed, skip)
         src.provenance.update(source=spec, kind="builtin", weights="random", seed=seed)
@@ -134,7 +128,7 @@ def _resolve(spec: str, family: str | None, random_weights: bool, seed: int, rev
                 "weights, or give a hub id, a pipeline folder or a .safetensors checkpoint"
             )
         fam = ARCHITECTURES[spec]
-        _check_family(spec, fam, family)
+        check_family(spec, fam, family)
         _check_t5(spec, fam, without_t5)
         src = _build_seeded(config_dir(spec), fam, seed, skip)
         src.provenance.update(source=spec, kind="random", weights="random", seed=seed)
@@ -145,7 +139,7 @@ def _resolve(spec: str, family: str | None, random_weights: bool, seed: int, rev
     if path.is_dir():
         return _load_folder(path, family, revision=None, without_t5=without_t5)
     if path.is_file():
-        _check_t5(str(path), family or "this checkpoint", without_t5)
+        _check_t5(str(path), family, without_t5)
         return _load_single_file(path, family, config)
     hub_id = spec[len("hf-hub:") :] if spec.startswith("hf-hub:") else spec
     if "@" in hub_id:
@@ -161,11 +155,6 @@ def _resolve(spec: str, family: str | None, random_weights: bool, seed: int, rev
 # --------------------------------------------------------------------------- helpers
 
 
-def _check_family(where: str, detected: str, asked: str | None) -> None:
-    if asked is not None and asked != detected:
-        raise SourceError(f"{where} is a {detected} pipeline, not {asked} (--family {asked})")
-
-
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -179,7 +168,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 def _pipeline_class(family: str) -> Any:
     import diffusers
 
-    return getattr(diffusers, _PIPELINES[family])
+    return getattr(diffusers, get_family(family).pipeline_class)
 
 
 def _pad_token(tok_dir: Path) -> str:
@@ -250,39 +239,12 @@ def _build_seeded(folder: Path, family: str, seed: int, skip: tuple[str, ...] = 
     for name in _TOKENIZERS:
         if name in index:
             components[name] = None if name in skip else _tokenizer_for(folder, name)
-    kwargs: dict[str, Any] = {}
-    if family in ("sd3", "flux"):
-        pass
-    elif family == "sdxl":
+    fam = get_family(family)
+    kwargs = fam.pipeline_kwargs(index, loading=False)
+    if fam.force_zeros_flag:
         kwargs["force_zeros_for_empty_prompt"] = bool(index.get("force_zeros_for_empty_prompt", True))
-    else:
-        kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe = _pipeline_class(family)(**components, **kwargs)
     return PipelineSource(pipe, family, {"family": family, "config": folder.name})
-
-
-def _detect_family(folder: Path, index: dict[str, Any]) -> tuple[str, str]:
-    """(family, how it was told) from a pipeline folder's model_index and UNet config."""
-    cls_name = index.get("_class_name")
-    if cls_name == "StableDiffusionXLPipeline":
-        return "sdxl", "pipeline class"
-    if cls_name == "StableDiffusion3Pipeline":
-        return "sd3", "pipeline class"
-    if cls_name == "FluxPipeline":
-        return "flux", "pipeline class"
-    if cls_name != "StableDiffusionPipeline":
-        raise SourceError(
-            f"{folder}: model_index.json names {cls_name!r}; the export takes StableDiffusionPipeline "
-            "(SD 1.x/2.x), StableDiffusionXLPipeline, StableDiffusion3Pipeline or FluxPipeline"
-        )
-    unet_cfg = _read_json(folder / "unet" / "config.json") if (folder / "unet" / "config.json").is_file() else {}
-    dim = unet_cfg.get("cross_attention_dim")
-    if dim in _CROSS_DIMS:
-        return _CROSS_DIMS[dim], f"unet cross_attention_dim {dim}"
-    # A non-standard width: SD 1.x encodes with OpenAI CLIP (quick_gelu), SD 2.x with OpenCLIP (gelu).
-    te_cfg = folder / "text_encoder" / "config.json"
-    act = _read_json(te_cfg).get("hidden_act") if te_cfg.is_file() else None
-    return ("sd15" if act == "quick_gelu" else "sd21"), f"text encoder activation {act!r}"
 
 
 def _require_safetensors(folder: Path, index: dict[str, Any], skip: tuple[str, ...] = ()) -> dict[str, str]:
@@ -311,26 +273,15 @@ def _load_folder(folder: Path, family: str | None, revision: str | None, without
     if not (folder / "model_index.json").is_file():
         raise SourceError(f"{folder}: no model_index.json (expected a diffusers pipeline written by save_pretrained)")
     index = _read_json(folder / "model_index.json")
-    detected, how = _detect_family(folder, index)
-    if family is not None and family != detected:
-        if how.startswith("text encoder") and "sdxl" not in (family, detected):
-            # SD 1.x or 2.x of a width the folder cannot tell by: the caller decides
-            detected, how = family, "--family"
-        else:
-            raise SourceError(f"{folder}: a {detected} pipeline by its {how}, not {family} (--family {family})")
+    fam, how, certain = detect_family(folder)
+    detected = check_family(str(folder), fam.name, family, how=how, certain=certain)
+    how = how if detected == fam.name else "--family"
     _check_t5(str(folder), detected, without_t5)
     hashes = _require_safetensors(folder, index, ("text_encoder_3",) if without_t5 else ())
-    kwargs: dict[str, Any] = {}
-    if detected in ("sd15", "sd21"):
-        kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    elif detected in ("sd3", "flux"):
-        # T5 and the IP-adapter image encoder are optional: absent (or null) in model_index, loaded as None.
-        for name in ("text_encoder_3", "tokenizer_3", "image_encoder", "feature_extractor"):
-            entry = index.get(name)
-            if not (isinstance(entry, list) and entry and entry[0] is not None):
-                kwargs[name] = None
-        if without_t5:
-            kwargs.update(text_encoder_3=None, tokenizer_3=None)
+    # T5 and the IP-adapter image encoder are optional: absent (or null) in model_index, loaded as None.
+    kwargs = get_family(detected).pipeline_kwargs(index, loading=True)
+    if without_t5:
+        kwargs.update(text_encoder_3=None, tokenizer_3=None)
     try:
         pipe = _pipeline_class(detected).from_pretrained(
             str(folder), use_safetensors=True, local_files_only=True, **kwargs
@@ -394,10 +345,14 @@ def _read_header(path: Path) -> dict[str, Any]:
     return out
 
 
+def _single_file_families() -> list[DiffusionFamily]:
+    return [f for f in families() if f.single_file_prefix]
+
+
 def _looks_like(header: dict[str, Any]) -> str | None:
-    for fam in ("sdxl", "sd21", "sd15"):
-        if any(k.startswith(_LDM_TEXT_PREFIX[fam]) for k in header):
-            return fam
+    for fam in _single_file_families():
+        if any(k.startswith(str(fam.single_file_prefix)) for k in header):
+            return fam.name
     return None
 
 
@@ -410,6 +365,7 @@ def _check_fit(path: Path, header: dict[str, Any], family: str, folder: Path) ->
     import transformers
     from diffusers.loaders import single_file_utils as sfu
 
+    fam = get_family(family)
     looks = _looks_like(header)
     if looks is None:
         raise SourceError(f"{path}: no Stable Diffusion text encoder keys; not an SD 1.x/2.x/XL checkpoint")
@@ -435,10 +391,8 @@ def _check_fit(path: Path, header: dict[str, Any], family: str, folder: Path) ->
                 got = sfu.convert_ldm_unet_checkpoint(header, cfg)
             elif name == "vae":
                 got = sfu.convert_ldm_vae_checkpoint(header, cfg)
-            elif family == "sdxl" and name == "text_encoder_2":
-                got = sfu.convert_open_clip_checkpoint(model, header, prefix=_LDM_TEXT_PREFIX["sdxl"])
-            elif family == "sd21":
-                got = sfu.convert_open_clip_checkpoint(model, header, prefix=_LDM_TEXT_PREFIX["sd21"])
+            elif name in fam.open_clip_encoders:
+                got = sfu.convert_open_clip_checkpoint(model, header, prefix=fam.single_file_prefix)
             else:
                 got = sfu.convert_ldm_clip_checkpoint(header)
         except Exception as exc:  # converters index keys they expect
@@ -461,7 +415,7 @@ def _load_single_file(path: Path, family: str | None, config: str | Path | None)
         raise SourceError(f"{path}: pickled checkpoints are never loaded; convert it to .safetensors first")
     if path.suffix != ".safetensors":
         raise SourceError(f"{path}: a single-file source must be a .safetensors checkpoint")
-    single = tuple(_LDM_TEXT_PREFIX)
+    single = tuple(f.name for f in _single_file_families())
     if family is None:
         raise SourceError(f"{path}: a single-file checkpoint needs --family ({', '.join(single)})")
     if family not in single:
@@ -475,8 +429,7 @@ def _load_single_file(path: Path, family: str | None, config: str | Path | None)
     del header
     index = _read_json(folder / "model_index.json")
     kwargs: dict[str, Any] = {name: _tokenizer_for(folder, name) for name in _TOKENIZERS if name in index}
-    if family != "sdxl":
-        kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    kwargs.update(get_family(family).pipeline_kwargs(index, loading=False))
     try:
         pipe = _pipeline_class(family).from_single_file(str(path), config=str(folder), local_files_only=True, **kwargs)
     except Exception as exc:

@@ -58,6 +58,14 @@ class ImageClassifier:
     """
 
     task = "image-classification"
+    #: Classifier families ONNX Runtime's transformer optimizer fuses, with its model_type for each
+    #: (timm's other architectures keep their module name as family and are not fused).
+    FUSION_MODEL_TYPES = {"vit": "vit"}
+
+    @classmethod
+    def fusion_model_type(cls, manifest: Manifest) -> str | None:
+        """The transformer optimizer's model_type for this artifact, None where it has none."""
+        return cls.FUSION_MODEL_TYPES.get(manifest.family)
 
     def __init__(self, runner: Runner, manifest: Manifest, path: Path | None = None, batch_size: int = 8) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:

@@ -10,6 +10,8 @@ import click
 
 from enginekit.app import render
 from enginekit.app.cli.common import DEVICE_HELP, Params, backend_option, cli, emit_json, err_console, given_params
+from enginekit.export.diffusion.families import family_names
+from enginekit.registry import task_names
 
 
 @cli.command()
@@ -17,9 +19,9 @@ from enginekit.app.cli.common import DEVICE_HELP, Params, backend_option, cli, e
 @click.option("-m", "--model", "model_opt", metavar="MODEL",
               help="The model to export, as optimum-cli takes it (then OUTPUT may follow as an argument).")
 @click.option("-o", "--output", "out", type=click.Path(path_type=Path), help="Artifact folder to write.")
-@click.option("--family", type=click.Choice(["sd15", "sd21", "sdxl", "sd3", "flux"]),
+@click.option("--family", type=click.Choice(family_names()),
               help="Diffusion family: required for a single-file .safetensors checkpoint, checked otherwise.")
-@click.option("--task", type=click.Choice(["image-classification", "text-to-image"]),
+@click.option("--task", type=click.Choice(task_names()),
               help="What MODEL is: checked against the source (a pipeline is not an image-classification "
                    "model), and needed where it cannot tell (a hub id is a classifier unless told).")
 @click.option("--random-weights", is_flag=True,
