@@ -185,7 +185,8 @@ def compile_artifact(
         raise BackendError(f"{root}: {be.name} compiles {' or '.join(be.compiles)} artifacts, "
                            f"this one is {manifest.kind!r}")
     be.options(options.extra)  # refuse an unknown or mistyped option before any work
-    with atomic_artifact(out_dir, overwrite=overwrite) as tmp:
+    check_compile_request(be, options)
+    with atomic_artifact(out_dir, overwrite=overwrite, inputs=(root,)) as tmp:
         compiled = be.compile(root, manifest, tmp, options)
         copy_assets(root, tmp, manifest)
         provenance = dict(compiled.provenance)
@@ -197,6 +198,32 @@ def compile_artifact(
         write_manifest(tmp, compiled)
     warm_cache(out_dir, options.device)
     return compiled
+
+
+#: The largest static batch an engine is built for: the exporters trace the batch axis up
+#: to 4096, and a static batch allocates that many inputs on every call.
+MAX_STATIC_BATCH = 4096
+#: Device kinds that name hardware (others go to the backend's own check); gpu and cuda are one.
+_HARDWARE = {"cpu": {"cpu"}, "gpu": {"gpu", "cuda"}, "cuda": {"gpu", "cuda"}, "npu": {"npu"}}
+
+
+def check_compile_request(be: Backend, options: CompileOptions) -> None:
+    """Refuse, before anything is written, a compile whose engine could never load: a
+    static batch past :data:`MAX_STATIC_BATCH`, or a device this machine lacks."""
+    batch = options.extra.get("static_batch")
+    if isinstance(batch, int) and not isinstance(batch, bool) and batch > MAX_STATIC_BATCH:
+        raise InputError(f"--batch {batch} is over {MAX_STATIC_BATCH}, the largest static batch enginekit builds "
+                         "(the export traces the batch axis up to it; a static batch allocates every row per call)")
+    device = str(options.device).lower()
+    if device == "auto" or options.device == be.native_auto:
+        return
+    kind = device.split(":")[0].split(".")[0]
+    if kind not in _HARDWARE:
+        return
+    have = [d.lower() for d in be.devices()]
+    if not any(d.split(":")[0].split(".")[0] in _HARDWARE[kind] for d in have):
+        raise DeviceError(f"{be.name}: device {options.device!r} is not available here (available: "
+                          f"{', '.join(have) or 'none'}); compile on a machine that has it")
 
 
 def warm_cache(path: str | Path, device: str = "cpu") -> bool:
