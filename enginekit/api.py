@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 import threading
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -48,10 +49,23 @@ def resolve_device(backend: Backend, device: str) -> str:
     return device
 
 
+def check_load_arguments(path: Any, digest: Any = None, verify_with: Any = None) -> None:
+    """One-line :class:`InputError` for arguments of the wrong type (``load(None)``,
+    ``load(5)``, ``digest=5``), before any file is touched."""
+    if isinstance(path, bytes) or not isinstance(path, (str, os.PathLike)):
+        raise InputError(f"load() takes an artifact folder path (str or os.PathLike), got {type(path).__name__}")
+    if digest is not None and not isinstance(digest, str):
+        raise InputError(f"digest must be the manifest digest as a string ('sha256:HEX', what "
+                         f"'enginekit inspect' prints), got {type(digest).__name__}")
+    if verify_with is not None and (isinstance(verify_with, bytes) or not isinstance(verify_with, (str, os.PathLike))):
+        raise InputError(f"verify_with must be the path of a public key file, got {type(verify_with).__name__}")
+
+
 def _open(path: str | Path, backend: str | None, digest: str | None = None,
           verify_with: str | Path | None = None) -> tuple[Path, Manifest, Backend]:
     """Read and verify the artifact (against a pinned digest or a signature when given),
     and pick the backend that loads it."""
+    check_load_arguments(path, digest, verify_with)
     root = Path(path)
     manifest = read_manifest(root)
     if digest is not None:

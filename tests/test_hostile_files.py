@@ -230,8 +230,9 @@ def test_full_disk_quantize(art: Path, full_disk: Path) -> None:
 def tiny_sd(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from enginekit.export.diffusion.sd import PipelineExportOptions, export_pipeline
 
-    out = tmp_path_factory.mktemp("hostile-sd") / "sd"
-    export_pipeline("tiny-sd15", out, PipelineExportOptions(image_check=False))
+    out = tmp_path_factory.getbasetemp() / "hostile-sd-shared"  # shared with test_hostile_inputs
+    if not (out / "manifest.json").is_file():
+        export_pipeline("tiny-sd15", out, PipelineExportOptions(image_check=False))
     return out
 
 
