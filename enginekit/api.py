@@ -217,10 +217,6 @@ def compile_artifact(
 #: The largest static batch an engine is built for: the exporters trace the batch axis up
 #: to 4096, and a static batch allocates that many inputs on every call.
 MAX_STATIC_BATCH = 4096
-#: Device kinds that name hardware (others go to the backend's own check); gpu and cuda are one.
-_HARDWARE = {"cpu": {"cpu"}, "gpu": {"gpu", "cuda"}, "cuda": {"gpu", "cuda"}, "npu": {"npu"}}
-
-
 def check_compile_request(be: Backend, options: CompileOptions) -> None:
     """Refuse, before anything is written, a compile whose engine could never load: a
     static batch past :data:`MAX_STATIC_BATCH`, or a device this machine lacks."""
@@ -228,16 +224,8 @@ def check_compile_request(be: Backend, options: CompileOptions) -> None:
     if isinstance(batch, int) and not isinstance(batch, bool) and batch > MAX_STATIC_BATCH:
         raise InputError(f"--batch {batch} is over {MAX_STATIC_BATCH}, the largest static batch enginekit builds "
                          "(the export traces the batch axis up to it; a static batch allocates every row per call)")
-    device = str(options.device).lower()
-    if device == "auto" or options.device == be.native_auto:
-        return
-    kind = device.split(":")[0].split(".")[0]
-    if kind not in _HARDWARE:
-        return
-    have = [d.lower() for d in be.devices()]
-    if not any(d.split(":")[0].split(".")[0] in _HARDWARE[kind] for d in have):
-        raise DeviceError(f"{be.name}: device {options.device!r} is not available here (available: "
-                          f"{', '.join(have) or 'none'}); compile on a machine that has it")
+    if str(options.device).lower() != "auto" and options.device != be.native_auto:
+        be.check_device(options.device)
 
 
 def warm_cache(path: str | Path, device: str = "cpu") -> bool:
