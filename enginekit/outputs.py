@@ -54,6 +54,10 @@ def check_output(out: str | Path, *, overwrite: bool, inputs: Sequence[str | Pat
     if Path(text).name in ("", ".", "..") or text.rstrip("/\\").endswith(("/.", "/..")) or text in (".", ".."):
         raise ArtifactError(f"output {text!r} names the current folder or a parent; name a new folder (-o DIR)")
     path = _resolved(out)
+    if os.path.lexists(path) and not path.is_dir():
+        raise ArtifactError(f"{text} exists and is not a folder")
+    if not overwrite and os.path.lexists(path):
+        raise ArtifactError(f"{text} already exists; choose another output or pass --overwrite")
     cwd = Path.cwd()
     if _holds(path, cwd):
         raise ArtifactError(f"output {text!r} is the current folder or holds it; name a new folder (-o DIR)")
@@ -61,10 +65,10 @@ def check_output(out: str | Path, *, overwrite: bool, inputs: Sequence[str | Pat
         if src is not None and os.path.exists(src) and _holds(path, _resolved(src)):
             raise ArtifactError(f"output {text!r} is the input {str(src)!r} or holds it; "
                                 "write to another folder (nothing was changed)")
-    if not overwrite or not os.path.lexists(path):
+    if not os.path.lexists(path):
         return
-    if path.is_symlink() or not path.is_dir():
-        raise ArtifactError(f"{text} exists and is not a folder; --overwrite replaces only an enginekit output folder")
+    if path.is_symlink():
+        raise ArtifactError(f"{text} is a link; --overwrite replaces only an enginekit output folder")
     if marker is not None and not (path / marker).is_file() and any(path.iterdir()):
         raise ArtifactError(f"{text} holds no {marker}: --overwrite replaces only an enginekit artifact folder, "
                             "never other files (nothing was changed)")
