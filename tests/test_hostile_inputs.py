@@ -142,11 +142,14 @@ def server(clf: Path, tiny_sd: Path):
 AUTH = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
 
 
-@pytest.mark.parametrize("url", ["/v1/classify", "/v1/generate", "/v2/models/clf/infer", "/v2/models/sd/infer"])
+@pytest.mark.parametrize("url", ["/v1/classify", "/v1/generate", "/v2/models/clf/infer", "/v2/models/sd/infer",
+                                 "/sdapi/v1/txt2img"])
 def test_a_deeply_nested_body_is_a_4xx(server, url: str) -> None:  # noqa: ANN001
     r = server.post(url, content=DEEP.encode(), headers=AUTH)
     assert 400 <= r.status_code < 500, (r.status_code, r.text)
-    assert "nested" in r.json()["error"]
+    assert r.json()["error"]
+    if not url.startswith("/sdapi"):  # FastAPI's own body parser answers A1111's: 400, its own words
+        assert "nested" in r.json()["error"]
     assert server.get("/v2/health/ready").status_code == 200
 
 
