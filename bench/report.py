@@ -441,7 +441,7 @@ def write_report(records: list[dict[str, Any]], out_dir: Path, *, plots: bool = 
     md.append("")
 
     kept_by_hw: dict[str, list[dict[str, Any]]] = {}
-    with atomic_folder(out_dir, overwrite=True) as tmp:
+    with atomic_folder(out_dir, overwrite=True, marker=REPORT_NAME) as tmp:
         for hw in sorted(by_hw, key=lambda h: hw_labels[h]):
             kept, dropped = _dedupe(by_hw[hw])
             # Pipeline parts get their own tables; the plots and the matrix are about classifiers.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 import threading
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -48,10 +49,23 @@ def resolve_device(backend: Backend, device: str) -> str:
     return device
 
 
+def check_load_arguments(path: Any, digest: Any = None, verify_with: Any = None) -> None:
+    """One-line :class:`InputError` for arguments of the wrong type (``load(None)``,
+    ``load(5)``, ``digest=5``), before any file is touched."""
+    if isinstance(path, bytes) or not isinstance(path, (str, os.PathLike)):
+        raise InputError(f"load() takes an artifact folder path (str or os.PathLike), got {type(path).__name__}")
+    if digest is not None and not isinstance(digest, str):
+        raise InputError(f"digest must be the manifest digest as a string ('sha256:HEX', what "
+                         f"'enginekit inspect' prints), got {type(digest).__name__}")
+    if verify_with is not None and (isinstance(verify_with, bytes) or not isinstance(verify_with, (str, os.PathLike))):
+        raise InputError(f"verify_with must be the path of a public key file, got {type(verify_with).__name__}")
+
+
 def _open(path: str | Path, backend: str | None, digest: str | None = None,
           verify_with: str | Path | None = None) -> tuple[Path, Manifest, Backend]:
     """Read and verify the artifact (against a pinned digest or a signature when given),
     and pick the backend that loads it."""
+    check_load_arguments(path, digest, verify_with)
     root = Path(path)
     manifest = read_manifest(root)
     if digest is not None:
@@ -185,7 +199,8 @@ def compile_artifact(
         raise BackendError(f"{root}: {be.name} compiles {' or '.join(be.compiles)} artifacts, "
                            f"this one is {manifest.kind!r}")
     be.options(options.extra)  # refuse an unknown or mistyped option before any work
-    with atomic_artifact(out_dir, overwrite=overwrite) as tmp:
+    check_compile_request(be, options)
+    with atomic_artifact(out_dir, overwrite=overwrite, inputs=(root,)) as tmp:
         compiled = be.compile(root, manifest, tmp, options)
         copy_assets(root, tmp, manifest)
         provenance = dict(compiled.provenance)
@@ -197,6 +212,20 @@ def compile_artifact(
         write_manifest(tmp, compiled)
     warm_cache(out_dir, options.device)
     return compiled
+
+
+#: The largest static batch an engine is built for: the exporters trace the batch axis up
+#: to 4096, and a static batch allocates that many inputs on every call.
+MAX_STATIC_BATCH = 4096
+def check_compile_request(be: Backend, options: CompileOptions) -> None:
+    """Refuse, before anything is written, a compile whose engine could never load: a
+    static batch past :data:`MAX_STATIC_BATCH`, or a device this machine lacks."""
+    batch = options.extra.get("static_batch")
+    if isinstance(batch, int) and not isinstance(batch, bool) and batch > MAX_STATIC_BATCH:
+        raise InputError(f"--batch {batch} is over {MAX_STATIC_BATCH}, the largest static batch enginekit builds "
+                         "(the export traces the batch axis up to it; a static batch allocates every row per call)")
+    if str(options.device).lower() != "auto" and options.device != be.native_auto:
+        be.check_device(options.device)
 
 
 def warm_cache(path: str | Path, device: str = "cpu") -> bool:

@@ -30,9 +30,7 @@ import errno
 import hashlib
 import json
 import os
-import re
 import shutil
-import socket
 import stat
 import tempfile
 import time
@@ -41,6 +39,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 from enginekit.errors import ArtifactError, IntegrityError, one_line
 from enginekit.manifest import MANIFEST_NAME, Component, FileEntry, Manifest, TensorSpec
+from enginekit.outputs import check_output, disk_full, temporary_pattern, writer_gone, writer_tag
 
 __all__ = [
     "cache_root",
@@ -164,29 +163,13 @@ def _publish_modes(root: Path) -> None:
             os.chmod(os.path.join(dirpath, name), 0o644 & ~umask)
 
 
-def _host_tag() -> str:
-    # A temporary on a shared filesystem may belong to a live process on another host.
-    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True  # exists (another user's) or cannot tell: keep its folder
-    return True
-
-
 def _remove_stale_temporaries(out: Path) -> None:
-    """Remove ``.NAME.partial-*`` / ``.NAME.old-*`` siblings whose creating process (on this host) is gone."""
-    pattern = re.compile(rf"^\.{re.escape(out.name)}\.(?:partial|old)-([0-9a-f]{{8}})-(\d+)-")
-    host = _host_tag()
+    """Remove ``.NAME.partial-*`` / ``.NAME.old-*`` siblings whose writing process (on this host) is gone."""
+    pattern = temporary_pattern(out.name)
     with contextlib.suppress(OSError):
         for sibling in out.parent.iterdir():
             m = pattern.match(sibling.name)
-            if m and m.group(1) == host and int(m.group(2)) != os.getpid() and not _pid_alive(int(m.group(2))):
+            if m and writer_gone(m):
                 shutil.rmtree(sibling, ignore_errors=True)
 
 
@@ -224,27 +207,34 @@ def _rename_noreplace(src: Path, dst: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_folder(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
+def atomic_folder(out_dir: str | Path, overwrite: bool = False, *, inputs: Sequence[str | Path] = (),
+                  marker: str | None = None) -> Iterator[Path]:
     """Yield a temporary sibling folder that replaces ``out_dir`` when the block succeeds.
 
     A block that raises (or is interrupted) leaves ``out_dir`` as it was and
     removes the temporary; an existing ``out_dir`` is an error unless
     ``overwrite``, and is then swapped out only after the new folder is complete.
+    ``overwrite`` replaces only a folder that holds ``marker`` (or is empty), and no
+    output may be, or hold, the current folder or one of ``inputs``
+    (:func:`enginekit.outputs.check_output`, before anything is touched).
     Without ``overwrite`` the final rename is exclusive: of two writers racing
     for one ``out_dir`` exactly one publishes, the other gets an ArtifactError.
-    Temporaries are named after the writing process (``.NAME.partial-HOST-PID-*``)
-    so that a later write removes those whose process is gone.
+    Temporaries are named after the writing process (``.NAME.partial-HOST-PID-START-*``)
+    so that a later write, or ``enginekit doctor --scan DIR --clean``, removes those
+    whose process is gone. A full disk is one line naming the path.
     """
+    check_output(out_dir, overwrite=overwrite, inputs=inputs, marker=marker)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ArtifactError(f"{out} exists and is not a folder")
     if out.exists() and not overwrite:
         raise ArtifactError(f"{out} already exists; choose another output or pass --overwrite")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(out)
-    tag = f"{_host_tag()}-{os.getpid()}-"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{tag}", dir=out.parent))
+    tmp: Path | None = None
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temporaries(out)
+        tag = f"{writer_tag()}-"
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{tag}", dir=out.parent))
         yield tmp
         _publish_modes(tmp)
         try:
@@ -255,19 +245,26 @@ def atomic_folder(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path
                     f"{out} appeared while this stage ran (another writer?) and was left as it is; "
                     "choose another output or pass --overwrite"
                 ) from None
+            check_output(out_dir, overwrite=True, inputs=inputs, marker=marker)  # what is there now
             trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{tag}", dir=out.parent))
             os.replace(out, trash / "old")
             os.replace(tmp, out)
             shutil.rmtree(trash, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as exc:
+        full = disk_full(exc, out, tmp) if isinstance(exc, Exception) and not isinstance(exc, ArtifactError) else None
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if full is not None:
+            raise full from exc
         raise
 
 
 @contextlib.contextmanager
-def atomic_artifact(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """:func:`atomic_folder` for an artifact: the block must write ``manifest.json``."""
-    with atomic_folder(out_dir, overwrite=overwrite) as tmp:
+def atomic_artifact(out_dir: str | Path, overwrite: bool = False, *,
+                    inputs: Sequence[str | Path] = ()) -> Iterator[Path]:
+    """:func:`atomic_folder` for an artifact: the block must write ``manifest.json``, and
+    ``overwrite`` replaces only an artifact folder (one holding a ``manifest.json``)."""
+    with atomic_folder(out_dir, overwrite=overwrite, inputs=inputs, marker=MANIFEST_NAME) as tmp:
         yield tmp
         if not (tmp / MANIFEST_NAME).is_file():
             raise ArtifactError(f"internal error: stage wrote no {MANIFEST_NAME} for {out_dir}")

@@ -228,6 +228,19 @@ class Backend(abc.ABC):
     def devices(self) -> list[str]:
         """Devices this backend can run on here, best first (what ``device='auto'`` picks from)."""
 
+    def check_device(self, device: str) -> None:
+        """Refuse (:class:`DeviceError`) a device this machine lacks, before a compile writes an
+        engine for it. The default compares the device's kind (``gpu.1`` -> ``gpu``; ``gpu`` and
+        ``cuda`` are one) with :meth:`devices`; a backend with its own names overrides it."""
+        from enginekit.errors import DeviceError
+
+        same = {"gpu": {"gpu", "cuda"}, "cuda": {"gpu", "cuda"}}
+        kind = device.lower().split(":")[0].split(".")[0]
+        have = [d.lower() for d in self.devices()]
+        if not any(d.split(":")[0].split(".")[0] in same.get(kind, {kind}) for d in have):
+            raise DeviceError(f"{self.name}: device {device!r} is not available here "
+                              f"(available: {', '.join(have) or 'none'}); compile on a machine that has it")
+
     @abc.abstractmethod
     def compile(self, artifact: Path, manifest: Manifest, out_dir: Path, options: CompileOptions) -> Manifest:
         """Write the compiled engine of ``artifact`` into ``out_dir`` (a fresh temporary

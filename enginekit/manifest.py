@@ -332,4 +332,25 @@ def read_manifest(artifact: str | Path) -> Manifest:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ManifestError(f"{path}: unreadable manifest ({exc})") from exc
+    except RecursionError:
+        raise ManifestError(f"{path}: unreadable manifest (JSON nested too deeply)") from None
+    if _too_deep(data):
+        raise ManifestError(f"{path}: unreadable manifest (JSON nested deeper than {_MAX_DEPTH} levels)")
     return Manifest.from_dict(data)
+
+
+#: No manifest enginekit writes nests deeper than a few levels; a deeper one would make
+#: every later walk of it (digest, printing) recurse toward Python's limit.
+_MAX_DEPTH = 64
+
+
+def _too_deep(data: Any) -> bool:
+    """Whether ``data`` nests lists/objects deeper than :data:`_MAX_DEPTH` (checked without recursion)."""
+    stack = [(data, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > _MAX_DEPTH:
+                return True
+            stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return False

@@ -20,7 +20,7 @@ from enginekit.artifact import atomic_artifact, make_component, write_manifest
 from enginekit.errors import ExportError, FidelityError, one_line
 from enginekit.export.sources import SourceModel, resolve_source
 from enginekit.fidelity import compare_outputs
-from enginekit.export.provenance import host, tool_versions
+from enginekit.export.provenance import check_export_request, host, tool_versions
 from enginekit.manifest import Manifest, TensorSpec
 from enginekit.runtimes.onnxruntime import run_onnx_file
 
@@ -41,6 +41,9 @@ class ExportOptions:
     #: Samples in the parity batch (a batch size other than the traced one, to exercise the dynamic axis).
     parity_batch: int = 3
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_export_request(self.opset, self.atol, self.rtol)
 
 
 def _wrapper_class() -> type:
@@ -104,7 +107,7 @@ def export_classifier(
                           "forward_head(pre_logits=True) followed by its classifier, which enginekit's export assumes")
 
     n_bytes = sum(p.numel() * p.element_size() for p in src.model.parameters())
-    with atomic_artifact(out_dir, overwrite=overwrite) as tmp:
+    with atomic_artifact(out_dir, overwrite=overwrite, inputs=(spec,) if isinstance(spec, str) else ()) as tmp:
         on_step(f"exporting {src.architecture} to ONNX (opset {options.opset})")
         onnx_path = tmp / "model.onnx"
         external = n_bytes > _EXTERNAL_DATA_BYTES
@@ -146,7 +149,7 @@ def export_classifier(
             task_config={"preprocessing": src.preprocessing.to_dict(),
                          "labels": list(src.labels) if src.labels is not None else None},
             provenance={**src.provenance, "architecture": src.architecture, "parent": None,
-                        "tools": tool_versions(options.opset, ("timm", "transformers")), "host": host()},
+                        "tools": tool_versions(options.opset, ("timm", "transformers"), [onnx_path]), "host": host()},
             target={"backend": "onnxruntime", "device": "cpu"},
             fidelity=fidelity,
             extra={"num_classes": num_classes, "embedding_dim": dim, "parameters": sum(p.numel() for p in src.model.parameters())},

@@ -148,7 +148,7 @@ def quantize_artifact(
             reference = run_all(parent_runner, held)
 
     def attempt(opts: QuantOptions, fallback: list[dict[str, Any]] | None) -> Manifest:
-        with atomic_artifact(out_dir, overwrite=overwrite) as tmp:
+        with atomic_artifact(out_dir, overwrite=overwrite, inputs=(root,)) as tmp:
             on_step(f"{spec.name} ({spec.backend})" + (f", {len(opts.exclude_nodes)} nodes kept in float" if opts.exclude_nodes else ""))
             comp = parent.component()
             result = spec.load()(QuantJob(root / comp.entry, tmp, comp.inputs[0].name,

@@ -393,7 +393,7 @@ def quantize_pipeline(artifact: str | Path, out_dir: str | Path, method: str, *,
             # The float engines are not needed while quantizing (NNCF holds its own copies of the
             # denoiser): free them; the cosines below load what they use again, on demand.
             float_pipe.close()
-            with atomic_artifact(out_dir, overwrite=overwrite) as tmp:
+            with atomic_artifact(out_dir, overwrite=overwrite, inputs=(root,)) as tmp:
                 comps: dict[str, Component] = {}
                 details: dict[str, Any] = {}
                 for name, comp in parent.components.items():

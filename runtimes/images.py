@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 import warnings
 from pathlib import Path
 from typing import Sequence, Union
@@ -69,6 +70,18 @@ def _safe_path(path: Path, name: str | None = None) -> tuple[bool, bool]:
         raise ImageError(f"{name or shown}: not a usable path ({reason})") from None
 
 
+def _regular_file(path: Path) -> None:
+    """Refuse a FIFO, socket or device before opening it: reading one would block or never end."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise ImageError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if not stat.S_ISREG(mode):
+        kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else
+                "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "something other than a regular file")
+        raise ImageError(f"{path}: is {kind}, not an image file")
+
+
 def expand_image_paths(items: Sequence[str | Path]) -> list[Path]:
     """Keep files, replace each folder by its image files (recursive, sorted).
 
@@ -126,6 +139,11 @@ def load_images(items: Sequence[ImageInput] | ImageInput) -> list[Image.Image]:
 def _load_one(item: object, index: int) -> Image.Image:
     if isinstance(item, Image.Image):
         _check_pixels(item.width, item.height, f"item {index}")
+        try:
+            item.load()  # a closed image (or a lazy one whose file went away) fails here, in one line
+        except (ValueError, OSError, AttributeError) as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ImageError(f"item {index}: the PIL image cannot be read ({reason}; closed?)") from None
         return _to_8bit(item, f"item {index}")
     if isinstance(item, np.ndarray):
         return _from_array(item, index)
@@ -136,6 +154,7 @@ def _load_one(item: object, index: int) -> Image.Image:
             raise ImageError(f"{path}: is a folder (expand it with expand_image_paths)")
         if not exists:
             raise ImageError(f"{path}: no such file")
+        _regular_file(path)
         return _decode(path, str(path))
     if isinstance(item, (bytes, bytearray)):
         return _decode(io.BytesIO(item), f"item {index} ({len(item)} bytes)")

@@ -156,6 +156,9 @@ class OnnxRuntimeBackend(Backend):
             )
         return [_PROVIDERS[kind]]
 
+    def check_device(self, device: str) -> None:
+        self._providers(device)
+
     def compile(self, artifact: Path, manifest: Manifest, out_dir: Path, options: CompileOptions) -> Manifest:
         import onnxruntime as ort
 

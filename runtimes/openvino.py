@@ -305,6 +305,9 @@ class OpenVINOBackend(Backend):
                 raise DeviceError(f"openvino: device {device!r} is not available here (available: {have})")
         return ov_name
 
+    def check_device(self, device: str) -> None:
+        self._device(device)  # present here: an engine "for gpu" from a box without one is refused
+
     def compile(self, artifact: Path, manifest: Manifest, out_dir: Path, options: CompileOptions) -> Manifest:
         import openvino as ov
 

@@ -176,6 +176,8 @@ def _split_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any],
         header = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         raise ApiError(400, "the request is not JSON (an inference request is a JSON object)") from None
+    except RecursionError:
+        raise ApiError(400, "the request's JSON is nested too deeply") from None
     if not isinstance(header, dict):
         raise ApiError(400, "the request must be a JSON object with 'inputs'")
     for key in ("parameters",):

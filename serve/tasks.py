@@ -19,10 +19,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from enginekit.errors import ImageError, InputError
+from enginekit.errors import EngineKitError, ImageError
 from enginekit.runtimes.schedulers import SCHEDULERS
 from enginekit.serve.batching import Job
-from enginekit.serve.errors import ApiError
+from enginekit.serve.errors import ApiError, status_for
 from enginekit.serve.models import CLASSIFIER, PIPELINE, ModelSlot
 
 __all__ = ["router", "GenerateRequest", "classify_rows", "decode_images", "run_generation", "predictions"]
@@ -205,6 +205,8 @@ async def _json_body(request: Request) -> dict[str, Any]:
         body = json.loads(await request.body())
     except (ValueError, UnicodeDecodeError):
         raise ApiError(422, "body: not valid JSON") from None
+    except RecursionError:  # the C parser recurses per level: a hostile nesting, not a server fault
+        raise ApiError(422, "body: JSON nested too deeply") from None
     if not isinstance(body, dict):
         raise ApiError(422, "body: expected a JSON object")
     return body
@@ -411,7 +413,8 @@ async def _events(state: Any, slot: ModelSlot, job: Job, listener: asyncio.Queue
         try:
             out = job.future.result()
         except Exception as exc:
-            status = 422 if isinstance(exc, InputError) else 500
+            # What the same request answers without streaming (the app's EngineKitError handler).
+            status = status_for(exc) if isinstance(exc, EngineKitError) else 500
             yield _sse("error", {"status": status, "error": state.scrub(str(exc).splitlines()[0] if str(exc) else
                                                                        type(exc).__name__)})
             return

@@ -121,14 +121,18 @@ def test_atomic_write_refuses_existing_output(tmp_path: Path) -> None:
             pass
 
 
-def test_export_failure_leaves_no_folder(tiny_timm_dir: Path, tmp_path: Path) -> None:
+def test_export_failure_leaves_no_folder(tiny_timm_dir: Path, tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
     from enginekit.errors import FidelityError
-    from enginekit.export.vit import ExportOptions, export_classifier
+    from enginekit.export import vit
+    from enginekit.export.vit import export_classifier
 
     out = tmp_path / "never"
-    # A budget nothing can meet: the parity check fails after the ONNX file is written.
+    # A parity miss (a negative budget is refused up front): the check fails after the ONNX file is written.
+    monkeypatch.setattr(vit, "compare_outputs", lambda ref, got: {"logits_max_abs": 1.0, "logits_cosine": 0.5,
+                                                                  "embedding_max_abs": 1.0})
     with pytest.raises(FidelityError, match="misses its parity budget"):
-        export_classifier(str(tiny_timm_dir), out, ExportOptions(atol=-1.0, rtol=0.0))
+        export_classifier(str(tiny_timm_dir), out)
     assert not out.exists() and not any(p.name.startswith(".never") for p in tmp_path.iterdir())
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -10,7 +9,8 @@ from typing import Any, Callable, Mapping, Sequence
 from enginekit.api import compile_artifact, load
 from enginekit.engine import CompileOptions
 from enginekit.errors import InputError
-from enginekit.manifest import Manifest, read_manifest
+from enginekit.manifest import MANIFEST_NAME, Manifest, read_manifest
+from enginekit.outputs import check_output, write_file
 from enginekit.registry import task_class
 
 __all__ = ["COMPILE_FLAGS", "backend_flags", "build_engine", "generate_images", "output_paths"]
@@ -70,6 +70,7 @@ def build_engine(
     ``int8=True`` first quantizes as ``enginekit quantize --int8`` does (the backend's
     default int8 method, :data:`enginekit.quant.api.DEFAULT_INT8`, calibrated on
     ``calibration`` or the default data), gated on fidelity, and compiles the result."""
+    check_output(out, overwrite=overwrite, inputs=(artifact,), marker=MANIFEST_NAME)  # before any work
     manifest = read_manifest(artifact)
     cls = task_class(manifest.task)
     extra = dict(cls.compile_options(manifest, backend, precision, height, width, batch))
@@ -150,14 +151,6 @@ def generate_images(
             raise InputError(f"{artifact} is a {pipe.task} artifact; generate needs a text-to-image pipeline")
         result = pipe(prompts, image=init_image, callback=on_step, output_type="pil", **call)
     for path, image in zip(paths, result.images):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                image.save(f, format={".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}.get(path.suffix.lower(), "PNG"))
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}.get(path.suffix.lower(), "PNG")
+        write_file(path, lambda f, image=image, fmt=fmt: image.save(f, format=fmt))
     return paths, result

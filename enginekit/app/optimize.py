@@ -539,7 +539,7 @@ def _run(model: str, out: Path, work: Path, candidates: list[Candidate], config:
                             f"nothing was written to {out}; the report is in {work / 'report.md'}")
 
     on_step(f"picked {best.candidate.name} -> {out}")
-    with atomic_artifact(out, overwrite=overwrite) as tmp:
+    with atomic_artifact(out, overwrite=overwrite, inputs=(model,)) as tmp:
         shutil.copytree(best.path, tmp, dirs_exist_ok=True)
         picked = read_manifest(tmp)
         provenance = {**picked.provenance, "optimize": {

@@ -428,7 +428,7 @@ def _run(model: str, out: Path, work: Path, backends: list[str], prompts: list[s
                             f"nothing was written to {out}; the report is in {work / 'report.md'}")
     best = next(oc for oc in outcomes if oc["status"] == "picked")
     on_step(f"6. picked {picked} -> {out}")
-    with atomic_artifact(out, overwrite=overwrite) as tmp:
+    with atomic_artifact(out, overwrite=overwrite, inputs=(model,)) as tmp:
         shutil.copytree(best["path"], tmp, dirs_exist_ok=True)
         m = read_manifest(tmp)
         provenance = {**m.provenance, "optimize": {

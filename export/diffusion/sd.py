@@ -41,7 +41,7 @@ from enginekit.export.diffusion.families import check_family, get_family
 from enginekit.export.diffusion.lora import LoraSpec, fuse_loras
 from enginekit.export.diffusion.sources import PipelineSource, resolve_pipeline
 from enginekit.fidelity import compare_outputs
-from enginekit.export.provenance import host, tool_versions
+from enginekit.export.provenance import check_export_request, host, tool_versions
 from enginekit.manifest import Component, Manifest, TensorSpec
 from enginekit.runtimes.onnxruntime import run_onnx_file
 
@@ -81,6 +81,9 @@ class PipelineExportOptions:
     loras: tuple[LoraSpec, ...] = ()
     #: SD3/SD3.5: leave the T5 encoder out (never built or loaded), as diffusers allows.
     without_t5: bool = False
+
+    def __post_init__(self) -> None:
+        check_export_request(self.opset, self.atol, self.rtol)
 
 
 # --------------------------------------------------------------------------- wrappers
@@ -496,7 +499,8 @@ def export_pipeline(
         exporters: dict[str, str] = {}
         components: dict[str, Component] = {}
         fidelity: dict[str, Any] = {}
-        with atomic_artifact(out_dir, overwrite=overwrite) as tmp:
+        with atomic_artifact(out_dir, overwrite=overwrite,
+                             inputs=(spec_or_source,) if owned else ()) as tmp:
             plans = _plans(pipe, src.family, options)
             for i, make in enumerate(plans, 1):
                 plan = make()
@@ -529,7 +533,8 @@ def export_pipeline(
                 assets=make_assets(tmp, assets),
                 task_config=task_config,
                 provenance={**src.provenance, "family": src.family, "parent": None,
-                            "tools": tool_versions(options.opset, ("diffusers", "transformers", "tokenizers")), "host": host(),
+                            "tools": tool_versions(options.opset, ("diffusers", "transformers", "tokenizers"),
+                                                   [tmp / c.entry for c in components.values()]), "host": host(),
                             "exporters": exporters, "peak_rss_bytes": rss.peak,
                             "export_seconds": round(time.monotonic() - started, 1)},
                 target={"backend": "onnxruntime", "device": "cpu"},

@@ -194,6 +194,11 @@ class PromptTokenizer:
         for i, text in enumerate(texts):
             if not isinstance(text, str):
                 raise InputError(f"prompt {i} must be a string, got {type(text).__name__}")
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:  # a lone surrogate ("\ud800"): not text any tokenizer takes
+                raise InputError(f"prompt {i} is not valid Unicode text ({exc.reason} at character "
+                                 f"{exc.start}: {text[exc.start]!r})") from None
         ids = np.full((len(texts), length), self.config.pad_token_id, dtype=np.int64)
         mask = np.zeros((len(texts), length), dtype=np.int64)
         dropped: list[int] = []

@@ -50,11 +50,20 @@ def sign(artifact: Path, key: Path, password: str | None) -> None:
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True)
-def doctor(as_json: bool) -> None:
+@click.option("--scan", multiple=True, type=click.Path(path_type=Path), metavar="DIR",
+              help="Also list stale .partial-* folders under DIR (their writer is gone).")
+@click.option("--clean", is_flag=True, help="Remove the stale folders --scan finds.")
+def doctor(as_json: bool, scan: tuple[Path, ...], clean: bool) -> None:
     """Hardware, installed backends and their devices, library versions."""
     from enginekit.app.inspect import doctor_report
+    from enginekit.outputs import partials_lines, partials_report
 
+    if clean and not scan:
+        raise click.ClickException("--clean removes what --scan DIR finds; give --scan DIR")
     report = doctor_report()
+    if scan:
+        report["partials"] = partials_report(scan, clean=clean)
+        click.echo("\n".join(partials_lines(report["partials"])), err=as_json)
     if as_json:
         emit_json(report)
         return
