@@ -136,7 +136,8 @@ class OptimizeOptions(_Options):
     min_psnr: float | None = None
     size: int | None = None
     steps: int | None = None
-    prompts: tuple[str, ...] | None = _flag("--prompts")
+    #: Held-out prompts, or a file of them, one a line.
+    prompts: tuple[str, ...] | Path | None = _flag("--prompts")
     seeds: tuple[int, ...] | None = None
     without_t5: bool | None = _flag("--no-t5")
 

@@ -132,3 +132,12 @@ def test_inspect_shows_an_artifact_of_a_task_nobody_registered(tmp_path: Path) -
     res = CliRunner().invoke(cli, ["inspect", str(art)])
     assert res.exit_code == 0, res.output
     assert "no-such-task" in res.output and "digest" in res.output
+
+
+def test_optimize_refuses_before_any_work(tmp_path: Path) -> None:
+    # the task's options are checked first, then its own inputs: nothing is exported
+    for args, message in ((["default", "--prompts", str(tmp_path / "none.txt")], "--prompts is for diffusion"),
+                          (["tiny-sd15", "--prompts", str(tmp_path / "none.txt")], "--prompts: cannot read")):
+        res = CliRunner().invoke(cli, ["optimize", *args, "-o", str(tmp_path / "o")])
+        assert res.exit_code == 2 and message in res.output, res.output
+        assert not (tmp_path / "o").exists()

@@ -8,9 +8,11 @@ was not set to the implementation's own defaults (its config dataclass).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from enginekit.errors import OptionError, one_line
 from enginekit.stages import OptimizeOptions, refuse
 
 __all__ = ["optimize_classifier", "optimize_text_to_image"]
@@ -35,8 +37,6 @@ def optimize_classifier(model: str, out: str | Path, options: OptimizeOptions, *
     refuse(options, _COMMON + _CLASSIFIER, lambda wrong: f"{wrong[0]} is for diffusion pipelines; {model!r} is an "
                                                           "image classifier")
     config = _config(OptimizeConfig, options, tuple(n for n in _CLASSIFIER if n not in ("dynamic_shape", "weights", "store")))
-    from dataclasses import replace
-
     if options.dynamic_shape:
         config = replace(config, static_shape=False)
     if options.duration is not None and options.runs is None:
@@ -44,8 +44,6 @@ def optimize_classifier(model: str, out: str | Path, options: OptimizeOptions, *
     try:
         config.bench_config()
     except ValueError as exc:
-        from enginekit.errors import OptionError
-
         raise OptionError(str(exc)) from None
     report = optimize(model, out, config, work_dir=options.work, on_step=on_step,
                       **options.set(("random_weights", "weights", "revision", "seed", "overwrite")))
@@ -57,6 +55,14 @@ def optimize_classifier(model: str, out: str | Path, options: OptimizeOptions, *
     return report
 
 
+def _read_prompts(path: Path) -> tuple[str, ...]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise OptionError(f"--prompts: cannot read {path}: {one_line(exc)}") from None
+    return tuple(line.strip() for line in text.splitlines() if line.strip())
+
+
 def optimize_text_to_image(model: str, out: str | Path, options: OptimizeOptions, *,
                            on_step: Callable[[str], None] = lambda msg: None) -> dict[str, Any]:
     """Pick a pipeline assembly: :func:`enginekit.app.optimize_pipeline.optimize_pipeline`."""
@@ -65,6 +71,8 @@ def optimize_text_to_image(model: str, out: str | Path, options: OptimizeOptions
     refuse(options, _COMMON + _PIPELINE,
            lambda wrong: f"{wrong[0]} is for classifiers; {model!r} is a diffusion pipeline (its flags: --min-psnr, "
                          "--size, --steps, --prompts, --seeds, --no-t5, --backends, --precisions)")
+    if isinstance(options.prompts, (str, Path)):
+        options = replace(options, prompts=_read_prompts(Path(options.prompts)))
     config = _config(PipelineOptimizeConfig, options, _PIPELINE)
     return optimize_pipeline(model, out, config, work_dir=options.work, on_step=on_step,
                              **options.set(("random_weights", "revision", "seed", "overwrite")))

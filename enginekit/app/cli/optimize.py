@@ -79,11 +79,7 @@ def optimize(ctx: click.Context, model: str, out: Path, prompts_file: Path | Non
 
     fields = given_params(ctx, exclude=("model", "out", "as_json", "prompts_file", "seeds", "backends", "precisions"))
     if prompts_file is not None:
-        try:
-            fields["prompts"] = tuple(line.strip() for line in prompts_file.read_text(encoding="utf-8").splitlines()
-                                      if line.strip())
-        except (OSError, UnicodeDecodeError) as exc:
-            raise click.BadParameter(f"cannot read {prompts_file}: {exc}", param_hint="--prompts") from None
+        fields["prompts"] = prompts_file  # read by the pipeline's optimize, after the task is known
     if seeds is not None:
         try:
             fields["seeds"] = tuple(int(v) for v in csv(seeds) or ())
