@@ -13,7 +13,9 @@ can print one line instead of a traceback::
     ├── BackendError             a backend cannot do what was asked
     │   ├── UnknownBackendError  no backend is registered under that name
     │   ├── BackendUnavailableError  registered, but its library is not installed
-    │   └── DeviceError          the device asked for is missing or unsupported
+    │   ├── DeviceError          the device asked for is missing or unsupported
+    │   ├── EngineBrokenError    a loaded engine failed and could not be put back
+    │   └── RunInterrupted       a run stopped on purpose (Runner.interrupt)
     ├── InputError               bad user input to a task or runner
     │   ├── ImageError           a file or object that is not a readable image
     │   └── ShapeError           a feed with the wrong name, dtype or shape
@@ -35,6 +37,8 @@ __all__ = [
     "UnknownBackendError",
     "BackendUnavailableError",
     "DeviceError",
+    "EngineBrokenError",
+    "RunInterrupted",
     "InputError",
     "ImageError",
     "ShapeError",
@@ -79,6 +83,14 @@ class BackendUnavailableError(BackendError):
 
 class DeviceError(BackendError):
     """The requested device is not present or not supported by the backend."""
+
+
+class EngineBrokenError(BackendError):
+    """A loaded engine failed and could not be put back: every later call is refused."""
+
+
+class RunInterrupted(BackendError):
+    """A run was stopped on purpose from another thread (``Runner.interrupt``)."""
 
 
 class InputError(EngineKitError, ValueError):
