@@ -1174,7 +1174,9 @@ def demo(out: Path, as_json: bool) -> None:
               help="Bearer keys, one a line: every endpoint but health then needs one.")
 @click.option("--cors-origin", "cors_origins", multiple=True, help="Allow this origin (CORS); repeatable.")
 @click.option("--max-body-mb", default=32.0, show_default=True, help="Largest request body.")
-@click.option("--max-pixels", default=16_000_000, show_default=True, help="Largest uploaded image (width x height).")
+@click.option("--max-pixels", type=click.IntRange(64), default=None,
+              help="Pixels a generation may ask for (height x width x images) [default: the model's own size x 4].")
+@click.option("--max-upload-pixels", default=16_000_000, show_default=True, help="Largest uploaded image (width x height).")
 @click.option("--max-images", default=16, show_default=True, help="Images per request.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, gpu.")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
@@ -1191,7 +1193,7 @@ def demo(out: Path, as_json: bool) -> None:
               type=click.Choice(["critical", "error", "warning", "info", "debug"]))
 def serve(artifacts: tuple[str, ...], host: str, port: int, max_batch: int, max_delay_ms: float, max_queue: int,
           timeout_s: float, api_key_file: Path | None, cors_origins: tuple[str, ...], max_body_mb: float,
-          max_pixels: int, max_images: int, device: str, workers: int, on_ray: bool, replicas: int,
+          max_pixels: int | None, max_upload_pixels: int, max_images: int, device: str, workers: int, on_ray: bool, replicas: int,
           max_replicas: int | None, replica_cpus: float, ray_address: str | None, log_level: str) -> None:
     """Serve artifacts over HTTP: KServe v2 (/v2), /v1/classify, /v1/generate, the A1111
     API (/sdapi/v1), /metrics and a web page at /. Each artifact is served under its
@@ -1210,7 +1212,8 @@ def serve(artifacts: tuple[str, ...], host: str, port: int, max_batch: int, max_
     settings = ServeSettings(max_batch=max_batch, max_delay_ms=max_delay_ms, max_queue=max_queue,
                              timeout_s=timeout_s, api_keys=read_api_keys(api_key_file) if api_key_file else frozenset(),
                              cors_origins=cors_origins, max_body_bytes=int(max_body_mb * 1024 * 1024),
-                             max_pixels=max_pixels, max_images=max_images, device=device)
+                             max_pixels=max_pixels, max_upload_pixels=max_upload_pixels, max_images=max_images,
+                             device=device)
     logging.basicConfig(level=getattr(logging, log_level.upper()), format="%(name)s: %(message)s")
     if host not in ("127.0.0.1", "localhost", "::1") and not settings.api_keys:
         click.echo(f"warning: serving on {host} without --api-key-file: anyone who reaches it can use it", err=True)

@@ -55,7 +55,20 @@ Callback = Callable[[int, float, np.ndarray], Any]
 
 
 class GenerationCancelled(EngineKitError):
-    """A generation was stopped by its callback or its ``cancel`` event."""
+    """A generation was stopped by its callback or its ``cancel`` event.
+
+    It carries what was made: ``latents`` after the last finished step (diffusers' layout,
+    unpacked for FLUX, so ``pipe.decode(exc.latents)`` shows them as images; None when the
+    stop came before the first step), ``step`` (steps finished) and ``steps`` (steps planned);
+    both None when the stop came while decoding, after every step.
+    """
+
+    def __init__(self, message: str, latents: np.ndarray | None = None, step: int | None = None,
+                 steps: int | None = None) -> None:
+        super().__init__(message)
+        self.latents = latents
+        self.step = step
+        self.steps = steps
 
 
 def default_scheduler_name(config: Mapping[str, Any]) -> str:
@@ -346,8 +359,14 @@ class TextToImage:
         ``true_cfg_scale``: FLUX only. Above 1, with a ``negative_prompt``, a second transformer
         pass on the negative prompt steers away from it (diffusers' "true CFG"); FLUX's own
         ``guidance_scale`` stays the distilled guidance embedding.
-        ``callback(step, timestep, latents)`` runs after every step; returning ``False``
-        (or setting ``cancel``) stops the generation with :class:`GenerationCancelled`.
+        ``callback(step, timestep, latents)`` runs after every step; returning ``False`` stops the
+        generation, and so does setting ``cancel`` (a ``threading.Event``, from any thread: it is
+        checked before and after every step and between VAE decoder calls). A stopped generation
+        raises :class:`GenerationCancelled`, which carries the latents of the last finished step
+        (``exc.latents``, ``exc.step`` of ``exc.steps``; ``pipe.decode(exc.latents)`` makes them
+        images). Anything else a callback returns (``None``, ``True``) goes on: the opposite of
+        OpenVINO GenAI's ``Text2ImagePipeline``, whose callback stops the generation by returning
+        ``True``.
         """
         cfg = self.config
         # 1. Check inputs: everything a user can get wrong fails here, before any engine runs.
@@ -470,9 +489,14 @@ class TextToImage:
         if flux:
             extra.update(self._flux_conditions(embeds, grid, batch * (2 if two_pass else 1), guidance))
         t_scale = np.float32(1000.0 if flux else 1.0)  # FLUX's transformer takes sigma, not sigma x 1000
+
+        def stopped(message: str, done: int) -> GenerationCancelled:
+            made = (unpack_latents(latents, *grid) if flux else latents) if done else None
+            return GenerationCancelled(message, latents=made, step=done, steps=len(timesteps))
+
         for i, t in enumerate(timesteps):
             if cancel is not None and cancel.is_set():
-                raise GenerationCancelled(f"generation cancelled before step {i + 1} of {len(timesteps)}")
+                raise stopped(f"generation cancelled before step {i + 1} of {len(timesteps)}", i)
             model_in = np.concatenate([latents, latents]) if two_pass else latents
             model_in = sched.scale_model_input(model_in, t)
             feeds = {"sample": model_in.astype(np.float32),
@@ -487,14 +511,14 @@ class TextToImage:
             noise = generator.standard_normal(latents.shape, dtype=np.float32) if sched.stochastic else None
             latents = sched.step(noise_pred, t, latents, noise=noise)
             if callback is not None and callback(i, float(t), latents) is False:
-                raise GenerationCancelled(f"generation cancelled by the callback after step {i + 1}")
+                raise stopped(f"generation cancelled by the callback after step {i + 1}", i + 1)
             if cancel is not None and cancel.is_set() and i + 1 < len(timesteps):
-                raise GenerationCancelled(f"generation cancelled after step {i + 1} of {len(timesteps)}")
+                raise stopped(f"generation cancelled after step {i + 1} of {len(timesteps)}", i + 1)
 
         # 6. Decode.
         if output_type == "latent":
             return PipelineOutput(images=latents, seed=seed, timesteps=tuple(float(t) for t in timesteps))
-        pixels = self.decode(unpack_latents(latents, *grid) if flux else latents)
+        pixels = self.decode(unpack_latents(latents, *grid) if flux else latents, cancel=cancel)
         if output_type == "np":
             images: Any = pixels
         else:
@@ -686,8 +710,9 @@ class TextToImage:
             noise = generator.standard_normal(init_latents.shape, dtype=np.float32)
         return sched.add_noise(init_latents, noise.astype(np.float32), t0).astype(np.float32)
 
-    def decode(self, latents: np.ndarray) -> np.ndarray:
-        """Latents to images: (N, H, W, 3) float32 in [0, 1]."""
+    def decode(self, latents: np.ndarray, cancel: threading.Event | None = None) -> np.ndarray:
+        """Latents to images: (N, H, W, 3) float32 in [0, 1]. ``cancel``, when set, stops a
+        decoder that runs in several calls (a static-batch engine) between them."""
         cfg = self.config
         scaled = latents / np.float32(cfg.vae_scaling_factor)
         if cfg.vae_shift_factor is not None:
@@ -695,8 +720,12 @@ class TextToImage:
         decoder = self.components["vae_decoder"]
         fixed = decoder.inputs[0].shape[0]
         if isinstance(fixed, int) and fixed > 0 and fixed != len(scaled):  # a static-batch decoder: one at a time
-            parts = [self._run("vae_decoder", {"latent_sample": scaled[i:i + fixed]})["sample"]
-                     for i in range(0, len(scaled), fixed)]
+            parts = []
+            for i in range(0, len(scaled), fixed):
+                if cancel is not None and cancel.is_set():
+                    raise GenerationCancelled(f"generation cancelled while decoding (image {i + 1} of {len(scaled)})",
+                                              latents=latents)
+                parts.append(self._run("vae_decoder", {"latent_sample": scaled[i:i + fixed]})["sample"])
             sample = np.concatenate(parts)
         else:
             sample = self._run("vae_decoder", {"latent_sample": scaled.astype(np.float32)})["sample"]
