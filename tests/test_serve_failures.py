@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import io
 import json
 import threading
@@ -145,10 +146,18 @@ def _slow_steps(runner: AppRunner, seconds: float) -> list[int]:
     return seen
 
 
+def _timeout(runner: AppRunner, seconds: float) -> None:
+    """Set ``--timeout-s`` of a running server (short for the request that must time out,
+    long for the ones that must not, whatever the load on this machine)."""
+    runner.state.settings = dataclasses.replace(runner.state.settings, timeout_s=seconds)
+
+
 def test_a_timeout_stops_the_generation_and_the_queue_count_drops(sd_path: Path) -> None:
-    with AppRunner(create_app({"sd": sd_path}, ServeSettings(timeout_s=0.5, warmup=False))) as runner:
+    with AppRunner(create_app({"sd": sd_path}, ServeSettings(timeout_s=120, warmup=False))) as runner:
         slot = runner.state.slots["sd"]
+        assert runner.post("/v1/generate", json={"prompt": "x", "steps": 1, "seed": 1}).status_code == 200
         seen = _slow_steps(runner, 0.1)
+        _timeout(runner, 0.5)
 
         async def two(client):  # the second waits behind the first; both time out
             return await asyncio.gather(client.post("/v1/generate", json={"prompt": "slow", "steps": 100, "seed": 1}),
@@ -162,6 +171,7 @@ def test_a_timeout_stops_the_generation_and_the_queue_count_drops(sd_path: Path)
         while slot.jobs.current is not None and time.monotonic() < deadline:  # stops within a step
             time.sleep(0.02)
         assert slot.jobs.current is None and len(seen) < 100
+        _timeout(runner, 120)
         seen.clear()
         r = runner.post("/v1/generate", json={"prompt": "now", "steps": 2, "seed": 1})
         assert r.status_code == 200 and seen == [1, 2], r.text  # the 100-step job stopped: this one ran
@@ -169,10 +179,11 @@ def test_a_timeout_stops_the_generation_and_the_queue_count_drops(sd_path: Path)
 
 def test_a_timeout_interrupts_the_engine_call_in_flight(sd_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A step that takes longer than the timeout (a huge image) is stopped inside the engine."""
-    with AppRunner(create_app({"sd": sd_path}, ServeSettings(timeout_s=0.5, warmup=False))) as runner:
+    with AppRunner(create_app({"sd": sd_path}, ServeSettings(timeout_s=120, warmup=False))) as runner:
         slot = runner.state.slots["sd"]
         assert runner.post("/v1/generate", json={"prompt": "x", "steps": 1, "seed": 1}).status_code == 200
         unet = slot.obj.components["unet"]
+        _timeout(runner, 0.5)
         stopped, real_run = threading.Event(), unet._run
 
         def endless(feeds):  # an engine call that only ends when interrupted
@@ -188,6 +199,7 @@ def test_a_timeout_interrupts_the_engine_call_in_flight(sd_path: Path, monkeypat
             time.sleep(0.02)
         assert stopped.is_set() and slot.jobs.current is None and slot.ready and unet.broken is None
         monkeypatch.setattr(unet, "_run", real_run)
+        _timeout(runner, 120)
         assert runner.post("/v1/generate", json={"prompt": "x", "steps": 1, "seed": 1}).status_code == 200
 
 
