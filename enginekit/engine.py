@@ -4,7 +4,8 @@ Part of the core (``enginekit.engine``): ``enginekit.api`` and the registries
 depend on it, and the core imports no stage module.
 
 Following Polygraphy, the public methods of :class:`Runner` validate feeds and
-keep books; each backend writes only ``_run`` and ``_close``. Nothing touches
+keep books; each backend writes only ``_run`` and ``_close`` (and, where it can,
+``_recover`` after a failed run and ``_interrupt`` for a run in flight). Nothing touches
 a device in a constructor: :meth:`Backend.load` is where sessions are made.
 """
 
