@@ -4,7 +4,8 @@ Part of the core (``enginekit.engine``): ``enginekit.api`` and the registries
 depend on it, and the core imports no stage module.
 
 Following Polygraphy, the public methods of :class:`Runner` validate feeds and
-keep books; each backend writes only ``_run`` and ``_close``. Nothing touches
+keep books; each backend writes only ``_run`` and ``_close`` (and, where it can,
+``_recover`` after a failed run and ``_interrupt`` for a run in flight). Nothing touches
 a device in a constructor: :meth:`Backend.load` is where sessions are made.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import threading
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,10 +22,10 @@ from typing import Any, ClassVar, Mapping, Sequence
 
 import numpy as np
 
-from enginekit.errors import BackendError, ShapeError
+from enginekit.errors import BackendError, EngineBrokenError, EngineKitError, RunInterrupted, ShapeError
 from enginekit.manifest import Manifest, TensorSpec
 
-__all__ = ["Runner", "Backend", "BackendOptions", "CompileOptions", "validate_feeds"]
+__all__ = ["Runner", "Backend", "BackendOptions", "CompileOptions", "validate_feeds", "one_line"]
 
 
 def validate_feeds(specs: Sequence[TensorSpec], feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -71,22 +73,70 @@ def _fmt_shape(shape: Sequence[int | str]) -> str:
 
 
 class Runner(abc.ABC):
-    """A loaded engine: named numpy arrays in, named numpy arrays out."""
+    """A loaded engine: named numpy arrays in, named numpy arrays out.
+
+    A failed call never spreads to the next one: :meth:`run` turns whatever the
+    backend raised into a one-line :class:`BackendError` naming the component,
+    then lets the backend put the engine back as it was (:meth:`_recover`). An
+    engine that cannot be put back is *broken* (:attr:`broken` says why) and
+    refuses every later call with :class:`EngineBrokenError`.
+    """
 
     #: Backend name and the device the engine runs on, e.g. ``"cpu"``.
     backend: str = ""
     device: str = ""
+    #: The artifact component this runner runs (``"unet"``); "" for a single-component artifact.
+    component: str = ""
 
     def __init__(self, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec]) -> None:
         self.inputs: tuple[TensorSpec, ...] = tuple(inputs)
         self.outputs: tuple[TensorSpec, ...] = tuple(outputs)
         self._closed = False
+        #: Why the engine can no longer run (its recovery after a failure failed); None while usable.
+        self.broken: str | None = None
+        self._interrupt_lock = threading.Lock()
+        self._running = 0  # calls in progress (ONNX Runtime lets threads share a session)
+        self._interrupted = False
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Validate ``feeds`` against :attr:`inputs` and run the engine."""
         if self._closed:
             raise RuntimeError(f"{type(self).__name__} is closed")
-        return self._run(validate_feeds(self.inputs, feeds))
+        if self.broken is not None:
+            raise EngineBrokenError(f"{self._label()} is broken ({self.broken}); load the model again")
+        checked = validate_feeds(self.inputs, feeds)
+        with self._interrupt_lock:
+            if not self._running:
+                self._interrupted = False
+            self._running += 1
+        try:
+            return self._run(checked)
+        except EngineKitError:
+            raise
+        except Exception as exc:
+            if self._interrupted:  # stopped on purpose: the engine is as it was
+                raise RunInterrupted(f"{self._label()}: the run was interrupted") from exc
+            reason = self._describe(exc)
+            try:
+                self._recover()
+            except Exception as again:
+                self.broken = f"recovery after a failed run failed: {self._describe(again)}"
+            raise BackendError(f"{self._label()} failed: {reason}") from exc
+        finally:
+            with self._interrupt_lock:
+                self._running -= 1
+
+    def interrupt(self) -> bool:
+        """Stop the run in progress, from another thread; it raises :class:`RunInterrupted`.
+        False when no run was in progress or the backend cannot stop one (nothing happens)."""
+        with self._interrupt_lock:
+            if not self._running or self._closed:
+                return False
+            self._interrupted = True
+            try:
+                return self._interrupt()
+            except Exception:  # a run that ended meanwhile: nothing left to stop
+                return False
 
     def close(self) -> None:
         if not self._closed:
@@ -99,11 +149,34 @@ class Runner(abc.ABC):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def _label(self) -> str:
+        """``"onnxruntime component 'unet'"``: who failed, for one-line errors."""
+        name = self.backend or type(self).__name__
+        return f"{name} component {self.component!r}" if self.component else name
+
     @abc.abstractmethod
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
     def _close(self) -> None:  # noqa: B027 - optional hook
         pass
+
+    def _recover(self) -> None:  # noqa: B027 - optional hook
+        """Put the engine back as it was before a failed run (the backend's hook; raise if it cannot)."""
+
+    def _interrupt(self) -> bool:
+        """Stop the run in progress (the backend's hook); False where the backend cannot."""
+        return False
+
+    def _describe(self, exc: BaseException) -> str:
+        """The informative line of a backend exception (backends strip their own prefixes)."""
+        return one_line(exc)
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """The first non-empty line of ``exc``'s message (its type's name when it has none), at most ``limit`` long."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    text = lines[0] if lines else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,9 @@ can print one line instead of a traceback::
     ├── BackendError             a backend cannot do what was asked
     │   ├── UnknownBackendError  no backend is registered under that name
     │   ├── BackendUnavailableError  registered, but its library is not installed
-    │   └── DeviceError          the device asked for is missing or unsupported
+    │   ├── DeviceError          the device asked for is missing or unsupported
+    │   ├── EngineBrokenError    a loaded engine failed and could not be put back
+    │   └── RunInterrupted       a run stopped on purpose (Runner.interrupt)
     ├── InputError               bad user input to a task or runner
     │   ├── OptionError          an option that does not apply to this input (CLI: a usage error)
     │   ├── UnsupportedStageError  the artifact's task has no implementation of the stage
@@ -37,6 +39,8 @@ __all__ = [
     "UnknownBackendError",
     "BackendUnavailableError",
     "DeviceError",
+    "EngineBrokenError",
+    "RunInterrupted",
     "InputError",
     "OptionError",
     "UnsupportedStageError",
@@ -59,7 +63,9 @@ def one_line(exc: BaseException, *, with_type: bool = False, limit: int = 300) -
     that is not a source location, else the exception's type name; ``with_type`` puts
     the type in front; longer than ``limit`` characters, it is cut with "..."."""
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    useful = [ln for ln in lines if not ln.startswith(_LOCATION_LINES)]
+    # Asynchronous runs wrap a plugin's exception: "Caught exception: Exception from ...".
+    lines = [ln.removeprefix("Caught exception:").strip() for ln in lines]
+    useful = [ln for ln in lines if ln and not ln.startswith(_LOCATION_LINES)]
     text = (useful or lines or [""])[0]
     if with_type:
         text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
@@ -101,6 +107,14 @@ class BackendUnavailableError(BackendError):
 
 class DeviceError(BackendError):
     """The requested device is not present or not supported by the backend."""
+
+
+class EngineBrokenError(BackendError):
+    """A loaded engine failed and could not be put back: every later call is refused."""
+
+
+class RunInterrupted(BackendError):
+    """A run was stopped on purpose from another thread (``Runner.interrupt``)."""
 
 
 class InputError(EngineKitError, ValueError):

@@ -16,6 +16,7 @@ inputs (a miss is a :class:`FidelityError`; the check is recorded in the target)
 from __future__ import annotations
 
 import importlib.util
+import re
 import tempfile
 from pathlib import Path
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ import numpy as np
 from enginekit.artifact import make_component
 from enginekit.errors import BackendError, DeviceError, FidelityError
 from enginekit.manifest import Manifest, TensorSpec
+from enginekit.engine import one_line
 from enginekit.runtimes.base import Backend, BackendOptions, CompileOptions, Runner
 
 __all__ = ["OnnxRuntimeBackend", "OnnxRuntimeOptions", "OnnxRuntimeRunner", "run_onnx_file"]
@@ -48,6 +50,7 @@ _DEVICE_ALIASES = {"gpu": "cuda"}
 #: The fused graph against the unfused one: max |fused - unfused| <= atol + rtol * max |unfused|.
 _FUSION_ATOL, _FUSION_RTOL = 1e-4, 1e-3
 _LEVELS = ("disable", "basic", "extended", "all")
+_ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ")
 
 
 @dataclass(frozen=True)
@@ -93,16 +96,40 @@ def run_onnx_file(path: str | Path, feeds: dict[str, np.ndarray]) -> dict[str, n
 
 
 class OnnxRuntimeRunner(Runner):
+    """An ``InferenceSession``. A failed run leaves the session as it was, so there is
+    nothing to recover; :meth:`interrupt` sets the ``terminate`` flag of the runs in flight."""
+
     backend = "onnxruntime"
 
     def __init__(self, session: Any, device: str) -> None:
         super().__init__([_spec(a) for a in session.get_inputs()], [_spec(a) for a in session.get_outputs()])
         self._session = session
         self._names = [o.name for o in self.outputs]
+        self._active: set[Any] = set()  # the RunOptions of the calls in flight
         self.device = device
 
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return dict(zip(self._names, self._session.run(self._names, feeds)))
+        import onnxruntime as ort
+
+        options = ort.RunOptions()
+        options.log_severity_level = 4  # a failure is raised, not also printed by the executor
+        self._active.add(options)
+        if self._interrupted:  # interrupt() came before this call was listed
+            options.terminate = True
+        try:
+            return dict(zip(self._names, self._session.run(self._names, feeds, options)))
+        finally:
+            self._active.discard(options)
+
+    def _interrupt(self) -> bool:
+        active = list(self._active)
+        for options in active:
+            options.terminate = True
+        return bool(active)
+
+    def _describe(self, exc: BaseException) -> str:
+        # "[ONNXRuntimeError] : 1 : FAIL : Non-zero status code returned while running Concat node. ..."
+        return _ORT_PREFIX.sub("", one_line(exc))
 
     def _close(self) -> None:
         self._session = None
@@ -243,7 +270,9 @@ class OnnxRuntimeBackend(Backend):
             session = ort.InferenceSession(str(artifact / comp.entry), so, providers=providers)
         except Exception as exc:
             raise BackendError(f"onnxruntime could not load {artifact / comp.entry}: {exc}") from exc
-        return OnnxRuntimeRunner(session, device)
+        runner = OnnxRuntimeRunner(session, device)
+        runner.component = comp.name
+        return runner
 
 
 def _fuse_vit(source: Path, dest: Path, external: bool) -> dict[str, int]:

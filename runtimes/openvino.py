@@ -40,7 +40,7 @@ import threading
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import numpy as np
 
@@ -193,6 +193,13 @@ class OpenVINORunner(Runner):
 
     Calls are serialized by a lock: an infer request runs one inference at a
     time, and a second thread should wait rather than meet "request is busy".
+
+    A failed inference can leave the compiled model unusable even at shapes that
+    worked before (the CPU plugin keeps the shapes of the failed call half
+    applied), so after a failure the model is compiled again (``rebuild``, from
+    the model cache where there is one) and the next call runs on a fresh one.
+    Runs go through ``start_async``/``wait`` so that :meth:`interrupt` can cancel
+    one in flight.
     """
 
     backend = "openvino"
@@ -205,31 +212,56 @@ class OpenVINORunner(Runner):
         device: str,
         cache_dir: Path | None,
         loaded_from_cache: bool | None,
+        rebuild: Callable[[], Any] | None = None,
     ) -> None:
         super().__init__(inputs, outputs)
-        self._compiled = compiled
-        self._request = compiled.create_infer_request()
-        self._ports = [compiled.output(o.name) for o in self.outputs]
+        self._rebuild = rebuild
         self._lock = threading.Lock()
+        self._use(compiled)
         self.device = device
         #: The model-cache folder used at load, or None when loading uncached.
         self.cache_dir = cache_dir
         #: Whether OpenVINO read the compiled blob from the cache (None: unknown).
         self.loaded_from_cache = loaded_from_cache
 
+    def _use(self, compiled: Any) -> None:
+        self._compiled = compiled
+        self._request = compiled.create_infer_request()
+        self._ports = [compiled.output(o.name) for o in self.outputs]
+
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         with self._lock:
-            try:
-                results = self._request.infer(feeds, share_outputs=True)
-            except Exception as exc:
-                raise BackendError(f"openvino inference failed: {one_line(exc)}") from exc
+            self._request.start_async(feeds)
+            if self._interrupted:  # interrupt() came before the request started: cancel it now
+                self._request.cancel()
+            self._request.wait()
             # The request reuses its output buffers: copy before the next call overwrites them.
-            return {o.name: np.array(results[port], copy=True) for o, port in zip(self.outputs, self._ports)}
+            return {o.name: np.array(self._request.get_tensor(port).data, copy=True)
+                    for o, port in zip(self.outputs, self._ports)}
+
+    def _recover(self) -> None:
+        if self._rebuild is None:
+            raise BackendError("this runner cannot compile its model again")
+        with self._lock:
+            self._request = None  # release the failed model before compiling its replacement
+            self._compiled = None
+            self._use(self._rebuild())
+
+    def _interrupt(self) -> bool:
+        request = self._request
+        if request is None:
+            return False
+        request.cancel()
+        return True
+
+    def _describe(self, exc: BaseException) -> str:
+        return one_line(exc)
 
     def _close(self) -> None:
         self._request = None
         self._ports = []
         self._compiled = None
+        self._rebuild = None
 
 
 class OpenVINOBackend(Backend):
@@ -461,10 +493,14 @@ class OpenVINOBackend(Backend):
         config = self._config(manifest, cache_dir, comp.name)
         core = self._core()
         xml = artifact / comp.entry  # model.xml, or a plain artifact's model.onnx
-        try:
+
+        def compile_it() -> Any:
             # Compiling from the path (not a read_model result) lets a cache hit
             # skip parsing the IR altogether.
-            compiled = core.compile_model(str(xml), ov_device, config)
+            return core.compile_model(str(xml), ov_device, config)
+
+        try:
+            compiled = compile_it()
         except Exception as exc:
             raise BackendError(f"openvino could not load {xml} on {ov_device}: {one_line(exc)}") from exc
         try:
@@ -478,4 +514,6 @@ class OpenVINOBackend(Backend):
                 device = "auto:" + ",".join(str(d).lower() for d in compiled.get_property("EXECUTION_DEVICES"))
             except Exception:
                 device = "auto"
-        return OpenVINORunner(compiled, inputs, outputs, device, cache_dir, from_cache)
+        runner = OpenVINORunner(compiled, inputs, outputs, device, cache_dir, from_cache, rebuild=compile_it)
+        runner.component = comp.name
+        return runner

@@ -167,7 +167,8 @@ class JobQueue:
 
     @property
     def depth(self) -> int:
-        return sum(1 for job in self._queue if not job.future.done())
+        """Jobs waiting to run: a cancelled one (its request timed out or left) no longer counts."""
+        return sum(1 for job in self._queue if not job.future.done() and not job.cancel.is_set())
 
     def start(self) -> None:
         self._loop_ref = asyncio.get_running_loop()
@@ -203,6 +204,8 @@ class JobQueue:
             job = self._queue.popleft()
             if job.future.done() or job.cancel.is_set():
                 job.state = "cancelled"
+                if not job.future.done():
+                    job.future.cancel()
                 continue
             job.state, job.started, self.current = "running", time.monotonic(), job
             try:
@@ -221,12 +224,13 @@ class JobQueue:
                 self.current = None
                 self._notify(job, {"end": job.state})
 
-    def cancel_current(self) -> bool:
+    def cancel_current(self) -> Job | None:
+        """Set the cancel event of the job running now; that job (None when idle)."""
         job = self.current
         if job is None:
-            return False
+            return None
         job.cancel.set()
-        return True
+        return job
 
     def close(self) -> None:
         for job in list(self._queue) + ([self.current] if self.current else []):

@@ -5,17 +5,19 @@ stays listed, not ready, with the reason."""
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from enginekit.errors import EngineKitError
+from enginekit.errors import BackendError, EngineKitError, RunInterrupted
+from enginekit.runtimes.tasks.text_to_image import GenerationCancelled
 from enginekit.serve.batching import Batcher, Job, JobQueue
 from enginekit.serve.errors import ApiError, scrub
 from enginekit.serve.metrics import Metrics
-from enginekit.serve.settings import ServeSettings
+from enginekit.serve.settings import PIXEL_FACTOR, ServeSettings
 
 __all__ = ["ModelSlot", "CLASSIFIER", "PIPELINE"]
 
@@ -26,8 +28,9 @@ PIPELINE = "text-to-image"
 
 
 class ModelSlot:
-    """A model's name, state (``loading``, ``ready``, ``failed``), the reason of a failure,
-    its task object and the queue in front of it."""
+    """A model's name, state (``loading``, ``ready``, ``failed`` to load, ``broken``: an
+    engine failed and could not be put back), the reason when not ready, its task object
+    and the queue in front of it."""
 
     def __init__(self, name: str, path: Path, settings: ServeSettings, metrics: Metrics) -> None:
         self.name = name
@@ -41,6 +44,8 @@ class ModelSlot:
         self.batcher: Batcher | None = None
         self.jobs: JobQueue | None = None
         self.load_seconds: float | None = None
+        self._running_lock = threading.Lock()
+        self._running_job: Job | None = None
 
     @property
     def ready(self) -> bool:
@@ -95,7 +100,7 @@ class ModelSlot:
         """In the event loop, once loaded: put the batcher or the job queue in front."""
         s = self.settings
         if self.task == CLASSIFIER:
-            self.batcher = Batcher(self.name, self.obj.run_pixels, s.max_batch, s.max_delay_ms / 1000.0,
+            self.batcher = Batcher(self.name, self._classify, s.max_batch, s.max_delay_ms / 1000.0,
                                    s.max_queue, on_batch=self.metrics.batch_size.labels(self.name).observe)
             self.batcher.start()
         else:
@@ -104,8 +109,22 @@ class ModelSlot:
         self.state, self.reason = "ready", "ready"
         self.metrics.model_ready.labels(self.name).set(1)
 
+    def _classify(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        try:
+            return self.obj.run_pixels(rows)
+        except Exception:
+            self._check_engines()
+            raise
+
+    def cancel(self, job: Job) -> None:
+        """Stop ``job``: a queued one never runs; a running one stops at its next step, and
+        its engine call in flight is interrupted where the backend can."""
+        job.cancel.set()
+        self.interrupt(job)
+        self.metrics.queue_depth.labels(self.name).set(self.depth)
+
     def _generate(self, job: Job) -> Any:
-        steps = job.kwargs.get("num_inference_steps", 50)
+        steps = job.kwargs.get("num_inference_steps") or self.obj.config.default_steps
         if job.kwargs.get("image") is not None:  # image-to-image runs the last `strength` of the schedule
             steps = max(1, min(int(steps * job.kwargs.get("strength", 0.8)), steps))
 
@@ -113,17 +132,70 @@ class ModelSlot:
             self.jobs.progress(job, i + 1, job.steps or steps)
 
         job.steps = steps
+        with self._running_lock:
+            self._running_job = job
         try:
             return self.obj(**job.kwargs, callback=callback, cancel=job.cancel)
+        except RunInterrupted:
+            if job.cancel.is_set():  # stopped by interrupt(): what the caller asked for
+                raise GenerationCancelled("generation cancelled during an engine call") from None
+            raise
+        except BackendError as exc:  # an engine failed on this request; the next one runs as before
+            self._check_engines()
+            if not self.ready:
+                raise ApiError(503, f"model {self.name!r} is out of service: {self.reason}") from None
+            log.warning("model %s: the engine failed on a request: %s", self.name, exc)
+            raise ApiError(422, f"the engine cannot run these parameters (height, width, ...): "
+                                f"{scrub(str(exc).splitlines()[0], self.known_paths())[:300]}") from None
         except EngineKitError:
             raise
         except Exception as exc:
-            # Parameters the checks let through but this engine cannot run (an exported UNet
-            # whose skip connections need a larger latent, a static shape): the request's fault.
+            # Parameters the checks let through but this engine cannot run: the request's fault.
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             log.warning("model %s: the engine failed on a request: %s", self.name, first)
+            self._check_engines()
             raise ApiError(422, f"the engine cannot run these parameters (height, width, ...): "
                                 f"{scrub(first, self.known_paths())[:300]}") from None
+        finally:
+            with self._running_lock:
+                self._running_job = None
+
+    def interrupt(self, job: Job) -> bool:
+        """Stop ``job``'s engine call in flight (its cancel event stops it between steps; this
+        stops the step itself). Nothing happens when ``job`` is not the one running."""
+        with self._running_lock:
+            if self._running_job is not job:
+                return False
+            return any([runner.interrupt() for runner in self.runners()])
+
+    def runners(self) -> list[Any]:
+        """The engines this model has open (a pipeline opens its components when first used)."""
+        if self.obj is None:
+            return []
+        components = getattr(self.obj, "components", None)
+        if components is not None:
+            names = getattr(components, "loaded", None)
+            names = tuple(components) if names is None else names
+            return [components[n] for n in names]
+        runner = getattr(self.obj, "runner", None)
+        return [runner] if runner is not None else []
+
+    def _check_engines(self) -> None:
+        """After a failed call: a broken engine (its recovery failed) takes the model out of service."""
+        broken = [r for r in self.runners() if getattr(r, "broken", None)]
+        if broken and self.state == "ready":
+            runner = broken[0]
+            self.state = "broken"
+            self.reason = scrub(f"engine {runner.component or 'model'!r} broke: {runner.broken}".splitlines()[0],
+                                self.known_paths())
+            self.metrics.model_ready.labels(self.name).set(0)
+            log.error("model %s is out of service: %s", self.name, self.reason)
+
+    def max_pixels(self, settings: ServeSettings) -> int:
+        """Pixels one generation may ask for: ``--max-pixels``, else the model's own size x PIXEL_FACTOR."""
+        if settings.max_pixels is not None:
+            return settings.max_pixels
+        return self.obj.config.default_size ** 2 * PIXEL_FACTOR
 
     @property
     def depth(self) -> int:
@@ -134,7 +206,7 @@ class ModelSlot:
 
     def describe(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, "state": self.state, "ready": self.ready, "task": self.task}
-        if self.state == "failed":
+        if not self.ready:
             out["reason"] = self.reason
         if self.obj is not None:
             out["backend"] = getattr(self.obj, "backend", None)
@@ -144,6 +216,7 @@ class ModelSlot:
             else:
                 out["family"] = self.obj.manifest.family
                 out["default_size"] = self.obj.config.default_size
+                out["max_pixels"] = self.max_pixels(self.settings)
         return out
 
     def close(self) -> None:

@@ -30,8 +30,8 @@ class Txt2ImgRequest(BaseModel):
 
     prompt: str = Field(default="", max_length=100_000)
     negative_prompt: str = Field(default="", max_length=100_000)
-    steps: int = Field(default=20, ge=1, le=1000)
-    cfg_scale: float = Field(default=7.0, ge=0.0, le=30.0)
+    steps: Optional[int] = Field(default=None, ge=1, le=1000, description="absent: the model's own default")
+    cfg_scale: Optional[float] = Field(default=None, ge=0.0, le=30.0, description="absent: the model's own default")
     seed: int = Field(default=-1, ge=-1, le=2**63 - 1)
     width: Optional[int] = Field(default=None, ge=8, le=16384)
     height: Optional[int] = Field(default=None, ge=8, le=16384)
@@ -86,8 +86,11 @@ def _model(request: Request, body: Txt2ImgRequest) -> Any:
 
 def _answer(slot: Any, body: Txt2ImgRequest, req: GenerateRequest, out: Any) -> dict[str, Any]:
     result = images_json(slot, out)
+    config = slot.obj.config  # what ran where the request left a value to the model
+    steps = req.steps if req.steps is not None else config.default_steps
+    guidance = req.guidance if req.guidance is not None else config.default_guidance_scale
     info = {"prompt": req.prompt, "negative_prompt": req.negative_prompt or "", "seed": out.seed,
-            "all_seeds": [out.seed] * len(out.images), "steps": req.steps, "cfg_scale": req.guidance,
+            "all_seeds": [out.seed] * len(out.images), "steps": steps, "cfg_scale": guidance,
             "sampler_name": body.sampler_name or body.sampler_index, "width": out.images[0].width,
             "height": out.images[0].height, "sd_model_name": slot.name}
     params = body.model_dump(exclude={"init_images"})
@@ -140,7 +143,12 @@ async def progress(request: Request) -> dict[str, Any]:
 @router.post("/sdapi/v1/interrupt")
 async def interrupt(request: Request) -> dict[str, Any]:
     """Stop the generations running now (their requests answer with an error)."""
-    stopped = [s.name for s in _state(request).slots.values() if s.jobs is not None and s.jobs.cancel_current()]
+    stopped = []
+    for slot in _state(request).slots.values():
+        job = slot.jobs.cancel_current() if slot.jobs is not None else None
+        if job is not None:
+            slot.cancel(job)
+            stopped.append(slot.name)
     return {"interrupted": stopped}
 
 

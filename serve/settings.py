@@ -9,7 +9,13 @@ from typing import Iterable, Sequence
 
 from enginekit.errors import InputError
 
-__all__ = ["ServeSettings", "parse_model_specs", "read_api_keys"]
+__all__ = ["ServeSettings", "PIXEL_FACTOR", "parse_model_specs", "read_api_keys"]
+
+#: A generation may ask for this many times the pixels its model was made for, by default:
+#: twice the side (SD 1.5 at 1024x1024, SDXL at 2048x2048), or four images at the model's own
+#: size. A denoiser's time and memory grow at least linearly with pixels (its attention,
+#: quadratically), so one request stays within a few native generations' worth of work.
+PIXEL_FACTOR = 4
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -31,7 +37,11 @@ class ServeSettings:
     #: Origins allowed by CORS; empty means no CORS headers at all.
     cors_origins: tuple[str, ...] = ()
     max_body_bytes: int = 32 * 1024 * 1024
-    max_pixels: int = 16_000_000
+    #: Pixels one generation request may ask for (height x width x images); None: each model's
+    #: own size (height x width it was made for) x :data:`PIXEL_FACTOR`. Checked before queueing.
+    max_pixels: int | None = None
+    #: Pixels of one uploaded image (checked from its header, before it is decoded).
+    max_upload_pixels: int = 16_000_000
     max_images: int = 16
     max_prompt_chars: int = 2000
     max_steps: int = 150
@@ -47,12 +57,15 @@ class ServeSettings:
 
     def __post_init__(self) -> None:
         ints = {"max_batch": (1, 4096), "max_queue": (1, 1_000_000), "max_body_bytes": (1024, 2**40),
-                "max_pixels": (1, 10**10), "max_images": (1, 1024), "max_prompt_chars": (1, 10**6),
+                "max_upload_pixels": (1, 10**10), "max_images": (1, 1024), "max_prompt_chars": (1, 10**6),
                 "max_steps": (1, 1000), "max_side": (8, 16384)}
         for name, (low, high) in ints.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
                 raise InputError(f"{name.replace('_', '-')} must be an integer from {low} to {high}, got {value!r}")
+        if self.max_pixels is not None and (isinstance(self.max_pixels, bool) or not isinstance(self.max_pixels, int)
+                                            or not 64 <= self.max_pixels <= 10**10):
+            raise InputError(f"max-pixels must be an integer from 64 to {10**10}, got {self.max_pixels!r}")
         for name in ("max_delay_ms", "timeout_s", "drain_timeout_s"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 86400:

@@ -59,13 +59,13 @@ def check_image(data: bytes, index: int, settings: Any) -> None:
             with Image.open(io.BytesIO(data)) as im:
                 fmt, (w, h) = im.format, im.size
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ApiError(413, f"image {index}: too many pixels (the limit is {settings.max_pixels})") from None
+        raise ApiError(413, f"image {index}: too many pixels (the limit is {settings.max_upload_pixels})") from None
     except Exception:
         raise ApiError(415, f"image {index}: not an image in a supported format ({', '.join(sorted(formats))})") from None
     if fmt not in formats:
         raise ApiError(415, f"image {index}: {fmt} is not accepted (send one of {', '.join(sorted(formats))})")
-    if w * h > settings.max_pixels:
-        raise ApiError(413, f"image {index}: {w}x{h} is over the limit of {settings.max_pixels} pixels")
+    if w * h > settings.max_upload_pixels:
+        raise ApiError(413, f"image {index}: {w}x{h} is over the limit of {settings.max_upload_pixels} pixels")
 
 
 def open_image(data: bytes, index: int, settings: Any) -> Any:
@@ -223,8 +223,8 @@ class GenerateRequest(BaseModel):
     prompt: str = Field(max_length=100_000)
     negative_prompt: Optional[str] = Field(default=None, max_length=100_000)
     model: Optional[str] = Field(default=None, max_length=64)
-    steps: int = Field(default=20, ge=1, le=1000)
-    guidance: float = Field(default=7.5, ge=0.0, le=30.0)
+    steps: Optional[int] = Field(default=None, ge=1, le=1000, description="absent: the model's own default")
+    guidance: Optional[float] = Field(default=None, ge=0.0, le=30.0, description="absent: the model's own default")
     seed: Optional[int] = Field(default=None, ge=-1, le=2**63 - 1, description="-1 or absent: random")
     height: Optional[int] = Field(default=None, ge=8, le=16384)
     width: Optional[int] = Field(default=None, ge=8, le=16384)
@@ -246,7 +246,7 @@ class GenerateRequest(BaseModel):
             raise ApiError(422, f"prompt: {len(req.prompt)} characters is over the limit of {settings.max_prompt_chars}")
         if req.negative_prompt is not None and len(req.negative_prompt) > settings.max_prompt_chars:
             raise ApiError(422, f"negative_prompt: over the limit of {settings.max_prompt_chars} characters")
-        if req.steps > settings.max_steps:
+        if req.steps is not None and req.steps > settings.max_steps:
             raise ApiError(422, f"steps: must be from 1 to {settings.max_steps}, got {req.steps}")
         if req.num_images > settings.max_images:
             raise ApiError(422, f"num_images: must be from 1 to {settings.max_images}, got {req.num_images}")
@@ -254,11 +254,11 @@ class GenerateRequest(BaseModel):
             side = getattr(req, name)
             if side is not None and (side > settings.max_side or side % 8):
                 raise ApiError(422, f"{name}: must be a multiple of 8 up to {settings.max_side}, got {side}")
-        if (req.height or 0) * (req.width or 0) * req.num_images > settings.max_pixels:
-            raise ApiError(413, f"height x width x num_images is over the limit of {settings.max_pixels} pixels")
         return req
 
     def pipeline_kwargs(self, init_image: Any = None) -> dict[str, Any]:
+        """The pipeline's arguments; steps, guidance and size stay None when the request
+        omits them, so the pipeline applies the model's own defaults (its manifest's)."""
         seed = secrets.randbits(63) if self.seed in (None, -1) else self.seed
         kwargs: dict[str, Any] = {"prompt": self.prompt, "negative_prompt": self.negative_prompt,
                                   "num_inference_steps": self.steps, "guidance_scale": self.guidance,
@@ -295,6 +295,18 @@ async def parse_generate(request: Request) -> tuple[GenerateRequest, Any]:
     return req, init
 
 
+def check_pixels(slot: ModelSlot, req: GenerateRequest, settings: Any, init: Any = None) -> None:
+    """413 when the request asks for more pixels (height x width x images, the model's own size
+    or the init image's where it names none) than this server makes for this model."""
+    default = slot.obj.config.default_size
+    height = req.height or (init.height if init is not None else default)
+    width = req.width or (init.width if init is not None else default)
+    limit = slot.max_pixels(settings)
+    if height * width * req.num_images > limit:
+        raise ApiError(413, f"{width}x{height} x {req.num_images} image(s) is over this server's limit of {limit} "
+                            f"pixels per request for model {slot.name!r} (--max-pixels)")
+
+
 def submit_job(request: Request, slot: ModelSlot, req: GenerateRequest, init: Any = None) -> Job:
     state = _state(request)
     factor = slot.obj.config.vae_scale_factor
@@ -302,6 +314,11 @@ def submit_job(request: Request, slot: ModelSlot, req: GenerateRequest, init: An
         side = getattr(req, name)
         if side is not None and side % factor:
             raise ApiError(422, f"{name}: must be a multiple of {factor} for this model, got {side}")
+    try:
+        check_pixels(slot, req, state.settings, init)
+    except ApiError:
+        state.metrics.rejections.labels(slot.name, "too_large").inc()
+        raise
     try:
         job = slot.jobs.submit(uuid.uuid4().hex, req.pipeline_kwargs(init))
     except ApiError:
@@ -319,13 +336,13 @@ async def await_job(request: Request, slot: ModelSlot, job: Job) -> Any:
     while not job.future.done():
         left = deadline - time.monotonic()
         if left <= 0:
-            job.cancel.set()
+            slot.cancel(job)
             state.metrics.rejections.labels(slot.name, "timeout").inc()
             raise ApiError(504, f"model {slot.name!r} did not finish within {state.settings.timeout_s:g} s; "
                                 "the generation was cancelled")
         await asyncio.wait({job.future}, timeout=min(left, 0.2))
         if not job.future.done() and await request.is_disconnected():
-            job.cancel.set()
+            slot.cancel(job)
             state.metrics.rejections.labels(slot.name, "client_gone").inc()
             raise ClientGone()
     return job.future.result()
@@ -392,7 +409,7 @@ async def _events(state: Any, slot: ModelSlot, job: Job, listener: asyncio.Queue
         while not job.future.done():
             left = deadline - time.monotonic()
             if left <= 0:
-                job.cancel.set()
+                slot.cancel(job)
                 state.metrics.rejections.labels(slot.name, "timeout").inc()
                 yield _sse("error", {"status": 504, "error": f"did not finish within {state.settings.timeout_s:g} s"})
                 return
@@ -413,14 +430,16 @@ async def _events(state: Any, slot: ModelSlot, job: Job, listener: asyncio.Queue
         try:
             out = job.future.result()
         except Exception as exc:
-            # What the same request answers without streaming (the app's EngineKitError handler).
-            status = status_for(exc) if isinstance(exc, EngineKitError) else 500
-            yield _sse("error", {"status": status, "error": state.scrub(str(exc).splitlines()[0] if str(exc) else
-                                                                       type(exc).__name__)})
+            if isinstance(exc, ApiError):
+                status, message = exc.status, exc.message
+            else:
+                status = status_for(exc) if isinstance(exc, EngineKitError) else 500
+                message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            yield _sse("error", {"status": status, "error": state.scrub(message)})
             return
         yield _sse("done", {"id": job.id, **images_json(slot, out)})
     finally:
-        if not job.future.done():
-            job.cancel.set()
+        if not job.future.done() and not job.cancel.is_set():  # the client left (a timeout is booked above)
+            slot.cancel(job)
             state.metrics.rejections.labels(slot.name, "client_gone").inc()
         job.listeners.remove(listener)

@@ -62,7 +62,8 @@ def reference(clf_path: Path):
 
 @pytest.fixture(scope="module")
 def server(clf_path: Path, sd_path: Path):
-    settings = ServeSettings(max_batch=4, max_delay_ms=20, max_pixels=100_000, max_images=4, max_steps=50,
+    settings = ServeSettings(max_batch=4, max_delay_ms=20, max_pixels=100_000, max_upload_pixels=100_000,
+                             max_images=4, max_steps=50,
                              max_prompt_chars=200, max_body_bytes=2_000_000)
     with AppRunner(create_app({"clf": clf_path, "sd": sd_path}, settings)) as runner:
         yield runner

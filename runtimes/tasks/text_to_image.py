@@ -53,7 +53,20 @@ Callback = Callable[[int, float, np.ndarray], Any]
 
 
 class GenerationCancelled(EngineKitError):
-    """A generation was stopped by its callback or its ``cancel`` event."""
+    """A generation was stopped by its callback or its ``cancel`` event.
+
+    It carries what was made: ``latents`` after the last finished step (diffusers' layout,
+    unpacked for FLUX, so ``pipe.decode(exc.latents)`` shows them as images; None when the
+    stop came before the first step), ``step`` (steps finished) and ``steps`` (steps planned);
+    both None when the stop came while decoding, after every step.
+    """
+
+    def __init__(self, message: str, latents: np.ndarray | None = None, step: int | None = None,
+                 steps: int | None = None) -> None:
+        super().__init__(message)
+        self.latents = latents
+        self.step = step
+        self.steps = steps
 
 
 @dataclass
@@ -242,8 +255,14 @@ class TextToImage:
         ``true_cfg_scale``: FLUX only. Above 1, with a ``negative_prompt``, a second transformer
         pass on the negative prompt steers away from it (diffusers' "true CFG"); FLUX's own
         ``guidance_scale`` stays the distilled guidance embedding.
-        ``callback(step, timestep, latents)`` runs after every step; returning ``False``
-        (or setting ``cancel``) stops the generation with :class:`GenerationCancelled`.
+        ``callback(step, timestep, latents)`` runs after every step; returning ``False`` stops the
+        generation, and so does setting ``cancel`` (a ``threading.Event``, from any thread: it is
+        checked before and after every step and between VAE decoder calls). A stopped generation
+        raises :class:`GenerationCancelled`, which carries the latents of the last finished step
+        (``exc.latents``, ``exc.step`` of ``exc.steps``; ``pipe.decode(exc.latents)`` makes them
+        images). Anything else a callback returns (``None``, ``True``) goes on: the opposite of
+        OpenVINO GenAI's ``Text2ImagePipeline``, whose callback stops the generation by returning
+        ``True``.
         """
         # 1. Check inputs: everything a user can get wrong fails here, before any engine runs.
         call = self._check_inputs(prompt, negative_prompt, num_inference_steps, guidance_scale, height, width,
@@ -268,7 +287,7 @@ class TextToImage:
         steps_run = tuple(float(t) for t in timesteps)
         if call.output_type == "latent":
             return PipelineOutput(images=latents, seed=call.seed, timesteps=steps_run)
-        pixels = self.decode(self.layout.unpack(latents, call.height, call.width))
+        pixels = self.decode(self.layout.unpack(latents, call.height, call.width), cancel=cancel)
         if call.output_type == "np":
             images: Any = pixels
         else:
@@ -374,9 +393,14 @@ class TextToImage:
                  extra: Mapping[str, np.ndarray], callback: Callback | None,
                  cancel: threading.Event | None) -> np.ndarray:
         two_pass, scale = call.guidance.two_pass, np.float32(call.guidance.scale)
+
+        def stopped(message: str, done: int) -> GenerationCancelled:
+            made = self.layout.unpack(latents, call.height, call.width) if done else None
+            return GenerationCancelled(message, latents=made, step=done, steps=len(timesteps))
+
         for i, t in enumerate(timesteps):
             if cancel is not None and cancel.is_set():
-                raise GenerationCancelled(f"generation cancelled before step {i + 1} of {len(timesteps)}")
+                raise stopped(f"generation cancelled before step {i + 1} of {len(timesteps)}", i)
             model_in = np.concatenate([latents, latents]) if two_pass else latents
             model_in = sched.scale_model_input(model_in, t)
             feeds = {"sample": model_in.astype(np.float32), "timestep": self.layout.timestep(t, model_in.shape[0]),
@@ -390,9 +414,9 @@ class TextToImage:
             noise = call.generator.standard_normal(latents.shape, dtype=np.float32) if sched.stochastic else None
             latents = sched.step(noise_pred, t, latents, noise=noise)
             if callback is not None and callback(i, float(t), latents) is False:
-                raise GenerationCancelled(f"generation cancelled by the callback after step {i + 1}")
+                raise stopped(f"generation cancelled by the callback after step {i + 1}", i + 1)
             if cancel is not None and cancel.is_set() and i + 1 < len(timesteps):
-                raise GenerationCancelled(f"generation cancelled after step {i + 1} of {len(timesteps)}")
+                raise stopped(f"generation cancelled after step {i + 1} of {len(timesteps)}", i + 1)
         return latents
 
     def _image_latents(self, init: np.ndarray, batch: int, t0: np.ndarray, sched: Any,
@@ -410,8 +434,9 @@ class TextToImage:
             noise = generator.standard_normal(init_latents.shape, dtype=np.float32)
         return sched.add_noise(init_latents, noise.astype(np.float32), t0).astype(np.float32)
 
-    def decode(self, latents: np.ndarray) -> np.ndarray:
-        """Latents to images: (N, H, W, 3) float32 in [0, 1]."""
+    def decode(self, latents: np.ndarray, cancel: threading.Event | None = None) -> np.ndarray:
+        """Latents to images: (N, H, W, 3) float32 in [0, 1]. ``cancel``, when set, stops a
+        decoder that runs in several calls (a static-batch engine) between them."""
         cfg = self.config
         scaled = latents / np.float32(cfg.vae_scaling_factor)
         if cfg.vae_shift_factor is not None:
@@ -419,8 +444,12 @@ class TextToImage:
         decoder = self.components["vae_decoder"]
         fixed = decoder.inputs[0].shape[0]
         if isinstance(fixed, int) and fixed > 0 and fixed != len(scaled):  # a static-batch decoder: one at a time
-            parts = [self.run_component("vae_decoder", {"latent_sample": scaled[i:i + fixed]})["sample"]
-                     for i in range(0, len(scaled), fixed)]
+            parts = []
+            for i in range(0, len(scaled), fixed):
+                if cancel is not None and cancel.is_set():
+                    raise GenerationCancelled(f"generation cancelled while decoding (image {i + 1} of {len(scaled)})",
+                                              latents=latents)
+                parts.append(self.run_component("vae_decoder", {"latent_sample": scaled[i:i + fixed]})["sample"])
             sample = np.concatenate(parts)
         else:
             sample = self.run_component("vae_decoder", {"latent_sample": scaled.astype(np.float32)})["sample"]

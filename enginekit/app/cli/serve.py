@@ -23,7 +23,9 @@ from enginekit.app.cli.common import Params, cli
               help="Bearer keys, one a line: every endpoint but health then needs one.")
 @click.option("--cors-origin", "cors_origins", multiple=True, help="Allow this origin (CORS); repeatable.")
 @click.option("--max-body-mb", default=32.0, show_default=True, help="Largest request body.")
-@click.option("--max-pixels", default=16_000_000, show_default=True, help="Largest uploaded image (width x height).")
+@click.option("--max-pixels", type=click.IntRange(64), default=None,
+              help="Pixels a generation may ask for (height x width x images) [default: the model's own size x 4].")
+@click.option("--max-upload-pixels", default=16_000_000, show_default=True, help="Largest uploaded image (width x height).")
 @click.option("--max-images", default=16, show_default=True, help="Images per request.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, gpu.")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
@@ -58,7 +60,7 @@ def serve(**params: Any) -> None:
                              timeout_s=o.timeout_s,
                              api_keys=read_api_keys(o.api_key_file) if o.api_key_file else frozenset(),
                              cors_origins=o.cors_origins, max_body_bytes=int(o.max_body_mb * 1024 * 1024),
-                             max_pixels=o.max_pixels, max_images=o.max_images, device=o.device)
+                             max_pixels=o.max_pixels, max_upload_pixels=o.max_upload_pixels, max_images=o.max_images, device=o.device)
     logging.basicConfig(level=getattr(logging, o.log_level.upper()), format="%(name)s: %(message)s")
     if o.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_keys:
         click.echo(f"warning: serving on {o.host} without --api-key-file: anyone who reaches it can use it", err=True)
