@@ -369,18 +369,83 @@ def optimize_pipeline(
     return report
 
 
+@dataclass(frozen=True)
+class _Run:
+    """What one pipeline ``optimize`` run works with, once the export and the plan are made."""
+
+    model: str
+    out: Path
+    work: Path
+    config: PipelineOptimizeConfig
+    onnx_dir: Path
+    components: tuple[str, ...]
+    size: int
+    plan: Any  # GenerationPlan
+    jobs: tuple[Any, ...]  # ImageJob
+    threads: int
+    on_step: Callable[[str], None]
+
+
+def _judge_candidate(run: _Run, cand: PipelineCandidate, reference: Sequence[Any]) -> dict[str, Any]:
+    """Build ``cand``, generate the held-out images with it, judge and time them: its outcome."""
+    from enginekit.bench.pipeline_images import engine_images, judge_images
+    from enginekit.manifest import read_manifest
+
+    oc: dict[str, Any] = {"candidate": cand.to_dict(), "status": "pending", "reason": ""}
+    start = time.perf_counter()
+    try:
+        path = _build(cand, run.onnx_dir, run.work, run.components, run.config, run.size, run.on_step)
+    except ImportError as exc:
+        if cand.how != "quantize":
+            raise
+        oc["status"], oc["reason"] = "skipped", f"{QUANTIZE_MISSING} ({_one_line(exc)})"
+        run.on_step(f"  {oc['reason']}")
+        return oc
+    except Exception as exc:  # one candidate's failure (any library's) must not end the run
+        oc["status"], oc["reason"] = "failed", _one_line(exc)
+        run.on_step(f"  failed: {oc['reason']}")
+        return oc
+    oc["build_s"] = time.perf_counter() - start
+    oc["path"] = str(path)
+    try:
+        gen, oc["timing"] = measure_timing(
+            lambda: engine_images(path, cand.backend, run.jobs, run.plan, run.threads, rule=run.config.timing)[0],
+            on_step=run.on_step)
+        oc["fidelity"] = judge_images(reference, gen.images, run.jobs)
+    except Exception as exc:
+        oc["status"], oc["reason"] = "failed", _one_line(exc)
+        oc.pop("timing", None)
+        run.on_step(f"  failed: {oc['reason']}")
+        return oc
+    oc["status"] = "judged"
+    oc["size_bytes"] = sum(f.size for c in read_manifest(path).components.values() for f in c.files)
+    run.on_step(f"  worst PSNR {oc['fidelity']['psnr_db_min']:.2f} dB; step {oc['timing']['step_ms']:.1f} ms "
+                f"({oc['timing']['step_samples']} samples), image {oc['timing']['image_ms']:.0f} ms")
+    return oc
+
+
+def _time_diffusers(run: _Run, manifest: Any, jobs: Sequence[Any]) -> tuple[Any, dict[str, Any]]:
+    """diffusers' fp32 pipeline on ``jobs``, timed under the run's rule (re-measured when impossible)."""
+    import gc
+
+    from enginekit.bench.pipeline import _diffusers_pipeline
+    from enginekit.bench.pipeline_images import diffusers_images
+
+    dpipe = _diffusers_pipeline(manifest)
+    try:
+        return measure_timing(lambda: diffusers_images(dpipe, jobs, run.plan, run.threads, rule=run.config.timing),
+                              on_step=run.on_step)
+    finally:
+        del dpipe
+        gc.collect()
+
+
 def _run(model: str, out: Path, work: Path, backends: list[str], prompts: list[str], config: PipelineOptimizeConfig,
          *, random_weights: bool, revision: str | None, seed: int, overwrite: bool,
          extra: Sequence[PipelineCandidate], on_step: Callable[[str], None]) -> dict[str, Any]:
-    import gc
-
-    from enginekit.artifact import atomic_artifact, write_manifest
-    from enginekit.bench.pipeline import _diffusers_pipeline
-    from enginekit.bench.pipeline_images import (ImageJob, diffusers_images, engine_images, generation_plan,
-                                                 judge_images)
+    from enginekit.bench.pipeline_images import ImageJob, generation_plan
     from enginekit.export.api import export_model
     from enginekit.hardware import fingerprint
-    from enginekit.manifest import read_manifest
     from enginekit.runtimes.tasks.text_to_image import PipelineConfig
 
     hw = fingerprint()
@@ -391,73 +456,34 @@ def _run(model: str, out: Path, work: Path, backends: list[str], prompts: list[s
                             on_step=lambda m: on_step("  " + m))
     pcfg = PipelineConfig.from_section(manifest.task_config)
     size = config.size or pcfg.default_size
-    plan = generation_plan(manifest.task_config, size, config.steps, config.guidance)
-    jobs = [ImageJob(p, s) for p in prompts for s in config.seeds]
-    components = list(manifest.components)
-    candidates = plan_pipeline_candidates(backends, config.precisions, components, pcfg.denoiser, size=size,
+    run = _Run(model=model, out=out, work=work, config=config, onnx_dir=onnx_dir,
+               components=tuple(manifest.components), size=size,
+               plan=generation_plan(manifest.task_config, size, config.steps, config.guidance),
+               jobs=tuple(ImageJob(p, s) for p in prompts for s in config.seeds),
+               threads=config.threads or hw.get("physical_cores") or 1, on_step=on_step)
+    candidates = plan_pipeline_candidates(backends, config.precisions, run.components, pcfg.denoiser, size=size,
                                           cpu_flags=hw.get("flags") or []) + list(extra)
-    threads = config.threads or hw.get("physical_cores") or 1
 
-    on_step(f"2. diffusers fp32 eager: {len(jobs)} reference image(s) at {size}x{size}, {config.steps} steps")
-    dpipe = _diffusers_pipeline(manifest)
-    before, b = measure_timing(lambda: diffusers_images(dpipe, jobs, plan, threads, rule=config.timing),
-                               on_step=on_step)
-    reference = before.images
-    del dpipe
-    gc.collect()
+    on_step(f"2. diffusers fp32 eager: {len(run.jobs)} reference image(s) at {size}x{size}, {config.steps} steps")
+    before, b = _time_diffusers(run, manifest, run.jobs)
     on_step(f"  step {b['step_ms']:.1f} ms ({b['step_samples']} samples), image {b['image_ms']:.0f} ms")
-
     outcomes: list[dict[str, Any]] = []
     for i, cand in enumerate(candidates, 1):
-        oc: dict[str, Any] = {"candidate": cand.to_dict(), "status": "pending", "reason": ""}
-        outcomes.append(oc)
         on_step(f"3. [{i}/{len(candidates)}] {cand.name}: {cand.description}")
-        start = time.perf_counter()
-        try:
-            path = _build(cand, onnx_dir, work, components, config, size, on_step)
-        except ImportError as exc:
-            if cand.how != "quantize":
-                raise
-            oc["status"], oc["reason"] = "skipped", f"{QUANTIZE_MISSING} ({_one_line(exc)})"
-            on_step(f"  {oc['reason']}")
-            continue
-        except Exception as exc:  # one candidate's failure (any library's) must not end the run
-            oc["status"], oc["reason"] = "failed", _one_line(exc)
-            on_step(f"  failed: {oc['reason']}")
-            continue
-        oc["build_s"] = time.perf_counter() - start
-        oc["path"] = str(path)
-        try:
-            gen, oc["timing"] = measure_timing(
-                lambda p=path, c=cand: engine_images(p, c.backend, jobs, plan, threads, rule=config.timing)[0],
-                on_step=on_step)
-            oc["fidelity"] = judge_images(reference, gen.images, jobs)
-        except Exception as exc:
-            oc["status"], oc["reason"] = "failed", _one_line(exc)
-            on_step(f"  failed: {oc['reason']}")
-            continue
-        oc["status"] = "judged"
-        oc["size_bytes"] = sum(f.size for c in read_manifest(path).components.values() for f in c.files)
-        on_step(f"  worst PSNR {oc['fidelity']['psnr_db_min']:.2f} dB; step {oc['timing']['step_ms']:.1f} ms "
-                f"({oc['timing']['step_samples']} samples), image {oc['timing']['image_ms']:.0f} ms")
-
+        outcomes.append(_judge_candidate(run, cand, before.images))
     on_step("5. diffusers fp32 eager again, after the engines")
-    dpipe = _diffusers_pipeline(manifest)
-    _, a = measure_timing(lambda: diffusers_images(dpipe, jobs[:1], plan, threads, rule=config.timing),
-                          on_step=on_step)
-    del dpipe
-    gc.collect()
+    _, a = _time_diffusers(run, manifest, run.jobs[:1])
     baseline = min((b, a), key=lambda s: s["step_ms"])
     baseline = {**baseline, "before": {k: b[k] for k in ("step_ms", "image_ms", "step_samples", "image_samples")},
-                "after": {k: a[k] for k in ("step_ms", "image_ms", "step_samples", "image_samples")}, "threads": threads,
-                "drift": a["step_ms"] / b["step_ms"]}
+                "after": {k: a[k] for k in ("step_ms", "image_ms", "step_samples", "image_samples")},
+                "threads": run.threads, "drift": a["step_ms"] / b["step_ms"]}
     picked = select(outcomes, config.min_psnr, config.min_ssim)
     _attribute(outcomes, baseline)
     report: dict[str, Any] = {
         "model": model, "family": manifest.family, "output": str(out),
         "source": {k: manifest.provenance.get(k) for k in ("source", "kind", "weights", "seed", "without_t5")
                    if manifest.provenance.get(k) is not None},
-        "size": size, "steps": config.steps, "guidance": plan.guidance, "scheduler": plan.scheduler,
+        "size": size, "steps": config.steps, "guidance": run.plan.guidance, "scheduler": run.plan.scheduler,
         "denoiser": pcfg.denoiser, "held_out": {"prompts": prompts, "seeds": list(config.seeds)},
         "budget": {"min_psnr_db": config.min_psnr, "min_ssim": config.min_ssim, "judged_on": "worst image"},
         "config": {k: v for k, v in asdict(config).items() if k != "prompts"},
@@ -468,29 +494,40 @@ def _run(model: str, out: Path, work: Path, backends: list[str], prompts: list[s
         from enginekit.app.rebuild import pipeline_rebuild_commands
 
         best = next(oc for oc in outcomes if oc["status"] == "picked")
-        report["rebuild"] = pipeline_rebuild_commands(report, best["candidate"], components, seed=seed,
+        report["rebuild"] = pipeline_rebuild_commands(report, best["candidate"], list(run.components), seed=seed,
                                                       revision=revision)
+    _write(run, report, overwrite)
+    return report
+
+
+def _write(run: _Run, report: dict[str, Any], overwrite: bool) -> None:
+    """The pick, its manifest's provenance and the report to OUT atomically; nothing to OUT (the
+    report in the work folder, a FidelityError) when nothing was picked."""
+    from enginekit.artifact import atomic_artifact, write_manifest
+    from enginekit.manifest import read_manifest
+
     markdown = render_pipeline_report(report)
+    picked, outcomes, config, out = report["picked"], report["candidates"], run.config, run.out
     if picked is None:
-        (work / "report.json").write_text(json.dumps(report, indent=2, default=str))
-        (work / "report.md").write_text(markdown)
+        (run.work / "report.json").write_text(json.dumps(report, indent=2, default=str))
+        (run.work / "report.md").write_text(markdown)
         lines = "\n".join(f"  {oc['candidate']['name']}: {oc['status']} ({oc['reason']})" for oc in outcomes)
         raise FidelityError(f"no candidate met the budget (image PSNR >= {config.min_psnr:g} dB against diffusers "
                             f"on every held-out image):\n{lines}\n{table_text(report)}\n"
-                            f"nothing was written to {out}; the report is in {work / 'report.md'}")
+                            f"nothing was written to {out}; the report is in {run.work / 'report.md'}")
     best = next(oc for oc in outcomes if oc["status"] == "picked")
-    on_step(f"6. picked {picked} -> {out}")
+    run.on_step(f"6. picked {picked} -> {out}")
     with atomic_artifact(out, overwrite=overwrite) as tmp:
         shutil.copytree(best["path"], tmp, dirs_exist_ok=True)
         m = read_manifest(tmp)
         provenance = {**m.provenance, "optimize": {
-            "model": model, "candidate": picked, "candidates": len(outcomes), "size": size, "steps": config.steps,
-            "baseline_step_ms": baseline["step_ms"], "step_ms": best["timing"]["step_ms"],
+            "model": run.model, "candidate": picked, "candidates": len(outcomes), "size": run.size,
+            "steps": config.steps, "baseline_step_ms": report["baseline"]["step_ms"],
+            "step_ms": best["timing"]["step_ms"], "step_samples": best["timing"]["step_samples"],
             "speedup_step": best.get("speedup_step"), "psnr_db_min": best["fidelity"]["psnr_db_min"]}}
         write_manifest(tmp, m.replace(provenance=provenance, fidelity={**m.fidelity, "image": best["fidelity"]}))
         (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str))
         (tmp / "report.md").write_text(markdown)
-    return report
 
 
 # --------------------------------------------------------------------------- the report
