@@ -188,7 +188,7 @@ def test_flux_through_the_cli(tmp_path: Path) -> None:
     out = tmp_path / "best"
     result = CliRunner().invoke(cli, ["optimize", "tiny-flux", "-o", str(out), "--backends", "openvino",
                                       "--precisions", "fp32,fp16", "--size", str(SIZE), "--steps", str(STEPS),
-                                      "--min-psnr", "25", "--json"])
+                                      "--min-psnr", "25", "--duration", "2", "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["denoiser"] == "transformer" and report["scheduler"] == "flow-euler"
@@ -196,6 +196,7 @@ def test_flux_through_the_cli(tmp_path: Path) -> None:
     assert set(names) == {"openvino-fp32", "openvino-fp16", "openvino-fp16-transformer"}
     assert report["picked"] in names and names[report["picked"]] == "picked"
     assert (out / "report.md").is_file()
+    assert report["timing_rule"]["budget_s"] == 2.0  # --duration bounds the repeated timing of each side
 
 
 def test_no_candidate_meets_the_budget_writes_nothing(tmp_path: Path) -> None:
@@ -204,7 +205,7 @@ def test_no_candidate_meets_the_budget_writes_nothing(tmp_path: Path) -> None:
     out = tmp_path / "best"
     result = CliRunner().invoke(cli, ["optimize", "tiny-sd15", "-o", str(out), "--backends", "openvino",
                                       "--precisions", "fp32", "--size", str(SIZE), "--steps", "2",
-                                      "--min-psnr", "500"])
+                                      "--min-psnr", "500", "--duration", "1"])
     assert result.exit_code != 0
     assert "no candidate met the budget" in result.output
     assert "openvino-fp32: missed (missed budget: PSNR" in result.output

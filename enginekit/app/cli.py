@@ -932,7 +932,9 @@ def _csv(value: str | None) -> tuple[str, ...] | None:
               help="Samples static int8 methods calibrate on, at most (never the held-out ones).")
 @click.option("--eval-size", default=128, show_default=True, help="Held-out samples the budget is checked on.")
 @click.option("--runs", type=int, default=None, help="Timed runs per candidate (default 30).")
-@click.option("--duration", type=float, default=None, help="Or: seconds of timed runs per candidate.")
+@click.option("--duration", type=float, default=None,
+              help="Or: seconds of timed runs per candidate (pipelines: at most this long repeating images "
+                   "for time per candidate [default: 20]).")
 @click.option("--warmup", default=5, show_default=True, help="Untimed runs before each timing.")
 @click.option("--threads", default=0, show_default=True, help="Threads for every engine and PyTorch (0: defaults).")
 @click.option("--dynamic-shape", is_flag=True, help="Keep OpenVINO engines' batch axis dynamic (slower at batch 1).")
@@ -983,16 +985,17 @@ def optimize(ctx: click.Context, model: str, out: Path, budget_agreement: float,
     pipeline_only = {"min_psnr", "size", "steps", "prompts_file", "seeds", "without_t5"}
     if source_task(model) == "text-to-image":
         classifier_only = sorted(given & {"budget_agreement", "budget_cosine", "tie_margin", "batch", "data",
-                                          "second_data", "calibration_size", "eval_size", "runs", "duration",
+                                          "second_data", "calibration_size", "eval_size", "runs",
                                           "warmup", "dynamic_shape", "weights", "store"})
         if classifier_only:
             flag = "--" + classifier_only[0].replace("_", "-")
             raise click.UsageError(f"{flag} is for classifiers; {model!r} is a diffusion pipeline (its flags: "
-                                   "--min-psnr, --size, --steps, --prompts, --seeds, --no-t5, --backends, --precisions)")
+                                   "--min-psnr, --size, --steps, --prompts, --seeds, --no-t5, --backends, --precisions, "
+                                   "--duration)")
         _optimize_pipeline_cmd(model, out, backends=backends, precisions=precisions, min_psnr=min_psnr, size=size,
                                steps=steps, prompts_file=prompts_file, seeds=seeds, threads=threads,
                                random_weights=random_weights, revision=revision, seed=seed, work=work,
-                               without_t5=without_t5, overwrite=overwrite, as_json=as_json)
+                               without_t5=without_t5, overwrite=overwrite, as_json=as_json, duration=duration)
         return
     wrong = sorted(given & pipeline_only)
     if wrong:
@@ -1041,7 +1044,7 @@ def optimize(ctx: click.Context, model: str, out: Path, budget_agreement: float,
 def _optimize_pipeline_cmd(model: str, out: Path, *, backends: str | None, precisions: str, min_psnr: float | None,
                            size: int | None, steps: int | None, prompts_file: Path | None, seeds: str | None,
                            threads: int, random_weights: bool, revision: str | None, seed: int, work: Path | None,
-                           without_t5: bool, overwrite: bool, as_json: bool) -> None:
+                           without_t5: bool, overwrite: bool, as_json: bool, duration: float | None = None) -> None:
     """``optimize`` on a pipeline: see :mod:`enginekit.app.optimize_pipeline`."""
     from enginekit.app.optimize_pipeline import PipelineOptimizeConfig, optimize_pipeline, table_rows
 
@@ -1057,10 +1060,16 @@ def _optimize_pipeline_cmd(model: str, out: Path, *, backends: str | None, preci
         seed_list = tuple(int(v) for v in _csv(seeds) or ()) or defaults.seeds
     except ValueError:
         raise click.BadParameter(f"{seeds!r} is not a comma-separated list of integers", param_hint="--seeds") from None
+    from dataclasses import replace
+
+    try:
+        timing = defaults.timing if duration is None else replace(defaults.timing, budget_s=duration)
+    except ValueError:
+        raise click.BadParameter(f"must be at least 0 seconds, got {duration}", param_hint="--duration") from None
     config = PipelineOptimizeConfig(backends=_csv(backends), precisions=_csv(precisions) or (),
                                     min_psnr=defaults.min_psnr if min_psnr is None else min_psnr, size=size,
                                     steps=steps or defaults.steps, prompts=prompts, seeds=seed_list, threads=threads,
-                                    without_t5=without_t5)
+                                    without_t5=without_t5, timing=timing)
     console = _console()
     with contextlib.redirect_stdout(sys.stderr):
         report = optimize_pipeline(model, out, config, random_weights=random_weights, revision=revision, seed=seed,
