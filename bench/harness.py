@@ -15,7 +15,9 @@ One record (a JSON object, :data:`RECORD_SCHEMA` 1) per (artifact, batch size)::
 ``p99_over_p50`` (the spread of the timed runs), ``load_avg_start`` /
 ``load_avg_end`` (the machine's 1/5/15-minute load averages around the run),
 ``own_process`` (the engine ran alone in a fresh process, so ``peak_rss_bytes``
-is its own; without it ``peak_rss_bytes`` is None) and, on PyTorch baseline
+is its own; without it ``peak_rss_bytes`` is None), ``peak_rss_how`` (``vmhwm``:
+the process's ``VmHWM``; ``sampled``: the largest RSS sampled, a lower bound, where
+there is no ``/proc``; see :mod:`enginekit.bench.memory`) and, on PyTorch baseline
 records, ``baseline_p50_ms`` (before and after the engines) and ``drift``.
 
 ``model`` names the source model (``provenance.source``); speed-ups are
@@ -28,11 +30,12 @@ and kept apart from the warm latency. ``speedup`` is filled by
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -54,6 +57,8 @@ __all__ = [
     "bench_artifact",
     "bench_runner",
     "bench_torch",
+    "bench_torch_artifact",
+    "distinct_artifacts",
     "torch_baselines",
     "engine_info",
     "latency_stats",
@@ -201,18 +206,6 @@ def bench_runner(runner: Runner, batch: int, config: BenchConfig,
             "runs": len(samples)}
 
 
-def _peak_rss_bytes(samples: Iterable[int]) -> int:
-    """The process high-water mark: the max of psutil RSS ``samples`` and, where the
-    platform has it, ``getrusage(RUSAGE_SELF).ru_maxrss`` (kilobytes on Linux, bytes on macOS)."""
-    peak = max(samples, default=0)
-    try:
-        import resource
-    except ImportError:  # Windows
-        return peak
-    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return max(peak, int(maxrss if sys.platform == "darwin" else maxrss * 1024))
-
-
 def _open(path: Path, device: str, backend: str | None, threads: int,
           mode: str = "latency") -> tuple[Runner, Manifest, str, int]:
     """``load_runner`` with ``threads`` set in the manifest target the runner reads at load
@@ -340,21 +333,62 @@ def bench_artifact(
     3. warm timing per batch size under a progress bar: one request at a time
     (``mode="latency"``, :func:`bench_runner`) or ``requests`` in flight
     (``mode="throughput"``, :func:`enginekit.bench.throughput.bench_throughput`);
-    4. peak memory, only with ``own_process`` (the caller started this process for
-    this artifact alone, :func:`enginekit.bench.session.bench_isolated`): the process
-    high-water mark, ``max(psutil RSS after load and after each timing, ru_maxrss)``.
-    In a shared process that mark counts whatever else the process holds (PyTorch,
-    other engines), so ``peak_rss_bytes`` stays None.
+    4. peak memory, only with ``own_process`` (the caller exec-ed this process for this
+    artifact alone, :func:`enginekit.bench.session.bench_isolated`): the process's own
+    high-water mark, :class:`~enginekit.bench.memory.PeakMemory` (``VmHWM``, else RSS
+    sampled while it ran; never ``ru_maxrss``, which carries a parent's mark across
+    fork and exec). In a shared process that mark counts whatever else the process
+    holds (PyTorch, other engines), so ``peak_rss_bytes`` stays None.
     Cold-start fields are the same on every record of the artifact.
     """
     if mode not in ("latency", "throughput"):
         raise ValueError(f"bench mode must be latency or throughput, got {mode!r}")
+    from enginekit.bench.memory import PeakMemory
+
     path = Path(path)
     hw = fingerprint()
-    proc = psutil.Process()
-    rss: list[int] = []
     load_start = load_average()
+    peak = PeakMemory() if own_process else None
+    with peak or contextlib.nullcontext():
+        timed = _time_artifact(path, config, device, backend, progress, mode, requests)
+    manifest = timed.manifest
 
+    size = sum(f.size for c in manifest.components.values() for f in c.files)
+    fidelity = {k: manifest.fidelity[k] for k in FIDELITY_KEYS if k in manifest.fidelity}
+    if "inputs" in manifest.fidelity:  # what data judged those numbers, and against what
+        fidelity["data"] = manifest.fidelity["inputs"]
+    for key in ("reference", "budget"):
+        if key in manifest.fidelity:
+            fidelity[key] = manifest.fidelity[key]
+    conditions = {"mode": mode, "own_process": own_process, "load_avg_start": load_start,
+                  "load_avg_end": load_average(), "torch_in_process": "torch" in sys.modules, **timed.extra}
+    if peak is not None:
+        conditions["peak_rss_how"] = peak.how
+    return [
+        make_record(engine=timed.engine, result=r, threads=timed.threads, hardware=hw, load_ms=timed.load_ms,
+                    first_inference_ms=timed.first_ms, peak_rss_bytes=peak.bytes if peak is not None else None,
+                    size_bytes=size, fidelity=fidelity, baseline=baseline, model=manifest.provenance.get("source"),
+                    conditions=conditions)
+        for r in timed.results
+    ]
+
+
+@dataclass(frozen=True)
+class _Timed:
+    """What steps 1-3 of :func:`bench_artifact` measured."""
+
+    engine: dict[str, Any]
+    results: list[dict[str, Any]]
+    extra: dict[str, Any]  # throughput mode's conditions
+    load_ms: float
+    first_ms: float
+    manifest: Manifest
+    threads: int
+
+
+def _time_artifact(path: Path, config: BenchConfig, device: str, backend: str | None, progress: bool, mode: str,
+                   requests: int) -> _Timed:
+    """Steps 1-3 of :func:`bench_artifact`: load, first inference, warm timing per batch size."""
     threads = config.threads
     if mode == "throughput" and not threads and (backend or _default_backend(path)) == "onnxruntime":
         # N requests from N threads: split the cores between them rather than let each
@@ -364,7 +398,6 @@ def bench_artifact(
     start = time.perf_counter()
     runner, manifest, name, threads = _open(path, device, backend, threads, mode)
     load_ms = (time.perf_counter() - start) * 1e3
-    rss.append(proc.memory_info().rss)
     extra: dict[str, Any] = {}
     try:
         batches = _batches_for(runner.inputs, config.batch_sizes, path)
@@ -383,27 +416,10 @@ def bench_artifact(
                     results.append(result)
                 else:
                     results.append(bench_runner(runner, batch, config, on_progress=lambda _i: bar.update(1)))
-            rss.append(proc.memory_info().rss)
         engine = engine_info(path, manifest, name, runner.device or device)
     finally:
         runner.close()
-
-    size = sum(f.size for c in manifest.components.values() for f in c.files)
-    fidelity = {k: manifest.fidelity[k] for k in FIDELITY_KEYS if k in manifest.fidelity}
-    if "inputs" in manifest.fidelity:  # what data judged those numbers, and against what
-        fidelity["data"] = manifest.fidelity["inputs"]
-    for key in ("reference", "budget"):
-        if key in manifest.fidelity:
-            fidelity[key] = manifest.fidelity[key]
-    peak = _peak_rss_bytes(rss) if own_process else None
-    conditions = {"mode": mode, "own_process": own_process, "load_avg_start": load_start,
-                  "load_avg_end": load_average(), "torch_in_process": "torch" in sys.modules, **extra}
-    return [
-        make_record(engine=engine, result=r, threads=threads, hardware=hw, load_ms=load_ms,
-                    first_inference_ms=first_ms, peak_rss_bytes=peak, size_bytes=size, fidelity=fidelity,
-                    baseline=baseline, model=manifest.provenance.get("source"), conditions=conditions)
-        for r in results
-    ]
+    return _Timed(engine, results, extra, load_ms, first_ms, manifest, threads)
 
 
 def _batches_for(inputs: Sequence[TensorSpec], wanted: Sequence[int], path: Path) -> list[int]:
@@ -444,7 +460,8 @@ def bench_torch(
 
     Threads: ``config.threads`` (0: torch's default), set for the run and restored.
     ``load_ms`` and ``peak_rss_bytes`` stay None (building a PyTorch model is not a
-    load from disk, and the process holds more than the model); ``size_bytes`` is
+    load from disk, and this process may hold more than the model: for a peak of its
+    own, :func:`enginekit.bench.session.bench_torch_isolated`); ``size_bytes`` is
     the parameters' bytes.
     """
     import torch
@@ -513,23 +530,58 @@ def add_speedups(records: list[dict[str, Any]]) -> None:
             rec["speedup"] = ref_p50 / p50
 
 
-def distinct_sources(artifacts: Sequence[str | Path]) -> list[tuple[Manifest, Any]]:
-    """(manifest, rebuilt source) per distinct source model among ``artifacts``, each
-    verified and rebuilt from its provenance (:func:`enginekit.export.sources.source_for_manifest`)."""
+def distinct_artifacts(artifacts: Sequence[str | Path]) -> list[Path]:
+    """The first artifact of each distinct source model among ``artifacts`` (same source,
+    weights, seed and weights hash), each verified. Reads manifests only: no torch."""
     import json
 
     from enginekit.artifact import verify_artifact
-    from enginekit.export.sources import source_for_manifest
     from enginekit.manifest import read_manifest
 
-    distinct: dict[str, Manifest] = {}
+    distinct: dict[str, Path] = {}
     for path in artifacts:
         manifest = read_manifest(path)
         verify_artifact(path, manifest)
         key = json.dumps({k: manifest.provenance.get(k) for k in ("source", "weights", "seed", "weights_sha256")},
                          sort_keys=True, default=str)
-        distinct.setdefault(key, manifest)
-    return [(m, source_for_manifest(m.provenance)) for m in distinct.values()]
+        distinct.setdefault(key, Path(path))
+    return list(distinct.values())
+
+
+def distinct_sources(artifacts: Sequence[str | Path]) -> list[tuple[Manifest, Any]]:
+    """(manifest, rebuilt source) per distinct source model among ``artifacts`` (:func:`distinct_artifacts`),
+    rebuilt from its provenance (:func:`enginekit.export.sources.source_for_manifest`)."""
+    from enginekit.export.sources import source_for_manifest
+    from enginekit.manifest import read_manifest
+
+    manifests = [read_manifest(path) for path in distinct_artifacts(artifacts)]
+    return [(m, source_for_manifest(m.provenance)) for m in manifests]
+
+
+def bench_torch_artifact(path: str | Path, config: BenchConfig, *, name: str = "pytorch-eager",
+                         progress: bool = True, own_process: bool = False) -> list[dict[str, Any]]:
+    """:func:`bench_torch` on the source model of the artifact at ``path``, rebuilt from its provenance.
+
+    With ``own_process`` (the caller exec-ed this process for it,
+    :func:`enginekit.bench.session.bench_torch_isolated`), ``peak_rss_bytes`` is the
+    process's own peak (:class:`~enginekit.bench.memory.PeakMemory`: torch, the rebuilt
+    model and its runs) and ``conditions`` say so, as on the engines' records.
+    """
+    from enginekit.bench.memory import PeakMemory
+    from enginekit.export.sources import source_for_manifest
+    from enginekit.manifest import read_manifest
+
+    peak = PeakMemory() if own_process else None
+    with peak or contextlib.nullcontext():
+        manifest = read_manifest(path)
+        src = source_for_manifest(manifest.provenance)
+        records = bench_torch(src.model, manifest.component().inputs, config,
+                              model_id=manifest.provenance.get("source"), name=name, progress=progress)
+    for rec in records:
+        rec["conditions"] = {**rec["conditions"], "own_process": own_process, "torch_in_process": True,
+                             **({"peak_rss_how": peak.how} if peak is not None else {})}
+        rec["peak_rss_bytes"] = peak.bytes if peak is not None else None
+    return records
 
 
 def torch_baselines(artifacts: Sequence[str | Path], config: BenchConfig, progress: bool = True) -> list[dict[str, Any]]:

@@ -401,8 +401,8 @@ def bench_pipeline(
     ``baseline``, rebuild diffusers' pipeline from the provenance and time its parts;
     4. time the engine's parts; 5. time diffusers' parts again and keep, per part, the
     faster of the two runs as the baseline record.
-    ``peak_rss_bytes`` on engine records is the largest RSS sampled while the engine ran:
-    with a baseline the process also holds the PyTorch pipeline.
+    ``peak_rss_bytes`` on engine records is the largest RSS sampled while the engine ran,
+    without a baseline only (with one, the process also holds the PyTorch pipeline).
     """
     path = Path(path)
     hw, proc = fingerprint(), psutil.Process()
@@ -436,10 +436,13 @@ def bench_pipeline(
     records = []
     for part, result in ours.items():
         comp = part.split(":", 1)[1] if part.startswith("component:") else None
+        # With the baseline this process also holds diffusers: its RSS is not the engine's, so none is given.
         rec = make_record(engine=engine, result=result, load_ms=loads.get(comp) if comp else sum(loads.values()),
-                          first_inference_ms=result["first_inference_ms"], peak_rss_bytes=max(rss),
+                          first_inference_ms=result["first_inference_ms"],
+                          peak_rss_bytes=None if baseline else max(rss),
                           size_bytes=sizes.get(comp) if comp else sum(sizes.values()),
-                          fidelity=_image_fidelity(pixels) if part == "image" else None, **common)
+                          fidelity=_image_fidelity(pixels) if part == "image" else None, **common,
+                          conditions={"own_process": False, "peak_rss_how": "sampled in the bench's process"})
         records.append({**rec, "part": part, **extra})
     torch_engine = {"artifact": None, "name": "diffusers-pytorch-eager", "kind": "pytorch", "backend": "pytorch",
                     "device": "cpu", "method": "float", "precision": "fp32", "manifest_sha256": None,

@@ -2,10 +2,11 @@
 
 1. the machine's load average is read (it goes into every record's ``conditions``);
 2. with the PyTorch baseline, PyTorch eager fp32 of each distinct source model is
-   timed **before** the engines;
+   timed **before** the engines, in a fresh process per model;
 3. each artifact is timed in a **fresh process** of its own (``python -m
-   enginekit.bench.session``), so its ``peak_rss_bytes`` is the engine's own, not
-   the PyTorch-loaded parent's;
+   enginekit.bench.session``, exec-ed, never forked), so its ``peak_rss_bytes`` is
+   the engine's own ``VmHWM`` (:mod:`enginekit.bench.memory`), not the parent's: a
+   child's ``ru_maxrss`` would carry the parent's high-water mark;
 4. PyTorch is timed again **after** the engines; each baseline record is the faster
    of the two (a machine that slowed down meanwhile cannot flatter the engines), with
    both p50s and their ratio (``drift``) in its ``conditions``;
@@ -28,17 +29,19 @@ from pathlib import Path
 from typing import Any
 
 from enginekit.bench.harness import (
-    distinct_sources,
     DRIFT_WARN,
     BenchConfig,
     add_speedups,
     bench_artifact,
     bench_torch,
+    bench_torch_artifact,
+    distinct_artifacts,
+    distinct_sources,
     load_average,
 )
 from enginekit import errors
 
-__all__ = ["SPREAD_WARN", "bench_classifiers", "bench_isolated", "run_notes"]
+__all__ = ["SPREAD_WARN", "bench_classifiers", "bench_isolated", "bench_torch_isolated", "run_notes"]
 
 #: p99 / p50 above this marks an engine's timing as noisy in the notes.
 SPREAD_WARN = 2.0
@@ -52,8 +55,23 @@ def bench_isolated(path: str | Path, config: BenchConfig, device: str = "cpu", b
     bars, notes); its records come back through a file. An enginekit error in the
     child is raised here as the same type with the same message.
     """
-    job = {"path": str(path), "config": asdict(config), "device": device, "backend": backend, "mode": mode,
-           "requests": requests, "progress": progress}
+    return _spawn({"kind": "engine", "path": str(path), "config": asdict(config), "device": device,
+                   "backend": backend, "mode": mode, "requests": requests, "progress": progress})
+
+
+def bench_torch_isolated(path: str | Path, config: BenchConfig, *, name: str = "pytorch-eager",
+                         progress: bool = True) -> list[dict[str, Any]]:
+    """:func:`~enginekit.bench.harness.bench_torch_artifact` (PyTorch eager of the source model of
+    the artifact at ``path``) in a fresh Python process of its own, so its peak memory is
+    PyTorch's own (torch, the model, its runs) and the parent never imports torch."""
+    return _spawn({"kind": "torch", "path": str(path), "config": asdict(config), "name": name,
+                   "progress": progress})
+
+
+def _spawn(job: dict[str, Any]) -> list[dict[str, Any]]:
+    """Run ``job`` in ``python -m enginekit.bench.session`` (exec-ed: its memory counts start at
+    zero); the child's records, or its enginekit error raised here."""
+    path = job["path"]
     with tempfile.TemporaryDirectory(prefix="enginekit-bench-") as tmp:
         spec, out = Path(tmp) / "job.json", Path(tmp) / "records.json"
         spec.write_text(json.dumps(job))
@@ -81,8 +99,12 @@ def _child(job_path: str, out_path: str) -> int:
     cfg = job["config"]
     config = BenchConfig(**{**cfg, "batch_sizes": tuple(cfg["batch_sizes"])})
     try:
-        records = bench_artifact(job["path"], config, job["device"], job["backend"], progress=job["progress"],
-                                 own_process=True, mode=job["mode"], requests=job["requests"])
+        if job.get("kind") == "torch":
+            records = bench_torch_artifact(job["path"], config, name=job["name"], progress=job["progress"],
+                                           own_process=True)
+        else:
+            records = bench_artifact(job["path"], config, job["device"], job["backend"], progress=job["progress"],
+                                     own_process=True, mode=job["mode"], requests=job["requests"])
         result: dict[str, Any] = {"records": records}
     except errors.EngineKitError as exc:
         result = {"error": str(exc), "type": type(exc).__name__}
@@ -96,13 +118,22 @@ def bench_classifiers(artifacts: Sequence[str | Path], config: BenchConfig, devi
                       baseline: bool = False, mode: str = "latency", requests: int = 0,
                       isolate: bool = True, progress: bool = True) -> list[dict[str, Any]]:
     """Time every artifact (each in its own process unless ``isolate`` is off), between two
-    PyTorch timings when ``baseline``; speed-ups filled. See the module docstring."""
+    PyTorch timings when ``baseline`` (each in its own process too, unless ``isolate`` is
+    off); speed-ups filled. See the module docstring."""
     start_load = load_average()
-    sources = distinct_sources(artifacts) if baseline else []
+    if not baseline:
+        sources: list[Any] = []
+    elif isolate:
+        sources = distinct_artifacts(artifacts)
+    else:
+        sources = distinct_sources(artifacts)
 
     def torch_side(label: str) -> list[list[dict[str, Any]]]:
+        name = f"pytorch-eager ({label})"
+        if isolate:
+            return [bench_torch_isolated(path, config, name=name, progress=progress) for path in sources]
         return [bench_torch(src.model, m.component().inputs, config, model_id=m.provenance.get("source"),
-                            name=f"pytorch-eager ({label})", progress=progress) for m, src in sources]
+                            name=name, progress=progress) for m, src in sources]
 
     before = torch_side("before") if baseline else []
     engines: list[dict[str, Any]] = []
@@ -162,8 +193,13 @@ def run_notes(records: Sequence[Mapping[str, Any]]) -> list[str]:
                     and ((r.get("conditions") or {}).get("p99_over_p50") or 0) > SPREAD_WARN})
     if noisy:
         notes.append(f"noisy timings, p99 over {SPREAD_WARN:g}x p50: " + ", ".join(noisy))
-    if any((r.get("conditions") or {}).get("own_process") for r in records):
-        notes.append("peak RSS: each engine's own, timed in a fresh process of its own")
+    hows = {(r.get("conditions") or {}).get("peak_rss_how") for r in records
+            if (r.get("conditions") or {}).get("own_process")}
+    if hows:
+        from enginekit.bench.memory import HOW_TEXT
+
+        notes.append("peak RSS: each engine's own (and PyTorch's), timed in a fresh process of its own; "
+                     + "; ".join(HOW_TEXT.get(h or "", str(h)) for h in sorted(hows, key=str)))
     return notes
 
 

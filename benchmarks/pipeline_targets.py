@@ -11,7 +11,8 @@ prints where the pick stands against the CPU's arithmetic floor for its precisio
 
 Peak memory: after ``optimize``, diffusers eager fp32 and the pick each generate one held-out
 image alone in a fresh subprocess (``--no-peak-memory`` skips it); each reports its process's
-peak RSS (``ru_maxrss``: imports, weights, compiled engine and activations) and its times.
+peak RSS (``VmHWM``: imports, weights, compiled engine and activations; not ``ru_maxrss``,
+which carries this parent's high-water mark into the child) and its times.
 
 FLOPs per cycle per core are assumed from the ISA flags enginekit.hardware reports:
 fp32 64 (AVX-512, two FMA ports × 16 lanes × 2) or 32 (AVX2); bf16 1024 (AMX-BF16
@@ -39,7 +40,7 @@ TARGET_PSNR = 30.0
 #: One image alone in a fresh process: argv = side ("diffusers" or a backend), artifact, size,
 #: steps, prompt, threads. Prints one JSON line.
 _PEAK_CHILD = r"""
-import json, resource, sys
+import json, sys
 side, path, size, steps, prompt, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], int(sys.argv[6])
 from enginekit.bench.pipeline_images import ImageJob, diffusers_images, engine_images, generation_plan
 from enginekit.manifest import read_manifest
@@ -52,8 +53,8 @@ if side == "diffusers":
 else:
     gen, _ = engine_images(path, side, jobs, plan, threads)
 s = gen.summary()
-print(json.dumps({"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                  "step_ms": s["step_ms"], "image_ms": s["image_ms"]}))
+from enginekit.bench.memory import vm_hwm_bytes  # this process's own mark: ru_maxrss carries the parent's
+print(json.dumps({"peak_rss_bytes": vm_hwm_bytes(), "step_ms": s["step_ms"], "image_ms": s["image_ms"]}))
 """
 
 
@@ -248,8 +249,8 @@ def main(argv: list[str] | None = None) -> int:
         print("no arithmetic floor: " + ("the OS reports no clock" if flops else f"no FLOP count for the {denoiser}"))
     for m in memory:
         who = "diffusers eager fp32" if m["side"] == "diffusers" else f"the pick ({m['side']})"
-        if "error" in m:
-            print(f"peak memory, {who}: not measured ({m['error']})")
+        if "error" in m or m.get("peak_rss_bytes") is None:
+            print(f"peak memory, {who}: not measured ({m.get('error') or 'no VmHWM on this platform'})")
         else:
             print(f"peak memory, {who}, one image alone in its process: {m['peak_rss_bytes'] / 2**30:.2f} GiB RSS "
                   f"(step {m['step_ms']:.0f} ms, image {m['image_ms']:.0f} ms)")

@@ -61,6 +61,46 @@ def test_same_process_hides_peak_memory(exported: dict[str, Path], tmp_path: Pat
     assert records[0]["peak_rss_bytes"] is None and "peak MB" not in result.output
 
 
+def test_each_peak_is_its_own_while_the_parent_holds_a_large_buffer(exported: dict[str, Path]) -> None:
+    """The parent touches 1 GiB; the engine's and PyTorch's peaks are read in processes of their
+    own (VmHWM, not a child's ru_maxrss, which carries the parent's high-water mark across exec)."""
+    import psutil
+
+    from enginekit.bench.memory import vm_hwm_bytes
+    from enginekit.bench.session import bench_classifiers, run_notes
+
+    before = psutil.Process().memory_info().rss
+    size = 2**30
+    buffer = np.ones(size // 8)  # ones, not zeros: every page touched and resident
+    assert psutil.Process().memory_info().rss > before + 0.9 * size
+    records = bench_classifiers([exported["timm"]], BenchConfig(warmup=1, runs=3), baseline=True, progress=False)
+    engine = next(r for r in records if not r["baseline"])
+    torch_rec = next(r for r in records if r["baseline"])
+    how = "vmhwm" if vm_hwm_bytes() is not None else "sampled"
+    for rec in (engine, torch_rec):
+        c = rec["conditions"]
+        assert c["own_process"] is True and c["peak_rss_how"] == how
+        # Inherited, the peak would be at least the parent's: what it held before plus the buffer.
+        assert 0 < rec["peak_rss_bytes"] < before + size / 2
+    assert engine["peak_rss_bytes"] < 400e6  # a 0.6 MB model on ONNX Runtime, whatever the parent holds
+    assert engine["conditions"]["torch_in_process"] is False and torch_rec["conditions"]["torch_in_process"] is True
+    assert engine["peak_rss_bytes"] < torch_rec["peak_rss_bytes"]  # importing torch alone outweighs it
+    assert any("VmHWM" in n or "sampled" in n for n in run_notes(records))
+    assert float(buffer[-1]) == 1.0  # held to the end
+
+
+def test_peak_memory_falls_back_to_sampling_without_proc(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where /proc has no VmHWM the peak is the largest RSS sampled, and says so."""
+    from enginekit.bench import memory
+
+    monkeypatch.setattr(memory, "vm_hwm_bytes", lambda pid="self": None)
+    with memory.PeakMemory(sample_s=0.001) as peak:
+        block = np.ones(50 * 2**20 // 8)
+        time.sleep(0.05)  # a few samples while the block is resident (not a timing: nothing is asserted on it)
+    assert peak.how == "sampled" and peak.bytes is not None and peak.bytes > 50 * 2**20
+    assert float(block[0]) == 1.0
+
+
 def test_an_error_in_the_bench_process_is_one_clear_line(exported: dict[str, Path], tmp_path: Path) -> None:
     from enginekit.bench.session import bench_isolated
     from enginekit.errors import ShapeError

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -23,6 +24,7 @@ from enginekit.app.optimize_pipeline import (
     plan_pipeline_candidates,
     select,
 )
+from enginekit.bench.pipeline_images import TimingRule
 from enginekit.errors import InputError, UnknownBackendError
 
 from .conftest import installed_backends
@@ -65,7 +67,8 @@ WRONG = PipelineCandidate("openvino-fp32-wrong-vae-scale", "openvino", {"*": "fp
 def sd15_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
     root = tmp_path_factory.mktemp("opt-sd15")
     config = PipelineOptimizeConfig(precisions=("fp32", "fp16", "int8"), min_psnr=25.0, size=SIZE, steps=STEPS,
-                                    prompts=("a red fox in the snow",), seeds=(0, 1))
+                                    prompts=("a red fox in the snow",), seeds=(0, 1),
+                                    timing=TimingRule(min_samples=8, budget_s=2.0))
     report = optimize_pipeline("tiny-sd15", root / "best", config, work_dir=root / "work", extra_candidates=[WRONG])
     return report, root / "best"
 
@@ -76,7 +79,8 @@ def test_every_candidate_has_a_fate_and_the_fastest_within_budget_is_kept(sd15_r
     expected = {"onnxruntime-fp32", "onnxruntime-fp16", "onnxruntime-fp16-unet", "onnxruntime-int8-unet",
                 "openvino-fp32", "openvino-fp16", "openvino-fp16-unet", "openvino-int8-unet", WRONG.name}
     assert set(fates) == expected
-    assert all(oc["status"] in ("picked", "slower", "missed", "failed", "skipped") for oc in fates.values())
+    assert all(oc["status"] in ("picked", "slower", "missed", "failed", "skipped", "unreliable")
+               for oc in fates.values())
     # The engine with the wrong VAE scale really draws another image: it misses, with its numbers.
     wrong = fates[WRONG.name]
     assert wrong["status"] == "missed"
@@ -116,6 +120,38 @@ def test_every_candidate_has_a_fate_and_the_fastest_within_budget_is_kept(sd15_r
     assert report["rebuild"][-1].startswith("enginekit compile ")
 
 
+def test_the_picks_step_holds_its_denoisers_call_and_every_figure_says_its_samples(
+        sd15_run: tuple[dict, Path]) -> None:
+    """The picked candidate's step time is at least its UNet's call time (a step contains that call),
+    and the report (JSON and markdown) says how many samples each figure took, under which rule."""
+    report, out = sd15_run
+    best = next(oc for oc in report["candidates"] if oc["status"] == "picked")
+    t = best["timing"]
+    assert t["denoiser"] == report["denoiser"] == "unet"
+    assert t["step_ms"] >= t["components_ms"]["unet"] and t["step_ms"] >= t["denoiser_step_ms"]
+    assert "impossible" not in t
+    for oc in report["candidates"]:
+        timing = oc.get("timing")
+        if not timing:
+            continue
+        # Every timed step holds its own UNet call: never impossible here, so nothing was re-measured.
+        assert timing["measurements"] == 1 and timing["step_ms"] >= timing["components_ms"]["unet"]
+        # 2 judged images x (STEPS - 1) timed steps, then repeats for time: at least the rule's minimum
+        # unless its 2 s ran out first.
+        assert timing["step_samples"] >= 2 * (STEPS - 1) and timing["image_samples"] >= 2
+        assert timing["step_samples"] >= 8 or timing["timing_s"] >= 2.0
+        assert timing["component_samples"]["unet"] == timing["step_samples"]
+        assert timing["calls_per_image"]["unet"] == STEPS
+    base = report["baseline"]
+    assert base["step_samples"] >= 2 * (STEPS - 1) and base["before"]["step_samples"] > 0
+    assert report["timing_rule"]["min_samples"] == 8 and "confidence interval" in report["timing_rule"]["text"]
+    md = (out / "report.md").read_text()
+    assert "samples steps / images" in md and report["timing_rule"]["text"] in md
+    row = next(line for line in md.splitlines() if line.startswith(f"| {best['candidate']['name']} |"))
+    assert f"| {t['step_samples']} / {t['image_samples']} |" in row
+    assert f"{t['components_ms']['unet']:.1f} ({t['component_samples']['unet']})" in md
+
+
 def test_the_pick_loads_and_generates(sd15_run: tuple[dict, Path]) -> None:
     import enginekit
     from enginekit.manifest import read_manifest
@@ -152,7 +188,7 @@ def test_flux_through_the_cli(tmp_path: Path) -> None:
     out = tmp_path / "best"
     result = CliRunner().invoke(cli, ["optimize", "tiny-flux", "-o", str(out), "--backends", "openvino",
                                       "--precisions", "fp32,fp16", "--size", str(SIZE), "--steps", str(STEPS),
-                                      "--min-psnr", "25", "--json"])
+                                      "--min-psnr", "25", "--duration", "2", "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["denoiser"] == "transformer" and report["scheduler"] == "flow-euler"
@@ -160,6 +196,7 @@ def test_flux_through_the_cli(tmp_path: Path) -> None:
     assert set(names) == {"openvino-fp32", "openvino-fp16", "openvino-fp16-transformer"}
     assert report["picked"] in names and names[report["picked"]] == "picked"
     assert (out / "report.md").is_file()
+    assert report["timing_rule"]["budget_s"] == 2.0  # --duration bounds the repeated timing of each side
 
 
 def test_no_candidate_meets_the_budget_writes_nothing(tmp_path: Path) -> None:
@@ -168,7 +205,7 @@ def test_no_candidate_meets_the_budget_writes_nothing(tmp_path: Path) -> None:
     out = tmp_path / "best"
     result = CliRunner().invoke(cli, ["optimize", "tiny-sd15", "-o", str(out), "--backends", "openvino",
                                       "--precisions", "fp32", "--size", str(SIZE), "--steps", "2",
-                                      "--min-psnr", "500"])
+                                      "--min-psnr", "500", "--duration", "1"])
     assert result.exit_code != 0
     assert "no candidate met the budget" in result.output
     assert "openvino-fp32: missed (missed budget: PSNR" in result.output
@@ -252,3 +289,74 @@ def test_component_inference_precision_is_checked_and_recorded(sd15_run: tuple[d
     picked = read_manifest(out)
     if "fp16-unet" in picked.provenance["optimize"]["candidate"]:
         assert picked.target["component_inference_precision"]["vae_decoder"] == "f32"
+
+
+# ---------------------------------------------------------------- timing honesty (no engine needed)
+
+
+def _fake_generation(step: float, call: float, n: int = 6) -> Any:
+    from enginekit.bench.pipeline_images import Generation
+
+    return Generation(step_ms=[step] * n, image_ms=[10 * step] * 2, component_ms={"unet": [call] * n},
+                      denoiser="unet", denoiser_step_ms=[call] * n, calls={"unet": n + 2})
+
+
+def test_an_impossible_step_time_is_measured_again_and_never_picked() -> None:
+    """A step contains the denoiser's call: a step median below the call's is impossible. It is
+    measured again (up to REMEASURES times), flagged in the timing, and select never picks it."""
+    from enginekit.app.optimize_pipeline import REMEASURES, measure_timing
+
+    tries: list[int] = []
+
+    def broken() -> Any:
+        tries.append(1)
+        return _fake_generation(step=1.94, call=7.52)
+
+    gen, timing = measure_timing(broken)
+    assert len(tries) == 1 + REMEASURES and timing["measurements"] == 1 + REMEASURES
+    assert "impossible" in timing["impossible"] and "7.52 ms" in timing["impossible"]
+    assert len(timing["remeasured_because"]) == REMEASURES
+
+    # Impossible once, then right: the second measurement is kept, and nothing is flagged.
+    seq = iter([_fake_generation(1.0, 5.0), _fake_generation(6.0, 5.0)])
+    _, fixed = measure_timing(lambda: next(seq))
+    assert fixed["measurements"] == 2 and "impossible" not in fixed and fixed["step_ms"] == 6.0
+
+    def oc(name: str, timing: dict) -> dict:
+        return {"candidate": {"name": name}, "status": "judged", "reason": "", "fidelity": {"psnr_db_min": 50.0},
+                "timing": timing}
+
+    outcomes = [oc("fast-but-impossible", timing), oc("honest", fixed)]
+    assert select(outcomes, 30.0) == "honest"
+    assert outcomes[0]["status"] == "unreliable" and "measured 3 times" in outcomes[0]["reason"]
+
+
+def test_steps_and_denoiser_calls_are_timed_on_the_same_steps() -> None:
+    """_generate_all pairs each timed step with the denoiser's calls inside it (the first step's
+    call is left out of both), and repeats the jobs for time only until the rule is met."""
+    from enginekit.bench.pipeline_images import Generation, ImageJob, TimingRule, _generate_all, median_spread
+
+    clock = iter(range(10**6))
+    calls: dict[str, list[tuple[float, float]]] = {}
+
+    def call(job: ImageJob, steps: int, marks: list[float]) -> np.ndarray:
+        calls.setdefault("text_encoder", []).append((next(clock), next(clock)))
+        for i in range(steps):
+            start = next(clock)
+            end = start + (50 if i == 0 else 3)  # the first step's call is slow (lazy set-up)
+            for _ in range(end - start):
+                next(clock)
+            calls.setdefault("unet", []).append((start, end))
+            marks.append(next(clock))
+        return np.zeros((1, 8, 8, 3))
+
+    plan: Any = type("Plan", (), {"steps": 3})()  # _generate_all reads only the step count
+    gen = Generation(denoiser="unet")
+    _generate_all(call, [ImageJob("a", 0)], plan, gen, calls, warmup=True, rule=TimingRule(min_samples=8,
+                                                                                           max_spread=1.0))
+    assert len(gen.images) == 1 and gen.timing_images == 3  # 2 steps an image: 4 images for 8 samples
+    assert len(gen.step_ms) == 8 and len(gen.denoiser_step_ms) == 8
+    assert gen.component_ms["unet"] == [3e3] * 8  # never the first step's 50
+    assert all(s >= d for s, d in zip(gen.step_ms, gen.denoiser_step_ms))
+    assert gen.calls["unet"] == 12 and gen.summary()["calls_per_image"]["unet"] == 3
+    assert median_spread([1.0] * 10) == 0 and median_spread([1.0, 2.0]) == float("inf")

@@ -13,7 +13,11 @@
 4. each built candidate generates the held-out images on the reference's latents, alone
    in the process (one warm-up image first); its worst PSNR against diffusers is
    judged against the budget, and the same generations time its steps, its whole
-   images and each component's calls;
+   images and each component's calls, repeated for time only until the config's
+   :class:`~enginekit.bench.pipeline_images.TimingRule` is met (or its time is spent).
+   A step always contains the denoiser's call: a step time below that call is an
+   impossible timing, re-measured up to :data:`REMEASURES` times and, if it stays,
+   never picked (status ``unreliable``);
 5. diffusers is timed again after the engines; speed-ups divide by the faster run;
 6. the fastest per step within the budget is copied atomically to OUT, with
    ``report.md`` and ``report.json`` saying what became of every candidate and which
@@ -35,10 +39,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from enginekit.bench.pipeline_images import Generation, TimingRule, timing_problem
 from enginekit.errors import ArtifactError, FidelityError, InputError, one_line
 
 __all__ = ["HELD_OUT_PROMPTS", "PipelineCandidate", "PipelineOptimizeConfig", "optimize_pipeline",
-           "plan_pipeline_candidates", "select", "render_pipeline_report", "QUANTIZE_MISSING"]
+           "plan_pipeline_candidates", "select", "render_pipeline_report", "QUANTIZE_MISSING", "measure_timing",
+           "REMEASURES"]
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 #: Held-out prompts (never calibration prompts: those quantizers draw are left out, below).
@@ -49,6 +55,8 @@ HELD_OUT_PROMPTS = (
     "a futuristic city skyline at night with neon signs, digital art",
 )
 QUANTIZE_MISSING = "quantize for pipelines not available"
+#: How many times an impossible timing (a step faster than the denoiser's call in it) is measured again.
+REMEASURES = 2
 
 
 @dataclass(frozen=True)
@@ -101,6 +109,8 @@ class PipelineOptimizeConfig:
     group_size: int = 128
     #: SD3/SD3.5: export and judge the pipeline without its T5 encoder (as diffusers allows).
     without_t5: bool = False
+    #: How long each side's step is timed (samples, spread of the median, time bound).
+    timing: TimingRule = TimingRule()
 
     def check(self) -> None:
         unknown = [p for p in self.precisions if p not in PRECISIONS]
@@ -199,8 +209,10 @@ def _build(cand: PipelineCandidate, onnx_dir: Path, work: Path, components: Sequ
 
 
 def select(outcomes: Sequence[dict[str, Any]], min_psnr: float, min_ssim: float | None = None) -> str | None:
-    """Mark every judged outcome ``missed`` (with its numbers), ``slower`` or ``picked``: the
-    fastest per denoising step whose worst image keeps the budget. Returns the pick's name."""
+    """Mark every judged outcome ``missed`` (with its numbers), ``unreliable`` (an impossible
+    timing that stayed after re-measuring), ``slower`` or ``picked``: the fastest per denoising
+    step whose worst image keeps the budget. Returns the pick's name. A pick whose lead over the
+    runner-up lies inside both step medians' confidence intervals says so in its reason."""
     passing = []
     for oc in outcomes:
         if oc["status"] != "judged":
@@ -211,16 +223,25 @@ def select(outcomes: Sequence[dict[str, Any]], min_psnr: float, min_ssim: float 
             misses.append(f"PSNR {fid['psnr_db_min']:.2f} dB < {min_psnr:g} dB (worst image)")
         if min_ssim is not None and fid.get("ssim_min") is not None and fid["ssim_min"] < min_ssim:
             misses.append(f"SSIM {fid['ssim_min']:.4f} < {min_ssim:g}")
+        impossible = (oc.get("timing") or {}).get("impossible")
         if misses:
             oc["status"], oc["reason"] = "missed", "missed budget: " + "; ".join(misses)
+        elif impossible:
+            n = oc["timing"].get("measurements", 1)
+            oc["status"], oc["reason"] = "unreliable", f"not picked: {impossible} (measured {n} times)"
         else:
             passing.append(oc)
     if not passing:
         return None
     best = min(passing, key=lambda oc: oc["timing"]["step_ms"])
+    rest = sorted((oc for oc in passing if oc is not best), key=lambda oc: oc["timing"]["step_ms"])
     for oc in passing:
         if oc is best:
             oc["status"], oc["reason"] = "picked", "fastest per step within the budget"
+            ci, other = best["timing"].get("step_ci_ms"), rest[0]["timing"].get("step_ci_ms") if rest else None
+            if ci and other and other[0] <= ci[1]:
+                oc["reason"] += (f"; within the timing noise of {rest[0]['candidate']['name']} (95% intervals of "
+                                 f"the step median {ci[0]:.1f}-{ci[1]:.1f} and {other[0]:.1f}-{other[1]:.1f} ms)")
         else:
             oc["status"] = "slower"
             oc["reason"] = (f"slower per step than {best['candidate']['name']} "
@@ -254,6 +275,29 @@ def _attribute(outcomes: Sequence[dict[str, Any]], baseline: Mapping[str, Any]) 
 
 
 # --------------------------------------------------------------------------- the run
+
+
+def measure_timing(measure: Callable[[], Generation], remeasures: int = REMEASURES,
+                   on_step: Callable[[str], None] = lambda msg: None) -> tuple[Generation, dict[str, Any]]:
+    """``measure()`` and its timing summary; while the timing is impossible
+    (:func:`~enginekit.bench.pipeline_images.timing_problem`), measured again, up to
+    ``remeasures`` times. The summary says how many measurements it took and, when the
+    last one was still impossible, why (``impossible``): :func:`select` never picks it."""
+    problems: list[str] = []
+    while True:
+        gen = measure()
+        summary = gen.summary()
+        problem = timing_problem(summary)
+        if problem is None or len(problems) >= remeasures:
+            break
+        problems.append(problem)
+        on_step(f"  {problem}; measuring again")
+    summary["measurements"] = len(problems) + 1
+    if problems:
+        summary["remeasured_because"] = problems
+    if problem is not None:
+        summary["impossible"] = problem
+    return gen, summary
 
 
 def _held_out(prompts: Sequence[str]) -> list[str]:
@@ -320,18 +364,83 @@ def optimize_pipeline(
     return report
 
 
+@dataclass(frozen=True)
+class _Run:
+    """What one pipeline ``optimize`` run works with, once the export and the plan are made."""
+
+    model: str
+    out: Path
+    work: Path
+    config: PipelineOptimizeConfig
+    onnx_dir: Path
+    components: tuple[str, ...]
+    size: int
+    plan: Any  # GenerationPlan
+    jobs: tuple[Any, ...]  # ImageJob
+    threads: int
+    on_step: Callable[[str], None]
+
+
+def _judge_candidate(run: _Run, cand: PipelineCandidate, reference: Sequence[Any]) -> dict[str, Any]:
+    """Build ``cand``, generate the held-out images with it, judge and time them: its outcome."""
+    from enginekit.bench.pipeline_images import engine_images, judge_images
+    from enginekit.manifest import read_manifest
+
+    oc: dict[str, Any] = {"candidate": cand.to_dict(), "status": "pending", "reason": ""}
+    start = time.perf_counter()
+    try:
+        path = _build(cand, run.onnx_dir, run.work, run.components, run.config, run.size, run.on_step)
+    except ImportError as exc:
+        if cand.how != "quantize":
+            raise
+        oc["status"], oc["reason"] = "skipped", f"{QUANTIZE_MISSING} ({one_line(exc, with_type=True)})"
+        run.on_step(f"  {oc['reason']}")
+        return oc
+    except Exception as exc:  # one candidate's failure (any library's) must not end the run
+        oc["status"], oc["reason"] = "failed", one_line(exc, with_type=True)
+        run.on_step(f"  failed: {oc['reason']}")
+        return oc
+    oc["build_s"] = time.perf_counter() - start
+    oc["path"] = str(path)
+    try:
+        gen, oc["timing"] = measure_timing(
+            lambda: engine_images(path, cand.backend, run.jobs, run.plan, run.threads, rule=run.config.timing)[0],
+            on_step=run.on_step)
+        oc["fidelity"] = judge_images(reference, gen.images, run.jobs)
+    except Exception as exc:
+        oc["status"], oc["reason"] = "failed", one_line(exc, with_type=True)
+        oc.pop("timing", None)
+        run.on_step(f"  failed: {oc['reason']}")
+        return oc
+    oc["status"] = "judged"
+    oc["size_bytes"] = sum(f.size for c in read_manifest(path).components.values() for f in c.files)
+    run.on_step(f"  worst PSNR {oc['fidelity']['psnr_db_min']:.2f} dB; step {oc['timing']['step_ms']:.1f} ms "
+                f"({oc['timing']['step_samples']} samples), image {oc['timing']['image_ms']:.0f} ms")
+    return oc
+
+
+def _time_diffusers(run: _Run, manifest: Any, jobs: Sequence[Any]) -> tuple[Any, dict[str, Any]]:
+    """diffusers' fp32 pipeline on ``jobs``, timed under the run's rule (re-measured when impossible)."""
+    import gc
+
+    from enginekit.export.diffusion.reference import reference_pipeline as _diffusers_pipeline
+    from enginekit.bench.pipeline_images import diffusers_images
+
+    dpipe = _diffusers_pipeline(manifest)
+    try:
+        return measure_timing(lambda: diffusers_images(dpipe, jobs, run.plan, run.threads, rule=run.config.timing),
+                              on_step=run.on_step)
+    finally:
+        del dpipe
+        gc.collect()
+
+
 def _run(model: str, out: Path, work: Path, backends: list[str], prompts: list[str], config: PipelineOptimizeConfig,
          *, random_weights: bool, revision: str | None, seed: int, overwrite: bool,
          extra: Sequence[PipelineCandidate], on_step: Callable[[str], None]) -> dict[str, Any]:
-    import gc
-
-    from enginekit.artifact import atomic_artifact, write_manifest
-    from enginekit.export.diffusion.reference import reference_pipeline as _diffusers_pipeline
-    from enginekit.bench.pipeline_images import (ImageJob, diffusers_images, engine_images, generation_plan,
-                                                 judge_images)
+    from enginekit.bench.pipeline_images import ImageJob, generation_plan
     from enginekit.export.api import export_model
     from enginekit.hardware import fingerprint
-    from enginekit.manifest import read_manifest
     from enginekit.runtimes.tasks.text_to_image import PipelineConfig
 
     hw = fingerprint()
@@ -342,103 +451,78 @@ def _run(model: str, out: Path, work: Path, backends: list[str], prompts: list[s
                             on_step=lambda m: on_step("  " + m))
     pcfg = PipelineConfig.from_section(manifest.task_config)
     size = config.size or pcfg.default_size
-    plan = generation_plan(manifest.task_config, size, config.steps, config.guidance)
-    jobs = [ImageJob(p, s) for p in prompts for s in config.seeds]
-    components = list(manifest.components)
-    candidates = plan_pipeline_candidates(backends, config.precisions, components, pcfg.denoiser, size=size,
+    run = _Run(model=model, out=out, work=work, config=config, onnx_dir=onnx_dir,
+               components=tuple(manifest.components), size=size,
+               plan=generation_plan(manifest.task_config, size, config.steps, config.guidance),
+               jobs=tuple(ImageJob(p, s) for p in prompts for s in config.seeds),
+               threads=config.threads or hw.get("physical_cores") or 1, on_step=on_step)
+    candidates = plan_pipeline_candidates(backends, config.precisions, run.components, pcfg.denoiser, size=size,
                                           cpu_flags=hw.get("flags") or []) + list(extra)
-    threads = config.threads or hw.get("physical_cores") or 1
 
-    on_step(f"2. diffusers fp32 eager: {len(jobs)} reference image(s) at {size}x{size}, {config.steps} steps")
-    dpipe = _diffusers_pipeline(manifest)
-    before = diffusers_images(dpipe, jobs, plan, threads)
-    reference = before.images
-    del dpipe
-    gc.collect()
-    on_step(f"  step {before.summary()['step_ms']:.1f} ms, image {before.summary()['image_ms']:.0f} ms")
-
+    on_step(f"2. diffusers fp32 eager: {len(run.jobs)} reference image(s) at {size}x{size}, {config.steps} steps")
+    before, b = _time_diffusers(run, manifest, run.jobs)
+    on_step(f"  step {b['step_ms']:.1f} ms ({b['step_samples']} samples), image {b['image_ms']:.0f} ms")
     outcomes: list[dict[str, Any]] = []
     for i, cand in enumerate(candidates, 1):
-        oc: dict[str, Any] = {"candidate": cand.to_dict(), "status": "pending", "reason": ""}
-        outcomes.append(oc)
         on_step(f"3. [{i}/{len(candidates)}] {cand.name}: {cand.description}")
-        start = time.perf_counter()
-        try:
-            path = _build(cand, onnx_dir, work, components, config, size, on_step)
-        except ImportError as exc:
-            if cand.how != "quantize":
-                raise
-            oc["status"], oc["reason"] = "skipped", f"{QUANTIZE_MISSING} ({one_line(exc, with_type=True)})"
-            on_step(f"  {oc['reason']}")
-            continue
-        except Exception as exc:  # one candidate's failure (any library's) must not end the run
-            oc["status"], oc["reason"] = "failed", one_line(exc, with_type=True)
-            on_step(f"  failed: {oc['reason']}")
-            continue
-        oc["build_s"] = time.perf_counter() - start
-        oc["path"] = str(path)
-        try:
-            gen, _ = engine_images(path, cand.backend, jobs, plan, threads)
-            oc["fidelity"] = judge_images(reference, gen.images, jobs)
-            oc["timing"] = gen.summary()
-        except Exception as exc:
-            oc["status"], oc["reason"] = "failed", one_line(exc, with_type=True)
-            on_step(f"  failed: {oc['reason']}")
-            continue
-        oc["status"] = "judged"
-        oc["size_bytes"] = sum(f.size for c in read_manifest(path).components.values() for f in c.files)
-        on_step(f"  worst PSNR {oc['fidelity']['psnr_db_min']:.2f} dB; step {oc['timing']['step_ms']:.1f} ms, "
-                f"image {oc['timing']['image_ms']:.0f} ms")
-
+        outcomes.append(_judge_candidate(run, cand, before.images))
     on_step("5. diffusers fp32 eager again, after the engines")
-    dpipe = _diffusers_pipeline(manifest)
-    after = diffusers_images(dpipe, jobs[:1], plan, threads)
-    del dpipe
-    gc.collect()
-    b, a = before.summary(), after.summary()
+    _, a = _time_diffusers(run, manifest, run.jobs[:1])
     baseline = min((b, a), key=lambda s: s["step_ms"])
-    baseline = {**baseline, "before": {"step_ms": b["step_ms"], "image_ms": b["image_ms"]},
-                "after": {"step_ms": a["step_ms"], "image_ms": a["image_ms"]}, "threads": threads,
-                "drift": a["step_ms"] / b["step_ms"]}
+    baseline = {**baseline, "before": {k: b[k] for k in ("step_ms", "image_ms", "step_samples", "image_samples")},
+                "after": {k: a[k] for k in ("step_ms", "image_ms", "step_samples", "image_samples")},
+                "threads": run.threads, "drift": a["step_ms"] / b["step_ms"]}
     picked = select(outcomes, config.min_psnr, config.min_ssim)
     _attribute(outcomes, baseline)
     report: dict[str, Any] = {
         "model": model, "family": manifest.family, "output": str(out),
         "source": {k: manifest.provenance.get(k) for k in ("source", "kind", "weights", "seed", "without_t5")
                    if manifest.provenance.get(k) is not None},
-        "size": size, "steps": config.steps, "guidance": plan.guidance, "scheduler": plan.scheduler,
+        "size": size, "steps": config.steps, "guidance": run.plan.guidance, "scheduler": run.plan.scheduler,
         "denoiser": pcfg.denoiser, "held_out": {"prompts": prompts, "seeds": list(config.seeds)},
         "budget": {"min_psnr_db": config.min_psnr, "min_ssim": config.min_ssim, "judged_on": "worst image"},
         "config": {k: v for k, v in asdict(config).items() if k != "prompts"},
         "hardware": hw, "baseline": baseline, "candidates": outcomes, "picked": picked,
+        "timing_rule": {**asdict(config.timing), "text": config.timing.describe(), "remeasures": REMEASURES},
     }
     if picked is not None:
         from enginekit.app.rebuild import pipeline_rebuild_commands
 
         best = next(oc for oc in outcomes if oc["status"] == "picked")
-        report["rebuild"] = pipeline_rebuild_commands(report, best["candidate"], components, seed=seed,
+        report["rebuild"] = pipeline_rebuild_commands(report, best["candidate"], list(run.components), seed=seed,
                                                       revision=revision)
+    _write(run, report, overwrite)
+    return report
+
+
+def _write(run: _Run, report: dict[str, Any], overwrite: bool) -> None:
+    """The pick, its manifest's provenance and the report to OUT atomically; nothing to OUT (the
+    report in the work folder, a FidelityError) when nothing was picked."""
+    from enginekit.artifact import atomic_artifact, write_manifest
+    from enginekit.manifest import read_manifest
+
     markdown = render_pipeline_report(report)
+    picked, outcomes, config, out = report["picked"], report["candidates"], run.config, run.out
     if picked is None:
-        (work / "report.json").write_text(json.dumps(report, indent=2, default=str))
-        (work / "report.md").write_text(markdown)
+        (run.work / "report.json").write_text(json.dumps(report, indent=2, default=str))
+        (run.work / "report.md").write_text(markdown)
         lines = "\n".join(f"  {oc['candidate']['name']}: {oc['status']} ({oc['reason']})" for oc in outcomes)
         raise FidelityError(f"no candidate met the budget (image PSNR >= {config.min_psnr:g} dB against diffusers "
                             f"on every held-out image):\n{lines}\n{table_text(report)}\n"
-                            f"nothing was written to {out}; the report is in {work / 'report.md'}")
+                            f"nothing was written to {out}; the report is in {run.work / 'report.md'}")
     best = next(oc for oc in outcomes if oc["status"] == "picked")
-    on_step(f"6. picked {picked} -> {out}")
-    with atomic_artifact(out, overwrite=overwrite, inputs=(model,)) as tmp:
+    run.on_step(f"6. picked {picked} -> {out}")
+    with atomic_artifact(out, overwrite=overwrite, inputs=(run.model,)) as tmp:
         shutil.copytree(best["path"], tmp, dirs_exist_ok=True)
         m = read_manifest(tmp)
         provenance = {**m.provenance, "optimize": {
-            "model": model, "candidate": picked, "candidates": len(outcomes), "size": size, "steps": config.steps,
-            "baseline_step_ms": baseline["step_ms"], "step_ms": best["timing"]["step_ms"],
+            "model": run.model, "candidate": picked, "candidates": len(outcomes), "size": run.size,
+            "steps": config.steps, "baseline_step_ms": report["baseline"]["step_ms"],
+            "step_ms": best["timing"]["step_ms"], "step_samples": best["timing"]["step_samples"],
             "speedup_step": best.get("speedup_step"), "psnr_db_min": best["fidelity"]["psnr_db_min"]}}
         write_manifest(tmp, m.replace(provenance=provenance, fidelity={**m.fidelity, "image": best["fidelity"]}))
         (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str))
         (tmp / "report.md").write_text(markdown)
-    return report
 
 
 # --------------------------------------------------------------------------- the report
@@ -448,12 +532,21 @@ def _f(value: Any, spec: str, suffix: str = "") -> str:
     return "-" if value is None else format(value, spec) + suffix
 
 
+def _samples(timing: Mapping[str, Any]) -> str:
+    """How many steps and images a timing's medians took (and re-measures, if any)."""
+    if not timing.get("step_samples"):
+        return "-"
+    again = timing.get("measurements", 1)
+    return (f"{timing['step_samples']} / {timing['image_samples']}"
+            + (f" ({again} measurements)" if again > 1 else ""))
+
+
 def table_rows(report: Mapping[str, Any]) -> list[list[str]]:
-    """One row per candidate (after diffusers'): name, precisions, step ms, image ms, speed-ups,
+    """One row per candidate (after diffusers'): name, precisions, step ms, image ms, samples, speed-ups,
     worst/mean PSNR, speed-up vs the backend's fp32 and the component it came from, fate."""
     base = report["baseline"]
     rows = [["diffusers eager (baseline)", "fp32", _f(base["step_ms"], ".1f"), _f(base["image_ms"], ".0f"),
-             "1.00x", "1.00x", "reference", "-", "-", "baseline"]]
+             _samples(base), "1.00x", "1.00x", "reference", "-", "-", "baseline"]]
     for oc in report["candidates"]:
         c, t, fid, vs = oc["candidate"], oc.get("timing") or {}, oc.get("fidelity") or {}, oc.get("vs_fp32") or {}
         precisions = ", ".join(f"{k if k != '*' else 'rest' if len(c['precisions']) > 1 else 'all'} {v}"
@@ -461,19 +554,25 @@ def table_rows(report: Mapping[str, Any]) -> list[list[str]]:
         came = "-" if not vs else (f"{vs['step']:.2f}x ({vs['from']} {vs['components'].get(vs['from'], 0):.2f}x)"
                                    if vs.get("from") else f"{vs['step']:.2f}x (no component faster)")
         fate = oc["status"] + (f": {oc['reason']}" if oc["reason"] and oc["status"] != "picked" else "")
-        rows.append([c["name"], precisions, _f(t.get("step_ms"), ".1f"), _f(t.get("image_ms"), ".0f"),
+        rows.append([c["name"], precisions, _f(t.get("step_ms"), ".1f"), _f(t.get("image_ms"), ".0f"), _samples(t),
                      _f(oc.get("speedup_step"), ".2f", "x"), _f(oc.get("speedup_image"), ".2f", "x"),
                      f"{_f(fid.get('psnr_db_min'), '.2f')} / {_f(fid.get('psnr_db_mean'), '.2f')}" if fid else "-",
                      came, _f(oc.get("size_bytes") and oc["size_bytes"] / 1e6, ".0f"), fate])
     return rows
 
 
-HEADERS = ["candidate", "precision", "step ms", "image ms", "step speed-up", "image speed-up",
+HEADERS = ["candidate", "precision", "step ms", "image ms", "samples steps / images", "step speed-up",
+           "image speed-up",
            "PSNR dB worst / mean", "vs own fp32 (from)", "size MB", "fate"]
 
 
 def table_text(report: Mapping[str, Any]) -> str:
     return "\n".join("| " + " | ".join(r).replace("\n", " ") + " |" for r in [HEADERS, *table_rows(report)])
+
+
+def _call(timing: Mapping[str, Any], component: str) -> str:
+    n = (timing.get("component_samples") or {}).get(component)
+    return _f(timing["components_ms"].get(component), ".1f") + (f" ({n})" if n else "")
 
 
 def render_pipeline_report(report: Mapping[str, Any]) -> str:
@@ -497,11 +596,15 @@ def render_pipeline_report(report: Mapping[str, Any]) -> str:
         f"- picked: **{report['picked'] or 'none'}**",
         "",
         "| " + " | ".join(HEADERS) + " |",
-        "|" + "|".join([":---", ":---"] + ["---:"] * 7 + [":---"]) + "|",
+        "|" + "|".join([":---", ":---"] + ["---:"] * 8 + [":---"]) + "|",
         *("| " + " | ".join(cell.replace("|", "/") for cell in row) + " |" for row in table_rows(report)),
         "",
         "Times are medians: a step is the time between two step ends (the first step is never counted), an "
-        "image the whole generation, after one untimed warm-up image; each engine ran alone. "
+        "image the whole generation, after one untimed warm-up image; each engine ran alone. After the judged "
+        f"images each side repeated them for time only: {report['timing_rule']['text']}; the samples column "
+        "says how many steps and images each median took. A step contains the denoiser's call (timed on the "
+        "same steps); a step below it is an impossible timing, measured again up to "
+        f"{report['timing_rule']['remeasures']} times and never picked. "
         "\"vs own fp32\": the step speed-up over the same backend's all-fp32 candidate, and the component "
         "whose calls saved the most time per image, with its own speed-up per call.",
         "",
@@ -509,11 +612,12 @@ def render_pipeline_report(report: Mapping[str, Any]) -> str:
     per = [oc for oc in report["candidates"] if oc.get("timing")]
     if per:
         comps = sorted({c for oc in per for c in oc["timing"]["components_ms"]})
-        lines += ["Per-component time per call (ms, median):", "",
+        lines += ["Per-component time per call (ms, median; in brackets the calls it took; the denoiser's "
+                  "only inside timed steps):", "",
                   "| candidate | " + " | ".join(comps) + " |", "|:---|" + "---:|" * len(comps),
-                  "| diffusers eager | " + " | ".join(_f(base["components_ms"].get(c), ".1f") for c in comps) + " |",
-                  *(f"| {oc['candidate']['name']} | " + " | ".join(_f(oc["timing"]["components_ms"].get(c), ".1f")
-                                                             for c in comps) + " |" for oc in per), ""]
+                  "| diffusers eager | " + " | ".join(_call(base, c) for c in comps) + " |",
+                  *(f"| {oc['candidate']['name']} | " + " | ".join(_call(oc["timing"], c) for c in comps) + " |"
+                    for oc in per), ""]
     if report.get("rebuild"):
         lines += [f"Rebuild {report['picked']} by hand:", "", "```sh", *report["rebuild"], "```", ""]
     return "\n".join(lines)

@@ -37,7 +37,9 @@ from enginekit.app.cli.common import cli, csv, emit_json, err_console, given_par
               help="Samples static int8 methods calibrate on, at most (never the held-out ones).")
 @click.option("--eval-size", default=128, show_default=True, help="Held-out samples the budget is checked on.")
 @click.option("--runs", type=int, default=None, help="Timed runs per candidate (default 30).")
-@click.option("--duration", type=float, default=None, help="Or: seconds of timed runs per candidate.")
+@click.option("--duration", type=float, default=None,
+              help="Or: seconds of timed runs per candidate (pipelines: at most this long repeating images "
+                   "for time per candidate [default: 20]).")
 @click.option("--warmup", default=5, show_default=True, help="Untimed runs before each timing.")
 @click.option("--threads", default=0, show_default=True, help="Threads for every engine and PyTorch (0: defaults).")
 @click.option("--dynamic-shape", is_flag=True, help="Keep OpenVINO engines' batch axis dynamic (slower at batch 1).")
