@@ -465,30 +465,34 @@ def predict(artifact: Path, images: tuple[str, ...], top_k: int, device: str, ba
 
 @cli.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
-@click.option("--json", "as_json", is_flag=True, help="Print the raw manifest.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the digest, integrity, pin and signature verdicts and the manifest, as JSON.")
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Hash every file and check it against its sha256 (a full check: no remembered result is used).")
-def inspect(artifact: Path, as_json: bool, verify: bool) -> None:
-    """Show what an ARTIFACT's manifest says, readably, and its digest
-    (pin it with `enginekit predict/generate --digest` or `enginekit.load(path, digest=...)`)."""
-    from enginekit.artifact import SIGNATURE_NAME, verify_artifact
-    from enginekit.app.inspect import render_manifest
-    from enginekit.manifest import read_manifest
+@click.option("--digest", help="Check the artifact against this pinned manifest digest (sha256:HEX).")
+@click.option("--verify-with", type=click.Path(path_type=Path), help="Check the signature with this public key (PEM).")
+def inspect(artifact: Path, as_json: bool, verify: bool, digest: str | None, verify_with: Path | None) -> None:
+    """Show what an ARTIFACT's manifest says, readably, its digest, and whether it is
+    intact, pinned and signed (pin it with `serve NAME=PATH@sha256:HEX`, `predict/generate
+    --digest` or `enginekit.load(path, digest=...)`). Exits 1 when a check fails."""
+    from enginekit.app.inspect import artifact_report, render_manifest, render_trust, report_failures
+    from enginekit.manifest import Manifest
 
-    manifest = read_manifest(artifact)
-    if verify:
-        verify_artifact(artifact, manifest, full=True)
+    report = artifact_report(artifact, verify=verify, digest=digest, verify_with=verify_with)
+    failures = report_failures(report)
     if as_json:
-        _emit_json(manifest.to_dict())
-        return
-    from rich.console import Console
+        _emit_json(report)
+    else:
+        from rich.console import Console
 
-    # Piped or captured output has no terminal width to fit: keep whole names and shapes.
-    console = Console() if sys.stdout.isatty() else Console(width=200)
-    console.print(render_manifest(manifest, artifact, verified=verify))
-    signed = f"signed: {SIGNATURE_NAME}, check it with --verify-with KEY" if (artifact / SIGNATURE_NAME).is_file() \
-        else "not signed"
-    console.print(f"digest         sha256:{manifest.digest()}  ({signed})", highlight=False, soft_wrap=True)
+        # Piped or captured output has no terminal width to fit: keep whole names and shapes.
+        console = Console() if sys.stdout.isatty() else Console(width=200)
+        integrity = report["integrity"]
+        verified = integrity["detail"] if integrity["verdict"] == "failed" else integrity["verdict"] == "ok"
+        console.print(render_manifest(Manifest.from_dict(report["manifest"]), artifact, verified=verified))
+        console.print(render_trust(report), highlight=False, soft_wrap=True, markup=False)
+    if failures:
+        raise click.ClickException(failures[0])
 
 
 @cli.command()
@@ -1173,6 +1177,8 @@ def demo(out: Path, as_json: bool) -> None:
 @click.option("--api-key-file", type=click.Path(path_type=Path),
               help="Bearer keys, one a line: every endpoint but health then needs one.")
 @click.option("--cors-origin", "cors_origins", multiple=True, help="Allow this origin (CORS); repeatable.")
+@click.option("--verify-with", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Public key (PEM): a model whose signature does not verify with it is not ready.")
 @click.option("--max-body-mb", default=32.0, show_default=True, help="Largest request body.")
 @click.option("--max-pixels", default=16_000_000, show_default=True, help="Largest uploaded image (width x height).")
 @click.option("--max-images", default=16, show_default=True, help="Images per request.")
@@ -1190,14 +1196,16 @@ def demo(out: Path, as_json: bool) -> None:
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]))
 def serve(artifacts: tuple[str, ...], host: str, port: int, max_batch: int, max_delay_ms: float, max_queue: int,
-          timeout_s: float, api_key_file: Path | None, cors_origins: tuple[str, ...], max_body_mb: float,
+          timeout_s: float, api_key_file: Path | None, cors_origins: tuple[str, ...], verify_with: Path | None,
+          max_body_mb: float,
           max_pixels: int, max_images: int, device: str, workers: int, on_ray: bool, replicas: int,
           max_replicas: int | None, replica_cpus: float, ray_address: str | None, log_level: str) -> None:
     """Serve artifacts over HTTP: KServe v2 (/v2), /v1/classify, /v1/generate, the A1111
     API (/sdapi/v1), /metrics and a web page at /. Each artifact is served under its
-    folder's name; NAME=ARTIFACT picks another. SIGTERM drains (finishes what is in flight).
+    folder's name; NAME=ARTIFACT picks another; ARTIFACT@sha256:HEX pins its digest (a model that
+    does not match is not ready). SIGTERM drains (finishes what is in flight).
     --ray serves the same app through Ray Serve, on --replicas replicas."""
-    from enginekit.serve.settings import ServeSettings, parse_model_specs, read_api_keys
+    from enginekit.serve.settings import ServeSettings, parse_model_pins, parse_model_specs, read_api_keys
 
     ray_only = {"--replicas": replicas != 1, "--max-replicas": max_replicas is not None,
                 "--replica-cpus": replica_cpus != 1.0, "--ray-address": ray_address is not None}
@@ -1210,7 +1218,8 @@ def serve(artifacts: tuple[str, ...], host: str, port: int, max_batch: int, max_
     settings = ServeSettings(max_batch=max_batch, max_delay_ms=max_delay_ms, max_queue=max_queue,
                              timeout_s=timeout_s, api_keys=read_api_keys(api_key_file) if api_key_file else frozenset(),
                              cors_origins=cors_origins, max_body_bytes=int(max_body_mb * 1024 * 1024),
-                             max_pixels=max_pixels, max_images=max_images, device=device)
+                             max_pixels=max_pixels, max_images=max_images, device=device,
+                             pins=parse_model_pins(artifacts), verify_with=str(verify_with.resolve()) if verify_with else None)
     logging.basicConfig(level=getattr(logging, log_level.upper()), format="%(name)s: %(message)s")
     if host not in ("127.0.0.1", "localhost", "::1") and not settings.api_keys:
         click.echo(f"warning: serving on {host} without --api-key-file: anyone who reaches it can use it", err=True)
