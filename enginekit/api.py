@@ -74,7 +74,9 @@ def _open(path: str | Path, backend: str | None, digest: str | None = None,
         from enginekit.signing import verify_signature
 
         verify_signature(root, verify_with)
-    verify_artifact(root, manifest)
+    # A pinned or signed load hashes every file: a remembered check (the verified-file cache)
+    # is only as trustworthy as the user account that wrote it, which a pin must not depend on.
+    verify_artifact(root, manifest, full=True if digest is not None or verify_with is not None else None)
     name = backend or default_backend(manifest)
     try:
         be = get_backend(name)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
-from enginekit.errors import ManifestError, one_line
+from enginekit.errors import IntegrityError, ManifestError, one_line
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -328,6 +328,10 @@ def read_manifest(artifact: str | Path) -> Manifest:
         raise ManifestError(f"{shown}: not a usable path ({_reason(exc)})") from None
     if not is_file:
         raise ManifestError(f"{root}: no {MANIFEST_NAME} (not an enginekit artifact, or an interrupted write)")
+    if path.is_symlink() and root.resolve() not in path.resolve().parents:
+        # What a digest or signature of this folder covers must be in it: a manifest linked
+        # from elsewhere could change under a pinned artifact without the folder changing.
+        raise IntegrityError(f"{root}: {MANIFEST_NAME} is a symlink to a file outside the artifact folder")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:

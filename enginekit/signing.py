@@ -21,7 +21,11 @@ from enginekit.artifact import SIGNATURE_NAME, verify_artifact
 from enginekit.errors import EngineKitError, IntegrityError, one_line
 from enginekit.manifest import read_manifest
 
-__all__ = ["sign_artifact", "verify_signature"]
+__all__ = ["sign_artifact", "verify_signature", "signature_info", "key_fingerprint", "KEY_TYPES"]
+
+#: The keys model-signing's private-key mode takes (what a refusal names).
+KEY_TYPES = "elliptic-curve keys on P-256, P-384 or P-521 (PEM)"
+_CURVES = ("secp256r1", "secp384r1", "secp521r1")
 
 
 def _library(purpose: str) -> Any:
@@ -48,6 +52,7 @@ def sign_artifact(path: str | Path, private_key: str | Path, password: str | Non
     key = Path(private_key)
     if not key.is_file():
         raise EngineKitError(f"{key}: no such private key file")
+    _check_key(key, private=True, password=password)
     hashing, signing, _ = _library("enginekit sign")
     fd, tmp = tempfile.mkstemp(prefix=f".{root.name}.sig-", dir=root.resolve().parent)
     os.close(fd)
@@ -75,6 +80,7 @@ def verify_signature(path: str | Path, public_key: str | Path) -> None:
     key = Path(public_key)
     if not key.is_file():
         raise IntegrityError(f"{key}: no such public key file")
+    _check_key(key, private=False)
     hashing, _, verifying = _library("checking a signature")
     try:
         config = verifying.Config().use_elliptic_key_verifier(public_key=key)
@@ -87,3 +93,64 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def _load_key(path: Path, private: bool, password: str | None = None) -> Any:
+    from cryptography.hazmat.primitives import serialization
+
+    data = path.read_bytes()
+    if private:
+        return serialization.load_pem_private_key(data, password.encode() if password else None)
+    return serialization.load_pem_public_key(data)
+
+
+def _check_key(path: Path, private: bool, password: str | None = None) -> None:
+    """Refuse, in one line naming the key types taken, a key model-signing cannot use
+    (it fails on an RSA key with an AttributeError of its own)."""
+    try:
+        from cryptography.hazmat.primitives.asymmetric import ec
+    except ImportError:
+        return  # model-signing (which needs cryptography) is missing too: _library says so
+    error = EngineKitError if private else IntegrityError
+    try:
+        key = _load_key(path, private, password)
+    except (ValueError, TypeError, OSError) as exc:
+        kind = "private" if private else "public"
+        raise error(f"{path}: not a readable {kind} key ({_one_line(exc)}); enginekit takes {KEY_TYPES}") from None
+    public = key.public_key() if private else key
+    if not isinstance(public, ec.EllipticCurvePublicKey) or public.curve.name not in _CURVES:
+        what = public.curve.name if isinstance(public, ec.EllipticCurvePublicKey) else type(public).__name__
+        what = what.removesuffix("PublicKey").removeprefix("_") or what
+        raise error(f"{path}: the key is {what}; enginekit sign and --verify-with take {KEY_TYPES}")
+
+
+def key_fingerprint(public_key: str | Path) -> str:
+    """``sha256:HEX`` of the public key's PEM (SubjectPublicKeyInfo) form: the key hint
+    model-signing records in a signature, so ``inspect`` can say which key signed."""
+    import hashlib
+
+    from cryptography.hazmat.primitives import serialization
+
+    key = _load_key(Path(public_key), private=False)
+    pem = key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return f"sha256:{hashlib.sha256(pem).hexdigest()}"
+
+
+def signature_info(path: str | Path) -> dict[str, Any] | None:
+    """What ``path/signature.sig`` claims, read without a key (nothing here is verified):
+    ``{"key": "sha256:HEX" or None, "files": {relative path: sha256}}``; None when the
+    artifact has no signature. A signature that cannot be parsed reports ``"error"``."""
+    import base64
+    import json
+
+    signature = Path(path) / SIGNATURE_NAME
+    if not signature.is_file():
+        return None
+    try:
+        bundle = json.loads(signature.read_text(encoding="utf-8"))
+        hint = ((bundle.get("verificationMaterial") or {}).get("publicKey") or {}).get("hint")
+        statement = json.loads(base64.b64decode(bundle["dsseEnvelope"]["payload"]))
+        files = {str(r["name"]): str(r["digest"]) for r in statement["predicate"]["resources"]}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        return {"key": None, "files": {}, "error": f"unreadable {SIGNATURE_NAME} ({_one_line(exc)})"}
+    return {"key": f"sha256:{hint}" if hint else None, "files": files}

@@ -67,7 +67,8 @@ class ModelSlot:
 
         t0 = time.perf_counter()
         try:
-            obj = enginekit.load(self.path, device=self.settings.device)
+            obj = enginekit.load(self.path, device=self.settings.device, digest=self.settings.pins.get(self.name),
+                                 verify_with=self.settings.verify_with)
             task = getattr(obj, "task", None)
             if task not in (CLASSIFIER, PIPELINE):
                 raise EngineKitError(f"task {task!r} cannot be served (serve runs {CLASSIFIER} and {PIPELINE})")
@@ -208,6 +209,10 @@ class ModelSlot:
         out: dict[str, Any] = {"name": self.name, "state": self.state, "ready": self.ready, "task": self.task}
         if not self.ready:
             out["reason"] = self.reason
+        if self.name in self.settings.pins:
+            out["pinned"] = self.settings.pins[self.name]
+        if self.settings.verify_with:
+            out["signature_checked"] = True
         if self.obj is not None:
             out["backend"] = getattr(self.obj, "backend", None)
             out["device"] = getattr(self.obj, "device", None)

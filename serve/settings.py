@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
 from enginekit.errors import InputError
 
-__all__ = ["ServeSettings", "PIXEL_FACTOR", "parse_model_specs", "read_api_keys"]
+__all__ = ["ServeSettings", "PIXEL_FACTOR", "parse_model_pins", "parse_model_specs", "read_api_keys"]
 
 #: A generation may ask for this many times the pixels its model was made for, by default:
 #: twice the side (SD 1.5 at 1024x1024, SDXL at 2048x2048), or four images at the model's own
@@ -53,6 +54,11 @@ class ServeSettings:
     #: How long a drain (SIGTERM) waits for requests in flight before exiting anyway.
     drain_timeout_s: float = 60.0
     device: str = "auto"
+    #: Pinned models: name -> the manifest digest (``sha256:HEX``) the artifact must have
+    #: (``NAME=PATH@sha256:HEX``); a mismatch leaves that model not ready, with the reason.
+    pins: dict = field(default_factory=dict)
+    #: A public key (PEM) every served artifact's signature must verify with (``--verify-with``).
+    verify_with: str | None = None
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -74,14 +80,39 @@ class ServeSettings:
             raise InputError("timeout-s must be above 0")
 
 
-def parse_model_specs(specs: Sequence[str | Path]) -> dict[str, Path]:
-    """``["out/sd-ov", "clf=out/x"]`` -> ``{"sd-ov": Path("out/sd-ov"), "clf": Path("out/x")}``.
+_PIN = re.compile(r"@sha256:([^/@]*)$")
 
-    A bare path is served under its folder's name; ``name=path`` chooses another.
+
+def _split_pin(text: str) -> tuple[str, str | None]:
+    """``"out/x@sha256:HEX"`` -> ``("out/x", "sha256:hex")``; a path without a pin -> ``(path, None)``."""
+    m = _PIN.search(text)
+    if m is None:
+        return text, None
+    if not re.fullmatch(r"[0-9a-fA-F]{64}", m.group(1)):
+        raise InputError(f"{text!r}: a pin is @sha256: and the 64 hex digits `enginekit inspect` prints")
+    return text[: m.start()], f"sha256:{m.group(1).lower()}"
+
+
+def parse_model_pins(specs: Sequence[str | Path]) -> dict[str, str]:
+    """The pins of ``NAME=PATH@sha256:HEX`` specs: model name -> ``sha256:hex``."""
+    names = list(parse_model_specs(specs))
+    pins = {}
+    for name, spec in zip(names, specs):
+        _, digest = _split_pin(str(spec))
+        if digest is not None:
+            pins[name] = digest
+    return pins
+
+
+def parse_model_specs(specs: Sequence[str | Path]) -> dict[str, Path]:
+    """``["out/sd-ov", "clf=out/x@sha256:HEX"]`` -> ``{"sd-ov": Path("out/sd-ov"), "clf": Path("out/x")}``.
+
+    A bare path is served under its folder's name; ``name=path`` chooses another; an
+    ``@sha256:HEX`` suffix pins the artifact (see :func:`parse_model_pins`).
     """
     models: dict[str, Path] = {}
     for spec in specs:
-        text = str(spec)
+        text, _ = _split_pin(str(spec))
         name, sep, path = text.partition("=")
         if not sep or "/" in name or not name:
             name, path = Path(text).resolve().name, text
@@ -99,6 +130,10 @@ def parse_model_specs(specs: Sequence[str | Path]) -> dict[str, Path]:
 def read_api_keys(path: str | Path) -> frozenset[str]:
     """One key per line; blank lines and ``#`` comments are skipped."""
     try:
+        mode = Path(path).stat().st_mode
+        if mode & (stat.S_IWGRP | stat.S_IWOTH):
+            # Whoever can write the file can add a key (ssh's rule for its key files).
+            raise InputError(f"--api-key-file {path}: group or others can write it; chmod 600 it")
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise InputError(f"--api-key-file: cannot read it ({getattr(exc, 'strerror', None) or exc})") from None

@@ -61,7 +61,7 @@ def test_export_compile_predict_inspect(runner: CliRunner, tiny_timm_dir: Path, 
     assert "[batch," in result.output  # shapes shown literally, not eaten as rich markup
     result = runner.invoke(cli, ["inspect", str(onnx_dir), "--json"])
     _ok(result)
-    assert json.loads(result.output)["image-classification"]["labels"] == TIMM_LABELS
+    assert json.loads(result.output)["manifest"]["image-classification"]["labels"] == TIMM_LABELS
 
 
 def test_export_random_weights_timm_name(runner: CliRunner, tmp_path: Path) -> None:

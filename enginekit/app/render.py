@@ -106,7 +106,7 @@ def pipeline_details(manifest: Any) -> list[tuple[str, str]]:
                          f"{int(t.get('sample_size', 0)) * int(t.get('vae_scale_factor', 0))} px")]
 
 
-def _head_rows(manifest: Any, path: str | Path, verified: bool) -> list[tuple[str, Any]]:
+def _head_rows(manifest: Any, path: str | Path, verified: bool | str) -> list[tuple[str, Any]]:
     from enginekit.stages import details
 
     prov = manifest.provenance
@@ -134,11 +134,14 @@ def _head_rows(manifest: Any, path: str | Path, verified: bool) -> list[tuple[st
     tools = prov.get("tools") or {}
     if tools:
         rows.append(("tools", ", ".join(f"{k} {v}" for k, v in tools.items())))
-    rows.append(("integrity", "every file matches its sha256" if verified else "not checked (--no-verify)"))
+    if isinstance(verified, str):  # a failed check's one line
+        rows.append(("integrity", f"FAILED: {verified}"))
+    else:
+        rows.append(("integrity", "every file matches its sha256" if verified else "not checked (--no-verify)"))
     return rows
 
 
-def render_manifest(manifest: Any, path: str | Path, verified: bool) -> Any:
+def render_manifest(manifest: Any, path: str | Path, verified: bool | str) -> Any:
     """``inspect``: the manifest's fields, its components and its assets."""
     from rich.console import Group
     from rich.table import Table
@@ -376,3 +379,17 @@ def rebuild_lines(report: Mapping[str, Any]) -> str | None:
     if not report.get("rebuild"):
         return None
     return "rebuild it by hand:\n" + "\n".join(f"  {line}" for line in report["rebuild"])
+
+
+def render_trust(report: dict[str, Any]) -> str:
+    """The digest, pin and signature lines of the text view."""
+    pin = report["pin"]
+    pinned = {"match": f"pinned: matches {pin['expected']}", "mismatch": f"PIN MISMATCH: expected {pin['expected']}",
+              "not pinned": "not pinned: pin it with NAME=PATH@" + report["digest"] + " (serve) or --digest"}[pin["verdict"]]
+    sig = report["signature"]
+    by = f" by key {sig['key']}" if sig["key"] else ""
+    signed = {"unsigned": "not signed (enginekit sign ARTIFACT --key KEY.pem)",
+              "unverified": f"signed{by}; not checked: pass --verify-with KEY.pub",
+              "verified": f"signed{by}: verified",
+              "failed": f"SIGNATURE FAILS{by}: {sig['detail']}"}[sig["verdict"]]
+    return "\n".join([f"digest         {report['digest']}", f"pin            {pinned}", f"signature      {signed}"])

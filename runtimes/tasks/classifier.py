@@ -13,7 +13,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from enginekit.errors import InputError, ManifestError
+from enginekit.errors import BackendError, InputError, ManifestError
 from enginekit.manifest import Manifest
 from enginekit.runtimes.base import Runner, run_batched
 from enginekit.runtimes.images import load_images
@@ -126,7 +126,13 @@ class ImageClassifier:
         (an engine built for a fixed batch runs them in slices of it)."""
         if isinstance(pixel_values, np.ndarray) and pixel_values.dtype.kind == "f" and not np.isfinite(pixel_values).all():
             raise InputError("pixel_values hold NaN or infinite values")
-        return run_batched(self.runner, pixel_values)
+        outputs = run_batched(self.runner, pixel_values)
+        for name, value in outputs.items():
+            # argmax over NaN is 0: an engine that returns NaN would report the first label.
+            if isinstance(value, np.ndarray) and value.dtype.kind == "f" and np.isnan(value).any():
+                raise BackendError(f"{self.path or 'the engine'}: output {name!r} holds NaN "
+                                   "(a broken or mis-quantized engine)")
+        return outputs
 
     def logits(self, images: ImageLike | Sequence[ImageLike]) -> np.ndarray:
         """Raw logits, (N, classes) float32."""

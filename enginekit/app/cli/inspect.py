@@ -13,26 +13,31 @@ from enginekit.app.cli.common import cli, emit_json, err_console
 
 @cli.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
-@click.option("--json", "as_json", is_flag=True, help="Print the raw manifest.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the digest, integrity, pin and signature verdicts and the manifest, as JSON.")
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Hash every file and check it against its sha256 (a full check: no remembered result is used).")
-def inspect(artifact: Path, as_json: bool, verify: bool) -> None:
-    """Show what an ARTIFACT's manifest says, readably, and its digest
-    (pin it with `enginekit predict/generate --digest` or `enginekit.load(path, digest=...)`)."""
-    from enginekit.artifact import SIGNATURE_NAME, verify_artifact
-    from enginekit.manifest import read_manifest
+@click.option("--digest", help="Check the artifact against this pinned manifest digest (sha256:HEX).")
+@click.option("--verify-with", type=click.Path(path_type=Path), help="Check the signature with this public key (PEM).")
+def inspect(artifact: Path, as_json: bool, verify: bool, digest: str | None, verify_with: Path | None) -> None:
+    """Show what an ARTIFACT's manifest says, readably, its digest, and whether it is
+    intact, pinned and signed (pin it with `serve NAME=PATH@sha256:HEX`, `predict/generate
+    --digest` or `enginekit.load(path, digest=...)`). Exits 1 when a check fails."""
+    from enginekit.app.inspect import artifact_report, report_failures
+    from enginekit.manifest import Manifest
 
-    manifest = read_manifest(artifact)
-    if verify:
-        verify_artifact(artifact, manifest, full=True)
+    report = artifact_report(artifact, verify=verify, digest=digest, verify_with=verify_with)
+    failures = report_failures(report)
     if as_json:
-        emit_json(manifest.to_dict())
-        return
-    console = render.stdout_console()
-    console.print(render.render_manifest(manifest, artifact, verified=verify))
-    signed = f"signed: {SIGNATURE_NAME}, check it with --verify-with KEY" if (artifact / SIGNATURE_NAME).is_file() \
-        else "not signed"
-    console.print(f"digest         sha256:{manifest.digest()}  ({signed})", highlight=False, soft_wrap=True)
+        emit_json(report)
+    else:
+        console = render.stdout_console()
+        integrity = report["integrity"]
+        verified = integrity["detail"] if integrity["verdict"] == "failed" else integrity["verdict"] == "ok"
+        console.print(render.render_manifest(Manifest.from_dict(report["manifest"]), artifact, verified=verified))
+        console.print(render.render_trust(report), highlight=False, soft_wrap=True, markup=False)
+    if failures:
+        raise click.ClickException(failures[0])
 
 
 @cli.command()

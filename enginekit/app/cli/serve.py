@@ -22,6 +22,8 @@ from enginekit.app.cli.common import Params, cli
 @click.option("--api-key-file", type=click.Path(path_type=Path),
               help="Bearer keys, one a line: every endpoint but health then needs one.")
 @click.option("--cors-origin", "cors_origins", multiple=True, help="Allow this origin (CORS); repeatable.")
+@click.option("--verify-with", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Public key (PEM): a model whose signature does not verify with it is not ready.")
 @click.option("--max-body-mb", default=32.0, show_default=True, help="Largest request body.")
 @click.option("--max-pixels", type=click.IntRange(64), default=None,
               help="Pixels a generation may ask for (height x width x images) [default: the model's own size x 4].")
@@ -43,9 +45,10 @@ from enginekit.app.cli.common import Params, cli
 def serve(**params: Any) -> None:
     """Serve artifacts over HTTP: KServe v2 (/v2), /v1/classify, /v1/generate, the A1111
     API (/sdapi/v1), /metrics and a web page at /. Each artifact is served under its
-    folder's name; NAME=ARTIFACT picks another. SIGTERM drains (finishes what is in flight).
+    folder's name; NAME=ARTIFACT picks another; ARTIFACT@sha256:HEX pins its digest (a model that
+    does not match is not ready). SIGTERM drains (finishes what is in flight).
     --ray serves the same app through Ray Serve, on --replicas replicas."""
-    from enginekit.serve.settings import ServeSettings, parse_model_specs, read_api_keys
+    from enginekit.serve.settings import ServeSettings, parse_model_pins, parse_model_specs, read_api_keys
 
     o = Params(params)
     ray_only = {"--replicas": o.replicas != 1, "--max-replicas": o.max_replicas is not None,
@@ -60,7 +63,9 @@ def serve(**params: Any) -> None:
                              timeout_s=o.timeout_s,
                              api_keys=read_api_keys(o.api_key_file) if o.api_key_file else frozenset(),
                              cors_origins=o.cors_origins, max_body_bytes=int(o.max_body_mb * 1024 * 1024),
-                             max_pixels=o.max_pixels, max_upload_pixels=o.max_upload_pixels, max_images=o.max_images, device=o.device)
+                             max_pixels=o.max_pixels, max_upload_pixels=o.max_upload_pixels, max_images=o.max_images, device=o.device,
+                             pins=parse_model_pins(o.artifacts),
+                             verify_with=str(o.verify_with.resolve()) if o.verify_with else None)
     logging.basicConfig(level=getattr(logging, o.log_level.upper()), format="%(name)s: %(message)s")
     if o.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_keys:
         click.echo(f"warning: serving on {o.host} without --api-key-file: anyone who reaches it can use it", err=True)
