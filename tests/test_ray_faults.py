@@ -1,4 +1,4 @@
-"""``bench/ray_faults.py`` end to end: a Ray cluster across two network namespaces joined by
+"""``benchmarks/ray_faults.py`` end to end: a Ray cluster across two network namespaces joined by
 a veth pair (10.213.0.1 and .2, addresses that exist only inside them), two replicas of a
 tiny classifier, a bounded load, one replica killed with SIGKILL. No accepted request may
 be lost (each is answered, or refused with 503 + Retry-After) and the deployment must
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "ray_faults.py"
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "ray_faults.py"
 HAVE_SERVE = importlib.util.find_spec("ray") is not None and importlib.util.find_spec("grpc") is not None
 
 

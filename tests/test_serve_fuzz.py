@@ -2,7 +2,7 @@
 malformed, to every endpoint of a real server on 127.0.0.1 (KServe v2, the task API, the
 A1111 API, and the routes the schema leaves out), with the API key off and on; none may
 answer 5xx, every error must be JSON with a message, a request without the key must get
-401, and the server must be healthy after. The driver is ``bench/serve_fuzz.py``.
+401, and the server must be healthy after. The driver is ``benchmarks/serve_fuzz.py``.
 
 Bounded by a count of requests, not by time: 500 per key setting in the default suite,
 10,000 under ``-m slow`` (``ENGINEKIT_FUZZ_REQUESTS`` overrides both)."""
@@ -16,7 +16,7 @@ import pytest
 pytest.importorskip("fastapi", reason="serving needs the 'serve' extra")
 pytest.importorskip("schemathesis", reason="the fuzz test needs schemathesis")
 
-from enginekit.bench.serve_fuzz import KEY, fuzz_server  # noqa: E402
+from benchmarks.serve_fuzz import KEY, fuzz_server  # noqa: E402
 
 OVERRIDE = os.environ.get("ENGINEKIT_FUZZ_REQUESTS")
 

@@ -4,7 +4,7 @@ the task API, the A1111 API, and the routes the OpenAPI schema leaves out: ``/``
 requests. Prints the requests sent, the answers by status class, the 5xx count, the
 other bad answers (a 4xx without a JSON error) and whether the server is ready after.
 
-    python bench/serve_fuzz.py --classifier CLF --pipeline SD --requests 10000
+    python -m benchmarks.serve_fuzz --classifier CLF --pipeline SD --requests 10000
 
 With the key on, most requests carry it (so the fuzzer reaches the routes behind it);
 every seventh goes without it or with a wrong one and must be answered 401 (the health

@@ -1,7 +1,7 @@
 """Kill one Ray Serve replica under load, on a two-host cluster the script builds itself,
 and count what happened to the requests.
 
-    sudo python bench/ray_faults.py --classifier out/clf [--requests 600 --rate 20]
+    sudo python -m benchmarks.ray_faults --classifier out/clf [--requests 600 --rate 20]
 
 1. Two network namespaces joined by a veth pair, 10.213.0.1/30 (the "head" host) and
    10.213.0.2/30 (the "worker" host): the addresses exist only inside them, so Ray's
