@@ -68,8 +68,7 @@ def test_the_core_imports_no_stage() -> None:
 def test_measurement_scripts_are_not_in_the_installed_package() -> None:
     scripts = [p.relative_to(ROOT).as_posix() for folder in PACKAGES for p in _modules(folder)
                if "argparse" in _imports(p) and p.name != "session.py"]
-    # sd_fidelity.py: its owner moves it to benchmarks/ with its next change.
-    assert [s for s in scripts if s != "bench/sd_fidelity.py"] == []
+    assert scripts == []
 
 
 @pytest.mark.parametrize("folder", [*PACKAGES, "benchmarks"])

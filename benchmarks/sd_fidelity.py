@@ -6,7 +6,7 @@ then the same prompt, latents, scheduler and steps with every artifact given, an
 prints PSNR (dB) and max abs error per artifact. All artifacts must come from the
 same export. Run:
 
-    python -m enginekit.bench.sd_fidelity out/sd15-onnx out/sd15-ov --size 512 --steps 4
+    python -m benchmarks.sd_fidelity out/sd15-onnx out/sd15-ov --size 512 --steps 4
 """
 
 from __future__ import annotations
