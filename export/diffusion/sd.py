@@ -768,6 +768,8 @@ def _sd3_task_config(pipe: Any) -> dict[str, Any]:
         "prediction_type": "flow",
         "sample_size": int(tr.sample_size),
         "patch_size": int(tr.patch_size),
+        # Its position crop takes at most this many patches a side (diffusers raises beyond).
+        "pos_embed_max_size": None if tr.get("pos_embed_max_size") is None else int(tr.pos_embed_max_size),
         "joint_attention_dim": int(tr.joint_attention_dim),
         "max_sequence_length": SD3_MAX_SEQUENCE_LENGTH,
         "force_zeros_for_empty_prompt": False,

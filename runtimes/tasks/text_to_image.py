@@ -27,6 +27,7 @@ from enginekit.errors import EngineKitError, InputError, ManifestError
 from enginekit.manifest import Manifest
 from enginekit.runtimes.base import Runner
 from enginekit.runtimes.schedulers import SCHEDULERS, make_scheduler
+from enginekit.runtimes.tasks.sizes import check_size, init_image_size, size_rule
 from enginekit.runtimes.tasks.tokenizers import PromptTokenizer
 
 __all__ = ["TextToImage", "PipelineConfig", "PipelineOutput", "GenerationCancelled", "default_scheduler_name"]
@@ -261,10 +262,7 @@ class TextToImage:
         f = cfg.vae_scale_factor
         flux = cfg.prompt_layout == "flux"
         step = f * (2 if flux else 1)
-        for name, side in (("height", height), ("width", width)):
-            _int_in(name, side, step, MAX_SIDE)
-            if side % step:
-                raise InputError(f"{name} must be a multiple of {step}, got {side}")
+        height, width = check_size(size_rule(cfg, max_side=MAX_SIDE), height, width)
         latent = {"latent_height": height // f, "latent_width": width // f}
         dims: dict[str, dict[str, int]] = {
             e.component: {"sequence": int(cfg.tokenizers[e.tokenizer].get("max_length", 77))} for e in cfg.text_encoders}
@@ -378,19 +376,17 @@ class TextToImage:
                              "(a second pass on it); guidance_scale alone takes none")
         # FLUX packs 2x2 latent patches into one token: sides are multiples of twice the VAE factor.
         factor = cfg.vae_scale_factor * (2 if flux else 1)
-        init = _init_image(image, height, width, factor) if image is not None else None
+        # Sizes as diffusers takes them (sizes.py); a static-shape engine takes its own only.
+        rule = size_rule(cfg, self.manifest.components, MAX_SIDE)
+        init = _init_image(image, height, width, rule) if image is not None else None
         if init is not None:
             height, width = init.shape[-2:]
             strength = _float_in("strength", strength, 0.0, 1.0)
             if strength <= 0:
                 raise InputError("strength must be above 0 (0 would return the image unchanged)")
-        height = cfg.default_size if height is None else height
-        width = cfg.default_size if width is None else width
-        for name, side in (("height", height), ("width", width)):
-            _int_in(name, side, factor, MAX_SIDE)
-            if side % factor:
-                raise InputError(f"{name} must be a multiple of {factor}, got {side} "
-                                 f"(try {side // factor * factor})")
+        default_h, default_w = rule.fixed or (cfg.default_size, cfg.default_size)
+        height, width = check_size(rule, default_h if height is None else height,
+                                   default_w if width is None else width)
         name = scheduler or default_scheduler_name(cfg.scheduler)
         if name not in SCHEDULERS:
             raise InputError(f"unknown scheduler {name!r}; choose one of: {', '.join(SCHEDULERS)}")
@@ -785,26 +781,11 @@ def _float_in(name: str, value: Any, low: float, high: float) -> float:
     return value
 
 
-def _init_image(image: Any, height: int | None, width: int | None, factor: int) -> np.ndarray:
+def _init_image(image: Any, height: int | None, width: int | None, rule: Any) -> np.ndarray:
     """diffusers' VaeImageProcessor.preprocess: resize (lanczos) to the size asked for, or the
-    image's own rounded down to a multiple of ``factor``; scale to [-1, 1]; (1, 3, H, W)."""
-    from PIL import Image
+    image's own rounded down to the allowed multiple; scale to [-1, 1]; (1, 3, H, W)."""
+    from enginekit.runtimes.images import load_init_image, vae_preprocess
 
-    from enginekit.runtimes.images import load_images
-
-    if isinstance(image, (list, tuple)):
-        if len(image) != 1:
-            raise InputError(f"image-to-image takes one init image, got {len(image)}")
-        image = image[0]
-    pil = load_images([image])[0].convert("RGB")
-    w = width if width is not None else pil.width // factor * factor
-    h = height if height is not None else pil.height // factor * factor
-    if w < factor or h < factor:
-        raise InputError(f"init image is {pil.width}x{pil.height}, smaller than one {factor}-pixel latent")
-    for name, side in (("height", h), ("width", w)):
-        if side % factor or side > MAX_SIDE:
-            raise InputError(f"{name} must be a multiple of {factor} up to {MAX_SIDE}, got {side}")
-    if (w, h) != pil.size:
-        pil = pil.resize((w, h), Image.LANCZOS)
-    x = np.asarray(pil, dtype=np.float32) / 255.0
-    return (x * 2.0 - 1.0).transpose(2, 0, 1)[None]
+    pil = load_init_image(image)
+    h, w = check_size(rule, *init_image_size(rule, pil.size, height, width))
+    return vae_preprocess(pil, h, w)
