@@ -20,7 +20,8 @@ from PIL import Image, UnidentifiedImageError
 
 from enginekit.errors import ImageError
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageInput", "MAX_PIXELS_ENV", "max_pixels", "expand_image_paths", "load_images"]
+__all__ = ["IMAGE_EXTENSIONS", "ImageInput", "MAX_PIXELS_ENV", "max_pixels", "expand_image_paths", "load_images",
+           "load_init_image", "vae_preprocess"]
 
 #: Largest image (width x height) enginekit decodes; ``ENGINEKIT_MAX_PIXELS`` overrides it.
 MAX_PIXELS_ENV = "ENGINEKIT_MAX_PIXELS"
@@ -134,6 +135,24 @@ def load_images(items: Sequence[ImageInput] | ImageInput) -> list[Image.Image]:
     if isinstance(items, (str, Path, bytes, bytearray, Image.Image, np.ndarray)):
         items = [items]
     return [_load_one(item, index) for index, item in enumerate(items)]
+
+
+def load_init_image(image: ImageInput | Sequence[ImageInput]) -> Image.Image:
+    """One image-to-image init image (alone or as a list of one), loaded and in RGB."""
+    if isinstance(image, (list, tuple)):
+        if len(image) != 1:
+            raise ImageError(f"image-to-image takes one init image, got {len(image)}")
+        image = image[0]
+    return load_images([image])[0].convert("RGB")
+
+
+def vae_preprocess(image: Image.Image, height: int, width: int) -> np.ndarray:
+    """diffusers' ``VaeImageProcessor.preprocess`` for one RGB image at its defaults: resized
+    to ``width`` x ``height`` with lanczos (its ``resample``), scaled to [-1, 1]; (1, 3, H, W)."""
+    if image.size != (width, height):
+        image = image.resize((width, height), Image.LANCZOS)
+    x = np.asarray(image, dtype=np.float32) / 255.0
+    return (x * 2.0 - 1.0).transpose(2, 0, 1)[None]
 
 
 def _load_one(item: object, index: int) -> Image.Image:

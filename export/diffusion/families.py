@@ -236,6 +236,8 @@ class SD3Family(DiffusionFamily):
                 for n in names],
             "prediction_type": "flow",
             "patch_size": int(tr.patch_size),
+            # Its position crop takes at most this many patches a side (diffusers raises beyond).
+            "pos_embed_max_size": None if tr.get("pos_embed_max_size") is None else int(tr.pos_embed_max_size),
             "joint_attention_dim": int(tr.joint_attention_dim),
             "force_zeros_for_empty_prompt": False,
             "time_cond_proj_dim": None,

@@ -40,6 +40,7 @@ from enginekit.errors import ExportError, FidelityError, SourceError, one_line
 from enginekit.export.diffusion.families import check_family, get_family
 from enginekit.export.diffusion.lora import LoraSpec, fuse_loras
 from enginekit.export.diffusion.sources import PipelineSource, resolve_pipeline
+from enginekit.export.diffusion.unet_sizes import carry_skip_sizes
 from enginekit.fidelity import compare_outputs
 from enginekit.export.provenance import check_export_request, host, tool_versions
 from enginekit.manifest import Component, Manifest, TensorSpec
@@ -264,6 +265,8 @@ def _plans(pipe: Any, family: str, opts: PipelineExportOptions) -> list[Callable
 
     def unet() -> _Plan:
         u = pipe.unet
+        # Every latent size diffusers' UNet takes, odd sides included; checked at odd sides.
+        check_hw = (parity_hw[0] + 1, parity_hw[1] - 1) if carry_skip_sizes(u) else parity_hw
         D = int(unet_cfg.cross_attention_dim)
         extra: list[tuple[str, tuple[Any, ...]]] = []
         if unet_cfg.addition_embed_type == "text_time":
@@ -293,7 +296,7 @@ def _plans(pipe: Any, family: str, opts: PipelineExportOptions) -> list[Callable
         out_c = int(unet_cfg.out_channels)
         return _Plan("unet", W["unet"](u, tuple(n for n, _ in extra)).eval(), inputs,
                      [TensorSpec("out_sample", "float32", ("batch", out_c, "latent_height", "latent_width"))],
-                     feeds(B, trace_hw), feeds(PB, parity_hw), nbytes(u))
+                     feeds(B, trace_hw), feeds(PB, check_hw), nbytes(u))
 
     return [text(n) for n in names] + [unet, *_vae_plans(pipe, W, gen, opts, nbytes, trace_hw, parity_hw)]
 

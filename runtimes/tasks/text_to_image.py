@@ -34,6 +34,7 @@ from enginekit.runtimes.tasks.call_args import int_in as _int_in
 from enginekit.runtimes.tasks.layouts import (Guidance, Layout, guidance_scale_embedding, layout_for,
                                               pack_latents, rescale_noise_cfg, unpack_latents)
 from enginekit.runtimes.tasks.pipeline_config import PipelineConfig, TextEncoderSpec, default_scheduler_name
+from enginekit.runtimes.tasks.sizes import check_size, init_image_size, size_rule
 from enginekit.runtimes.tasks.tokenizers import PromptTokenizer
 
 __all__ = ["TextToImage", "PipelineConfig", "PipelineOutput", "GenerationCancelled", "default_scheduler_name",
@@ -167,12 +168,8 @@ class TextToImage:
         height = cfg.default_size if height is None else height
         width = cfg.default_size if width is None else width
         batch = 1 if batch is None else _int_in("batch", batch, 1, MAX_IMAGES)
-        step = layout.size_multiple
-        for name, side in (("height", height), ("width", width)):
-            _int_in(name, side, step, MAX_SIDE)
-            if side % step:
-                raise InputError(f"{name} must be a multiple of {step}, got {side}")
         f = cfg.vae_scale_factor
+        height, width = check_size(size_rule(cfg, max_side=MAX_SIDE), height, width)
         latent = {"latent_height": height // f, "latent_width": width // f}
         dims: dict[str, dict[str, int]] = {
             e.component: {"sequence": int(cfg.tokenizers[e.tokenizer].get("max_length", 77))} for e in cfg.text_encoders}
@@ -320,8 +317,9 @@ class TextToImage:
         if output_type not in ("pil", "np", "latent"):
             raise InputError(f"output_type must be 'pil', 'np' or 'latent', got {output_type!r}")
         guidance = layout.guidance(scale, _float_in("true_cfg_scale", true_cfg_scale, 0.0, 100.0), negatives is not None)
-        factor = layout.size_multiple
-        init = _init_image(image, height, width, factor) if image is not None else None
+        # Sizes as diffusers takes them (sizes.py); a static-shape engine takes its own only.
+        rule = size_rule(cfg, self.manifest.components, MAX_SIDE)
+        init = _init_image(image, height, width, rule) if image is not None else None
         if init is None and strength != 0.8:  # 0.8: the keyword default, diffusers' own
             raise InputError(f"strength {strength} is for image-to-image: give an image (--init-image) or drop it")
         if init is not None:
@@ -329,12 +327,9 @@ class TextToImage:
             strength = _float_in("strength", strength, 0.0, 1.0)
             if strength <= 0:
                 raise InputError("strength must be above 0 (0 would return the image unchanged)")
-        height = cfg.default_size if height is None else height
-        width = cfg.default_size if width is None else width
-        for name, side in (("height", height), ("width", width)):
-            _int_in(name, side, factor, MAX_SIDE)
-            if side % factor:
-                raise InputError(f"{name} must be a multiple of {factor}, got {side} (try {side // factor * factor})")
+        default_h, default_w = rule.fixed or (cfg.default_size, cfg.default_size)
+        height, width = check_size(rule, default_h if height is None else height,
+                                   default_w if width is None else width)
         name = scheduler or cfg.default_scheduler
         if name not in SCHEDULERS:
             raise InputError(f"unknown scheduler {name!r}; choose one of: {', '.join(SCHEDULERS)}")
@@ -472,26 +467,11 @@ class TextToImage:
         return f"TextToImage({str(self.path)!r}, {self.manifest.family}, backend={self.backend!r})"
 
 
-def _init_image(image: Any, height: int | None, width: int | None, factor: int) -> np.ndarray:
+def _init_image(image: Any, height: int | None, width: int | None, rule: Any) -> np.ndarray:
     """diffusers' VaeImageProcessor.preprocess: resize (lanczos) to the size asked for, or the
-    image's own rounded down to a multiple of ``factor``; scale to [-1, 1]; (1, 3, H, W)."""
-    from PIL import Image
+    image's own rounded down to the allowed multiple; scale to [-1, 1]; (1, 3, H, W)."""
+    from enginekit.runtimes.images import load_init_image, vae_preprocess
 
-    from enginekit.runtimes.images import load_images
-
-    if isinstance(image, (list, tuple)):
-        if len(image) != 1:
-            raise InputError(f"image-to-image takes one init image, got {len(image)}")
-        image = image[0]
-    pil = load_images([image])[0].convert("RGB")
-    w = width if width is not None else pil.width // factor * factor
-    h = height if height is not None else pil.height // factor * factor
-    if w < factor or h < factor:
-        raise InputError(f"init image is {pil.width}x{pil.height}, smaller than one {factor}-pixel latent")
-    for name, side in (("height", h), ("width", w)):
-        if side % factor or side > MAX_SIDE:
-            raise InputError(f"{name} must be a multiple of {factor} up to {MAX_SIDE}, got {side}")
-    if (w, h) != pil.size:
-        pil = pil.resize((w, h), Image.LANCZOS)
-    x = np.asarray(pil, dtype=np.float32) / 255.0
-    return (x * 2.0 - 1.0).transpose(2, 0, 1)[None]
+    pil = load_init_image(image)
+    h, w = check_size(rule, *init_image_size(rule, pil.size, height, width))
+    return vae_preprocess(pil, h, w)
