@@ -3,6 +3,7 @@ exported once per test session. No downloads; seconds on 2 CPU cores."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -164,3 +165,57 @@ def skip_unless_loopback_namespace(what: str) -> None:
         pytest.skip("`unshare` did not return within 15 s")
     if probe.returncode != 0:
         pytest.skip(f"cannot make a network and PID namespace here ({probe.stderr.strip() or probe.returncode})")
+
+
+# --- markers and backends ------------------------------------------------------------------
+# `gpu` tests need a CUDA GPU, `tensorrt` tests need TensorRT; both are skipped with a reason
+# where the hardware or library is missing, and ENGINEKIT_REQUIRE_GPU=1 (set on a GPU box)
+# turns those skips into failures so a GPU run cannot pass by skipping everything.
+
+def _cuda_gpu() -> str | None:
+    import shutil
+    import subprocess
+
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+
+
+def _tensorrt() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorrt") is not None
+
+
+_FOUND: dict[str, bool] = {}
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    needs = {"gpu": ("a CUDA GPU", _cuda_gpu), "tensorrt": ("TensorRT", _tensorrt)}
+    for mark, (what, probe) in needs.items():
+        if item.get_closest_marker(mark) is None:
+            continue
+        if mark not in _FOUND:
+            _FOUND[mark] = bool(probe())
+        if _FOUND[mark]:
+            continue
+        if os.environ.get("ENGINEKIT_REQUIRE_GPU") == "1":
+            pytest.fail(f"ENGINEKIT_REQUIRE_GPU=1 but {what} is missing", pytrace=False)
+        pytest.skip(f"needs {what} (none here)")
+
+
+def backend_params(*extra: str) -> list:
+    """Every registered backend as a pytest param, so a missing one shows as a skip with its
+    reason instead of a silently shorter list (plus ``extra`` kinds such as "onnx")."""
+    from enginekit.registry import backend_class, backend_names
+
+    params = [pytest.param(k, id=k) for k in extra]
+    for name in backend_names():
+        available = backend_class(name).is_available()
+        params.append(pytest.param(name, id=name, marks=() if available else
+                                   pytest.mark.skip(reason=f"backend {name} is not installed here")))
+    return params

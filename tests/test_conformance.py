@@ -11,9 +11,9 @@ import pytest
 import enginekit
 from enginekit.runtimes.tasks.classifier import ImageClassifier
 
-from .conftest import HF_LABELS, TIMM_LABELS, installed_backends, make_photo
+from .conftest import HF_LABELS, TIMM_LABELS, backend_params, installed_backends, make_photo
 
-KINDS = ["onnx", *installed_backends()]
+KINDS = backend_params("onnx")
 SOURCES = ["timm", "hf"]
 
 

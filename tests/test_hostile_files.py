@@ -21,7 +21,7 @@ from enginekit.app.cli import cli
 from enginekit.artifact import atomic_artifact, atomic_folder
 from enginekit.errors import ArtifactError
 
-from .conftest import installed_backends
+from .conftest import backend_params, installed_backends
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -154,7 +154,7 @@ def test_the_manifest_records_the_graphs_own_opset(exported: dict) -> None:
     assert manifest["provenance"]["tools"]["opset"] == graph_opset(exported["timm"] / "model.onnx") == 18
 
 
-@pytest.mark.parametrize("backend", installed_backends())
+@pytest.mark.parametrize("backend", backend_params())
 def test_compile_refuses_a_batch_no_engine_can_take(art: Path, tmp_path: Path, backend: str) -> None:
     out = tmp_path / "big"
     result = CliRunner().invoke(cli, ["compile", str(art), "-b", backend, "--batch", "100000000", "-o", str(out)])
@@ -162,7 +162,7 @@ def test_compile_refuses_a_batch_no_engine_can_take(art: Path, tmp_path: Path, b
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["art"]
 
 
-@pytest.mark.parametrize("backend", installed_backends())
+@pytest.mark.parametrize("backend", backend_params())
 def test_compile_refuses_a_missing_gpu(art: Path, tmp_path: Path, backend: str) -> None:
     from enginekit.registry import get_backend
 
@@ -213,7 +213,7 @@ def test_full_disk_export(tiny_timm_dir: Path, full_disk: Path) -> None:
     _nothing_half_written(full_disk)
 
 
-@pytest.mark.parametrize("backend", installed_backends())
+@pytest.mark.parametrize("backend", backend_params())
 def test_full_disk_compile(art: Path, full_disk: Path, backend: str) -> None:
     result = CliRunner().invoke(cli, ["compile", str(art), "-b", backend, "-o", str(full_disk / "engine")])
     _one_line_error(result, "no space left on device at")

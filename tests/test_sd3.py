@@ -15,7 +15,7 @@ torch = pytest.importorskip("torch")
 import enginekit  # noqa: E402
 from enginekit.errors import InputError  # noqa: E402
 
-from .conftest import diffusers_twin, installed_backends, psnr  # noqa: E402
+from .conftest import backend_params, diffusers_twin, installed_backends, psnr  # noqa: E402
 
 SIZE = 64
 PROMPTS = ["a lighthouse at dusk", "a red bicycle leaning on a wall"]
@@ -43,7 +43,7 @@ def _reference(pipe, latents: np.ndarray, negative, steps: int = 4, **kwargs) ->
                     height=SIZE, width=SIZE, latents=torch.from_numpy(latents), output_type="np", **kwargs).images
 
 
-@pytest.mark.parametrize("kind", ["onnx", *installed_backends()])
+@pytest.mark.parametrize("kind", backend_params("onnx"))
 def test_images_match_diffusers_on_the_same_latents(tiny_pipelines: dict, kind: str) -> None:
     pipe = enginekit.load(tiny_pipelines[("tiny-sd3", kind)], device="cpu")
     assert pipe.config.layout == "sd3" and pipe.config.is_flow

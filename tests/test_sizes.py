@@ -20,9 +20,9 @@ import enginekit  # noqa: E402
 from enginekit.errors import InputError  # noqa: E402
 from enginekit.runtimes.tasks.text_to_image import unpack_latents  # noqa: E402
 
-from .conftest import diffusers_twin, installed_backends, make_photo, psnr  # noqa: E402
+from .conftest import backend_params, diffusers_twin, installed_backends, make_photo, psnr  # noqa: E402
 
-KINDS = ["onnx", *installed_backends()]
+KINDS = backend_params("onnx")
 PROMPT, NEGATIVE = "a lighthouse at dusk", "blurry"
 #: Latent sides 9x8 and 11x13 (SD's factor 8): odd, so diffusers' UNet forwards the skip sizes.
 ODD_SIZES = [(72, 64), (88, 104)]
