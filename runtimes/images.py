@@ -18,7 +18,7 @@ from typing import Sequence, Union
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from enginekit.errors import ImageError
+from enginekit.errors import ImageError, one_line
 
 __all__ = ["IMAGE_EXTENSIONS", "ImageInput", "MAX_PIXELS_ENV", "max_pixels", "expand_image_paths", "load_images",
            "load_init_image", "vae_preprocess"]
@@ -67,7 +67,7 @@ def _safe_path(path: Path, name: str | None = None) -> tuple[bool, bool]:
     except (ValueError, OSError) as exc:
         shown = repr(str(path))[1:-1]
         shown = shown if len(shown) <= 200 else f"{shown[:120]}...({len(shown)} characters)"
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else one_line(exc)
         raise ImageError(f"{name or shown}: not a usable path ({reason})") from None
 
 
@@ -161,7 +161,7 @@ def _load_one(item: object, index: int) -> Image.Image:
         try:
             item.load()  # a closed image (or a lazy one whose file went away) fails here, in one line
         except (ValueError, OSError, AttributeError) as exc:
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            reason = one_line(exc)
             raise ImageError(f"item {index}: the PIL image cannot be read ({reason}; closed?)") from None
         return _to_8bit(item, f"item {index}")
     if isinstance(item, np.ndarray):
@@ -197,12 +197,12 @@ def _decode(source: Path | io.BytesIO, name: str) -> Image.Image:
     except UnidentifiedImageError as exc:
         raise ImageError(f"{name}: not an image (cannot identify image file)") from exc
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = one_line(exc)
         raise ImageError(f"{name}: too many pixels for Pillow ({reason})") from exc
     except (OSError, SyntaxError, ValueError) as exc:
         # OSError: truncated or corrupt data; SyntaxError/ValueError: some
         # Pillow plugins report malformed headers this way.
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = one_line(exc)
         raise ImageError(f"{name}: corrupt or truncated image ({reason})") from exc
 
 

@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from enginekit.artifact import make_component
-from enginekit.errors import BackendError, DeviceError, FidelityError
+from enginekit.errors import BackendError, DeviceError, FidelityError, one_line
 from enginekit.manifest import Manifest, TensorSpec
 from enginekit.engine import one_line
 from enginekit.runtimes.base import Backend, BackendOptions, CompileOptions, Runner
@@ -294,7 +294,7 @@ def _fuse_vit(source: Path, dest: Path, external: bool) -> dict[str, int]:
         stats = model.get_fused_operator_statistics()
     except Exception as exc:
         raise BackendError(f"onnxruntime's transformer optimizer failed on {source.name}: "
-                           f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from exc
+                           f"{one_line(exc)}") from exc
     finally:
         quiet.setLevel(level)
     return {name: int(n) for name, n in stats.items() if n}

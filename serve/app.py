@@ -24,7 +24,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from enginekit.errors import EngineKitError
+from enginekit.errors import EngineKitError, one_line
 from enginekit.serve.errors import ApiError, scrub, status_for
 from enginekit.serve.metrics import CONTENT_TYPE_LATEST, Metrics
 from enginekit.serve.models import ModelSlot
@@ -177,7 +177,7 @@ def create_app(models: Mapping[str, str | Path], settings: ServeSettings = Serve
 
     @app.exception_handler(EngineKitError)
     async def _engine_error(request: Request, exc: EngineKitError) -> JSONResponse:
-        return error_response(status_for(exc), state.scrub(str(exc).splitlines()[0] if str(exc) else type(exc).__name__))
+        return error_response(status_for(exc), state.scrub(one_line(exc)))
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -18,7 +18,7 @@ import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from enginekit.errors import EngineKitError
+from enginekit.errors import EngineKitError, one_line
 from enginekit.serve.errors import ApiError, status_for
 from enginekit.serve.models import CLASSIFIER, ModelSlot
 
@@ -159,7 +159,7 @@ async def infer(request: Request, name: str, version: str = "1") -> Response:
         else:
             outputs = await _infer_pipeline(request, slot, inputs, header.get("parameters") or {})
     except EngineKitError as exc:  # the task's own checks: bad tensors are the client's (400)
-        raise ApiError(400 if status_for(exc) == 422 else status_for(exc), str(exc).splitlines()[0]) from None
+        raise ApiError(400 if status_for(exc) == 422 else status_for(exc), one_line(exc)) from None
     return _write_outputs(slot, header, outputs)
 
 

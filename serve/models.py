@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from enginekit.errors import BackendError, EngineKitError, RunInterrupted
+from enginekit.errors import BackendError, EngineKitError, RunInterrupted, one_line
 from enginekit.runtimes.tasks.text_to_image import GenerationCancelled
 from enginekit.serve.batching import Batcher, Job, JobQueue
 from enginekit.serve.errors import ApiError, scrub
@@ -147,12 +147,12 @@ class ModelSlot:
                 raise ApiError(503, f"model {self.name!r} is out of service: {self.reason}") from None
             log.warning("model %s: the engine failed on a request: %s", self.name, exc)
             raise ApiError(422, f"the engine cannot run these parameters (height, width, ...): "
-                                f"{scrub(str(exc).splitlines()[0], self.known_paths())[:300]}") from None
+                                f"{scrub(one_line(exc), self.known_paths())}") from None
         except EngineKitError:
             raise
         except Exception as exc:
             # Parameters the checks let through but this engine cannot run: the request's fault.
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            first = one_line(exc)
             log.warning("model %s: the engine failed on a request: %s", self.name, first)
             self._check_engines()
             raise ApiError(422, f"the engine cannot run these parameters (height, width, ...): "

@@ -19,7 +19,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from enginekit.errors import EngineKitError, ImageError
+from enginekit.errors import EngineKitError, ImageError, one_line
 from enginekit.runtimes.schedulers import SCHEDULERS
 from enginekit.serve.batching import Job
 from enginekit.serve.errors import ApiError, status_for
@@ -309,11 +309,18 @@ def check_pixels(slot: ModelSlot, req: GenerateRequest, settings: Any, init: Any
 
 def submit_job(request: Request, slot: ModelSlot, req: GenerateRequest, init: Any = None) -> Job:
     state = _state(request)
-    factor = slot.obj.config.vae_scale_factor
-    for name in ("height", "width"):
-        side = getattr(req, name)
-        if side is not None and side % factor:
-            raise ApiError(422, f"{name}: must be a multiple of {factor} for this model, got {side}")
+    if req.height is not None or req.width is not None:
+        # The sizes this engine takes (diffusers' rule for its pipeline, or a static engine's
+        # one size), refused before anything is queued; an omitted side is the model's own.
+        from enginekit.runtimes.tasks.sizes import check_size, size_rule
+
+        cfg = slot.obj.config
+        rule = size_rule(cfg, slot.obj.manifest.components, state.settings.max_side)
+        fixed_h, fixed_w = rule.fixed or (cfg.default_size, cfg.default_size)
+        try:
+            check_size(rule, req.height or fixed_h, req.width or fixed_w)
+        except EngineKitError as exc:
+            raise ApiError(422, str(exc)) from None
     try:
         check_pixels(slot, req, state.settings, init)
     except ApiError:
@@ -434,7 +441,7 @@ async def _events(state: Any, slot: ModelSlot, job: Job, listener: asyncio.Queue
                 status, message = exc.status, exc.message
             else:
                 status = status_for(exc) if isinstance(exc, EngineKitError) else 500
-                message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                message = one_line(exc)
             yield _sse("error", {"status": status, "error": state.scrub(message)})
             return
         yield _sse("done", {"id": job.id, **images_json(slot, out)})

@@ -236,3 +236,20 @@ def test_omitted_settings_are_the_models_own(tiny_pipelines: dict) -> None:
         got = _b64_image(events[-1][1]["images"][0])
     want = np.asarray(pipe("a fox", num_inference_steps=steps, guidance_scale=guidance, seed=9).images[0])
     np.testing.assert_array_equal(got, want)
+
+
+def test_sizes_the_engine_cannot_take_are_refused_before_queueing(tiny_pipelines: dict) -> None:
+    """SD3 takes multiples of 16: 72 passes the server's general multiple-of-8 check, and the
+    engine's own rule (the one the library applies) answers 422 before anything is queued."""
+    with AppRunner(create_app({"sd3": tiny_pipelines[("tiny-sd3", "onnx")]}, ServeSettings(warmup=False))) as runner:
+        slot = runner.state.slots["sd3"]
+        seen: list[int] = []
+        original = slot.jobs.progress
+        slot.jobs.progress = lambda job, step, steps: (seen.append(step), original(job, step, steps))
+        message = _error(runner.post("/v1/generate", json={"prompt": "x", "width": 72, "steps": 1}), 422,
+                         "multiple of 16")
+        assert "width" in message
+        _error(runner.post("/sdapi/v1/txt2img", json={"prompt": "x", "height": 72, "steps": 1}), 422, "multiple of 16")
+        assert seen == [] and slot.jobs.current is None
+        assert runner.post("/v1/generate", json={"prompt": "x", "width": 80, "height": 48, "steps": 1,
+                                                 "seed": 1}).status_code == 200

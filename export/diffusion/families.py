@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from enginekit.errors import SourceError
+from enginekit.errors import SourceError, one_line
 
 __all__ = ["CallDefaults", "DiffusionFamily", "UNetFamily", "SD3Family", "FluxFamily", "register_family",
            "get_family", "family_names", "families", "detect_family", "family_of_config", "check_family"]
@@ -353,8 +353,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
-        text = str(exc).strip().splitlines()
-        raise SourceError(f"{path}: unreadable ({text[0] if text else type(exc).__name__})") from exc
+        raise SourceError(f"{path}: unreadable ({one_line(exc)})") from exc
     if not isinstance(data, dict):
         raise SourceError(f"{path}: must hold a JSON object")
     return data

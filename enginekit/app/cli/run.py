@@ -29,8 +29,8 @@ _NOT_CALL = ("artifact", "prompt", "out", "init_image", "device", "backend", "as
               help="Classifier-free guidance scale, 1 turns CFG off (default: the model's own, from its "
                    "manifest).")
 @click.option("--seed", type=int, default=None, help="Seed for numpy's generator (printed when omitted).")
-@click.option("--height", type=int, help="Image height, a multiple of 8 (default: the model's size).")
-@click.option("--width", type=int, help="Image width, a multiple of 8 (default: the model's size).")
+@click.option("--height", type=int, help="Image height: a multiple of 8 (16 for SD3 and FLUX) [default: the model's size].")
+@click.option("--width", type=int, help="Image width: a multiple of 8 (16 for SD3 and FLUX) [default: the model's size].")
 @click.option("--scheduler", type=click.Choice(["euler", "euler-a", "ddim", "dpm++2m", "dpm++2m-karras", "lcm",
                                                 "flow-euler"]),
               default=None, help="Sampler (default: the pipeline's own where ported, else euler; SD3: flow-euler).")
