@@ -24,7 +24,6 @@ TOO_LONG_TODAY = {
     "bench/harness.py",
     "bench/report.py",
     "quant/diffusion.py",
-    "quant/openvino.py",
 }
 
 
