@@ -305,14 +305,15 @@ def quantize_text_to_image(artifact: str | Path, out: str | Path, options: Any, 
                            on_step: Callable[[str], None] = lambda msg: None) -> Manifest:
     """``enginekit.stages.quantize`` of a text-to-image pipeline:
     :func:`enginekit.quant.diffusion.quantize_pipeline` with the fields of ``options`` it takes."""
-    from enginekit.quant.diffusion import quantize_pipeline
+    from enginekit.quant.diffusion import PipelineQuantOptions, quantize_pipeline
     from enginekit.stages import refuse
 
     refuse(options, _PIPELINE, lambda wrong: f"{', '.join(wrong)}: classifier options; {artifact} is a text-to-image "
                                              "pipeline (it takes --component, --calibration PROMPTS.txt, "
                                              "--min-psnr, --min-ssim)")
     method = _method(options, lambda: "int8")
-    return quantize_pipeline(artifact, out, method, backend=options.backend or "onnxruntime", on_step=on_step,
-                             **options.set(("components", "calibration", "calibration_prompts", "calibration_steps",
-                                            "group_size", "ratio", "min_psnr", "min_ssim", "auto_fallback",
-                                            "overwrite")))
+    pipeline = PipelineQuantOptions(backend=options.backend or "onnxruntime",
+                                    **options.set(("components", "calibration", "calibration_prompts",
+                                                   "calibration_steps", "group_size", "ratio", "min_psnr",
+                                                   "min_ssim", "auto_fallback", "overwrite")))
+    return quantize_pipeline(artifact, out, method, pipeline, on_step=on_step)

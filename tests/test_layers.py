@@ -22,7 +22,6 @@ TOO_LONG_TODAY = {
     "enginekit/app/optimize.py",
     "enginekit/app/optimize_pipeline.py",
     "bench/harness.py",
-    "quant/diffusion.py",
 }
 
 
