@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 import math
 import tempfile
-from dataclasses import replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -28,7 +28,7 @@ from enginekit.quant.data import InputSet, describe_data, load_inputs, photos_av
 from enginekit.quant.gate import Budget, check, measure, run_all
 from enginekit.registry import expect_stage
 
-__all__ = ["quantize_artifact", "evaluate_artifact", "quantize_classifier", "quantize_text_to_image",
+__all__ = ["quantize_artifact", "ClassifierQuantOptions", "evaluate_artifact", "quantize_classifier", "quantize_text_to_image",
            "DEFAULT_INT8", "default_int8_method", "default_calibration"]
 
 #: ``--int8``: the int8 method each backend quantizes a classifier with. Pipelines: "int8"
@@ -98,26 +98,42 @@ def _datasets(
     return (calib if method.needs_calibration else None), held
 
 
+@dataclass(frozen=True)
+class ClassifierQuantOptions:
+    """How :func:`quantize_artifact` quantizes and judges a classifier, beside the method and
+    the quantizer's own :class:`QuantOptions`."""
+
+    backend: str = "onnxruntime"
+    #: Calibration data (a folder, an .npy file, "builtin", "photos", ...); static methods need it.
+    calibration: str | None = None
+    #: Held-out data for the gate; None: split from the calibration data, or the default set.
+    eval_data: str | None = None
+    #: The gate's budget against the float parent; None: the method's default.
+    min_agreement: float | None = None
+    min_cosine: float | None = None
+    #: Keep the most sensitive layers in float, a group at a time, until the budget holds.
+    auto_fallback: bool = False
+    allow_synthetic_calibration: bool = False
+    calibration_size: int = 64
+    eval_size: int = 64
+    overwrite: bool = False
+    #: False: no gate runs (the caller judges the result) and ``fidelity`` stays empty.
+    check_fidelity: bool = True
+
+
 def quantize_artifact(
     artifact: str | Path,
     out_dir: str | Path,
     method: str,
+    request: ClassifierQuantOptions = ClassifierQuantOptions(),
     *,
-    backend: str = "onnxruntime",
-    calibration: str | None = None,
-    eval_data: str | None = None,
     options: QuantOptions = QuantOptions(),
-    min_agreement: float | None = None,
-    min_cosine: float | None = None,
-    auto_fallback: bool = False,
-    allow_synthetic_calibration: bool = False,
-    calibration_size: int = 64,
-    eval_size: int = 64,
-    overwrite: bool = False,
-    check_fidelity: bool = True,
     on_step: Callable[[str], None] = lambda msg: None,
+    **overrides: Any,
 ) -> Manifest:
-    """Quantize the float ONNX ``artifact`` with ``method`` for ``backend`` into ``out_dir``.
+    """Quantize the float ONNX ``artifact`` with ``method`` for ``request.backend`` into ``out_dir``;
+    ``options`` are the quantizer's, ``request`` (or its fields by keyword, over ``request``)
+    the data, the budget and the gate.
 
     Raises :class:`FidelityError` (and writes nothing) when the result misses
     its budget against the float parent on held-out inputs. ``check_fidelity=False``
@@ -125,6 +141,10 @@ def quantize_artifact(
     (``optimize`` measures every engine against PyTorch): no gate runs and the
     manifest's ``fidelity`` stays empty.
     """
+    unknown = sorted(set(overrides) - {f.name for f in fields(ClassifierQuantOptions)})
+    if unknown:
+        raise OptionError(f"quantize_artifact takes no option {unknown[0]!r}")
+    run = replace(request, **overrides) if overrides else request
     root = Path(artifact)
     parent = read_manifest(root)
     verify_artifact(root, parent)
@@ -132,30 +152,30 @@ def quantize_artifact(
     if parent.kind != "onnx" or parent.quantization:
         raise QuantizationError(f"{root}: quantize takes a float ONNX artifact (from export), this one is "
                                 f"{parent.kind}{' ' + parent.quantization.get('method', '') if parent.quantization else ''}")
-    spec = get_method(method, backend)
-    if auto_fallback and not spec.needs_calibration:
+    spec = get_method(method, run.backend)
+    if run.auto_fallback and not spec.needs_calibration:
         raise QuantizationError(f"--auto-fallback applies to calibrated int8 methods, not {method}")
-    budget = Budget(spec.min_agreement if min_agreement is None else min_agreement,
-                    spec.min_cosine if min_cosine is None else min_cosine)
+    budget = Budget(spec.min_agreement if run.min_agreement is None else run.min_agreement,
+                    spec.min_cosine if run.min_cosine is None else run.min_cosine)
     on_step("preparing calibration and held-out data")
-    calib, held = _datasets(parent, spec, calibration, eval_data, calibration_size, eval_size,
-                            allow_synthetic_calibration)
+    calib, held = _datasets(parent, spec, run.calibration, run.eval_data, run.calibration_size, run.eval_size,
+                            run.allow_synthetic_calibration)
     reference: dict[str, Any] = {}
-    if check_fidelity:
+    if run.check_fidelity:
         on_step(f"running the float parent on {describe_data(held.source, held.size)}")
         parent_runner, _ = load_runner(root, device="cpu", backend="onnxruntime")
         with parent_runner:
             reference = run_all(parent_runner, held)
 
     def attempt(opts: QuantOptions, fallback: list[dict[str, Any]] | None) -> Manifest:
-        with atomic_artifact(out_dir, overwrite=overwrite, inputs=(root,)) as tmp:
+        with atomic_artifact(out_dir, overwrite=run.overwrite, inputs=(root,)) as tmp:
             on_step(f"{spec.name} ({spec.backend})" + (f", {len(opts.exclude_nodes)} nodes kept in float" if opts.exclude_nodes else ""))
             comp = parent.component()
             result = spec.load()(QuantJob(root / comp.entry, tmp, comp.inputs[0].name,
                                           None if calib is None else calib.inputs, opts))
             manifest = _manifest(root, parent, spec, result, tmp, calib, opts, fallback)
             write_manifest(tmp, manifest)
-            if not check_fidelity:
+            if not run.check_fidelity:
                 return manifest
             on_step(f"measuring against the float parent on {describe_data(held.source, held.size)}")
             runner, _ = load_runner(tmp, device="cpu")
@@ -173,7 +193,7 @@ def quantize_artifact(
     try:
         return attempt(options, None)
     except _Missed as first:
-        if not auto_fallback:
+        if not run.auto_fallback:
             raise FidelityError(str(first)) from None
         return _fallback(spec, root, parent, calib, held, options, attempt, first.report, on_step)
 
@@ -295,24 +315,26 @@ def quantize_classifier(artifact: str | Path, out: str | Path, options: Any, *,
         calibration = default_calibration(read_manifest(artifact))
     quant = QuantOptions(**options.set(("calibrate_method", "per_channel", "group_size", "symmetric", "ratio")),
                          **({"exclude_nodes": tuple(options.exclude)} if options.exclude else {}))
-    return quantize_artifact(artifact, out, method, backend=backend, calibration=calibration, options=quant,
-                             on_step=on_step, **options.set(("eval_data", "min_agreement", "min_cosine",
-                                                             "auto_fallback", "allow_synthetic_calibration",
-                                                             "calibration_size", "eval_size", "overwrite")))
+    request = ClassifierQuantOptions(backend=backend, calibration=calibration,
+                                     **options.set(("eval_data", "min_agreement", "min_cosine", "auto_fallback",
+                                                    "allow_synthetic_calibration", "calibration_size", "eval_size",
+                                                    "overwrite")))
+    return quantize_artifact(artifact, out, method, request, options=quant, on_step=on_step)
 
 
 def quantize_text_to_image(artifact: str | Path, out: str | Path, options: Any, *,
                            on_step: Callable[[str], None] = lambda msg: None) -> Manifest:
     """``enginekit.stages.quantize`` of a text-to-image pipeline:
     :func:`enginekit.quant.diffusion.quantize_pipeline` with the fields of ``options`` it takes."""
-    from enginekit.quant.diffusion import quantize_pipeline
+    from enginekit.quant.diffusion import PipelineQuantOptions, quantize_pipeline
     from enginekit.stages import refuse
 
     refuse(options, _PIPELINE, lambda wrong: f"{', '.join(wrong)}: classifier options; {artifact} is a text-to-image "
                                              "pipeline (it takes --component, --calibration PROMPTS.txt, "
                                              "--min-psnr, --min-ssim)")
     method = _method(options, lambda: "int8")
-    return quantize_pipeline(artifact, out, method, backend=options.backend or "onnxruntime", on_step=on_step,
-                             **options.set(("components", "calibration", "calibration_prompts", "calibration_steps",
-                                            "group_size", "ratio", "min_psnr", "min_ssim", "auto_fallback",
-                                            "overwrite")))
+    pipeline = PipelineQuantOptions(backend=options.backend or "onnxruntime",
+                                    **options.set(("components", "calibration", "calibration_prompts",
+                                                   "calibration_steps", "group_size", "ratio", "min_psnr",
+                                                   "min_ssim", "auto_fallback", "overwrite")))
+    return quantize_pipeline(artifact, out, method, pipeline, on_step=on_step)

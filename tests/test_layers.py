@@ -22,10 +22,6 @@ TOO_LONG_TODAY = {
     "enginekit/app/optimize.py",
     "enginekit/app/optimize_pipeline.py",
     "bench/harness.py",
-    "bench/report.py",
-    "quant/diffusion.py",
-    "quant/ort.py",
-    "quant/openvino.py",
 }
 
 

@@ -185,10 +185,12 @@ def test_calibration_prompts_file_and_bad_files(sd15: Path, tmp_path: Path) -> N
 
 
 def test_component_override_and_bad_names(sd15: Path, tmp_path: Path) -> None:
-    from enginekit.quant.diffusion import quantize_pipeline
+    from enginekit.errors import OptionError
+    from enginekit.quant.diffusion import PipelineQuantOptions, quantize_pipeline
 
-    manifest = quantize_pipeline(sd15, tmp_path / "q", "int4", group_size=16,
-                                 components={"vae_decoder": "fp16", "text_encoder": "fp32"}, reference="parent")
+    options = PipelineQuantOptions(group_size=16, components={"vae_decoder": "fp16", "text_encoder": "fp32"},
+                                   reference="parent")
+    manifest = quantize_pipeline(sd15, tmp_path / "q", "int4", options)
     comps = manifest.quantization["components"]
     assert comps["vae_decoder"]["method"] == "fp16" and comps["vae_decoder"]["note"] == "set by the caller"
     assert comps["text_encoder"]["method"] == "fp32" and manifest.components["text_encoder"].precision == "fp32"
@@ -202,6 +204,8 @@ def test_component_override_and_bad_names(sd15: Path, tmp_path: Path) -> None:
         quantize_pipeline(sd15, tmp_path / "x", "int8-static")
     with pytest.raises(QuantizationError, match="auto-fallback"):
         quantize_pipeline(sd15, tmp_path / "x", "int4", auto_fallback=True)
+    with pytest.raises(OptionError, match="no option 'group'"):
+        quantize_pipeline(sd15, tmp_path / "x", "int4", options, group=16)
 
 
 def test_sdxl_vae_stays_fp32_at_fp16(tiny_pipelines: dict) -> None:

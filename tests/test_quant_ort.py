@@ -20,6 +20,7 @@ from onnx import TensorProto, numpy_helper  # noqa: E402
 from enginekit.errors import QuantizationError  # noqa: E402
 from enginekit.fidelity import compare_outputs  # noqa: E402
 from enginekit.quant import ort as quant  # noqa: E402
+from enginekit.quant import ort_graph  # noqa: E402
 from enginekit.runtimes.onnxruntime import run_onnx_file
 from enginekit.quant.base import METHODS, MethodResult, QuantJob, QuantOptions  # noqa: E402
 
@@ -300,7 +301,7 @@ def test_dynamic_honours_an_excluded_gemm(tmp_path: Path, float_model: Path, flo
 def test_external_data_past_the_size_limit(tmp_path: Path, float_model: Path, calibration: np.ndarray,
                                            held_out: np.ndarray, reference: dict, name: str,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(quant, "_EXTERNAL_DATA_BYTES", 0)  # every model counts as "over 2 GB"
+    monkeypatch.setattr(ort_graph, "EXTERNAL_DATA_BYTES", 0)  # every model counts as "over 2 GB"
     result = CASES[name][0](_job(float_model, tmp_path, calibration[:4]))
     assert result.files == ("model.onnx", "model.onnx.data")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.onnx.data"]

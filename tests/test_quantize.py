@@ -11,9 +11,9 @@ from click.testing import CliRunner
 
 import enginekit
 from enginekit.app.cli import cli
-from enginekit.errors import FidelityError, InputError, QuantizationError
+from enginekit.errors import FidelityError, InputError, OptionError, QuantizationError
 from enginekit.manifest import read_manifest
-from enginekit.quant.api import evaluate_artifact, quantize_artifact
+from enginekit.quant.api import ClassifierQuantOptions, evaluate_artifact, quantize_artifact
 from enginekit.quant.base import METHODS, QuantOptions
 from enginekit.quant.data import load_inputs, split_every
 
@@ -125,6 +125,10 @@ def test_method_errors(exported: dict, tmp_path: Path) -> None:
         quantize_artifact(exported["timm"], tmp_path / "a", "int8-static")
     with pytest.raises(QuantizationError, match="auto-fallback applies to calibrated"):
         quantize_artifact(exported["timm"], tmp_path / "a", "fp16", auto_fallback=True)
+    with pytest.raises(QuantizationError, match="no quantization methods for backend 'nope'"):
+        quantize_artifact(exported["timm"], tmp_path / "a", "fp16", ClassifierQuantOptions(backend="nope"))
+    with pytest.raises(OptionError, match="no option 'calib'"):
+        quantize_artifact(exported["timm"], tmp_path / "a", "fp16", calib="builtin")
 
 
 def test_quantized_artifact_is_not_quantized_again(exported: dict, tmp_path: Path) -> None:
