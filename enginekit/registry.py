@@ -35,6 +35,7 @@ __all__ = [
     "backend_names",
     "get_backend",
     "backend_class",
+    "backend_for_kind",
     "register_task",
     "task_names",
     "task_class",
@@ -133,6 +134,25 @@ def backend_class(name: str) -> type[Backend]:
         known = ", ".join(sorted(targets)) or "none"
         raise UnknownBackendError(f"unknown backend {name!r}; known backends: {known}")
     return _import(targets[name])
+
+
+def unregister_backend(name: str) -> None:
+    """Forget a backend :func:`register_backend` added (tests, notebooks); entry points stay."""
+    _runtime.pop(name, None)
+
+
+def backend_for_kind(kind: str) -> type[Backend] | None:
+    """The backend class whose :meth:`~enginekit.engine.Backend.compile` writes artifacts of
+    ``kind`` (it answers what the core asks about their files); None for the exported ``onnx``
+    kind, a kind no registered backend writes, or one whose backend does not import."""
+    for name in backend_names():
+        try:
+            cls = backend_class(name)
+        except ImportError:
+            continue
+        if getattr(cls, "kind", None) == kind:
+            return cls
+    return None
 
 
 def get_backend(name: str) -> Backend:
