@@ -208,8 +208,9 @@ def bench_runner(runner: Runner, batch: int, config: BenchConfig,
 def _open(path: Path, device: str, backend: str | None, threads: int,
           mode: str = "latency") -> tuple[Runner, Manifest, str, int]:
     """``load_runner`` with ``threads`` set in the manifest target the runner reads at load
-    (and, for ``mode="throughput"`` on OpenVINO, the THROUGHPUT performance hint, as
-    benchmark_app uses by default: several streams, one per request in flight).
+    (and, for ``mode="throughput"``, the backend's ``throughput_target``: on OpenVINO the
+    THROUGHPUT performance hint, as benchmark_app uses by default: several streams, one per
+    request in flight).
 
     Returns the runner, the manifest as on disk, the backend name and the thread
     count in effect (``threads``, else what a compiled artifact recorded, else 0).

@@ -5,12 +5,12 @@ core acts on its answers."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Mapping
 
 import pytest
 
 from enginekit.artifact import make_component, verify_artifact, write_manifest
-from enginekit.engine import Backend
+from enginekit.engine import Backend, Runner
 from enginekit.errors import IntegrityError
 from enginekit.manifest import Manifest, TensorSpec
 from enginekit.registry import backend_class, backend_for_kind, register_backend, unregister_backend
@@ -25,6 +25,7 @@ class FakeIRBackend(Backend):
     loads: ClassVar[tuple[str, ...]] = ("fakeir",)
     entry_format: ClassVar[str] = "fake-ir"
     static_shapes: ClassVar[bool] = True
+    throughput_target: ClassVar[Mapping[str, Any]] = {"fake_streams": "many"}
 
     @classmethod
     def entry_companions(cls, entry: str) -> list[str]:
@@ -44,8 +45,19 @@ class FakeIRBackend(Backend):
     def compile(self, *args: Any) -> Manifest:
         raise NotImplementedError
 
-    def load(self, *args: Any, **kwargs: Any) -> Any:
-        raise NotImplementedError
+    def load(self, artifact: Path, manifest: Manifest, device: str, component: str | None = None) -> Runner:
+        return _TargetRunner(manifest)
+
+
+class _TargetRunner(Runner):
+    """Runs nothing; keeps the ``target`` the backend was asked to load with."""
+
+    def __init__(self, manifest: Manifest) -> None:
+        super().__init__([], [])
+        self.target = dict(manifest.target)
+
+    def _run(self, feeds: dict[str, Any]) -> dict[str, Any]:
+        return {}
 
 
 class PlainBackend(FakeIRBackend):
@@ -56,6 +68,7 @@ class PlainBackend(FakeIRBackend):
     entry_format = Backend.entry_format
     static_shapes = Backend.static_shapes
     entry_companions = Backend.entry_companions
+    throughput_target = Backend.throughput_target
 
 
 @pytest.fixture
@@ -113,3 +126,14 @@ def test_pipeline_rebuild_asks_whether_compile_fixes_the_size(fake_backends) -> 
     # A backend whose compile keeps shapes open runs the quantized pipeline as it is: no compile line.
     plain = pipeline_rebuild_commands(report, {**candidate, "backend": "plainbe"}, ["unet"])
     assert not any(line.startswith("enginekit compile") for line in plain)
+
+
+@pytest.mark.parametrize(("mode", "target"), [("throughput", {"fake_streams": "many"}), ("latency", {})])
+def test_bench_loads_with_the_backend_s_throughput_settings(fake_backends, tmp_path: Path, mode: str,
+                                                           target: dict) -> None:
+    from enginekit.bench.harness import _open
+
+    _artifact(tmp_path / "a", "fakeir", {"model.fir": b"graph", "model.fir.weights": b"w"})
+    runner, _, name, _ = _open(tmp_path / "a", "cpu", "fakeir", 0, mode)
+    with runner:
+        assert (name, runner.target) == ("fakeir", target)
