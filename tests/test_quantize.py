@@ -16,6 +16,7 @@ from enginekit.manifest import read_manifest
 from enginekit.quant.api import evaluate_artifact, quantize_artifact
 from enginekit.quant.base import METHODS, QuantOptions
 from enginekit.quant.data import load_inputs, split_every
+from enginekit.registry import backend_names
 
 from .conftest import TIMM_LABELS, make_photo
 
@@ -84,6 +85,8 @@ def test_every_method_passes_its_gate_and_loads(exported: dict, labelled: Path, 
                           options=QuantOptions(group_size=16))
     spec = METHODS[(backend, method)]
     assert m.quantization["method"] == method and m.quantization["backend"] == backend
+    assert m.target["backend"] == backend  # the target the backend says a quantized artifact has
+    assert m.target.get("validated_on") == (None if backend in backend_names() else "onnxruntime cpu")
     assert m.fidelity["top1_agreement"] >= spec.min_agreement
     assert m.fidelity["logits_cosine"] >= spec.min_cosine
     assert "accuracy" in m.fidelity  # the held-out part of a labelled folder
