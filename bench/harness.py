@@ -48,6 +48,7 @@ from enginekit.runtimes.base import Runner
 from enginekit.errors import ShapeError
 from enginekit.hardware import fingerprint, fingerprint_id
 from enginekit.manifest import Manifest, TensorSpec
+from enginekit.registry import backend_class
 
 __all__ = [
     "DRIFT_WARN",
@@ -77,8 +78,6 @@ PIPELINE_KEYS = ("part", "height", "width", "steps")
 #: Where each backend's runner reads its thread count from ``manifest.target`` at load.
 def threads_key(backend: str) -> str | None:
     """The manifest ``target`` key holding ``backend``'s thread count (the backend says)."""
-    from enginekit.registry import backend_class
-
     return backend_class(backend).threads_key
 #: PyTorch's p50 after the engines over its p50 before them: beyond 1 ± this, the machine's
 #: speed moved during the run and the speed-ups are flagged.
@@ -209,8 +208,9 @@ def bench_runner(runner: Runner, batch: int, config: BenchConfig,
 def _open(path: Path, device: str, backend: str | None, threads: int,
           mode: str = "latency") -> tuple[Runner, Manifest, str, int]:
     """``load_runner`` with ``threads`` set in the manifest target the runner reads at load
-    (and, for ``mode="throughput"`` on OpenVINO, the THROUGHPUT performance hint, as
-    benchmark_app uses by default: several streams, one per request in flight).
+    (and, for ``mode="throughput"``, the backend's ``throughput_target``: on OpenVINO the
+    THROUGHPUT performance hint, as benchmark_app uses by default: several streams, one per
+    request in flight).
 
     Returns the runner, the manifest as on disk, the backend name and the thread
     count in effect (``threads``, else what a compiled artifact recorded, else 0).
@@ -225,8 +225,7 @@ def _open(path: Path, device: str, backend: str | None, threads: int,
     key = threads_key(name)
     recorded = int(manifest.target.get(key) or 0) if key else 0
     overrides: dict[str, Any] = {key: threads} if threads and key is not None else {}
-    if mode == "throughput" and name == "openvino":
-        overrides["performance_hint"] = "THROUGHPUT"
+    overrides.update(backend_class(name).throughput_target if mode == "throughput" else {})
     if not overrides:
         runner, manifest = load_runner(path, device, name)
         return runner, manifest, name, recorded
@@ -390,7 +389,7 @@ def _time_artifact(path: Path, config: BenchConfig, device: str, backend: str | 
                    requests: int) -> _Timed:
     """Steps 1-3 of :func:`bench_artifact`: load, first inference, warm timing per batch size."""
     threads = config.threads
-    if mode == "throughput" and not threads and (backend or _default_backend(path)) == "onnxruntime":
+    if mode == "throughput" and not threads and backend_class(backend or _default_backend(path)).pool_per_engine:
         # N requests from N threads: split the cores between them rather than let each
         # session's pool take all of them (what ORT's own perf test does with -x).
         cores = psutil.cpu_count(logical=False) or 1

@@ -66,7 +66,7 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
     from enginekit.api import compile_artifact
     from enginekit.export.vit import export_classifier
     from enginekit.manifest import read_manifest
-    from enginekit.quant.api import ClassifierQuantOptions, quantize_artifact
+    from enginekit.quant.api import QuantizeRequest, quantize_artifact
     from enginekit.quant.base import METHODS, QuantOptions
 
     work: Path = args.work
@@ -90,7 +90,7 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
             try:
                 # The gate is opened here so every method's numbers are reported; the
                 # verdict against its default budget is its own column.
-                request = ClassifierQuantOptions(backend=backend, calibration=calib, eval_data=held,
+                request = QuantizeRequest(backend=backend, calibration=calib, eval_data=held,
                                                  calibration_size=args.calibration_size, eval_size=args.eval_size,
                                                  min_agreement=0.0, min_cosine=0.0)
                 quantize_artifact(onnx, out, method, request, options=QuantOptions(group_size=args.group_size))

@@ -367,6 +367,7 @@ def verify_artifact(root: str | Path, manifest: Manifest, full: bool | None = No
     digest = manifest.digest()
     known = {} if full else _read_verified(root, digest)
     remember: dict[str, dict] = {}
+    entry_reads = _entry_reads(manifest.kind)
     for comp in manifest.components.values():
         names = {f.path for f in comp.files}
         if comp.entry not in names:
@@ -374,10 +375,10 @@ def verify_artifact(root: str | Path, manifest: Manifest, full: bool | None = No
         for entry in comp.files:
             _verify_file(root, entry, known, remember)
         for rel in sorted(names):
-            if rel.endswith(".onnx") or (rel == comp.entry and manifest.kind in ("onnx", "onnxruntime")):
+            if rel.endswith(".onnx") or (rel == comp.entry and entry_reads is None):
                 needed = check_onnx_external_data(root, rel)
-            elif rel.endswith(".xml") and rel == comp.entry and manifest.kind == "openvino":
-                needed = [str(Path(rel).with_suffix(".bin").as_posix())]
+            elif rel == comp.entry and entry_reads is not None:
+                needed = entry_reads(rel)
             else:
                 continue
             for dep in needed:
@@ -388,6 +389,19 @@ def verify_artifact(root: str | Path, manifest: Manifest, full: bool | None = No
         _verify_file(root, entry, known, remember)
     if remember != known:
         _write_verified(root, digest, remember)
+
+
+def _entry_reads(kind: str) -> Any:
+    """What a component's entry reads in an artifact of ``kind``: None where the entry is an
+    ONNX graph (an export, or a backend that says its entries are ONNX: its external data is
+    checked), else the backend's :meth:`~enginekit.engine.Backend.entry_companions` (a kind
+    no registered backend writes: nothing the core knows of)."""
+    from enginekit.registry import backend_for_kind
+
+    owner = backend_for_kind(kind)
+    if owner is None:
+        return None if kind == "onnx" else (lambda entry: [])
+    return None if owner.entry_format == "onnx" else owner.entry_companions
 
 
 def _verify_file(root: Path, entry: FileEntry, known: dict[str, dict], remember: dict[str, dict]) -> None:

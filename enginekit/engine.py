@@ -282,6 +282,31 @@ class Backend(abc.ABC):
     #: A device name that hands the choice to the backend's own plugin (OpenVINO's
     #: ``AUTO``) instead of enginekit's ``auto``, which picks from :meth:`devices`.
     native_auto: ClassVar[str | None] = None
+    #: The format of the file a component's ``entry`` names in artifacts of :attr:`kind`:
+    #: ``"onnx"`` (a graph whose external data the core checks) or the backend's own format,
+    #: whose other files :meth:`entry_companions` names.
+    entry_format: ClassVar[str] = "onnx"
+    #: Whether :meth:`compile` fixes the input sizes (a pipeline is compiled at one image size,
+    #: so rebuilding it names ``--height/--width/--batch``).
+    static_shapes: ClassVar[bool] = False
+    #: Whether each loaded engine keeps its own thread pool sized to every core, so that
+    #: engines serving requests side by side should split the cores between them.
+    pool_per_engine: ClassVar[bool] = False
+    #: ``target`` settings that tune a loaded engine for many requests at once rather than
+    #: one at a time (applied at load by ``bench --mode throughput``); empty: none.
+    throughput_target: ClassVar[Mapping[str, Any]] = types.MappingProxyType({})
+
+    @classmethod
+    def entry_companions(cls, entry: str) -> list[str]:
+        """The files besides ``entry`` (a component's entry, in :attr:`entry_format`) that
+        loading it reads, relative to the artifact like ``entry``; none by default."""
+        return []
+
+    @classmethod
+    def quantized_target(cls, details: Mapping[str, Any]) -> dict[str, Any]:
+        """The manifest ``target`` of an artifact quantized for this backend (``details``: what
+        the quantizer recorded about its result)."""
+        return {"backend": cls.name, "device": "cpu"}
 
     def options(self, extra: Mapping[str, Any]) -> BackendOptions:
         """Parse ``CompileOptions.extra`` into this backend's typed options (refusing unknown keys)."""

@@ -37,6 +37,13 @@ MANIFEST_NAME = "manifest.json"
 ARTIFACT_KINDS = ("onnx", "onnxruntime", "openvino", "tensorrt")
 
 
+def _backend_writes(kind: str) -> bool:
+    """Whether a registered backend (one added at run time, say) compiles artifacts of ``kind``."""
+    from enginekit.registry import backend_for_kind
+
+    return backend_for_kind(kind) is not None
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     """Name, numpy dtype name and shape of one input or output.
@@ -231,9 +238,10 @@ class Manifest:
         for key in ("kind", "task", "family"):
             if not isinstance(data[key], str):
                 raise ManifestError(f"manifest.json field {key!r} must be a string")
-        if data["kind"] not in ARTIFACT_KINDS:
+        if data["kind"] not in ARTIFACT_KINDS and not _backend_writes(data["kind"]):
             raise ManifestError(
-                f"manifest kind {data['kind']!r} is unknown; expected one of {', '.join(ARTIFACT_KINDS)}"
+                f"manifest kind {data['kind']!r} is unknown; expected one of {', '.join(ARTIFACT_KINDS)} "
+                "or the kind of a registered backend"
             )
         if not isinstance(data["components"], Mapping):
             raise ManifestError("manifest.json field 'components' must be an object of name -> component")

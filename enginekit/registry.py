@@ -18,6 +18,7 @@ and the CLI ask it, and never compare a task name themselves.
 
 from __future__ import annotations
 
+import functools
 import importlib
 from dataclasses import dataclass, fields
 from importlib import metadata
@@ -35,6 +36,7 @@ __all__ = [
     "backend_names",
     "get_backend",
     "backend_class",
+    "backend_for_kind",
     "register_task",
     "task_names",
     "task_class",
@@ -109,7 +111,14 @@ def register_backend(name: str, target: str) -> None:
 
 
 def _entry_points(group: str = ENTRY_POINT_GROUP) -> dict[str, str]:
-    return {ep.name: ep.value for ep in metadata.entry_points(group=group)}
+    return dict(_installed_entry_points(group))
+
+
+@functools.lru_cache(maxsize=None)
+def _installed_entry_points(group: str) -> tuple[tuple[str, str], ...]:
+    """The installed entry points of ``group``, read once per process (scanning every
+    installed distribution's metadata takes tens of milliseconds, on every artifact check)."""
+    return tuple((ep.name, ep.value) for ep in metadata.entry_points(group=group))
 
 
 def _import(target: str) -> Any:
@@ -133,6 +142,25 @@ def backend_class(name: str) -> type[Backend]:
         known = ", ".join(sorted(targets)) or "none"
         raise UnknownBackendError(f"unknown backend {name!r}; known backends: {known}")
     return _import(targets[name])
+
+
+def unregister_backend(name: str) -> None:
+    """Forget a backend :func:`register_backend` added (tests, notebooks); entry points stay."""
+    _runtime.pop(name, None)
+
+
+def backend_for_kind(kind: str) -> type[Backend] | None:
+    """The backend class whose :meth:`~enginekit.engine.Backend.compile` writes artifacts of
+    ``kind`` (it answers what the core asks about their files); None for the exported ``onnx``
+    kind, a kind no registered backend writes, or one whose backend does not import."""
+    for _, target in sorted(_targets().items()):  # one scan of the entry points
+        try:
+            cls = _import(target)
+        except (ImportError, AttributeError):
+            continue
+        if getattr(cls, "kind", None) == kind:
+            return cls
+    return None
 
 
 def get_backend(name: str) -> Backend:

@@ -15,14 +15,17 @@ field that does not apply to its task: :func:`refuse`.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from enginekit.errors import OptionError, UnknownTaskError, UnsupportedStageError
 from enginekit.registry import stage
 
+T = TypeVar("T")
+
 __all__ = [
+    "with_fields",
     "QuantizeOptions",
     "OptimizeOptions",
     "BenchOptions",
@@ -55,6 +58,19 @@ class _Options:
     def set(self, names: Iterable[str]) -> dict[str, Any]:
         """The set fields among ``names``, as keyword arguments."""
         return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+
+
+def with_fields(cls: type[T], options: T | None, named: Mapping[str, Any]) -> T:
+    """``options`` (``cls()`` when None) with the fields a caller gave by name (``named``, the
+    keyword arguments of a function that takes a typed options object) replaced; a name that is
+    no field of ``cls`` is a one-line :class:`OptionError` listing the ones it has."""
+    if options is not None and not isinstance(options, cls):
+        raise OptionError(f"options must be a {cls.__name__}, got {type(options).__name__}")
+    known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(named) - known)
+    if unknown:
+        raise OptionError(f"{cls.__name__} has no field {unknown[0]!r} (it takes: {', '.join(sorted(known))})")
+    return replace(options if options is not None else cls(), **named)
 
 
 def given(options: Any) -> list[str]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 import math
 import tempfile
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,10 +26,11 @@ from enginekit.manifest import Manifest, read_manifest
 from enginekit.quant.base import QuantJob, QuantMethod, QuantOptions, get_method
 from enginekit.quant.data import InputSet, describe_data, load_inputs, photos_available, split_every
 from enginekit.quant.gate import Budget, check, measure, run_all
-from enginekit.registry import expect_stage
+from enginekit.registry import backend_class, backend_for_kind, backend_names, expect_stage
+from enginekit.stages import with_fields
 
-__all__ = ["quantize_artifact", "ClassifierQuantOptions", "evaluate_artifact", "quantize_classifier", "quantize_text_to_image",
-           "DEFAULT_INT8", "default_int8_method", "default_calibration"]
+__all__ = ["QuantizeRequest", "quantize_artifact", "evaluate_artifact", "quantize_classifier",
+           "quantize_text_to_image", "DEFAULT_INT8", "default_int8_method", "default_calibration"]
 
 #: ``--int8``: the int8 method each backend quantizes a classifier with. Pipelines: "int8"
 #: (the denoiser int8, as :func:`enginekit.quant.diffusion.quantize_pipeline` plans it).
@@ -99,41 +100,33 @@ def _datasets(
 
 
 @dataclass(frozen=True)
-class ClassifierQuantOptions:
-    """How :func:`quantize_artifact` quantizes and judges a classifier, beside the method and
-    the quantizer's own :class:`QuantOptions`."""
+class QuantizeRequest:
+    """What :func:`quantize_artifact` is asked, beside the artifact, the output and the method."""
 
     backend: str = "onnxruntime"
-    #: Calibration data (a folder, an .npy file, "builtin", "photos", ...); static methods need it.
+    #: Calibration inputs (static methods) and held-out inputs for the gate: data specs.
     calibration: str | None = None
-    #: Held-out data for the gate; None: split from the calibration data, or the default set.
     eval_data: str | None = None
-    #: The gate's budget against the float parent; None: the method's default.
+    #: The quantizer's own settings (per-channel, group size, nodes kept in float, ...).
+    options: QuantOptions = QuantOptions()
+    #: The fidelity budget against the float parent; None: the method's own.
     min_agreement: float | None = None
     min_cosine: float | None = None
-    #: Keep the most sensitive layers in float, a group at a time, until the budget holds.
+    #: Keep the layers that cost the most in float, group by group, until the budget holds.
     auto_fallback: bool = False
     allow_synthetic_calibration: bool = False
     calibration_size: int = 64
     eval_size: int = 64
     overwrite: bool = False
-    #: False: no gate runs (the caller judges the result) and ``fidelity`` stays empty.
+    #: False: no gate (the caller judges the result against another reference).
     check_fidelity: bool = True
 
 
-def quantize_artifact(
-    artifact: str | Path,
-    out_dir: str | Path,
-    method: str,
-    request: ClassifierQuantOptions = ClassifierQuantOptions(),
-    *,
-    options: QuantOptions = QuantOptions(),
-    on_step: Callable[[str], None] = lambda msg: None,
-    **overrides: Any,
-) -> Manifest:
-    """Quantize the float ONNX ``artifact`` with ``method`` for ``request.backend`` into ``out_dir``;
-    ``options`` are the quantizer's, ``request`` (or its fields by keyword, over ``request``)
-    the data, the budget and the gate.
+def quantize_artifact(artifact: str | Path, out_dir: str | Path, method: str, request: QuantizeRequest | None = None,
+                      *, on_step: Callable[[str], None] = lambda msg: None, **fields: Any) -> Manifest:
+    """Quantize the float ONNX ``artifact`` with ``method`` for ``request.backend`` into ``out_dir``.
+    ``request`` says what is asked (:class:`QuantizeRequest`); its fields may also be given by
+    name (``backend="openvino"``), over ``request``.
 
     Raises :class:`FidelityError` (and writes nothing) when the result misses
     its budget against the float parent on held-out inputs. ``check_fidelity=False``
@@ -141,10 +134,7 @@ def quantize_artifact(
     (``optimize`` measures every engine against PyTorch): no gate runs and the
     manifest's ``fidelity`` stays empty.
     """
-    unknown = sorted(set(overrides) - {f.name for f in fields(ClassifierQuantOptions)})
-    if unknown:
-        raise OptionError(f"quantize_artifact takes no option {unknown[0]!r}")
-    run = replace(request, **overrides) if overrides else request
+    req = with_fields(QuantizeRequest, request, fields)
     root = Path(artifact)
     parent = read_manifest(root)
     verify_artifact(root, parent)
@@ -152,30 +142,30 @@ def quantize_artifact(
     if parent.kind != "onnx" or parent.quantization:
         raise QuantizationError(f"{root}: quantize takes a float ONNX artifact (from export), this one is "
                                 f"{parent.kind}{' ' + parent.quantization.get('method', '') if parent.quantization else ''}")
-    spec = get_method(method, run.backend)
-    if run.auto_fallback and not spec.needs_calibration:
+    spec = get_method(method, req.backend)
+    if req.auto_fallback and not spec.needs_calibration:
         raise QuantizationError(f"--auto-fallback applies to calibrated int8 methods, not {method}")
-    budget = Budget(spec.min_agreement if run.min_agreement is None else run.min_agreement,
-                    spec.min_cosine if run.min_cosine is None else run.min_cosine)
+    budget = Budget(spec.min_agreement if req.min_agreement is None else req.min_agreement,
+                    spec.min_cosine if req.min_cosine is None else req.min_cosine)
     on_step("preparing calibration and held-out data")
-    calib, held = _datasets(parent, spec, run.calibration, run.eval_data, run.calibration_size, run.eval_size,
-                            run.allow_synthetic_calibration)
+    calib, held = _datasets(parent, spec, req.calibration, req.eval_data, req.calibration_size, req.eval_size,
+                            req.allow_synthetic_calibration)
     reference: dict[str, Any] = {}
-    if run.check_fidelity:
+    if req.check_fidelity:
         on_step(f"running the float parent on {describe_data(held.source, held.size)}")
         parent_runner, _ = load_runner(root, device="cpu", backend="onnxruntime")
         with parent_runner:
             reference = run_all(parent_runner, held)
 
     def attempt(opts: QuantOptions, fallback: list[dict[str, Any]] | None) -> Manifest:
-        with atomic_artifact(out_dir, overwrite=run.overwrite, inputs=(root,)) as tmp:
+        with atomic_artifact(out_dir, overwrite=req.overwrite, inputs=(root,)) as tmp:
             on_step(f"{spec.name} ({spec.backend})" + (f", {len(opts.exclude_nodes)} nodes kept in float" if opts.exclude_nodes else ""))
             comp = parent.component()
             result = spec.load()(QuantJob(root / comp.entry, tmp, comp.inputs[0].name,
                                           None if calib is None else calib.inputs, opts))
             manifest = _manifest(root, parent, spec, result, tmp, calib, opts, fallback)
             write_manifest(tmp, manifest)
-            if not run.check_fidelity:
+            if not req.check_fidelity:
                 return manifest
             on_step(f"measuring against the float parent on {describe_data(held.source, held.size)}")
             runner, _ = load_runner(tmp, device="cpu")
@@ -191,11 +181,11 @@ def quantize_artifact(
         return manifest
 
     try:
-        return attempt(options, None)
+        return attempt(req.options, None)
     except _Missed as first:
-        if not run.auto_fallback:
+        if not req.auto_fallback:
             raise FidelityError(str(first)) from None
-        return _fallback(spec, root, parent, calib, held, options, attempt, first.report, on_step)
+        return _fallback(spec, root, parent, calib, held, req.options, attempt, first.report, on_step)
 
 
 def _fallback(spec: QuantMethod, root: Path, parent: Manifest, calib: InputSet | None, held: InputSet,
@@ -239,14 +229,14 @@ def _manifest(root: Path, parent: Manifest, spec: QuantMethod, result: Any, tmp:
         quantization["excluded_nodes"] = list(opts.exclude_nodes)
     if fallback is not None:
         quantization["fallback"] = {"steps": fallback, "excluded": len(opts.exclude_nodes)}
-    if result.kind == "openvino":
-        target = {"backend": "openvino", "device": "cpu",
-                  "inference_precision_hint": result.details.get("inference_precision_hint", "f32"),
-                  "performance_hint": "LATENCY"}
-    elif spec.backend == "tensorrt":
-        target = {"backend": "tensorrt", "precision": "int8", "validated_on": "onnxruntime cpu"}
-    else:
-        target = {"backend": "onnxruntime", "device": "cpu"}
+    runtime = backend_for_kind(result.kind)
+    if runtime is None and spec.backend in backend_names():
+        runtime = backend_class(spec.backend)
+    if runtime is not None:  # the backend that runs the result says what its target holds
+        target = runtime.quantized_target(result.details)
+    else:  # a quantization target no runtime here runs (TensorRT): the gate ran on the default backend
+        target = {"backend": spec.backend, "precision": result.precision.split("-")[0],
+                  "validated_on": "onnxruntime cpu"}
     provenance = {**parent.provenance,
                   "parent": {"path": str(root.resolve()), "manifest_sha256": parent.digest(), "kind": parent.kind},
                   "host": fingerprint()}
@@ -315,11 +305,11 @@ def quantize_classifier(artifact: str | Path, out: str | Path, options: Any, *,
         calibration = default_calibration(read_manifest(artifact))
     quant = QuantOptions(**options.set(("calibrate_method", "per_channel", "group_size", "symmetric", "ratio")),
                          **({"exclude_nodes": tuple(options.exclude)} if options.exclude else {}))
-    request = ClassifierQuantOptions(backend=backend, calibration=calibration,
-                                     **options.set(("eval_data", "min_agreement", "min_cosine", "auto_fallback",
-                                                    "allow_synthetic_calibration", "calibration_size", "eval_size",
-                                                    "overwrite")))
-    return quantize_artifact(artifact, out, method, request, options=quant, on_step=on_step)
+    request = QuantizeRequest(backend=backend, calibration=calibration, options=quant,
+                              **options.set(("eval_data", "min_agreement", "min_cosine", "auto_fallback",
+                                             "allow_synthetic_calibration", "calibration_size", "eval_size",
+                                             "overwrite")))
+    return quantize_artifact(artifact, out, method, request, on_step=on_step)
 
 
 def quantize_text_to_image(artifact: str | Path, out: str | Path, options: Any, *,

@@ -142,6 +142,7 @@ class OnnxRuntimeBackend(Backend):
     loads: ClassVar[tuple[str, ...]] = ("onnx", "onnxruntime")
     Options: ClassVar[type[BackendOptions]] = OnnxRuntimeOptions
     threads_key: ClassVar[str | None] = "intra_op_num_threads"
+    pool_per_engine: ClassVar[bool] = True
 
     @classmethod
     def is_available(cls) -> bool:

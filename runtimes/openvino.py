@@ -39,7 +39,8 @@ import os
 import threading
 from dataclasses import dataclass, field
 from importlib import metadata
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from types import MappingProxyType
 from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import numpy as np
@@ -188,6 +189,20 @@ class OpenVINOBackend(Backend):
     Options: ClassVar[type[BackendOptions]] = OpenVINOOptions
     threads_key: ClassVar[str | None] = "inference_num_threads"
     native_auto: ClassVar[str | None] = "AUTO"
+    entry_format: ClassVar[str] = "openvino-ir"
+    static_shapes: ClassVar[bool] = True
+    throughput_target: ClassVar[Mapping[str, Any]] = MappingProxyType({"performance_hint": "THROUGHPUT"})
+
+    @classmethod
+    def entry_companions(cls, entry: str) -> list[str]:
+        """An IR's ``.xml`` reads its weights from the ``.bin`` beside it."""
+        return [PurePosixPath(entry).with_suffix(".bin").as_posix()] if entry.endswith(".xml") else []
+
+    @classmethod
+    def quantized_target(cls, details: Mapping[str, Any]) -> dict[str, Any]:
+        return {"backend": cls.name, "device": "cpu",
+                "inference_precision_hint": details.get("inference_precision_hint", "f32"),
+                "performance_hint": "LATENCY"}
 
     def __init__(self) -> None:
         self._core_obj: Any = None  # made on first use: nothing touches a device here

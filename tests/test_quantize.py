@@ -13,9 +13,10 @@ import enginekit
 from enginekit.app.cli import cli
 from enginekit.errors import FidelityError, InputError, OptionError, QuantizationError
 from enginekit.manifest import read_manifest
-from enginekit.quant.api import ClassifierQuantOptions, evaluate_artifact, quantize_artifact
+from enginekit.quant.api import QuantizeRequest, evaluate_artifact, quantize_artifact
 from enginekit.quant.base import METHODS, QuantOptions
 from enginekit.quant.data import load_inputs, split_every
+from enginekit.registry import backend_names
 
 from .conftest import TIMM_LABELS, make_photo
 
@@ -84,6 +85,8 @@ def test_every_method_passes_its_gate_and_loads(exported: dict, labelled: Path, 
                           options=QuantOptions(group_size=16))
     spec = METHODS[(backend, method)]
     assert m.quantization["method"] == method and m.quantization["backend"] == backend
+    assert m.target["backend"] == backend  # the target the backend says a quantized artifact has
+    assert m.target.get("validated_on") == (None if backend in backend_names() else "onnxruntime cpu")
     assert m.fidelity["top1_agreement"] >= spec.min_agreement
     assert m.fidelity["logits_cosine"] >= spec.min_cosine
     assert "accuracy" in m.fidelity  # the held-out part of a labelled folder
@@ -126,7 +129,7 @@ def test_method_errors(exported: dict, tmp_path: Path) -> None:
     with pytest.raises(QuantizationError, match="auto-fallback applies to calibrated"):
         quantize_artifact(exported["timm"], tmp_path / "a", "fp16", auto_fallback=True)
     with pytest.raises(QuantizationError, match="no quantization methods for backend 'nope'"):
-        quantize_artifact(exported["timm"], tmp_path / "a", "fp16", ClassifierQuantOptions(backend="nope"))
+        quantize_artifact(exported["timm"], tmp_path / "a", "fp16", QuantizeRequest(backend="nope"))
     with pytest.raises(OptionError, match="no option 'calib'"):
         quantize_artifact(exported["timm"], tmp_path / "a", "fp16", calib="builtin")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -12,8 +13,9 @@ from enginekit.errors import InputError
 from enginekit.manifest import MANIFEST_NAME, Manifest, read_manifest
 from enginekit.outputs import check_output, write_file
 from enginekit.registry import task_class
+from enginekit.stages import with_fields
 
-__all__ = ["COMPILE_FLAGS", "backend_flags", "build_engine", "generate_images", "output_paths"]
+__all__ = ["COMPILE_FLAGS", "BuildRequest", "backend_flags", "build_engine", "generate_images", "output_paths"]
 
 
 #: The typed ``compile`` flags: flag -> (the backend that takes it, its option key, what
@@ -45,67 +47,77 @@ def backend_flags(backend: str, flags: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def build_engine(
-    artifact: str | Path,
-    backend: str,
-    out: str | Path,
-    *,
-    device: str = "cpu",
-    threads: int = 0,
-    precision: str = "fp32",
-    height: int | None = None,
-    width: int | None = None,
-    batch: int | None = None,
-    options: Mapping[str, Any] | None = None,
-    flags: Mapping[str, Any] | None = None,
-    int8: bool = False,
-    calibration: str | None = None,
-    overwrite: bool = False,
-    on_step: Callable[[str], Any] = lambda msg: None,
-) -> Manifest:
+@dataclass(frozen=True)
+class BuildRequest:
+    """What :func:`build_engine` is asked, beside the artifact, the backend and the output."""
+
+    device: str = "cpu"
+    #: Worker threads the engine may use; 0 lets the backend decide.
+    threads: int = 0
+    precision: str = "fp32"
+    #: A size or batch makes the shapes static (where the task and backend take them).
+    height: int | None = None
+    width: int | None = None
+    batch: int | None = None
+    #: Backend option -> value (``--option``), over the task's defaults and ``flags``.
+    options: Mapping[str, Any] | None = None
+    #: The typed ``compile`` flags (see :data:`COMPILE_FLAGS`).
+    flags: Mapping[str, Any] | None = None
+    #: Quantize with the backend's default int8 method first, calibrated on ``calibration``.
+    int8: bool = False
+    calibration: str | None = None
+    overwrite: bool = False
+
+
+def build_engine(artifact: str | Path, backend: str, out: str | Path, request: BuildRequest | None = None, *,
+                 on_step: Callable[[str], Any] = lambda msg: None, **fields: Any) -> Manifest:
     """Compile ``artifact`` for ``backend`` with the task's defaults: the family's precision
     exceptions and, given a size or batch, static shapes; ``flags`` (the typed ``compile``
     flags, see :data:`COMPILE_FLAGS`) and ``options`` (backend option -> value) override them.
+    ``request`` says what is asked (:class:`BuildRequest`); its fields may also be given by
+    name (``device="cpu"``), over ``request``.
 
-    ``int8=True`` first quantizes as ``enginekit quantize --int8`` does (the backend's
-    default int8 method, :data:`enginekit.quant.api.DEFAULT_INT8`, calibrated on
-    ``calibration`` or the default data), gated on fidelity, and compiles the result."""
-    check_output(out, overwrite=overwrite, inputs=(artifact,), marker=MANIFEST_NAME)  # before any work
+    ``int8=True`` first quantizes with the backend's default int8 method
+    (:data:`DEFAULT_INT8`; static methods calibrate on ``calibration``, by default the
+    built-in digits for the built-in model and ``photos`` otherwise), gated on fidelity
+    as ``enginekit quantize`` is, and compiles the result."""
+    req = with_fields(BuildRequest, request, fields)
     manifest = read_manifest(artifact)
     cls = task_class(manifest.task)
-    extra = dict(cls.compile_options(manifest, backend, precision, height, width, batch))
-    typed = backend_flags(backend, flags or {})
-    both = sorted(set(typed) & set(options or {}))
+    extra = dict(cls.compile_options(manifest, backend, req.precision, req.height, req.width, req.batch))
+    typed = backend_flags(backend, req.flags or {})
+    both = sorted(set(typed) & set(req.options or {}))
     if both:
         raise InputError(f"{both[0]} is given twice (a flag and --option {both[0]}=...); give it once")
     extra.update(typed)
-    extra.update(options or {})
+    extra.update(req.options or {})
+    device = req.device
     if device.lower() == "auto":
         from enginekit.api import resolve_device
         from enginekit.registry import get_backend
 
         device = resolve_device(get_backend(backend), device)
-    compile_options = CompileOptions(device=device, threads=threads, extra=extra)
-    if not int8:
-        if calibration is not None:
+    compile_options = CompileOptions(device=device, threads=req.threads, extra=extra)
+    if not req.int8:
+        if req.calibration is not None:
             raise InputError("--calibration is for --int8 (static int8 calibrates on it)")
-        return compile_artifact(artifact, backend, out, compile_options, overwrite=overwrite)
-    if precision != "fp32":
-        raise InputError(f"--int8 and --precision {precision} disagree; give one")
+        return compile_artifact(artifact, backend, out, compile_options, overwrite=req.overwrite)
+    if req.precision != "fp32":
+        raise InputError(f"--int8 and --precision {req.precision} disagree; give one")
     from enginekit.stages import QuantizeOptions, quantize
 
     root = Path(artifact)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{Path(out).name}.int8-", dir=Path(out).parent) as scratch:
         quantized = quantize(root, Path(scratch) / "q", QuantizeOptions(int8=True, backend=backend,
-                                                                        calibration=calibration, overwrite=True),
+                                                                        calibration=req.calibration, overwrite=True),
                              on_step=on_step)
         method = quantized.quantization.get("method")
         on_step(f"compile for {backend}")
         # The quantized step lives in a temporary folder: the parent named is the ONNX it came from.
         parent = {"path": str(root.resolve()), "manifest_sha256": manifest.digest(), "kind": manifest.kind,
                   "quantized_with": method, "quantization_fidelity": quantized.fidelity}
-        compiled = compile_artifact(Path(scratch) / "q", backend, out, compile_options, overwrite=overwrite,
+        compiled = compile_artifact(Path(scratch) / "q", backend, out, compile_options, overwrite=req.overwrite,
                                     parent=parent)
     return compiled
 

@@ -12,6 +12,8 @@ import json
 import shlex
 from typing import Any, Mapping
 
+from enginekit.registry import backend_class, backend_names
+
 __all__ = ["rebuild_commands", "pipeline_rebuild_commands"]
 
 #: compile option key -> the ``compile`` flag that sets it (booleans are bare flags).
@@ -62,7 +64,7 @@ def rebuild_commands(report: Mapping[str, Any], candidate: Mapping[str, Any], *,
     if method:
         out = candidate["name"] if compile_extra is None else f"{quant_backend}-{method}-quantized"
         parts = ["enginekit", "quantize", "onnx", "-m", method,
-                 *(["--target", "tensorrt"] if quant_backend == "tensorrt" else ["-b", str(quant_backend)])]
+                 *(["-b", str(quant_backend)] if quant_backend in backend_names() else ["--target", str(quant_backend)])]
         if get_method(method, quant_backend).needs_calibration:
             spec = (report.get("data") or {}).get("spec") or "photos"
             parts += ["-c", _q(spec)]
@@ -121,12 +123,12 @@ def pipeline_rebuild_commands(report: Mapping[str, Any], candidate: Mapping[str,
                 f"{candidate['method']!r}, backend={backend!r}, components={per!r}, check_fidelity=False)")
         lines.append(f"python -c {_q(call)}")
         built = "quantized"
-        if backend != "openvino":
+        if not backend_class(backend).static_shapes:  # the quantized pipeline runs as it is
             return lines
     parts = ["enginekit", "compile", built, "-b", backend, "-o", _q(candidate["name"])]
     if candidate.get("compile_precision", "fp32") != "fp32":
         parts += ["--precision", str(candidate["compile_precision"])]
-    if backend == "openvino":
+    if backend_class(backend).static_shapes:  # compiled at the size optimize judged
         parts += ["--height", str(report["size"]), "--width", str(report["size"]), "--batch", "1"]
     for key, value in (candidate.get("compile_options") or {}).items():
         flag = _FLAGS.get(key)

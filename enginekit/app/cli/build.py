@@ -150,7 +150,7 @@ def compile_cmd(**params: Any) -> None:
       onnxruntime   --graph-optimization-level, --transformer-fusions
       both          --batch, --threads, --int8, -d/--device
     """
-    from enginekit.app.build import build_engine
+    from enginekit.app.build import BuildRequest, build_engine
 
     o = Params(params)
     if o.fp16 and o.precision not in (None, "fp16"):
@@ -161,10 +161,10 @@ def compile_cmd(**params: Any) -> None:
              "graph_optimization_level": o.graph_optimization_level, "transformer_fusions": o.transformer_fusions}
     console = err_console()
     with console.status(f"compiling for {o.backend}") as status:
-        manifest = build_engine(o.artifact, o.backend, o.out, device=o.device, threads=o.threads, precision=precision,
-                                height=o.height, width=o.width, batch=o.batch, options=backend_option(o.options),
-                                flags=flags, int8=o.int8, calibration=o.calibration, overwrite=o.overwrite,
-                                on_step=lambda msg: status.update(msg))
+        request = BuildRequest(device=o.device, threads=o.threads, precision=precision, height=o.height,
+                               width=o.width, batch=o.batch, options=backend_option(o.options), flags=flags,
+                               int8=o.int8, calibration=o.calibration, overwrite=o.overwrite)
+        manifest = build_engine(o.artifact, o.backend, o.out, request, on_step=lambda msg: status.update(msg))
     if o.as_json:
         emit_json(manifest.to_dict())
     else:
