@@ -89,6 +89,7 @@ BACKEND_NAMES = frozenset({"onnxruntime", "openvino", "tensorrt"})
 #: Modules that still compare, each being restructured by its owner; remove a line when done.
 COMPARES_BACKEND_NAMES_TODAY = {
     "quant/diffusion.py": "the per-backend pipeline quantizer, being split into one module per backend",
+    "quant/diffusion_components.py": "the per-backend component recipes of the pipeline quantizer (same split)",
     "enginekit/app/optimize.py": "optimize's candidate table (which backends to try), being reworked with its logic",
     "enginekit/app/optimize_pipeline.py": "optimize's pipeline candidates, being reworked with optimize's logic",
 }
