@@ -20,7 +20,6 @@ MAX_LINES = 500
 TOO_LONG_TODAY = {
     "export/diffusion/sd.py",
     "enginekit/app/optimize.py",
-    "enginekit/app/optimize_pipeline.py",
     "bench/harness.py",
     "bench/report.py",
     "quant/diffusion.py",
