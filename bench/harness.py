@@ -31,24 +31,26 @@ and kept apart from the warm latency. ``speedup`` is filled by
 from __future__ import annotations
 
 import contextlib
-import math
-import os
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import psutil
-from enginekit.runtimes.base import Runner
 
+from enginekit.bench.records import (FIDELITY_KEYS, PIPELINE_KEYS, RECORD_SCHEMA, add_speedups, engine_info,
+                                     make_record)
+from enginekit.bench.timing import (BenchConfig, _progress_bar, bench_runner, latency_stats, load_average, make_feeds,
+                                    spread, time_callable)
+from enginekit.bench.torch_baseline import (bench_torch, bench_torch_artifact, distinct_artifacts, distinct_sources,
+                                            torch_baselines)
 from enginekit.errors import ShapeError
-from enginekit.hardware import fingerprint, fingerprint_id
+from enginekit.hardware import fingerprint
 from enginekit.manifest import Manifest, TensorSpec
 from enginekit.registry import backend_class
+from enginekit.runtimes.base import Runner
 
 __all__ = [
     "DRIFT_WARN",
@@ -60,8 +62,11 @@ __all__ = [
     "bench_torch",
     "bench_torch_artifact",
     "distinct_artifacts",
+    "distinct_sources",
     "torch_baselines",
     "engine_info",
+    "FIDELITY_KEYS",
+    "PIPELINE_KEYS",
     "latency_stats",
     "load_average",
     "make_feeds",
@@ -70,139 +75,17 @@ __all__ = [
     "time_callable",
 ]
 
-RECORD_SCHEMA = 1
-#: Fidelity numbers copied from the manifest into each record (when present).
-FIDELITY_KEYS = ("top1_agreement", "logits_cosine", "logits_max_abs", "accuracy")
-#: What tells apart the records of one pipeline run (absent, None, on classifier records).
-PIPELINE_KEYS = ("part", "height", "width", "steps")
+
+
 #: Where each backend's runner reads its thread count from ``manifest.target`` at load.
 def threads_key(backend: str) -> str | None:
     """The manifest ``target`` key holding ``backend``'s thread count (the backend says)."""
     return backend_class(backend).threads_key
+
+
 #: PyTorch's p50 after the engines over its p50 before them: beyond 1 ± this, the machine's
 #: speed moved during the run and the speed-ups are flagged.
 DRIFT_WARN = 0.15
-
-
-def load_average() -> list[float] | None:
-    """The machine's 1, 5 and 15-minute load averages (None where the platform has none)."""
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except (AttributeError, OSError):
-        return None
-
-
-def spread(stats: Mapping[str, float]) -> float | None:
-    """p99 / p50 of a :func:`latency_stats` result: 1.0 is a steady run, 2 and more a noisy one."""
-    p50, p99 = stats.get("p50"), stats.get("p99")
-    return float(p99 / p50) if p50 and p99 is not None and p50 > 0 else None
-
-
-@dataclass(frozen=True)
-class BenchConfig:
-    """What to time: a fixed number of runs OR a fixed duration, after ``warmup`` calls.
-
-    ``threads`` 0 leaves the backend's default; ``seed`` seeds the random feeds.
-    """
-
-    batch_sizes: tuple[int, ...] = (1,)
-    warmup: int = 10
-    runs: int | None = 50
-    duration_s: float | None = None
-    threads: int = 0
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if (self.runs is None) == (self.duration_s is None):
-            raise ValueError(
-                "BenchConfig needs exactly one of runs (a fixed count) or duration_s (a fixed time); "
-                f"got runs={self.runs!r}, duration_s={self.duration_s!r}; pass runs=None with duration_s"
-            )
-        if self.runs is not None and self.runs < 1:
-            raise ValueError(f"BenchConfig.runs must be at least 1, got {self.runs}")
-        if self.duration_s is not None and not self.duration_s > 0:
-            raise ValueError(f"BenchConfig.duration_s must be positive, got {self.duration_s}")
-        if self.warmup < 0 or self.threads < 0:
-            raise ValueError(f"BenchConfig.warmup and threads must be at least 0, got {self.warmup}, {self.threads}")
-        if not self.batch_sizes or any(int(b) < 1 for b in self.batch_sizes):
-            raise ValueError(f"BenchConfig.batch_sizes must be positive integers, got {self.batch_sizes!r}")
-
-
-def latency_stats(samples_s: Sequence[float]) -> dict[str, float]:
-    """p50/p90/p99/mean/min/max in milliseconds (linear percentiles) and ``count`` of ``samples_s`` (seconds)."""
-    if len(samples_s) == 0:
-        raise ValueError("latency_stats needs at least one sample")
-    ms = np.asarray(samples_s, dtype=np.float64) * 1e3
-    p50, p90, p99 = (float(v) for v in np.percentile(ms, [50, 90, 99], method="linear"))
-    return {"p50": p50, "p90": p90, "p99": p99, "mean": float(ms.mean()), "min": float(ms.min()),
-            "max": float(ms.max()), "count": int(ms.size)}
-
-
-def time_callable(fn: Callable[[], Any], config: BenchConfig,
-                  on_progress: Callable[[int], None] | None = None) -> list[float]:
-    """Call ``fn`` ``config.warmup`` times untimed, then time it (seconds, ``perf_counter``)
-    ``config.runs`` times or until ``config.duration_s`` has passed (at least once).
-
-    ``on_progress(i)`` is called after the i-th timed run (1-based), outside the timed window.
-    """
-    for _ in range(config.warmup):
-        fn()
-    samples: list[float] = []
-    deadline = None if config.duration_s is None else time.perf_counter() + config.duration_s
-    while True:
-        start = time.perf_counter()
-        fn()
-        end = time.perf_counter()
-        samples.append(end - start)
-        if on_progress is not None:
-            on_progress(len(samples))
-        if deadline is None:
-            if len(samples) >= (config.runs or 0):
-                return samples
-        elif end >= deadline:
-            return samples
-
-
-def _concrete_shape(spec: TensorSpec, batch: int) -> tuple[int, ...]:
-    shape = []
-    for axis, dim in enumerate(spec.shape):
-        symbolic = not isinstance(dim, int) or dim < 0
-        if axis == 0:
-            if not symbolic and dim != batch:
-                raise ShapeError(f"input {spec.name!r} has a fixed batch of {dim}; it cannot be benched at batch {batch}")
-            shape.append(batch)
-        elif symbolic:
-            raise ShapeError(
-                f"input {spec.name!r} has a symbolic dimension {dim!r} on axis {axis} (shape {tuple(spec.shape)}); "
-                "the bench only fills a symbolic batch axis: export with a fixed size"
-            )
-        else:
-            shape.append(dim)
-    return tuple(shape)
-
-
-def make_feeds(inputs: Sequence[TensorSpec], batch: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Seeded feeds for ``inputs``: standard normal for float inputs, 0/1 for integer and bool ones."""
-    rng = np.random.default_rng(seed)
-    feeds = {}
-    for spec in inputs:
-        shape = _concrete_shape(spec, batch)
-        dtype = np.dtype(spec.dtype)
-        if dtype.kind == "f":
-            feeds[spec.name] = rng.standard_normal(shape, dtype=np.float32).astype(dtype)
-        else:
-            feeds[spec.name] = rng.integers(0, 2, size=shape).astype(dtype)
-    return feeds
-
-
-def bench_runner(runner: Runner, batch: int, config: BenchConfig,
-                 on_progress: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Time ``runner.run`` on a seeded feed at ``batch``: warm latency and throughput (images/s at p50)."""
-    feeds = make_feeds(runner.inputs, batch, config.seed)
-    samples = time_callable(lambda: runner.run(feeds), config, on_progress)
-    stats = latency_stats(samples)
-    return {"batch": int(batch), "latency_ms": stats, "throughput_ips": batch * 1000.0 / stats["p50"],
-            "runs": len(samples)}
 
 
 def _open(path: Path, device: str, backend: str | None, threads: int,
@@ -242,74 +125,6 @@ def _default_backend(path: Path) -> str:
     from enginekit.manifest import read_manifest
 
     return default_backend(read_manifest(path))
-
-
-def engine_info(path: str | Path, manifest: Manifest, backend: str, device: str) -> dict[str, Any]:
-    """The ``engine`` object of a record."""
-    precisions = sorted({c.precision for c in manifest.components.values()})
-    return {
-        "artifact": str(path),
-        "name": Path(path).name,
-        "kind": manifest.kind,
-        "backend": backend,
-        "device": device,
-        "method": (manifest.quantization or {}).get("method") or "float",
-        "precision": precisions[0] if len(precisions) == 1 else ",".join(precisions),
-        "manifest_sha256": manifest.digest(),
-        # What the engine computes in where the backend records it (OpenVINO: f32, bf16, ...).
-        "inference_precision": manifest.target.get("inference_precision_hint"),
-    }
-
-
-def make_record(
-    *,
-    engine: Mapping[str, Any],
-    result: Mapping[str, Any],
-    threads: int,
-    hardware: Mapping[str, Any] | None = None,
-    load_ms: float | None = None,
-    first_inference_ms: float | None = None,
-    peak_rss_bytes: int | None = None,
-    size_bytes: int | None = None,
-    fidelity: Mapping[str, Any] | None = None,
-    baseline: bool = False,
-    speedup: float | None = None,
-    timestamp: str | None = None,
-    model: str | None = None,
-    conditions: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """One result record from a :func:`bench_runner` ``result`` and what is known about the engine.
-
-    ``hardware`` defaults to this machine's :func:`fingerprint`.
-    """
-    hw = dict(hardware) if hardware is not None else fingerprint()
-    return {
-        "schema": RECORD_SCHEMA,
-        "timestamp": timestamp or datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "hardware": hw,
-        "hardware_id": fingerprint_id(hw),
-        "engine": dict(engine),
-        "batch": int(result["batch"]),
-        "threads": int(threads),
-        "latency_ms": dict(result["latency_ms"]),
-        "runs": int(result["runs"]),
-        "throughput_ips": float(result["throughput_ips"]),
-        "load_ms": load_ms,
-        "first_inference_ms": first_inference_ms,
-        "peak_rss_bytes": peak_rss_bytes,
-        "size_bytes": size_bytes,
-        "fidelity": dict(fidelity or {}),
-        "baseline": bool(baseline),
-        "speedup": speedup,
-        "model": model,
-        "conditions": {"mode": "latency", "p99_over_p50": spread(result["latency_ms"]), **(conditions or {})},
-    }
-
-
-def _progress_bar(desc: str, total: int | None, enabled: bool) -> Any:
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="run", leave=False, disable=not enabled, file=sys.stderr)
 
 
 def bench_artifact(
@@ -437,156 +252,3 @@ def _batches_for(inputs: Sequence[TensorSpec], wanted: Sequence[int], path: Path
               file=sys.stderr)
     return [dim]
 
-
-def _any_batch(inputs: Sequence[TensorSpec]) -> list[TensorSpec]:
-    """The specs with a symbolic batch axis: PyTorch runs any batch, whatever the engine was built for."""
-    from dataclasses import replace
-
-    return [replace(s, shape=("batch", *s.shape[1:])) if s.shape else s for s in inputs]
-
-
-def bench_torch(
-    model: Any,
-    inputs: Sequence[TensorSpec],
-    config: BenchConfig,
-    *,
-    model_id: str | None = None,
-    name: str = "pytorch-eager",
-    progress: bool = True,
-) -> list[dict[str, Any]]:
-    """PyTorch eager fp32 of ``model`` through the same timer, feeds and statistics as
-    :func:`bench_artifact`: one baseline record per batch size.
-
-    Threads: ``config.threads`` (0: torch's default), set for the run and restored.
-    ``load_ms`` and ``peak_rss_bytes`` stay None (building a PyTorch model is not a
-    load from disk, and this process may hold more than the model: for a peak of its
-    own, :func:`enginekit.bench.session.bench_torch_isolated`); ``size_bytes`` is
-    the parameters' bytes.
-    """
-    import torch
-
-    previous = torch.get_num_threads()
-    threads = config.threads or previous
-    torch.set_num_threads(threads)
-    model = model.eval()
-    hw = fingerprint()
-    results = []
-    first_ms: float | None = None
-    try:
-        with torch.inference_mode():
-            for batch in config.batch_sizes:
-                args = [torch.from_numpy(v) for v in make_feeds(_any_batch(inputs), batch, config.seed).values()]
-                if first_ms is None:
-                    start = time.perf_counter()
-                    model(*args)
-                    first_ms = (time.perf_counter() - start) * 1e3
-                with _progress_bar(f"{name} batch {batch}", config.runs, progress) as bar:
-                    samples = time_callable(lambda: model(*args), config,  # noqa: B023 - called before the loop moves on
-                                            on_progress=lambda _i: bar.update(1))
-                stats = latency_stats(samples)
-                results.append({"batch": int(batch), "latency_ms": stats, "runs": len(samples),
-                                "throughput_ips": batch * 1000.0 / stats["p50"]})
-    finally:
-        torch.set_num_threads(previous)
-    engine = {"artifact": None, "name": name, "kind": "pytorch", "backend": "pytorch", "device": "cpu",
-              "method": "float", "precision": "fp32", "manifest_sha256": None, "inference_precision": "f32"}
-    size = sum(p.numel() * p.element_size() for p in model.parameters())
-    return [
-        make_record(engine=engine, result=r, threads=threads, hardware=hw, first_inference_ms=first_ms,
-                    size_bytes=size, fidelity={"top1_agreement": 1.0, "logits_cosine": 1.0, "logits_max_abs": 0.0},
-                    baseline=True, model=model_id)
-        for r in results
-    ]
-
-
-def add_speedups(records: list[dict[str, Any]]) -> None:
-    """Set ``speedup`` = baseline p50 / record p50 in place (for throughput-mode records:
-    record frames/s / baseline frames/s), where a baseline record
-    (``baseline`` true) of the same batch, ``hardware_id``, ``model`` and Ray node (when
-    the records came from ``--ray``) exists (the last one wins). Pipeline records
-    (:mod:`enginekit.bench.pipeline`) also match on ``part``, ``height``, ``width`` and ``steps``."""
-
-    def key(rec: dict[str, Any]) -> tuple[Any, ...]:
-        return (rec.get("hardware_id"), int(rec["batch"]), rec.get("model"), (rec.get("node") or {}).get("node_id"),
-                *(rec.get(k) for k in PIPELINE_KEYS))
-
-    base: dict[tuple[Any, ...], dict[str, Any]] = {}
-    for rec in records:
-        if rec.get("baseline"):
-            base[key(rec)] = rec
-    for rec in records:
-        ref = base.get(key(rec))
-        if ref is None:
-            continue
-        if (rec.get("conditions") or {}).get("mode") == "throughput":
-            # Frames per second with several requests in flight, over PyTorch's one at a time.
-            ips, ref_ips = float(rec.get("throughput_ips") or 0), float(ref.get("throughput_ips") or 0)
-            if ips > 0 and ref_ips > 0 and math.isfinite(ips):
-                rec["speedup"] = ips / ref_ips
-            continue
-        p50, ref_p50 = float(rec["latency_ms"]["p50"]), float(ref["latency_ms"]["p50"])
-        if p50 > 0 and math.isfinite(p50):
-            rec["speedup"] = ref_p50 / p50
-
-
-def distinct_artifacts(artifacts: Sequence[str | Path]) -> list[Path]:
-    """The first artifact of each distinct source model among ``artifacts`` (same source,
-    weights, seed and weights hash), each verified. Reads manifests only: no torch."""
-    import json
-
-    from enginekit.artifact import verify_artifact
-    from enginekit.manifest import read_manifest
-
-    distinct: dict[str, Path] = {}
-    for path in artifacts:
-        manifest = read_manifest(path)
-        verify_artifact(path, manifest)
-        key = json.dumps({k: manifest.provenance.get(k) for k in ("source", "weights", "seed", "weights_sha256")},
-                         sort_keys=True, default=str)
-        distinct.setdefault(key, Path(path))
-    return list(distinct.values())
-
-
-def distinct_sources(artifacts: Sequence[str | Path]) -> list[tuple[Manifest, Any]]:
-    """(manifest, rebuilt source) per distinct source model among ``artifacts`` (:func:`distinct_artifacts`),
-    rebuilt from its provenance (:func:`enginekit.export.sources.source_for_manifest`)."""
-    from enginekit.export.sources import source_for_manifest
-    from enginekit.manifest import read_manifest
-
-    manifests = [read_manifest(path) for path in distinct_artifacts(artifacts)]
-    return [(m, source_for_manifest(m.provenance)) for m in manifests]
-
-
-def bench_torch_artifact(path: str | Path, config: BenchConfig, *, name: str = "pytorch-eager",
-                         progress: bool = True, own_process: bool = False) -> list[dict[str, Any]]:
-    """:func:`bench_torch` on the source model of the artifact at ``path``, rebuilt from its provenance.
-
-    With ``own_process`` (the caller exec-ed this process for it,
-    :func:`enginekit.bench.session.bench_torch_isolated`), ``peak_rss_bytes`` is the
-    process's own peak (:class:`~enginekit.bench.memory.PeakMemory`: torch, the rebuilt
-    model and its runs) and ``conditions`` say so, as on the engines' records.
-    """
-    from enginekit.bench.memory import PeakMemory
-    from enginekit.export.sources import source_for_manifest
-    from enginekit.manifest import read_manifest
-
-    peak = PeakMemory() if own_process else None
-    with peak or contextlib.nullcontext():
-        manifest = read_manifest(path)
-        src = source_for_manifest(manifest.provenance)
-        records = bench_torch(src.model, manifest.component().inputs, config,
-                              model_id=manifest.provenance.get("source"), name=name, progress=progress)
-    for rec in records:
-        rec["conditions"] = {**rec["conditions"], "own_process": own_process, "torch_in_process": True,
-                             **({"peak_rss_how": peak.how} if peak is not None else {})}
-        rec["peak_rss_bytes"] = peak.bytes if peak is not None else None
-    return records
-
-
-def torch_baselines(artifacts: Sequence[str | Path], config: BenchConfig, progress: bool = True) -> list[dict[str, Any]]:
-    """:func:`bench_torch` once per distinct source model among ``artifacts`` (:func:`distinct_sources`)."""
-    records: list[dict[str, Any]] = []
-    for manifest, src in distinct_sources(artifacts):
-        records += bench_torch(src.model, manifest.component().inputs, config,
-                               model_id=manifest.provenance.get("source"), progress=progress)
-    return records

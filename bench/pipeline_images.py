@@ -244,7 +244,7 @@ def engine_images(path: Path, backend: str, jobs: Sequence[ImageJob], plan: Gene
     pipe, _, _, threads = _open_pipeline(Path(path), "cpu", backend, threads)
     gen = Generation(denoiser=pipe.config.denoiser)
     calls: Calls = {}
-    run = pipe._run
+    run = pipe.run_component
 
     def timed_run(component: str, feeds: Any) -> Any:
         start = time.perf_counter()
@@ -253,7 +253,9 @@ def engine_images(path: Path, backend: str, jobs: Sequence[ImageJob], plan: Gene
         finally:
             calls.setdefault(component, []).append((start, time.perf_counter()))
 
-    pipe._run = timed_run  # instance attribute: this pipeline object only
+    # Every engine call goes through run_component (the layouts' too): an instance attribute
+    # times this pipeline object's calls only.
+    pipe.run_component = timed_run
     try:
         def call(job: ImageJob, steps: int, marks: list[float]) -> np.ndarray:
             return pipe(job.prompt, negative_prompt=plan.negative, num_inference_steps=steps,

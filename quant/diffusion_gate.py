@@ -148,7 +148,7 @@ def cosines(parent: Any, quant: Any, feeds: Mapping[str, list[dict[str, np.ndarr
         worst_cos, worst_abs = 1.0, 0.0
         for feed in samples:
             ref = parent.components[name].run(dict(feed))
-            got = quant._run(name, feed)
+            got = quant.run_component(name, feed)
             rep = compare_outputs(ref, got)
             worst_cos = min(worst_cos, *(v for k, v in rep.items() if k.endswith("_cosine")))
             worst_abs = max(worst_abs, *(v for k, v in rep.items() if k.endswith("_max_abs")))

@@ -35,136 +35,20 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from enginekit.bench.pipeline_images import Generation, TimingRule, timing_problem
+from enginekit.app.optimize_pipeline_plan import (HELD_OUT_PROMPTS, PRECISIONS, QUANTIZE_MISSING, REMEASURES,
+                                                  PipelineCandidate, PipelineOptimizeConfig,
+                                                  plan_pipeline_candidates)
+from enginekit.app.optimize_pipeline_report import HEADERS, render_pipeline_report, table_rows, table_text
+from enginekit.bench.pipeline_images import Generation, timing_problem
 from enginekit.errors import ArtifactError, FidelityError, InputError, one_line
 
 __all__ = ["HELD_OUT_PROMPTS", "PipelineCandidate", "PipelineOptimizeConfig", "optimize_pipeline",
            "plan_pipeline_candidates", "select", "render_pipeline_report", "QUANTIZE_MISSING", "measure_timing",
-           "REMEASURES"]
-
-PRECISIONS = ("fp32", "fp16", "int8", "int4")
-#: Held-out prompts (never calibration prompts: those quantizers draw are left out, below).
-HELD_OUT_PROMPTS = (
-    "a red fox sitting in fresh snow, morning light, detailed photograph",
-    "an old wooden sailboat on a calm lake at sunset, watercolor",
-    "a bowl of ramen on a dark table, studio lighting, close-up",
-    "a futuristic city skyline at night with neon signs, digital art",
-)
-QUANTIZE_MISSING = "quantize for pipelines not available"
-#: How many times an impossible timing (a step faster than the denoiser's call in it) is measured again.
-REMEASURES = 2
-
-
-@dataclass(frozen=True)
-class PipelineCandidate:
-    """One assembly to try: a backend, each component's precision, and how to build it."""
-
-    name: str
-    backend: str
-    #: component -> fp32 | fp16 | int8 | int4 ("*" for every component not named).
-    precisions: Mapping[str, str]
-    #: "compile": float engines through ``compile``; "quantize": through quantize_pipeline.
-    how: str = "compile"
-    #: The quantize_pipeline method (the denoiser's, for a mixed assembly).
-    method: str | None = None
-    #: ``compile`` options (backend option -> value) and typed flags.
-    compile_precision: str = "fp32"
-    compile_options: Mapping[str, Any] = field(default_factory=dict)
-    description: str = ""
-    #: Tests and experiments: builds the engine itself, ``builder(onnx_dir, dest) -> path``.
-    builder: Callable[[Path, Path], Path] | None = field(default=None, compare=False)
-
-    @property
-    def family(self) -> str:
-        """The lowest precision in the assembly (what ``--precisions`` selects on)."""
-        order = {p: i for i, p in enumerate(PRECISIONS)}
-        return max(self.precisions.values(), key=lambda p: order.get(p, 0))
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["builder"] = None if self.builder is None else getattr(self.builder, "__name__", "custom")
-        d["family"] = self.family
-        return d
-
-
-@dataclass(frozen=True)
-class PipelineOptimizeConfig:
-    """What pipeline ``optimize`` tries and how it judges."""
-
-    backends: tuple[str, ...] | None = None
-    precisions: tuple[str, ...] = PRECISIONS
-    min_psnr: float = 30.0
-    min_ssim: float | None = None
-    size: int | None = None
-    steps: int = 4
-    guidance: float = 7.5
-    prompts: tuple[str, ...] = HELD_OUT_PROMPTS[:2]
-    seeds: tuple[int, ...] = (0,)
-    threads: int = 0
-    calibration_prompts: int = 8
-    group_size: int = 128
-    #: SD3/SD3.5: export and judge the pipeline without its T5 encoder (as diffusers allows).
-    without_t5: bool = False
-    #: How long each side's step is timed (samples, spread of the median, time bound).
-    timing: TimingRule = TimingRule()
-
-    def check(self) -> None:
-        unknown = [p for p in self.precisions if p not in PRECISIONS]
-        if unknown or not self.precisions:
-            raise InputError(f"precisions must be among {', '.join(PRECISIONS)}; got "
-                             f"{', '.join(self.precisions) or 'none'}")
-        if not self.prompts:
-            raise InputError("no held-out prompts: give at least one (--prompts FILE, one prompt a line)")
-        if not self.seeds:
-            raise InputError("no seeds: give at least one (--seeds 0,1)")
-        if self.min_psnr < 0:
-            raise InputError(f"--min-psnr must be at least 0 dB, got {self.min_psnr}")
-        if self.steps < 2 or self.steps > 200:
-            raise InputError(f"--steps must be 2-200 (a step is timed between two step ends), got {self.steps}")
-        if self.guidance <= 1.0:
-            raise InputError(f"guidance must be above 1 (the step is timed with CFG), got {self.guidance}")
-
-
-def plan_pipeline_candidates(backends: Sequence[str], precisions: Sequence[str], components: Sequence[str],
-                             denoiser: str, *, size: int, cpu_flags: Sequence[str] = ()) -> list[PipelineCandidate]:
-    """Every assembly for ``backends`` × ``precisions``: all fp32, all fp16, and the denoiser at
-    each lower precision with every other component fp32. OpenVINO engines get static shapes
-    at ``size`` (batch 1, the denoiser at 2 rows for CFG)."""
-    rest = [c for c in components if c != denoiser]
-    f32_rest = {c: "f32" for c in rest}
-    half = "bf16 compute (AMX/AVX512-BF16)" if {"amx_bf16", "avx512_bf16"} & set(cpu_flags) else \
-        "the CPU's own compute precision"
-    out: list[PipelineCandidate] = []
-    for be in backends:
-        ov = be == "openvino"
-        out.append(PipelineCandidate(f"{be}-fp32", be, {"*": "fp32"}, compile_options={"inference_precision": "f32"}
-                                     if ov else {}, description="every component fp32"))
-        if "fp16" in precisions:
-            if ov:
-                out.append(PipelineCandidate(f"{be}-fp16", be, {"*": "fp16"}, compile_precision="fp16",
-                                             description=f"fp16 weights everywhere (the family's fp32 exceptions "
-                                                         f"kept), {half}"))
-                out.append(PipelineCandidate(
-                    f"{be}-fp16-{denoiser}", be, {denoiser: "fp16", "*": "fp32"}, compile_precision="fp16",
-                    compile_options={"keep_fp32": rest, "component_inference_precision": f32_rest},
-                    description=f"{denoiser} fp16 weights with {half}; the rest fp32, computed in f32"))
-            else:
-                out.append(PipelineCandidate(f"{be}-fp16", be, {"*": "fp16"}, how="quantize", method="fp16",
-                                             description="fp16 graphs (quantize_pipeline)"))
-                out.append(PipelineCandidate(f"{be}-fp16-{denoiser}", be, {denoiser: "fp16", "*": "fp32"},
-                                             how="quantize", method="fp16",
-                                             description=f"{denoiser} fp16 (quantize_pipeline), the rest fp32"))
-        for p in ("int8", "int4"):
-            if p in precisions:
-                out.append(PipelineCandidate(
-                    f"{be}-{p}-{denoiser}", be, {denoiser: p, "*": "fp32"}, how="quantize", method=p,
-                    compile_options={"inference_precision": "f32"} if ov else {},
-                    description=f"{denoiser} {p} (quantize_pipeline), the rest fp32"))
-    return [c for c in out if c.family in precisions]
+           "REMEASURES", "PRECISIONS", "HEADERS", "table_rows", "table_text"]
 
 
 # --------------------------------------------------------------------------- building
@@ -523,101 +407,3 @@ def _write(run: _Run, report: dict[str, Any], overwrite: bool) -> None:
         write_manifest(tmp, m.replace(provenance=provenance, fidelity={**m.fidelity, "image": best["fidelity"]}))
         (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str))
         (tmp / "report.md").write_text(markdown)
-
-
-# --------------------------------------------------------------------------- the report
-
-
-def _f(value: Any, spec: str, suffix: str = "") -> str:
-    return "-" if value is None else format(value, spec) + suffix
-
-
-def _samples(timing: Mapping[str, Any]) -> str:
-    """How many steps and images a timing's medians took (and re-measures, if any)."""
-    if not timing.get("step_samples"):
-        return "-"
-    again = timing.get("measurements", 1)
-    return (f"{timing['step_samples']} / {timing['image_samples']}"
-            + (f" ({again} measurements)" if again > 1 else ""))
-
-
-def table_rows(report: Mapping[str, Any]) -> list[list[str]]:
-    """One row per candidate (after diffusers'): name, precisions, step ms, image ms, samples, speed-ups,
-    worst/mean PSNR, speed-up vs the backend's fp32 and the component it came from, fate."""
-    base = report["baseline"]
-    rows = [["diffusers eager (baseline)", "fp32", _f(base["step_ms"], ".1f"), _f(base["image_ms"], ".0f"),
-             _samples(base), "1.00x", "1.00x", "reference", "-", "-", "baseline"]]
-    for oc in report["candidates"]:
-        c, t, fid, vs = oc["candidate"], oc.get("timing") or {}, oc.get("fidelity") or {}, oc.get("vs_fp32") or {}
-        precisions = ", ".join(f"{k if k != '*' else 'rest' if len(c['precisions']) > 1 else 'all'} {v}"
-                               for k, v in c["precisions"].items())
-        came = "-" if not vs else (f"{vs['step']:.2f}x ({vs['from']} {vs['components'].get(vs['from'], 0):.2f}x)"
-                                   if vs.get("from") else f"{vs['step']:.2f}x (no component faster)")
-        fate = oc["status"] + (f": {oc['reason']}" if oc["reason"] and oc["status"] != "picked" else "")
-        rows.append([c["name"], precisions, _f(t.get("step_ms"), ".1f"), _f(t.get("image_ms"), ".0f"), _samples(t),
-                     _f(oc.get("speedup_step"), ".2f", "x"), _f(oc.get("speedup_image"), ".2f", "x"),
-                     f"{_f(fid.get('psnr_db_min'), '.2f')} / {_f(fid.get('psnr_db_mean'), '.2f')}" if fid else "-",
-                     came, _f(oc.get("size_bytes") and oc["size_bytes"] / 1e6, ".0f"), fate])
-    return rows
-
-
-HEADERS = ["candidate", "precision", "step ms", "image ms", "samples steps / images", "step speed-up",
-           "image speed-up",
-           "PSNR dB worst / mean", "vs own fp32 (from)", "size MB", "fate"]
-
-
-def table_text(report: Mapping[str, Any]) -> str:
-    return "\n".join("| " + " | ".join(r).replace("\n", " ") + " |" for r in [HEADERS, *table_rows(report)])
-
-
-def _call(timing: Mapping[str, Any], component: str) -> str:
-    n = (timing.get("component_samples") or {}).get(component)
-    return _f(timing["components_ms"].get(component), ".1f") + (f" ({n})" if n else "")
-
-
-def render_pipeline_report(report: Mapping[str, Any]) -> str:
-    """The markdown report: the run's settings, the baseline and one row per candidate with its fate."""
-    hw, base = report["hardware"], report["baseline"]
-    held = report["held_out"]
-    lines = [
-        f"# enginekit optimize: {report['model']} ({report['family']})",
-        "",
-        f"- machine: {hw.get('cpu_model')}, {hw.get('logical_cores')} logical cores, "
-        f"flags {', '.join(hw.get('flags') or []) or 'none'}",
-        f"- {report['size']}x{report['size']}, batch 1, {report['steps']} {report['scheduler']} steps, guidance "
-        f"{report['guidance']}; {report['denoiser']} step = both CFG passes + guidance + scheduler step",
-        f"- budget: image PSNR >= {report['budget']['min_psnr_db']:g} dB against diffusers fp32 on the same latents, "
-        f"on the worst of {len(held['prompts']) * len(held['seeds'])} held-out image(s) "
-        f"({len(held['prompts'])} prompt(s) x seeds {', '.join(map(str, held['seeds']))}); SSIM "
-        + ("judged too" if report["budget"].get("min_ssim") is not None else "not judged"),
-        f"- baseline: diffusers fp32 eager ({base['threads']} threads): step {base['before']['step_ms']:.1f} ms before "
-        f"the engines, {base['after']['step_ms']:.1f} ms after; speed-ups divide by the faster"
-        + (" (**the machine's speed moved during the run**)" if abs(base["drift"] - 1) > 0.15 else ""),
-        f"- picked: **{report['picked'] or 'none'}**",
-        "",
-        "| " + " | ".join(HEADERS) + " |",
-        "|" + "|".join([":---", ":---"] + ["---:"] * 8 + [":---"]) + "|",
-        *("| " + " | ".join(cell.replace("|", "/") for cell in row) + " |" for row in table_rows(report)),
-        "",
-        "Times are medians: a step is the time between two step ends (the first step is never counted), an "
-        "image the whole generation, after one untimed warm-up image; each engine ran alone. After the judged "
-        f"images each side repeated them for time only: {report['timing_rule']['text']}; the samples column "
-        "says how many steps and images each median took. A step contains the denoiser's call (timed on the "
-        "same steps); a step below it is an impossible timing, measured again up to "
-        f"{report['timing_rule']['remeasures']} times and never picked. "
-        "\"vs own fp32\": the step speed-up over the same backend's all-fp32 candidate, and the component "
-        "whose calls saved the most time per image, with its own speed-up per call.",
-        "",
-    ]
-    per = [oc for oc in report["candidates"] if oc.get("timing")]
-    if per:
-        comps = sorted({c for oc in per for c in oc["timing"]["components_ms"]})
-        lines += ["Per-component time per call (ms, median; in brackets the calls it took; the denoiser's "
-                  "only inside timed steps):", "",
-                  "| candidate | " + " | ".join(comps) + " |", "|:---|" + "---:|" * len(comps),
-                  "| diffusers eager | " + " | ".join(_call(base, c) for c in comps) + " |",
-                  *(f"| {oc['candidate']['name']} | " + " | ".join(_call(oc["timing"], c) for c in comps) + " |"
-                    for oc in per), ""]
-    if report.get("rebuild"):
-        lines += [f"Rebuild {report['picked']} by hand:", "", "```sh", *report["rebuild"], "```", ""]
-    return "\n".join(lines)

@@ -348,7 +348,7 @@ def optimize_pipeline_table(report: Mapping[str, Any]) -> Any:
     """``optimize`` of a pipeline: every candidate assembly's step time and image PSNR, and its fate."""
     from rich.table import Table
 
-    from enginekit.app.optimize_pipeline import HEADERS, table_rows
+    from enginekit.app.optimize_pipeline_report import HEADERS, table_rows
 
     table = Table(title=f"enginekit optimize {escape(report['model'])}: {report['size']}x{report['size']}, "
                         f"{report['steps']} steps, budget PSNR >= {report['budget']['min_psnr_db']:g} dB vs diffusers")

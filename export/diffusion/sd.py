@@ -27,7 +27,6 @@ import io
 import json
 import threading
 import time
-import types
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,22 +38,21 @@ from enginekit.artifact import atomic_artifact, make_assets, make_component, wri
 from enginekit.errors import ExportError, FidelityError, SourceError, one_line
 from enginekit.export.diffusion.families import check_family, get_family
 from enginekit.export.diffusion.lora import LoraSpec, fuse_loras
+from enginekit.export.diffusion.plans import TEXT_ENCODERS, _is_t5, _Plan, _plans
 from enginekit.export.diffusion.sources import PipelineSource, resolve_pipeline
-from enginekit.export.diffusion.unet_sizes import carry_skip_sizes
+from enginekit.export.diffusion.wrappers import _wrappers
 from enginekit.fidelity import compare_outputs
 from enginekit.export.provenance import check_export_request, host, tool_versions
-from enginekit.manifest import Component, Manifest, TensorSpec
+from enginekit.manifest import Component, Manifest
 from enginekit.runtimes.onnxruntime import run_onnx_file
 
-__all__ = ["PipelineExportOptions", "export_pipeline"]
+# _Plan, _plans and _wrappers are imported from here by the measurement scripts and tests.
+__all__ = ["PipelineExportOptions", "export_pipeline", "_Plan", "_plans", "_wrappers"]
 
 #: Past this many bytes of weights, protobuf's 2 GB limit needs external data.
 _EXTERNAL_DATA_BYTES = 1_800_000_000
 _DATA_FILE = "model.onnx.data"
 _TEXT_OUTPUTS = ("last_hidden_state", "penultimate_hidden_state", "pooled")
-_TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
-#: T5 prompt lengths traced and checked (two, so the sequence axis is exercised).
-_T5_TRACE, _T5_PARITY = 32, 48
 
 
 @dataclass(frozen=True)
@@ -85,346 +83,6 @@ class PipelineExportOptions:
 
     def __post_init__(self) -> None:
         check_export_request(self.opset, self.atol, self.rtol)
-
-
-# --------------------------------------------------------------------------- wrappers
-
-
-def _wrappers() -> dict[str, type]:
-    import torch
-
-    class TextEncoder(torch.nn.Module):
-        def __init__(self, encoder: Any) -> None:
-            super().__init__()
-            self.encoder = encoder
-
-        def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            out = self.encoder(input_ids, output_hidden_states=True, return_dict=True)
-            pooled = out.text_embeds if getattr(out, "text_embeds", None) is not None else out.pooler_output
-            return out.last_hidden_state, out.hidden_states[-2], pooled
-
-    class UNet(torch.nn.Module):
-        def __init__(self, unet: Any, extra: tuple[str, ...]) -> None:
-            super().__init__()
-            self.unet = unet
-            self.extra = extra
-
-        def forward(self, sample, timestep, encoder_hidden_states, *rest):  # type: ignore[no-untyped-def]
-            named = dict(zip(self.extra, rest))
-            added = {"text_embeds": named["text_embeds"], "time_ids": named["time_ids"]} if "time_ids" in named else None
-            return self.unet(sample, timestep, encoder_hidden_states, timestep_cond=named.get("timestep_cond"),
-                             added_cond_kwargs=added, return_dict=False)[0]
-
-    class T5Encoder(torch.nn.Module):
-        def __init__(self, encoder: Any) -> None:
-            super().__init__()
-            self.encoder = encoder
-
-        def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-            return self.encoder(input_ids, return_dict=False)[0]
-
-    def tensor_crop(self: Any, height: Any, width: Any) -> torch.Tensor:
-        """diffusers' PatchEmbed.cropped_pos_embed, the centre offsets computed on tensors: as
-        shape arithmetic, torch.export folds ``(max - h) // 2`` into a form that is one row off
-        for an odd patch grid (the graph then fails or silently shifts the embedding)."""
-        size = self.pos_embed_max_size
-        grid = self.pos_embed.reshape(1, size, size, -1)
-        for axis, side in ((1, height // self.patch_size), (2, width // self.patch_size)):
-            start = torch.div(torch.full((), size, dtype=torch.int64) - torch.full((), side, dtype=torch.int64),
-                              2, rounding_mode="floor")
-            grid = grid.index_select(axis, torch.arange(side, dtype=torch.int64) + start)
-        return grid.reshape(1, -1, grid.shape[-1])
-
-    class Transformer(torch.nn.Module):
-        def __init__(self, transformer: Any) -> None:
-            super().__init__()
-            self.transformer = transformer
-            embed = getattr(transformer, "pos_embed", None)
-            if getattr(embed, "pos_embed_max_size", None):  # same numbers, an exportable crop
-                embed.cropped_pos_embed = types.MethodType(tensor_crop, embed)
-
-        def forward(self, sample, timestep, encoder_hidden_states, pooled_projections):  # type: ignore[no-untyped-def]
-            return self.transformer(hidden_states=sample, timestep=timestep, encoder_hidden_states=encoder_hidden_states,
-                                    pooled_projections=pooled_projections, return_dict=False)[0]
-
-    class VaeDecoder(torch.nn.Module):
-        def __init__(self, vae: Any) -> None:
-            super().__init__()
-            self.vae = vae
-
-        def forward(self, latent_sample: torch.Tensor) -> torch.Tensor:
-            return self.vae.decode(latent_sample, return_dict=False)[0]
-
-    class VaeEncoder(torch.nn.Module):
-        def __init__(self, vae: Any) -> None:
-            super().__init__()
-            self.vae = vae
-
-        def forward(self, sample: torch.Tensor) -> torch.Tensor:
-            return self.vae.encode(sample).latent_dist.parameters
-
-    class FluxTransformer(torch.nn.Module):
-        def __init__(self, transformer: Any) -> None:
-            super().__init__()
-            self.transformer = transformer
-
-        def forward(self, sample, timestep, encoder_hidden_states, pooled_projections, txt_ids, img_ids,
-                    guidance=None):  # type: ignore[no-untyped-def]
-            return self.transformer(hidden_states=sample, timestep=timestep, encoder_hidden_states=encoder_hidden_states,
-                                    pooled_projections=pooled_projections, txt_ids=txt_ids, img_ids=img_ids,
-                                    guidance=guidance, return_dict=False)[0]
-
-    return {"text": TextEncoder, "t5": T5Encoder, "unet": UNet, "transformer": Transformer, "flux": FluxTransformer,
-            "vae_decoder": VaeDecoder, "vae_encoder": VaeEncoder}
-
-
-@dataclass
-class _Plan:
-    """One component to export: its module, IO specs, traced and parity inputs."""
-
-    name: str
-    module: Any
-    inputs: list[TensorSpec]
-    outputs: list[TensorSpec]
-    example: tuple[Any, ...]
-    parity: tuple[Any, ...]
-    n_bytes: int
-
-
-def _token_ids(gen: Any, batch: int, length: int, vocab: int, bos: int, eos: int) -> Any:
-    """Prompt-like ids: BOS, random tokens, EOS at a random place, then EOS padding."""
-    import torch
-
-    ids = torch.randint(0, min(vocab, 49406), (batch, length), generator=gen)
-    ids[:, 0] = bos
-    ends = torch.randint(2, length, (batch,), generator=gen)
-    for row, end in enumerate(ends.tolist()):
-        ids[row, end:] = eos
-    return ids
-
-
-def _plans(pipe: Any, family: str, opts: PipelineExportOptions) -> list[Callable[[], _Plan]]:
-    """A factory per component, so each module is wrapped only when its turn comes: the text
-    encoders, then the family's denoiser plan (with the VAE)."""
-    import torch
-
-    W = _wrappers()
-    gen = torch.Generator().manual_seed(opts.seed)
-    B, PB, L = opts.trace_batch, opts.parity_batch, opts.sequence_length
-    names = [n for n in _TEXT_ENCODERS if getattr(pipe, n, None) is not None]
-
-    def nbytes(m: Any) -> int:
-        return sum(p.numel() * p.element_size() for p in m.parameters())
-
-    def text(name: str) -> Callable[[], _Plan]:
-        def make() -> _Plan:
-            enc = getattr(pipe, name)
-            cfg = enc.config
-            if _is_t5(enc):
-                return t5(name, enc)
-            tok = getattr(pipe, "tokenizer" + name[len("text_encoder"):])
-            bos, eos = int(tok.bos_token_id), int(tok.eos_token_id)
-            pooled_dim = int(getattr(cfg, "projection_dim", cfg.hidden_size)) if hasattr(enc, "text_projection") else int(cfg.hidden_size)
-            h = int(cfg.hidden_size)
-            seq = ("batch", "sequence")
-            return _Plan(
-                name, W["text"](enc).eval(),
-                [TensorSpec("input_ids", "int64", seq)],
-                [TensorSpec("last_hidden_state", "float32", (*seq, h)),
-                 TensorSpec("penultimate_hidden_state", "float32", (*seq, h)),
-                 TensorSpec("pooled", "float32", ("batch", pooled_dim))],
-                (_token_ids(gen, B, L, cfg.vocab_size, bos, eos),),
-                (_token_ids(gen, PB, L, cfg.vocab_size, bos, eos),),
-                nbytes(enc),
-            )
-        return make
-
-    def t5(name: str, enc: Any) -> _Plan:
-        cfg = enc.config
-        seq = ("batch", "sequence")
-        # Traced and checked at two lengths: T5's relative positions take any.
-        return _Plan(
-            name, W["t5"](enc).eval(),
-            [TensorSpec("input_ids", "int64", seq)],
-            [TensorSpec("last_hidden_state", "float32", (*seq, int(cfg.d_model)))],
-            (_t5_ids(gen, B, _T5_TRACE, cfg.vocab_size),),
-            (_t5_ids(gen, PB, _T5_PARITY, cfg.vocab_size),),
-            nbytes(enc),
-        )
-
-    transformer_plan = _TRANSFORMER_PLANS.get(get_family(family).plan)
-    if transformer_plan is not None:
-        return [text(n) for n in names] + transformer_plan(pipe, W, gen, opts, nbytes)
-    unet_cfg = pipe.unet.config
-    f = 2 ** (len(unet_cfg.block_out_channels) - 1)
-    vae_f = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    # Traced at one aspect, checked at the transposed one: both axes move.
-    trace_hw, parity_hw = (2 * f, 3 * f), (3 * f, 2 * f)
-    C = int(unet_cfg.in_channels)
-    lat = ("batch", C, "latent_height", "latent_width")
-
-    def unet() -> _Plan:
-        u = pipe.unet
-        # Every latent size diffusers' UNet takes, odd sides included; checked at odd sides.
-        check_hw = (parity_hw[0] + 1, parity_hw[1] - 1) if carry_skip_sizes(u) else parity_hw
-        D = int(unet_cfg.cross_attention_dim)
-        extra: list[tuple[str, tuple[Any, ...]]] = []
-        if unet_cfg.addition_embed_type == "text_time":
-            text_dim = int(unet_cfg.projection_class_embeddings_input_dim) - 6 * int(unet_cfg.addition_time_embed_dim)
-            extra += [("text_embeds", ("batch", text_dim)), ("time_ids", ("batch", 6))]
-        elif unet_cfg.addition_embed_type is not None:
-            raise ExportError(f"UNet addition_embed_type {unet_cfg.addition_embed_type!r} is not supported")
-        if unet_cfg.time_cond_proj_dim is not None:
-            extra.append(("timestep_cond", ("batch", int(unet_cfg.time_cond_proj_dim))))
-
-        def feeds(batch: int, hw: tuple[int, int]) -> tuple[Any, ...]:
-            h, w = hw
-            out = [torch.randn(batch, C, h, w, generator=gen),
-                   torch.rand(batch, generator=gen) * 999.0,  # fractional, as Karras sigmas give
-                   torch.randn(batch, L, D, generator=gen)]
-            for name, shape in extra:
-                if name == "time_ids":
-                    size = float(h * vae_f)
-                    out.append(torch.tensor([[size, size, 0.0, 0.0, size, size]]).repeat(batch, 1))
-                else:
-                    out.append(torch.randn(batch, shape[1], generator=gen))
-            return tuple(out)
-
-        inputs = [TensorSpec("sample", "float32", lat), TensorSpec("timestep", "float32", ("batch",)),
-                  TensorSpec("encoder_hidden_states", "float32", ("batch", "sequence", D))]
-        inputs += [TensorSpec(n, "float32", s) for n, s in extra]
-        out_c = int(unet_cfg.out_channels)
-        return _Plan("unet", W["unet"](u, tuple(n for n, _ in extra)).eval(), inputs,
-                     [TensorSpec("out_sample", "float32", ("batch", out_c, "latent_height", "latent_width"))],
-                     feeds(B, trace_hw), feeds(PB, check_hw), nbytes(u))
-
-    return [text(n) for n in names] + [unet, *_vae_plans(pipe, W, gen, opts, nbytes, trace_hw, parity_hw)]
-
-
-def _vae_plans(pipe: Any, W: dict[str, type], gen: Any, opts: PipelineExportOptions, nbytes: Callable[[Any], int],
-               trace_hw: tuple[int, int], parity_hw: tuple[int, int]) -> list[Callable[[], _Plan]]:
-    import torch
-
-    B = opts.trace_batch
-    vae_f = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    lc = int(pipe.vae.config.latent_channels)
-
-    def vae_decoder() -> _Plan:
-        v = pipe.vae
-        return _Plan("vae_decoder", W["vae_decoder"](v).eval(),
-                     [TensorSpec("latent_sample", "float32", ("batch", lc, "latent_height", "latent_width"))],
-                     [TensorSpec("sample", "float32", ("batch", 3, "height", "width"))],
-                     (torch.randn(B, lc, *trace_hw, generator=gen),),
-                     (torch.randn(1, lc, *parity_hw, generator=gen),), nbytes(v))
-
-    def vae_encoder() -> _Plan:
-        v = pipe.vae
-        th, tw = (d * vae_f for d in trace_hw)
-        ph, pw = (d * vae_f for d in parity_hw)
-        return _Plan("vae_encoder", W["vae_encoder"](v).eval(),
-                     [TensorSpec("sample", "float32", ("batch", 3, "height", "width"))],
-                     [TensorSpec("latent_parameters", "float32", ("batch", 2 * lc, "latent_height", "latent_width"))],
-                     (torch.rand(B, 3, th, tw, generator=gen) * 2 - 1,),
-                     (torch.rand(1, 3, ph, pw, generator=gen) * 2 - 1,), nbytes(v))
-
-    return [vae_decoder, vae_encoder]
-
-
-def _transformer_and_vae(pipe: Any, W: dict[str, type], gen: Any, opts: PipelineExportOptions,
-                         nbytes: Callable[[Any], int]) -> list[Callable[[], _Plan]]:
-    """SD3's MMDiT denoiser, then the VAE: latents a multiple of the patch size, the
-    prompt CLIP's tokens then T5's (of a free length)."""
-    import torch
-
-    cfg = pipe.transformer.config
-    p = int(cfg.patch_size)
-    # Checked at another area with odd patch-grid sides, which a baked position crop would miss.
-    trace_hw, parity_hw = (4 * p, 6 * p), (5 * p, 3 * p)
-    B, PB, L = opts.trace_batch, opts.parity_batch, opts.sequence_length
-    C, D, P = int(cfg.in_channels), int(cfg.joint_attention_dim), int(cfg.pooled_projection_dim)
-
-    def transformer() -> _Plan:
-        def feeds(batch: int, hw: tuple[int, int], t5_len: int) -> tuple[Any, ...]:
-            return (torch.randn(batch, C, *hw, generator=gen),
-                    torch.rand(batch, generator=gen) * 1000.0,  # sigma x 1000
-                    torch.randn(batch, L + t5_len, D, generator=gen),
-                    torch.randn(batch, P, generator=gen))
-
-        lat = ("batch", C, "latent_height", "latent_width")
-        inputs = [TensorSpec("sample", "float32", lat), TensorSpec("timestep", "float32", ("batch",)),
-                  TensorSpec("encoder_hidden_states", "float32", ("batch", "sequence", D)),
-                  TensorSpec("pooled_projections", "float32", ("batch", P))]
-        outputs = [TensorSpec("out_sample", "float32", ("batch", int(cfg.out_channels), "latent_height", "latent_width"))]
-        return _Plan("transformer", W["transformer"](pipe.transformer).eval(), inputs, outputs,
-                     feeds(B, trace_hw, _T5_TRACE), feeds(PB, parity_hw, _T5_PARITY), nbytes(pipe.transformer))
-
-    return [transformer, *_vae_plans(pipe, W, gen, opts, nbytes, trace_hw, parity_hw)]
-
-
-def _flux_and_vae(pipe: Any, W: dict[str, type], gen: Any, opts: PipelineExportOptions,
-                  nbytes: Callable[[Any], int]) -> list[Callable[[], _Plan]]:
-    """FLUX's transformer on packed latents (2x2 patches of the VAE latent as one token of
-    4C channels), with the rotary ids of text and image tokens and, for dev, the guidance."""
-    import torch
-
-    cfg = pipe.transformer.config
-    trace_grid, parity_grid = (2, 3), (3, 5)  # packed-token grids: other sizes and areas
-    B, PB = opts.trace_batch, opts.parity_batch
-    C, D, P = int(cfg.in_channels), int(cfg.joint_attention_dim), int(cfg.pooled_projection_dim)
-    guided = bool(cfg.guidance_embeds)
-
-    def transformer() -> _Plan:
-        def feeds(batch: int, grid: tuple[int, int], t5_len: int) -> tuple[Any, ...]:
-            h, w = grid
-            img_ids = torch.zeros(h, w, 3)
-            img_ids[..., 1] += torch.arange(h)[:, None]
-            img_ids[..., 2] += torch.arange(w)[None, :]
-            out = [torch.randn(batch, h * w, C, generator=gen),
-                   torch.rand(batch, generator=gen),  # FLUX takes sigma (timestep / 1000)
-                   torch.randn(batch, t5_len, D, generator=gen),
-                   torch.randn(batch, P, generator=gen),
-                   torch.zeros(t5_len, 3),
-                   img_ids.reshape(h * w, 3)]
-            if guided:
-                out.append(torch.rand(batch, generator=gen) * 5.0)
-            return tuple(out)
-
-        inputs = [TensorSpec("sample", "float32", ("batch", "image_sequence", C)),
-                  TensorSpec("timestep", "float32", ("batch",)),
-                  TensorSpec("encoder_hidden_states", "float32", ("batch", "sequence", D)),
-                  TensorSpec("pooled_projections", "float32", ("batch", P)),
-                  TensorSpec("txt_ids", "float32", ("sequence", 3)),
-                  TensorSpec("img_ids", "float32", ("image_sequence", 3))]
-        if guided:
-            inputs.append(TensorSpec("guidance", "float32", ("batch",)))
-        out_c = int(cfg.out_channels or C)
-        outputs = [TensorSpec("out_sample", "float32", ("batch", "image_sequence", out_c))]
-        return _Plan("transformer", W["flux"](pipe.transformer).eval(), inputs, outputs,
-                     feeds(B, trace_grid, _T5_TRACE), feeds(PB, parity_grid, _T5_PARITY), nbytes(pipe.transformer))
-
-    trace_hw = tuple(2 * d for d in trace_grid)
-    parity_hw = tuple(2 * d for d in parity_grid)
-    return [transformer, *_vae_plans(pipe, W, gen, opts, nbytes, trace_hw, parity_hw)]  # type: ignore[arg-type]
-
-
-#: The transformer families' denoiser plans, by the family's ``plan`` (the UNet's is inline above).
-_TRANSFORMER_PLANS = {"mmdit": _transformer_and_vae, "flux": _flux_and_vae}
-
-
-def _is_t5(encoder: Any) -> bool:
-    return type(encoder).__name__.startswith("T5")
-
-
-def _t5_ids(gen: Any, batch: int, length: int, vocab: int) -> Any:
-    """T5-like ids: random tokens, ``</s>`` (1) at a random place, then ``<pad>`` (0)."""
-    import torch
-
-    ids = torch.randint(3, vocab, (batch, length), generator=gen)
-    ends = torch.randint(1, length, (batch,), generator=gen)
-    for row, end in enumerate(ends.tolist()):
-        ids[row, end] = 1
-        ids[row, end + 1:] = 0
-    return ids
 
 
 # --------------------------------------------------------------------------- export
@@ -481,16 +139,8 @@ def export_pipeline(
     with _PeakRSS() as rss:
         started = time.monotonic()
         owned = not isinstance(spec_or_source, PipelineSource)
-        if owned:
-            on_step("loading the PyTorch pipeline")
-            src = resolve_pipeline(str(spec_or_source), family=family, random_weights=random_weights,
-                                   seed=options.seed, revision=revision, without_t5=options.without_t5)
-        else:
-            src = spec_or_source
-            try:
-                check_family("the source", src.family, family)
-            except SourceError as exc:
-                raise ExportError(str(exc)) from None
+        src = _source(spec_or_source, options, family=family, random_weights=random_weights, revision=revision,
+                      on_step=on_step)
         pipe = src.pipeline
         if options.loras:
             on_step(f"fusing {len(options.loras)} LoRA file(s) into the weights")
@@ -499,32 +149,9 @@ def export_pipeline(
         task_config = get_family(src.family).task_config(pipe)
         # Read before any component is dropped: setting one to None rewrites the pipeline's config.
         model_index = _model_index(pipe)
-        exporters: dict[str, str] = {}
-        components: dict[str, Component] = {}
-        fidelity: dict[str, Any] = {}
         with atomic_artifact(out_dir, overwrite=overwrite,
                              inputs=(spec_or_source,) if owned else ()) as tmp:
-            plans = _plans(pipe, src.family, options)
-            for i, make in enumerate(plans, 1):
-                plan = make()
-                on_step(f"[{i}/{len(plans)}] {plan.name}: exporting to ONNX (opset {options.opset})")
-                droppable = owned and not options.image_check and plan.name in (*_TEXT_ENCODERS, "unet", "transformer")
-
-                def release(plan: _Plan = plan) -> None:
-                    # The last references: the weights go now, before ONNX Runtime loads the graph
-                    # for the parity check, so a 10 GB transformer is never in memory twice.
-                    plan.module = None
-                    setattr(pipe, plan.name, None)
-                    gc.collect()
-
-                comp, report, exporter = _export_component(tmp, plan, options, on_step, i, len(plans),
-                                                           release if droppable else None)
-                components[plan.name] = comp
-                fidelity[plan.name] = {k: report[k] for k in ("min_cosine", "max_abs", "passed")}
-                exporters[plan.name] = exporter
-                del plan, make, release
-                gc.collect()
-                rss.sample()
+            components, fidelity, exporters = _export_components(tmp, pipe, src.family, options, owned, rss, on_step)
             on_step("writing tokenizers, scheduler and model index")
             assets = _write_assets(tmp, pipe, task_config, model_index)
             rss.sample()
@@ -553,6 +180,52 @@ def export_pipeline(
             del src, pipe
             gc.collect()
     return manifest
+
+
+def _source(spec_or_source: str | PipelineSource, options: PipelineExportOptions, *, family: str | None,
+            random_weights: bool, revision: str | None, on_step: Callable[[str], None]) -> PipelineSource:
+    """The PyTorch pipeline: resolved from a spec, or a loaded source checked against ``family``."""
+    if not isinstance(spec_or_source, PipelineSource):
+        on_step("loading the PyTorch pipeline")
+        return resolve_pipeline(str(spec_or_source), family=family, random_weights=random_weights,
+                                seed=options.seed, revision=revision, without_t5=options.without_t5)
+    try:
+        check_family("the source", spec_or_source.family, family)
+    except SourceError as exc:
+        raise ExportError(str(exc)) from None
+    return spec_or_source
+
+
+def _export_components(tmp: Path, pipe: Any, family: str, options: PipelineExportOptions, owned: bool,
+                       rss: _PeakRSS, on_step: Callable[[str], None],
+                       ) -> tuple[dict[str, Component], dict[str, Any], dict[str, str]]:
+    """Export and parity-check every component into ``tmp``, one at a time; an owned pipeline
+    without the image check drops each component's weights as soon as it is exported."""
+    exporters: dict[str, str] = {}
+    components: dict[str, Component] = {}
+    fidelity: dict[str, Any] = {}
+    plans = _plans(pipe, family, options)
+    for i, make in enumerate(plans, 1):
+        plan = make()
+        on_step(f"[{i}/{len(plans)}] {plan.name}: exporting to ONNX (opset {options.opset})")
+        droppable = owned and not options.image_check and plan.name in (*TEXT_ENCODERS, "unet", "transformer")
+
+        def release(plan: _Plan = plan) -> None:
+            # The last references: the weights go now, before ONNX Runtime loads the graph
+            # for the parity check, so a 10 GB transformer is never in memory twice.
+            plan.module = None
+            setattr(pipe, plan.name, None)
+            gc.collect()
+
+        comp, report, exporter = _export_component(tmp, plan, options, on_step, i, len(plans),
+                                                   release if droppable else None)
+        components[plan.name] = comp
+        fidelity[plan.name] = {k: report[k] for k in ("min_cosine", "max_abs", "passed")}
+        exporters[plan.name] = exporter
+        del plan, make, release
+        gc.collect()
+        rss.sample()
+    return components, fidelity, exporters
 
 
 def _check_image(pipe: Any, root: Path, manifest: Manifest, options: PipelineExportOptions,
@@ -755,5 +428,4 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, np.ndarray):
         return value.tolist()
     return value
-
 
