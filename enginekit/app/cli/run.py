@@ -127,9 +127,8 @@ def predict(**params: Any) -> None:
                 for p, pred, err in found.results]
         click.echo(json.dumps(_finite(data), indent=2, allow_nan=False))
     else:
-        from rich.console import Console
-
-        Console().print(render.predict_table(f"{o.artifact} on {found.engine}", found.results, o.top_k))
+        # Piped output has no terminal width: whole paths, never folded mid-name.
+        render.stdout_console().print(render.predict_table(f"{o.artifact} on {found.engine}", found.results, o.top_k))
     if found.bad:
         click.echo(f"skipped {len(found.bad)} of {len(found.results)} file(s), not readable images:", err=True)
         for _, err in found.bad:
