@@ -108,14 +108,14 @@ class DiffusionFamily:
             return None
         if self.cross_attention_dim is None and self.text_activation is None:
             return "pipeline class", True
-        unet_cfg = _read_json(folder / "unet" / "config.json") if folder and (folder / "unet" / "config.json").is_file() else {}
+        unet_cfg = read_json(folder / "unet" / "config.json") if folder and (folder / "unet" / "config.json").is_file() else {}
         dim = unet_cfg.get("cross_attention_dim")
         if dim == self.cross_attention_dim:
             return f"unet cross_attention_dim {dim}", True
         if dim in {f.cross_attention_dim for f in _REGISTRY.values() if f.pipeline_class == self.pipeline_class}:
             return None  # another family's width
         te_cfg = folder / "text_encoder" / "config.json" if folder else None
-        act = _read_json(te_cfg).get("hidden_act") if te_cfg and te_cfg.is_file() else None
+        act = read_json(te_cfg).get("hidden_act") if te_cfg and te_cfg.is_file() else None
         siblings = [f for f in _REGISTRY.values() if f.pipeline_class == self.pipeline_class and f.text_activation]
         if act == self.text_activation or (self.text_activation is None and all(f.text_activation != act for f in siblings)):
             return f"text encoder activation {act!r}", False
@@ -159,7 +159,7 @@ class DiffusionFamily:
         vae = pipe.vae.config
         vsf = 2 ** (len(vae.block_out_channels) - 1)
         defaults = self.call_defaults(pipe)
-        sched = _jsonable(dict(pipe.scheduler.config))
+        sched = jsonable(dict(pipe.scheduler.config))
         section = {
             "pipeline": type(pipe).__name__,
             "denoiser": self.denoiser,
@@ -324,7 +324,7 @@ def detect_family(source: str | Path | Mapping[str, Any]) -> tuple[DiffusionFami
         folder = Path(source)
         if not (folder / "model_index.json").is_file():
             raise SourceError(f"{folder}: no model_index.json (expected a diffusers pipeline written by save_pretrained)")
-        index = _read_json(folder / "model_index.json")
+        index = read_json(folder / "model_index.json")
     for family in _REGISTRY.values():
         found = family.recognise(folder, index)
         if found is not None:
@@ -349,7 +349,8 @@ def check_family(where: str, detected: str, asked: str | None, *, how: str | Non
     raise SourceError(f"{where}: a {detected} pipeline by its {how}, not {asked} (--family {asked})")
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from ``path``, or a one-line SourceError naming the file."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
@@ -359,13 +360,14 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
+    """``value`` with numpy scalars and arrays made plain JSON (configs hold both)."""
     import numpy as np
 
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, np.ndarray):

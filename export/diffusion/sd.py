@@ -36,7 +36,7 @@ import numpy as np
 
 from enginekit.artifact import atomic_artifact, make_assets, make_component, write_manifest
 from enginekit.errors import ExportError, FidelityError, SourceError, one_line
-from enginekit.export.diffusion.families import check_family, get_family
+from enginekit.export.diffusion.families import check_family, get_family, jsonable
 from enginekit.export.diffusion.lora import LoraSpec, fuse_loras
 from enginekit.export.diffusion.plans import TEXT_ENCODERS, _is_t5, _Plan, _plans
 from enginekit.export.diffusion.sources import PipelineSource, resolve_pipeline
@@ -394,7 +394,7 @@ def _model_index(pipe: Any) -> dict[str, Any]:
     import diffusers
 
     index = {"_class_name": type(pipe).__name__, "_diffusers_version": diffusers.__version__}
-    index.update({k: v for k, v in _jsonable(dict(pipe.config)).items() if not k.startswith("_")})
+    index.update({k: v for k, v in jsonable(dict(pipe.config)).items() if not k.startswith("_")})
     return index
 
 
@@ -416,16 +416,4 @@ def _write_assets(root: Path, pipe: Any, task_config: dict[str, Any], model_inde
     (root / "model_index.json").write_text(json.dumps(model_index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     rels.append("model_index.json")
     return rels
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    return value
 

@@ -37,7 +37,7 @@ from typing import Any
 from enginekit.artifact import sha256_file
 from enginekit.errors import SourceError, one_line
 from enginekit.export.diffusion.families import (DiffusionFamily, check_family, detect_family, families,
-                                                 family_names, get_family)
+                                                 family_names, get_family, read_json)
 
 __all__ = ["FAMILIES", "BUILTINS", "ARCHITECTURES", "PipelineSource", "resolve_pipeline", "config_dir"]
 
@@ -155,16 +155,6 @@ def _resolve(spec: str, family: str | None, random_weights: bool, seed: int, rev
 # --------------------------------------------------------------------------- helpers
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise SourceError(f"{path}: unreadable ({one_line(exc)})") from exc
-    if not isinstance(data, dict):
-        raise SourceError(f"{path}: must hold a JSON object")
-    return data
-
-
 def _pipeline_class(family: str) -> Any:
     import diffusers
 
@@ -176,7 +166,7 @@ def _pad_token(tok_dir: Path) -> str:
     for name in ("special_tokens_map.json", "tokenizer_config.json"):
         path = tok_dir / name
         if path.is_file():
-            pad = _read_json(path).get("pad_token")
+            pad = read_json(path).get("pad_token")
             if isinstance(pad, dict):
                 pad = pad.get("content")
             if pad:
@@ -188,7 +178,7 @@ def _tokenizer_for(folder: Path, name: str) -> Any:
     """The tokenizer saved in ``folder/name``, or the real CLIP BPE with that folder's pad token
     (a T5 stand-in for a config folder's T5 tokenizer: see :func:`stand_in_t5_tokenizer`)."""
     tok_dir = folder / name
-    config = _read_json(tok_dir / "tokenizer_config.json") if (tok_dir / "tokenizer_config.json").is_file() else {}
+    config = read_json(tok_dir / "tokenizer_config.json") if (tok_dir / "tokenizer_config.json").is_file() else {}
     if str(config.get("tokenizer_class", "")).startswith("T5"):
         if (tok_dir / "tokenizer.json").is_file() or (tok_dir / "spiece.model").is_file():
             from transformers import AutoTokenizer
@@ -197,7 +187,7 @@ def _tokenizer_for(folder: Path, name: str) -> Any:
         from enginekit.export.diffusion.tokenizer import stand_in_t5_tokenizer
 
         enc_cfg = folder / name.replace("tokenizer", "text_encoder") / "config.json"
-        vocab = int(_read_json(enc_cfg).get("vocab_size", 32128)) if enc_cfg.is_file() else 32128
+        vocab = int(read_json(enc_cfg).get("vocab_size", 32128)) if enc_cfg.is_file() else 32128
         return stand_in_t5_tokenizer(min(vocab, 32100), int(config.get("model_max_length", 512)))
     if (tok_dir / "vocab.json").is_file() and (tok_dir / "merges.txt").is_file():
         from transformers import CLIPTokenizer
@@ -205,7 +195,7 @@ def _tokenizer_for(folder: Path, name: str) -> Any:
         return CLIPTokenizer.from_pretrained(str(tok_dir))
     from enginekit.export.diffusion.tokenizer import real_clip_tokenizer
 
-    max_len = int(_read_json(tok_dir / "tokenizer_config.json").get("model_max_length", 77)) if (
+    max_len = int(read_json(tok_dir / "tokenizer_config.json").get("model_max_length", 77)) if (
         tok_dir / "tokenizer_config.json").is_file() else 77
     return real_clip_tokenizer(pad_token=_pad_token(tok_dir), model_max_length=max_len)
 
@@ -217,7 +207,7 @@ def _build_seeded(folder: Path, family: str, seed: int, skip: tuple[str, ...] = 
     import torch
     import transformers
 
-    index = _read_json(folder / "model_index.json")
+    index = read_json(folder / "model_index.json")
     components: dict[str, Any] = {}
     for name in _WEIGHT_COMPONENTS:
         if name not in index:
@@ -272,7 +262,7 @@ def _require_safetensors(folder: Path, index: dict[str, Any], skip: tuple[str, .
 def _load_folder(folder: Path, family: str | None, revision: str | None, without_t5: bool = False) -> PipelineSource:
     if not (folder / "model_index.json").is_file():
         raise SourceError(f"{folder}: no model_index.json (expected a diffusers pipeline written by save_pretrained)")
-    index = _read_json(folder / "model_index.json")
+    index = read_json(folder / "model_index.json")
     fam, how, certain = detect_family(folder)
     detected = check_family(str(folder), fam.name, family, how=how, certain=certain)
     how = how if detected == fam.name else "--family"
@@ -371,7 +361,7 @@ def _check_fit(path: Path, header: dict[str, Any], family: str, folder: Path) ->
         raise SourceError(f"{path}: no Stable Diffusion text encoder keys; not an SD 1.x/2.x/XL checkpoint")
     if looks != family:
         raise SourceError(f"{path}: the keys are those of a {looks} checkpoint, not {family} (--family {family})")
-    index = _read_json(folder / "model_index.json")
+    index = read_json(folder / "model_index.json")
     problems: list[str] = []
     for name in _WEIGHT_COMPONENTS:
         if name not in index:
@@ -427,7 +417,7 @@ def _load_single_file(path: Path, family: str | None, config: str | Path | None)
     header = _read_header(path)
     _check_fit(path, header, family, folder)
     del header
-    index = _read_json(folder / "model_index.json")
+    index = read_json(folder / "model_index.json")
     kwargs: dict[str, Any] = {name: _tokenizer_for(folder, name) for name in _TOKENIZERS if name in index}
     kwargs.update(get_family(family).pipeline_kwargs(index, loading=False))
     try:
