@@ -62,7 +62,7 @@ def check_load_arguments(path: Any, digest: Any = None, verify_with: Any = None)
 
 
 def _open(path: str | Path, backend: str | None, digest: str | None = None,
-          verify_with: str | Path | None = None) -> tuple[Path, Manifest, Backend]:
+          verify_with: str | Path | None = None, hash_all: bool = False) -> tuple[Path, Manifest, Backend]:
     """Read and verify the artifact (against a pinned digest or a signature when given),
     and pick the backend that loads it."""
     check_load_arguments(path, digest, verify_with)
@@ -76,7 +76,8 @@ def _open(path: str | Path, backend: str | None, digest: str | None = None,
         verify_signature(root, verify_with)
     # A pinned or signed load hashes every file: a remembered check (the verified-file cache)
     # is only as trustworthy as the user account that wrote it, which a pin must not depend on.
-    verify_artifact(root, manifest, full=True if digest is not None or verify_with is not None else None)
+    full = hash_all or digest is not None or verify_with is not None
+    verify_artifact(root, manifest, full=True if full else None)
     name = backend or default_backend(manifest)
     try:
         be = get_backend(name)
@@ -150,7 +151,7 @@ def load_runner(
 
 
 def load(path: str | Path, device: str = "auto", backend: str | None = None, *, digest: str | None = None,
-         verify_with: str | Path | None = None, **options: Any) -> Any:
+         verify_with: str | Path | None = None, hash_all: bool = False, **options: Any) -> Any:
     """Open an artifact folder and return its task object.
 
     The manifest's ``task`` picks the class from the task registry
@@ -165,9 +166,14 @@ def load(path: str | Path, device: str = "auto", backend: str | None = None, *, 
     inspect`` prints; it covers every file's sha256) must equal it.
     ``verify_with`` names a public key (PEM): the artifact's signature (written
     by ``enginekit sign``) must be present and verify. Either refusal is an
-    :class:`~enginekit.errors.IntegrityError`.
+    :class:`~enginekit.errors.IntegrityError`. A pinned or signed load, or one with
+    ``hash_all=True`` (what ``enginekit serve`` does), hashes every file instead of trusting
+    the verified-file cache, whose records are only as trustworthy as the account that
+    wrote them.
     """
-    root, manifest, be = _open(path, backend, digest=digest, verify_with=verify_with)
+    if not isinstance(hash_all, bool):
+        raise InputError(f"hash_all must be True or False, got {hash_all!r}")
+    root, manifest, be = _open(path, backend, digest=digest, verify_with=verify_with, hash_all=hash_all)
     cls = task_class(manifest.task)
     try:
         inspect.signature(cls.from_artifact).bind(None, manifest, root, **options)

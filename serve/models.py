@@ -67,8 +67,10 @@ class ModelSlot:
 
         t0 = time.perf_counter()
         try:
+            # A server hashes every file it serves: a verified-file cache record, forged by anyone
+            # who can write as this user, must not vouch for bytes it did not hash.
             obj = enginekit.load(self.path, device=self.settings.device, digest=self.settings.pins.get(self.name),
-                                 verify_with=self.settings.verify_with)
+                                 verify_with=self.settings.verify_with, hash_all=True)
             task = getattr(obj, "task", None)
             if task not in (CLASSIFIER, PIPELINE):
                 raise EngineKitError(f"task {task!r} cannot be served (serve runs {CLASSIFIER} and {PIPELINE})")

@@ -101,6 +101,23 @@ def test_a_forged_cache_record_does_not_satisfy_a_served_pin(art: Path) -> None:
         assert "does not match its sha256" in ready["models"]["clf"]["reason"]
 
 
+def test_a_forged_cache_record_does_not_satisfy_the_server_even_unpinned(art: Path) -> None:
+    pytest.importorskip("fastapi")
+    from enginekit.serve.app import create_app
+    from enginekit.serve.settings import ServeSettings
+    from enginekit.serve.testing import AppRunner
+
+    digest = read_manifest(art).digest()
+    _tamper(art)
+    _forge_record(art, digest)
+    with pytest.raises(IntegrityError, match="does not match its sha256"):
+        enginekit.load(art, hash_all=True)
+    with AppRunner(create_app({"clf": art}, ServeSettings(warmup=False))) as client:
+        ready = client.get("/v2/health/ready").json()
+        assert ready["models"]["clf"]["state"] == "failed"
+        assert "does not match its sha256" in ready["models"]["clf"]["reason"]
+
+
 # inspect --json --------------------------------------------------------------------------------
 
 
