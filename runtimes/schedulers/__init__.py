@@ -12,7 +12,7 @@ does::
         x = sched.step(out, t, x, noise=rng.standard_normal(shape) if sched.stochastic else None)
 
 Each port matches the diffusers class in its name step for step (see
-``tests/test_schedulers.py``); nothing here imports torch or diffusers.
+``tests/runtimes/test_schedulers.py``); nothing here imports torch or diffusers.
 """
 
 from __future__ import annotations

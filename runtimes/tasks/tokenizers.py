@@ -11,7 +11,7 @@ that is: normalise and split with the tokenizer's own rules, keep at most
 ``max_length`` minus the special tokens of the content, wrap it in the special
 tokens (``<|startoftext|> ... <|endoftext|>`` for CLIP, ``... </s>`` for T5),
 pad with the tokenizer's pad id. The ids are those of transformers' fast
-tokenizer, token for token (``tests/test_tokenizers.py`` says where the old
+tokenizer, token for token (``tests/runtimes/test_tokenizers.py`` says where the old
 slow CLIPTokenizer differs). Imports numpy and ``tokenizers`` only.
 """
 
