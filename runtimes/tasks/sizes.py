@@ -24,7 +24,6 @@ we keep the photo's aspect (pass ``height``/``width`` for diffusers' default).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -34,8 +33,6 @@ from enginekit.errors import InputError
 
 __all__ = ["SizeRule", "size_rule", "allowed_multiple", "static_size", "check_size", "init_image_size"]
 
-#: diffusers' SD and SDXL pipelines test ``height % 8`` whatever the VAE's factor.
-_DIFFUSERS_UNET_MULTIPLE = 8
 
 
 @dataclass(frozen=True)
@@ -56,14 +53,10 @@ class SizeRule:
 
 
 def allowed_multiple(config: Any) -> int:
-    """The multiple of pixels a side must be for ``config`` (a ``PipelineConfig``)."""
-    vsf = int(config.vae_scale_factor)
-    extra: Mapping[str, Any] = config.extra
-    if extra.get("packed_latents"):
-        return vsf * 2
-    if extra.get("patch_size"):
-        return vsf * int(extra["patch_size"])
-    return math.lcm(_DIFFUSERS_UNET_MULTIPLE, vsf)
+    """The multiple of pixels a side must be for ``config`` (a ``PipelineConfig``): its layout's."""
+    from enginekit.runtimes.tasks.layouts import layout_for
+
+    return layout_for(config).size_multiple
 
 
 def static_size(config: Any, components: Mapping[str, Any]) -> tuple[int, int] | None:

@@ -86,7 +86,11 @@ class Layout:
 
     @property
     def size_multiple(self) -> int:
-        return self.config.vae_scale_factor * (2 if self.packs_latents else 1)
+        """The multiple of pixels an image side must be, as diffusers' pipeline of this shape
+        checks it: twice the VAE factor when latents travel packed (one token per 2x2 patch),
+        else the VAE factor and 8 (diffusers' SD and SDXL pipelines test ``% 8`` whatever the VAE)."""
+        f = self.config.vae_scale_factor
+        return f * 2 if self.packs_latents else math.lcm(8, f)
 
     def unpacked_shape(self, batch: int, height: int, width: int) -> tuple[int, ...]:
         f = self.config.vae_scale_factor

@@ -22,6 +22,11 @@ class SD3Layout(Layout):
     name = "sd3"
     uses_t5 = True
 
+    @property
+    def size_multiple(self) -> int:
+        """The VAE factor times the MMDiT's patch size (diffusers' SD3 pipeline raises otherwise)."""
+        return self.config.vae_scale_factor * int(self.config.extra.get("patch_size") or 2)
+
     def prompt_length(self, max_sequence_length: int | None = None) -> int:
         return self.clip_length() + (max_sequence_length or self.config.max_sequence_length)
 
