@@ -29,6 +29,7 @@ import contextlib
 import io
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -87,6 +88,17 @@ def _in_host(ns: str, argv: list[str], log: Path, env: dict[str, str]) -> subpro
         return subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
+def ray_token_env(folder: Path) -> dict[str, str]:
+    """One token for this cluster, in ``folder``, named to every process explicitly. Ray >= 2.5x
+    turns token auth on by itself when ``~/.ray/auth_token`` exists (which any earlier local
+    ``ray.init()`` writes), so a process that looked before another wrote it disagrees with the
+    cluster: every process here is told the mode and the token instead of guessing."""
+    path = folder / "auth_token"
+    path.write_text(secrets.token_hex(32))
+    path.chmod(0o600)
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(path)}
+
+
 def outer(args: argparse.Namespace) -> dict[str, Any]:
     if os.geteuid() != 0:
         raise SystemExit("ray_faults.py makes network namespaces, which needs root")
@@ -95,7 +107,7 @@ def outer(args: argparse.Namespace) -> dict[str, Any]:
             raise SystemExit(f"ray_faults.py needs `{tool}`")
     work = Path(tempfile.mkdtemp(prefix="ekf-", dir="/tmp"))  # Ray's socket paths must stay short
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1",
-           "RAY_DEFAULT_OBJECT_STORE_MEMORY_PROPORTION": "0.01"}
+           "RAY_DEFAULT_OBJECT_STORE_MEMORY_PROPORTION": "0.01", **ray_token_env(work)}
     me = [sys.executable, str(Path(__file__).resolve())]
     procs: list[subprocess.Popen] = []
     try:

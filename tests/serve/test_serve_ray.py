@@ -12,6 +12,7 @@ import importlib.util
 import json
 import os
 import re
+import secrets
 import shutil
 import subprocess
 import sys
@@ -110,7 +111,11 @@ def test_ray_serve_two_replicas_in_a_loopback_namespace(exported: dict, tiny_pip
     env = {**os.environ, "ENGINEKIT_RAY_ARTIFACTS": json.dumps(artifacts), "RAY_TMPDIR": ray_tmp,
            "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1",
            # Requests and answers are all the object store holds here: 1 % of memory is plenty.
-           "RAY_DEFAULT_OBJECT_STORE_MEMORY_PROPORTION": "0.01"}
+           "RAY_DEFAULT_OBJECT_STORE_MEMORY_PROPORTION": "0.01",
+           # Told, not guessed: Ray turns token auth on when ~/.ray/auth_token exists, so the
+           # mode and the token are this cluster's own and nothing is written to $HOME.
+           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": os.path.join(ray_tmp, "auth_token")}
+    Path(env["RAY_AUTH_TOKEN_PATH"]).write_text(secrets.token_hex(32))
     root = Path(__file__).resolve().parents[2]
     inner = [sys.executable, "-m", "pytest", str(INNER), "-q", "-x", "-p", "no:cacheprovider",
              "--basetemp", os.path.join(ray_tmp, "pt"), "-o", "addopts=", "-p", "no:warnings"]
