@@ -66,6 +66,8 @@ class TaskStages:
     - ``details(manifest)`` -> (label, value) rows ``inspect`` adds
     - ``export(source, out, ExportRequest, on_step=)`` -> the manifest (``enginekit.export.api``)
     - ``recognises(source, family)`` -> whether a model source (``export``'s MODEL) exports to this task
+    - ``serve``: the :class:`enginekit.serve.served.Served` subclass ``enginekit serve`` fronts
+      a loaded model of this task with
     """
 
     quantize: str | None = None
@@ -75,6 +77,7 @@ class TaskStages:
     details: str | None = None
     export: str | None = None
     recognises: str | None = None
+    serve: str | None = None
 
 
 _BUILTIN_STAGES: dict[str, TaskStages] = {
@@ -84,6 +87,7 @@ _BUILTIN_STAGES: dict[str, TaskStages] = {
         optimize="enginekit.app.optimize_stages:optimize_classifier",
         bench="enginekit.bench.stages:bench_classifiers",
         export="enginekit.export.api:export_classifier_source",
+        serve="enginekit.serve.served:ServedClassifier",
     ),
     "text-to-image": TaskStages(
         quantize="enginekit.quant.api:quantize_text_to_image",
@@ -92,6 +96,7 @@ _BUILTIN_STAGES: dict[str, TaskStages] = {
         details="enginekit.app.render:pipeline_details",
         export="enginekit.export.api:export_pipeline_source",
         recognises="enginekit.export.api:is_pipeline_source",
+        serve="enginekit.serve.served:ServedPipeline",
     ),
 }
 _runtime_stages: dict[str, TaskStages] = {}

@@ -74,10 +74,10 @@ class ServerState:
         """The model a task endpoint runs: the named one, else the only one of that task."""
         if name:
             slot = self.slot(name)
-            if slot.task not in (None, task) :
+            if slot.task is not None and not slot.serves(task):
                 raise ApiError(422, f"{field}: model {name!r} is a {slot.task} model, not {task}")
             return self.ready_slot(name)
-        of_task = [s for s in self.slots.values() if s.task == task or (s.task is None and s.state == "loading")]
+        of_task = [s for s in self.slots.values() if s.serves(task) or (s.task is None and s.state == "loading")]
         if not of_task:
             raise ApiError(404, f"no {task} model is served")
         if len(of_task) > 1:

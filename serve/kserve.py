@@ -20,7 +20,8 @@ from fastapi.responses import JSONResponse, Response
 
 from enginekit.errors import EngineKitError, one_line
 from enginekit.serve.errors import ApiError, status_for
-from enginekit.serve.models import CLASSIFIER, ModelSlot
+from enginekit.serve.models import ModelSlot
+from enginekit.serve.served import v2_dtype
 
 __all__ = ["router"]
 
@@ -29,7 +30,6 @@ router = APIRouter(tags=["KServe v2"])
 _DTYPES = {"BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
            "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64, "FP16": np.float16,
            "FP32": np.float32, "FP64": np.float64, "BYTES": np.object_}
-_NAMES = {np.dtype(v).name: k for k, v in _DTYPES.items() if k != "BYTES"}
 HEADER = "inference-header-content-length"
 
 
@@ -37,30 +37,11 @@ def _state(request: Request) -> Any:
     return request.app.state.server
 
 
-def v2_dtype(numpy_name: str) -> str:
-    return _NAMES.get(np.dtype(numpy_name).name, "FP32")
-
-
-def _dims(shape: Any) -> list[int]:
-    return [d if isinstance(d, int) and d >= 0 else -1 for d in shape]
-
-
 def metadata(slot: ModelSlot) -> dict[str, Any]:
     if slot.obj is None:
         return {"name": slot.name, "versions": ["1"], "platform": "enginekit", "inputs": [], "outputs": []}
     backend = getattr(slot.obj, "backend", "?")
-    if slot.task == CLASSIFIER:
-        runner = slot.obj.runner
-        spec = runner.inputs[0]
-        inputs = [{"name": spec.name, "datatype": v2_dtype(spec.dtype), "shape": [-1, *_dims(spec.shape[1:])]},
-                  {"name": "image", "datatype": "BYTES", "shape": [-1]}]
-        outputs = [{"name": o.name, "datatype": v2_dtype(o.dtype), "shape": [-1, *_dims(o.shape[1:])]}
-                   for o in runner.outputs]
-    else:
-        size = slot.obj.config.default_size
-        inputs = [{"name": "prompt", "datatype": "BYTES", "shape": [1]},
-                  {"name": "negative_prompt", "datatype": "BYTES", "shape": [1]}]
-        outputs = [{"name": "image", "datatype": "UINT8", "shape": [-1, size, size, 3]}]
+    inputs, outputs = slot.served.kserve_io()
     return {"name": slot.name, "versions": ["1"], "platform": f"enginekit_{backend}", "inputs": inputs,
             "outputs": outputs}
 
@@ -116,10 +97,9 @@ async def model_config(request: Request, name: str, version: str = "1") -> dict[
     state = _state(request)
     slot = _version(state.slot(name), version)
     meta = metadata(slot)
-    return {"name": name, "platform": meta["platform"],
-            "max_batch_size": state.settings.max_batch if slot.task == CLASSIFIER else 0,
-            "dynamic_batching": {"max_queue_delay_microseconds": int(state.settings.max_delay_ms * 1000)}
-            if slot.task == CLASSIFIER and state.settings.max_batch > 1 else None,
+    batching = slot.served.kserve_batching(state.settings) if slot.served is not None else {
+        "max_batch_size": 0, "dynamic_batching": None}
+    return {"name": name, "platform": meta["platform"], **batching,
             "input": [{"name": t["name"], "data_type": f"TYPE_{t['datatype'].replace('BYTES', 'STRING')}",
                        "dims": t["shape"]} for t in meta["inputs"]],
             "output": [{"name": t["name"], "data_type": f"TYPE_{t['datatype'].replace('BYTES', 'STRING')}",
@@ -154,10 +134,7 @@ async def infer(request: Request, name: str, version: str = "1") -> Response:
     slot = state.ready_slot(name)
     try:
         inputs = _read_inputs(header, blobs)
-        if slot.task == CLASSIFIER:
-            outputs = await _infer_classifier(request, slot, inputs)
-        else:
-            outputs = await _infer_pipeline(request, slot, inputs, header.get("parameters") or {})
+        outputs = await slot.served.kserve_infer(request, inputs, header.get("parameters") or {})
     except EngineKitError as exc:  # the task's own checks: bad tensors are the client's (400)
         raise ApiError(400 if status_for(exc) == 422 else status_for(exc), one_line(exc)) from None
     return _write_outputs(slot, header, outputs)
@@ -282,57 +259,6 @@ def _flatten(data: list, name: str, depth: int = 0) -> list:
     return out
 
 
-async def _infer_classifier(request: Request, slot: ModelSlot, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    from enginekit.serve.tasks import classify_rows, decode_images
-
-    state = _state(request)
-    spec = slot.obj.runner.inputs[0]
-    if set(inputs) == {"image"}:
-        images = [bytes(v) for v in inputs["image"].reshape(-1)]
-        if not images or len(images) > state.settings.max_images:
-            raise ApiError(413 if images else 400, f"input 'image': 1 to {state.settings.max_images} images per request")
-        pixels = await decode_images(state, slot, images)
-    elif set(inputs) == {spec.name}:
-        pixels = inputs[spec.name]
-        if pixels.dtype != np.float32:
-            raise ApiError(400, f"input {spec.name!r} must be FP32, got {v2_dtype(pixels.dtype.name)}")
-        want = tuple(_dims(spec.shape[1:]))
-        if pixels.ndim != 4 or tuple(pixels.shape[1:]) != want or not 1 <= len(pixels) <= state.settings.max_images:
-            raise ApiError(400, f"input {spec.name!r} must have shape [1..{state.settings.max_images}, "
-                                f"{', '.join(map(str, want))}], got {list(pixels.shape)}")
-        if not np.isfinite(pixels).all():
-            raise ApiError(400, f"input {spec.name!r} holds NaN or infinite values")
-    else:
-        raise ApiError(400, f"model {slot.name!r} takes one input, {spec.name!r} (FP32) or 'image' (BYTES); "
-                            f"got {sorted(inputs)}")
-    return await classify_rows(state, slot, np.ascontiguousarray(pixels))
-
-
-async def _infer_pipeline(request: Request, slot: ModelSlot, inputs: dict[str, np.ndarray],
-                          params: dict[str, Any]) -> dict[str, np.ndarray]:
-    from enginekit.serve.tasks import GenerateRequest, run_generation
-
-    unknown = set(inputs) - {"prompt", "negative_prompt"}
-    if "prompt" not in inputs or unknown:
-        raise ApiError(400, f"model {slot.name!r} takes 'prompt' (and 'negative_prompt') as BYTES; got {sorted(inputs)}")
-    fields: dict[str, Any] = {}
-    for key in ("prompt", "negative_prompt"):
-        if key in inputs:
-            values = inputs[key].reshape(-1)
-            if len(values) != 1 or not isinstance(values[0], bytes):
-                raise ApiError(400, f"input {key!r}: one BYTES element")
-            try:
-                fields[key] = values[0].decode("utf-8")
-            except UnicodeDecodeError:
-                raise ApiError(400, f"input {key!r} is not UTF-8") from None
-    for key in ("steps", "guidance", "seed", "height", "width", "scheduler", "num_images"):
-        if key in params:
-            fields[key] = params[key]
-    req = GenerateRequest.checked(fields, _state(request).settings)
-    out = await run_generation(request, slot, req)
-    return {"image": np.stack([np.asarray(im.convert("RGB"), dtype=np.uint8) for im in out.images])}
-
-
 def _write_outputs(slot: ModelSlot, header: dict[str, Any], outputs: dict[str, np.ndarray]) -> Response:
     params = header.get("parameters") or {}
     all_binary = bool(params.get("binary_data_output", False))
@@ -359,9 +285,7 @@ def _write_outputs(slot: ModelSlot, header: dict[str, Any], outputs: dict[str, n
         if k is not None:
             if isinstance(k, bool) or not isinstance(k, int) or k < 1:
                 raise ApiError(400, f"output {name!r}: classification must be a positive integer")
-            if slot.task != CLASSIFIER or name != "logits":
-                raise ApiError(400, "classification applies to a classifier's 'logits' output")
-            array = _classification(slot, array, k)
+            array = slot.served.classification(name, array, k)
         dtype = "BYTES" if array.dtype == np.object_ else v2_dtype(array.dtype.name)
         tensor: dict[str, Any] = {"name": name, "datatype": dtype, "shape": list(array.shape)}
         if p.get("binary_data", all_binary):
@@ -381,18 +305,6 @@ def _write_outputs(slot: ModelSlot, header: dict[str, Any], outputs: dict[str, n
         return Response(raw_json, media_type="application/json")
     return Response(raw_json + b"".join(blobs), media_type="application/octet-stream",
                     headers={"Inference-Header-Content-Length": str(len(raw_json))})
-
-
-def _classification(slot: ModelSlot, logits: np.ndarray, k: int) -> np.ndarray:
-    """Triton's classification extension: the top ``k`` as ``b"score:index:label"``, best first."""
-    from enginekit.runtimes.tasks.classifier import softmax
-
-    probs = softmax(logits)
-    k = min(k, probs.shape[1])
-    order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-    labels = slot.obj.labels
-    rows = [[f"{row[i]:f}:{int(i)}:{labels[int(i)]}".encode() for i in idx] for row, idx in zip(probs, order)]
-    return np.array(rows, dtype=np.object_)
 
 
 def _to_binary(array: np.ndarray) -> bytes:

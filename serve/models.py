@@ -1,6 +1,6 @@
-"""One served model: loaded and warmed in the background, then fronted by a
-batcher (classifiers) or a job queue (pipelines). A model that fails to load
-stays listed, not ready, with the reason."""
+"""One served model: loaded and warmed in the background, then fronted by its task's
+queue (:mod:`enginekit.serve.served` holds everything that differs by task). A model
+that fails to load stays listed, not ready, with the reason."""
 
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
-from enginekit.errors import BackendError, EngineKitError, RunInterrupted, one_line
-from enginekit.runtimes.tasks.text_to_image import GenerationCancelled
+from enginekit.errors import EngineKitError, UnsupportedStageError
+from enginekit.registry import stage, task_names, task_stages
 from enginekit.serve.batching import Batcher, Job, JobQueue
-from enginekit.serve.errors import ApiError, scrub
+from enginekit.serve.errors import scrub
 from enginekit.serve.metrics import Metrics
-from enginekit.serve.settings import PIXEL_FACTOR, ServeSettings
+from enginekit.serve.served import Served
+from enginekit.serve.settings import ServeSettings
 
 __all__ = ["ModelSlot", "CLASSIFIER", "PIPELINE"]
 
@@ -41,6 +41,8 @@ class ModelSlot:
         self.reason = "loading"
         self.task: str | None = None
         self.obj: Any = None
+        #: The task-specific half (:mod:`enginekit.serve.served`), once loaded.
+        self.served: Served | None = None
         self.batcher: Batcher | None = None
         self.jobs: JobQueue | None = None
         self.load_seconds: float | None = None
@@ -72,11 +74,15 @@ class ModelSlot:
             obj = enginekit.load(self.path, device=self.settings.device, digest=self.settings.pins.get(self.name),
                                  verify_with=self.settings.verify_with, hash_all=True)
             task = getattr(obj, "task", None)
-            if task not in (CLASSIFIER, PIPELINE):
-                raise EngineKitError(f"task {task!r} cannot be served (serve runs {CLASSIFIER} and {PIPELINE})")
+            try:
+                served = stage(str(task), "serve")
+            except UnsupportedStageError:
+                raise EngineKitError(f"task {task!r} cannot be served (serve runs "
+                                     f"{', '.join(t for t in task_names() if task_stages(t).serve)})") from None
             self.obj, self.task = obj, task
+            self.served = served(self)
             if self.settings.warmup:
-                self._warm()
+                self.served.warm()
         except Exception as exc:  # one bad artifact must not take the server down
             reason = str(exc) if isinstance(exc, EngineKitError) else f"{type(exc).__name__}: {exc}"
             self.fail(reason)
@@ -90,34 +96,15 @@ class ModelSlot:
         self.metrics.model_ready.labels(self.name).set(0)
         log.warning("model %s failed to load: %s", self.name, self.reason)
 
-    def _warm(self) -> None:
-        if self.task == CLASSIFIER:
-            h, w = self.obj.preprocessing.size
-            self.obj.run_pixels(np.zeros((1, 3, h, w), dtype=np.float32))
-        else:
-            self.obj("warm-up", num_inference_steps=1, guidance_scale=7.5, seed=0, output_type="np")
-            if "vae_encoder" in self.obj.components:
-                self.obj.components["vae_encoder"]  # opened now, not on the first image-to-image request
-
     def start(self) -> None:
-        """In the event loop, once loaded: put the batcher or the job queue in front."""
-        s = self.settings
-        if self.task == CLASSIFIER:
-            self.batcher = Batcher(self.name, self._classify, s.max_batch, s.max_delay_ms / 1000.0,
-                                   s.max_queue, on_batch=self.metrics.batch_size.labels(self.name).observe)
-            self.batcher.start()
-        else:
-            self.jobs = JobQueue(self.name, self._generate, s.max_queue)
-            self.jobs.start()
+        """In the event loop, once loaded: put the task's queue (batcher or job queue) in front."""
+        self.served.start(self.settings)
         self.state, self.reason = "ready", "ready"
         self.metrics.model_ready.labels(self.name).set(1)
 
-    def _classify(self, rows: np.ndarray) -> dict[str, np.ndarray]:
-        try:
-            return self.obj.run_pixels(rows)
-        except Exception:
-            self._check_engines()
-            raise
+    def serves(self, task: str) -> bool:
+        """Whether this model runs ``task``'s endpoints (a model still loading may: its task is not known yet)."""
+        return self.task == task
 
     def cancel(self, job: Job) -> None:
         """Stop ``job``: a queued one never runs; a running one stops at its next step, and
@@ -126,42 +113,10 @@ class ModelSlot:
         self.interrupt(job)
         self.metrics.queue_depth.labels(self.name).set(self.depth)
 
-    def _generate(self, job: Job) -> Any:
-        steps = job.kwargs.get("num_inference_steps") or self.obj.config.default_steps
-        if job.kwargs.get("image") is not None:  # image-to-image runs the last `strength` of the schedule
-            steps = max(1, min(int(steps * job.kwargs.get("strength", 0.8)), steps))
-
-        def callback(i: int, t: float, latents: np.ndarray) -> None:
-            self.jobs.progress(job, i + 1, job.steps or steps)
-
-        job.steps = steps
+    def running(self, job: Job | None) -> None:
+        """The job whose engine calls :meth:`interrupt` may stop (None: none runs)."""
         with self._running_lock:
             self._running_job = job
-        try:
-            return self.obj(**job.kwargs, callback=callback, cancel=job.cancel)
-        except RunInterrupted:
-            if job.cancel.is_set():  # stopped by interrupt(): what the caller asked for
-                raise GenerationCancelled("generation cancelled during an engine call") from None
-            raise
-        except BackendError as exc:  # an engine failed on this request; the next one runs as before
-            self._check_engines()
-            if not self.ready:
-                raise ApiError(503, f"model {self.name!r} is out of service: {self.reason}") from None
-            log.warning("model %s: the engine failed on a request: %s", self.name, exc)
-            raise ApiError(422, f"the engine cannot run these parameters (height, width, ...): "
-                                f"{scrub(one_line(exc), self.known_paths())}") from None
-        except EngineKitError:
-            raise
-        except Exception as exc:
-            # Parameters the checks let through but this engine cannot run: the request's fault.
-            first = one_line(exc)
-            log.warning("model %s: the engine failed on a request: %s", self.name, first)
-            self._check_engines()
-            raise ApiError(422, f"the engine cannot run these parameters (height, width, ...): "
-                                f"{scrub(first, self.known_paths())[:300]}") from None
-        finally:
-            with self._running_lock:
-                self._running_job = None
 
     def interrupt(self, job: Job) -> bool:
         """Stop ``job``'s engine call in flight (its cancel event stops it between steps; this
@@ -183,7 +138,7 @@ class ModelSlot:
         runner = getattr(self.obj, "runner", None)
         return [runner] if runner is not None else []
 
-    def _check_engines(self) -> None:
+    def check_engines(self) -> None:
         """After a failed call: a broken engine (its recovery failed) takes the model out of service."""
         broken = [r for r in self.runners() if getattr(r, "broken", None)]
         if broken and self.state == "ready":
@@ -193,12 +148,6 @@ class ModelSlot:
                                 self.known_paths())
             self.metrics.model_ready.labels(self.name).set(0)
             log.error("model %s is out of service: %s", self.name, self.reason)
-
-    def max_pixels(self, settings: ServeSettings) -> int:
-        """Pixels one generation may ask for: ``--max-pixels``, else the model's own size x PIXEL_FACTOR."""
-        if settings.max_pixels is not None:
-            return settings.max_pixels
-        return self.obj.config.default_size ** 2 * PIXEL_FACTOR
 
     @property
     def depth(self) -> int:
@@ -218,12 +167,7 @@ class ModelSlot:
         if self.obj is not None:
             out["backend"] = getattr(self.obj, "backend", None)
             out["device"] = getattr(self.obj, "device", None)
-            if self.task == CLASSIFIER:
-                out["labels"] = list(self.obj.labels)
-            else:
-                out["family"] = self.obj.manifest.family
-                out["default_size"] = self.obj.config.default_size
-                out["max_pixels"] = self.max_pixels(self.settings)
+            out.update(self.served.describe(self.settings))
         return out
 
     def close(self) -> None:

@@ -155,7 +155,7 @@ async def interrupt(request: Request) -> dict[str, Any]:
 @router.get("/sdapi/v1/sd-models")
 async def sd_models(request: Request) -> list[dict[str, Any]]:
     return [{"title": s.name, "model_name": s.name, "hash": None, "sha256": None, "filename": s.name, "config": None}
-            for s in _state(request).slots.values() if s.task == PIPELINE]
+            for s in _state(request).slots.values() if s.served is not None and s.served.a1111]
 
 
 @router.get("/sdapi/v1/samplers")

@@ -301,7 +301,7 @@ def check_pixels(slot: ModelSlot, req: GenerateRequest, settings: Any, init: Any
     default = slot.obj.config.default_size
     height = req.height or (init.height if init is not None else default)
     width = req.width or (init.width if init is not None else default)
-    limit = slot.max_pixels(settings)
+    limit = slot.served.max_pixels(settings)
     if height * width * req.num_images > limit:
         raise ApiError(413, f"{width}x{height} x {req.num_images} image(s) is over this server's limit of {limit} "
                             f"pixels per request for model {slot.name!r} (--max-pixels)")
