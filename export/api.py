@@ -3,7 +3,7 @@ told apart by the source itself (or ``task=`` / ``family=`` where it cannot tell
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -69,11 +69,9 @@ def export_model(spec: str, out_dir: str | Path, *, task: str | None = None,
     ``options`` are the fields of :class:`ExportRequest` (``family``, ``random_weights``,
     ``seed``, ``loras``, ...)."""
     from enginekit.registry import stage
+    from enginekit.stages import with_fields
 
-    unknown = sorted(set(options) - {f.name for f in fields(ExportRequest)})
-    if unknown:
-        raise SourceError(f"export takes no option {unknown[0]!r}")
-    request = ExportRequest(**options)
+    request = with_fields(ExportRequest, None, options)
     return stage(source_task(spec, request.family, task), "export")(spec, out_dir, request, on_step=on_step)
 
 

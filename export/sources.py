@@ -23,7 +23,6 @@ a folder
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from typing import Any
 
 from enginekit.artifact import sha256_file
 from enginekit.errors import SourceError, one_line
+from enginekit.export.json_files import read_json
 from enginekit.runtimes.preprocess import Preprocessing
 
 __all__ = ["SourceModel", "resolve_source", "source_for_manifest", "timm_family"]
@@ -153,13 +153,7 @@ def _read_config(path: Path) -> dict[str, Any]:
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
         raise SourceError(f"{path}: no config.json (expected timm's hub format or transformers' save_pretrained)")
-    try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise SourceError(f"{cfg_path}: unreadable config ({exc})") from exc
-    if not isinstance(cfg, dict):
-        raise SourceError(f"{cfg_path}: config.json must hold a JSON object")
-    return cfg
+    return read_json(cfg_path)
 
 
 def _require_safetensors(path: Path) -> Path:
@@ -224,7 +218,7 @@ def _load_transformers_folder(path: Path, cfg: dict[str, Any]) -> SourceModel:
             "(processor.save_pretrained(folder)) so preprocessing can be recorded"
         )
     try:
-        proc_config = json.loads(proc_path.read_text(encoding="utf-8"))
+        proc_config = read_json(proc_path)
         preprocessing = from_transformers_config(proc_config)
         model = transformers.ViTForImageClassification.from_pretrained(str(path), use_safetensors=True)
     except SourceError:

@@ -25,14 +25,14 @@ import hashlib
 import importlib.resources
 import math
 import tempfile
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import numpy as np
 
 from enginekit.artifact import atomic_artifact, copy_assets, verify_artifact, write_manifest
-from enginekit.errors import FidelityError, InputError, OptionError, QuantizationError
+from enginekit.errors import FidelityError, InputError, QuantizationError
 from enginekit.manifest import Component, Manifest, read_manifest
 from enginekit.quant.base import QuantJob, QuantOptions
 from enginekit.quant.diffusion_components import pipeline_manifest, quantize_component
@@ -49,6 +49,7 @@ from enginekit.quant.diffusion_gate import (
     subsample,
 )
 from enginekit.registry import expect_stage
+from enginekit.stages import with_fields
 
 __all__ = ["quantize_pipeline", "PipelineQuantOptions", "BUDGETS", "METHODS", "default_plan", "read_prompts",
            "GateSpec"]
@@ -175,7 +176,7 @@ def quantize_pipeline(artifact: str | Path, out_dir: str | Path, method: str,
     ``reference``: "auto" (float parent, and diffusers when the weights can be rebuilt from
     provenance), "parent" or "diffusers".
     """
-    opts = _with_fields(options, overrides)
+    opts = with_fields(PipelineQuantOptions, options, overrides)
     root = Path(artifact)
     parent = _float_parent(root, opts)
     plan, notes = _plan(parent, method, opts.components)
@@ -202,14 +203,6 @@ def quantize_pipeline(artifact: str | Path, out_dir: str | Path, method: str,
         return _variants(run)
     finally:
         float_pipe.close()
-
-
-def _with_fields(options: PipelineQuantOptions, given: Mapping[str, Any]) -> PipelineQuantOptions:
-    known = {f.name for f in fields(PipelineQuantOptions)}
-    unknown = sorted(set(given) - known)
-    if unknown:
-        raise OptionError(f"quantize_pipeline takes no option {unknown[0]!r}")
-    return replace(options, **given) if given else options
 
 
 def _float_parent(root: Path, opts: PipelineQuantOptions) -> Manifest:

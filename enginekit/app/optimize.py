@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -40,6 +39,7 @@ import numpy as np
 from enginekit.app.optimize_judge import Outcome, datasets, judge, second_spec, torch_outputs
 from enginekit.app.optimize_plan import PRECISIONS, Candidate, OptimizeConfig, plan_candidates
 from enginekit.app.optimize_report import render_report
+from enginekit.app.optimize_workspace import workspace
 from enginekit.bench.harness import DRIFT_WARN
 from enginekit.errors import ArtifactError, FidelityError, InputError, one_line
 
@@ -145,28 +145,10 @@ def optimize(
         raise InputError(f"no candidate engines for backends {', '.join(backends)} and precisions "
                          f"{', '.join(config.precisions)}")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    keep = work_dir is not None
-    work = Path(work_dir) if keep else Path(tempfile.mkdtemp(prefix=f".{out.name}.optimize-", dir=out.parent))
-    work.mkdir(parents=True, exist_ok=True)
-    # The candidates' compiled blobs go to a model cache inside the work folder and leave
-    # with it (a dozen blobs of a large model would otherwise pile up in the user's cache);
-    # only the pick is compiled into this machine's cache, below.
-    from enginekit.api import warm_cache
-    from enginekit.artifact import using_cache_root
-
-    try:
-        with using_cache_root(work / "model-cache"):
-            run = _RunSettings(model, out, work, config, hw, random_weights=random_weights, weights=weights,
-                               revision=revision, seed=seed, overwrite=overwrite, progress=progress, on_step=on_step)
-            report = _run(run, candidates)
-    except FidelityError:
-        keep = True  # the report of why nothing passed lives there
-        raise
-    finally:
-        if not keep:
-            shutil.rmtree(work, ignore_errors=True)
-    warm_cache(out, "cpu")
+    with workspace(out, work_dir) as work:
+        run = _RunSettings(model, out, work, config, hw, random_weights=random_weights, weights=weights,
+                           revision=revision, seed=seed, overwrite=overwrite, progress=progress, on_step=on_step)
+        report = _run(run, candidates)
     return report
 
 

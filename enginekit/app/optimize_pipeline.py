@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -43,6 +42,7 @@ from enginekit.app.optimize_pipeline_plan import (HELD_OUT_PROMPTS, PRECISIONS, 
                                                   PipelineCandidate, PipelineOptimizeConfig,
                                                   plan_pipeline_candidates)
 from enginekit.app.optimize_pipeline_report import HEADERS, render_pipeline_report, table_rows, table_text
+from enginekit.app.optimize_workspace import workspace
 from enginekit.bench.pipeline_images import Generation, timing_problem
 from enginekit.errors import ArtifactError, FidelityError, InputError, one_line
 
@@ -227,24 +227,9 @@ def optimize_pipeline(
         if name not in installed:
             raise InputError(f"backend {name!r} is not installed here (installed: {', '.join(installed) or 'none'})")
     prompts = _held_out(config.prompts)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    keep = work_dir is not None
-    work = Path(work_dir) if keep else Path(tempfile.mkdtemp(prefix=f".{out.name}.optimize-", dir=out.parent))
-    work.mkdir(parents=True, exist_ok=True)
-    from enginekit.api import warm_cache
-    from enginekit.artifact import using_cache_root
-
-    try:
-        with using_cache_root(work / "model-cache"):
-            report = _run(model, out, work, backends, prompts, config, random_weights=random_weights,
-                          revision=revision, seed=seed, overwrite=overwrite, extra=extra_candidates, on_step=on_step)
-    except FidelityError:
-        keep = True  # the report of why nothing passed lives there
-        raise
-    finally:
-        if not keep:
-            shutil.rmtree(work, ignore_errors=True)
-    warm_cache(out, "cpu")
+    with workspace(out, work_dir) as work:
+        report = _run(model, out, work, backends, prompts, config, random_weights=random_weights,
+                      revision=revision, seed=seed, overwrite=overwrite, extra=extra_candidates, on_step=on_step)
     return report
 
 

@@ -22,12 +22,12 @@ FLUX.1 dev and schnell are variants of ``flux`` with their own call defaults.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from enginekit.errors import SourceError, one_line
+from enginekit.errors import SourceError
+from enginekit.export.json_files import jsonable, read_json
 
 __all__ = ["CallDefaults", "DiffusionFamily", "UNetFamily", "SD3Family", "FluxFamily", "register_family",
            "get_family", "family_names", "families", "detect_family", "family_of_config", "check_family"]
@@ -349,32 +349,6 @@ def check_family(where: str, detected: str, asked: str | None, *, how: str | Non
     raise SourceError(f"{where}: a {detected} pipeline by its {how}, not {asked} (--family {asked})")
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    """A JSON object from ``path``, or a one-line SourceError naming the file."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise SourceError(f"{path}: unreadable ({one_line(exc)})") from exc
-    if not isinstance(data, dict):
-        raise SourceError(f"{path}: must hold a JSON object")
-    return data
-
-
-def jsonable(value: Any) -> Any:
-    """``value`` with numpy scalars and arrays made plain JSON (configs hold both)."""
-    import numpy as np
-
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    return value
-
-
 # --------------------------------------------------------------------------- the families
 
 _FLUX_NEEDS_T5 = "FLUX conditions on T5 and cannot run without it"
@@ -399,22 +373,22 @@ def sd21() -> DiffusionFamily:
 
 @register_family
 def sdxl() -> DiffusionFamily:
-    # 50 steps at guidance 7.5, as enginekit has always run it (diffusers' own SDXL call defaults
-    # guidance to 5.0: adopting that is this one line).
+    # diffusers' StableDiffusionXLPipeline call defaults: 50 steps at guidance 5.0.
     return UNetFamily(name="sdxl", title="Stable Diffusion XL", pipeline_class="StableDiffusionXLPipeline",
                       layout="clip", configs=("sdxl",), builtins=("tiny-sdxl",),
                       single_file_prefix="conditioner.embedders.1.model.", open_clip_encoders=("text_encoder_2",),
-                      vae_honours_upcast=True, force_zeros_flag=True, penultimate=True, pooled_encoder="text_encoder_2")
+                      vae_honours_upcast=True, force_zeros_flag=True, penultimate=True, pooled_encoder="text_encoder_2",
+                      defaults=CallDefaults(steps=50, guidance_scale=5.0))
 
 
 @register_family
 def sd3() -> DiffusionFamily:
-    # SD 3.5's pipeline is SD 3's: Medium and Large are configs of this family. 256 T5 tokens as
-    # StableDiffusion3Pipeline; 50 steps at 7.5 as enginekit has always run it (diffusers: 28, 7.0).
+    # SD 3.5's pipeline is SD 3's: Medium and Large are configs of this family. StableDiffusion3Pipeline's
+    # call defaults: 28 steps at guidance 7.0, 256 T5 tokens.
     return SD3Family(name="sd3", title="Stable Diffusion 3 / 3.5", pipeline_class="StableDiffusion3Pipeline",
                      layout="sd3", denoiser="transformer", plan="mmdit",
                      configs=("sd3-medium", "sd35-medium", "sd35-large"), builtins=("tiny-sd3", "tiny-sd35"),
-                     t5="optional", defaults=CallDefaults(max_sequence_length=256))
+                     t5="optional", defaults=CallDefaults(steps=28, guidance_scale=7.0, max_sequence_length=256))
 
 
 @register_family

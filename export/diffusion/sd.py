@@ -36,7 +36,8 @@ import numpy as np
 
 from enginekit.artifact import atomic_artifact, make_assets, make_component, write_manifest
 from enginekit.errors import ExportError, FidelityError, SourceError, one_line
-from enginekit.export.diffusion.families import check_family, get_family, jsonable
+from enginekit.export.diffusion.families import check_family, get_family
+from enginekit.export.json_files import jsonable
 from enginekit.export.diffusion.lora import LoraSpec, fuse_loras
 from enginekit.export.diffusion.plans import TEXT_ENCODERS, _is_t5, _Plan, _plans
 from enginekit.export.diffusion.sources import PipelineSource, resolve_pipeline

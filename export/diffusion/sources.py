@@ -37,7 +37,8 @@ from typing import Any
 from enginekit.artifact import sha256_file
 from enginekit.errors import SourceError, one_line
 from enginekit.export.diffusion.families import (DiffusionFamily, check_family, detect_family, families,
-                                                 family_names, get_family, read_json)
+                                                 family_names, get_family)
+from enginekit.export.json_files import read_json
 
 __all__ = ["FAMILIES", "BUILTINS", "ARCHITECTURES", "PipelineSource", "resolve_pipeline", "config_dir"]
 

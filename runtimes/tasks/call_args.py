@@ -3,13 +3,43 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from enginekit.errors import InputError
 
-__all__ = ["as_prompts", "int_in", "float_in", "check_latents"]
+__all__ = ["CallArgs", "or_default", "as_prompts", "int_in", "float_in", "check_latents"]
+
+
+@dataclass(frozen=True)
+class CallArgs:
+    """A pipeline call's arguments as given (unchecked; None: the manifest's default), under
+    the names of ``TextToImage.__call__``'s keywords."""
+
+    prompt: Any
+    negative_prompt: Any = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    height: int | None = None
+    width: int | None = None
+    num_images_per_prompt: int = 1
+    seed: int | None = None
+    latents: np.ndarray | None = None
+    image: Any = None
+    strength: float = 0.8
+    scheduler: str | None = None
+    guidance_rescale: float = 0.0
+    output_type: str = "pil"
+    generator: np.random.Generator | None = None
+    max_sequence_length: int | None = None
+    true_cfg_scale: float = 1.0
+
+
+def or_default(value: Any, default: Any) -> Any:
+    """``value``, or ``default`` where the caller left it unset (None; 0 is a value)."""
+    return default if value is None else value
 
 
 def as_prompts(value: Any, name: str) -> list[str]:

@@ -27,6 +27,8 @@ from enginekit.errors import EngineKitError, InputError, ManifestError
 from enginekit.manifest import Manifest
 from enginekit.runtimes.base import Runner
 from enginekit.runtimes.schedulers import SCHEDULERS, make_scheduler
+from enginekit.runtimes.tasks.call_args import CallArgs
+from enginekit.runtimes.tasks.call_args import or_default as _or
 from enginekit.runtimes.tasks.call_args import as_prompts as _as_prompts
 from enginekit.runtimes.tasks.call_args import check_latents
 from enginekit.runtimes.tasks.call_args import float_in as _float_in
@@ -262,9 +264,10 @@ class TextToImage:
         ``True``.
         """
         # 1. Check inputs: everything a user can get wrong fails here, before any engine runs.
-        call = self._check_inputs(prompt, negative_prompt, num_inference_steps, guidance_scale, height, width,
-                                  num_images_per_prompt, seed, latents, image, strength, scheduler,
-                                  guidance_rescale, output_type, generator, max_sequence_length, true_cfg_scale)
+        call = self._check_inputs(CallArgs(
+            prompt, negative_prompt, num_inference_steps, guidance_scale, height, width, num_images_per_prompt,
+            seed, latents, image, strength, scheduler, guidance_rescale, output_type, generator,
+            max_sequence_length, true_cfg_scale))
 
         # 2. Encode the prompt (and the negative prompt) with every text encoder.
         embeds, pooled = self.encode_prompt(call.prompts, call.negatives, call.per_prompt, call.guidance.two_pass,
@@ -295,31 +298,28 @@ class TextToImage:
 
     # ------------------------------------------------------------------ the steps
 
-    def _check_inputs(self, prompt: Any, negative_prompt: Any, steps: int | None, guidance_scale: float | None,
-                      height: int | None, width: int | None, per_prompt: int, seed: int | None,
-                      latents: np.ndarray | None, image: Any, strength: float, scheduler: str | None,
-                      rescale: float, output_type: str, generator: np.random.Generator | None,
-                      max_sequence_length: int | None, true_cfg_scale: float) -> _Call:
+    def _check_inputs(self, args: CallArgs) -> _Call:
         cfg, layout = self.config, self.layout
-        prompts = _as_prompts(prompt, "prompt")
-        negatives = _as_prompts(negative_prompt, "negative_prompt") if negative_prompt is not None else None
+        prompts = _as_prompts(args.prompt, "prompt")
+        negatives = _as_prompts(args.negative_prompt, "negative_prompt") if args.negative_prompt is not None else None
         if negatives is not None and len(negatives) not in (1, len(prompts)):
             raise InputError(f"negative_prompt has {len(negatives)} entries for {len(prompts)} prompts")
         if negatives is not None and len(negatives) == 1:
             negatives = negatives * len(prompts)
-        steps = _int_in("num_inference_steps", cfg.default_steps if steps is None else steps, 1, MAX_STEPS)
-        per_prompt = _int_in("num_images_per_prompt", per_prompt, 1, MAX_IMAGES)
+        steps = _int_in("num_inference_steps", _or(args.num_inference_steps, cfg.default_steps), 1, MAX_STEPS)
+        per_prompt = _int_in("num_images_per_prompt", args.num_images_per_prompt, 1, MAX_IMAGES)
         if len(prompts) * per_prompt > MAX_IMAGES:
             raise InputError(f"{len(prompts)} prompts x {per_prompt} images is more than {MAX_IMAGES} images in one call")
-        scale = _float_in("guidance_scale", cfg.default_guidance_scale if guidance_scale is None else guidance_scale,
-                          0.0, 100.0)
-        rescale = _float_in("guidance_rescale", rescale, 0.0, 1.0)
-        if output_type not in ("pil", "np", "latent"):
-            raise InputError(f"output_type must be 'pil', 'np' or 'latent', got {output_type!r}")
-        guidance = layout.guidance(scale, _float_in("true_cfg_scale", true_cfg_scale, 0.0, 100.0), negatives is not None)
+        scale = _float_in("guidance_scale", _or(args.guidance_scale, cfg.default_guidance_scale), 0.0, 100.0)
+        rescale = _float_in("guidance_rescale", args.guidance_rescale, 0.0, 1.0)
+        if args.output_type not in ("pil", "np", "latent"):
+            raise InputError(f"output_type must be 'pil', 'np' or 'latent', got {args.output_type!r}")
+        guidance = layout.guidance(scale, _float_in("true_cfg_scale", args.true_cfg_scale, 0.0, 100.0),
+                                   negatives is not None)
         # Sizes as diffusers takes them (sizes.py); a static-shape engine takes its own only.
         rule = size_rule(cfg, self.manifest.components, MAX_SIDE)
-        init = _init_image(image, height, width, rule) if image is not None else None
+        height, width, strength = args.height, args.width, args.strength
+        init = _init_image(args.image, height, width, rule) if args.image is not None else None
         if init is None and strength != 0.8:  # 0.8: the keyword default, diffusers' own
             raise InputError(f"strength {strength} is for image-to-image: give an image (--init-image) or drop it")
         if init is not None:
@@ -328,28 +328,28 @@ class TextToImage:
             if strength <= 0:
                 raise InputError("strength must be above 0 (0 would return the image unchanged)")
         default_h, default_w = rule.fixed or (cfg.default_size, cfg.default_size)
-        height, width = check_size(rule, default_h if height is None else height,
-                                   default_w if width is None else width)
-        name = scheduler or cfg.default_scheduler
+        height, width = check_size(rule, _or(height, default_h), _or(width, default_w))
+        name = args.scheduler or cfg.default_scheduler
         if name not in SCHEDULERS:
             raise InputError(f"unknown scheduler {name!r}; choose one of: {', '.join(SCHEDULERS)}")
         if cfg.is_flow != (name == "flow-euler"):
             raise InputError(f"scheduler {name!r} does not fit this {cfg.prediction_type}-prediction model; "
                              f"use {'flow-euler' if cfg.is_flow else 'any but flow-euler'}")
         seq_len = None
-        if max_sequence_length is not None:
+        if args.max_sequence_length is not None:
             if not layout.uses_t5:
                 raise InputError("max_sequence_length applies to SD3 and FLUX pipelines (T5 prompts) only")
-            seq_len = _int_in("max_sequence_length", max_sequence_length, 1, MAX_SEQUENCE_LENGTH)
-        latents = check_latents(latents, layout.latent_shape(len(prompts) * per_prompt, height, width),
-                                      height, width)
+            seq_len = _int_in("max_sequence_length", args.max_sequence_length, 1, MAX_SEQUENCE_LENGTH)
+        latents = check_latents(args.latents, layout.latent_shape(len(prompts) * per_prompt, height, width),
+                                height, width)
+        seed, generator = args.seed, args.generator
         if seed is not None:
             _int_in("seed", seed, 0, 2**63 - 1)
         if generator is None:
             seed = int(np.random.SeedSequence().generate_state(1)[0]) if seed is None else seed
             generator = np.random.default_rng(seed)
         return _Call(prompts, negatives, per_prompt, steps, guidance, rescale, height, width, name, seq_len, init,
-                     strength, latents, seed, generator, output_type)
+                     strength, latents, seed, generator, args.output_type)
 
     def encode_prompt(
         self, prompts: list[str], negatives: list[str] | None, per_prompt: int, do_cfg: bool,

@@ -156,7 +156,8 @@ def test_no_literal_family_checks_outside_the_registries() -> None:
 
 
 @pytest.mark.parametrize(("spec", "layout", "steps", "guidance"), [
-    ("tiny-sd15", ClipLayout, 50, 7.5), ("tiny-sdxl", ClipLayout, 50, 7.5), ("tiny-flux", FluxLayout, 28, 3.5)])
+    ("tiny-sd15", ClipLayout, 50, 7.5), ("tiny-sdxl", ClipLayout, 50, 5.0), ("tiny-sd3", SD3Layout, 28, 7.0),
+    ("tiny-flux", FluxLayout, 28, 3.5)])
 def test_the_family_writes_layout_and_call_defaults_into_the_section(spec: str, layout: type, steps: int,
                                                                      guidance: float) -> None:
     pytest.importorskip("diffusers")
