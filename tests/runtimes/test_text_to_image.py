@@ -61,8 +61,8 @@ def test_images_match_diffusers_on_the_same_latents(tiny_pipelines: dict, name: 
     pipe = enginekit.load(tiny_pipelines[(name, kind)], device="cpu")
     latents = _latents(len(PROMPTS))
     for scheduler in ("euler", "dpm++2m-karras"):
-        got = pipe(PROMPTS, negative_prompt=NEGATIVES, num_inference_steps=4, height=SIZE, width=SIZE,
-                   latents=latents, scheduler=scheduler, output_type="np").images
+        got = pipe(PROMPTS, negative_prompt=NEGATIVES, num_inference_steps=4, guidance_scale=7.5, height=SIZE,
+                   width=SIZE, latents=latents, scheduler=scheduler, output_type="np").images
         ref = _diffusers_images(name, scheduler, latents, NEGATIVES)
         assert got.shape == ref.shape == (2, SIZE, SIZE, 3)
         assert ref.std() > 0.05  # the image is not flat: PSNR means something
@@ -88,7 +88,8 @@ def test_sdxl_without_negative_prompt_uses_zeros_like_diffusers(tiny_pipelines: 
     pipe = enginekit.load(tiny_pipelines[("tiny-sdxl", "onnx")], device="cpu")
     assert pipe.config.force_zeros_for_empty_prompt
     latents = _latents(len(PROMPTS), seed=5)
-    got = pipe(PROMPTS, num_inference_steps=3, height=SIZE, width=SIZE, latents=latents, scheduler="euler",
+    got = pipe(PROMPTS, num_inference_steps=3, guidance_scale=7.5, height=SIZE, width=SIZE, latents=latents,
+               scheduler="euler",
                output_type="np").images
     ref = _diffusers_images("tiny-sdxl", "euler", latents, None, steps=3)
     assert psnr(ref, got) >= 40.0
