@@ -459,6 +459,12 @@ class _Writer:
                 t.ClearField(fld)
             self._external(t, offset, len(raw))
             return t
+        if loc[2] < _INLINE_BYTES:  # small constants (shapes, axes) back inline, where shape inference reads them
+            t.raw_data = reader.array(init).tobytes()
+            del t.external_data[:]
+            t.data_location = TensorProto.DEFAULT
+            reader.release()
+            return t
         offset = self._start(loc[2])
         reader.copy_to(init, self.sink)
         self._external(t, offset, loc[2])
