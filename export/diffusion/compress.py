@@ -17,6 +17,10 @@ float parent to run, so a model too large for that is compressed without it.
 
 from __future__ import annotations
 
+import resource
+import shutil
+import tempfile
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -26,7 +30,7 @@ from enginekit.errors import QuantizationError
 from enginekit.export.compress import WeightFormat, compress_component, written_files
 from enginekit.manifest import Component, Manifest, read_manifest
 
-__all__ = ["compress_pipeline", "plan_formats"]
+__all__ = ["compress_pipeline", "plan_formats", "export_compressed"]
 
 
 def _as_format(value: WeightFormat | str, base: WeightFormat) -> WeightFormat:
@@ -64,6 +68,7 @@ def compress_pipeline(artifact_dir: str | Path, out_dir: str | Path, default_for
     the result's images against the float parent, under ``min_psnr`` dB / ``min_ssim``
     (defaults: the quantizer's budgets for the denoiser's format).
     """
+    started = time.monotonic()
     root = Path(artifact_dir)
     parent = read_manifest(root)
     verify_artifact(root, parent)
@@ -91,7 +96,10 @@ def compress_pipeline(artifact_dir: str | Path, out_dir: str | Path, default_for
                           "components": records},
             provenance={**parent.provenance,
                         "parent": {"path": str(root.resolve()), "manifest_sha256": parent.digest(),
-                                   "kind": parent.kind}},
+                                   "kind": parent.kind},
+                        "compress": {"seconds": round(time.monotonic() - started, 1),
+                                     # ru_maxrss is KiB on Linux: the process's peak so far.
+                                     "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}},
             fidelity={"export": parent.fidelity} if parent.fidelity else {},
         )
         write_manifest(tmp, manifest)
@@ -136,3 +144,23 @@ def _judge(root: Path, parent: Manifest, tmp: Path, manifest: Manifest, plan: Ma
     write_manifest(tmp, manifest)
     check_budget(report, gate, f"the {_format_record(plan, parent)['weight_format']} compressed pipeline")
     return manifest
+
+
+def export_compressed(export: Callable[[Path], Any], out_dir: str | Path, default_format: WeightFormat | str,
+                      per_component: Mapping[str, WeightFormat | str] | None = None, *, overwrite: bool = False,
+                      on_step: Callable[[str], None] = lambda msg: None) -> Manifest:
+    """``export`` (called with a folder to write the float ONNX pipeline into) into a scratch
+    folder beside ``out_dir``, then :func:`compress_pipeline` into ``out_dir``; the scratch
+    folder is removed either way. The float export is on disk, never in memory, while the
+    weights are compressed."""
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.float-", dir=out.parent))
+    try:
+        export(scratch / "onnx")
+        mode = default_format if isinstance(default_format, str) else default_format.mode
+        on_step(f"compressing the weights ({mode})")
+        return compress_pipeline(scratch / "onnx", out, default_format, per_component, overwrite=overwrite,
+                                 on_step=on_step)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)

@@ -127,8 +127,9 @@ def test_ratio_puts_the_rest_in_int8_in_nncfs_order(tmp_path: Path) -> None:
     why = {k["node"]: k["why"] for k in rec["higher_precision"] if k["precision"] == "int8"}
     assert rec["layers"]["int4"] == 1 and "gemm" in why and why["gemm"].startswith("ratio 0.5")
     assert rec["parameters"]["int4"] == H * H
-    assert compress_component(src, WeightFormat("int4", group_size=16, ratio=0.0), tmp_path / "none")["layers"]["int4"] == 0
-    assert compress_component(src, WeightFormat("int4", group_size=16, ratio=1.0), tmp_path / "all")["layers"]["int4"] == 2
+    for ratio, int4 in ((0.0, 0), (1.0, 2)):
+        rec = compress_component(src, WeightFormat("int4", group_size=16, ratio=ratio), tmp_path / f"r{ratio}")
+        assert rec["layers"]["int4"] == int4
 
 
 def test_inline_weights_fp16_and_fp32(tmp_path: Path) -> None:
@@ -259,6 +260,25 @@ def test_compress_pipeline_refusals(tiny_pipelines: dict, tmp_path: Path) -> Non
     with pytest.raises(QuantizationError, match="already quantized"):
         compress_pipeline(tmp_path / "q", tmp_path / "qq", "int4")
     assert not (tmp_path / "x").exists() and not (tmp_path / "qq").exists()
+    assert manifest.provenance["compress"]["peak_rss_bytes"] > 0
+
+
+def test_export_compressed_removes_the_float_export(tiny_pipelines: dict, tmp_path: Path) -> None:
+    import shutil
+
+    from enginekit.export.diffusion.compress import export_compressed
+
+    seen: list[Path] = []
+
+    def export(folder: Path) -> None:  # stands in for export_pipeline: the float artifact, on disk
+        seen.append(folder)
+        shutil.copytree(tiny_pipelines[("tiny-flux", "onnx")], folder)
+
+    out = tmp_path / "flux-int4"
+    manifest = export_compressed(export, out, WeightFormat("int4", group_size=16))
+    assert manifest.components["transformer"].precision == "int4"
+    assert (out / "manifest.json").is_file() and not seen[0].exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["flux-int4"]
 
 
 # -- memory ------------------------------------------------------------------------------
@@ -324,5 +344,5 @@ def test_peak_memory_follows_the_largest_tensor_not_the_model(tmp_path: Path) ->
     tensor = side * side * 4
     grew = got["hwm"] - got["baseline"]
     # One weight mapped, its contiguous copy for the kernel at most, and the packed result.
-    assert grew < 4 * tensor, f"peak grew {grew / 2**20:.0f} MiB over the baseline for {total / 2**20:.0f} MiB of weights"
+    assert grew < 4 * tensor, f"peak grew {grew / 2**20:.0f} MiB over the baseline for {total / 2**20:.0f} MiB"
     assert (tmp_path / "q" / "model.onnx.data").stat().st_size < total / 6
