@@ -218,18 +218,16 @@ def _assign(layers: list[_Layer], fmt: WeightFormat, inits: dict[str, Any], read
     if fmt.ratio < 1.0 and pool:
         scores = {lay.weight: _nncf_score(lay, inits[lay.weight], reader) for lay in pool}
         total = sum(lay.k * lay.n for lay in pool)
-        taken = 0
+        taken, in_int4 = 0, set()
         for lay in sorted(pool, key=lambda x: scores[x.weight]):
-            # NNCF's rule: stop at the first layer that would reach the ratio.
+            # NNCF's rule (MixedPrecisionCriterion.apply): stop at the first layer that would reach the ratio.
             if (taken + lay.k * lay.n) / total >= fmt.ratio:
                 break
             taken += lay.k * lay.n
-            lay.why = "int4"
+            in_int4.add(lay.weight)
         for lay in pool:
-            if lay.why != "int4":
+            if lay.weight not in in_int4:
                 lay.bits, lay.why = 8, f"ratio {fmt.ratio} (NNCF data-free order)"
-            else:
-                lay.why = ""
     kept += [{"node": lay.node.name, "weight": lay.weight, "precision": "int8", "why": lay.why}
              for lay in layers if lay.bits == 8]
     return kept

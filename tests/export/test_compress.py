@@ -160,6 +160,21 @@ def test_inline_weights_fp16_and_fp32(tmp_path: Path) -> None:
     np.testing.assert_array_equal(_run(tmp_path / "f", x, "onnxruntime"), ref)
 
 
+def test_fp16_component_gets_fp16_scales(tmp_path: Path) -> None:
+    import onnx
+
+    src = tmp_path / "src"
+    _component(src)
+    compress_component(src, WeightFormat("fp16"), tmp_path / "h")
+    rec = compress_component(tmp_path / "h", WeightFormat("int8", group_size=16), tmp_path / "q")
+    assert rec["layers"]["int8"] == 4
+    scales = [t for t in onnx.load(str(tmp_path / "q" / "model.onnx"), load_external_data=False).graph.initializer
+              if t.name.endswith("_scales")]
+    assert scales and all(t.data_type == onnx.TensorProto.FLOAT16 for t in scales)
+    x = np.random.default_rng(3).standard_normal((2, H)).astype(np.float32)
+    assert _rel(_run(tmp_path / "q", x, "onnxruntime"), _run(src, x, "onnxruntime")) < 0.03
+
+
 def test_bad_formats_and_inputs(tmp_path: Path) -> None:
     with pytest.raises(OptionError, match="unknown weight format 'int3'"):
         WeightFormat("int3")
