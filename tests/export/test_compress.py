@@ -361,3 +361,25 @@ def test_peak_memory_follows_the_largest_tensor_not_the_model(tmp_path: Path) ->
     # One weight mapped, its contiguous copy for the kernel at most, and the packed result.
     assert grew < 4 * tensor, f"peak grew {grew / 2**20:.0f} MiB over the baseline for {total / 2**20:.0f} MiB"
     assert (tmp_path / "q" / "model.onnx.data").stat().st_size < total / 6
+
+
+def test_cli_export_with_a_weight_format(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from enginekit.app.cli import cli
+
+    out = tmp_path / "sd15-int8"
+    res = CliRunner().invoke(cli, ["export", "tiny-sd15", "-o", str(out), "--no-image-check", "--weight-format",
+                                   "int4", "--group-size", "16", "--ratio", "0.8", "--sym", "--component",
+                                   "text_encoder=int8", "--json"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    comps = data["components"]
+    assert comps["unet"]["precision"] == "int4" and comps["text_encoder"]["precision"] == "int8"
+    assert comps["vae_decoder"]["precision"] == "fp32"
+    rec = comps["unet"]["quantization"]
+    assert (rec["group_size"], rec["ratio"], rec["sym"]) == (16, 0.8, True)
+    assert [p.name for p in tmp_path.iterdir()] == ["sd15-int8"]
+    res = CliRunner().invoke(cli, ["export", "tiny-sd15", "-o", str(tmp_path / "x"), "--weight-format", "int4",
+                                   "--group-size", "48"])
+    assert res.exit_code == 2 and "power of two" in res.output and not (tmp_path / "x").exists()
