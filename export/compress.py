@@ -33,8 +33,6 @@ Which layers stay in higher precision (recorded in the result, one reason each):
 
 from __future__ import annotations
 
-import contextlib
-import mmap
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,19 +41,14 @@ from typing import Any, Callable
 import numpy as np
 
 from enginekit.errors import OptionError, QuantizationError, one_line
+from enginekit.export.external_data import DATA, INLINE_BYTES, Given, Reader, Writer
 
-__all__ = ["WeightFormat", "compress_component", "WEIGHT_FORMATS", "COMPRESSED_FORMATS"]
+__all__ = ["WeightFormat", "compress_component", "compress_model", "WEIGHT_FORMATS", "COMPRESSED_FORMATS"]
 
 #: What ``--weight-format`` takes for a component here (bf16 is an export precision, not run by ORT's CPU kernels).
 WEIGHT_FORMATS = ("fp32", "fp16", "int8", "int4")
 COMPRESSED_FORMATS = ("int8", "int4")
 ENTRY = "model.onnx"
-DATA = "model.onnx.data"
-#: Tensors smaller than this stay inside model.onnx (ORT's compile uses the same floor).
-_INLINE_BYTES = 1024
-#: As onnx's external-data writer: tensors from 1 MB start on a 64 KiB boundary, so a backend can map them.
-_ALIGN_FROM, _ALIGN = 1 << 20, 1 << 16
-_COPY_CHUNK = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -135,23 +128,46 @@ def compress_component(component_dir: str | Path, fmt: WeightFormat, out_dir: st
         model = onnx.load(str(src), load_external_data=False)
     except Exception as exc:
         raise QuantizationError(f"{src}: not a readable ONNX model ({one_line(exc)})") from exc
+    with Reader(src_dir) as reader:
+        return _compress(model, fmt, out, reader, entry, on_tensor)
+
+
+def compress_model(model: Any, fmt: WeightFormat, out_dir: str | Path, tensors: Callable[[str], np.ndarray], *,
+                   entry: str = ENTRY, on_tensor: Callable[[str], None] = lambda name: None) -> dict[str, Any]:
+    """:func:`compress_component` for a graph whose weights come from ``tensors`` (name ->
+    array), e.g. a streaming export's: ``model``'s initializers give names, types and
+    shapes (their data is not read). ``tensors`` is called once per initializer in order,
+    and a second time for the int4 candidates when ``ratio`` < 1; each array may be
+    dropped as soon as the next is asked for. Formats: int8, int4 and fp32 (written as it comes).
+    """
+    if fmt.mode == "fp16":
+        raise OptionError("compress_model writes int8, int4 or fp32; convert to fp16 with compress_component")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return _compress(model, fmt, out, Given(tensors), entry, on_tensor)
+
+
+def _compress(model: Any, fmt: WeightFormat, out: Path, source: Any, entry: str,
+              on_tensor: Callable[[str], None]) -> dict[str, Any]:
+    """The pass: plan the layers, then each initializer in order: quantized, or copied as it is."""
+    import onnx
+
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
-    layers, kept = _candidates(graph, inits, fmt)
-    with _Reader(src_dir) as reader:
-        kept += _assign(layers, fmt, inits, reader)
-        chosen = {lay.weight: lay for lay in layers if lay.bits}
-        with open(out / DATA, "wb") as sink:
-            writer = _Writer(sink)
-            new_inits = []
-            for init in graph.initializer:
-                lay = chosen.get(init.name)
-                if lay is None:
-                    new_inits.append(writer.copy(init, reader))
-                    continue
-                on_tensor(init.name)
-                new_inits += _quantize(lay, init, fmt, reader, writer)
-                reader.release()
+    layers, kept = _candidates(graph, inits, fmt) if fmt.compressed else ([], [])
+    kept += _assign(layers, fmt, inits, source) if fmt.compressed else []
+    chosen = {lay.weight: lay for lay in layers if lay.bits}
+    with open(out / DATA, "wb") as sink:
+        writer = Writer(sink)
+        new_inits = []
+        for init in graph.initializer:
+            lay = chosen.get(init.name)
+            if lay is None:
+                new_inits.append(writer.copy(init, source))
+                continue
+            on_tensor(init.name)
+            new_inits += _quantize(lay, init, fmt, source, writer)
+            source.release()
     _rewrite(model, list(chosen.values()), fmt)
     del graph.initializer[:]
     graph.initializer.extend(new_inits)
@@ -159,7 +175,7 @@ def compress_component(component_dir: str | Path, fmt: WeightFormat, out_dir: st
         onnx.save_model(model, str(out / entry))
     except Exception as exc:
         raise QuantizationError(f"could not write {out / entry}: {one_line(exc)}") from exc
-    return _record(fmt, layers, kept)
+    return _record(fmt, layers, kept) if fmt.compressed else {"method": fmt.mode, "format": fmt.mode}
 
 
 def _candidates(graph: Any, inits: dict[str, Any], fmt: WeightFormat) -> tuple[list[_Layer], list[dict[str, Any]]]:
@@ -202,7 +218,7 @@ def _candidates(graph: Any, inits: dict[str, Any], fmt: WeightFormat) -> tuple[l
     return layers, kept
 
 
-def _assign(layers: list[_Layer], fmt: WeightFormat, inits: dict[str, Any], reader: _Reader) -> list[dict[str, Any]]:
+def _assign(layers: list[_Layer], fmt: WeightFormat, inits: dict[str, Any], reader: Reader) -> list[dict[str, Any]]:
     """Set each layer's bits; returns the layers kept in int8 under int4, with why."""
     kept: list[dict[str, Any]] = []
     if fmt.mode == "int8":
@@ -233,7 +249,7 @@ def _assign(layers: list[_Layer], fmt: WeightFormat, inits: dict[str, Any], read
     return kept
 
 
-def _nncf_score(lay: _Layer, init: Any, reader: _Reader) -> float:
+def _nncf_score(lay: _Layer, init: Any, reader: Reader) -> float:
     """NNCF's data-free mixed-precision score of one weight: 1 / its int8 (asymmetric,
     per output channel) quantization error, as ``DataFreeCriterion`` computes it."""
     from nncf.quantization.algorithms.weight_compression.config import WeightCompressionConfig
@@ -248,7 +264,7 @@ def _nncf_score(lay: _Layer, init: Any, reader: _Reader) -> float:
     return 1.0 / (float(err) + float(np.finfo(np.float32).eps))
 
 
-def _quantize(lay: _Layer, init: Any, fmt: WeightFormat, reader: _Reader, writer: _Writer) -> list[Any]:
+def _quantize(lay: _Layer, init: Any, fmt: WeightFormat, reader: Reader, writer: Writer) -> list[Any]:
     """Quantize one weight with ORT's block kernel; returns its packed, scales (and zero points) tensors."""
     from onnx import TensorProto
     from onnxruntime.quantization.matmul_nbits_quantizer import (
@@ -328,156 +344,17 @@ def _ort_version() -> str:
     return onnxruntime.__version__
 
 
-# -- tensors in and out ---------------------------------------------------------------
-
-
-class _Reader:
-    """Reads initializers: external ones through a memory map of just their bytes, released
-    by :meth:`release` (a map left open keeps its pages resident and counted)."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self._files: dict[str, Any] = {}
-        self._maps: list[mmap.mmap] = []
-
-    def __enter__(self) -> _Reader:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.release()
-        for f in self._files.values():
-            f.close()
-
-    def where(self, init: Any) -> tuple[Path, int, int] | None:
-        """(file, offset, length) of an external initializer, None for an inline one."""
-        from onnx import TensorProto
-
-        if init.data_location != TensorProto.EXTERNAL:
-            return None
-        info = {e.key: e.value for e in init.external_data}
-        path = (self.folder / info["location"]).resolve()
-        if self.folder.resolve() not in path.parents:
-            raise QuantizationError(f"{init.name}: external data {info['location']!r} points outside the model folder")
-        return path, int(info.get("offset", 0)), int(info["length"]) if "length" in info else path.stat().st_size
-
-    def _file(self, path: Path) -> Any:
-        if str(path) not in self._files:
-            self._files[str(path)] = open(path, "rb")
-        return self._files[str(path)]
-
-    def array(self, init: Any) -> np.ndarray:
-        """The initializer's values: a view of a private memory map for external data."""
-        from onnx import helper, numpy_helper
-
-        loc = self.where(init)
-        if loc is None:
-            return numpy_helper.to_array(init)
-        path, offset, length = loc
-        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(init.data_type))
-        start = offset - offset % mmap.ALLOCATIONGRANULARITY
-        m = mmap.mmap(self._file(path).fileno(), length + offset - start, access=mmap.ACCESS_READ, offset=start)
-        self._maps.append(m)
-        return np.frombuffer(m, dtype=dtype, count=length // dtype.itemsize, offset=offset - start).reshape(
-            tuple(init.dims))
-
-    def release(self) -> None:
-        for m in self._maps:
-            with contextlib.suppress(BufferError):  # a view still alive: closed when it goes
-                m.close()
-        self._maps.clear()
-
-    def copy_to(self, init: Any, sink: Any) -> int:
-        """Copy an external initializer's bytes to ``sink`` in chunks; returns the length."""
-        path, offset, length = self.where(init)
-        f = self._file(path)
-        f.seek(offset)
-        left = length
-        while left:
-            chunk = f.read(min(_COPY_CHUNK, left))
-            if not chunk:
-                raise QuantizationError(f"{init.name}: external data in {path.name} ends early")
-            sink.write(chunk)
-            left -= len(chunk)
-        return length
-
-
-class _Writer:
-    """Appends tensors to the new external data file and makes their TensorProtos."""
-
-    def __init__(self, sink: Any) -> None:
-        self.sink = sink
-
-    def _start(self, length: int) -> int:
-        pos = self.sink.tell()
-        if length >= _ALIGN_FROM and pos % _ALIGN:
-            self.sink.write(b"\0" * (_ALIGN - pos % _ALIGN))
-            pos = self.sink.tell()
-        return pos
-
-    @staticmethod
-    def _external(t: Any, offset: int, length: int) -> None:
-        from onnx import TensorProto
-
-        t.ClearField("raw_data")
-        t.data_location = TensorProto.EXTERNAL
-        del t.external_data[:]
-        for key, value in (("location", DATA), ("offset", str(offset)), ("length", str(length))):
-            entry = t.external_data.add()
-            entry.key, entry.value = key, value
-
-    def tensor(self, name: str, dtype: int, array: np.ndarray) -> Any:
-        from onnx import TensorProto
-
-        t = TensorProto()
-        t.name, t.data_type = name, dtype
-        t.dims.extend(array.shape)
-        data = np.ascontiguousarray(array)
-        if data.nbytes < _INLINE_BYTES:
-            t.raw_data = data.tobytes()
-            return t
-        offset = self._start(data.nbytes)
-        self.sink.write(memoryview(data).cast("B"))
-        self._external(t, offset, data.nbytes)
-        return t
-
-    def copy(self, init: Any, reader: _Reader) -> Any:
-        """``init`` as it is, its bytes moved to the new data file (small inline ones stay inline)."""
-        from onnx import TensorProto, numpy_helper
-
-        t = TensorProto()
-        t.CopyFrom(init)
-        loc = reader.where(init)
-        if loc is None:
-            raw = init.raw_data if init.HasField("raw_data") else numpy_helper.to_array(init).tobytes()
-            if len(raw) < _INLINE_BYTES or init.data_type == TensorProto.STRING:
-                return t
-            offset = self._start(len(raw))
-            self.sink.write(raw)
-            for fld in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
-                t.ClearField(fld)
-            self._external(t, offset, len(raw))
-            return t
-        if loc[2] < _INLINE_BYTES:  # small constants (shapes, axes) back inline, where shape inference reads them
-            t.raw_data = reader.array(init).tobytes()
-            del t.external_data[:]
-            t.data_location = TensorProto.DEFAULT
-            reader.release()
-            return t
-        offset = self._start(loc[2])
-        reader.copy_to(init, self.sink)
-        self._external(t, offset, loc[2])
-        return t
-
-
 # -- float formats ------------------------------------------------------------------
 
 
-def _files(folder: Path) -> list[str]:
-    return [ENTRY] + ([DATA] if (folder / DATA).exists() else [])
-
-
 def _copy_float(src: Path, out: Path) -> dict[str, Any]:
-    for name in _files(src.parent):
+    """The model file and the external data files it names, as they are."""
+    import onnx
+
+    proto = onnx.load(str(src), load_external_data=False)
+    names = {src.name} | {e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"}
+    del proto
+    for name in sorted(names):
         shutil.copyfile(src.parent / name, out / name)
     return {"method": "fp32", "format": "fp32"}
 
@@ -492,13 +369,17 @@ def _fp16(src: Path, out: Path) -> dict[str, Any]:
         model = onnx.load(str(src))
         converted = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=over_size_limit(model))
         del model
-        onnx.save_model(converted, str(out / ENTRY), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=DATA, size_threshold=_INLINE_BYTES)
+        onnx.save_model(converted, str(out / src.name), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=DATA, size_threshold=INLINE_BYTES)
     return {"method": "fp16", "format": "fp16", "library": "onnxruntime.transformers.float16",
             "io": "float32", "note": "converted in memory (the whole component at once)"}
 
 
-def written_files(out: Path) -> list[str]:
-    """The files :func:`compress_component` wrote into ``out``."""
-    return _files(out)
+def written_files(out: Path, entry: str = ENTRY) -> list[str]:
+    """The files :func:`compress_component` wrote into ``out``: ``entry`` and the external data
+    files it names."""
+    import onnx
 
+    proto = onnx.load(str(out / entry), load_external_data=False)
+    names = {e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"}
+    return [entry] + sorted(names)

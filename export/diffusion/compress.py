@@ -84,8 +84,9 @@ def compress_pipeline(artifact_dir: str | Path, out_dir: str | Path, default_for
             fmt = plan[name]
             on_step(f"[{i}/{len(plan)}] {name}: {fmt.mode}")
             rel = Path(comp.entry).parent
-            record = compress_component(root / rel, fmt, tmp / rel, entry=Path(comp.entry).name)
-            files = [str(rel / f) for f in written_files(tmp / rel)]
+            entry = Path(comp.entry).name
+            record = compress_component(root / rel, fmt, tmp / rel, entry=entry)
+            files = [str(rel / f) for f in written_files(tmp / rel, entry)]
             comps[name] = make_component(tmp, name, comp.entry, files, comp.inputs, comp.outputs, fmt.mode,
                                          quantization=record, fidelity=comp.fidelity if fmt.mode == "fp32" else None)
             records[name] = record

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from enginekit.errors import OptionError, QuantizationError
-from enginekit.export.compress import WeightFormat, compress_component
+from enginekit.export.compress import WeightFormat, compress_component, written_files
 
 
 def _available(backend: str) -> bool:
@@ -154,10 +154,47 @@ def test_inline_weights_fp16_and_fp32(tmp_path: Path) -> None:
         (tmp_path / name).rename(tmp_path / "all" / name)
     compress_component(tmp_path / "all", WeightFormat("int8", group_size=16), tmp_path / "q2", entry="all.onnx")
     assert _rel(_run(tmp_path / "q2", x, "onnxruntime", entry="all.onnx"), ref) < 0.02
+    assert written_files(tmp_path / "q2", "all.onnx") == ["all.onnx", "model.onnx.data"]
+    compress_component(tmp_path / "all", WeightFormat("fp32"), tmp_path / "f2", entry="all.onnx")
+    assert written_files(tmp_path / "f2", "all.onnx") == ["all.onnx", "all.onnx.data"]
     assert compress_component(src, WeightFormat("fp16"), tmp_path / "h")["format"] == "fp16"
     assert _rel(_run(tmp_path / "h", x, "onnxruntime"), ref) < 0.01
     compress_component(src, WeightFormat("fp32"), tmp_path / "f")
     np.testing.assert_array_equal(_run(tmp_path / "f", x, "onnxruntime"), ref)
+
+
+@pytest.mark.parametrize("fmt", [WeightFormat("int4", group_size=16, ratio=0.5), WeightFormat("int8", group_size=16),
+                                 WeightFormat("fp32")], ids=["int4-ratio", "int8", "fp32"])
+def test_weights_from_a_function_give_the_same_files(tmp_path: Path, fmt: WeightFormat) -> None:
+    """A streaming export's path: the graph without its data, each weight handed over by name."""
+    import onnx
+
+    from enginekit.export.compress import compress_model
+
+    src = tmp_path / "src"
+    _component(src)
+    expected = compress_component(src, fmt, tmp_path / "a")
+    full = onnx.load(str(src / "model.onnx"))
+    arrays = {t.name: onnx.numpy_helper.to_array(t) for t in full.graph.initializer}
+    bare = onnx.load(str(src / "model.onnx"), load_external_data=False)
+    asked: list[str] = []
+
+    def tensor(name: str) -> np.ndarray:
+        asked.append(name)
+        return arrays[name].astype(np.float64) if arrays[name].dtype == np.float32 else arrays[name]  # cast back
+
+    got = compress_model(bare, fmt, tmp_path / "b", tensor)
+    assert got == expected
+    if fmt.compressed:
+        for name in ("model.onnx", "model.onnx.data"):
+            assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    else:  # compress_component copies fp32 files as they are; compress_model writes what it is given
+        x = np.random.default_rng(4).standard_normal((2, H)).astype(np.float32)
+        np.testing.assert_array_equal(_run(tmp_path / "b", x, "onnxruntime"), _run(src, x, "onnxruntime"))
+    assert set(asked) == set(arrays)
+    with pytest.raises(QuantizationError, match=r"W\d: the tensor given has shape \(2, 2\)"):
+        compress_model(onnx.load(str(src / "model.onnx"), load_external_data=False), fmt, tmp_path / "c",
+                       lambda name: np.zeros((2, 2), np.float32))
 
 
 def test_fp16_component_gets_fp16_scales(tmp_path: Path) -> None:
@@ -304,7 +341,7 @@ _MEMORY_SCRIPT = textwrap.dedent("""
     import numpy as np
     import onnx, onnxruntime  # the baseline: everything the pass imports
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantizer
-    from enginekit.export.compress import WeightFormat, compress_component
+    from enginekit.export.compress import WeightFormat, compress_component, written_files
 
     def status(key):
         for line in Path("/proc/self/status").read_text().splitlines():
