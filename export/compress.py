@@ -136,7 +136,7 @@ def compress_model(model: Any, fmt: WeightFormat, out_dir: str | Path, tensors: 
                    entry: str = ENTRY, on_tensor: Callable[[str], None] = lambda name: None) -> dict[str, Any]:
     """:func:`compress_component` for a graph whose weights come from ``tensors`` (name ->
     array), e.g. a streaming export's: ``model``'s initializers give names, types and
-    shapes (their data is not read). ``tensors`` is called once per initializer in order,
+    shapes (their data is not read; the proto is rewritten in place). ``tensors`` is called once per initializer in order,
     and a second time for the int4 candidates when ``ratio`` < 1; each array may be
     dropped as soon as the next is asked for. Formats: int8, int4 and fp32 (written as it comes).
     """
@@ -168,6 +168,8 @@ def _compress(model: Any, fmt: WeightFormat, out: Path, source: Any, entry: str,
             on_tensor(init.name)
             new_inits += _quantize(lay, init, fmt, source, writer)
             source.release()
+    if not (out / DATA).stat().st_size:  # every tensor stayed inline
+        (out / DATA).unlink()
     _rewrite(model, list(chosen.values()), fmt)
     del graph.initializer[:]
     graph.initializer.extend(new_inits)

@@ -212,6 +212,24 @@ def test_fp16_component_gets_fp16_scales(tmp_path: Path) -> None:
     assert _rel(_run(tmp_path / "q", x, "onnxruntime"), _run(src, x, "onnxruntime")) < 0.03
 
 
+def test_a_small_model_stays_in_one_file(tmp_path: Path) -> None:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.random.default_rng(5).standard_normal((16, 8)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 8])],
+                              [numpy_helper.from_array(w, "w")])
+    (tmp_path / "src").mkdir()
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9),
+                    str(tmp_path / "src" / "model.onnx"))
+    rec = compress_component(tmp_path / "src", WeightFormat("int8", group_size=16), tmp_path / "q")
+    assert rec["layers"]["int8"] == 1 and sorted(p.name for p in (tmp_path / "q").iterdir()) == ["model.onnx"]
+    x = np.ones((1, 16), np.float32)
+    assert _rel(_run(tmp_path / "q", x, "onnxruntime"), x @ w) < 0.02
+
+
 def test_bad_formats_and_inputs(tmp_path: Path) -> None:
     with pytest.raises(OptionError, match="unknown weight format 'int3'"):
         WeightFormat("int3")
