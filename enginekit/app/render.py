@@ -55,9 +55,12 @@ def wrote_export(manifest: Any, out: Path) -> str:
                 f"parity vs PyTorch: logits max abs {fid['logits_max_abs']:.2e}, cosine {fid['logits_cosine']:.6f})")
     worst = min((c.fidelity.get("min_cosine", 1.0) for c in manifest.components.values()), default=1.0)
     peak = manifest.provenance.get("peak_rss_bytes")
-    image = fid.get("image")
+    weights = (manifest.quantization or {}).get("weight_format")
+    image = fid.get("image") or (fid.get("export") or {}).get("image")  # compressed: the float export's check
     return (f"[green]wrote[/] {escape(str(out))}  ({manifest.family}: {', '.join(manifest.components)}; "
-            f"parity vs PyTorch: worst component cosine {worst:.6f}"
+            + (f"weights {', '.join(f'{n} {c.precision}' for n, c in manifest.components.items())}; "
+               if weights else "")
+            + f"parity vs PyTorch: worst component cosine {worst:.6f}"
             + (f", image {image['psnr_db']:.1f} dB vs diffusers ({image['steps']} steps, {image['width']} px)"
                if image else "")
             + (f"; peak memory {peak / 2**30:.1f} GiB" if peak else "") + ")")

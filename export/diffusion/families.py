@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 from enginekit.errors import SourceError
 from enginekit.export.json_files import jsonable, read_json
@@ -98,6 +98,8 @@ class DiffusionFamily:
     #: The VAE overflows in fp16 when its config asks for an upcast (SDXL): it stays fp32.
     vae_honours_upcast: bool = False
     defaults: CallDefaults = field(default_factory=CallDefaults)
+    #: The T5 encoder's component, where the family has one (its weight-format default differs).
+    t5_component: str | None = None
 
     # ------------------------------------------------------------------ recognition
 
@@ -126,6 +128,23 @@ class DiffusionFamily:
         if self.t5 == "optional":
             return None
         return self.no_t5_reason or f"{self.name} has no T5 encoder"
+
+    def weight_formats(self, components: Sequence[str], asked: str) -> dict[str, str]:
+        """Each component's weight format when ``asked`` is given for the pipeline: the denoiser
+        as asked; T5 int8 when the denoiser is int8 or int4 (else as asked); the CLIP encoders fp16
+        when fp16 is asked, else fp32; the VAE (and anything else) fp32."""
+        compressed = asked in ("int8", "int4")
+        out = {}
+        for name in components:
+            if name == self.denoiser:
+                out[name] = asked
+            elif name == self.t5_component:
+                out[name] = "int8" if compressed else asked
+            elif name in TEXT_ENCODERS:
+                out[name] = "fp16" if asked == "fp16" else "fp32"
+            else:
+                out[name] = "fp32"
+        return out
 
     # ------------------------------------------------------------------ loading
 
@@ -388,7 +407,8 @@ def sd3() -> DiffusionFamily:
     return SD3Family(name="sd3", title="Stable Diffusion 3 / 3.5", pipeline_class="StableDiffusion3Pipeline",
                      layout="sd3", denoiser="transformer", plan="mmdit",
                      configs=("sd3-medium", "sd35-medium", "sd35-large"), builtins=("tiny-sd3", "tiny-sd35"),
-                     t5="optional", defaults=CallDefaults(steps=28, guidance_scale=7.0, max_sequence_length=256))
+                     t5="optional", t5_component="text_encoder_3",
+                     defaults=CallDefaults(steps=28, guidance_scale=7.0, max_sequence_length=256))
 
 
 @register_family
@@ -398,5 +418,6 @@ def flux() -> DiffusionFamily:
     return FluxFamily(name="flux", title="FLUX.1", pipeline_class="FluxPipeline", layout="flux",
                       denoiser="transformer", plan="flux", configs=("flux-dev", "flux-schnell"),
                       builtins=("tiny-flux",), t5="required", no_t5_reason=_FLUX_NEEDS_T5,
+                      t5_component="text_encoder_2",
                       variants={"dev": CallDefaults(steps=28, guidance_scale=3.5, max_sequence_length=512),
                                 "schnell": CallDefaults(steps=4, guidance_scale=0.0, max_sequence_length=256)})
