@@ -259,6 +259,12 @@ class OnnxRuntimeBackend(Backend):
         return manifest.replace(kind=self.kind, components=components, target=target)
 
     def load(self, artifact: Path, manifest: Manifest, device: str, component: str | None = None) -> Runner:
+        return self._load(artifact, manifest, device, component, low_memory=False)
+
+    def load_low_memory(self, artifact: Path, manifest: Manifest, device: str, component: str | None = None) -> Runner:
+        return self._load(artifact, manifest, device, component, low_memory=True)
+
+    def _load(self, artifact: Path, manifest: Manifest, device: str, component: str | None, low_memory: bool) -> Runner:
         import onnxruntime as ort
 
         comp = manifest.component(component)
@@ -267,6 +273,8 @@ class OnnxRuntimeBackend(Backend):
         # Re-running the optimizers on an offline-optimized graph is cheap and
         # lets "all"-level layout passes pick this machine's kernels.
         so = self._session_options(threads, "all")
+        if low_memory:
+            _low_memory_options(so)
         try:
             session = ort.InferenceSession(str(artifact / comp.entry), so, providers=providers)
         except Exception as exc:
@@ -274,6 +282,25 @@ class OnnxRuntimeBackend(Backend):
         runner = OnnxRuntimeRunner(session, device)
         runner.component = comp.name
         return runner
+
+
+def _low_memory_options(so: Any) -> None:
+    """Session settings for the least resident memory (``load(..., low_memory=True)``), each
+    chosen by measuring a session's peak RSS (``bench/low_memory_rss.py``); none changes a result.
+
+    - ``enable_cpu_mem_arena = False``: the CPU arena grows by doubling and keeps what it
+      took for the session's life; without it each tensor is malloc'ed and freed.
+    - ``enable_mem_pattern = False``: no one block planned for every intermediate of a run,
+      sized at the largest shapes seen; tensors come and go as the graph runs.
+    - ``session.use_device_allocator_for_initializers = 1``: weights made at load (those not
+      memory-mapped) go straight to the allocator, not through an arena that would round them up.
+
+    External data stays memory-mapped either way (ONNX Runtime maps the ``.data`` file on the CPU),
+    so its pages are the page cache's to drop, not anonymous memory.
+    """
+    so.enable_cpu_mem_arena = False
+    so.enable_mem_pattern = False
+    so.add_session_config_entry("session.use_device_allocator_for_initializers", "1")
 
 
 def _fuse_vit(source: Path, dest: Path, external: bool) -> dict[str, int]:
