@@ -71,8 +71,8 @@ def reset_peak() -> bool:
 
 
 def gib(n: int | None) -> str:
-    """``"1.2 GiB"`` (``"?"`` for None)."""
-    return "?" if n is None else f"{n / 2**30:.1f} GiB"
+    """``"1.2 GiB"`` (``"0.14 GiB"`` under 1 GiB; ``"?"`` for None)."""
+    return "?" if n is None else f"{n / 2**30:.{1 if n >= 2**30 else 2}f} GiB"
 
 
 class PeakRSS:
