@@ -244,8 +244,25 @@ def test_compile_prints_its_peak(tiny_pipelines: dict, tmp_path: Path) -> None:
     assert last.startswith("peak RSS ") and last.split()[-1] == "GiB" and float(last.split()[2]) > 0
 
 
-def test_export_prints_its_peak(tmp_path: Path) -> None:
+def test_export_prints_its_peak_and_a_classifier_loads_low_memory(tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, ["export", "timm:test_vit", "--random-weights", "-o", str(tmp_path / "o")])
     assert result.exit_code == 0, result.output
     last = result.output.strip().splitlines()[-1]
     assert last.startswith("peak RSS ") and last.split()[-1] == "GiB" and float(last.split()[2]) > 0
+    for backend in installed_backends():  # one engine, always open: the lean settings, the same logits
+        normal = enginekit.load(tmp_path / "o", backend=backend)
+        low = enginekit.load(tmp_path / "o", backend=backend, low_memory=True)
+        h, w = normal.preprocessing.size
+        pixels = np.random.default_rng(0).standard_normal((2, 3, h, w)).astype(np.float32)
+        want, got = normal.run_pixels(pixels), low.run_pixels(pixels)
+        assert set(want) == set(got) and all(np.array_equal(want[k], got[k]) for k in want)
+
+
+def test_a_watcher_sees_only_what_is_open(tiny_pipelines: dict) -> None:
+    """``open_runners()`` lists the engines open now without opening any: during a low-memory
+    step that is the denoiser alone (what a server interrupting a run should ask for)."""
+    _, low = _pair(tiny_pipelines, "tiny-sd15", "onnxruntime")
+    seen: list[list[str]] = []
+    low(**dict(ARGS, callback=lambda i, t, x: seen.append([r.component for r in low.components.open_runners()])))
+    assert seen == [["unet"], ["unet"]]
+    assert low.components.open_runners() == [] and low.components.loaded == ()
