@@ -99,14 +99,21 @@ class Components(Mapping[str, Runner]):
 
     ``components["unet"]`` opens that component on first access and keeps it;
     a pipeline that never touches its VAE encoder never loads it.
-    :attr:`loaded` tells which are open; :meth:`close` closes them all.
+    :attr:`loaded` tells which are open; :meth:`release` closes one (the next access
+    opens it again); :meth:`close` closes them all.
+
+    ``low_memory=True`` opens each with the backend's settings for the least resident
+    memory (:meth:`Backend.load_low_memory`), and tells a task that it should release
+    what it is done with (a pipeline frees its text encoders once the prompt is encoded).
     """
 
-    def __init__(self, root: Path, manifest: Manifest, backend: Backend, device: str) -> None:
+    def __init__(self, root: Path, manifest: Manifest, backend: Backend, device: str,
+                 low_memory: bool = False) -> None:
         self.root = root
         self.manifest = manifest
         self.backend = backend
         self.device = device
+        self.low_memory = low_memory
         self._runners: dict[str, Runner] = {}
         self._lock = threading.Lock()
 
@@ -117,9 +124,28 @@ class Components(Mapping[str, Runner]):
         with self._lock:
             if name not in self._runners:
                 self.manifest.component(name)  # a clear error for a name the artifact lacks
-                log.info("%s: loading component %r on %s:%s", self.root, name, self.backend.name, self.device)
-                self._runners[name] = self.backend.load(self.root, self.manifest, self.device, name)
+                log.info("%s: loading component %r on %s:%s%s", self.root, name, self.backend.name, self.device,
+                         " (low memory)" if self.low_memory else "")
+                load = self.backend.load_low_memory if self.low_memory else self.backend.load
+                self._runners[name] = load(self.root, self.manifest, self.device, name)
             return self._runners[name]
+
+    def release(self, *names: str) -> None:
+        """Close these components if open, so their memory goes back; a later access opens
+        them again. Names that are not open are skipped."""
+        with self._lock:
+            runners = [(n, self._runners.pop(n)) for n in names if n in self._runners]
+        for name, runner in runners:
+            log.info("%s: releasing component %r", self.root, name)
+            runner.close()
+        if runners:
+            _give_back_freed_memory()
+
+    def open_runners(self) -> list[Runner]:
+        """The runners open now, without opening any (what a watcher interrupting a run asks for:
+        a low-memory pipeline opens and releases components as it goes)."""
+        with self._lock:
+            return list(self._runners.values())
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.manifest.components)
@@ -141,6 +167,24 @@ class Components(Mapping[str, Runner]):
             self._runners.clear()
 
 
+def _give_back_freed_memory() -> None:
+    """Ask glibc to return the free pages at the top of its heaps to the kernel (``malloc_trim``):
+    a closed engine's weights were often malloc'ed in pieces under glibc's mmap threshold, and
+    without this the process keeps them resident for the next allocations. A no-op elsewhere."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()  # the runner's session object goes now, not at the next collection
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl, macOS, Windows)
+        return
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    trim(0)
+
+
 def load_runner(
     path: str | Path, device: str = "auto", backend: str | None = None, component: str | None = None
 ) -> tuple[Runner, Manifest]:
@@ -151,7 +195,8 @@ def load_runner(
 
 
 def load(path: str | Path, device: str = "auto", backend: str | None = None, *, digest: str | None = None,
-         verify_with: str | Path | None = None, hash_all: bool = False, **options: Any) -> Any:
+         verify_with: str | Path | None = None, hash_all: bool = False, low_memory: bool = False,
+         **options: Any) -> Any:
     """Open an artifact folder and return its task object.
 
     The manifest's ``task`` picks the class from the task registry
@@ -170,16 +215,24 @@ def load(path: str | Path, device: str = "auto", backend: str | None = None, *, 
     ``hash_all=True`` (what ``enginekit serve`` does), hashes every file instead of trusting
     the verified-file cache, whose records are only as trustworthy as the account that
     wrote them.
+
+    ``low_memory=True`` trades speed for resident memory: every component opens with the
+    backend's memory-lean settings, and a pipeline opens each component for the step that
+    needs it and closes it right after (text encoders once the prompt is encoded, the
+    denoiser before the VAE decodes), so each call opens them again. The images are the
+    same; one call at a time runs.
     """
     if not isinstance(hash_all, bool):
         raise InputError(f"hash_all must be True or False, got {hash_all!r}")
+    if not isinstance(low_memory, bool):
+        raise InputError(f"low_memory must be True or False, got {low_memory!r}")
     root, manifest, be = _open(path, backend, digest=digest, verify_with=verify_with, hash_all=hash_all)
     cls = task_class(manifest.task)
     try:
         inspect.signature(cls.from_artifact).bind(None, manifest, root, **options)
     except TypeError as exc:
         raise InputError(f"load(): a {manifest.task} artifact does not take those options ({exc})") from None
-    components = Components(root, manifest, be, resolve_device(be, device))
+    components = Components(root, manifest, be, resolve_device(be, device), low_memory=low_memory)
     try:
         return cls.from_artifact(components, manifest, root, **options)
     except BaseException:

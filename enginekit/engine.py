@@ -349,6 +349,13 @@ class Backend(abc.ABC):
         """Open one component of a verified artifact on ``device`` (never ``'auto'``: resolved
         by the caller); ``component=None`` means the artifact's only one."""
 
+    def load_low_memory(self, artifact: Path, manifest: Manifest, device: str, component: str | None = None) -> Runner:
+        """Open one component as :meth:`load` does, with the backend's settings for the least
+        resident memory rather than the fastest run (no memory arena kept between runs, weights
+        left memory-mapped where the backend allows): what ``load(..., low_memory=True)`` uses.
+        The engine computes the same numbers. The default is :meth:`load` itself."""
+        return self.load(artifact, manifest, device, component)
+
     def warm(self, artifact: Path, manifest: Manifest, device: str) -> bool:
         """Fill this machine's model cache for every component of a verified artifact, where
         the backend keeps one, so that the next :meth:`load` skips the device compilation.

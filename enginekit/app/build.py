@@ -144,6 +144,8 @@ def generate_images(
     verify_with: str | Path | None = None,
     init_image: str | Path | None = None,
     on_step: Callable[[int, float, Any], Any] | None = None,
+    low_memory: bool = False,
+    stages: Any = None,
     **call: Any,
 ) -> tuple[list[Path], Any]:
     """Run the text-to-image artifact and write its images to ``out`` (see :func:`output_paths`).
@@ -151,16 +153,20 @@ def generate_images(
     Each file is written to a temporary name beside it and renamed into place, so an
     interrupted or failed run leaves no half-written image. Returns the paths and the
     pipeline's output (seed and timesteps). ``digest`` / ``verify_with`` pin the artifact
-    as :func:`enginekit.load` does, in the same load that runs it."""
+    as :func:`enginekit.load` does, in the same load that runs it. ``low_memory`` loads it so
+    (:func:`enginekit.load`); ``stages`` (an :class:`enginekit.memory.StagePeaks`) records each
+    step's peak resident memory."""
     count = (1 if isinstance(prompts, str) else len(prompts)) * int(call.get("num_images_per_prompt", 1))
     paths = output_paths(out, count)
     if not overwrite:
         taken = [p for p in paths if p.exists()]
         if taken:
             raise InputError(f"{taken[0]} already exists; choose another output or pass --overwrite")
-    with load(artifact, device=device, backend=backend, digest=digest, verify_with=verify_with) as pipe:
+    with load(artifact, device=device, backend=backend, digest=digest, verify_with=verify_with,
+              low_memory=low_memory) as pipe:
         if not callable(pipe):  # a task that generates is called; a classifier predicts
             raise InputError(f"{artifact} is a {pipe.task} artifact; generate needs a text-to-image pipeline")
+        pipe.stages = stages
         result = pipe(prompts, image=init_image, callback=on_step, output_type="pil", **call)
     for path, image in zip(paths, result.images):
         fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}.get(path.suffix.lower(), "PNG")

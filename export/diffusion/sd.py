@@ -25,7 +25,6 @@ import contextlib
 import gc
 import io
 import json
-import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -45,6 +44,7 @@ from enginekit.export.diffusion.wrappers import _wrappers
 from enginekit.fidelity import compare_outputs
 from enginekit.export.provenance import check_export_request, host, tool_versions
 from enginekit.manifest import Component, Manifest
+from enginekit.memory import PeakRSS
 from enginekit.runtimes.onnxruntime import run_onnx_file
 
 # _Plan, _plans and _wrappers are imported from here by the measurement scripts and tests.
@@ -89,36 +89,6 @@ class PipelineExportOptions:
 # --------------------------------------------------------------------------- export
 
 
-class _PeakRSS:
-    """Sample this process's resident memory in a thread; ``peak`` is the highest seen."""
-
-    def __init__(self, interval: float = 0.1) -> None:
-        import psutil
-
-        self._proc = psutil.Process()
-        self.peak = self._proc.memory_info().rss
-        self._stop = threading.Event()
-        self._interval = interval
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._interval):
-            self.sample()
-
-    def sample(self) -> int:
-        self.peak = max(self.peak, self._proc.memory_info().rss)
-        return self.peak
-
-    def __enter__(self) -> _PeakRSS:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.sample()
-
-
 def export_pipeline(
     spec_or_source: str | PipelineSource,
     out_dir: str | Path,
@@ -137,7 +107,7 @@ def export_pipeline(
     once exported, so a full-size SD 1.5 fits in 24 GB. A :class:`PipelineSource`
     passed in is left whole (its caller holds it), though ``options.loras`` are fused into it.
     """
-    with _PeakRSS() as rss:
+    with PeakRSS(sample_s=0.1) as rss:
         started = time.monotonic()
         owned = not isinstance(spec_or_source, PipelineSource)
         src = _source(spec_or_source, options, family=family, random_weights=random_weights, revision=revision,
@@ -198,7 +168,7 @@ def _source(spec_or_source: str | PipelineSource, options: PipelineExportOptions
 
 
 def _export_components(tmp: Path, pipe: Any, family: str, options: PipelineExportOptions, owned: bool,
-                       rss: _PeakRSS, on_step: Callable[[str], None],
+                       rss: PeakRSS, on_step: Callable[[str], None],
                        ) -> tuple[dict[str, Component], dict[str, Any], dict[str, str]]:
     """Export and parity-check every component into ``tmp``, one at a time; an owned pipeline
     without the image check drops each component's weights as soon as it is exported."""

@@ -15,6 +15,7 @@ layout, ``(N, C, H/8, W/8)``) to compare images with diffusers exactly.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from dataclasses import dataclass
@@ -24,7 +25,8 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from enginekit.errors import EngineKitError, InputError, ManifestError
-from enginekit.manifest import Manifest
+from enginekit.manifest import Manifest, TensorSpec
+from enginekit.memory import StagePeaks
 from enginekit.runtimes.base import Runner
 from enginekit.runtimes.schedulers import SCHEDULERS, make_scheduler
 from enginekit.runtimes.tasks.call_args import CallArgs
@@ -120,6 +122,10 @@ class TextToImage:
         out.images[0].save("lighthouse.png")
 
     Components load when first used: text-to-image never opens the VAE encoder.
+    Loaded with ``low_memory=True`` (``enginekit.load(path, low_memory=True)``), each call
+    opens a component for the step that needs it and closes it right after: every text
+    encoder once it has run (T5 freed before the denoiser opens), the denoiser after the
+    last step, before the VAE decoder opens. The images are the same; calls run one at a time.
     """
 
     task = "text-to-image"
@@ -136,7 +142,13 @@ class TextToImage:
             raise ManifestError(f"{self.path}: the pipeline needs component {missing[0]!r}, which the artifact lacks "
                                 f"(it has: {', '.join(manifest.components)})")
         self._tokenizers: dict[str, PromptTokenizer] = {}
-        self._lock = threading.Lock()
+        #: Open each component for its step and release it after (see the class docstring).
+        self.low_memory = bool(getattr(components, "low_memory", False))
+        # A low-memory call releases what another would be running: one call at a time.
+        self._call_lock = threading.RLock() if self.low_memory else None
+        #: When set, each step's peak resident memory is recorded here ("text encoding",
+        #: "image encoding", "denoising", "decode"): what ``generate -v`` prints.
+        self.stages: StagePeaks | None = None
         #: ``recorder(component, feeds)`` sees every engine call's typed feeds (quantization
         #: records the denoiser's real inputs this way); None costs one attribute check.
         self.recorder: Callable[[str, Mapping[str, np.ndarray]], None] | None = None
@@ -197,6 +209,26 @@ class TextToImage:
             tok = PromptTokenizer.from_config(self.path, self.config.tokenizers[name])
             self._tokenizers[name] = tok
         return self._tokenizers[name]
+
+    def input_specs(self, component: str) -> tuple[TensorSpec, ...]:
+        """A component's inputs, without opening it in a low-memory pipeline (the manifest's
+        record, which the compile wrote from the engine); else the open engine's."""
+        if self.low_memory and component not in getattr(self.components, "loaded", ()):
+            return tuple(self.manifest.component(component).inputs)
+        return tuple(self.components[component].inputs)
+
+    def release(self, *components: str) -> None:
+        """Close these components now in a low-memory pipeline (their memory goes back; the
+        next use opens them again); nothing otherwise."""
+        release = getattr(self.components, "release", None)
+        if self.low_memory and release is not None:
+            release(*components)
+
+    def _stage(self, name: str) -> Any:
+        return self.stages.stage(name) if self.stages is not None else contextlib.nullcontext()
+
+    def _one_call(self) -> Any:
+        return self._call_lock if self._call_lock is not None else contextlib.nullcontext()
 
     def run_component(self, component: str, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run one engine, its feeds cast to what it declares (an fp16 graph may take float16;
@@ -263,6 +295,21 @@ class TextToImage:
         OpenVINO GenAI's ``Text2ImagePipeline``, whose callback stops the generation by returning
         ``True``.
         """
+        with self._one_call():
+            try:
+                return self._call(prompt, negative_prompt, num_inference_steps, guidance_scale, height, width,
+                                  num_images_per_prompt, seed, latents, image, strength, scheduler, guidance_rescale,
+                                  output_type, callback, cancel, generator, max_sequence_length, true_cfg_scale)
+            finally:
+                # A low-memory pipeline holds nothing between calls, whatever stopped this one.
+                self.release(*self.manifest.components)
+
+    def _call(self, prompt: Any, negative_prompt: Any, num_inference_steps: int | None, guidance_scale: float | None,
+              height: int | None, width: int | None, num_images_per_prompt: int, seed: int | None,
+              latents: np.ndarray | None, image: Any, strength: float, scheduler: str | None, guidance_rescale: float,
+              output_type: str, callback: Callback | None, cancel: threading.Event | None,
+              generator: np.random.Generator | None, max_sequence_length: int | None,
+              true_cfg_scale: float) -> PipelineOutput:
         # 1. Check inputs: everything a user can get wrong fails here, before any engine runs.
         call = self._check_inputs(CallArgs(
             prompt, negative_prompt, num_inference_steps, guidance_scale, height, width, num_images_per_prompt,
@@ -270,24 +317,30 @@ class TextToImage:
             max_sequence_length, true_cfg_scale))
 
         # 2. Encode the prompt (and the negative prompt) with every text encoder.
-        embeds, pooled = self.encode_prompt(call.prompts, call.negatives, call.per_prompt, call.guidance.two_pass,
-                                            max_sequence_length=call.seq_len)
+        with self._stage("text encoding"):
+            embeds, pooled = self.encode_prompt(call.prompts, call.negatives, call.per_prompt,
+                                                call.guidance.two_pass, max_sequence_length=call.seq_len)
 
         # 3. Prepare timesteps (image-to-image starts part-way down the schedule).
         sched, timesteps = self._prepare_timesteps(call)
 
         # 4. Prepare latents: seeded noise, the caller's, or the encoded image with noise added.
-        latents = self._prepare_latents(call, sched, timesteps)
+        with self._stage("image encoding") if call.init is not None else contextlib.nullcontext():
+            latents = self._prepare_latents(call, sched, timesteps)
 
-        # 5. Denoise.
-        extra = self.layout.denoiser_inputs(self, embeds, pooled, call.batch, call.height, call.width, call.guidance)
-        latents = self._denoise(call, sched, timesteps, latents, embeds, extra, callback, cancel)
+        # 5. Denoise (a low-memory pipeline then closes the denoiser before the VAE decoder opens).
+        with self._stage("denoising"):
+            extra = self.layout.denoiser_inputs(self, embeds, pooled, call.batch, call.height, call.width,
+                                                call.guidance)
+            latents = self._denoise(call, sched, timesteps, latents, embeds, extra, callback, cancel)
+            self.release(self.config.denoiser)
 
         # 6. Decode.
         steps_run = tuple(float(t) for t in timesteps)
         if call.output_type == "latent":
             return PipelineOutput(images=latents, seed=call.seed, timesteps=steps_run)
-        pixels = self.decode(self.layout.unpack(latents, call.height, call.width), cancel=cancel)
+        with self._stage("decode"):
+            pixels = self.decode(self.layout.unpack(latents, call.height, call.width), cancel=cancel)
         if call.output_type == "np":
             images: Any = pixels
         else:
@@ -356,8 +409,13 @@ class TextToImage:
         max_sequence_length: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """Prompt embeddings (negative rows first when ``do_cfg``, the call's two passes) and
-        the pooled embedding the SDXL, SD3 and FLUX denoisers also take (None for SD 1.x/2.x)."""
-        return self.layout.encode(self, prompts, negatives, per_prompt, do_cfg, max_sequence_length)
+        the pooled embedding the SDXL, SD3 and FLUX denoisers also take (None for SD 1.x/2.x).
+        A low-memory pipeline has closed every text encoder when this returns."""
+        with self._one_call():
+            try:
+                return self.layout.encode(self, prompts, negatives, per_prompt, do_cfg, max_sequence_length)
+            finally:
+                self.release(*(e.component for e in self.config.text_encoders))
 
     def _prepare_timesteps(self, call: _Call) -> tuple[Any, np.ndarray]:
         sched = make_scheduler(call.scheduler, self.config.scheduler)
@@ -378,6 +436,7 @@ class TextToImage:
         if call.init is not None:
             noise = layout.unpack(latents, call.height, call.width) if latents is not None else None
             image_latents = self._image_latents(call.init, call.batch, timesteps[:1], sched, call.generator, noise)
+            self.release("vae_encoder")
             return layout.pack(image_latents)
         if latents is None:
             shape = layout.unpacked_shape(call.batch, call.height, call.width)
@@ -431,7 +490,15 @@ class TextToImage:
 
     def decode(self, latents: np.ndarray, cancel: threading.Event | None = None) -> np.ndarray:
         """Latents to images: (N, H, W, 3) float32 in [0, 1]. ``cancel``, when set, stops a
-        decoder that runs in several calls (a static-batch engine) between them."""
+        decoder that runs in several calls (a static-batch engine) between them. A low-memory
+        pipeline closes the VAE decoder when this returns."""
+        with self._one_call():
+            try:
+                return self._decode(latents, cancel)
+            finally:
+                self.release("vae_decoder")
+
+    def _decode(self, latents: np.ndarray, cancel: threading.Event | None) -> np.ndarray:
         cfg = self.config
         scaled = latents / np.float32(cfg.vae_scaling_factor)
         if cfg.vae_shift_factor is not None:

@@ -91,9 +91,10 @@ def test_each_peak_is_its_own_while_the_parent_holds_a_large_buffer(exported: di
 
 def test_peak_memory_falls_back_to_sampling_without_proc(monkeypatch: pytest.MonkeyPatch) -> None:
     """Where /proc has no VmHWM the peak is the largest RSS sampled, and says so."""
+    from enginekit import memory as core
     from enginekit.bench import memory
 
-    monkeypatch.setattr(memory, "vm_hwm_bytes", lambda pid="self": None)
+    monkeypatch.setattr(core, "vm_hwm_bytes", lambda pid="self": None)
     with memory.PeakMemory(sample_s=0.001) as peak:
         block = np.ones(50 * 2**20 // 8)
         time.sleep(0.05)  # a few samples while the block is resident (not a timing: nothing is asserted on it)

@@ -11,6 +11,7 @@ import click
 from enginekit.app import render
 from enginekit.app.cli.common import DEVICE_HELP, Params, backend_option, cli, emit_json, err_console, given_params
 from enginekit.export.diffusion.families import family_names
+from enginekit.memory import PeakRSS, gib
 from enginekit.registry import task_names
 
 
@@ -83,7 +84,7 @@ def export(**params: Any) -> None:
     o = Params(params)
     model, out = _model_and_output(o.args, o.model_opt, o.out)
     console = err_console()
-    with console.status("exporting") as status:
+    with PeakRSS(process=True) as peak, console.status("exporting") as status:
         def run(folder: Path, overwrite: bool = o.overwrite) -> Any:
             return export_model(
                 model, folder, family=o.family, task=o.task, random_weights=o.random_weights, weights=o.weights,
@@ -106,6 +107,12 @@ def export(**params: Any) -> None:
         emit_json(manifest.to_dict())
         return
     console.print(render.wrote_export(manifest, out), highlight=False)
+    console.print(peak_line(peak), highlight=False)
+
+
+def peak_line(peak: PeakRSS) -> str:
+    """``peak RSS 3.2 GiB``: the command's process at its highest (a lower bound where it was sampled)."""
+    return f"peak RSS {gib(peak.bytes)}" + (" (sampled: a lower bound)" if peak.how == "sampled" else "")
 
 
 def _model_and_output(args: tuple[str, ...], model: str | None, out: Path | None) -> tuple[str, Path]:
@@ -181,15 +188,16 @@ def compile_cmd(**params: Any) -> None:
              "inference_precision": o.inference_precision.lower() if o.inference_precision else None,
              "graph_optimization_level": o.graph_optimization_level, "transformer_fusions": o.transformer_fusions}
     console = err_console()
-    with console.status(f"compiling for {o.backend}") as status:
+    with PeakRSS(process=True) as peak, console.status(f"compiling for {o.backend}") as status:
         request = BuildRequest(device=o.device, threads=o.threads, precision=precision, height=o.height,
                                width=o.width, batch=o.batch, options=backend_option(o.options), flags=flags,
                                int8=o.int8, calibration=o.calibration, overwrite=o.overwrite)
         manifest = build_engine(o.artifact, o.backend, o.out, request, on_step=lambda msg: status.update(msg))
     if o.as_json:
         emit_json(manifest.to_dict())
-    else:
-        console.print(render.wrote_compile(manifest, o.out), highlight=False)
+        return
+    console.print(render.wrote_compile(manifest, o.out), highlight=False)
+    console.print(peak_line(peak), highlight=False)
 
 
 @cli.command()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,8 @@ from enginekit.app import render
 from enginekit.app.cli.common import DEVICE_HELP, Params, cli, emit_json, err_console, given_params
 
 # generate's parameters that are not pipeline call arguments.
-_NOT_CALL = ("artifact", "prompt", "out", "init_image", "device", "backend", "as_json", "digest", "verify_with")
+_NOT_CALL = ("artifact", "prompt", "out", "init_image", "device", "backend", "as_json", "digest", "verify_with",
+             "low_memory", "verbose")
 
 
 @cli.command()
@@ -48,6 +50,12 @@ _NOT_CALL = ("artifact", "prompt", "out", "init_image", "device", "backend", "as
 @click.option("--digest", help="Refuse the artifact unless its manifest digest (see `enginekit inspect`) is this.")
 @click.option("--verify-with", type=click.Path(path_type=Path),
               help="Refuse the artifact unless its signature (`enginekit sign`) verifies with this public key.")
+@click.option("--low-memory", is_flag=True,
+              help="Open each component only for its step and close it after (text encoders once the prompt is "
+                   "encoded, the denoiser before the VAE decodes), with the backend's memory-lean settings: "
+                   "less memory, slower; the same image.")
+@click.option("-v", "--verbose", is_flag=True,
+              help="Log what enginekit decides and print each step's peak resident memory at the end.")
 def generate(**params: Any) -> None:
     """Generate images for PROMPT with a text-to-image ARTIFACT (torch-free)."""
     import time
@@ -55,9 +63,14 @@ def generate(**params: Any) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from enginekit.app.build import generate_images
+    from enginekit.memory import StagePeaks
 
     ctx = click.get_current_context()
     o = Params(params)
+    verbose = o.verbose or bool(ctx.find_root().params.get("verbose"))  # `enginekit -v generate` too
+    if o.verbose:
+        logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    stages = StagePeaks() if verbose else None
     if o.strength is not None and o.init_image is None:
         raise click.UsageError("--strength is for image-to-image: give --init-image too")
     started = time.perf_counter()
@@ -74,14 +87,19 @@ def generate(**params: Any) -> None:
         call = {names.get(k, k): v for k, v in given_params(ctx, exclude=_NOT_CALL).items()}
         paths, result = generate_images(o.artifact, o.prompt, o.out, device=o.device, backend=o.backend,
                                         digest=o.digest, verify_with=o.verify_with, init_image=o.init_image,
-                                        on_step=on_step, **call)
+                                        on_step=on_step, low_memory=o.low_memory, stages=stages, **call)
     elapsed = time.perf_counter() - started
     if o.as_json:
-        emit_json({"images": [str(p) for p in paths], "seed": result.seed, "steps": len(result.timesteps),
-                    "seconds": round(elapsed, 3)})
+        report = {"images": [str(p) for p in paths], "seed": result.seed, "steps": len(result.timesteps),
+                  "seconds": round(elapsed, 3)}
+        if stages is not None:
+            report["peak_rss_bytes"] = {s.name: s.bytes for s in stages.stages.values()}
+        emit_json(report)
         return
     err_console().print(f"[green]wrote[/] {escape(', '.join(map(str, paths)))}  (seed {result.seed}, "
                      f"{len(result.timesteps)} steps, {elapsed:.1f} s)")
+    if stages is not None:
+        err_console().print(stages.line(), highlight=False)
 
 
 def _finite(value: Any) -> Any:

@@ -138,9 +138,11 @@ class Layout:
         raise NotImplementedError
 
     def run_encoder(self, pipe: TextToImage, enc: TextEncoderSpec, texts: list[str], seq_len: int | None,
-                    warn: bool) -> tuple[bool, dict[str, np.ndarray]]:
+                    warn: bool, release: bool = True) -> tuple[bool, dict[str, np.ndarray]]:
         """Tokenize ``texts`` for ``enc`` (T5 to ``seq_len`` tokens, CLIP to its window), warn
-        about truncation (always for T5, for CLIP when ``warn``) and run the encoder."""
+        about truncation (always for T5, for CLIP when ``warn``) and run the encoder. A
+        low-memory pipeline then closes the encoder unless ``release`` is False (it runs again
+        in this call), so one text encoder is open at a time."""
         tok = pipe.tokenizer(enc.tokenizer)
         is_t5 = tok.kind == "t5"
         encoded = tok.encode(texts, max_length=seq_len if is_t5 else None)
@@ -154,11 +156,15 @@ class Layout:
             raise ManifestError(f"tokenizer {enc.tokenizer!r} has {tok.vocab_size} tokens but text encoder "
                                 f"{enc.component!r} embeds {vocab}: they do not belong together")
         runner = pipe.components[enc.component]
-        return is_t5, pipe.run_component(enc.component, {runner.inputs[0].name: encoded.input_ids})
+        out = pipe.run_component(enc.component, {runner.inputs[0].name: encoded.input_ids})
+        if release:
+            pipe.release(enc.component)
+        return is_t5, out
 
     def check_sequence(self, pipe: TextToImage, seq_len: int) -> None:
         """A static-shape denoiser takes one prompt length: refuse another before any engine runs."""
-        spec = next((s for s in pipe.components[self.config.denoiser].inputs if s.name == "encoder_hidden_states"), None)
+        # The denoiser's specs, not the denoiser: a low-memory pipeline opens it after the text encoders close.
+        spec = next((s for s in pipe.input_specs(self.config.denoiser) if s.name == "encoder_hidden_states"), None)
         fixed = spec.shape[1] if spec is not None and len(spec.shape) > 1 else None
         want = self.prompt_length(seq_len)
         if isinstance(fixed, int) and fixed > 0 and fixed != want:

@@ -60,17 +60,18 @@ class FluxLayout(Layout):
                two_pass: bool, max_sequence_length: int | None) -> tuple[np.ndarray, np.ndarray | None]:
         seq_len = max_sequence_length or self.config.max_sequence_length
         self.check_sequence(pipe, seq_len)
-        embeds, pooled = self._encode(pipe, prompts, per_prompt, seq_len)
-        if two_pass and negatives is not None:  # negative rows first, as CFG's
+        again = two_pass and negatives is not None  # the encoders run a second time, on the negatives
+        embeds, pooled = self._encode(pipe, prompts, per_prompt, seq_len, release=not again)
+        if again:  # negative rows first, as CFG's
             neg_embeds, neg_pooled = self._encode(pipe, negatives, per_prompt, seq_len)
             embeds, pooled = np.concatenate([neg_embeds, embeds]), np.concatenate([neg_pooled, pooled])
         return embeds, pooled
 
     def _encode(self, pipe: TextToImage, prompts: list[str], per_prompt: int,
-                seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+                seq_len: int, release: bool = True) -> tuple[np.ndarray, np.ndarray]:
         hidden = pooled = None
         for enc in self.config.text_encoders:
-            is_t5, out = self.run_encoder(pipe, enc, prompts, seq_len, warn=True)
+            is_t5, out = self.run_encoder(pipe, enc, prompts, seq_len, warn=True, release=release)
             if is_t5:
                 hidden = out["last_hidden_state"].astype(np.float32)
             else:
