@@ -132,9 +132,7 @@ class ModelSlot:
             return []
         components = getattr(self.obj, "components", None)
         if components is not None:
-            names = getattr(components, "loaded", None)
-            names = tuple(components) if names is None else names
-            return [components[n] for n in names]
+            return components.open_runners()  # never opens one (a low-memory pipeline closes them after use)
         runner = getattr(self.obj, "runner", None)
         return [runner] if runner is not None else []
 
