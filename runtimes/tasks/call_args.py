@@ -4,13 +4,24 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
 from enginekit.errors import InputError
+from enginekit.runtimes.schedulers import SCHEDULERS
+from enginekit.runtimes.tasks.layouts import Guidance
+from enginekit.runtimes.tasks.sizes import check_size, init_image_size, size_rule
 
-__all__ = ["CallArgs", "or_default", "as_prompts", "int_in", "float_in", "check_latents"]
+#: Parameter ranges: wide enough for any real use, narrow enough that a typo cannot
+#: ask for hours of work or gigabytes of latents.
+MAX_STEPS = 1000
+MAX_IMAGES = 16
+MAX_SIDE = 4096
+#: T5 prompt tokens at most (diffusers' SD3 pipeline refuses more than 512).
+MAX_SEQUENCE_LENGTH = 512
+
+__all__ = ["CallArgs", "Call", "check_call", "init_image", "or_default", "as_prompts", "int_in", "float_in", "check_latents"]
 
 
 @dataclass(frozen=True)
@@ -78,3 +89,94 @@ def check_latents(latents: np.ndarray | None, shape: tuple[int, ...], height: in
     if not np.isfinite(latents).all():
         raise InputError("latents hold NaN or infinite values")
     return latents
+
+
+@dataclass
+class Call:
+    """One call's checked arguments."""
+
+    prompts: list[str]
+    negatives: list[str] | None
+    per_prompt: int
+    steps: int
+    guidance: Guidance
+    rescale: float
+    height: int
+    width: int
+    scheduler: str
+    seq_len: int | None
+    init: np.ndarray | None
+    strength: float
+    latents: np.ndarray | None
+    seed: int | None
+    generator: np.random.Generator
+    output_type: str
+
+    @property
+    def batch(self) -> int:
+        return len(self.prompts) * self.per_prompt
+
+
+def check_call(args: CallArgs, cfg: Any, layout: Any, components: Mapping[str, Any]) -> Call:
+    """``args`` checked against the pipeline (its config, layout and components): the call to run,
+    or a one-line :class:`InputError` naming the first wrong value."""
+    prompts = as_prompts(args.prompt, "prompt")
+    negatives = as_prompts(args.negative_prompt, "negative_prompt") if args.negative_prompt is not None else None
+    if negatives is not None and len(negatives) not in (1, len(prompts)):
+        raise InputError(f"negative_prompt has {len(negatives)} entries for {len(prompts)} prompts")
+    if negatives is not None and len(negatives) == 1:
+        negatives = negatives * len(prompts)
+    steps = int_in("num_inference_steps", or_default(args.num_inference_steps, cfg.default_steps), 1, MAX_STEPS)
+    per_prompt = int_in("num_images_per_prompt", args.num_images_per_prompt, 1, MAX_IMAGES)
+    if len(prompts) * per_prompt > MAX_IMAGES:
+        raise InputError(f"{len(prompts)} prompts x {per_prompt} images is more than {MAX_IMAGES} images in one call")
+    scale = float_in("guidance_scale", or_default(args.guidance_scale, cfg.default_guidance_scale), 0.0, 100.0)
+    rescale = float_in("guidance_rescale", args.guidance_rescale, 0.0, 1.0)
+    if args.output_type not in ("pil", "np", "latent"):
+        raise InputError(f"output_type must be 'pil', 'np' or 'latent', got {args.output_type!r}")
+    guidance = layout.guidance(scale, float_in("true_cfg_scale", args.true_cfg_scale, 0.0, 100.0),
+                               negatives is not None)
+    # Sizes as diffusers takes them (sizes.py); a static-shape engine takes its own only.
+    rule = size_rule(cfg, components, MAX_SIDE)
+    height, width, strength = args.height, args.width, args.strength
+    init = init_image(args.image, height, width, rule) if args.image is not None else None
+    if init is None and strength != 0.8:  # 0.8: the keyword default, diffusers' own
+        raise InputError(f"strength {strength} is for image-to-image: give an image (--init-image) or drop it")
+    if init is not None:
+        height, width = init.shape[-2:]
+        strength = float_in("strength", strength, 0.0, 1.0)
+        if strength <= 0:
+            raise InputError("strength must be above 0 (0 would return the image unchanged)")
+    default_h, default_w = rule.fixed or (cfg.default_size, cfg.default_size)
+    height, width = check_size(rule, or_default(height, default_h), or_default(width, default_w))
+    name = args.scheduler or cfg.default_scheduler
+    if name not in SCHEDULERS:
+        raise InputError(f"unknown scheduler {name!r}; choose one of: {', '.join(SCHEDULERS)}")
+    if cfg.is_flow != (name == "flow-euler"):
+        raise InputError(f"scheduler {name!r} does not fit this {cfg.prediction_type}-prediction model; "
+                         f"use {'flow-euler' if cfg.is_flow else 'any but flow-euler'}")
+    seq_len = None
+    if args.max_sequence_length is not None:
+        if not layout.uses_t5:
+            raise InputError("max_sequence_length applies to SD3 and FLUX pipelines (T5 prompts) only")
+        seq_len = int_in("max_sequence_length", args.max_sequence_length, 1, MAX_SEQUENCE_LENGTH)
+    latents = check_latents(args.latents, layout.latent_shape(len(prompts) * per_prompt, height, width),
+                            height, width)
+    seed, generator = args.seed, args.generator
+    if seed is not None:
+        int_in("seed", seed, 0, 2**63 - 1)
+    if generator is None:
+        seed = int(np.random.SeedSequence().generate_state(1)[0]) if seed is None else seed
+        generator = np.random.default_rng(seed)
+    return Call(prompts, negatives, per_prompt, steps, guidance, rescale, height, width, name, seq_len, init,
+                 strength, latents, seed, generator, args.output_type)
+
+
+def init_image(image: Any, height: int | None, width: int | None, rule: Any) -> np.ndarray:
+    """diffusers' VaeImageProcessor.preprocess: resize (lanczos) to the size asked for, or the
+    image's own rounded down to the allowed multiple; scale to [-1, 1]; (1, 3, H, W)."""
+    from enginekit.runtimes.images import load_init_image, vae_preprocess
+
+    pil = load_init_image(image)
+    h, w = check_size(rule, *init_image_size(rule, pil.size, height, width))
+    return vae_preprocess(pil, h, w)

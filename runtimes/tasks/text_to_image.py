@@ -28,31 +28,19 @@ from enginekit.errors import EngineKitError, InputError, ManifestError
 from enginekit.manifest import Manifest, TensorSpec
 from enginekit.memory import StagePeaks
 from enginekit.runtimes.base import Runner
-from enginekit.runtimes.schedulers import SCHEDULERS, make_scheduler
-from enginekit.runtimes.tasks.call_args import CallArgs
-from enginekit.runtimes.tasks.call_args import or_default as _or
-from enginekit.runtimes.tasks.call_args import as_prompts as _as_prompts
-from enginekit.runtimes.tasks.call_args import check_latents
-from enginekit.runtimes.tasks.call_args import float_in as _float_in
+from enginekit.runtimes.schedulers import make_scheduler
+from enginekit.runtimes.tasks.call_args import MAX_IMAGES, MAX_SIDE, Call, CallArgs, check_call
 from enginekit.runtimes.tasks.call_args import int_in as _int_in
-from enginekit.runtimes.tasks.layouts import (Guidance, Layout, guidance_scale_embedding, layout_for,
+from enginekit.runtimes.tasks.layouts import (Layout, guidance_scale_embedding, layout_for,
                                               pack_latents, rescale_noise_cfg, unpack_latents)
 from enginekit.runtimes.tasks.pipeline_config import PipelineConfig, TextEncoderSpec, default_scheduler_name
-from enginekit.runtimes.tasks.sizes import check_size, init_image_size, size_rule
+from enginekit.runtimes.tasks.sizes import check_size, size_rule
 from enginekit.runtimes.tasks.tokenizers import PromptTokenizer
 
 __all__ = ["TextToImage", "PipelineConfig", "PipelineOutput", "GenerationCancelled", "default_scheduler_name",
            "TextEncoderSpec", "pack_latents", "unpack_latents", "guidance_scale_embedding"]
 
 log = logging.getLogger("enginekit")
-
-#: Parameter ranges: wide enough for any real use, narrow enough that a typo cannot
-#: ask for hours of work or gigabytes of latents.
-MAX_STEPS = 1000
-MAX_IMAGES = 16
-MAX_SIDE = 4096
-#: T5 prompt tokens at most (diffusers' SD3 pipeline refuses more than 512).
-MAX_SEQUENCE_LENGTH = 512
 
 Callback = Callable[[int, float, np.ndarray], Any]
 
@@ -83,32 +71,6 @@ class PipelineOutput:
     #: Seed used for the noise (None when latents were given and nothing else was drawn).
     seed: int | None = None
     timesteps: tuple[float, ...] = ()
-
-
-@dataclass
-class _Call:
-    """One call's checked arguments."""
-
-    prompts: list[str]
-    negatives: list[str] | None
-    per_prompt: int
-    steps: int
-    guidance: Guidance
-    rescale: float
-    height: int
-    width: int
-    scheduler: str
-    seq_len: int | None
-    init: np.ndarray | None
-    strength: float
-    latents: np.ndarray | None
-    seed: int | None
-    generator: np.random.Generator
-    output_type: str
-
-    @property
-    def batch(self) -> int:
-        return len(self.prompts) * self.per_prompt
 
 
 class TextToImage:
@@ -295,26 +257,19 @@ class TextToImage:
         OpenVINO GenAI's ``Text2ImagePipeline``, whose callback stops the generation by returning
         ``True``.
         """
+        args = CallArgs(prompt, negative_prompt, num_inference_steps, guidance_scale, height, width,
+                        num_images_per_prompt, seed, latents, image, strength, scheduler, guidance_rescale,
+                        output_type, generator, max_sequence_length, true_cfg_scale)
         with self._one_call():
             try:
-                return self._call(prompt, negative_prompt, num_inference_steps, guidance_scale, height, width,
-                                  num_images_per_prompt, seed, latents, image, strength, scheduler, guidance_rescale,
-                                  output_type, callback, cancel, generator, max_sequence_length, true_cfg_scale)
+                return self._call(args, callback, cancel)
             finally:
                 # A low-memory pipeline holds nothing between calls, whatever stopped this one.
                 self.release(*self.manifest.components)
 
-    def _call(self, prompt: Any, negative_prompt: Any, num_inference_steps: int | None, guidance_scale: float | None,
-              height: int | None, width: int | None, num_images_per_prompt: int, seed: int | None,
-              latents: np.ndarray | None, image: Any, strength: float, scheduler: str | None, guidance_rescale: float,
-              output_type: str, callback: Callback | None, cancel: threading.Event | None,
-              generator: np.random.Generator | None, max_sequence_length: int | None,
-              true_cfg_scale: float) -> PipelineOutput:
+    def _call(self, args: CallArgs, callback: Callback | None, cancel: threading.Event | None) -> PipelineOutput:
         # 1. Check inputs: everything a user can get wrong fails here, before any engine runs.
-        call = self._check_inputs(CallArgs(
-            prompt, negative_prompt, num_inference_steps, guidance_scale, height, width, num_images_per_prompt,
-            seed, latents, image, strength, scheduler, guidance_rescale, output_type, generator,
-            max_sequence_length, true_cfg_scale))
+        call = check_call(args, self.config, self.layout, self.manifest.components)
 
         # 2. Encode the prompt (and the negative prompt) with every text encoder.
         with self._stage("text encoding"):
@@ -351,59 +306,6 @@ class TextToImage:
 
     # ------------------------------------------------------------------ the steps
 
-    def _check_inputs(self, args: CallArgs) -> _Call:
-        cfg, layout = self.config, self.layout
-        prompts = _as_prompts(args.prompt, "prompt")
-        negatives = _as_prompts(args.negative_prompt, "negative_prompt") if args.negative_prompt is not None else None
-        if negatives is not None and len(negatives) not in (1, len(prompts)):
-            raise InputError(f"negative_prompt has {len(negatives)} entries for {len(prompts)} prompts")
-        if negatives is not None and len(negatives) == 1:
-            negatives = negatives * len(prompts)
-        steps = _int_in("num_inference_steps", _or(args.num_inference_steps, cfg.default_steps), 1, MAX_STEPS)
-        per_prompt = _int_in("num_images_per_prompt", args.num_images_per_prompt, 1, MAX_IMAGES)
-        if len(prompts) * per_prompt > MAX_IMAGES:
-            raise InputError(f"{len(prompts)} prompts x {per_prompt} images is more than {MAX_IMAGES} images in one call")
-        scale = _float_in("guidance_scale", _or(args.guidance_scale, cfg.default_guidance_scale), 0.0, 100.0)
-        rescale = _float_in("guidance_rescale", args.guidance_rescale, 0.0, 1.0)
-        if args.output_type not in ("pil", "np", "latent"):
-            raise InputError(f"output_type must be 'pil', 'np' or 'latent', got {args.output_type!r}")
-        guidance = layout.guidance(scale, _float_in("true_cfg_scale", args.true_cfg_scale, 0.0, 100.0),
-                                   negatives is not None)
-        # Sizes as diffusers takes them (sizes.py); a static-shape engine takes its own only.
-        rule = size_rule(cfg, self.manifest.components, MAX_SIDE)
-        height, width, strength = args.height, args.width, args.strength
-        init = _init_image(args.image, height, width, rule) if args.image is not None else None
-        if init is None and strength != 0.8:  # 0.8: the keyword default, diffusers' own
-            raise InputError(f"strength {strength} is for image-to-image: give an image (--init-image) or drop it")
-        if init is not None:
-            height, width = init.shape[-2:]
-            strength = _float_in("strength", strength, 0.0, 1.0)
-            if strength <= 0:
-                raise InputError("strength must be above 0 (0 would return the image unchanged)")
-        default_h, default_w = rule.fixed or (cfg.default_size, cfg.default_size)
-        height, width = check_size(rule, _or(height, default_h), _or(width, default_w))
-        name = args.scheduler or cfg.default_scheduler
-        if name not in SCHEDULERS:
-            raise InputError(f"unknown scheduler {name!r}; choose one of: {', '.join(SCHEDULERS)}")
-        if cfg.is_flow != (name == "flow-euler"):
-            raise InputError(f"scheduler {name!r} does not fit this {cfg.prediction_type}-prediction model; "
-                             f"use {'flow-euler' if cfg.is_flow else 'any but flow-euler'}")
-        seq_len = None
-        if args.max_sequence_length is not None:
-            if not layout.uses_t5:
-                raise InputError("max_sequence_length applies to SD3 and FLUX pipelines (T5 prompts) only")
-            seq_len = _int_in("max_sequence_length", args.max_sequence_length, 1, MAX_SEQUENCE_LENGTH)
-        latents = check_latents(args.latents, layout.latent_shape(len(prompts) * per_prompt, height, width),
-                                height, width)
-        seed, generator = args.seed, args.generator
-        if seed is not None:
-            _int_in("seed", seed, 0, 2**63 - 1)
-        if generator is None:
-            seed = int(np.random.SeedSequence().generate_state(1)[0]) if seed is None else seed
-            generator = np.random.default_rng(seed)
-        return _Call(prompts, negatives, per_prompt, steps, guidance, rescale, height, width, name, seq_len, init,
-                     strength, latents, seed, generator, args.output_type)
-
     def encode_prompt(
         self, prompts: list[str], negatives: list[str] | None, per_prompt: int, do_cfg: bool,
         max_sequence_length: int | None = None,
@@ -417,7 +319,7 @@ class TextToImage:
             finally:
                 self.release(*(e.component for e in self.config.text_encoders))
 
-    def _prepare_timesteps(self, call: _Call) -> tuple[Any, np.ndarray]:
+    def _prepare_timesteps(self, call: Call) -> tuple[Any, np.ndarray]:
         sched = make_scheduler(call.scheduler, self.config.scheduler)
         self.layout.set_timesteps(sched, call.steps, call.height, call.width)
         timesteps = np.asarray(sched.timesteps)
@@ -431,7 +333,7 @@ class TextToImage:
             sched.set_begin_index(start * sched.order)
         return sched, timesteps
 
-    def _prepare_latents(self, call: _Call, sched: Any, timesteps: np.ndarray) -> np.ndarray:
+    def _prepare_latents(self, call: Call, sched: Any, timesteps: np.ndarray) -> np.ndarray:
         layout, latents = self.layout, call.latents
         if call.init is not None:
             noise = layout.unpack(latents, call.height, call.width) if latents is not None else None
@@ -443,7 +345,7 @@ class TextToImage:
             latents = layout.pack(call.generator.standard_normal(shape, dtype=np.float32))
         return (latents.astype(np.float32) * np.float32(sched.init_noise_sigma)).astype(np.float32)
 
-    def _denoise(self, call: _Call, sched: Any, timesteps: np.ndarray, latents: np.ndarray, embeds: np.ndarray,
+    def _denoise(self, call: Call, sched: Any, timesteps: np.ndarray, latents: np.ndarray, embeds: np.ndarray,
                  extra: Mapping[str, np.ndarray], callback: Callback | None,
                  cancel: threading.Event | None) -> np.ndarray:
         two_pass, scale = call.guidance.two_pass, np.float32(call.guidance.scale)
@@ -532,13 +434,3 @@ class TextToImage:
 
     def __repr__(self) -> str:
         return f"TextToImage({str(self.path)!r}, {self.manifest.family}, backend={self.backend!r})"
-
-
-def _init_image(image: Any, height: int | None, width: int | None, rule: Any) -> np.ndarray:
-    """diffusers' VaeImageProcessor.preprocess: resize (lanczos) to the size asked for, or the
-    image's own rounded down to the allowed multiple; scale to [-1, 1]; (1, 3, H, W)."""
-    from enginekit.runtimes.images import load_init_image, vae_preprocess
-
-    pil = load_init_image(image)
-    h, w = check_size(rule, *init_image_size(rule, pil.size, height, width))
-    return vae_preprocess(pil, h, w)
