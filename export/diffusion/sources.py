@@ -65,6 +65,9 @@ class PipelineSource:
     pipeline: Any  # diffusers.StableDiffusionPipeline | StableDiffusionXLPipeline, fp32, eval
     family: str
     provenance: dict[str, Any] = field(default_factory=dict)
+    #: Streaming sources (``empty_weights=True``): the components' parameters are fake tensors and
+    #: their weights come from these, one tensor at a time (component name -> WeightSource).
+    weights: dict[str, Any] | None = None
 
 
 def config_dir(name: str) -> Path:
@@ -86,6 +89,7 @@ def resolve_pipeline(
     revision: str | None = None,
     config: str | Path | None = None,
     without_t5: bool = False,
+    empty_weights: bool = False,
 ) -> PipelineSource:
     """Load the pipeline named by ``spec`` (see the module docstring for the forms).
 
@@ -94,10 +98,14 @@ def resolve_pipeline(
     (a diffusers pipeline layout) instead of the repository's one for ``family``.
     ``without_t5`` leaves SD3's T5 encoder out (never built or loaded), as diffusers
     allows: prompts then condition through the two CLIP encoders alone.
+
+    ``empty_weights`` builds the components with fake parameters (no storage) and sets the
+    source's ``weights`` to stream them from (seeded per tensor, or the folder's safetensors),
+    for :func:`~enginekit.export.diffusion.streaming.export_streamed`; single files are refused.
     """
     if family is not None:
         get_family(family)
-    src = _resolve(spec, family, random_weights, seed, revision, config, without_t5)
+    src = _resolve(spec, family, random_weights, seed, revision, config, without_t5, empty_weights)
     if without_t5:
         src.provenance["without_t5"] = True
     return src
@@ -112,13 +120,13 @@ def _check_t5(where: str, family: str | None, without_t5: bool) -> None:
 
 
 def _resolve(spec: str, family: str | None, random_weights: bool, seed: int, revision: str | None,
-             config: str | Path | None, without_t5: bool) -> PipelineSource:
+             config: str | Path | None, without_t5: bool, empty: bool = False) -> PipelineSource:
     skip = ("text_encoder_3", "tokenizer_3") if without_t5 else ()
     if spec in BUILTINS:
         fam = BUILTINS[spec]
         check_family(spec, fam, family)
         _check_t5(spec, fam, without_t5)
-        src = _build_seeded(config_dir(spec), fam, seed, skip)
+        src = _build_seeded(config_dir(spec), fam, seed, skip, empty)
         src.provenance.update(source=spec, kind="builtin", weights="random", seed=seed)
         return src
     if spec in ARCHITECTURES:
@@ -130,22 +138,25 @@ def _resolve(spec: str, family: str | None, random_weights: bool, seed: int, rev
         fam = ARCHITECTURES[spec]
         check_family(spec, fam, family)
         _check_t5(spec, fam, without_t5)
-        src = _build_seeded(config_dir(spec), fam, seed, skip)
+        src = _build_seeded(config_dir(spec), fam, seed, skip, empty)
         src.provenance.update(source=spec, kind="random", weights="random", seed=seed)
         return src
     if random_weights:
         raise SourceError(f"--random-weights applies to {', '.join(ARCHITECTURES)} only, not to {spec!r}")
     path = Path(spec).expanduser()
     if path.is_dir():
-        return _load_folder(path, family, revision=None, without_t5=without_t5)
+        return _load_folder(path, family, revision=None, without_t5=without_t5, empty=empty)
     if path.is_file():
         _check_t5(str(path), family, without_t5)
+        if empty:
+            raise SourceError(f"{path}: a single-file checkpoint is converted whole by diffusers, so it is not "
+                              "streamed; export it without --streaming, or its save_pretrained folder with it")
         return _load_single_file(path, family, config)
     hub_id = spec[len("hf-hub:") :] if spec.startswith("hf-hub:") else spec
     if "@" in hub_id:
         hub_id, revision = hub_id.split("@", 1)
     if hub_id.count("/") == 1 and not spec.startswith((".", "/", "~")) and not hub_id.endswith(".safetensors"):
-        return _load_hub(hub_id, revision, family, without_t5)
+        return _load_hub(hub_id, revision, family, without_t5, empty)
     raise SourceError(
         f"{spec!r} is not a pipeline source: use {', '.join(BUILTINS)}, {', '.join(ARCHITECTURES)} with --random-weights, "
         "a save_pretrained folder, a .safetensors checkpoint or a hub id 'org/name'"
@@ -200,30 +211,56 @@ def _tokenizer_for(folder: Path, name: str) -> Any:
     return real_clip_tokenizer(pad_token=_pad_token(tok_dir), model_max_length=max_len)
 
 
-def _build_seeded(folder: Path, family: str, seed: int, skip: tuple[str, ...] = ()) -> PipelineSource:
-    """Build every component from ``folder``'s configs with ``torch.manual_seed(seed)`` before each
-    (those in ``skip`` are left None, never built)."""
-    import diffusers
+def _build_seeded(folder: Path, family: str, seed: int, skip: tuple[str, ...] = (), empty: bool = False,
+                  ) -> PipelineSource:
+    """Build every component from ``folder``'s configs (those in ``skip`` are left None, never
+    built), each parameter drawn from its own seeded generator (:func:`.streaming.reseed_`),
+    so the same seed gives the same weights built here or streamed (``empty``: fake parameters,
+    the source's ``weights`` draw them when the export streams them)."""
     import torch
-    import transformers
+
+    from enginekit.export.diffusion import streaming
 
     index = read_json(folder / "model_index.json")
     components: dict[str, Any] = {}
+    weights: dict[str, Any] = {}
+    mode = streaming.fake_mode() if empty else None
     for name in _WEIGHT_COMPONENTS:
         if name not in index:
             continue
         if name in skip:
             components[name] = None
             continue
-        library, cls_name = index[name]
-        torch.manual_seed(seed)
-        if library == "diffusers":
-            cls = getattr(diffusers, cls_name)
-            model = cls.from_config(cls.load_config(str(folder / name)))
+        torch.manual_seed(seed)  # for any buffer a constructor draws
+        if empty:
+            components[name] = streaming.empty_module(lambda name=name: _from_config(folder, index, name), mode)
+            weights[name] = streaming.SeededWeights(seed, name)
         else:
-            cls = getattr(transformers, cls_name)
-            model = cls(cls.config_class.from_pretrained(str(folder / name)))
-        components[name] = model.eval()
+            model = _from_config(folder, index, name)
+            streaming.reseed_(model, seed, name)
+            components[name] = model.eval()
+    pipe = _assemble(folder, index, family, components, skip)
+    return PipelineSource(pipe, family, {"family": family, "config": folder.name}, weights if empty else None)
+
+
+def _from_config(folder: Path, index: dict[str, Any], name: str) -> Any:
+    """Component ``name`` built from ``folder/name``'s config (the class model_index names), weights as initialised."""
+    import diffusers
+    import transformers
+
+    library, cls_name = index[name]
+    if library == "diffusers":
+        cls = getattr(diffusers, cls_name)
+        return cls.from_config(cls.load_config(str(folder / name)))
+    cls = getattr(transformers, cls_name)
+    return cls(cls.config_class.from_pretrained(str(folder / name)))
+
+
+def _assemble(folder: Path, index: dict[str, Any], family: str, components: dict[str, Any],
+              skip: tuple[str, ...]) -> Any:
+    """The family's pipeline over built ``components``, with ``folder``'s scheduler and tokenizers."""
+    import diffusers
+
     sched_cls = getattr(diffusers, index["scheduler"][1])
     components["scheduler"] = sched_cls.from_config(sched_cls.load_config(str(folder / "scheduler")))
     for name in _TOKENIZERS:
@@ -233,8 +270,7 @@ def _build_seeded(folder: Path, family: str, seed: int, skip: tuple[str, ...] = 
     kwargs = fam.pipeline_kwargs(index, loading=False)
     if fam.force_zeros_flag:
         kwargs["force_zeros_for_empty_prompt"] = bool(index.get("force_zeros_for_empty_prompt", True))
-    pipe = _pipeline_class(family)(**components, **kwargs)
-    return PipelineSource(pipe, family, {"family": family, "config": folder.name})
+    return _pipeline_class(family)(**components, **kwargs)
 
 
 def _require_safetensors(folder: Path, index: dict[str, Any], skip: tuple[str, ...] = ()) -> dict[str, str]:
@@ -259,7 +295,8 @@ def _require_safetensors(folder: Path, index: dict[str, Any], skip: tuple[str, .
     return hashes
 
 
-def _load_folder(folder: Path, family: str | None, revision: str | None, without_t5: bool = False) -> PipelineSource:
+def _load_folder(folder: Path, family: str | None, revision: str | None, without_t5: bool = False,
+                 empty: bool = False) -> PipelineSource:
     if not (folder / "model_index.json").is_file():
         raise SourceError(f"{folder}: no model_index.json (expected a diffusers pipeline written by save_pretrained)")
     index = read_json(folder / "model_index.json")
@@ -272,16 +309,40 @@ def _load_folder(folder: Path, family: str | None, revision: str | None, without
     kwargs = get_family(detected).pipeline_kwargs(index, loading=True)
     if without_t5:
         kwargs.update(text_encoder_3=None, tokenizer_3=None)
+    weights = _empty_components(folder, index, kwargs) if empty else None
     try:
         pipe = _pipeline_class(detected).from_pretrained(
             str(folder), use_safetensors=True, local_files_only=True, **kwargs
         )
     except Exception as exc:  # diffusers/transformers raise many kinds
         raise SourceError(f"{folder}: diffusers could not load the pipeline ({one_line(exc)})") from exc
-    _eval(pipe)
+    if not empty:
+        _eval(pipe)
     provenance = {"source": str(folder.resolve()), "kind": "folder", "family": detected, "family_from": how,
                   "revision": revision, "weights_sha256": hashes}
-    return PipelineSource(pipe, detected, provenance)
+    return PipelineSource(pipe, detected, provenance, weights)
+
+
+def _empty_components(folder: Path, index: dict[str, Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Build each weight component of ``folder`` with fake parameters into ``kwargs`` (diffusers then
+    loads only the tokenizers and scheduler); its persistent buffers are read now (they are small),
+    its parameters are left to the returned sources (component name -> SafetensorsWeights)."""
+    from enginekit.export.diffusion import streaming
+
+    mode = streaming.fake_mode()
+    weights: dict[str, Any] = {}
+    for name in _WEIGHT_COMPONENTS:
+        if name not in index or index[name][0] is None or name in kwargs:
+            continue
+        source = streaming.SafetensorsWeights(folder / name)
+        try:
+            module = streaming.empty_module(lambda name=name: _from_config(folder, index, name), mode)
+        except Exception as exc:  # a config diffusers/transformers cannot build from
+            raise SourceError(f"{folder / name}: could not build the component from its config ({one_line(exc)})") from exc
+        streaming.load_persistent_buffers(module, source)
+        kwargs[name] = module
+        weights[name] = source
+    return weights
 
 
 def _eval(pipe: Any) -> None:
@@ -293,7 +354,8 @@ def _eval(pipe: Any) -> None:
             module.float().eval()
 
 
-def _load_hub(hub_id: str, revision: str | None, family: str | None, without_t5: bool = False) -> PipelineSource:
+def _load_hub(hub_id: str, revision: str | None, family: str | None, without_t5: bool = False,
+              empty: bool = False) -> PipelineSource:
     try:
         from huggingface_hub import snapshot_download
     except ImportError as exc:  # pragma: no cover - part of the export extra
@@ -307,7 +369,7 @@ def _load_hub(hub_id: str, revision: str | None, family: str | None, without_t5:
     except Exception as exc:
         hint = " (HF_HUB_OFFLINE is set and it is not in the hub cache)" if offline else ""
         raise SourceError(f"could not fetch {hub_id!r} from the hub{hint}: {one_line(exc)}") from exc
-    src = _load_folder(Path(folder), family, revision, without_t5)
+    src = _load_folder(Path(folder), family, revision, without_t5, empty)
     src.provenance.update(source=f"hf-hub:{hub_id}", kind="hub", hub_id=hub_id, revision=Path(folder).name)
     return src
 

@@ -46,6 +46,10 @@ from enginekit.registry import task_names
 @click.option("--no-t5", "without_t5", is_flag=True,
               help="SD3/SD3.5: leave the T5 encoder out (never loaded), as diffusers allows: prompts condition "
                    "through the CLIP encoders alone; saves T5-XXL's 4.7B parameters (19 GB in fp32).")
+@click.option("--streaming/--no-streaming", default=False, show_default=True,
+              help="Pipelines: trace with fake weights and stream the weights tensor by tensor from the "
+                   "safetensors (or the seeded generator) into each data file: memory stays near the largest "
+                   "tensor, not the model. Skips the PyTorch parity and image checks (never in memory).")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists (atomically).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def export(**params: Any) -> None:
@@ -78,7 +82,8 @@ def export(**params: Any) -> None:
         manifest = export_model(
             model, out, family=o.family, task=o.task, random_weights=o.random_weights, weights=o.weights,
             revision=o.revision, seed=o.seed, opset=o.opset, atol=o.atol, rtol=o.rtol, image_check=o.image_check,
-            loras=o.loras, lora_scale=o.lora_scale, without_t5=o.without_t5, overwrite=o.overwrite,
+            loras=o.loras, lora_scale=o.lora_scale, without_t5=o.without_t5, streaming=o.streaming,
+            overwrite=o.overwrite,
             on_step=lambda msg: status.update(msg),
         )
     if o.as_json:
