@@ -148,10 +148,7 @@ def _resolve(spec: str, family: str | None, random_weights: bool, seed: int, rev
         return _load_folder(path, family, revision=None, without_t5=without_t5, empty=empty)
     if path.is_file():
         _check_t5(str(path), family, without_t5)
-        if empty:
-            raise SourceError(f"{path}: a single-file checkpoint is converted whole by diffusers, so it is not "
-                              "streamed; export it without --streaming, or its save_pretrained folder with it")
-        return _load_single_file(path, family, config)
+        return _load_single_file(path, family, config, empty)
     hub_id = spec[len("hf-hub:") :] if spec.startswith("hf-hub:") else spec
     if "@" in hub_id:
         hub_id, revision = hub_id.split("@", 1)
@@ -408,10 +405,12 @@ def _looks_like(header: dict[str, Any]) -> str | None:
     return None
 
 
-def _check_fit(path: Path, header: dict[str, Any], family: str, folder: Path) -> None:
+def _check_fit(path: Path, header: dict[str, Any], family: str, folder: Path,
+               recipes: dict[str, dict[str, Any]] | None = None) -> None:
     """Convert the header's meta tensors as diffusers will and compare with the architecture's
     own keys and shapes, so a checkpoint of another family or size fails here, in one line,
-    instead of loading with silently random weights."""
+    instead of loading with silently random weights. ``recipes``, when given, is filled per
+    component with how each converted tensor is made from the checkpoint's (for streaming)."""
     import diffusers
     import torch
     import transformers
@@ -438,20 +437,30 @@ def _check_fit(path: Path, header: dict[str, Any], family: str, folder: Path) ->
                 cls = getattr(transformers, cls_name)
                 model = cls(transformers.CLIPTextConfig.from_pretrained(str(folder / name)))
         expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        try:
+
+        def convert(checkpoint: dict[str, Any], name: str = name, model: Any = model, cfg: Any = cfg) -> Any:
             if name == "unet":
-                got = sfu.convert_ldm_unet_checkpoint(header, cfg)
-            elif name == "vae":
-                got = sfu.convert_ldm_vae_checkpoint(header, cfg)
-            elif name in fam.open_clip_encoders:
-                got = sfu.convert_open_clip_checkpoint(model, header, prefix=fam.single_file_prefix)
+                return sfu.convert_ldm_unet_checkpoint(checkpoint, cfg)
+            if name == "vae":
+                return sfu.convert_ldm_vae_checkpoint(checkpoint, cfg)
+            if name in fam.open_clip_encoders:
+                return sfu.convert_open_clip_checkpoint(model, checkpoint, prefix=fam.single_file_prefix)
+            return sfu.convert_ldm_clip_checkpoint(checkpoint)
+
+        try:
+            if recipes is None:
+                got = convert(header)
             else:
-                got = sfu.convert_ldm_clip_checkpoint(header)
+                from enginekit.export.diffusion.streaming import record_conversion
+
+                got, recipes[name] = record_conversion(header, convert)
         except Exception as exc:  # converters index keys they expect
             problems.append(f"{name}: {one_line(exc)}")
             continue
         if not hasattr(model, "text_model") and name.startswith("text_encoder"):
             got = {k.removeprefix("text_model."): v for k, v in got.items()}
+            if recipes is not None:
+                recipes[name] = {k.removeprefix("text_model."): v for k, v in recipes[name].items()}
         got_shapes = {k: tuple(v.shape) for k, v in got.items() if v is not None}
         missing = [k for k in expected if k not in got_shapes and not k.endswith("position_ids")]
         wrong = [k for k in expected if k in got_shapes and got_shapes[k] != expected[k]]
@@ -462,7 +471,8 @@ def _check_fit(path: Path, header: dict[str, Any], family: str, folder: Path) ->
         raise SourceError(f"{path}: does not fit the {family} architecture of {folder} — {'; '.join(problems)}")
 
 
-def _load_single_file(path: Path, family: str | None, config: str | Path | None) -> PipelineSource:
+def _load_single_file(path: Path, family: str | None, config: str | Path | None, empty: bool = False,
+                      ) -> PipelineSource:
     if path.suffix in _PICKLE_SUFFIXES:
         raise SourceError(f"{path}: pickled checkpoints are never loaded; convert it to .safetensors first")
     if path.suffix != ".safetensors":
@@ -477,9 +487,15 @@ def _load_single_file(path: Path, family: str | None, config: str | Path | None)
     if not (folder / "model_index.json").is_file():
         raise SourceError(f"{folder}: the config folder has no model_index.json")
     header = _read_header(path)
-    _check_fit(path, header, family, folder)
+    recipes: dict[str, dict[str, Any]] | None = {} if empty else None
+    _check_fit(path, header, family, folder, recipes)
     del header
     index = read_json(folder / "model_index.json")
+    provenance = {"source": str(path.resolve()), "kind": "single_file", "family": family,
+                  "config": str(folder.resolve()) if config is not None else folder.name,
+                  "weights_sha256": sha256_file(path)}
+    if recipes is not None:
+        return _empty_single_file(path, folder, index, family, recipes, provenance)
     kwargs: dict[str, Any] = {name: _tokenizer_for(folder, name) for name in _TOKENIZERS if name in index}
     kwargs.update(get_family(family).pipeline_kwargs(index, loading=False))
     try:
@@ -487,7 +503,24 @@ def _load_single_file(path: Path, family: str | None, config: str | Path | None)
     except Exception as exc:
         raise SourceError(f"{path}: diffusers could not load the checkpoint as {family} ({one_line(exc)})") from exc
     _eval(pipe)
-    provenance = {"source": str(path.resolve()), "kind": "single_file", "family": family,
-                  "config": str(folder.resolve()) if config is not None else folder.name,
-                  "weights_sha256": sha256_file(path)}
     return PipelineSource(pipe, family, provenance)
+
+
+def _empty_single_file(path: Path, folder: Path, index: dict[str, Any], family: str,
+                       recipes: dict[str, dict[str, Any]], provenance: dict[str, Any]) -> PipelineSource:
+    """The single file's pipeline with fake parameters over ``folder``'s configs, each weight
+    converted from the checkpoint as diffusers converts it when the export streams it."""
+    from enginekit.export.diffusion import streaming
+
+    mode = streaming.fake_mode()
+    components: dict[str, Any] = {}
+    weights: dict[str, Any] = {}
+    for name in _WEIGHT_COMPONENTS:
+        if name not in index:
+            continue
+        source = streaming.SingleFileWeights(path, recipes[name])
+        module = streaming.empty_module(lambda name=name: _from_config(folder, index, name), mode)
+        streaming.load_persistent_buffers(module, source)
+        components[name], weights[name] = module, source
+    pipe = _assemble(folder, index, family, components, ())
+    return PipelineSource(pipe, family, provenance, weights)

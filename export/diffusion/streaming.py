@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import io
 import json
 import logging
@@ -29,8 +30,8 @@ from typing import Any, Callable, Iterator, Protocol
 
 from enginekit.errors import ExportError, SourceError, one_line
 
-__all__ = ["DATA_FILE", "SafetensorsWeights", "SeededWeights", "WeightSource", "empty_module",
-           "export_streamed", "is_empty", "load_persistent_buffers", "reseed_", "seeded_tensor"]
+__all__ = ["DATA_FILE", "SafetensorsWeights", "SeededWeights", "SingleFileWeights", "WeightSource", "empty_module",
+           "export_streamed", "is_empty", "load_persistent_buffers", "record_conversion", "reseed_", "seeded_tensor"]
 
 #: The external data file beside each component's ``model.onnx`` (the in-memory export's name).
 DATA_FILE = "model.onnx.data"
@@ -155,7 +156,7 @@ class SafetensorsWeights:
         return tensor
 
 
-def load_persistent_buffers(module: Any, source: SafetensorsWeights) -> None:
+def load_persistent_buffers(module: Any, source: Any) -> None:
     """Copy the persistent buffers ``source`` holds into ``module``'s real ones (they are
     small: positional tables and the like; the built values stay for those it lacks)."""
     import torch
@@ -169,6 +170,92 @@ def load_persistent_buffers(module: Any, source: SafetensorsWeights) -> None:
                 full = f"{prefix}.{name}" if prefix else name
                 if full in keys:
                     buf.copy_(source.get((full,), tuple(buf.shape)).to(buf.dtype))
+
+
+class _Load:
+    """A recipe's leaf: the checkpoint tensor stored under ``key``."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+
+class _Op:
+    """A recipe's step: ``func`` over arguments that hold recipes (item ``index`` of a tuple result)."""
+
+    def __init__(self, func: Any, args: Any, index: int | None) -> None:
+        self.func, self.args, self.index = func, args, index
+
+
+def _realize(recipe: Any, read: Callable[[str], Any]) -> Any:
+    from torch.utils import _pytree as pytree
+
+    if isinstance(recipe, _Load):
+        return read(recipe.key)
+    args, kwargs = pytree.tree_map(lambda leaf: _realize(leaf, read) if isinstance(leaf, (_Load, _Op)) else leaf,
+                                   recipe.args, is_leaf=lambda leaf: isinstance(leaf, (_Load, _Op)))
+    out = recipe.func(*args, **kwargs)
+    return out if recipe.index is None else out[recipe.index]
+
+
+def record_conversion(header: dict[str, Any], convert: Callable[[dict[str, Any]], dict[str, Any]],
+                      ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Run ``convert`` (diffusers' single-file converter) over ``header``'s meta tensors and keep,
+    for each tensor it returns, the recipe that makes it from the checkpoint's (a rename, a slice,
+    a chunk of a fused projection, a transpose): (converted meta tensors, their recipes by key)."""
+    import torch
+    from torch.overrides import TorchFunctionMode
+    from torch.utils import _pytree as pytree
+
+    recipes: dict[int, tuple[Any, Any]] = {id(t): (_Load(k), t) for k, t in header.items()}
+
+    class Recorder(TorchFunctionMode):
+        def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            leaves = pytree.tree_leaves((args, kwargs))
+            if not any(isinstance(x, torch.Tensor) and id(x) in recipes for x in leaves):
+                return out
+            tmpl = pytree.tree_map(lambda x: recipes[id(x)][0] if isinstance(x, torch.Tensor) and id(x) in recipes
+                                   else x, (args, kwargs))
+            if isinstance(out, torch.Tensor):
+                recipes[id(out)] = (_Op(func, tmpl, None), out)
+            elif isinstance(out, (tuple, list)):
+                for i, item in enumerate(out):
+                    if isinstance(item, torch.Tensor):
+                        recipes[id(item)] = (_Op(func, tmpl, i), item)
+            return out
+
+    with Recorder():
+        converted = convert(dict(header))
+    return converted, {k: recipes[id(v)][0] for k, v in converted.items() if v is not None and id(v) in recipes}
+
+
+class SingleFileWeights:
+    """One component's weights in a single-file (LDM) checkpoint: each tensor read through a memory
+    map and converted as diffusers converts it (the recipe :func:`record_conversion` kept)."""
+
+    def __init__(self, path: Path, recipes: dict[str, Any]) -> None:
+        self.path = path
+        self._recipes = recipes
+
+    def keys(self) -> set[str]:
+        return set(self._recipes)
+
+    def describe(self) -> str:
+        return f"single-file safetensors ({self.path.name})"
+
+    def get(self, names: tuple[str, ...], shape: tuple[int, ...]) -> Any:
+        from safetensors import safe_open
+
+        key = next((n for n in names if n in self._recipes), None)
+        if key is None:
+            raise SourceError(f"{self.path}: the checkpoint gives no weight {names[0]!r}")
+        with safe_open(str(self.path), framework="pt") as f:
+            tensor = _realize(self._recipes[key], f.get_tensor).contiguous()
+        if tuple(tensor.shape) != tuple(shape):
+            raise SourceError(f"{self.path}: {key} converts to shape {tuple(tensor.shape)}, the architecture "
+                              f"says {tuple(shape)}")
+        return tensor
 
 
 # --------------------------------------------------------------------------- empty modules
@@ -324,7 +411,12 @@ def _trace(plan: Any, opset: int) -> Any:
 
     in_names = [s.name for s in plan.inputs]
     out_names = [s.name for s in plan.outputs]
-    dyn = tuple({j: d for j, d in enumerate(s.shape) if isinstance(d, str)} for s in plan.inputs)
+    dyn: tuple[Any, ...] = tuple({j: d for j, d in enumerate(s.shape) if isinstance(d, str)} for s in plan.inputs)
+    # A forward(a, b, *rest) binds the tail as one argument: its dynamic shapes go in one tuple.
+    params = list(inspect.signature(plan.module.forward).parameters.values())
+    star = next((i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_POSITIONAL), None)
+    if star is not None:
+        dyn = (*dyn[:star], tuple(dyn[star:]))
     sink = io.StringIO()
     try:
         with contextlib.redirect_stdout(sink), warnings.catch_warnings():
