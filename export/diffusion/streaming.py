@@ -415,7 +415,7 @@ def _trace(plan: Any, opset: int) -> Any:
     # A forward(a, b, *rest) binds the tail as one argument: its dynamic shapes go in one tuple.
     params = list(inspect.signature(plan.module.forward).parameters.values())
     star = next((i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_POSITIONAL), None)
-    if star is not None:
+    if star is not None and len(dyn) > star:  # (an empty tail is no argument at all)
         dyn = (*dyn[:star], tuple(dyn[star:]))
     sink = io.StringIO()
     try:
