@@ -212,9 +212,11 @@ def test_streaming_never_unpickles(tmp_path: Path) -> None:
         resolve_pipeline(str(ckpt), family="sd15", empty_weights=True)
 
 
-def test_streaming_cli_flag(tmp_path: Path) -> None:
+def test_streaming_cli_flag(in_memory: dict[str, Path], tmp_path: Path) -> None:
+    """``export --streaming`` writes an artifact that loads and generates today's image."""
     from click.testing import CliRunner
 
+    import enginekit
     from enginekit.app.cli import cli
 
     out = tmp_path / "a"
@@ -224,6 +226,11 @@ def test_streaming_cli_flag(tmp_path: Path) -> None:
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["provenance"]["streamed"] is True
     assert all(c["fidelity"]["streamed"] for c in manifest["components"].values())
+    latents = np.random.default_rng(0).standard_normal((1, 4, 8, 8), dtype=np.float32)
+    images = [enginekit.load(path, device="cpu")("a lighthouse", num_inference_steps=2, height=64, width=64,
+                                                  latents=latents, output_type="np").images
+              for path in (out, in_memory["tiny-sd15"])]
+    np.testing.assert_array_equal(images[0], images[1])
 
 
 # --------------------------------------------------------------------------- memory cap
