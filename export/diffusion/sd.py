@@ -206,6 +206,9 @@ def _source(spec_or_source: str | PipelineSource, options: PipelineExportOptions
         check_family("the source", spec_or_source.family, family)
     except SourceError as exc:
         raise ExportError(str(exc)) from None
+    if options.streaming and spec_or_source.weights is None:
+        raise ExportError("streaming needs a source built with empty weights "
+                          "(resolve_pipeline(..., empty_weights=True)); this one holds its weights")
     return spec_or_source
 
 

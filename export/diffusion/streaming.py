@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterator, Protocol
 from enginekit.errors import ExportError, SourceError, one_line
 
 __all__ = ["DATA_FILE", "SafetensorsWeights", "SeededWeights", "SingleFileWeights", "WeightSource", "empty_module",
-           "export_streamed", "is_empty", "load_persistent_buffers", "record_conversion", "reseed_", "seeded_tensor"]
+           "export_streamed", "fake_mode", "load_persistent_buffers", "record_conversion", "reseed_", "seeded_tensor"]
 
 #: The external data file beside each component's ``model.onnx`` (the in-memory export's name).
 DATA_FILE = "model.onnx.data"
@@ -309,13 +309,6 @@ def fake_mode() -> Any:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     return FakeTensorMode(allow_non_fake_inputs=True)
-
-
-def is_empty(module: Any) -> bool:
-    """Whether ``module``'s parameters are fake (built by :func:`empty_module`)."""
-    from torch._subclasses.fake_tensor import is_fake
-
-    return any(is_fake(p) for p in module.parameters())
 
 
 # --------------------------------------------------------------------------- export
