@@ -91,6 +91,7 @@ class ExportRequest:
     loras: tuple[str, ...] = ()
     lora_scale: float = 1.0
     without_t5: bool = False
+    streaming: bool = False
     overwrite: bool = False
 
     def budget(self) -> dict[str, Any]:
@@ -107,7 +108,8 @@ def export_pipeline_source(spec: str, out_dir: str | Path, request: ExportReques
         raise SourceError("--weights is for timm classifiers; give a pipeline's .safetensors file as MODEL")
     specs = tuple(parse_lora(text, request.lora_scale) for text in request.loras)
     options = PipelineExportOptions(opset=request.opset, seed=request.seed, image_check=request.image_check,
-                                    loras=specs, without_t5=request.without_t5, **request.budget())
+                                    loras=specs, without_t5=request.without_t5, streaming=request.streaming,
+                                    **request.budget())
     return export_pipeline(spec, out_dir, options, family=request.family, random_weights=request.random_weights,
                            revision=request.revision, overwrite=request.overwrite, on_step=on_step)
 
@@ -121,6 +123,8 @@ def export_classifier_source(spec: str, out_dir: str | Path, request: ExportRequ
         raise SourceError("--lora applies to diffusion pipelines only")
     if request.without_t5:
         raise SourceError("--no-t5 applies to SD3/SD3.5 pipelines only")
+    if request.streaming:
+        raise SourceError("--streaming applies to diffusion pipelines only")
     return export_classifier(spec, out_dir, ExportOptions(opset=request.opset, seed=request.seed, **request.budget()),
                              random_weights=request.random_weights, weights=request.weights,
                              revision=request.revision, overwrite=request.overwrite, on_step=on_step)

@@ -53,8 +53,12 @@ def wrote_export(manifest: Any, out: Path) -> str:
     if "logits_cosine" in fid:
         return (f"[green]wrote[/] {escape(str(out))}  ({escape(str(manifest.provenance.get('architecture')))}, "
                 f"parity vs PyTorch: logits max abs {fid['logits_max_abs']:.2e}, cosine {fid['logits_cosine']:.6f})")
-    worst = min((c.fidelity.get("min_cosine", 1.0) for c in manifest.components.values()), default=1.0)
     peak = manifest.provenance.get("peak_rss_bytes")
+    if manifest.provenance.get("streamed"):
+        return (f"[green]wrote[/] {escape(str(out))}  ({manifest.family}: {', '.join(manifest.components)}; "
+                "weights streamed, not checked against PyTorch"
+                + (f"; peak memory {peak / 2**30:.1f} GiB" if peak else "") + ")")
+    worst = min((c.fidelity.get("min_cosine", 1.0) for c in manifest.components.values()), default=1.0)
     weights = (manifest.quantization or {}).get("weight_format")
     image = fid.get("image") or (fid.get("export") or {}).get("image")  # compressed: the float export's check
     return (f"[green]wrote[/] {escape(str(out))}  ({manifest.family}: {', '.join(manifest.components)}; "

@@ -81,6 +81,11 @@ class PipelineExportOptions:
     loras: tuple[LoraSpec, ...] = ()
     #: SD3/SD3.5: leave the T5 encoder out (never built or loaded), as diffusers allows.
     without_t5: bool = False
+    #: Trace each component with fake weights and stream its weights, tensor by tensor, from the
+    #: source's safetensors (or the per-tensor seeded generator) into its data file: the model is
+    #: never whole in memory. The PyTorch reference is never built either, so the per-component
+    #: parity check and the image check do not run (the manifest says so).
+    streaming: bool = False
 
     def __post_init__(self) -> None:
         check_export_request(self.opset, self.atol, self.rtol)
@@ -113,6 +118,9 @@ def export_pipeline(
         src = _source(spec_or_source, options, family=family, random_weights=random_weights, revision=revision,
                       on_step=on_step)
         pipe = src.pipeline
+        streamed = src.weights is not None
+        if streamed and options.loras:
+            raise ExportError("LoRA files are fused into loaded weights: export without streaming to fuse them")
         if options.loras:
             on_step(f"fusing {len(options.loras)} LoRA file(s) into the weights")
             src.provenance["lora"] = fuse_loras(pipe, src.family, options.loras)
@@ -122,7 +130,8 @@ def export_pipeline(
         model_index = _model_index(pipe)
         with atomic_artifact(out_dir, overwrite=overwrite,
                              inputs=(spec_or_source,) if owned else ()) as tmp:
-            components, fidelity, exporters = _export_components(tmp, pipe, src.family, options, owned, rss, on_step)
+            components, fidelity, exporters = _export_components(tmp, pipe, src.family, options, owned, rss, on_step,
+                                                                 src.weights)
             on_step("writing tokenizers, scheduler and model index")
             assets = _write_assets(tmp, pipe, task_config, model_index)
             rss.sample()
@@ -137,12 +146,15 @@ def export_pipeline(
                             "tools": tool_versions(options.opset, ("diffusers", "transformers", "tokenizers"),
                                                    [tmp / c.entry for c in components.values()]), "host": host(),
                             "exporters": exporters, "peak_rss_bytes": rss.peak,
+                            **({"streamed": True} if streamed else {}),
                             "export_seconds": round(time.monotonic() - started, 1)},
                 target={"backend": "onnxruntime", "device": "cpu"},
                 fidelity={"reference": "pytorch", "runtime": "onnxruntime-cpu", "components": fidelity},
             )
+            if streamed:
+                manifest = manifest.replace(fidelity={**manifest.fidelity, "image": _NOT_CHECKED})
             write_manifest(tmp, manifest)
-            if options.image_check:
+            if options.image_check and not streamed:
                 manifest = _check_image(pipe, tmp, manifest, options, on_step)
                 rss.sample()
                 manifest = manifest.replace(provenance={**manifest.provenance, "peak_rss_bytes": rss.peak})
@@ -159,19 +171,24 @@ def _source(spec_or_source: str | PipelineSource, options: PipelineExportOptions
     if not isinstance(spec_or_source, PipelineSource):
         on_step("loading the PyTorch pipeline")
         return resolve_pipeline(str(spec_or_source), family=family, random_weights=random_weights,
-                                seed=options.seed, revision=revision, without_t5=options.without_t5)
+                                seed=options.seed, revision=revision, without_t5=options.without_t5,
+                                empty_weights=options.streaming)
     try:
         check_family("the source", spec_or_source.family, family)
     except SourceError as exc:
         raise ExportError(str(exc)) from None
+    if options.streaming and spec_or_source.weights is None:
+        raise ExportError("streaming needs a source built with empty weights "
+                          "(resolve_pipeline(..., empty_weights=True)); this one holds its weights")
     return spec_or_source
 
 
 def _export_components(tmp: Path, pipe: Any, family: str, options: PipelineExportOptions, owned: bool,
-                       rss: PeakRSS, on_step: Callable[[str], None],
+                       rss: PeakRSS, on_step: Callable[[str], None], weights: dict[str, Any] | None = None,
                        ) -> tuple[dict[str, Component], dict[str, Any], dict[str, str]]:
     """Export and parity-check every component into ``tmp``, one at a time; an owned pipeline
-    without the image check drops each component's weights as soon as it is exported."""
+    without the image check drops each component's weights as soon as it is exported.
+    ``weights`` (a streaming source's) streams them instead, unchecked."""
     exporters: dict[str, str] = {}
     components: dict[str, Component] = {}
     fidelity: dict[str, Any] = {}
@@ -188,10 +205,15 @@ def _export_components(tmp: Path, pipe: Any, family: str, options: PipelineExpor
             setattr(pipe, plan.name, None)
             gc.collect()
 
-        comp, report, exporter = _export_component(tmp, plan, options, on_step, i, len(plans),
-                                                   release if droppable else None)
+        if weights is not None:
+            comp, report, exporter = _export_streamed(tmp, plan, options, on_step, i, len(plans), pipe, weights)
+        else:
+            comp, report, exporter = _export_component(tmp, plan, options, on_step, i, len(plans),
+                                                       release if droppable else None)
         components[plan.name] = comp
         fidelity[plan.name] = {k: report[k] for k in ("min_cosine", "max_abs", "passed")}
+        if weights is not None:
+            fidelity[plan.name]["streamed"] = True
         exporters[plan.name] = exporter
         del plan, make, release
         gc.collect()
@@ -246,6 +268,29 @@ def _export_component(
     comp = make_component(root, plan.name, f"{plan.name}/model.onnx", [f"{plan.name}/{f}" for f in files],
                           plan.inputs, plan.outputs, "fp32", fidelity=report)
     return comp, report, exporter
+
+
+#: The fidelity record of what a streamed export cannot check: its PyTorch reference is never in memory.
+_NOT_CHECKED = {"checked": False, "passed": None,
+                "why": "streamed export: the PyTorch model is never whole in memory, so it is not run"}
+
+
+def _export_streamed(root: Path, plan: _Plan, opts: PipelineExportOptions, on_step: Callable[[str], None], i: int,
+                     n: int, pipe: Any, weights: dict[str, Any]) -> tuple[Component, dict[str, Any], str]:
+    """Export one component traced with fake weights, streaming its weights into its data file."""
+    from enginekit.export.diffusion.streaming import DATA_FILE, export_streamed
+
+    folder = root / plan.name
+    folder.mkdir()
+    path = folder / "model.onnx"
+    on_step(f"[{i}/{n}] {plan.name}: tracing, then streaming the weights into {DATA_FILE}")
+    record = export_streamed(plan, path, opts.opset, pipe, weights)
+    _name_dims(path, plan)
+    report = {**_NOT_CHECKED, "min_cosine": None, "max_abs": None, "exporter": "dynamo", **record}
+    files = ["model.onnx"] + ([DATA_FILE] if (folder / DATA_FILE).exists() else [])
+    comp = make_component(root, plan.name, f"{plan.name}/model.onnx", [f"{plan.name}/{f}" for f in files],
+                          plan.inputs, plan.outputs, "fp32", fidelity=report)
+    return comp, report, "dynamo"
 
 
 def _judge(plan: _Plan, ref: dict[str, np.ndarray], got: dict[str, np.ndarray], feeds: dict[str, np.ndarray],

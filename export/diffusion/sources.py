@@ -66,6 +66,9 @@ class PipelineSource:
     pipeline: Any  # diffusers.StableDiffusionPipeline | StableDiffusionXLPipeline, fp32, eval
     family: str
     provenance: dict[str, Any] = field(default_factory=dict)
+    #: Streaming sources (``empty_weights=True``): the components' parameters are fake tensors and
+    #: their weights come from these, one tensor at a time (component name -> WeightSource).
+    weights: dict[str, Any] | None = None
 
 
 def config_dir(name: str) -> Path:
@@ -87,6 +90,7 @@ def resolve_pipeline(
     revision: str | None = None,
     config: str | Path | None = None,
     without_t5: bool = False,
+    empty_weights: bool = False,
 ) -> PipelineSource:
     """Load the pipeline named by ``spec`` (see the module docstring for the forms).
 
@@ -95,10 +99,14 @@ def resolve_pipeline(
     (a diffusers pipeline layout) instead of the repository's one for ``family``.
     ``without_t5`` leaves SD3's T5 encoder out (never built or loaded), as diffusers
     allows: prompts then condition through the two CLIP encoders alone.
+
+    ``empty_weights`` builds the components with fake parameters (no storage) and sets the
+    source's ``weights`` to stream them from (seeded per tensor, or the folder's safetensors),
+    for :func:`~enginekit.export.diffusion.streaming.export_streamed`; single files are refused.
     """
     if family is not None:
         get_family(family)
-    src = _resolve(spec, family, random_weights, seed, revision, config, without_t5)
+    src = _resolve(spec, family, random_weights, seed, revision, config, without_t5, empty_weights)
     if without_t5:
         src.provenance["without_t5"] = True
     return src
@@ -113,13 +121,13 @@ def _check_t5(where: str, family: str | None, without_t5: bool) -> None:
 
 
 def _resolve(spec: str, family: str | None, random_weights: bool, seed: int, revision: str | None,
-             config: str | Path | None, without_t5: bool) -> PipelineSource:
+             config: str | Path | None, without_t5: bool, empty: bool = False) -> PipelineSource:
     skip = ("text_encoder_3", "tokenizer_3") if without_t5 else ()
     if spec in BUILTINS:
         fam = BUILTINS[spec]
         check_family(spec, fam, family)
         _check_t5(spec, fam, without_t5)
-        src = _build_seeded(config_dir(spec), fam, seed, skip)
+        src = _build_seeded(config_dir(spec), fam, seed, skip, empty)
         src.provenance.update(source=spec, kind="builtin", weights="random", seed=seed)
         return src
     if spec in ARCHITECTURES:
@@ -131,22 +139,22 @@ def _resolve(spec: str, family: str | None, random_weights: bool, seed: int, rev
         fam = ARCHITECTURES[spec]
         check_family(spec, fam, family)
         _check_t5(spec, fam, without_t5)
-        src = _build_seeded(config_dir(spec), fam, seed, skip)
+        src = _build_seeded(config_dir(spec), fam, seed, skip, empty)
         src.provenance.update(source=spec, kind="random", weights="random", seed=seed)
         return src
     if random_weights:
         raise SourceError(f"--random-weights applies to {', '.join(ARCHITECTURES)} only, not to {spec!r}")
     path = Path(spec).expanduser()
     if path.is_dir():
-        return _load_folder(path, family, revision=None, without_t5=without_t5)
+        return _load_folder(path, family, revision=None, without_t5=without_t5, empty=empty)
     if path.is_file():
         _check_t5(str(path), family, without_t5)
-        return _load_single_file(path, family, config)
+        return _load_single_file(path, family, config, empty)
     hub_id = spec[len("hf-hub:") :] if spec.startswith("hf-hub:") else spec
     if "@" in hub_id:
         hub_id, revision = hub_id.split("@", 1)
     if hub_id.count("/") == 1 and not spec.startswith((".", "/", "~")) and not hub_id.endswith(".safetensors"):
-        return _load_hub(hub_id, revision, family, without_t5)
+        return _load_hub(hub_id, revision, family, without_t5, empty)
     raise SourceError(
         f"{spec!r} is not a pipeline source: use {', '.join(BUILTINS)}, {', '.join(ARCHITECTURES)} with --random-weights, "
         "a save_pretrained folder, a .safetensors checkpoint or a hub id 'org/name'"
@@ -201,30 +209,56 @@ def _tokenizer_for(folder: Path, name: str) -> Any:
     return real_clip_tokenizer(pad_token=_pad_token(tok_dir), model_max_length=max_len)
 
 
-def _build_seeded(folder: Path, family: str, seed: int, skip: tuple[str, ...] = ()) -> PipelineSource:
-    """Build every component from ``folder``'s configs with ``torch.manual_seed(seed)`` before each
-    (those in ``skip`` are left None, never built)."""
-    import diffusers
+def _build_seeded(folder: Path, family: str, seed: int, skip: tuple[str, ...] = (), empty: bool = False,
+                  ) -> PipelineSource:
+    """Build every component from ``folder``'s configs (those in ``skip`` are left None, never
+    built), each parameter drawn from its own seeded generator (:func:`.streaming.reseed_`),
+    so the same seed gives the same weights built here or streamed (``empty``: fake parameters,
+    the source's ``weights`` draw them when the export streams them)."""
     import torch
-    import transformers
+
+    from enginekit.export.diffusion import streaming
 
     index = read_json(folder / "model_index.json")
     components: dict[str, Any] = {}
+    weights: dict[str, Any] = {}
+    mode = streaming.fake_mode() if empty else None
     for name in _WEIGHT_COMPONENTS:
         if name not in index:
             continue
         if name in skip:
             components[name] = None
             continue
-        library, cls_name = index[name]
-        torch.manual_seed(seed)
-        if library == "diffusers":
-            cls = getattr(diffusers, cls_name)
-            model = cls.from_config(cls.load_config(str(folder / name)))
+        torch.manual_seed(seed)  # for any buffer a constructor draws
+        if empty:
+            components[name] = streaming.empty_module(lambda name=name: _from_config(folder, index, name), mode)
+            weights[name] = streaming.SeededWeights(seed, name)
         else:
-            cls = getattr(transformers, cls_name)
-            model = cls(cls.config_class.from_pretrained(str(folder / name)))
-        components[name] = model.eval()
+            model = _from_config(folder, index, name)
+            streaming.reseed_(model, seed, name)
+            components[name] = model.eval()
+    pipe = _assemble(folder, index, family, components, skip)
+    return PipelineSource(pipe, family, {"family": family, "config": folder.name}, weights if empty else None)
+
+
+def _from_config(folder: Path, index: dict[str, Any], name: str) -> Any:
+    """Component ``name`` built from ``folder/name``'s config (the class model_index names), weights as initialised."""
+    import diffusers
+    import transformers
+
+    library, cls_name = index[name]
+    if library == "diffusers":
+        cls = getattr(diffusers, cls_name)
+        return cls.from_config(cls.load_config(str(folder / name)))
+    cls = getattr(transformers, cls_name)
+    return cls(cls.config_class.from_pretrained(str(folder / name)))
+
+
+def _assemble(folder: Path, index: dict[str, Any], family: str, components: dict[str, Any],
+              skip: tuple[str, ...]) -> Any:
+    """The family's pipeline over built ``components``, with ``folder``'s scheduler and tokenizers."""
+    import diffusers
+
     sched_cls = getattr(diffusers, index["scheduler"][1])
     components["scheduler"] = sched_cls.from_config(sched_cls.load_config(str(folder / "scheduler")))
     for name in _TOKENIZERS:
@@ -234,8 +268,7 @@ def _build_seeded(folder: Path, family: str, seed: int, skip: tuple[str, ...] = 
     kwargs = fam.pipeline_kwargs(index, loading=False)
     if fam.force_zeros_flag:
         kwargs["force_zeros_for_empty_prompt"] = bool(index.get("force_zeros_for_empty_prompt", True))
-    pipe = _pipeline_class(family)(**components, **kwargs)
-    return PipelineSource(pipe, family, {"family": family, "config": folder.name})
+    return _pipeline_class(family)(**components, **kwargs)
 
 
 def _require_safetensors(folder: Path, index: dict[str, Any], skip: tuple[str, ...] = ()) -> dict[str, str]:
@@ -260,7 +293,8 @@ def _require_safetensors(folder: Path, index: dict[str, Any], skip: tuple[str, .
     return hashes
 
 
-def _load_folder(folder: Path, family: str | None, revision: str | None, without_t5: bool = False) -> PipelineSource:
+def _load_folder(folder: Path, family: str | None, revision: str | None, without_t5: bool = False,
+                 empty: bool = False) -> PipelineSource:
     if not (folder / "model_index.json").is_file():
         raise SourceError(f"{folder}: no model_index.json (expected a diffusers pipeline written by save_pretrained)")
     index = read_json(folder / "model_index.json")
@@ -273,16 +307,40 @@ def _load_folder(folder: Path, family: str | None, revision: str | None, without
     kwargs = get_family(detected).pipeline_kwargs(index, loading=True)
     if without_t5:
         kwargs.update(text_encoder_3=None, tokenizer_3=None)
+    weights = _empty_components(folder, index, kwargs) if empty else None
     try:
         pipe = _pipeline_class(detected).from_pretrained(
             str(folder), use_safetensors=True, local_files_only=True, **kwargs
         )
     except Exception as exc:  # diffusers/transformers raise many kinds
         raise SourceError(f"{folder}: diffusers could not load the pipeline ({one_line(exc)})") from exc
-    _eval(pipe)
+    if not empty:
+        _eval(pipe)
     provenance = {"source": str(folder.resolve()), "kind": "folder", "family": detected, "family_from": how,
                   "revision": revision, "weights_sha256": hashes}
-    return PipelineSource(pipe, detected, provenance)
+    return PipelineSource(pipe, detected, provenance, weights)
+
+
+def _empty_components(folder: Path, index: dict[str, Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Build each weight component of ``folder`` with fake parameters into ``kwargs`` (diffusers then
+    loads only the tokenizers and scheduler); its persistent buffers are read now (they are small),
+    its parameters are left to the returned sources (component name -> SafetensorsWeights)."""
+    from enginekit.export.diffusion import streaming
+
+    mode = streaming.fake_mode()
+    weights: dict[str, Any] = {}
+    for name in _WEIGHT_COMPONENTS:
+        if name not in index or index[name][0] is None or name in kwargs:
+            continue
+        source = streaming.SafetensorsWeights(folder / name)
+        try:
+            module = streaming.empty_module(lambda name=name: _from_config(folder, index, name), mode)
+        except Exception as exc:  # a config diffusers/transformers cannot build from
+            raise SourceError(f"{folder / name}: could not build the component from its config ({one_line(exc)})") from exc
+        streaming.load_persistent_buffers(module, source)
+        kwargs[name] = module
+        weights[name] = source
+    return weights
 
 
 def _eval(pipe: Any) -> None:
@@ -294,7 +352,8 @@ def _eval(pipe: Any) -> None:
             module.float().eval()
 
 
-def _load_hub(hub_id: str, revision: str | None, family: str | None, without_t5: bool = False) -> PipelineSource:
+def _load_hub(hub_id: str, revision: str | None, family: str | None, without_t5: bool = False,
+              empty: bool = False) -> PipelineSource:
     try:
         from huggingface_hub import snapshot_download
     except ImportError as exc:  # pragma: no cover - part of the export extra
@@ -308,7 +367,7 @@ def _load_hub(hub_id: str, revision: str | None, family: str | None, without_t5:
     except Exception as exc:
         hint = " (HF_HUB_OFFLINE is set and it is not in the hub cache)" if offline else ""
         raise SourceError(f"could not fetch {hub_id!r} from the hub{hint}: {one_line(exc)}") from exc
-    src = _load_folder(Path(folder), family, revision, without_t5)
+    src = _load_folder(Path(folder), family, revision, without_t5, empty)
     src.provenance.update(source=f"hf-hub:{hub_id}", kind="hub", hub_id=hub_id, revision=Path(folder).name)
     return src
 
@@ -347,10 +406,12 @@ def _looks_like(header: dict[str, Any]) -> str | None:
     return None
 
 
-def _check_fit(path: Path, header: dict[str, Any], family: str, folder: Path) -> None:
+def _check_fit(path: Path, header: dict[str, Any], family: str, folder: Path,
+               recipes: dict[str, dict[str, Any]] | None = None) -> None:
     """Convert the header's meta tensors as diffusers will and compare with the architecture's
     own keys and shapes, so a checkpoint of another family or size fails here, in one line,
-    instead of loading with silently random weights."""
+    instead of loading with silently random weights. ``recipes``, when given, is filled per
+    component with how each converted tensor is made from the checkpoint's (for streaming)."""
     import diffusers
     import torch
     import transformers
@@ -377,20 +438,30 @@ def _check_fit(path: Path, header: dict[str, Any], family: str, folder: Path) ->
                 cls = getattr(transformers, cls_name)
                 model = cls(transformers.CLIPTextConfig.from_pretrained(str(folder / name)))
         expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        try:
+
+        def convert(checkpoint: dict[str, Any], name: str = name, model: Any = model, cfg: Any = cfg) -> Any:
             if name == "unet":
-                got = sfu.convert_ldm_unet_checkpoint(header, cfg)
-            elif name == "vae":
-                got = sfu.convert_ldm_vae_checkpoint(header, cfg)
-            elif name in fam.open_clip_encoders:
-                got = sfu.convert_open_clip_checkpoint(model, header, prefix=fam.single_file_prefix)
+                return sfu.convert_ldm_unet_checkpoint(checkpoint, cfg)
+            if name == "vae":
+                return sfu.convert_ldm_vae_checkpoint(checkpoint, cfg)
+            if name in fam.open_clip_encoders:
+                return sfu.convert_open_clip_checkpoint(model, checkpoint, prefix=fam.single_file_prefix)
+            return sfu.convert_ldm_clip_checkpoint(checkpoint)
+
+        try:
+            if recipes is None:
+                got = convert(header)
             else:
-                got = sfu.convert_ldm_clip_checkpoint(header)
+                from enginekit.export.diffusion.streaming import record_conversion
+
+                got, recipes[name] = record_conversion(header, convert)
         except Exception as exc:  # converters index keys they expect
             problems.append(f"{name}: {one_line(exc)}")
             continue
         if not hasattr(model, "text_model") and name.startswith("text_encoder"):
             got = {k.removeprefix("text_model."): v for k, v in got.items()}
+            if recipes is not None:
+                recipes[name] = {k.removeprefix("text_model."): v for k, v in recipes[name].items()}
         got_shapes = {k: tuple(v.shape) for k, v in got.items() if v is not None}
         missing = [k for k in expected if k not in got_shapes and not k.endswith("position_ids")]
         wrong = [k for k in expected if k in got_shapes and got_shapes[k] != expected[k]]
@@ -401,7 +472,8 @@ def _check_fit(path: Path, header: dict[str, Any], family: str, folder: Path) ->
         raise SourceError(f"{path}: does not fit the {family} architecture of {folder} — {'; '.join(problems)}")
 
 
-def _load_single_file(path: Path, family: str | None, config: str | Path | None) -> PipelineSource:
+def _load_single_file(path: Path, family: str | None, config: str | Path | None, empty: bool = False,
+                      ) -> PipelineSource:
     if path.suffix in _PICKLE_SUFFIXES:
         raise SourceError(f"{path}: pickled checkpoints are never loaded; convert it to .safetensors first")
     if path.suffix != ".safetensors":
@@ -416,9 +488,15 @@ def _load_single_file(path: Path, family: str | None, config: str | Path | None)
     if not (folder / "model_index.json").is_file():
         raise SourceError(f"{folder}: the config folder has no model_index.json")
     header = _read_header(path)
-    _check_fit(path, header, family, folder)
+    recipes: dict[str, dict[str, Any]] | None = {} if empty else None
+    _check_fit(path, header, family, folder, recipes)
     del header
     index = read_json(folder / "model_index.json")
+    provenance = {"source": str(path.resolve()), "kind": "single_file", "family": family,
+                  "config": str(folder.resolve()) if config is not None else folder.name,
+                  "weights_sha256": sha256_file(path)}
+    if recipes is not None:
+        return _empty_single_file(path, folder, index, family, recipes, provenance)
     kwargs: dict[str, Any] = {name: _tokenizer_for(folder, name) for name in _TOKENIZERS if name in index}
     kwargs.update(get_family(family).pipeline_kwargs(index, loading=False))
     try:
@@ -426,7 +504,24 @@ def _load_single_file(path: Path, family: str | None, config: str | Path | None)
     except Exception as exc:
         raise SourceError(f"{path}: diffusers could not load the checkpoint as {family} ({one_line(exc)})") from exc
     _eval(pipe)
-    provenance = {"source": str(path.resolve()), "kind": "single_file", "family": family,
-                  "config": str(folder.resolve()) if config is not None else folder.name,
-                  "weights_sha256": sha256_file(path)}
     return PipelineSource(pipe, family, provenance)
+
+
+def _empty_single_file(path: Path, folder: Path, index: dict[str, Any], family: str,
+                       recipes: dict[str, dict[str, Any]], provenance: dict[str, Any]) -> PipelineSource:
+    """The single file's pipeline with fake parameters over ``folder``'s configs, each weight
+    converted from the checkpoint as diffusers converts it when the export streams it."""
+    from enginekit.export.diffusion import streaming
+
+    mode = streaming.fake_mode()
+    components: dict[str, Any] = {}
+    weights: dict[str, Any] = {}
+    for name in _WEIGHT_COMPONENTS:
+        if name not in index:
+            continue
+        source = streaming.SingleFileWeights(path, recipes[name])
+        module = streaming.empty_module(lambda name=name: _from_config(folder, index, name), mode)
+        streaming.load_persistent_buffers(module, source)
+        components[name], weights[name] = module, source
+    pipe = _assemble(folder, index, family, components, ())
+    return PipelineSource(pipe, family, provenance, weights)

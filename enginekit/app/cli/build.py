@@ -56,6 +56,10 @@ from enginekit.registry import task_names
 @click.option("--sym", is_flag=True, help="int8/int4: symmetric (no zero points).")
 @click.option("--component", "component_formats", multiple=True, metavar="NAME=FORMAT",
               help="Pipelines: one component's weight format (repeatable), e.g. text_encoder_2=int4.")
+@click.option("--streaming/--no-streaming", default=False, show_default=True,
+              help="Pipelines: trace with fake weights and stream the weights tensor by tensor from the "
+                   "safetensors (or the seeded generator) into each data file: memory stays near the largest "
+                   "tensor, not the model. Skips the PyTorch parity and image checks (never in memory).")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists (atomically).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def export(**params: Any) -> None:
@@ -89,7 +93,8 @@ def export(**params: Any) -> None:
             return export_model(
                 model, folder, family=o.family, task=o.task, random_weights=o.random_weights, weights=o.weights,
                 revision=o.revision, seed=o.seed, opset=o.opset, atol=o.atol, rtol=o.rtol, image_check=o.image_check,
-                loras=o.loras, lora_scale=o.lora_scale, without_t5=o.without_t5, overwrite=overwrite,
+                loras=o.loras, lora_scale=o.lora_scale, without_t5=o.without_t5, streaming=o.streaming,
+                overwrite=overwrite,
                 on_step=lambda msg: status.update(msg),
             )
 
