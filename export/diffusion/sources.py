@@ -38,6 +38,7 @@ from enginekit.artifact import sha256_file
 from enginekit.errors import SourceError, one_line
 from enginekit.export.diffusion.families import (DiffusionFamily, check_family, detect_family, families,
                                                  family_names, get_family)
+from enginekit.export.diffusion.tokenizer import tokenizer_for as _tokenizer_for
 from enginekit.export.json_files import read_json
 
 __all__ = ["FAMILIES", "BUILTINS", "ARCHITECTURES", "PipelineSource", "resolve_pipeline", "config_dir"]
@@ -168,45 +169,6 @@ def _pipeline_class(family: str) -> Any:
     import diffusers
 
     return getattr(diffusers, get_family(family).pipeline_class)
-
-
-def _pad_token(tok_dir: Path) -> str:
-    """The pad token a config folder's tokenizer declares (special_tokens_map wins, as in transformers)."""
-    for name in ("special_tokens_map.json", "tokenizer_config.json"):
-        path = tok_dir / name
-        if path.is_file():
-            pad = read_json(path).get("pad_token")
-            if isinstance(pad, dict):
-                pad = pad.get("content")
-            if pad:
-                return str(pad)
-    return "<|endoftext|>"
-
-
-def _tokenizer_for(folder: Path, name: str) -> Any:
-    """The tokenizer saved in ``folder/name``, or the real CLIP BPE with that folder's pad token
-    (a T5 stand-in for a config folder's T5 tokenizer: see :func:`stand_in_t5_tokenizer`)."""
-    tok_dir = folder / name
-    config = read_json(tok_dir / "tokenizer_config.json") if (tok_dir / "tokenizer_config.json").is_file() else {}
-    if str(config.get("tokenizer_class", "")).startswith("T5"):
-        if (tok_dir / "tokenizer.json").is_file() or (tok_dir / "spiece.model").is_file():
-            from transformers import AutoTokenizer
-
-            return AutoTokenizer.from_pretrained(str(tok_dir), use_fast=True)
-        from enginekit.export.diffusion.tokenizer import stand_in_t5_tokenizer
-
-        enc_cfg = folder / name.replace("tokenizer", "text_encoder") / "config.json"
-        vocab = int(read_json(enc_cfg).get("vocab_size", 32128)) if enc_cfg.is_file() else 32128
-        return stand_in_t5_tokenizer(min(vocab, 32100), int(config.get("model_max_length", 512)))
-    if (tok_dir / "vocab.json").is_file() and (tok_dir / "merges.txt").is_file():
-        from transformers import CLIPTokenizer
-
-        return CLIPTokenizer.from_pretrained(str(tok_dir))
-    from enginekit.export.diffusion.tokenizer import real_clip_tokenizer
-
-    max_len = int(read_json(tok_dir / "tokenizer_config.json").get("model_max_length", 77)) if (
-        tok_dir / "tokenizer_config.json").is_file() else 77
-    return real_clip_tokenizer(pad_token=_pad_token(tok_dir), model_max_length=max_len)
 
 
 def _build_seeded(folder: Path, family: str, seed: int, skip: tuple[str, ...] = (), empty: bool = False,

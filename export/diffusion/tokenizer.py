@@ -26,9 +26,10 @@ from typing import Any
 import tokenizers
 
 from enginekit.errors import ArtifactError, ExportError, SourceError
+from enginekit.export.json_files import read_json
 from enginekit.runtimes.tasks.tokenizers import PromptTokenizer, TokenizerConfig
 
-__all__ = ["TOKENIZER_FILE", "save_tokenizer", "real_clip_tokenizer", "stand_in_t5_tokenizer"]
+__all__ = ["TOKENIZER_FILE", "save_tokenizer", "real_clip_tokenizer", "stand_in_t5_tokenizer", "tokenizer_for"]
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -244,3 +245,38 @@ def _transformers() -> Any:
     except ImportError as exc:
         raise ExportError(f"exporting tokenizers needs transformers: {_INSTALL}") from exc
     return transformers
+
+
+def _pad_token(tok_dir: Path) -> str:
+    """The pad token a config folder's tokenizer declares (special_tokens_map wins, as in transformers)."""
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        path = tok_dir / name
+        if path.is_file():
+            pad = read_json(path).get("pad_token")
+            if isinstance(pad, dict):
+                pad = pad.get("content")
+            if pad:
+                return str(pad)
+    return "<|endoftext|>"
+
+
+def tokenizer_for(folder: Path, name: str) -> Any:
+    """The tokenizer saved in ``folder/name``, or the real CLIP BPE with that folder's pad token
+    (a T5 stand-in for a config folder's T5 tokenizer: see :func:`stand_in_t5_tokenizer`)."""
+    tok_dir = folder / name
+    config = read_json(tok_dir / "tokenizer_config.json") if (tok_dir / "tokenizer_config.json").is_file() else {}
+    if str(config.get("tokenizer_class", "")).startswith("T5"):
+        if (tok_dir / "tokenizer.json").is_file() or (tok_dir / "spiece.model").is_file():
+            from transformers import AutoTokenizer
+
+            return AutoTokenizer.from_pretrained(str(tok_dir), use_fast=True)
+        enc_cfg = folder / name.replace("tokenizer", "text_encoder") / "config.json"
+        vocab = int(read_json(enc_cfg).get("vocab_size", 32128)) if enc_cfg.is_file() else 32128
+        return stand_in_t5_tokenizer(min(vocab, 32100), int(config.get("model_max_length", 512)))
+    if (tok_dir / "vocab.json").is_file() and (tok_dir / "merges.txt").is_file():
+        from transformers import CLIPTokenizer
+
+        return CLIPTokenizer.from_pretrained(str(tok_dir))
+    max_len = int(read_json(tok_dir / "tokenizer_config.json").get("model_max_length", 77)) if (
+        tok_dir / "tokenizer_config.json").is_file() else 77
+    return real_clip_tokenizer(pad_token=_pad_token(tok_dir), model_max_length=max_len)

@@ -260,9 +260,11 @@ def test_family_defaults_per_component() -> None:
 # -- pipelines: the image gate and both backends' compile -------------------------------
 
 PIPELINES = [("tiny-sd15", "int8"), ("tiny-sd15", "int4"), ("tiny-flux", "int8"), ("tiny-flux", "int4")]
+# int4 on both families by default (the format with the most to check); int8 under -m slow.
+_PARAMS = [pytest.param(n, m, id=f"{n}-{m}", marks=[pytest.mark.slow] if m == "int8" else []) for n, m in PIPELINES]
 
 
-@pytest.mark.parametrize("name,mode", PIPELINES, ids=["-".join(c) for c in PIPELINES])
+@pytest.mark.parametrize("name,mode", _PARAMS)
 def test_compressed_pipeline_passes_the_image_gate_and_compiles_compressed(
         tiny_pipelines: dict, tmp_path: Path, name: str, mode: str) -> None:
     from click.testing import CliRunner
