@@ -26,9 +26,9 @@ pytest.importorskip("onnxruntime")
 
 from ._sd_single_file import write_ldm_checkpoint  # noqa: E402
 
-# sd15 and flux (a UNet and a transformer family) run by default; sdxl and sd3 under -m slow,
+# flux (the transformer family the streaming export is for) runs by default; the others under -m slow,
 # which keeps the default suite's time (each family's in-memory twin export takes a while).
-FAMILIES = ("tiny-sd15", pytest.param("tiny-sdxl", marks=pytest.mark.slow),
+FAMILIES = (pytest.param("tiny-sd15", marks=pytest.mark.slow), pytest.param("tiny-sdxl", marks=pytest.mark.slow),
             pytest.param("tiny-sd3", marks=pytest.mark.slow), "tiny-flux")
 
 
@@ -175,7 +175,8 @@ def test_streamed_seeded_export_is_bit_identical(name: str, in_memory: dict[str,
         assert any(f.path.endswith("model.onnx.data") for f in comp.files)
 
 
-@pytest.mark.parametrize("name", ("tiny-sd15", pytest.param("tiny-flux", marks=pytest.mark.slow)))
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ("tiny-sd15", "tiny-flux"))
 def test_streamed_from_safetensors_folder(name: str, in_memory: dict[str, Path], tmp_path: Path) -> None:
     """A save_pretrained folder (one component sharded, with its index) streams to the same artifact."""
     from enginekit.export.diffusion.sd import PipelineExportOptions, export_pipeline
@@ -196,8 +197,8 @@ def test_streamed_from_safetensors_folder(name: str, in_memory: dict[str, Path],
     assert manifest.components[denoiser].fidelity["weights"].startswith("safetensors (")
 
 
-@pytest.mark.parametrize("builtin,family", [("tiny-sd15", "sd15"),
-                                            pytest.param("tiny-sdxl", "sdxl", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("builtin,family", [("tiny-sd15", "sd15"), ("tiny-sdxl", "sdxl")])
 def test_streamed_from_single_file(builtin: str, family: str, in_memory: dict[str, Path], tmp_path: Path) -> None:
     """An LDM single file: each weight converted on the way as diffusers converts it (renames, the
     VAE attention's 1x1 convs, OpenCLIP's fused q/k/v) gives the in-memory export of the same weights."""
@@ -241,6 +242,7 @@ def test_streaming_refusals(tmp_path: Path) -> None:
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
+@pytest.mark.slow
 def test_streaming_cli_flag(in_memory: dict[str, Path], tmp_path: Path) -> None:
     """``export --streaming`` writes an artifact that loads and generates today's image."""
     from click.testing import CliRunner

@@ -18,7 +18,9 @@ from enginekit.memory import PeakRSS, StagePeaks, reset_peak
 
 from ..conftest import backend_params, installed_backends, make_photo
 
-PIPELINES = ("tiny-sd15", "tiny-sdxl", "tiny-sd3", "tiny-flux")
+# sd15 and flux by default; sdxl and sd3 (same code path, more components) under -m slow.
+PIPELINES = ("tiny-sd15", pytest.param("tiny-sdxl", marks=pytest.mark.slow),
+             pytest.param("tiny-sd3", marks=pytest.mark.slow), "tiny-flux")
 ARGS = dict(prompt="a lighthouse at dusk", num_inference_steps=2, seed=3, output_type="np")
 
 
