@@ -39,9 +39,9 @@ import numpy as np
 from enginekit.app.optimize_judge import Outcome, datasets, judge, second_spec, torch_outputs
 from enginekit.app.optimize_plan import PRECISIONS, Candidate, OptimizeConfig, plan_candidates
 from enginekit.app.optimize_report import render_report
-from enginekit.app.optimize_workspace import workspace
+from enginekit.app.optimize_workspace import refuse_without_pick, workspace
 from enginekit.bench.harness import DRIFT_WARN
-from enginekit.errors import ArtifactError, FidelityError, InputError, one_line
+from enginekit.errors import ArtifactError, InputError, one_line
 
 __all__ = ["PRECISIONS", "Candidate", "OptimizeConfig", "optimize", "plan_candidates", "render_report", "second_spec"]
 
@@ -374,11 +374,9 @@ def _run(run: _RunSettings, candidates: list[Candidate]) -> dict[str, Any]:
     report = _report(run, prep, outcomes, times, best)
     markdown = render_report(report)
     if best is None:
-        (run.work / "report.json").write_text(json.dumps(report, indent=2, default=str))
-        (run.work / "report.md").write_text(markdown)
-        lines = "\n".join(f"  {oc.candidate.name}: {oc.status} ({oc.reason})" for oc in outcomes)
-        raise FidelityError(f"no candidate keeps the budget (top-1 agreement >= {run.config.min_agreement}, "
-                            f"logits cosine >= {run.config.min_cosine}) against PyTorch:\n{lines}\n"
-                            f"nothing was written to {run.out}; the report is in {run.work / 'report.md'}")
+        refuse_without_pick(run.work, run.out, report, markdown,
+                            f"keeps the budget (top-1 agreement >= {run.config.min_agreement}, "
+                            f"logits cosine >= {run.config.min_cosine}) against PyTorch",
+                            [f"{oc.candidate.name}: {oc.status} ({oc.reason})" for oc in outcomes])
     _write_pick(run, report, markdown, best, len(outcomes))
     return report

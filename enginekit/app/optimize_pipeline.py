@@ -42,9 +42,9 @@ from enginekit.app.optimize_pipeline_plan import (HELD_OUT_PROMPTS, PRECISIONS, 
                                                   PipelineCandidate, PipelineOptimizeConfig,
                                                   plan_pipeline_candidates)
 from enginekit.app.optimize_pipeline_report import HEADERS, render_pipeline_report, table_rows, table_text
-from enginekit.app.optimize_workspace import workspace
+from enginekit.app.optimize_workspace import refuse_without_pick, workspace
 from enginekit.bench.pipeline_images import Generation, timing_problem
-from enginekit.errors import ArtifactError, FidelityError, InputError, one_line
+from enginekit.errors import ArtifactError, InputError, one_line
 
 __all__ = ["HELD_OUT_PROMPTS", "PipelineCandidate", "PipelineOptimizeConfig", "optimize_pipeline",
            "plan_pipeline_candidates", "select", "render_pipeline_report", "QUANTIZE_MISSING", "measure_timing",
@@ -373,12 +373,11 @@ def _write(run: _Run, report: dict[str, Any], overwrite: bool) -> None:
     markdown = render_pipeline_report(report)
     picked, outcomes, config, out = report["picked"], report["candidates"], run.config, run.out
     if picked is None:
-        (run.work / "report.json").write_text(json.dumps(report, indent=2, default=str))
-        (run.work / "report.md").write_text(markdown)
-        lines = "\n".join(f"  {oc['candidate']['name']}: {oc['status']} ({oc['reason']})" for oc in outcomes)
-        raise FidelityError(f"no candidate met the budget (image PSNR >= {config.min_psnr:g} dB against diffusers "
-                            f"on every held-out image):\n{lines}\n{table_text(report)}\n"
-                            f"nothing was written to {out}; the report is in {run.work / 'report.md'}")
+        refuse_without_pick(run.work, out, report, markdown,
+                            f"met the budget (image PSNR >= {config.min_psnr:g} dB against diffusers "
+                            f"on every held-out image)",
+                            [f"{oc['candidate']['name']}: {oc['status']} ({oc['reason']})" for oc in outcomes],
+                            f"{table_text(report)}\n")
     best = next(oc for oc in outcomes if oc["status"] == "picked")
     run.on_step(f"6. picked {picked} -> {out}")
     with atomic_artifact(out, overwrite=overwrite, inputs=(run.model,)) as tmp:

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from enginekit.errors import FidelityError
 
-__all__ = ["workspace"]
+__all__ = ["workspace", "refuse_without_pick"]
 
 
 @contextlib.contextmanager
@@ -37,3 +38,14 @@ def workspace(out: Path, work_dir: str | Path | None) -> Iterator[Path]:
         if not keep:
             shutil.rmtree(work, ignore_errors=True)
     warm_cache(out, "cpu")
+
+
+def refuse_without_pick(work: Path, out: Path, report: dict[str, Any], markdown: str, budget: str,
+                        fates: list[str], extra: str = "") -> None:
+    """No candidate kept the budget: the report (JSON and markdown) stays in ``work`` and a
+    :class:`FidelityError` names each candidate's fate; nothing is written to ``out``."""
+    (work / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    (work / "report.md").write_text(markdown)
+    lines = "\n".join(f"  {fate}" for fate in fates)
+    raise FidelityError(f"no candidate {budget}:\n{lines}\n{extra}"
+                        f"nothing was written to {out}; the report is in {work / 'report.md'}")

@@ -72,7 +72,8 @@ def compress_pipeline(artifact_dir: str | Path, out_dir: str | Path, default_for
     root = Path(artifact_dir)
     parent = read_manifest(root)
     verify_artifact(root, parent)
-    if parent.task != "text-to-image" or parent.kind != "onnx" or parent.quantization:
+    # A pipeline's manifest names its denoiser; a classifier's has none.
+    if not parent.task_config.get("denoiser") or parent.kind != "onnx" or parent.quantization:
         what = f"{parent.kind} {parent.task}" + (" (already quantized)" if parent.quantization else "")
         raise QuantizationError(f"{root}: compress takes a float ONNX pipeline from export; this one is {what}")
     plan = plan_formats(parent, default_format, per_component)
