@@ -14,10 +14,19 @@ TIMM_LABELS = ["cat", "dog", "bird", "fish"]
 HF_LABELS = {0: "negative", 1: "neutral", 2: "positive"}
 
 
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("ENGINEKIT_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory):
+    """The whole run (session fixtures and the subprocesses they start included) keeps its
+    compiled-model and verified-file caches under the run's temp folder, never in ~/.cache."""
+    saved = {k: os.environ.get(k) for k in ("ENGINEKIT_CACHE_DIR", "HF_HUB_OFFLINE")}
+    os.environ["ENGINEKIT_CACHE_DIR"] = str(tmp_path_factory.getbasetemp() / "cache")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 @pytest.fixture(scope="session")
