@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from enginekit.errors import SourceError
 from enginekit.manifest import Manifest
@@ -92,6 +92,9 @@ class ExportRequest:
     lora_scale: float = 1.0
     without_t5: bool = False
     streaming: bool = False
+    #: Pipelines: the denoiser's weight format (a WeightFormat or fp32/fp16/int8/int4) and per-component overrides.
+    weight_format: Any = None
+    component_formats: Mapping[str, Any] | None = None
     overwrite: bool = False
 
     def budget(self) -> dict[str, Any]:
@@ -109,7 +112,8 @@ def export_pipeline_source(spec: str, out_dir: str | Path, request: ExportReques
     specs = tuple(parse_lora(text, request.lora_scale) for text in request.loras)
     options = PipelineExportOptions(opset=request.opset, seed=request.seed, image_check=request.image_check,
                                     loras=specs, without_t5=request.without_t5, streaming=request.streaming,
-                                    **request.budget())
+                                    weight_format=request.weight_format,
+                                    component_formats=request.component_formats, **request.budget())
     return export_pipeline(spec, out_dir, options, family=request.family, random_weights=request.random_weights,
                            revision=request.revision, overwrite=request.overwrite, on_step=on_step)
 
@@ -125,6 +129,9 @@ def export_classifier_source(spec: str, out_dir: str | Path, request: ExportRequ
         raise SourceError("--no-t5 applies to SD3/SD3.5 pipelines only")
     if request.streaming:
         raise SourceError("--streaming applies to diffusion pipelines only")
+    if request.weight_format is not None or request.component_formats:
+        raise SourceError("--weight-format applies to diffusion pipelines; quantize a classifier with "
+                          "`enginekit quantize`")
     return export_classifier(spec, out_dir, ExportOptions(opset=request.opset, seed=request.seed, **request.budget()),
                              random_weights=request.random_weights, weights=request.weights,
                              revision=request.revision, overwrite=request.overwrite, on_step=on_step)

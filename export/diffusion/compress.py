@@ -23,14 +23,14 @@ import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 from enginekit.artifact import atomic_artifact, copy_assets, make_component, verify_artifact, write_manifest
 from enginekit.errors import QuantizationError
 from enginekit.export.compress import WeightFormat, compress_component, written_files
 from enginekit.manifest import Component, Manifest, read_manifest
 
-__all__ = ["compress_pipeline", "plan_formats", "export_compressed"]
+__all__ = ["compress_pipeline", "plan_formats", "formats_for", "format_record", "export_compressed"]
 
 
 def _as_format(value: WeightFormat | str, base: WeightFormat) -> WeightFormat:
@@ -40,20 +40,31 @@ def _as_format(value: WeightFormat | str, base: WeightFormat) -> WeightFormat:
 
 def plan_formats(manifest: Manifest, default_format: WeightFormat | str,
                  per_component: Mapping[str, WeightFormat | str] | None = None) -> dict[str, WeightFormat]:
-    """Each component's :class:`WeightFormat`: the family's defaults for ``default_format``,
-    then ``per_component`` over them."""
+    """Each of ``manifest``'s components' :class:`WeightFormat`: see :func:`formats_for`."""
+    return formats_for(manifest.family, list(manifest.components), default_format, per_component)
+
+
+def formats_for(family_name: str, names: Sequence[str], default_format: WeightFormat | str,
+                per_component: Mapping[str, WeightFormat | str] | None = None) -> dict[str, WeightFormat]:
+    """Each component's :class:`WeightFormat` (``names``, a ``family_name`` pipeline's): the
+    family's defaults for ``default_format``, then ``per_component`` over them."""
     from enginekit.export.diffusion.families import get_family
 
     base = default_format if isinstance(default_format, WeightFormat) else WeightFormat(mode=str(default_format))
-    family = get_family(manifest.family)
-    names = list(manifest.components)
+    family = get_family(family_name)
     plan = {name: _as_format(mode, base) for name, mode in family.weight_formats(names, base.mode).items()}
     for name, value in (per_component or {}).items():
-        if name not in manifest.components:
-            raise QuantizationError(f"unknown component {name!r}; this {manifest.family} pipeline has: "
+        if name not in names:
+            raise QuantizationError(f"unknown component {name!r}; this {family_name} pipeline has: "
                                     f"{', '.join(names)}")
         plan[name] = _as_format(value, base)
     return plan
+
+
+def format_record(plan: Mapping[str, WeightFormat], denoiser: str) -> dict[str, Any]:
+    """The pipeline-level summary of ``plan``: the denoiser's format and its options."""
+    fmt = plan.get(denoiser) or next(iter(plan.values()))
+    return {"weight_format": fmt.mode, **{k: v for k, v in fmt.record().items() if k != "format"}}
 
 
 def compress_pipeline(artifact_dir: str | Path, out_dir: str | Path, default_format: WeightFormat | str,
@@ -112,9 +123,7 @@ def compress_pipeline(artifact_dir: str | Path, out_dir: str | Path, default_for
 
 
 def _format_record(plan: Mapping[str, WeightFormat], parent: Manifest) -> dict[str, Any]:
-    denoiser = str(parent.task_config.get("denoiser", ""))
-    fmt = plan.get(denoiser) or next(iter(plan.values()))
-    return {"weight_format": fmt.mode, **{k: v for k, v in fmt.record().items() if k != "format"}}
+    return format_record(plan, str(parent.task_config.get("denoiser", "")))
 
 
 def _budget(parent: Manifest, plan: Mapping[str, WeightFormat], min_psnr: float | None,
@@ -150,11 +159,11 @@ def _judge(root: Path, parent: Manifest, tmp: Path, manifest: Manifest, plan: Ma
 
 def export_compressed(export: Callable[[Path], Any], out_dir: str | Path, default_format: WeightFormat | str,
                       per_component: Mapping[str, WeightFormat | str] | None = None, *, overwrite: bool = False,
-                      on_step: Callable[[str], None] = lambda msg: None) -> Manifest:
+                      gate: Any = None, on_step: Callable[[str], None] = lambda msg: None) -> Manifest:
     """``export`` (called with a folder to write the float ONNX pipeline into) into a scratch
-    folder beside ``out_dir``, then :func:`compress_pipeline` into ``out_dir``; the scratch
-    folder is removed either way. The float export is on disk, never in memory, while the
-    weights are compressed."""
+    folder beside ``out_dir``, then :func:`compress_pipeline` into ``out_dir`` (judged against the
+    float export by ``gate``, a :class:`GateSpec`, when given); the scratch folder is removed
+    either way. The float export is on disk, never in memory, while the weights are compressed."""
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.float-", dir=out.parent))
@@ -163,6 +172,6 @@ def export_compressed(export: Callable[[Path], Any], out_dir: str | Path, defaul
         mode = default_format if isinstance(default_format, str) else default_format.mode
         on_step(f"compressing the weights ({mode})")
         return compress_pipeline(scratch / "onnx", out, default_format, per_component, overwrite=overwrite,
-                                 on_step=on_step)
+                                 gate=gate, on_step=on_step)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -25,11 +25,12 @@ import contextlib
 import gc
 import io
 import json
+import shutil
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -86,6 +87,13 @@ class PipelineExportOptions:
     #: never whole in memory. The PyTorch reference is never built either, so the per-component
     #: parity check and the image check do not run (the manifest says so).
     streaming: bool = False
+    #: The weights' format (a :class:`~enginekit.export.compress.WeightFormat` or its mode: fp32,
+    #: fp16, int8, int4) for the denoiser; the other components take their family's defaults
+    #: (:meth:`DiffusionFamily.weight_formats`) and ``component_formats`` ({"text_encoder_2":
+    #: "int4"}) overrides them. Streaming compresses each tensor as it is streamed; otherwise the
+    #: float export is written to a scratch folder and compressed from there.
+    weight_format: Any = None
+    component_formats: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         check_export_request(self.opset, self.atol, self.rtol)
@@ -112,6 +120,17 @@ def export_pipeline(
     once exported, so a full-size SD 1.5 fits in 24 GB. A :class:`PipelineSource`
     passed in is left whole (its caller holds it), though ``options.loras`` are fused into it.
     """
+    if _compressing(options) and not options.streaming:
+        # The float export on disk, then compressed from it and judged against it (the image gate).
+        from enginekit.export.diffusion.compress import export_compressed
+        from enginekit.quant.diffusion_gate import GateSpec
+
+        float_options = replace(options, weight_format=None, component_formats=None)
+        return export_compressed(
+            lambda folder: export_pipeline(spec_or_source, folder, float_options, family=family,
+                                           random_weights=random_weights, revision=revision, on_step=on_step),
+            out_dir, options.weight_format, options.component_formats, overwrite=overwrite,
+            gate=GateSpec() if options.image_check else None, on_step=on_step)
     with PeakRSS(sample_s=0.1) as rss:
         started = time.monotonic()
         owned = not isinstance(spec_or_source, PipelineSource)
@@ -128,10 +147,11 @@ def export_pipeline(
         task_config = get_family(src.family).task_config(pipe)
         # Read before any component is dropped: setting one to None rewrites the pipeline's config.
         model_index = _model_index(pipe)
+        formats = _formats(pipe, src.family, options) if streamed and _compressing(options) else None
         with atomic_artifact(out_dir, overwrite=overwrite,
                              inputs=(spec_or_source,) if owned else ()) as tmp:
             components, fidelity, exporters = _export_components(tmp, pipe, src.family, options, owned, rss, on_step,
-                                                                 src.weights)
+                                                                 src.weights, formats)
             on_step("writing tokenizers, scheduler and model index")
             assets = _write_assets(tmp, pipe, task_config, model_index)
             rss.sample()
@@ -153,6 +173,8 @@ def export_pipeline(
             )
             if streamed:
                 manifest = manifest.replace(fidelity={**manifest.fidelity, "image": _NOT_CHECKED})
+            if formats is not None:
+                manifest = manifest.replace(quantization=_compression_record(formats, components, src.family))
             write_manifest(tmp, manifest)
             if options.image_check and not streamed:
                 manifest = _check_image(pipe, tmp, manifest, options, on_step)
@@ -183,12 +205,42 @@ def _source(spec_or_source: str | PipelineSource, options: PipelineExportOptions
     return spec_or_source
 
 
+def _compressing(options: PipelineExportOptions) -> bool:
+    """Whether ``options`` ask for any weights other than fp32."""
+    fmt = options.weight_format
+    mode = getattr(fmt, "mode", fmt)
+    return (mode is not None and mode != "fp32") or bool(options.component_formats)
+
+
+def _formats(pipe: Any, family: str, options: PipelineExportOptions) -> dict[str, Any]:
+    """Each component's weight format for a streamed export (unknown component names refused
+    before anything is exported)."""
+    from enginekit.export.diffusion.compress import formats_for
+
+    names = [*(n for n in TEXT_ENCODERS if getattr(pipe, n, None) is not None), get_family(family).denoiser,
+             "vae_decoder", "vae_encoder"]
+    return formats_for(family, names, options.weight_format or "fp32", options.component_formats)
+
+
+def _compression_record(formats: Mapping[str, Any], components: Mapping[str, Component], family: str,
+                        ) -> dict[str, Any]:
+    """The manifest's ``quantization`` of a streamed export that compressed on the way (the shape
+    :func:`~enginekit.export.diffusion.compress.compress_pipeline` writes)."""
+    from enginekit.export.diffusion.compress import format_record
+
+    return {"method": "weight-compression", "stage": "export (streamed)",
+            **format_record(formats, get_family(family).denoiser),
+            "components": {name: comp.quantization for name, comp in components.items()}}
+
+
 def _export_components(tmp: Path, pipe: Any, family: str, options: PipelineExportOptions, owned: bool,
                        rss: PeakRSS, on_step: Callable[[str], None], weights: dict[str, Any] | None = None,
+                       formats: Mapping[str, Any] | None = None,
                        ) -> tuple[dict[str, Component], dict[str, Any], dict[str, str]]:
     """Export and parity-check every component into ``tmp``, one at a time; an owned pipeline
     without the image check drops each component's weights as soon as it is exported.
-    ``weights`` (a streaming source's) streams them instead, unchecked."""
+    ``weights`` (a streaming source's) streams them instead, unchecked, each component in its
+    format from ``formats`` (None: fp32)."""
     exporters: dict[str, str] = {}
     components: dict[str, Component] = {}
     fidelity: dict[str, Any] = {}
@@ -206,7 +258,8 @@ def _export_components(tmp: Path, pipe: Any, family: str, options: PipelineExpor
             gc.collect()
 
         if weights is not None:
-            comp, report, exporter = _export_streamed(tmp, plan, options, on_step, i, len(plans), pipe, weights)
+            fmt = formats.get(plan.name) if formats else None
+            comp, report, exporter = _export_streamed(tmp, plan, options, on_step, i, len(plans), pipe, weights, fmt)
         else:
             comp, report, exporter = _export_component(tmp, plan, options, on_step, i, len(plans),
                                                        release if droppable else None)
@@ -276,20 +329,32 @@ _NOT_CHECKED = {"checked": False, "passed": None,
 
 
 def _export_streamed(root: Path, plan: _Plan, opts: PipelineExportOptions, on_step: Callable[[str], None], i: int,
-                     n: int, pipe: Any, weights: dict[str, Any]) -> tuple[Component, dict[str, Any], str]:
-    """Export one component traced with fake weights, streaming its weights into its data file."""
+                     n: int, pipe: Any, weights: dict[str, Any], fmt: Any = None,
+                     ) -> tuple[Component, dict[str, Any], str]:
+    """Export one component traced with fake weights, streaming its weights into its data file
+    (int8/int4 ``fmt``: compressed on the way; fp16: converted once written)."""
+    from enginekit.export.compress import compress_component, written_files
     from enginekit.export.diffusion.streaming import DATA_FILE, export_streamed
 
     folder = root / plan.name
     folder.mkdir()
     path = folder / "model.onnx"
-    on_step(f"[{i}/{n}] {plan.name}: tracing, then streaming the weights into {DATA_FILE}")
-    record = export_streamed(plan, path, opts.opset, pipe, weights)
+    mode = getattr(fmt, "mode", "fp32")
+    on_step(f"[{i}/{n}] {plan.name}: tracing, then streaming the weights into {DATA_FILE}"
+            + (f" ({mode})" if mode != "fp32" else ""))
+    record = export_streamed(plan, path, opts.opset, pipe, weights, fmt)
+    quantization = record.pop("compression", None)
+    if mode == "fp16":
+        on_step(f"[{i}/{n}] {plan.name}: converting to fp16")
+        half = root / f".{plan.name}.fp16"
+        quantization = compress_component(folder, fmt, half)
+        shutil.rmtree(folder)
+        half.rename(folder)
     _name_dims(path, plan)
     report = {**_NOT_CHECKED, "min_cosine": None, "max_abs": None, "exporter": "dynamo", **record}
-    files = ["model.onnx"] + ([DATA_FILE] if (folder / DATA_FILE).exists() else [])
-    comp = make_component(root, plan.name, f"{plan.name}/model.onnx", [f"{plan.name}/{f}" for f in files],
-                          plan.inputs, plan.outputs, "fp32", fidelity=report)
+    files = [f"{plan.name}/{f}" for f in written_files(folder)]
+    comp = make_component(root, plan.name, f"{plan.name}/model.onnx", files, plan.inputs, plan.outputs, mode,
+                          fidelity=report, quantization=quantization if mode != "fp32" else None)
     return comp, report, "dynamo"
 
 

@@ -427,7 +427,7 @@ def test_cli_export_with_a_weight_format(tmp_path: Path) -> None:
     from enginekit.app.cli import cli
 
     out = tmp_path / "sd15-int8"
-    res = CliRunner().invoke(cli, ["export", "tiny-sd15", "-o", str(out), "--no-image-check", "--weight-format",
+    res = CliRunner().invoke(cli, ["export", "tiny-sd15", "-o", str(out), "--weight-format",
                                    "int4", "--group-size", "16", "--ratio", "0.8", "--sym", "--component",
                                    "text_encoder=int8", "--json"])
     assert res.exit_code == 0, res.output
@@ -437,7 +437,63 @@ def test_cli_export_with_a_weight_format(tmp_path: Path) -> None:
     assert comps["vae_decoder"]["precision"] == "fp32"
     rec = comps["unet"]["quantization"]
     assert (rec["group_size"], rec["ratio"], rec["sym"]) == (16, 0.8, True)
+    # Judged twice: the float export against diffusers, the compressed pipeline against the float one.
+    fid = data["fidelity"]
+    assert fid["export"]["image"]["psnr_db"] >= 40.0
+    assert fid["vs_parent"]["psnr_db"] >= fid["budget"]["min_psnr_db"]
     assert [p.name for p in tmp_path.iterdir()] == ["sd15-int8"]
     res = CliRunner().invoke(cli, ["export", "tiny-sd15", "-o", str(tmp_path / "x"), "--weight-format", "int4",
                                    "--group-size", "48"])
     assert res.exit_code == 2 and "power of two" in res.output and not (tmp_path / "x").exists()
+
+
+# -- compressed while streamed ---------------------------------------------------------------
+
+def test_streamed_compression_gives_what_compressing_the_float_export_gives(tiny_pipelines: dict,
+                                                                            tmp_path: Path) -> None:
+    """``export --streaming --weight-format int4``: each weight compressed as it is drawn, no float
+    copy on disk; the same packed weights, scales and graph as compressing today's float export, and
+    the same outputs (T5, exported by TorchScript in memory but by dynamo when streamed, to rounding)."""
+    from click.testing import CliRunner
+
+    from enginekit.app.cli import cli
+    from enginekit.export.diffusion.compress import compress_pipeline
+    from enginekit.manifest import read_manifest
+    from enginekit.runtimes.onnxruntime import run_onnx_file
+
+    from .test_streaming import _canonical
+
+    out = tmp_path / "s"
+    res = CliRunner().invoke(cli, ["export", "tiny-flux", "-o", str(out), "--streaming", "--weight-format", "int4",
+                                   "--group-size", "16", "--component", "text_encoder=fp16"])
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]  # no float scratch folder
+    streamed = read_manifest(out)
+    parent = tiny_pipelines[("tiny-flux", "onnx")]
+    ref = compress_pipeline(parent, tmp_path / "r", WeightFormat("int4", group_size=16), {"text_encoder": "fp16"})
+    assert streamed.provenance["streamed"] is True
+    q = streamed.quantization
+    assert q["method"] == "weight-compression" and q["stage"] == "export (streamed)" and q["weight_format"] == "int4"
+    assert {n: c.precision for n, c in streamed.components.items()} == \
+        {n: c.precision for n, c in ref.components.items()} == \
+        {"text_encoder": "fp16", "text_encoder_2": "int8", "transformer": "int4", "vae_decoder": "fp32",
+         "vae_encoder": "fp32"}
+    exporters = read_manifest(parent).provenance["exporters"]
+    rng = np.random.default_rng(0)
+    for name, comp in streamed.components.items():
+        got, want = streamed.components[name].quantization, ref.components[name].quantization
+        if comp.precision in ("int4", "int8"):
+            assert got["layers"] == want["layers"] and got["group_size"] == 16, name
+        if exporters[name] == "dynamo":  # the same graph: the same tensors bit for bit
+            (a, nodes_a), (b, nodes_b) = _canonical(out / comp.entry), _canonical(tmp_path / "r" / comp.entry)
+            assert nodes_a == nodes_b and sorted(a) == sorted(b), name
+            for key in b:
+                assert np.array_equal(a[key], b[key]), (name, key)
+        feeds = {}
+        for key, spec in read_manifest(parent).components[name].fidelity["inputs"].items():
+            feeds[key] = (rng.integers(0, 100, size=spec["shape"]).astype(np.int64) if spec["dtype"] == "int64"
+                          else rng.standard_normal(spec["shape"]).astype(np.float32))
+        out_s, out_r = run_onnx_file(out / comp.entry, feeds), run_onnx_file(tmp_path / "r" / comp.entry, feeds)
+        for key in out_r:
+            np.testing.assert_allclose(out_s[key], out_r[key], rtol=0, atol=1e-4 * float(np.abs(out_r[key]).max()),
+                                       err_msg=f"{name}.{key}")

@@ -49,7 +49,7 @@ from enginekit.registry import task_names
                    "through the CLIP encoders alone; saves T5-XXL's 4.7B parameters (19 GB in fp32).")
 @click.option("--weight-format", type=click.Choice(["fp32", "fp16", "int8", "int4"]), default=None,
               help="Pipelines: the denoiser's weights (T5 int8 when it is int8/int4, CLIP and VAE fp32), "
-                   "compressed tensor by tensor after the float export.")
+                   "compressed tensor by tensor (with --streaming, as each is streamed: no float copy on disk).")
 @click.option("--group-size", type=int, default=128, show_default=True, help="int8/int4: weights per scale along K.")
 @click.option("--ratio", type=float, default=1.0, show_default=True,
               help="int4: share of the int4 candidates' parameters in int4, the rest int8.")
@@ -88,26 +88,19 @@ def export(**params: Any) -> None:
     o = Params(params)
     model, out = _model_and_output(o.args, o.model_opt, o.out)
     console = err_console()
+    fmt = None
+    if o.weight_format is not None or o.component_formats:
+        from enginekit.export.compress import WeightFormat
+
+        fmt = WeightFormat(o.weight_format or "fp32", group_size=o.group_size, ratio=o.ratio, sym=o.sym)
     with PeakRSS(process=True) as peak, console.status("exporting") as status:
-        def run(folder: Path, overwrite: bool = o.overwrite) -> Any:
-            return export_model(
-                model, folder, family=o.family, task=o.task, random_weights=o.random_weights, weights=o.weights,
-                revision=o.revision, seed=o.seed, opset=o.opset, atol=o.atol, rtol=o.rtol, image_check=o.image_check,
-                loras=o.loras, lora_scale=o.lora_scale, without_t5=o.without_t5, streaming=o.streaming,
-                overwrite=overwrite,
-                on_step=lambda msg: status.update(msg),
-            )
-
-        if o.weight_format in (None, "fp32") and not o.component_formats:
-            manifest = run(out)
-        else:
-            from enginekit.export.compress import WeightFormat
-            from enginekit.export.diffusion.compress import export_compressed
-
-            fmt = WeightFormat(o.weight_format or "fp32", group_size=o.group_size, ratio=o.ratio, sym=o.sym)
-            manifest = export_compressed(lambda folder: run(folder, False), out, fmt,
-                                         _component_methods(o.component_formats), overwrite=o.overwrite,
-                                         on_step=lambda msg: status.update(msg))
+        manifest = export_model(
+            model, out, family=o.family, task=o.task, random_weights=o.random_weights, weights=o.weights,
+            revision=o.revision, seed=o.seed, opset=o.opset, atol=o.atol, rtol=o.rtol, image_check=o.image_check,
+            loras=o.loras, lora_scale=o.lora_scale, without_t5=o.without_t5, streaming=o.streaming,
+            weight_format=fmt, component_formats=_component_methods(o.component_formats) or None,
+            overwrite=o.overwrite, on_step=lambda msg: status.update(msg),
+        )
     if o.as_json:
         emit_json(manifest.to_dict())
         return
