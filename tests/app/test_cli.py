@@ -68,7 +68,7 @@ def test_export_random_weights_timm_name(runner: CliRunner, tmp_path: Path) -> N
     # timm's own tiny test twin of ViT: the `timm:NAME --random-weights` path, fast.
     result = runner.invoke(cli, ["export", "timm:test_vit", "--random-weights", "-o", str(tmp_path / "o"), "--json"])
     _ok(result)
-    manifest = json.loads(result.output)
+    manifest = json.loads(result.stdout)
     assert manifest["provenance"]["weights"] == "random" and manifest["provenance"]["seed"] == 0
 
 

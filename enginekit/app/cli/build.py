@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import click
 
@@ -99,13 +99,23 @@ def export(**params: Any) -> None:
             revision=o.revision, seed=o.seed, opset=o.opset, atol=o.atol, rtol=o.rtol, image_check=o.image_check,
             loras=o.loras, lora_scale=o.lora_scale, without_t5=o.without_t5, streaming=o.streaming,
             weight_format=fmt, component_formats=_component_methods(o.component_formats) or None,
-            overwrite=o.overwrite, on_step=lambda msg: status.update(msg),
+            overwrite=o.overwrite, on_step=_stepper(status),
         )
     if o.as_json:
         emit_json(manifest.to_dict())
         return
     console.print(render.wrote_export(manifest, out), highlight=False)
     console.print(peak_line(peak), highlight=False)
+
+
+def _stepper(status: Any) -> Callable[[str], None]:
+    """A stage's progress: the spinner's text on a terminal; one line per step on stderr
+    otherwise (a log, a pipe), where a long export would else say nothing for minutes."""
+    def step(msg: str) -> None:
+        status.update(msg)
+        if not sys.stderr.isatty():
+            click.echo(msg, err=True)
+    return step
 
 
 def peak_line(peak: PeakRSS) -> str:
@@ -190,7 +200,7 @@ def compile_cmd(**params: Any) -> None:
         request = BuildRequest(device=o.device, threads=o.threads, precision=precision, height=o.height,
                                width=o.width, batch=o.batch, options=backend_option(o.options), flags=flags,
                                int8=o.int8, calibration=o.calibration, overwrite=o.overwrite)
-        manifest = build_engine(o.artifact, o.backend, o.out, request, on_step=lambda msg: status.update(msg))
+        manifest = build_engine(o.artifact, o.backend, o.out, request, on_step=_stepper(status))
     if o.as_json:
         emit_json(manifest.to_dict())
         return
@@ -271,12 +281,7 @@ def quantize(ctx: click.Context, artifact: Path, out: Path, component_methods: t
         fields["components"] = _component_methods(component_methods)
     console = err_console()
     with console.status("quantizing") as status:
-        def step(msg: str) -> None:
-            status.update(msg)
-            if not sys.stderr.isatty():
-                click.echo(msg, err=True)
-
-        manifest = run_quantize(artifact, out, QuantizeOptions(**fields), on_step=step)
+        manifest = run_quantize(artifact, out, QuantizeOptions(**fields), on_step=_stepper(status))
     if as_json:
         emit_json(manifest.to_dict())
         return
