@@ -385,14 +385,17 @@ def export_streamed(plan: Any, path: Path, opset: int, pipe: Any, sources: dict[
         else:
             value.const_value = None  # hidden from the folder, which would fold it into memory
             hidden[value] = (weight, shape, dtype)
-    # The deduplication pass warns once per hidden weight (it cannot compare what it cannot read).
-    dedup_log = logging.getLogger("onnx_ir.passes.common.initializer_deduplication")
-    level = dedup_log.level
-    dedup_log.setLevel(logging.ERROR)
+    # The deduplication pass warns once per hidden weight (it cannot compare what it cannot read), and
+    # the optimizer's passes log at INFO wherever a library has configured the root logger.
+    quiet = {name: logging.getLogger(name) for name in ("onnx_ir", "onnxscript")}
+    levels = {name: log.level for name, log in quiet.items()}
+    for log in quiet.values():
+        log.setLevel(logging.ERROR)
     try:
         program.optimize()
     finally:
-        dedup_log.setLevel(level)
+        for name, log in quiet.items():
+            log.setLevel(levels[name])
     n_transposed = _fold_transposes(graph, hidden, loader)
     for value, (weight, shape, dtype) in hidden.items():
         if value.name in graph.initializers and graph.initializers[value.name] is value:
