@@ -216,6 +216,32 @@ def test_model_cache_populated_and_reused(ov_artifact: Path, _cache_in_tmp: Path
     np.testing.assert_array_equal(a["logits"], b["logits"])
 
 
+def test_model_cache_keeps_under_its_cap_least_recently_used_first(ov_artifact: Path, _cache_in_tmp: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past ENGINEKIT_CACHE_MAX_GB the folders loaded longest ago go, never the one being loaded."""
+    import os
+
+    from enginekit.runtimes.openvino import prune_cache
+
+    root = _cache_in_tmp / "openvino"
+    root.mkdir(parents=True, exist_ok=True)
+    for i, age in enumerate((300, 200, 100)):  # three stale artifacts' blobs, 1 MiB each
+        folder = root / f"stale{i}"
+        folder.mkdir()
+        (folder / "blob").write_bytes(b"\0" * 2**20)
+        os.utime(folder, (folder.stat().st_atime - age,) * 2)
+    monkeypatch.setenv("ENGINEKIT_CACHE_MAX_GB", str(2.5 / 1024))  # 2.5 MiB
+    with _load(ov_artifact) as runner:
+        assert runner.cache_dir is not None and runner.cache_dir.is_dir()
+    left = sorted(p.name for p in root.iterdir())
+    # The oldest went first; the one just loaded stays whatever its size.
+    assert "stale0" not in left and runner.cache_dir.name in left
+    assert sum(f.stat().st_size for f in root.rglob("*") if f.is_file()) <= 2.5 * 2**20 or left == [runner.cache_dir.name]
+    assert prune_cache(root, max_bytes=None) == []  # no cap: nothing removed
+    monkeypatch.setenv("ENGINEKIT_CACHE_MAX_GB", "0")
+    assert prune_cache(root) == []
+
+
 def test_unwritable_cache_loads_uncached(ov_artifact: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("x")
