@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -104,8 +105,11 @@ def run_stage(name: str, cmd: list[str], limit_bytes: int, log: Path) -> dict[st
     err = log.read_text()[-3000:]
     print(f"{name}: rc {child.returncode}, {seconds:.0f} s, peak {peak / 2**30:.2f} GiB"
           + (" (killed past the limit)" if killed else ""), file=sys.stderr, flush=True)
+    # The command's own report of its process's high-water mark (VmHWM), where it prints one.
+    said = re.findall(r"peak RSS ([0-9.]+) GiB", log.read_text())
     return {"stage": name, "command": " ".join(cmd), "rc": child.returncode, "seconds": round(seconds, 1),
-            "peak_rss_bytes": peak, "killed_past_limit": killed, "stdout": stdout.strip()[-4000:],
+            "peak_rss_bytes": peak, "process_vmhwm_gib": float(said[-1]) if said else None,
+            "killed_past_limit": killed, "stdout": stdout.strip()[-4000:],
             "stderr_tail": err if child.returncode else err[-600:]}
 
 

@@ -451,6 +451,12 @@ class OpenVINOBackend(Backend):
             raise BackendError(f"openvino: manifest num_streams {streams!r} is not a number of streams")
         if streams:
             config[props.streams.num()] = streams
+        # Read the IR's .bin (and a cached blob) memory-mapped rather than copied into memory:
+        # OpenVINO's default (checked on 2026.4), set so a changed default cannot quietly move a big
+        # model's weights into anonymous memory. It is in every load's config, not only low-memory
+        # ones, because the config is part of the model cache's key: a blob compiled by `compile`
+        # must serve a `--low-memory` load (a second 6 GB blob per FLUX transformer otherwise).
+        config[props.enable_mmap()] = True
         if cache_dir is not None:
             config[props.cache_dir()] = str(cache_dir)
         return config
@@ -516,19 +522,17 @@ class OpenVINOBackend(Backend):
 
 
 def _low_memory_config() -> dict[str, Any]:
-    """Compile settings for the least resident memory (``load(..., low_memory=True)``), each
-    chosen by measuring a load's peak RSS (``bench/low_memory_rss.py``); none changes a result.
+    """Compile settings added for the least resident memory (``load(..., low_memory=True)``).
 
-    - ``ENABLE_MMAP``: read the IR's ``.bin`` memory-mapped rather than copied into memory.
-      OpenVINO's default already (checked on 2026.4); set here so a changed default cannot
-      quietly move a big model's weights into anonymous memory. It leaves the peak RSS as it is
-      (a compile reads every weight either way) but keeps the weights the CPU plugin uses in
-      place file-backed: compiling a 0.41 GB T5 alone left 0.31 GiB anonymous and 0.45 GiB
-      file-backed with it, 0.69 and 0.06 GiB without; file-backed pages are the kernel's to
-      drop and read again under memory pressure, anonymous ones have nowhere to go without swap.
-    - The model is compiled from its path (as every load does), so no ``ov.Model`` copy of the
-      weights is held beside the compiled one, and a model-cache hit skips reading the IR.
+    None at present: memory-mapped weights (``ENABLE_MMAP``) are in every load's config (see
+    :meth:`OpenVINOBackend._config`), since a setting here would change the model cache's key
+    and a low-memory load would compile its own blob instead of reading the one ``compile``
+    wrote. Measured with ``bench/low_memory_rss.py``: ``ENABLE_MMAP`` leaves the peak RSS as it
+    is (a compile reads every weight either way) but keeps the weights the CPU plugin uses in
+    place file-backed: compiling a 0.41 GB T5 alone left 0.31 GiB anonymous and 0.45 GiB
+    file-backed with it, 0.69 and 0.06 GiB without; file-backed pages are the kernel's to drop
+    and read again under memory pressure, anonymous ones have nowhere to go without swap. The
+    model is compiled from its path (as every load does), so no ``ov.Model`` copy of the weights
+    is held beside the compiled one, and a model-cache hit skips reading the IR.
     """
-    import openvino.properties as props
-
-    return {props.enable_mmap(): True}
+    return {}

@@ -175,6 +175,22 @@ def test_openvino_low_memory_reads_weights_memory_mapped(tiny_pipelines: dict, m
     assert seen and seen[0].get(props.enable_mmap()) is True
 
 
+def test_openvino_low_memory_load_reads_the_blob_compile_cached(tiny_pipelines: dict, tmp_path) -> None:  # noqa: ANN001
+    """The model cache's key includes the load's config: a low-memory load must hit the blob
+    `compile` (a normal load) wrote, not compile and store a second one."""
+    _need("openvino")
+    from enginekit.artifact import using_cache_root
+
+    with using_cache_root(tmp_path / "cache"):
+        art = tiny_pipelines[("tiny-sd15", "openvino")]
+        normal = enginekit.load(art, device="cpu")
+        assert normal.components["unet"].loaded_from_cache is False
+        blobs = sorted(p.name for p in (tmp_path / "cache").rglob("*.blob"))
+        low = enginekit.load(art, device="cpu", low_memory=True)
+        assert low.components["unet"].loaded_from_cache is True
+        assert sorted(p.name for p in (tmp_path / "cache").rglob("*.blob")) == blobs
+
+
 # ---------------------------------------------------------------------------- memory readers
 
 def test_stage_peaks_see_each_stage_s_own_peak() -> None:
