@@ -224,3 +224,19 @@ def test_blocks_the_graph_does_not_tag_are_recorded_not_found(streamed: dict[str
     assert record["blocks"] and all(b["found"] is False and "scope" in b["why"] for b in record["blocks"])
     assert record["passed"] is True and record["output"]["last_hidden_state"]["cosine"] > 0.99999
     assert record["blocks_found"] == f"0 of {len(record['blocks'])}"
+
+
+@pytest.mark.parametrize("block_check", [True, False])
+def test_block_check_option(block_check: bool, tmp_path: Path) -> None:
+    """``PipelineExportOptions(block_check=False)`` leaves a streamed component unchecked, as before."""
+    from enginekit.export.diffusion.sd import PipelineExportOptions, _export_streamed
+
+    plan, pipe, weights = _plan("tiny-flux", "text_encoder")
+    opts = PipelineExportOptions(streaming=True, block_check=block_check)
+    _, report, _ = _export_streamed(tmp_path, plan, opts, lambda msg: None, 1, 1, pipe, weights)
+    assert report["checked"] is block_check and report["streamed"] is True
+    if block_check:
+        assert report["method"] == "per-block" and report["passed"] is True
+        assert report["budget"]["atol"] == opts.atol and report["budget"]["output_min_cosine"] == opts.min_cosine
+    else:
+        assert report["passed"] is None and "blocks" not in report
