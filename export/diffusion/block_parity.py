@@ -17,7 +17,8 @@ weights in memory at a time, so a component too large to hold in fp32 is still c
    values its nodes make and a node outside it (or the graph output) reads. They are added as
    graph outputs to a temporary copy of ``model.onnx`` in the component's folder (the graph only:
    the weights stay in ``model.onnx.data``, which the copy names), ONNX Runtime runs it once on the
-   parity feeds, and the copy is deleted.
+   parity feeds, and the copy is deleted. This side holds the weights as the runtime would (the
+   compressed ones for an int8/int4 graph): the PyTorch side is the one kept to a block.
 4. Each PyTorch output of a block is compared with the block's ONNX output of the same shape that
    is closest to it (a block's outputs are told apart by shape, then by value), and the final
    outputs with the component's own. A block the graph does not tag is recorded ``found: false``
@@ -218,6 +219,10 @@ def _torch_side(plan: Any, blocks: dict[str, Any], mat: _Materialiser,
         rest_bytes = mat.load(rest)
         with torch.inference_mode():
             out = plan.module(*plan.parity)
+    except ExportError:
+        raise
+    except Exception as exc:  # a fake weight met outside its block's forward, or a source's failure
+        raise ExportError(f"block check of {plan.name}: the PyTorch run failed: {one_line(exc)}") from exc
     finally:
         for h in handles:
             h.remove()
@@ -226,7 +231,7 @@ def _torch_side(plan: Any, blocks: dict[str, Any], mat: _Materialiser,
         mat.unload(rest, rest_bytes)
     outs = out if isinstance(out, tuple) else (out,)
     if any(is_fake(t) for t in outs):
-        raise ExportError(f"block check of {plan.name}: a parameter outside the blocks and the rest was used "
+        raise ExportError(f"block check of {plan.name}: a block's weights are used outside its forward "
                           "(the output is fake)")
     final = {spec.name: t.detach().float().numpy() for spec, t in zip(plan.outputs, outs)}
     return recorded, calls, final, rest_bytes, block_bytes
@@ -381,6 +386,12 @@ def _within(cos: float, max_abs: float, ref: np.ndarray, budget: BlockBudget, fl
     return max_abs <= budget.atol + budget.rtol * float(np.abs(ref).max() if ref.size else 0.0)
 
 
+def _budget_text(budget: BlockBudget, output: bool) -> str:
+    floor = budget.output_min_cosine if output else budget.min_cosine
+    return f"budget cosine {floor}" + (f", max abs {budget.atol} + {budget.rtol} x max |torch|"
+                                       if budget.atol is not None else "")
+
+
 def check_blocks(plan: Any, onnx_path: str | Path, pipe: Any, weights: dict[str, Any], *,
                  budget: BlockBudget | None = None, budgets: Mapping[str, BlockBudget] = BUDGETS,
                  raise_on_miss: bool = True) -> dict[str, Any]:
@@ -433,9 +444,7 @@ def check_blocks(plan: Any, onnx_path: str | Path, pipe: Any, weights: dict[str,
         records.append({**rec, "found": True, "compared": f"{len(pairs)} of {len(recorded[name])} outputs",
                         "cosine": cos, "max_abs": max_abs, "passed": passed})
         if not passed:
-            misses.append(f"block {name} cosine {cos:.6f}, max abs {max_abs:.3g} (budget cosine {budget.min_cosine}"
-                          + (f", max abs {budget.atol} + {budget.rtol} x max |torch|" if budget.atol is not None
-                             else "") + ")")
+            misses.append(f"block {name} cosine {cos:.6f}, max abs {max_abs:.3g} ({_budget_text(budget, False)})")
 
     output: dict[str, Any] = {}
     for spec_name, ref in final_ref.items():
@@ -445,8 +454,7 @@ def check_blocks(plan: Any, onnx_path: str | Path, pipe: Any, weights: dict[str,
         ok = _within(cos, max_abs, ref, budget, budget.output_min_cosine)
         output[spec_name] = {"cosine": cos, "max_abs": max_abs, "passed": ok}
         if not ok:
-            misses.append(f"output {spec_name} cosine {cos:.6f}, max abs {max_abs:.3g} "
-                          f"(budget cosine {budget.output_min_cosine})")
+            misses.append(f"output {spec_name} cosine {cos:.6f}, max abs {max_abs:.3g} ({_budget_text(budget, True)})")
     found = [r for r in records if r["found"]]
     cosines = [r["cosine"] for r in found] + [o["cosine"] for o in output.values()]
     record = {
