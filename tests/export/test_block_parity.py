@@ -240,3 +240,22 @@ def test_block_check_option(block_check: bool, tmp_path: Path) -> None:
         assert report["budget"]["atol"] == opts.atol and report["budget"]["output_min_cosine"] == opts.min_cosine
     else:
         assert report["passed"] is None and "blocks" not in report
+
+
+@pytest.mark.slow
+def test_streamed_compressed_export_is_checked_on_its_formats(tmp_path: Path) -> None:
+    """``--streaming --weight-format int4``: each component checked block by block on the format it
+    was written in (the transformer int4, T5 int8, the CLIP and the VAE fp32), every block found."""
+    from enginekit.export.diffusion.sd import PipelineExportOptions, export_pipeline
+
+    manifest = export_pipeline("tiny-flux", tmp_path / "a", PipelineExportOptions(streaming=True,
+                                                                                   weight_format="int4"))
+    formats = {n: c.fidelity["weight_format"] for n, c in manifest.components.items()}
+    assert formats == {n: c.precision for n, c in manifest.components.items()}
+    assert formats["transformer"] == "int4" and formats["text_encoder_2"] == "int8"
+    for comp in manifest.components.values():
+        fid = comp.fidelity
+        assert fid["checked"] is True and fid["passed"] is True, comp.name
+        assert fid["budget"]["min_cosine"] == (0.999 if fid["weight_format"] == "fp32" else
+                                               {"int8": 0.99, "int4": 0.95}[fid["weight_format"]])
+        assert fid["blocks"] and all(b["found"] for b in fid["blocks"]), comp.name
