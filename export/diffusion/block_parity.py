@@ -14,11 +14,12 @@ weights in memory at a time, so a component too large to hold in fp32 is still c
    tensor of them) and swaps the fakes back. Peak: the rest plus one block.
 3. **ONNX**: the dynamo exporter tags each node with its module scopes
    (``pkg.torch.onnx.name_scopes``, kept through ``optimize()``); a block's outputs are the float
-   values its nodes make and a node outside it (or the graph output) reads. They are added as
-   graph outputs to a temporary copy of ``model.onnx`` in the component's folder (the graph only:
-   the weights stay in ``model.onnx.data``, which the copy names), ONNX Runtime runs it once on the
-   parity feeds, and the copy is deleted. This side holds the weights as the runtime would (the
-   compressed ones for an int8/int4 graph): the PyTorch side is the one kept to a block.
+   values its nodes make and a node outside it (or the graph output) reads. The graph is cut into
+   stages, a stage the nodes up to the end of one block (in the order the blocks ran), and each
+   stage runs in its own ONNX Runtime session over a temporary graph written in the component's
+   folder (the graph only: the weights stay in ``model.onnx.data``, which it names), fed the
+   values earlier stages made, so this side too holds one block's weights at a time
+   (``staged=False``: the whole graph in one session, with the block outputs added as outputs).
 4. Each PyTorch output of a block is compared with the block's ONNX output of the same shape that
    is closest to it (a block's outputs are told apart by shape, then by value), and the final
    outputs with the component's own. A block the graph does not tag is recorded ``found: false``
@@ -290,24 +291,39 @@ def _elem_types(model: Any) -> dict[str, int]:
     return types
 
 
-def _block_values(model: Any, names: list[str], types: dict[str, int]) -> tuple[dict[str, list[str]], dict[str, str]]:
-    """Per block, the float values its nodes make that the rest of the graph reads; and, for the
-    blocks without any, why. A node without the exporter's tag (a quantizer's ``MatMulNBits``)
-    belongs to the blocks all its tagged neighbours (producers and readers) belong to."""
-    nodes = list(_nodes(model.graph))
-    wanted = set(names)
+def _membership(nodes: list[Any], wanted: set[str]) -> tuple[list[set[str]], dict[str, list[int]]]:
+    """The blocks each node belongs to, and each value's readers (node indices)."""
     tags = [_scopes(n) for n in nodes]
     member: list[set[str] | None] = [wanted.intersection(t) if t is not None else None for t in tags]
     producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
     readers: dict[str, list[int]] = {}
     for i, n in enumerate(nodes):
-        for inp in n.input:
+        for inp in _inputs(n):
             readers.setdefault(inp, []).append(i)
     for i, n in enumerate(nodes):
         if member[i] is None:
             near = [producer[v] for v in n.input if v in producer] + [j for o in n.output for j in readers.get(o, [])]
             known = [member[j] for j in near if member[j] is not None]
             member[i] = set.intersection(*known) if known else set()
+    return member, readers  # type: ignore[return-value]
+
+
+def _inputs(node: Any) -> list[str]:
+    """What ``node`` reads: its inputs and the outer values its subgraphs read."""
+    out = [v for v in node.input if v]
+    for attr in node.attribute:
+        for g in ([attr.g] if attr.g.node else []) + list(attr.graphs):
+            made = {o for n in g.node for o in n.output} | {i.name for i in g.input} | {t.name for t in g.initializer}
+            out += [v for n in g.node for v in _inputs(n) if v not in made]
+    return out
+
+
+def _block_values(model: Any, names: list[str], types: dict[str, int]) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """Per block, the float values its nodes make that the rest of the graph reads; and, for the
+    blocks without any, why. A node without the exporter's tag (a quantizer's ``MatMulNBits``)
+    belongs to the blocks all its tagged neighbours (producers and readers) belong to."""
+    nodes = list(_nodes(model.graph))
+    member, readers = _membership(nodes, set(names))
     graph_outputs = {o.name for o in model.graph.output}
     values: dict[str, list[str]] = {n: [] for n in names}
     for i, n in enumerate(nodes):
@@ -348,6 +364,63 @@ def _run_with_outputs(onnx_path: Path, extra: list[str], types: dict[str, int],
         return run_onnx_file(tmp, feeds)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _run_staged(onnx_path: Path, order: list[str], extra: list[str], types: dict[str, int],
+                feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Run ``onnx_path`` one stage at a time, a stage the nodes up to the end of one block (in the
+    order the blocks ran), each through its own ONNX Runtime session over a graph written beside the
+    model (so only that stage's weights are read); returns the graph outputs and ``extra`` values."""
+    import onnx
+
+    from enginekit.runtimes.onnxruntime import run_onnx_file
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    graph = model.graph
+    nodes = list(graph.node)
+    member, _ = _membership(nodes, set(order))
+    rank = {name: i for i, name in enumerate(order)}
+    producer_stage: dict[str, int] = {}
+    stages: list[list[Any]] = [[] for _ in order] or [[]]
+    for node, blocks in zip(nodes, member):
+        stage = max([producer_stage.get(v, 0) for v in _inputs(node)] + [rank[b] for b in blocks] + [0])
+        stages[stage].append(node)
+        producer_stage.update((o, stage) for o in node.output if o)
+    inits = {t.name: t for t in graph.initializer}
+    finals = [o.name for o in graph.output]
+    keep = set(finals) | set(extra)
+    last_use: dict[str, int] = {}
+    for i, stage_nodes in enumerate(stages):
+        for node in stage_nodes:
+            for v in _inputs(node):
+                last_use[v] = i
+    env = dict(feeds)
+    tmp = onnx_path.with_name(f".{onnx_path.stem}.block-check.onnx")
+    try:
+        for i, stage_nodes in enumerate(stages):
+            if not stage_nodes:
+                continue
+            made = {o for n in stage_nodes for o in n.output if o}
+            reads = list(dict.fromkeys(v for n in stage_nodes for v in _inputs(n) if v not in made))
+            ins = [v for v in reads if v not in inits]
+            outs = [v for v in made if v in keep or last_use.get(v, -1) > i]
+            stage_graph = onnx.helper.make_graph(
+                stage_nodes, f"{graph.name}-stage{i}",
+                [onnx.helper.make_tensor_value_info(v, onnx.helper.np_dtype_to_tensor_dtype(env[v].dtype),
+                                                    env[v].shape) for v in ins],  # (the values it is run on)
+                [onnx.helper.make_tensor_value_info(v, types.get(v, onnx.TensorProto.FLOAT), None) for v in outs],
+                initializer=[inits[v] for v in reads if v in inits])
+            stage_model = onnx.helper.make_model(stage_graph, opset_imports=model.opset_import,
+                                                 ir_version=model.ir_version)
+            stage_model.functions.extend(model.functions)
+            onnx.save_model(stage_model, str(tmp))
+            del stage_model, stage_graph
+            env.update(run_onnx_file(tmp, {v: env[v] for v in ins}))
+            for v in [v for v in env if v not in keep and last_use.get(v, -1) <= i]:
+                del env[v]
+    finally:
+        tmp.unlink(missing_ok=True)
+    return {v: env[v] for v in keep if v in env}
 
 
 def weight_format(model: Any) -> str:
@@ -395,7 +468,7 @@ def _budget_text(budget: BlockBudget, output: bool) -> str:
 
 def check_blocks(plan: Any, onnx_path: str | Path, pipe: Any, weights: dict[str, Any], *,
                  budget: BlockBudget | None = None, budgets: Mapping[str, BlockBudget] = BUDGETS,
-                 raise_on_miss: bool = True) -> dict[str, Any]:
+                 raise_on_miss: bool = True, staged: bool = True) -> dict[str, Any]:
     """Check ``onnx_path`` (the exported ``plan``; fp32 or compressed weights) against PyTorch block
     by block with one block's weights in memory at a time (``plan.module`` holds fake parameters;
     ``weights`` maps each component to its :class:`WeightSource`). Returns the fidelity record; a
@@ -421,7 +494,10 @@ def check_blocks(plan: Any, onnx_path: str | Path, pipe: Any, weights: dict[str,
     ran = list(recorded)  # in the order they ran
     extra = [v for name in ran if name not in why and calls[name] == 1 for v in values[name]]
     feeds = {spec.name: t.numpy() for spec, t in zip(plan.inputs, plan.parity)}
-    got = _run_with_outputs(onnx_path, extra, types, feeds)
+    if staged:
+        got = _run_staged(onnx_path, ran, extra, types, feeds)
+    else:
+        got = _run_with_outputs(onnx_path, extra, types, feeds)
 
     records: list[dict[str, Any]] = []
     misses: list[str] = []
@@ -462,7 +538,8 @@ def check_blocks(plan: Any, onnx_path: str | Path, pipe: Any, weights: dict[str,
         "checked": True,
         "method": "per-block",
         "reference": "pytorch fp32, one block materialised at a time (hooks)",
-        "runtime": "onnxruntime-cpu",
+        "runtime": "onnxruntime-cpu, " + ("one session per block's stage of the graph" if staged else
+                                          "the whole graph in one session"),
         "weight_format": fmt,
         "inputs": {n: {"shape": list(a.shape), "dtype": str(a.dtype)} for n, a in feeds.items()},
         "input_kind": "the export's parity inputs",

@@ -259,3 +259,24 @@ def test_streamed_compressed_export_is_checked_on_its_formats(tmp_path: Path) ->
         assert fid["budget"]["min_cosine"] == (0.999 if fid["weight_format"] == "fp32" else
                                                {"int8": 0.99, "int4": 0.95}[fid["weight_format"]])
         assert fid["blocks"] and all(b["found"] for b in fid["blocks"]), comp.name
+
+
+@pytest.mark.parametrize("name,component", [("tiny-sd15", "unet"), ("tiny-flux", "transformer")])
+def test_staged_onnx_run_gives_the_whole_graphs_numbers(name: str, component: str,
+                                                        streamed: dict[str, tuple[Path, Manifest]]) -> None:
+    """The graph cut into one stage per block (each its own session, fed the earlier stages'
+    values; a UNet's skip connections cross stages) gives the numbers of the whole graph run once."""
+    from enginekit.export.diffusion.block_parity import check_blocks
+
+    folder, _ = streamed[name]
+    plan, pipe, weights = _plan(name, component)
+    path = folder / component / "model.onnx"
+    staged, whole = (check_blocks(plan, path, pipe, weights, staged=s) for s in (True, False))
+    assert "one session per block" in staged["runtime"] and "whole graph" in whole["runtime"]
+    assert [b["name"] for b in staged["blocks"]] == [b["name"] for b in whole["blocks"]]
+    for a, b in zip(staged["blocks"], whole["blocks"]):
+        assert a["found"] and b["found"] and a["compared"] == b["compared"], (a, b)
+        assert a["cosine"] == pytest.approx(b["cosine"], abs=1e-9) and a["max_abs"] == pytest.approx(b["max_abs"], abs=1e-5)
+    for key, out in whole["output"].items():
+        assert staged["output"][key]["cosine"] == pytest.approx(out["cosine"], abs=1e-9)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["model.onnx", "model.onnx.data"]
