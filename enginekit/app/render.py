@@ -55,8 +55,10 @@ def wrote_export(manifest: Any, out: Path) -> str:
                 f"parity vs PyTorch: logits max abs {fid['logits_max_abs']:.2e}, cosine {fid['logits_cosine']:.6f})")
     peak = manifest.provenance.get("peak_rss_bytes")
     if manifest.provenance.get("streamed"):
+        checked = [c.fidelity["min_cosine"] for c in manifest.components.values() if c.fidelity.get("checked")]
         return (f"[green]wrote[/] {escape(str(out))}  ({manifest.family}: {', '.join(manifest.components)}; "
-                "weights streamed, not checked against PyTorch"
+                + (f"weights streamed, checked block by block vs PyTorch: worst cosine {min(checked):.6f}"
+                   if checked else "weights streamed, not checked against PyTorch")
                 + (f"; peak memory {peak / 2**30:.1f} GiB" if peak else "") + ")")
     worst = min((c.fidelity.get("min_cosine", 1.0) for c in manifest.components.values()), default=1.0)
     weights = (manifest.quantization or {}).get("weight_format")

@@ -84,8 +84,8 @@ class PipelineExportOptions:
     without_t5: bool = False
     #: Trace each component with fake weights and stream its weights, tensor by tensor, from the
     #: source's safetensors (or the per-tensor seeded generator) into its data file: the model is
-    #: never whole in memory. The PyTorch reference is never built either, so the per-component
-    #: parity check and the image check do not run (the manifest says so).
+    #: never whole in memory. The PyTorch reference is never built either, so the whole-image check
+    #: does not run (the manifest says so); each component is checked block by block (``block_check``).
     streaming: bool = False
     #: The weights' format (a :class:`~enginekit.export.compress.WeightFormat` or its mode: fp32,
     #: fp16, int8, int4) for the denoiser; the other components take their family's defaults
@@ -94,6 +94,9 @@ class PipelineExportOptions:
     #: float export is written to a scratch folder and compressed from there.
     weight_format: Any = None
     component_formats: Mapping[str, Any] | None = None
+    #: A streamed component is checked against PyTorch block by block, one block's weights in memory
+    #: at a time (export/diffusion/block_parity.py); off leaves it unchecked.
+    block_check: bool = True
 
     def __post_init__(self) -> None:
         check_export_request(self.opset, self.atol, self.rtol)
@@ -239,7 +242,7 @@ def _export_components(tmp: Path, pipe: Any, family: str, options: PipelineExpor
                        ) -> tuple[dict[str, Component], dict[str, Any], dict[str, str]]:
     """Export and parity-check every component into ``tmp``, one at a time; an owned pipeline
     without the image check drops each component's weights as soon as it is exported.
-    ``weights`` (a streaming source's) streams them instead, unchecked, each component in its
+    ``weights`` (a streaming source's) streams them instead (checked block by block), each component in its
     format from ``formats`` (None: fp32)."""
     exporters: dict[str, str] = {}
     components: dict[str, Component] = {}
@@ -266,7 +269,7 @@ def _export_components(tmp: Path, pipe: Any, family: str, options: PipelineExpor
         components[plan.name] = comp
         fidelity[plan.name] = {k: report[k] for k in ("min_cosine", "max_abs", "passed")}
         if weights is not None:
-            fidelity[plan.name]["streamed"] = True
+            fidelity[plan.name].update(streamed=True, checked=report["checked"], method=report.get("method"))
         exporters[plan.name] = exporter
         del plan, make, release
         gc.collect()
@@ -352,6 +355,13 @@ def _export_streamed(root: Path, plan: _Plan, opts: PipelineExportOptions, on_st
         half.rename(folder)
     _name_dims(path, plan)
     report = {**_NOT_CHECKED, "min_cosine": None, "max_abs": None, "exporter": "dynamo", **record}
+    if opts.block_check:
+        from enginekit.export.diffusion.block_parity import BUDGETS, BlockBudget, check_blocks
+
+        on_step(f"[{i}/{n}] {plan.name}: checking ONNX Runtime against PyTorch, one block in memory at a time")
+        fp32 = BlockBudget(atol=opts.atol, rtol=opts.rtol, output_min_cosine=opts.min_cosine)
+        report = {**check_blocks(plan, path, pipe, weights, budgets={**BUDGETS, "fp32": fp32}),
+                  "exporter": "dynamo", **record}
     files = [f"{plan.name}/{f}" for f in written_files(folder)]
     comp = make_component(root, plan.name, f"{plan.name}/model.onnx", files, plan.inputs, plan.outputs, mode,
                           fidelity=report, quantization=quantization if mode != "fp32" else None)

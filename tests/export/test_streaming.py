@@ -169,7 +169,8 @@ def test_streamed_seeded_export_is_bit_identical(name: str, in_memory: dict[str,
     assert manifest.provenance["streamed"] is True
     assert manifest.fidelity["image"]["checked"] is False
     for comp in manifest.components.values():
-        assert comp.fidelity["streamed"] is True and comp.fidelity["checked"] is False
+        assert comp.fidelity["streamed"] is True and comp.fidelity["checked"] is True
+        assert comp.fidelity["method"] == "per-block" and comp.fidelity["passed"] is True
         assert comp.fidelity["weights"] == "seeded per tensor (seed 0)"
         assert manifest.fidelity["components"][comp.name]["streamed"] is True
         assert any(f.path.endswith("model.onnx.data") for f in comp.files)
@@ -253,7 +254,7 @@ def test_streaming_cli_flag(in_memory: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "a"
     result = CliRunner().invoke(cli, ["export", "tiny-sd15", "-o", str(out), "--streaming"])
     assert result.exit_code == 0, result.output
-    assert "weights streamed, not checked against PyTorch" in " ".join(result.output.split())
+    assert "weights streamed, checked block by block vs PyTorch" in " ".join(result.output.split())
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["provenance"]["streamed"] is True
     assert all(c["fidelity"]["streamed"] for c in manifest["components"].values())
