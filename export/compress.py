@@ -43,7 +43,8 @@ import numpy as np
 from enginekit.errors import OptionError, QuantizationError, one_line
 from enginekit.export.external_data import DATA, INLINE_BYTES, Given, Reader, Writer
 
-__all__ = ["WeightFormat", "compress_component", "compress_model", "WEIGHT_FORMATS", "COMPRESSED_FORMATS"]
+__all__ = ["WeightFormat", "compress_component", "compress_lazy_model", "compress_model", "WEIGHT_FORMATS",
+           "COMPRESSED_FORMATS"]
 
 #: What ``--weight-format`` takes for a component here (bf16 is an export precision, not run by ORT's CPU kernels).
 WEIGHT_FORMATS = ("fp32", "fp16", "int8", "int4")
@@ -145,6 +146,34 @@ def compress_model(model: Any, fmt: WeightFormat, out_dir: str | Path, tensors: 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     return _compress(model, fmt, out, Given(tensors), entry, on_tensor)
+
+
+def compress_lazy_model(model: Any, path: Path, fmt: WeightFormat, on_tensor: Callable[[str], None] = lambda name: None,
+                        ) -> dict[str, Any]:
+    """Write ``model`` (an ``onnx_ir`` model whose large weights are ``LazyTensor``s, as the streaming
+    export makes it) to ``path`` with its MatMul/Gemm weights compressed to ``fmt``:
+    the graph goes to the compression pass with each lazy weight as a placeholder (name, type and
+    shape, no data), and the pass asks for each tensor's data in turn."""
+    import onnx_ir as ir
+    from onnx import numpy_helper
+
+    lazy: dict[str, Callable[[], Any]] = {}
+    for name, value in model.graph.initializers.items():
+        tensor = value.const_value
+        if isinstance(tensor, ir.LazyTensor):
+            lazy[name] = tensor.numpy
+            # Serialised as an external reference to nowhere: its data is never read here.
+            value.const_value = ir.ExternalTensor("<streamed>", None, None, tensor.dtype, shape=tensor.shape,
+                                                  name=name)
+    proto = ir.serde.serialize_model(model)
+    inline = {t.name: t for t in proto.graph.initializer if t.name not in lazy}
+
+    def tensors(name: str) -> Any:
+        if name in lazy:
+            return lazy[name]()
+        return numpy_helper.to_array(inline[name])
+
+    return compress_model(proto, fmt, path.parent, tensors, entry=path.name, on_tensor=on_tensor)
 
 
 def _compress(model: Any, fmt: WeightFormat, out: Path, source: Any, entry: str,

@@ -30,7 +30,8 @@ from enginekit.errors import QuantizationError
 from enginekit.export.compress import WeightFormat, compress_component, written_files
 from enginekit.manifest import Component, Manifest, read_manifest
 
-__all__ = ["compress_pipeline", "plan_formats", "formats_for", "format_record", "export_compressed"]
+__all__ = ["compress_pipeline", "plan_formats", "formats_for", "format_record", "export_compressed",
+           "pipeline_formats", "streamed_record"]
 
 
 def _as_format(value: WeightFormat | str, base: WeightFormat) -> WeightFormat:
@@ -59,6 +60,29 @@ def formats_for(family_name: str, names: Sequence[str], default_format: WeightFo
                                     f"{', '.join(names)}")
         plan[name] = _as_format(value, base)
     return plan
+
+
+def pipeline_formats(pipe: Any, family_name: str, default_format: WeightFormat | str | None,
+                     per_component: Mapping[str, WeightFormat | str] | None = None) -> dict[str, WeightFormat]:
+    """:func:`formats_for` the components a streamed export of ``pipe`` writes (an unknown name in
+    ``per_component`` refused before anything is exported)."""
+    from enginekit.export.diffusion.families import get_family
+    from enginekit.export.diffusion.plans import TEXT_ENCODERS
+
+    names = [*(n for n in TEXT_ENCODERS if getattr(pipe, n, None) is not None), get_family(family_name).denoiser,
+             "vae_decoder", "vae_encoder"]
+    return formats_for(family_name, names, default_format or "fp32", per_component)
+
+
+def streamed_record(formats: Mapping[str, WeightFormat], components: Mapping[str, Component], family_name: str,
+                    ) -> dict[str, Any]:
+    """The manifest's ``quantization`` of a streamed export that compressed on the way (the shape
+    :func:`compress_pipeline` writes)."""
+    from enginekit.export.diffusion.families import get_family
+
+    return {"method": "weight-compression", "stage": "export (streamed)",
+            **format_record(formats, get_family(family_name).denoiser),
+            "components": {name: comp.quantization for name, comp in components.items()}}
 
 
 def format_record(plan: Mapping[str, WeightFormat], denoiser: str) -> dict[str, Any]:

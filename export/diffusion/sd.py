@@ -150,7 +150,11 @@ def export_pipeline(
         task_config = get_family(src.family).task_config(pipe)
         # Read before any component is dropped: setting one to None rewrites the pipeline's config.
         model_index = _model_index(pipe)
-        formats = _formats(pipe, src.family, options) if streamed and _compressing(options) else None
+        formats = None
+        if streamed and _compressing(options):
+            from enginekit.export.diffusion.compress import pipeline_formats
+
+            formats = pipeline_formats(pipe, src.family, options.weight_format, options.component_formats)
         with atomic_artifact(out_dir, overwrite=overwrite,
                              inputs=(spec_or_source,) if owned else ()) as tmp:
             components, fidelity, exporters = _export_components(tmp, pipe, src.family, options, owned, rss, on_step,
@@ -177,7 +181,9 @@ def export_pipeline(
             if streamed:
                 manifest = manifest.replace(fidelity={**manifest.fidelity, "image": _NOT_CHECKED})
             if formats is not None:
-                manifest = manifest.replace(quantization=_compression_record(formats, components, src.family))
+                from enginekit.export.diffusion.compress import streamed_record
+
+                manifest = manifest.replace(quantization=streamed_record(formats, components, src.family))
             write_manifest(tmp, manifest)
             if options.image_check and not streamed:
                 manifest = _check_image(pipe, tmp, manifest, options, on_step)
@@ -213,27 +219,6 @@ def _compressing(options: PipelineExportOptions) -> bool:
     fmt = options.weight_format
     mode = getattr(fmt, "mode", fmt)
     return (mode is not None and mode != "fp32") or bool(options.component_formats)
-
-
-def _formats(pipe: Any, family: str, options: PipelineExportOptions) -> dict[str, Any]:
-    """Each component's weight format for a streamed export (unknown component names refused
-    before anything is exported)."""
-    from enginekit.export.diffusion.compress import formats_for
-
-    names = [*(n for n in TEXT_ENCODERS if getattr(pipe, n, None) is not None), get_family(family).denoiser,
-             "vae_decoder", "vae_encoder"]
-    return formats_for(family, names, options.weight_format or "fp32", options.component_formats)
-
-
-def _compression_record(formats: Mapping[str, Any], components: Mapping[str, Component], family: str,
-                        ) -> dict[str, Any]:
-    """The manifest's ``quantization`` of a streamed export that compressed on the way (the shape
-    :func:`~enginekit.export.diffusion.compress.compress_pipeline` writes)."""
-    from enginekit.export.diffusion.compress import format_record
-
-    return {"method": "weight-compression", "stage": "export (streamed)",
-            **format_record(formats, get_family(family).denoiser),
-            "components": {name: comp.quantization for name, comp in components.items()}}
 
 
 def _export_components(tmp: Path, pipe: Any, family: str, options: PipelineExportOptions, owned: bool,

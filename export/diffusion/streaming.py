@@ -405,38 +405,12 @@ def export_streamed(plan: Any, path: Path, opset: int, pipe: Any, sources: dict[
     record = {"streamed": True, "weights": "; ".join(sources[c].describe() for c in sources_used),
               "streamed_bytes": streamed_bytes, "transposed_on_the_way": n_transposed}
     if fmt is not None and fmt.compressed:
-        return {**record, "compression": _save_compressed(program.model, path, fmt, on_tensor)}
+        from enginekit.export.compress import compress_lazy_model
+
+        return {**record, "compression": compress_lazy_model(program.model, path, fmt, on_tensor)}
     # onnx_ir writes one tensor after another (one worker): each lazy tensor is read, written, dropped.
     ir.save(program.model, str(path), external_data=DATA_FILE, size_threshold_bytes=_INLINE_BYTES, max_workers=1)
     return record
-
-
-def _save_compressed(model: Any, path: Path, fmt: Any, on_tensor: Callable[[str], None]) -> dict[str, Any]:
-    """Write ``model`` (its large weights lazy) with its MatMul/Gemm weights compressed to ``fmt``:
-    the graph goes to the compression pass with each lazy weight as a placeholder (name, type and
-    shape, no data), and the pass asks for each tensor's data in turn."""
-    import onnx_ir as ir
-    from onnx import numpy_helper
-
-    from enginekit.export.compress import compress_model
-
-    lazy: dict[str, Callable[[], Any]] = {}
-    for name, value in model.graph.initializers.items():
-        tensor = value.const_value
-        if isinstance(tensor, ir.LazyTensor):
-            lazy[name] = tensor.numpy
-            # Serialised as an external reference to nowhere: its data is never read here.
-            value.const_value = ir.ExternalTensor("<streamed>", None, None, tensor.dtype, shape=tensor.shape,
-                                                  name=name)
-    proto = ir.serde.serialize_model(model)
-    inline = {t.name: t for t in proto.graph.initializer if t.name not in lazy}
-
-    def tensors(name: str) -> Any:
-        if name in lazy:
-            return lazy[name]()
-        return numpy_helper.to_array(inline[name])
-
-    return compress_model(proto, fmt, path.parent, tensors, entry=path.name, on_tensor=on_tensor)
 
 
 def _trace(plan: Any, opset: int) -> Any:

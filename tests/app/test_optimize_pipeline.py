@@ -182,6 +182,7 @@ def test_the_rebuild_commands_parse(sd15_run: tuple[dict, Path]) -> None:
         sub.make_context(args[0], args[1:])  # raises click.UsageError on an unknown flag
 
 
+@pytest.mark.slow  # optimize on FLUX end to end: minutes; the candidates, fates and budget are tested on SD 1.5 by default
 def test_flux_through_the_cli(tmp_path: Path) -> None:
     from enginekit.app.cli import cli
 

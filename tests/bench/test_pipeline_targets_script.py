@@ -12,6 +12,7 @@ pytest.importorskip("diffusers")
 pytest.importorskip("onnxruntime")
 
 
+@pytest.mark.slow  # the whole targets script on SD3: about three minutes, so with the other full script runs
 def test_targets_on_tiny_sd3_without_t5(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from benchmarks.pipeline_targets import main
 

@@ -56,6 +56,7 @@ def test_call_inputs_are_one_cfg_step() -> None:
     assert all(np.array_equal(feeds[k], again[k]) for k in feeds)
 
 
+@pytest.mark.slow  # every stage in its own interpreter: over a minute; the stages are tested one by one by default
 def test_run_all_reduced_fp32(tmp_path) -> None:
     """Every stage in its own interpreter, under the watchdog, as the full-size run goes."""
     report = m.run_all(_setup(dtype="fp32"), tmp_path)

@@ -341,6 +341,8 @@ import sys, time
 from pathlib import Path
 from enginekit.app.cli import _install_signal_handlers
 from enginekit.artifact import atomic_folder
+import signal
+signal.signal(signal.SIGHUP, signal.SIG_DFL)  # as from a terminal, whatever (nohup) started the tests
 _install_signal_handlers()
 try:
     with atomic_folder(sys.argv[1]) as tmp:
@@ -383,7 +385,8 @@ def test_a_dead_writers_temporary_is_removed_by_the_next_write(tmp_path: Path) -
 
 
 def test_cli_main_installs_the_handlers() -> None:
-    code = ("import signal, enginekit.app.cli as c; c._install_signal_handlers(); "
+    code = ("import signal, enginekit.app.cli as c; signal.signal(signal.SIGHUP, signal.SIG_DFL); "
+            "c._install_signal_handlers(); "
             "print(signal.getsignal(signal.SIGTERM) is c._terminate, signal.getsignal(signal.SIGHUP) is c._terminate)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(ROOT), check=True)
     assert out.stdout.split() == ["True", "True"]

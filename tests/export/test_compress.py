@@ -307,6 +307,9 @@ def test_compressed_pipeline_passes_the_image_gate_and_compiles_compressed(
         assert res.exit_code == 0, res.output
         folder = target / Path(comps[denoiser].entry).parent
         if backend == "openvino":
+            # Compressed weights run in the device's precision (bf16 on AMX); float components stay f32.
+            per_comp = enginekit.manifest.read_manifest(target).target["component_inference_precision"]
+            assert per_comp[denoiser] == "default" and "vae_decoder" not in per_comp
             xml = (folder / "model.xml").read_text()
             assert ('element_type="u4"' in xml) == (mode == "int4") and 'element_type="u8"' in xml
             weights = (folder / "model.bin").stat().st_size

@@ -112,12 +112,13 @@ def _onnx_unet(art: Path, feeds: dict[str, np.ndarray]) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def exports(lora_files: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def exports(lora_files: dict[str, Path], tiny_pipelines: dict, tmp_path_factory: pytest.TempPathFactory,
+            ) -> dict[str, Path]:
     from enginekit.export.api import export_model
 
     root = tmp_path_factory.mktemp("lora-exports")
-    out = {"plain": root / "plain", "diffusers": root / "diffusers", "kohya": root / "kohya"}
-    export_model("tiny-sd15", out["plain"], image_check=False)
+    # The plain export is the session's (same seed, nothing fused): read only here.
+    out = {"plain": tiny_pipelines[("tiny-sd15", "onnx")], "diffusers": root / "diffusers", "kohya": root / "kohya"}
     export_model("tiny-sd15", out["diffusers"], loras=(f"{lora_files['style']}:0.8",))  # image check on
     export_model("tiny-sd15", out["kohya"], loras=(str(lora_files["style_kohya"]),), lora_scale=0.8,
                  image_check=False)
