@@ -251,7 +251,7 @@ def test_report_without_matplotlib(tmp_path: Path) -> None:
     ok = run("--no-plots")
     assert ok.returncode == 0, ok.stderr
     assert (tmp_path / "rep" / "report.md").is_file() and not list((tmp_path / "rep").glob("*.png"))
-    assert "tables only" in ok.stderr
+    assert "tables only" in " ".join(ok.stderr.split())  # the console wraps long paths at 80 columns
     refused = run()
     assert refused.returncode == 1 and "--no-plots" in refused.stderr and "Traceback" not in refused.stderr
 
