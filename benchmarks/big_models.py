@@ -1,8 +1,8 @@
 """Full-size FLUX.1 and SD3.5 Large on a small CPU box: streamed, compressed export, compile and a
 512x512 image, each stage in its own process with its peak RSS, against the issue's RSS budgets.
 
-Stages (each a child process; its peak resident memory is the process tree's, polled every 0.5 s,
-and the child is killed past ``--rss-limit-gb``):
+Stages (each a child process under :func:`benchmarks.run_watched`: its peak resident memory is the
+process tree's, polled every 0.5 s, and the child is killed past ``--rss-limit-gb``):
 
 1. ``export``: ``enginekit export MODEL --random-weights --streaming --weight-format F`` (seeded
    weights drawn per tensor, compressed as they are drawn: never a float copy in memory or on disk);
@@ -27,14 +27,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 from typing import Any
+
+from benchmarks import run_watched
 
 MODELS = ("flux-schnell", "flux-dev", "sd35-large", "sd35-medium", "sd3-medium", "tiny-flux", "tiny-sd35")
 #: The issue's budgets: FLUX.1-schnell int4 under 16 GiB a stage; FLUX.1-dev and SD3.5 Large int8 under 20.
@@ -66,51 +65,21 @@ _GENERATE = textwrap.dedent("""
 """)
 
 
-def _tree_rss(proc: Any) -> int:
-    """Resident bytes of ``proc`` and its children (0 once it is gone)."""
-    import psutil
-
-    total = 0
-    try:
-        for p in [proc, *proc.children(recursive=True)]:
-            try:
-                total += p.memory_info().rss
-            except psutil.Error:
-                pass
-    except psutil.Error:
-        return 0
-    return total
-
-
 def run_stage(name: str, cmd: list[str], limit_bytes: int, log: Path) -> dict[str, Any]:
-    """Run ``cmd`` as a child; its wall time, peak tree RSS (polled), return code and output tail.
-    Killed when the tree passes ``limit_bytes``."""
-    import psutil
-
-    started = time.perf_counter()
-    with open(log, "w") as sink:
-        child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=sink, text=True, start_new_session=True)
-        proc = psutil.Process(child.pid)
-        peak, killed = 0, False
-        while child.poll() is None:
-            rss = _tree_rss(proc)
-            peak = max(peak, rss)
-            if rss > limit_bytes:
-                killed = True
-                os.killpg(child.pid, 9)
-                break
-            time.sleep(0.5)
-        stdout = child.communicate()[0]
-    seconds = time.perf_counter() - started
-    err = log.read_text()[-3000:]
-    print(f"{name}: rc {child.returncode}, {seconds:.0f} s, peak {peak / 2**30:.2f} GiB"
-          + (" (killed past the limit)" if killed else ""), file=sys.stderr, flush=True)
+    """Run ``cmd`` as a child under the watchdog (:func:`benchmarks.run_watched`): its wall time,
+    peak tree RSS, return code and output; killed when the tree passes ``limit_bytes``."""
+    out = log.with_suffix(".out")
+    with open(log, "w") as err, open(out, "w") as sink:
+        run = run_watched(cmd, limit_bytes, stdout=sink, stderr=err, poll_s=0.5)
+    text = log.read_text()
+    print(f"{name}: rc {run.returncode}, {run.seconds:.0f} s, peak {run.peak_rss_bytes / 2**30:.2f} GiB"
+          + (f" ({run.killed})" if run.killed else ""), file=sys.stderr, flush=True)
     # The command's own report of its process's high-water mark (VmHWM), where it prints one.
-    said = re.findall(r"peak RSS ([0-9.]+) GiB", log.read_text())
-    return {"stage": name, "command": " ".join(cmd), "rc": child.returncode, "seconds": round(seconds, 1),
-            "peak_rss_bytes": peak, "process_vmhwm_gib": float(said[-1]) if said else None,
-            "killed_past_limit": killed, "stdout": stdout.strip()[-4000:],
-            "stderr_tail": err if child.returncode else err[-600:]}
+    said = re.findall(r"peak RSS ([0-9.]+) GiB", text)
+    return {"stage": name, "command": " ".join(cmd), "rc": run.returncode, "seconds": round(run.seconds, 1),
+            "peak_rss_bytes": run.peak_rss_bytes, "process_vmhwm_gib": float(said[-1]) if said else None,
+            "killed_past_limit": run.killed is not None, "stdout": out.read_text().strip()[-4000:],
+            "stderr_tail": text[-3000:] if run.returncode else text[-600:]}
 
 
 def step_flops(model: str, size: int) -> float:

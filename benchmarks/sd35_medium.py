@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks import child_env
+from benchmarks import child_env, run_watched
 from enginekit.errors import EngineKitError, ExportError
 
 CONFIG = "sd35-medium"
@@ -283,35 +283,16 @@ STAGES = {"export": export_onnx, "pytorch": run_torch, "openvino": run_openvino,
 
 def run_stage(stage: str, setup: Setup, work: Path, rss_limit: float, timeout_s: float) -> dict[str, Any]:
     """``stage`` in a fresh interpreter under an RSS watchdog: its result, peak RSS and wall time."""
-    import psutil
-
     work.mkdir(parents=True, exist_ok=True)
     result_file = work / f"{stage}.json"
     result_file.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "benchmarks.sd35_medium", "--stage", stage, "--work", str(work),
            "--setup", json.dumps(asdict(setup))]
-    started = time.perf_counter()
-    child = subprocess.Popen(cmd, env=child_env())
-    proc = psutil.Process(child.pid)
-    peak, why = 0, None
-    while child.poll() is None:
-        try:
-            peak = max(peak, proc.memory_info().rss)
-        except psutil.NoSuchProcess:
-            break
-        if peak > rss_limit:
-            why = f"killed by the watchdog: RSS {peak / 2**30:.1f} GiB passed {rss_limit / 2**30:.1f} GiB"
-        elif time.perf_counter() - started > timeout_s:
-            why = f"killed after {timeout_s:.0f} s"
-        if why:
-            child.kill()
-            child.wait()
-            break
-        time.sleep(0.1)
-    record: dict[str, Any] = {"stage": stage, "peak_rss_gb": round(peak / 2**30, 2),
-                              "wall_s": round(time.perf_counter() - started, 1)}
-    if why or child.returncode != 0 or not result_file.is_file():
-        record["error"] = why or f"exited with {child.returncode}"
+    run = run_watched(cmd, rss_limit, timeout_s=timeout_s, env=child_env())
+    peak, why = run.peak_rss_bytes, run.killed
+    record: dict[str, Any] = {"stage": stage, "peak_rss_gb": round(peak / 2**30, 2), "wall_s": round(run.seconds, 1)}
+    if why or run.returncode != 0 or not result_file.is_file():
+        record["error"] = why or f"exited with {run.returncode}"
     else:
         record.update(json.loads(result_file.read_text()))
         record["polled_peak_rss_gb"] = record["peak_rss_gb"]

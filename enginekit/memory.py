@@ -110,7 +110,10 @@ class PeakRSS:
         return self._peak
 
     def _sampler(self) -> None:
-        while not self._stop.wait(self.sample_s):
+        # Beside VmHWM the samples only catch slow file-backed peaks: every 0.1 s is enough, and a
+        # denoising loop is not interrupted a hundred times a second for them.
+        every = max(self.sample_s, 0.1) if self.how == "vmhwm" else self.sample_s
+        while not self._stop.wait(every):
             self.sample()
 
     def __enter__(self) -> PeakRSS:
