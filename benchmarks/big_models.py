@@ -144,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt", default="a red fox in the snow")
     ap.add_argument("--rss-limit-gb", type=float, default=None, help="default: the model's budget, else 22")
     ap.add_argument("--skip", default="", help="comma-separated: export, compile, generate, floor")
+    ap.add_argument("--clean", action="store_true",
+                    help="remove each backend's engine (and its OpenVINO model-cache folder) once its image is "
+                         "made: a full-size FLUX engine and its cache take 25 GB of disk each")
     args = ap.parse_args(argv)
 
     work: Path = args.work
@@ -157,6 +160,15 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {"model": args.model, "weight_format": args.weight_format, "size": args.size,
                               "steps": steps, "budget_gib": budget, "stages": []}
     results = work / "big_models.json"
+    if results.exists():  # a run resumed with --skip keeps the stages it does not repeat
+        earlier = json.loads(results.read_text())
+        if all(earlier.get(k) == report[k] for k in ("model", "weight_format", "size", "steps")):
+            report["stages"] = earlier.get("stages", [])
+            report["floor"] = earlier.get("floor")
+
+    def record(stage: dict[str, Any]) -> None:
+        report["stages"] = [s for s in report["stages"] if s["stage"] != stage["stage"]] + [stage]
+        save()
 
     def save() -> None:
         results.write_text(json.dumps(report, indent=1))
@@ -164,14 +176,12 @@ def main(argv: list[str] | None = None) -> int:
     if "export" not in skip:
         cmd = [*exe, "export", args.model, "--random-weights", "--streaming", "--weight-format", args.weight_format,
                "--group-size", str(args.group_size), "-o", str(onnx_dir), "--overwrite"]
-        report["stages"].append(run_stage("export", cmd, limit, work / "export.log"))
-        save()
+        record(run_stage("export", cmd, limit, work / "export.log"))
     for backend in [b for b in args.backends.split(",") if b]:
         engine = work / f"{onnx_dir.name}-{backend}"
         if "compile" not in skip:
             cmd = [*exe, "compile", str(onnx_dir), "-b", backend, "-o", str(engine), "--overwrite"]
-            report["stages"].append(run_stage(f"compile {backend}", cmd, limit, work / f"compile-{backend}.log"))
-            save()
+            record(run_stage(f"compile {backend}", cmd, limit, work / f"compile-{backend}.log"))
         if "generate" not in skip:
             cmd = [sys.executable, "-c", _GENERATE, str(engine), args.prompt, str(steps), str(args.size), "1",
                    str(work / f"{backend}.png")]
@@ -180,13 +190,26 @@ def main(argv: list[str] | None = None) -> int:
                 stage["result"] = json.loads(stage["stdout"].splitlines()[-1])
             except (IndexError, ValueError):
                 stage["result"] = None
-            report["stages"].append(stage)
-            save()
+            record(stage)
+        if args.clean:
+            _remove_engine(engine)
     if "floor" not in skip:
         report["floor"] = floors(step_flops(args.model, args.size))
         save()
     print(table(report))
     return 0 if all(s["rc"] == 0 for s in report["stages"]) else 1
+
+
+def _remove_engine(engine: Path) -> None:
+    """Delete an engine folder and its OpenVINO model-cache folder (keyed by its manifest)."""
+    import shutil
+
+    if (engine / "manifest.json").exists():
+        from enginekit.manifest import read_manifest
+        from enginekit.runtimes.openvino_cache import cache_dir_for
+
+        shutil.rmtree(cache_dir_for(read_manifest(engine)), ignore_errors=True)
+    shutil.rmtree(engine, ignore_errors=True)
 
 
 def table(report: dict[str, Any]) -> str:

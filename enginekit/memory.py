@@ -18,10 +18,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Iterator
+from typing import Any, Iterable, Iterator
 
 __all__ = ["SAMPLE_S", "HOW_TEXT", "vm_hwm_bytes", "rss_bytes", "reset_peak", "PeakRSS", "StagePeaks", "StagePeak",
-           "gib"]
+           "gib", "release_file_pages", "ReleasingFilePages"]
 
 #: The sampling period where the kernel keeps no resettable high-water mark (seconds).
 SAMPLE_S = 0.01
@@ -195,3 +195,81 @@ class StagePeaks:
         parts = [f"{s.name} {gib(s.bytes)}" for s in self.stages.values()]
         sampled = any(s.how != "vmhwm" for s in self.stages.values())
         return "peak RSS: " + ", ".join(parts) + (" (sampled: a lower bound)" if sampled else "")
+
+
+_MADV_DONTNEED = 4  # <sys/mman.h>, the same on every Linux architecture
+
+
+def _madvise() -> Any:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    fn = libc.madvise
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def release_file_pages(paths: Iterable[str | Path]) -> int:
+    """Drop this process's resident pages of the read-only memory maps of ``paths`` (files, or
+    folders: every file under them); the bytes of mappings released, 0 where nothing matched
+    or this is not Linux.
+
+    A read-only file mapping's pages are the file's: ``madvise(MADV_DONTNEED)`` takes them out
+    of this process (they stay in the page cache, the kernel's to keep or drop) and the next read
+    of one maps it in again from the file, so the mapping's contents never change. It is how the
+    OpenVINO paths give back the weights a library has mapped and is done reading (the ONNX data
+    a conversion has copied into u4/u8 constants, the IR or cached blob the CPU plugin has
+    repacked): resident file pages the process would otherwise carry at its peak. A mapping that
+    is writable is never touched.
+    """
+    roots = [str(Path(p).resolve()) for p in paths]
+    if not roots:
+        return 0
+    try:
+        maps = Path("/proc/self/maps").read_text()
+        madvise = _madvise()
+    except (OSError, AttributeError):
+        return 0
+    released = 0
+    for line in maps.splitlines():
+        parts = line.split(None, 5)
+        if len(parts) < 6 or "w" in parts[1] or not parts[5].startswith("/"):
+            continue
+        path = parts[5].strip()
+        if not any(path == r or path.startswith(r + "/") for r in roots):
+            continue
+        lo, hi = (int(x, 16) for x in parts[0].split("-"))
+        if madvise(lo, hi - lo, _MADV_DONTNEED) == 0:
+            released += hi - lo
+    return released
+
+
+class ReleasingFilePages:
+    """While the block runs, every ``every`` seconds, and once more at its end: give back the
+    resident pages of ``paths``' read-only maps (:func:`release_file_pages`). Around a call that
+    reads mapped weights once and keeps its own copy (OpenVINO converting an ONNX model, its CPU
+    plugin repacking weights on a first inference), the mapped pages no longer pile up beside the
+    copy: the process peaks near the copy, not the copy and the file."""
+
+    def __init__(self, paths: Iterable[str | Path], every: float = 0.25) -> None:
+        self.paths = [Path(p) for p in paths]
+        self.every = every
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> ReleasingFilePages:
+        if self.paths:
+            self._thread = threading.Thread(target=self._loop, name="release-file-pages", daemon=True)
+            self._thread.start()
+        return self
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every):
+            release_file_pages(self.paths)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            release_file_pages(self.paths)

@@ -48,9 +48,11 @@ import numpy as np
 from enginekit.artifact import make_component
 from enginekit.errors import BackendError, DeviceError, one_line
 from enginekit.manifest import Manifest, TensorSpec
+from enginekit.memory import ReleasingFilePages
 from enginekit.runtimes.base import Backend, BackendOptions, CompileOptions, Runner
 from enginekit.runtimes.openvino_cache import CACHE_MAX_ENV, DEFAULT_CACHE_MAX_GB, cache_dir_for, prune_cache
 from enginekit.runtimes.openvino_cache import make_cache_dir as _make_cache_dir
+from enginekit.runtimes.openvino_convert import convert_onnx
 from enginekit.runtimes.openvino_shapes import parse_dims as _parse_dims
 from enginekit.runtimes.openvino_shapes import specs as _specs
 from enginekit.runtimes.openvino_shapes import static_shapes as _static_shapes
@@ -117,9 +119,12 @@ class OpenVINORunner(Runner):
         cache_dir: Path | None,
         loaded_from_cache: bool | None,
         rebuild: Callable[[], Any] | None = None,
+        mapped: Sequence[Path] = (),
     ) -> None:
         super().__init__(inputs, outputs)
         self._rebuild = rebuild
+        #: Files whose mapped pages the first inference gives back (see :meth:`_run`).
+        self._mapped = list(mapped)
         self._lock = threading.Lock()
         self._use(compiled)
         self.device = device
@@ -134,7 +139,11 @@ class OpenVINORunner(Runner):
         self._ports = [compiled.output(o.name) for o in self.outputs]
 
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        with self._lock:
+        # The CPU plugin repacks compressed weights into its own memory on the first inference and
+        # then never reads the mapped blob again: its pages are given back as the repack goes (one
+        # FLUX.1-sized transformer otherwise holds the weights twice). A later read maps them again.
+        mapped, self._mapped = self._mapped, []
+        with self._lock, ReleasingFilePages(mapped):
             self._request.start_async(feeds)
             if self._interrupted:  # interrupt() came before the request started: cancel it now
                 self._request.cancel()
@@ -290,15 +299,19 @@ class OpenVINOBackend(Backend):
             rel_dir = Path(comp.entry).parent
             (out_dir / rel_dir).mkdir(parents=True, exist_ok=True)
             entry = str(rel_dir / "model.xml")
+            # The converter copies each compressed weight out of the mapped ONNX data into its own
+            # constant and never reads that page again: giving the mapped pages back as it goes keeps
+            # the peak near one copy of the weights (FLUX.1's transformer otherwise holds two).
             try:
-                if comp.entry.endswith(".xml"):  # IR in, IR out: reshape and retarget
-                    model = self._core().read_model(str(artifact / comp.entry))
-                else:
-                    model = ov.convert_model(str(artifact / comp.entry))
-                bound = {**dims.get("*", {}), **dims.get(comp.name, {})}
-                if static_batch or bound:
-                    model.reshape(_static_shapes(model, comp, static_batch, bound))
-                ov.save_model(model, str(out_dir / entry), compress_to_fp16=compress)
+                with ReleasingFilePages([artifact / rel_dir, out_dir / rel_dir]):
+                    if comp.entry.endswith(".xml"):  # IR in, IR out: reshape and retarget
+                        model = self._core().read_model(str(artifact / comp.entry))
+                    else:
+                        model = convert_onnx(self._core(), artifact / comp.entry)
+                    bound = {**dims.get("*", {}), **dims.get(comp.name, {})}
+                    if static_batch or bound:
+                        model.reshape(_static_shapes(model, comp, static_batch, bound))
+                    ov.save_model(model, str(out_dir / entry), compress_to_fp16=compress)
             except BackendError:
                 raise
             except Exception as exc:
@@ -440,8 +453,10 @@ class OpenVINOBackend(Backend):
             # skip parsing the IR altogether.
             return core.compile_model(str(xml), ov_device, config)
 
+        mapped = [xml.parent] + ([cache_dir] if cache_dir is not None else [])
         try:
-            compiled = compile_it()
+            with ReleasingFilePages(mapped):  # the plugin's compile reads the mapped IR (or blob) once
+                compiled = compile_it()
         except Exception as exc:
             raise BackendError(f"openvino could not load {xml} on {ov_device}: {one_line(exc)}") from exc
         try:
@@ -455,7 +470,8 @@ class OpenVINOBackend(Backend):
                 device = "auto:" + ",".join(str(d).lower() for d in compiled.get_property("EXECUTION_DEVICES"))
             except Exception:
                 device = "auto"
-        runner = OpenVINORunner(compiled, inputs, outputs, device, cache_dir, from_cache, rebuild=compile_it)
+        runner = OpenVINORunner(compiled, inputs, outputs, device, cache_dir, from_cache, rebuild=compile_it,
+                                mapped=mapped)
         runner.component = comp.name
         return runner
 

@@ -191,6 +191,86 @@ def test_openvino_low_memory_load_reads_the_blob_compile_cached(tiny_pipelines: 
         assert sorted(p.name for p in (tmp_path / "cache").rglob("*.blob")) == blobs
 
 
+def _mapped_rss(*folders: Path) -> int:
+    """Resident bytes of this process's file maps under ``folders`` (from /proc/self/smaps)."""
+    roots = [str(Path(f).resolve()) for f in folders]
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()
+        if head and "-" in head[0] and len(head) >= 5 and ":" not in head[0]:  # a mapping's first line
+            inside = len(head) >= 6 and any(head[5].startswith(r + "/") for r in roots)
+        elif inside and line.startswith("Rss:"):
+            total += int(head[1]) * 1024
+    return total
+
+
+def test_openvino_gives_back_mapped_weights_after_the_first_inference(tiny_pipelines: dict, tmp_path: Path) -> None:
+    """The CPU plugin reads the IR (or cached blob) once, into its own memory, on load and first call;
+    the mapped pages are given back then (what a later call reads in place maps again: a few
+    small constants here), and a later call still gives the same output."""
+    _need("openvino")
+    from enginekit.artifact import using_cache_root
+
+    art = Path(tiny_pipelines[("tiny-flux", "openvino")])
+    with using_cache_root(tmp_path / "cache"):
+        for low in (False, True):
+            pipe = enginekit.load(art, device="cpu", low_memory=low)
+            first = pipe(**ARGS).images
+            weights = sum(p.stat().st_size for p in [*art.rglob("*.bin"), *(tmp_path / "cache").rglob("*.blob")])
+            assert weights > 2**20
+            assert _mapped_rss(art, tmp_path / "cache") < weights / 16
+            np.testing.assert_array_equal(pipe(**ARGS).images, first)
+            pipe.close()
+
+
+def test_openvino_conversion_is_convert_model_s(tiny_pipelines: dict, tmp_path: Path) -> None:
+    """compile converts ONNX in two steps (the front end, then ovc's transformations) so mapped pages
+    can be given back while it runs: the IR's weights are convert_model's, byte for byte."""
+    _need("openvino")
+    import openvino as ov
+
+    from enginekit.runtimes.openvino_convert import convert_onnx
+
+    onnx = Path(tiny_pipelines[("tiny-flux", "onnx")]) / "transformer" / "model.onnx"
+    ov.save_model(ov.convert_model(str(onnx)), str(tmp_path / "a.xml"), compress_to_fp16=False)
+    ov.save_model(convert_onnx(ov.Core(), onnx), str(tmp_path / "b.xml"), compress_to_fp16=False)
+    assert (tmp_path / "a.bin").read_bytes() == (tmp_path / "b.bin").read_bytes()
+    a, b = ov.Core().read_model(str(tmp_path / "a.xml")), ov.Core().read_model(str(tmp_path / "b.xml"))
+    assert [o.get_partial_shape() for o in a.outputs] == [o.get_partial_shape() for o in b.outputs]
+    assert sorted(op.get_type_name() for op in a.get_ops()) == sorted(op.get_type_name() for op in b.get_ops())
+
+
+def test_release_file_pages_gives_back_a_read_only_map_and_keeps_its_contents(tmp_path: Path) -> None:
+    import mmap
+
+    from enginekit.memory import ReleasingFilePages, release_file_pages
+
+    data = np.random.default_rng(0).integers(0, 255, 48 * 2**20, dtype=np.uint8)
+    path = tmp_path / "weights.bin"
+    data.tofile(path)
+    with open(path, "rb") as f:
+        ro = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    view = np.frombuffer(ro, dtype=np.uint8)
+    assert int(view.sum()) == int(data.sum())  # every page read
+    assert _mapped_rss(tmp_path) >= 40 * 2**20
+    assert release_file_pages([tmp_path]) >= 48 * 2**20
+    assert _mapped_rss(tmp_path) < 2**20
+    np.testing.assert_array_equal(view, data)  # read again from the file
+    with ReleasingFilePages([path], every=0.01):
+        assert int(view.sum()) == int(data.sum())
+    assert _mapped_rss(tmp_path) < 2**20
+    del view
+    ro.close()
+    # A writable map is never touched: its pages may hold what the file does not yet.
+    with open(path, "r+b") as f:
+        rw = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_WRITE)
+    rw[:4] = b"edit"
+    assert release_file_pages([path]) == 0
+    assert rw[:4] == b"edit"
+    rw.close()
+    assert release_file_pages([tmp_path / "nothing-here"]) == 0
+
+
 # ---------------------------------------------------------------------------- memory readers
 
 def test_stage_peaks_see_each_stage_s_own_peak() -> None:
