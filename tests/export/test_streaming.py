@@ -1,8 +1,9 @@
 """The streaming export: components traced with fake weights, their weights streamed tensor by tensor
 (from the per-tensor seeded generator or memory-mapped safetensors) into the data file. On every
 tiny family it must give the in-memory export's graph bit for bit: the same initializers, and the
-same ONNX Runtime outputs on the same inputs. One test runs it in a child process on a pipeline
-made wide enough (1.8 GB of fp32 weights) and checks the child's peak RSS stays far below that."""
+same ONNX Runtime outputs on the same inputs. Two tests run it in a child process on a pipeline
+made wide enough (1.8 GB of fp32 weights): its peak RSS stays far below that, and it passes in a
+memory cgroup capped at 1 GiB."""
 
 from __future__ import annotations
 
@@ -328,3 +329,66 @@ def test_streamed_export_peak_memory_is_far_below_the_weights(tmp_path: Path, fm
         assert data.stat().st_size >= numbers["weights"]
     else:  # 4 bits and a scale and zero point per 128 weights (the first and last layers int8)
         assert data.stat().st_size < numbers["weights"] / 5
+
+
+class _MemoryCap:
+    """A memory cgroup of its own with a hard limit (v1 ``memory.limit_in_bytes`` or v2
+    ``memory.max``); ``enter`` is a ``preexec_fn`` that moves the child into it. None where this
+    machine lets no cgroup be made (not root, no memory controller): the test then skips."""
+
+    def __init__(self, folder: Path, limit_file: str, limit: int) -> None:
+        self.folder, self.limit_file = folder, limit_file
+        (folder / limit_file).write_text(str(limit))
+
+    @classmethod
+    def make(cls, limit: int) -> "_MemoryCap | None":
+        name = f"enginekit-test-{os.getpid()}-{os.urandom(3).hex()}"
+        candidates = [(Path("/sys/fs/cgroup/memory"), "memory.limit_in_bytes")]
+        root = Path("/sys/fs/cgroup")
+        controllers = root / "cgroup.controllers"
+        if controllers.exists() and "memory" in controllers.read_text().split():
+            candidates.append((root, "memory.max"))
+        for base, limit_file in candidates:
+            if not (base / "cgroup.procs").exists():
+                continue
+            try:
+                (base / name).mkdir()
+            except OSError:
+                continue
+            try:
+                return cls(base / name, limit_file, limit)
+            except OSError:
+                (base / name).rmdir()
+        return None
+
+    def enter(self) -> None:
+        (self.folder / "cgroup.procs").write_text(str(os.getpid()))
+
+    def remove(self) -> None:
+        try:
+            self.folder.rmdir()
+        except OSError:
+            pass
+
+
+def test_streamed_export_runs_under_a_memory_cap_below_the_weights(tmp_path: Path) -> None:
+    """The issue's cap: a transformer with 1.8 GB of fp32 weights exports, streamed and compressed to int4,
+    in a memory cgroup capped at 1 GiB (anonymous memory and page cache together). A child that
+    allocates 1.5 GiB in the same cap is killed: the cap is real."""
+    cap = _MemoryCap.make(2**30)
+    if cap is None:
+        pytest.skip("no memory cgroup can be made here (needs root and a memory controller)")
+    try:
+        config = _wide_flux_config(tmp_path)
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        hog = subprocess.run([sys.executable, "-c", "import numpy as np; a = np.ones(3 * 2**30 // 16); "
+                              "print(a.sum())"], capture_output=True, text=True, timeout=120, preexec_fn=cap.enter)
+        assert hog.returncode != 0, "a 1.5 GiB allocation ran under the 1 GiB cap: the cap does not hold here"
+        proc = subprocess.run([sys.executable, "-c", _WIDE_CHILD, str(config), str(tmp_path / "out"), "int4"],
+                              capture_output=True, text=True, timeout=600, env=env, preexec_fn=cap.enter)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        numbers = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert numbers["weights"] > 1.5 * 2**30
+        assert (tmp_path / "out" / "model.onnx.data").stat().st_size > 0
+    finally:
+        cap.remove()
