@@ -35,7 +35,7 @@ from typing import Any
 
 from benchmarks import run_watched
 
-MODELS = ("flux-schnell", "flux-dev", "sd35-large", "sd35-medium", "sd3-medium", "tiny-flux", "tiny-sd35")
+MODELS = ("flux-schnell", "flux-dev", "sd35-large", "sd35-medium", "sd3-medium", "sdxl", "sd15", "tiny-flux", "tiny-sd35")
 #: The issue's budgets: FLUX.1-schnell int4 under 16 GiB a stage; FLUX.1-dev and SD3.5 Large int8 under 20.
 BUDGET_GIB = {"flux-schnell": 16.0, "flux-dev": 20.0, "sd35-large": 20.0}
 

@@ -310,7 +310,8 @@ def _wide_flux_config(tmp_path: Path) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("fmt", ("int4", pytest.param("fp32", marks=pytest.mark.slow)))
+@pytest.mark.slow  # int4 runs by default under the memory cap (below)
+@pytest.mark.parametrize("fmt", ("int4", "fp32"))
 def test_streamed_export_peak_memory_is_far_below_the_weights(tmp_path: Path, fmt: str) -> None:
     """A FLUX transformer with 1.8 GB of fp32 weights exports with the child's peak RSS growing by
     under a third of that (its largest tensor is 84 MB); the in-memory path holds all of it at least once.
@@ -376,7 +377,7 @@ def test_streamed_export_runs_under_a_memory_cap_below_the_weights(tmp_path: Pat
     in a memory cgroup capped at 1 GiB (anonymous memory and page cache together). A child that
     allocates 1.5 GiB in the same cap is killed: the cap is real."""
     cap = _MemoryCap.make(2**30)
-    if cap is None:
+    if cap is None:  # the same export uncapped, its peak measured, is test_streamed_export_peak_memory_... (slow)
         pytest.skip("no memory cgroup can be made here (needs root and a memory controller)")
     try:
         config = _wide_flux_config(tmp_path)
@@ -389,6 +390,8 @@ def test_streamed_export_runs_under_a_memory_cap_below_the_weights(tmp_path: Pat
         assert proc.returncode == 0, proc.stderr[-3000:]
         numbers = json.loads(proc.stdout.strip().splitlines()[-1])
         assert numbers["weights"] > 1.5 * 2**30
-        assert (tmp_path / "out" / "model.onnx.data").stat().st_size > 0
+        # The child's own peak grows by far less than the weights (measured 0.32 GB uncapped).
+        assert numbers["peak"] - numbers["before"] < numbers["weights"] / 3, numbers
+        assert 0 < (tmp_path / "out" / "model.onnx.data").stat().st_size < numbers["weights"] / 5
     finally:
         cap.remove()
