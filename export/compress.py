@@ -46,9 +46,16 @@ from enginekit.export.external_data import DATA, INLINE_BYTES, Given, Reader, Wr
 __all__ = ["WeightFormat", "compress_component", "compress_lazy_model", "compress_model", "WEIGHT_FORMATS",
            "COMPRESSED_FORMATS"]
 
-#: What ``--weight-format`` takes for a component here (bf16 is an export precision, not run by ORT's CPU kernels).
-WEIGHT_FORMATS = ("fp32", "fp16", "int8", "int4")
+#: What ``--weight-format`` takes for a component here. bf16 stores the weights in bfloat16 with a
+#: ``Cast`` to float32 before their first use (ONNX Runtime's CPU kernels have no bf16 MatMul; it
+#: folds the casts at load, OpenVINO computes in bf16 where the CPU has it).
+WEIGHT_FORMATS = ("fp32", "fp16", "bf16", "int8", "int4")
 COMPRESSED_FORMATS = ("int8", "int4")
+#: Formats written by the tensor-by-tensor pass (:func:`compress_model`): also on the way in a streamed export.
+PASS_FORMATS = COMPRESSED_FORMATS + ("bf16",)
+#: bf16: float32 tensors of at least this many values are stored in bf16 (weights); smaller ones
+#: (norm scales, biases, positions) stay float32.
+BF16_MIN_VALUES = 1024
 ENTRY = "model.onnx"
 
 
@@ -78,6 +85,11 @@ class WeightFormat:
     @property
     def compressed(self) -> bool:
         return self.mode in COMPRESSED_FORMATS
+
+    @property
+    def by_pass(self) -> bool:
+        """Written tensor by tensor by :func:`compress_model` (int8, int4, bf16)."""
+        return self.mode in PASS_FORMATS
 
     def record(self) -> dict[str, Any]:
         """The manifest's description of this format."""
@@ -139,10 +151,10 @@ def compress_model(model: Any, fmt: WeightFormat, out_dir: str | Path, tensors: 
     array), e.g. a streaming export's: ``model``'s initializers give names, types and
     shapes (their data is not read; the proto is rewritten in place). ``tensors`` is called once per initializer in order,
     and a second time for the int4 candidates when ``ratio`` < 1; each array may be
-    dropped as soon as the next is asked for. Formats: int8, int4 and fp32 (written as it comes).
+    dropped as soon as the next is asked for. Formats: int8, int4, bf16 and fp32 (written as it comes).
     """
     if fmt.mode == "fp16":
-        raise OptionError("compress_model writes int8, int4 or fp32; convert to fp16 with compress_component")
+        raise OptionError("compress_model writes int8, int4, bf16 or fp32; convert to fp16 with compress_component")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     return _compress(model, fmt, out, Given(tensors), entry, on_tensor)
@@ -186,11 +198,17 @@ def _compress(model: Any, fmt: WeightFormat, out: Path, source: Any, entry: str,
     layers, kept = _candidates(graph, inits, fmt) if fmt.compressed else ([], [])
     kept += _assign(layers, fmt, inits, source) if fmt.compressed else []
     chosen = {lay.weight: lay for lay in layers if lay.bits}
+    halves = _bf16_weights(graph) if fmt.mode == "bf16" else set()
     with open(out / DATA, "wb") as sink:
         writer = Writer(sink)
         new_inits = []
         for init in graph.initializer:
             lay = chosen.get(init.name)
+            if init.name in halves:
+                on_tensor(init.name)
+                new_inits.append(writer.tensor(f"{init.name}_bf16", _BFLOAT16, _to_bf16(source.array(init))))
+                source.release()
+                continue
             if lay is None:
                 new_inits.append(writer.copy(init, source))
                 continue
@@ -200,12 +218,18 @@ def _compress(model: Any, fmt: WeightFormat, out: Path, source: Any, entry: str,
     if not (out / DATA).stat().st_size:  # every tensor stayed inline
         (out / DATA).unlink()
     _rewrite(model, list(chosen.values()), fmt)
+    _cast_back(model, halves)
     del graph.initializer[:]
     graph.initializer.extend(new_inits)
     try:
         onnx.save_model(model, str(out / entry))
     except Exception as exc:
         raise QuantizationError(f"could not write {out / entry}: {one_line(exc)}") from exc
+    if fmt.mode == "bf16":
+        return {"method": "bf16", "format": "bf16", "form": "bfloat16 initializers, each Cast to float32",
+                "tensors_bf16": len(halves), "parameters_bf16": sum(_numel(inits[n]) for n in halves),
+                "rule": f"float32 initializers of at least {BF16_MIN_VALUES} values; smaller ones (norm scales, "
+                        "biases) stay float32; rounded to nearest even"}
     return _record(fmt, layers, kept) if fmt.compressed else {"method": fmt.mode, "format": fmt.mode}
 
 
@@ -376,6 +400,48 @@ def _ort_version() -> str:
 
 
 # -- float formats ------------------------------------------------------------------
+
+_BFLOAT16 = 16  # onnx.TensorProto.BFLOAT16
+
+
+def _numel(init: Any) -> int:
+    return int(np.prod(init.dims)) if len(init.dims) else 1
+
+
+def _bf16_weights(graph: Any) -> set[str]:
+    """The float32 initializers stored in bf16: at least :data:`BF16_MIN_VALUES` values, read by a
+    node and not a graph output."""
+    from onnx import TensorProto
+
+    outputs = {o.name for o in graph.output}
+    read = {name for node in graph.node for name in node.input}
+    return {t.name for t in graph.initializer if t.data_type == TensorProto.FLOAT and _numel(t) >= BF16_MIN_VALUES
+            and t.name in read and t.name not in outputs}
+
+
+def _to_bf16(array: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bits as uint16 (``ml_dtypes``, as onnx and torch round: to nearest even)."""
+    import ml_dtypes
+
+    return np.asarray(array, dtype=np.float32).astype(ml_dtypes.bfloat16).view(np.uint16)
+
+
+def _cast_back(model: Any, names: set[str]) -> None:
+    """Each bf16 weight ``W`` is ``W_bf16`` in the file and a ``Cast`` to float32 named ``W``
+    ahead of the graph's nodes, so every reader of ``W`` is unchanged."""
+    from onnx import TensorProto, helper
+
+    if not names:
+        return
+    casts = [helper.make_node("Cast", [f"{name}_bf16"], [name], name=f"{name}_cast", to=TensorProto.FLOAT)
+             for name in sorted(names)]
+    nodes = casts + list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    keep = [v for v in model.graph.input if v.name not in names]  # old-IR inputs naming the initializers
+    del model.graph.input[:]
+    model.graph.input.extend(keep)
+
 
 
 def _copy_float(src: Path, out: Path) -> dict[str, Any]:

@@ -59,7 +59,8 @@ METHODS = ("fp16", "int8", "int4")
 COMPONENT_METHODS = ("fp32", "fp16", "int8", "int4")
 #: Default image budgets vs the float parent: (min PSNR dB, min SSIM) on the worst gate image.
 #: Measured on the tiny built-ins (see README: quantized pipelines), with margin.
-BUDGETS: Mapping[str, tuple[float, float]] = {"fp16": (35.0, 0.98), "int8": (28.0, 0.90), "int4": (22.0, 0.80)}
+BUDGETS: Mapping[str, tuple[float, float]] = {"fp16": (35.0, 0.98), "bf16": (30.0, 0.95), "int8": (28.0, 0.90),
+                                              "int4": (22.0, 0.80)}
 #: At most this many recorded denoiser feeds calibrate a quantizer.
 MAX_CALIBRATION_FEEDS = 64
 

@@ -404,7 +404,7 @@ def export_streamed(plan: Any, path: Path, opset: int, pipe: Any, sources: dict[
     sources_used = sorted({w.component for w in weights.values()})
     record = {"streamed": True, "weights": "; ".join(sources[c].describe() for c in sources_used),
               "streamed_bytes": streamed_bytes, "transposed_on_the_way": n_transposed}
-    if fmt is not None and fmt.compressed:
+    if fmt is not None and fmt.by_pass:
         from enginekit.export.compress import compress_lazy_model
 
         return {**record, "compression": compress_lazy_model(program.model, path, fmt, on_tensor)}

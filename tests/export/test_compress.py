@@ -164,7 +164,7 @@ def test_inline_weights_fp16_and_fp32(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("fmt", [WeightFormat("int4", group_size=16, ratio=0.5), WeightFormat("int8", group_size=16),
-                                 WeightFormat("fp32")], ids=["int4-ratio", "int8", "fp32"])
+                                 WeightFormat("bf16"), WeightFormat("fp32")], ids=["int4-ratio", "int8", "bf16", "fp32"])
 def test_weights_from_a_function_give_the_same_files(tmp_path: Path, fmt: WeightFormat) -> None:
     """A streaming export's path: the graph without its data, each weight handed over by name."""
     import onnx
@@ -185,7 +185,7 @@ def test_weights_from_a_function_give_the_same_files(tmp_path: Path, fmt: Weight
 
     got = compress_model(bare, fmt, tmp_path / "b", tensor)
     assert got == expected
-    if fmt.compressed:
+    if fmt.by_pass:
         for name in ("model.onnx", "model.onnx.data"):
             assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
     else:  # compress_component copies fp32 files as they are; compress_model writes what it is given
@@ -195,6 +195,34 @@ def test_weights_from_a_function_give_the_same_files(tmp_path: Path, fmt: Weight
     with pytest.raises(QuantizationError, match=r"W\d: the tensor given has shape \(2, 2\)"):
         compress_model(onnx.load(str(src / "model.onnx"), load_external_data=False), fmt, tmp_path / "c",
                        lambda name: np.zeros((2, 2), np.float32))
+
+
+def test_bf16_component_stores_weights_in_bf16_and_runs_on_both_backends(tmp_path: Path) -> None:
+    """bf16: each float32 weight of at least 1024 values is stored as bfloat16 (rounded to nearest
+    even) and cast back to float32 where it is read; small tensors stay float32."""
+    import ml_dtypes
+    import onnx
+    from onnx import numpy_helper
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    w = _component(src)
+    record = compress_component(src, WeightFormat("bf16"), out)
+    assert record["format"] == "bf16" and record["tensors_bf16"] == 6  # all but b2 (64) and Wk (512 values)
+    model = onnx.load(str(out / "model.onnx"))
+    inits = {t.name: t for t in model.graph.initializer}
+    assert {n for n, t in inits.items() if t.data_type == onnx.TensorProto.BFLOAT16} == \
+        {f"{n}_bf16" for n in ("W1", "W2", "W3", "Ws", "W3d", "W4")}
+    assert inits["b2"].data_type == inits["Wk"].data_type == onnx.TensorProto.FLOAT
+    stored = numpy_helper.to_array(inits["W1_bf16"])
+    np.testing.assert_array_equal(np.asarray(stored, dtype=np.float32),
+                                  w["W1"].astype(ml_dtypes.bfloat16).astype(np.float32))
+    assert [n.op_type for n in model.graph.node].count("Cast") == 6
+    assert (out / "model.onnx.data").stat().st_size < 0.6 * (src / "model.onnx.data").stat().st_size
+    x = np.random.default_rng(1).standard_normal((3, H)).astype(np.float32)
+    ref = _run(src, x, "onnxruntime")
+    for backend in ("onnxruntime", "openvino"):
+        if _available(backend):
+            assert _rel(_run(out, x, backend), ref) < 0.02, backend
 
 
 def test_fp16_component_gets_fp16_scales(tmp_path: Path) -> None:

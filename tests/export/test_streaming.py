@@ -177,6 +177,29 @@ def test_streamed_seeded_export_is_bit_identical(name: str, in_memory: dict[str,
         assert any(f.path.endswith("model.onnx.data") for f in comp.files)
 
 
+def test_streamed_bf16_is_the_float_export_stored_in_bf16(in_memory: dict[str, Path], tmp_path: Path) -> None:
+    """``--streaming --weight-format bf16``: each weight rounded to bf16 as it is drawn, the same files
+    as storing today's float export in bf16 (the transformer, dynamo on both sides), and each block
+    checked against PyTorch fp32 under the bf16 budget."""
+    from enginekit.export.compress import WeightFormat, compress_component
+    from enginekit.export.diffusion.sd import PipelineExportOptions, export_pipeline
+
+    manifest = export_pipeline("tiny-flux", tmp_path / "s", PipelineExportOptions(streaming=True, weight_format="bf16"))
+    assert {n: c.precision for n, c in manifest.components.items()} == {
+        "text_encoder": "fp32", "text_encoder_2": "bf16", "transformer": "bf16", "vae_decoder": "fp32",
+        "vae_encoder": "fp32"}
+    compress_component(in_memory["tiny-flux"] / "transformer", WeightFormat("bf16"), tmp_path / "r")
+    (got, got_nodes), (want, want_nodes) = (_canonical(tmp_path / "s" / "transformer" / "model.onnx"),
+                                            _canonical(tmp_path / "r" / "model.onnx"))
+    assert got_nodes == want_nodes and sorted(got) == sorted(want)
+    for key in want:
+        assert np.array_equal(got[key], want[key]), key
+    for name in ("transformer", "text_encoder_2"):
+        fidelity = manifest.components[name].fidelity
+        assert fidelity["weight_format"] == "bf16" and fidelity["passed"] is True, name
+        assert manifest.components[name].quantization["tensors_bf16"] > 0
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ("tiny-sd15", "tiny-flux"))
 def test_streamed_from_safetensors_folder(name: str, in_memory: dict[str, Path], tmp_path: Path) -> None:

@@ -47,9 +47,10 @@ from enginekit.registry import task_names
 @click.option("--no-t5", "without_t5", is_flag=True,
               help="SD3/SD3.5: leave the T5 encoder out (never loaded), as diffusers allows: prompts condition "
                    "through the CLIP encoders alone; saves T5-XXL's 4.7B parameters (19 GB in fp32).")
-@click.option("--weight-format", type=click.Choice(["fp32", "fp16", "int8", "int4"]), default=None,
-              help="Pipelines: the denoiser's weights (T5 int8 when it is int8/int4, CLIP and VAE fp32), "
-                   "compressed tensor by tensor (with --streaming, as each is streamed: no float copy on disk).")
+@click.option("--weight-format", type=click.Choice(["fp32", "fp16", "bf16", "int8", "int4"]), default=None,
+              help="Pipelines: the denoiser's weights (T5 int8 when it is int8/int4, else as asked; CLIP and VAE "
+                   "fp32), compressed tensor by tensor (with --streaming, int8/int4/bf16 as each is streamed: no "
+                   "float copy on disk). bf16 stores weights in bfloat16, cast to float32 where they are used.")
 @click.option("--group-size", type=int, default=128, show_default=True, help="int8/int4: weights per scale along K.")
 @click.option("--ratio", type=float, default=1.0, show_default=True,
               help="int4: share of the int4 candidates' parameters in int4, the rest int8.")
