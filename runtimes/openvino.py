@@ -295,7 +295,9 @@ class OpenVINOBackend(Backend):
                                    f"{', '.join(_INFERENCE_PRECISIONS)}, got {value!r}")
         components = {}
         for comp in manifest.components.values():
-            compress = opts.precision == "fp16" and comp.name not in opts.keep_fp32
+            # bf16 weights: the converter folds their casts into f32 constants, twice the bytes; every
+            # bf16 value within fp16's range is exact in fp16, so the IR keeps them at half size.
+            compress = (opts.precision == "fp16" and comp.name not in opts.keep_fp32) or comp.precision == "bf16"
             rel_dir = Path(comp.entry).parent
             (out_dir / rel_dir).mkdir(parents=True, exist_ok=True)
             entry = str(rel_dir / "model.xml")

@@ -351,6 +351,35 @@ def test_compressed_pipeline_passes_the_image_gate_and_compiles_compressed(
         assert image.shape[-1] == 3 and np.isfinite(image).all()
 
 
+def test_bf16_pipeline_passes_the_gate_and_compiles_at_half_size(tiny_pipelines: dict, tmp_path: Path) -> None:
+    """A bf16 denoiser (and T5, as asked): the gate's bf16 budget holds; ONNX Runtime runs the casts,
+    OpenVINO's IR keeps the weights at half of fp32's bytes (in fp16, where bf16 values are exact)."""
+    import enginekit
+    from enginekit.api import compile_artifact
+    from enginekit.export.diffusion.compress import compress_pipeline
+    from enginekit.quant.diffusion import BUDGETS
+    from enginekit.quant.diffusion_gate import GateSpec
+
+    parent = tiny_pipelines[("tiny-flux", "onnx")]
+    manifest = compress_pipeline(parent, tmp_path / "c", WeightFormat("bf16"), gate=GateSpec())
+    assert {n: c.precision for n, c in manifest.components.items()} == {
+        "text_encoder": "fp32", "text_encoder_2": "bf16", "transformer": "bf16", "vae_decoder": "fp32",
+        "vae_encoder": "fp32"}
+    assert manifest.fidelity["vs_parent"]["psnr_db"] >= BUDGETS["bf16"][0]
+    fp32_ir = tiny_pipelines[("tiny-flux", "openvino")] / "transformer" / "model.bin"
+    images = []
+    for backend in ("onnxruntime", "openvino"):
+        if not _available(backend):
+            continue
+        target = tmp_path / backend
+        compile_artifact(tmp_path / "c", backend, target)
+        if backend == "openvino":
+            assert (target / "transformer" / "model.bin").stat().st_size < 0.6 * fp32_ir.stat().st_size
+        with enginekit.load(target, device="cpu") as pipe:
+            images.append(pipe("a boat", num_inference_steps=2, seed=3, output_type="np").images)
+    assert all(np.isfinite(i).all() for i in images)
+
+
 def test_compress_pipeline_refusals(tiny_pipelines: dict, tmp_path: Path) -> None:
     from enginekit.export.diffusion.compress import compress_pipeline
 
