@@ -44,7 +44,7 @@ from enginekit.errors import OptionError, QuantizationError, one_line
 from enginekit.export.external_data import DATA, INLINE_BYTES, Given, Reader, Writer
 
 __all__ = ["WeightFormat", "compress_component", "compress_lazy_model", "compress_model", "WEIGHT_FORMATS",
-           "COMPRESSED_FORMATS"]
+           "COMPRESSED_FORMATS", "check_fp16_fits"]
 
 #: What ``--weight-format`` takes for a component here. bf16 stores the weights in bfloat16 with a
 #: ``Cast`` to float32 before their first use (ONNX Runtime's CPU kernels have no bf16 MatMul; it
@@ -456,11 +456,26 @@ def _copy_float(src: Path, out: Path) -> dict[str, Any]:
     return {"method": "fp32", "format": "fp32"}
 
 
+def check_fp16_fits(name: str, fp32_bytes: int) -> None:
+    """Refuse an fp16 conversion that cannot fit: ONNX Runtime's converter holds the float model and
+    then its fp16 copy in memory (a full-size FLUX transformer is 48 GB in fp32), and a kill half
+    way would waste the export before it."""
+    import psutil
+
+    free = psutil.virtual_memory().available
+    if 1.5 * fp32_bytes > free:
+        raise QuantizationError(f"{name}: fp16 conversion holds the whole component in memory "
+                                f"({fp32_bytes / 2**30:.1f} GiB of fp32, {free / 2**30:.1f} GiB available); store "
+                                "it as bf16 (converted tensor by tensor), int8 or int4 instead")
+
+
 def _fp16(src: Path, out: Path) -> dict[str, Any]:
     from enginekit.quant.ort_graph import ort_errors, over_size_limit, quiet
 
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    check_fp16_fits(src.parent.name, sum(p.stat().st_size for p in src.parent.iterdir() if p.is_file()))
 
     with quiet(), ort_errors("onnxruntime fp16 conversion"):
         model = onnx.load(str(src))

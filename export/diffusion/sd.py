@@ -321,13 +321,15 @@ def _export_streamed(root: Path, plan: _Plan, opts: PipelineExportOptions, on_st
                      ) -> tuple[Component, dict[str, Any], str]:
     """Export one component traced with fake weights, streaming its weights into its data file
     (int8/int4 ``fmt``: compressed on the way; fp16: converted once written)."""
-    from enginekit.export.compress import compress_component, written_files
+    from enginekit.export.compress import check_fp16_fits, compress_component, written_files
     from enginekit.export.diffusion.streaming import DATA_FILE, export_streamed
 
     folder = root / plan.name
-    folder.mkdir()
     path = folder / "model.onnx"
     mode = getattr(fmt, "mode", "fp32")
+    if mode == "fp16":  # converted in memory once written: refused before the export if it cannot fit
+        check_fp16_fits(plan.name, sum(p.numel() * 4 for p in plan.module.parameters()))
+    folder.mkdir()
     on_step(f"[{i}/{n}] {plan.name}: tracing, then streaming the weights into {DATA_FILE}"
             + (f" ({mode})" if mode != "fp32" else ""))
     record = export_streamed(plan, path, opts.opset, pipe, weights, fmt)

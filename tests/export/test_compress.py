@@ -225,6 +225,19 @@ def test_bf16_component_stores_weights_in_bf16_and_runs_on_both_backends(tmp_pat
             assert _rel(_run(out, x, backend), ref) < 0.02, backend
 
 
+def test_fp16_refuses_a_component_too_large_for_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fp16 converter holds the whole component: past the memory available it is refused, naming
+    the tensor-by-tensor formats, before anything is written."""
+    import psutil
+
+    src = tmp_path / "src"
+    _component(src)
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: type("VM", (), {"available": 1000})())
+    with pytest.raises(QuantizationError, match=r"src: fp16 conversion holds the whole component.*bf16"):
+        compress_component(src, WeightFormat("fp16"), tmp_path / "h")
+    assert not (tmp_path / "h" / "model.onnx").exists()
+
+
 def test_fp16_component_gets_fp16_scales(tmp_path: Path) -> None:
     import onnx
 
