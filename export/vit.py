@@ -158,6 +158,35 @@ def export_classifier(
     return manifest
 
 
+@contextlib.contextmanager
+def _no_all_true_attention_mask() -> Any:
+    """transformers (>= 5) leaves out the attention mask of an unpadded bidirectional model (ViT) when it
+    runs, but builds it while ``torch.export`` traces, where it cannot look at a mask's values: an
+    all-True constant mask, which the exporter lowers to ``Where`` + ``Softmax`` + ``IsNaN`` guards that
+    keep OpenVINO from fusing the attention. With no padding mask given there is nothing to look at:
+    skip it while tracing too (the same graph PyTorch runs)."""
+    try:
+        from transformers import masking_utils
+    except ImportError:
+        yield
+        return
+    original = getattr(masking_utils, "_ignore_bidirectional_mask_sdpa", None)
+    if original is None:
+        yield
+        return
+
+    def ignore(padding_mask: Any, kv_length: int, local_attention_size: int | None = None) -> bool:
+        if padding_mask is None and local_attention_size is None:
+            return True
+        return original(padding_mask, kv_length, local_attention_size)
+
+    masking_utils._ignore_bidirectional_mask_sdpa = ignore
+    try:
+        yield
+    finally:
+        masking_utils._ignore_bidirectional_mask_sdpa = original
+
+
 def _torch_export(wrapper: Any, example: Any, path: Path, opset: int, external: bool) -> None:
     import torch
 
@@ -165,7 +194,7 @@ def _torch_export(wrapper: Any, example: Any, path: Path, opset: int, external: 
     sink = io.StringIO()
     try:
         # The exporter prints progress lines of its own; keep them out of our output.
-        with contextlib.redirect_stdout(sink):
+        with contextlib.redirect_stdout(sink), _no_all_true_attention_mask():
             torch.onnx.export(
                 wrapper,
                 (example,),
