@@ -173,7 +173,7 @@ def int4_weight(job: QuantJob) -> MethodResult:
     default). Which MatMuls get int4 is decided data-free (weight quantization
     error) unless ``ratio < 1`` and calibration images are given, when NNCF
     ranks them by activation variance.
-    ``group_size`` must divide the input channels of every int4 layer
+    ``group_size`` is adjusted down per layer where it does not divide the input channels
     (-1: one scale per output channel). Options: ``exclude_nodes`` too.
     """
     method = "int4-weight"
@@ -186,6 +186,11 @@ def int4_weight(job: QuantJob) -> MethodResult:
         data: dict[str, Any] = {}
         if images is not None:
             data = {"dataset": nncf_dataset(nncf, images, job.input_name), "subset_size": len(images)}
+        if options.group_size > 0:
+            # A layer whose input channels the group size does not divide (SD 1.5's 320) takes the
+            # largest power of two that does (>= 16), else int8: NNCF's ADJUST, not a failed build.
+            data["advanced_parameters"] = nncf.AdvancedCompressionParameters(
+                group_size_fallback_mode=nncf.GroupSizeFallbackMode.ADJUST, min_adjusted_group_size=16)
         compress(nncf, job, method, mode=mode, group_size=options.group_size, ratio=float(options.ratio), **data)
     return MethodResult(KIND, ENTRY, FILES, "int4", {
         "method": method,
@@ -193,6 +198,9 @@ def int4_weight(job: QuantJob) -> MethodResult:
         "mode": mode.value,
         "group_size": options.group_size,
         "granularity": "per-channel" if options.group_size == -1 else f"groups of {options.group_size}",
+        "group_size_fallback": None if options.group_size == -1 else (
+            "adjust: a layer whose input channels the group size does not divide takes the largest power of "
+            "two below it that does (>= 16), else int8 (NNCF GroupSizeFallbackMode.ADJUST)"),
         "symmetric": options.symmetric,
         "ratio": float(options.ratio),
         "backup": "int8_asym (convolutions, embeddings, the last layer, and the 1 - ratio share)",

@@ -166,11 +166,18 @@ def test_int4_group_size_not_positive(onnx_model: Path, tmp_path: Path, group_si
         ovq.int4_weight(_job(onnx_model, tmp_path, None, group_size=group_size))
 
 
-def test_int4_group_size_must_divide_channels(onnx_model: Path, tmp_path: Path) -> None:
-    # NNCF's own constraint: 128 does not divide the tiny ViT's 32 input channels.
-    with pytest.raises(QuantizationError, match="group_size 128 does not divide") as info:
-        ovq.int4_weight(_job(onnx_model, tmp_path, None, group_size=128))
-    assert "(channel size: 32)" in str(info.value) and "\n" not in str(info.value)
+def test_int4_group_size_falls_back_to_a_divisor(onnx_model: Path, tmp_path: Path) -> None:
+    """128 divides none of the tiny ViT's 32- and 64-wide inputs: those layers take groups of 32 and 64
+    (NNCF's ADJUST: the largest power of two that divides) instead of failing the build, and the
+    record says so."""
+    import openvino as ov
+
+    result = ovq.int4_weight(_job(onnx_model, tmp_path, None, group_size=128))
+    assert result.details["group_size"] == 128 and "adjust" in result.details["group_size_fallback"]
+    model = ov.Core().read_model(str(tmp_path / result.entry))
+    int4 = [list(op.get_output_shape(0)) for op in model.get_ops()
+            if op.get_type_name() == "Constant" and op.get_element_type() in (ov.Type.i4, ov.Type.u4)]
+    assert int4 and {shape[-1] for shape in int4} == {32, 64}, int4  # (N, K / group, group)
 
 
 def test_unknown_calibrate_method(onnx_model: Path, calibration: np.ndarray, tmp_path: Path) -> None:
