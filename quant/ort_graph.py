@@ -87,7 +87,10 @@ def model_bytes(model: Path) -> int:
 
 def over_size_limit(model: Any) -> bool:
     """Whether a ModelProto in memory is past what one protobuf file holds."""
-    return model.ByteSize() > EXTERNAL_DATA_BYTES
+    try:
+        return model.ByteSize() > EXTERNAL_DATA_BYTES
+    except Exception:  # protobuf will not even size a message past 2 GB ("Failed to serialize proto")
+        return True
 
 
 def is_large(job: QuantJob) -> bool:
