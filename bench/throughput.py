@@ -4,10 +4,11 @@
 flight for the timed window and reports the frames finished per second of wall
 time (``throughput_ips``), with each request's own latency percentiles beside it:
 
-- OpenVINO: the compiled model's ``AsyncInferQueue`` of ``N`` infer requests (the
-  engine is loaded with the THROUGHPUT performance hint, benchmark_app's default,
-  so the plugin runs several streams); ``N`` defaults to the plugin's
-  ``OPTIMAL_NUMBER_OF_INFER_REQUESTS``;
+- OpenVINO: ``N`` infer requests of the compiled model, each driven by a thread of its own (the
+  engine is loaded with the THROUGHPUT performance hint, benchmark_app's default, so the plugin
+  runs several streams); ``N`` defaults to the plugin's ``OPTIMAL_NUMBER_OF_INFER_REQUESTS``. Not
+  ``AsyncInferQueue``: its Python callback runs on OpenVINO's stream threads, which then need the
+  GIL, and closing the engine right after (which joins those threads while holding the GIL) hung;
 - ONNX Runtime (and any other runner): ``N`` threads calling the same session,
   whose ``run`` is thread-safe; ``N`` defaults to the physical cores.
 
@@ -48,7 +49,7 @@ def bench_throughput(runner: Runner, batch: int, config: BenchConfig, requests: 
 
     Returns a :func:`~enginekit.bench.harness.bench_runner`-shaped result whose
     ``throughput_ips`` is frames finished / wall seconds, plus ``requests`` (in
-    flight) and ``how`` (the mechanism: ``openvino async infer queue`` or ``threads``).
+    flight) and ``how`` (the mechanism: ``openvino infer requests`` or ``threads``).
     """
     if requests < 0:
         raise ValueError(f"requests in flight must be at least 1 (0: the backend's choice), got {requests}")
@@ -56,8 +57,8 @@ def bench_throughput(runner: Runner, batch: int, config: BenchConfig, requests: 
     feeds = make_feeds(runner.inputs, batch, config.seed)
     compiled = getattr(runner, "_compiled", None)
     if compiled is not None:
-        samples, wall = _openvino_queue(compiled, feeds, n, config, on_progress)
-        how = "openvino async infer queue"
+        samples, wall = _openvino_requests(compiled, feeds, n, config, on_progress)
+        how = "openvino infer requests"
     else:
         samples, wall = _threads(runner, feeds, n, config, on_progress)
         how = "threads"
@@ -74,46 +75,32 @@ def _window(config: BenchConfig) -> Callable[[int], bool]:
     return lambda submitted: submitted == 0 or time.perf_counter() < deadline
 
 
-def _openvino_queue(compiled: Any, feeds: dict[str, Any], n: int, config: BenchConfig,
-                    on_progress: Callable[[int], None] | None) -> tuple[list[float], float]:
-    import openvino as ov
-
-    queue = ov.AsyncInferQueue(compiled, n)
-    samples: list[float] = []
-    timed = [False]
-
-    def done(_request: Any, started: float) -> None:
-        if timed[0]:
-            samples.append(time.perf_counter() - started)
-            if on_progress is not None:
-                on_progress(len(samples))
-
-    queue.set_callback(done)
-    for _ in range(config.warmup):
-        queue.start_async(feeds, time.perf_counter())
-    queue.wait_all()
-    timed[0] = True
-    more = _window(config)
-    submitted = 0
-    start = time.perf_counter()
-    while more(submitted):
-        queue.start_async(feeds, time.perf_counter())  # blocks while every request is busy
-        submitted += 1
-    queue.wait_all()
-    return samples, time.perf_counter() - start
+def _openvino_requests(compiled: Any, feeds: dict[str, Any], n: int, config: BenchConfig,
+                       on_progress: Callable[[int], None] | None) -> tuple[list[float], float]:
+    """``n`` infer requests, one per thread (``infer`` lets go of the GIL while it runs)."""
+    requests = [compiled.create_infer_request() for _ in range(n)]
+    for i in range(config.warmup):
+        requests[i % n].infer(feeds)
+    return _workers([r.infer for r in requests], feeds, config, on_progress)
 
 
 def _threads(runner: Runner, feeds: dict[str, Any], n: int, config: BenchConfig,
              on_progress: Callable[[int], None] | None) -> tuple[list[float], float]:
     for _ in range(config.warmup):
         runner.run(feeds)
+    return _workers([runner.run] * n, feeds, config, on_progress)
+
+
+def _workers(calls: list[Callable[[dict[str, Any]], Any]], feeds: dict[str, Any], config: BenchConfig,
+             on_progress: Callable[[int], None] | None) -> tuple[list[float], float]:
+    """One thread per call, each submitting until the window closes: the samples and the wall time."""
     lock = threading.Lock()
     samples: list[float] = []
     errors: list[BaseException] = []
     more = _window(config)
     submitted = [0]
 
-    def worker() -> None:
+    def worker(call: Callable[[dict[str, Any]], Any]) -> None:
         while True:
             with lock:
                 if errors or not more(submitted[0]):
@@ -121,7 +108,7 @@ def _threads(runner: Runner, feeds: dict[str, Any], n: int, config: BenchConfig,
                 submitted[0] += 1
             started = time.perf_counter()
             try:
-                runner.run(feeds)
+                call(feeds)
             except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
                 with lock:
                     errors.append(exc)
@@ -131,7 +118,8 @@ def _threads(runner: Runner, feeds: dict[str, Any], n: int, config: BenchConfig,
                 if on_progress is not None:
                     on_progress(len(samples))
 
-    workers = [threading.Thread(target=worker, name=f"enginekit-bench-{i}", daemon=True) for i in range(n)]
+    workers = [threading.Thread(target=worker, args=(call,), name=f"enginekit-bench-{i}", daemon=True)
+               for i, call in enumerate(calls)]
     start = time.perf_counter()
     for t in workers:
         t.start()

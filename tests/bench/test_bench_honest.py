@@ -340,7 +340,7 @@ def test_bench_throughput_mode_on_every_backend(compiled: dict, tmp_path: Path) 
     for r in engines:
         c = r["conditions"]
         assert c["mode"] == "throughput" and c["requests"] == 2 and r["runs"] == 8 and r["throughput_ips"] > 0
-        expect = "openvino async infer queue" if r["engine"]["backend"] == "openvino" else "threads"
+        expect = "openvino infer requests" if r["engine"]["backend"] == "openvino" else "threads"
         assert c["how"] == expect
         base = next(b for b in records if b["baseline"])
         assert r["speedup"] == pytest.approx(r["throughput_ips"] / base["throughput_ips"])
