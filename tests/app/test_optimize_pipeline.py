@@ -143,7 +143,11 @@ def test_the_picks_step_holds_its_denoisers_call_and_every_figure_says_its_sampl
         assert timing["component_samples"]["unet"] == timing["step_samples"]
         assert timing["calls_per_image"]["unet"] == STEPS
     base = report["baseline"]
-    assert base["step_samples"] >= 2 * (STEPS - 1) and base["before"]["step_samples"] > 0
+    # The baseline is the faster of diffusers before the engines (2 images) and after them (1 image):
+    # which one depends on the machine's load during the run.
+    assert base["before"]["step_samples"] >= 2 * (STEPS - 1) and base["after"]["step_samples"] >= STEPS - 1
+    assert base["step_samples"] in (base["before"]["step_samples"], base["after"]["step_samples"])
+    assert base["step_ms"] == min(base["before"]["step_ms"], base["after"]["step_ms"])
     assert report["timing_rule"]["min_samples"] == 8 and "confidence interval" in report["timing_rule"]["text"]
     md = (out / "report.md").read_text()
     assert "samples steps / images" in md and report["timing_rule"]["text"] in md
