@@ -13,6 +13,7 @@ Part of the core: psutil and the standard library only, no stage module.
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import time
 from dataclasses import dataclass
@@ -200,7 +201,9 @@ class StagePeaks:
 _MADV_DONTNEED = 4  # <sys/mman.h>, the same on every Linux architecture
 
 
+@functools.lru_cache(maxsize=1)
 def _madvise() -> Any:
+    """libc's ``madvise``, looked up once (the releasing thread calls it every quarter second)."""
     import ctypes
 
     libc = ctypes.CDLL(None, use_errno=True)
