@@ -130,11 +130,28 @@ class Components(Mapping[str, Runner]):
                 self._runners[name] = load(self.root, self.manifest, self.device, name)
             return self._runners[name]
 
-    def release(self, *names: str) -> None:
-        """Close these components if open, so their memory goes back; a later access opens
-        them again. Names that are not open are skipped."""
+    def cut(self, name: str, cut: Any) -> Runner:
+        """Part of component ``name`` (its graph cut by ``cut``, see
+        :mod:`enginekit.runtimes.graph_cut`), opened on first use and kept beside the component;
+        released with it."""
+        key = cut.key(name)
+        runner = self._runners.get(key)
+        if runner is not None:
+            return runner
         with self._lock:
-            runners = [(n, self._runners.pop(n)) for n in names if n in self._runners]
+            if key not in self._runners:
+                self.manifest.component(name)
+                log.info("%s: loading %r on %s:%s", self.root, key, self.backend.name, self.device)
+                self._runners[key] = self.backend.load_cut(self.root, self.manifest, self.device, name, cut,
+                                                           low_memory=self.low_memory)
+            return self._runners[key]
+
+    def release(self, *names: str) -> None:
+        """Close these components (and the parts of them opened by :meth:`cut`) if open, so their
+        memory goes back; a later access opens them again. Names that are not open are skipped."""
+        with self._lock:
+            runners = [(n, self._runners.pop(n)) for n in list(self._runners)
+                       if n in names or n.split("#")[0] in names]
         for name, runner in runners:
             log.info("%s: releasing component %r", self.root, name)
             runner.close()

@@ -356,6 +356,13 @@ class Backend(abc.ABC):
         The engine computes the same numbers. The default is :meth:`load` itself."""
         return self.load(artifact, manifest, device, component)
 
+    def load_cut(self, artifact: Path, manifest: Manifest, device: str, component: str, cut: Any,
+                 low_memory: bool = False) -> Runner:
+        """Open part of one component: its graph cut by ``cut`` (a
+        :class:`enginekit.runtimes.graph_cut.Cut`: outputs kept, outputs fed back in as inputs),
+        with the settings :meth:`load` (or :meth:`load_low_memory`) gives the whole of it."""
+        raise BackendError(f"{self.name} cannot run part of an engine (a graph cut); use onnxruntime or openvino")
+
     def warm(self, artifact: Path, manifest: Manifest, device: str) -> bool:
         """Fill this machine's model cache for every component of a verified artifact, where
         the backend keeps one, so that the next :meth:`load` skips the device compilation.

@@ -264,7 +264,21 @@ class OnnxRuntimeBackend(Backend):
     def load_low_memory(self, artifact: Path, manifest: Manifest, device: str, component: str | None = None) -> Runner:
         return self._load(artifact, manifest, device, component, low_memory=True)
 
-    def _load(self, artifact: Path, manifest: Manifest, device: str, component: str | None, low_memory: bool) -> Runner:
+    def load_cut(self, artifact: Path, manifest: Manifest, device: str, component: str, cut: Any,
+                 low_memory: bool = False) -> Runner:
+        from enginekit.runtimes.graph_cut import cut_onnx
+
+        entry = artifact / manifest.component(component).entry
+        try:
+            model = cut_onnx(entry, cut).SerializeToString()
+        except BackendError:
+            raise
+        except Exception as exc:
+            raise BackendError(f"onnxruntime could not cut {entry} ({cut.label}): {one_line(exc)}") from exc
+        return self._load(artifact, manifest, device, component, low_memory, model=model, label=cut.key(component))
+
+    def _load(self, artifact: Path, manifest: Manifest, device: str, component: str | None, low_memory: bool,
+              model: bytes | None = None, label: str | None = None) -> Runner:
         import onnxruntime as ort
 
         comp = manifest.component(component)
@@ -276,11 +290,12 @@ class OnnxRuntimeBackend(Backend):
         if low_memory:
             _low_memory_options(so)
         try:
-            session = ort.InferenceSession(str(artifact / comp.entry), so, providers=providers)
+            session = ort.InferenceSession(model if model is not None else str(artifact / comp.entry), so,
+                                           providers=providers)
         except Exception as exc:
             raise BackendError(f"onnxruntime could not load {artifact / comp.entry}: {exc}") from exc
         runner = OnnxRuntimeRunner(session, device)
-        runner.component = comp.name
+        runner.component = label or comp.name
         return runner
 
 

@@ -51,6 +51,8 @@ from enginekit.manifest import Manifest, TensorSpec
 from enginekit.memory import ReleasingFilePages
 from enginekit.runtimes.base import Backend, BackendOptions, CompileOptions, Runner
 from enginekit.runtimes.openvino_cache import CACHE_MAX_ENV, DEFAULT_CACHE_MAX_GB, cache_dir_for, prune_cache
+from enginekit.runtimes.graph_cut import cut_openvino
+from enginekit.runtimes.openvino_cache import low_memory_config as _low_memory_config
 from enginekit.runtimes.openvino_cache import make_cache_dir as _make_cache_dir
 from enginekit.runtimes.openvino_convert import convert_onnx
 from enginekit.runtimes.openvino_shapes import parse_dims as _parse_dims
@@ -431,7 +433,12 @@ class OpenVINOBackend(Backend):
     def load_low_memory(self, artifact: Path, manifest: Manifest, device: str, component: str | None = None) -> Runner:
         return self._load(artifact, manifest, device, component, low_memory=True)
 
-    def _load(self, artifact: Path, manifest: Manifest, device: str, component: str | None, low_memory: bool) -> Runner:
+    def load_cut(self, artifact: Path, manifest: Manifest, device: str, component: str, cut: Any,
+                 low_memory: bool = False) -> Runner:
+        return self._load(artifact, manifest, device, component, low_memory, cut)
+
+    def _load(self, artifact: Path, manifest: Manifest, device: str, component: str | None, low_memory: bool,
+              cut: Any = None) -> Runner:
         import openvino.properties as props
 
         if manifest.kind not in self.loads:
@@ -453,7 +460,8 @@ class OpenVINOBackend(Backend):
         def compile_it() -> Any:
             # Compiling from the path (not a read_model result) lets a cache hit
             # skip parsing the IR altogether.
-            return core.compile_model(str(xml), ov_device, config)
+            model = str(xml) if cut is None else cut_openvino(core.read_model(str(xml)), cut, str(xml))
+            return core.compile_model(model, ov_device, config)
 
         mapped = [xml.parent] + ([cache_dir] if cache_dir is not None else [])
         try:
@@ -465,7 +473,7 @@ class OpenVINOBackend(Backend):
             from_cache: bool | None = bool(compiled.get_property(props.loaded_from_cache()))
         except Exception:  # not every plugin reports it
             from_cache = None
-        inputs = _specs(compiled.inputs, comp.inputs)
+        inputs = _specs(compiled.inputs, [*comp.inputs, *comp.outputs])
         outputs = _specs(compiled.outputs, comp.outputs)
         if ov_device == "AUTO":
             try:  # what AUTO picked, e.g. "auto:cpu"
@@ -474,22 +482,6 @@ class OpenVINOBackend(Backend):
                 device = "auto"
         runner = OpenVINORunner(compiled, inputs, outputs, device, cache_dir, from_cache, rebuild=compile_it,
                                 mapped=mapped)
-        runner.component = comp.name
+        runner.component = cut.key(comp.name) if cut is not None else comp.name
         return runner
 
-
-def _low_memory_config() -> dict[str, Any]:
-    """Compile settings added for the least resident memory (``load(..., low_memory=True)``).
-
-    None at present: memory-mapped weights (``ENABLE_MMAP``) are in every load's config (see
-    :meth:`OpenVINOBackend._config`), since a setting here would change the model cache's key
-    and a low-memory load would compile its own blob instead of reading the one ``compile``
-    wrote. Measured with ``bench/low_memory_rss.py``: ``ENABLE_MMAP`` leaves the peak RSS as it
-    is (a compile reads every weight either way) but keeps the weights the CPU plugin uses in
-    place file-backed: compiling a 0.41 GB T5 alone left 0.31 GiB anonymous and 0.45 GiB
-    file-backed with it, 0.69 and 0.06 GiB without; file-backed pages are the kernel's to drop
-    and read again under memory pressure, anonymous ones have nowhere to go without swap. The
-    model is compiled from its path (as every load does), so no ``ov.Model`` copy of the weights
-    is held beside the compiled one, and a model-cache hit skips reading the IR.
-    """
-    return {}

@@ -12,11 +12,12 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 from enginekit.artifact import cache_root
 from enginekit.manifest import Manifest
 
-__all__ = ["CACHE_MAX_ENV", "DEFAULT_CACHE_MAX_GB", "cache_dir_for", "make_cache_dir", "prune_cache"]
+__all__ = ["CACHE_MAX_ENV", "DEFAULT_CACHE_MAX_GB", "cache_dir_for", "low_memory_config", "make_cache_dir", "prune_cache"]
 
 log = logging.getLogger(__name__)
 
@@ -88,3 +89,20 @@ def prune_cache(root: Path, keep: Path | None = None, max_bytes: int | None = -1
     if removed:
         log.info("model cache over %.1f GiB: removed %d least recently used folder(s)", cap / 2**30, len(removed))
     return removed
+
+
+def low_memory_config() -> dict[str, Any]:
+    """Compile settings added for the least resident memory (``load(..., low_memory=True)``).
+
+    None at present: memory-mapped weights (``ENABLE_MMAP``) are in every load's config (see
+    :meth:`enginekit.runtimes.openvino.OpenVINOBackend._config`), since a setting here would change the model cache's key
+    and a low-memory load would compile its own blob instead of reading the one ``compile``
+    wrote. Measured with ``bench/low_memory_rss.py``: ``ENABLE_MMAP`` leaves the peak RSS as it
+    is (a compile reads every weight either way) but keeps the weights the CPU plugin uses in
+    place file-backed: compiling a 0.41 GB T5 alone left 0.31 GiB anonymous and 0.45 GiB
+    file-backed with it, 0.69 and 0.06 GiB without; file-backed pages are the kernel's to drop
+    and read again under memory pressure, anonymous ones have nowhere to go without swap. The
+    model is compiled from its path (as every load does), so no ``ov.Model`` copy of the weights
+    is held beside the compiled one, and a model-cache hit skips reading the IR.
+    """
+    return {}

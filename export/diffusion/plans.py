@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 from enginekit.errors import ExportError
+from enginekit.export.diffusion.deepcache import CACHE_OUTPUT, cached_layer
 from enginekit.export.diffusion.families import get_family
 from enginekit.export.diffusion.unet_sizes import carry_skip_sizes
 from enginekit.export.diffusion.wrappers import _wrappers
@@ -150,8 +151,12 @@ def _unet_and_vae(pipe: Any, W: dict[str, type], gen: Any, opts: PipelineExportO
                   TensorSpec("encoder_hidden_states", "float32", ("batch", "sequence", D))]
         inputs += [TensorSpec(n, "float32", s) for n, s in extra]
         out_c = int(unet_cfg.out_channels)
-        return _Plan("unet", W["unet"](u, tuple(n for n, _ in extra)).eval(), inputs,
-                     [TensorSpec("out_sample", "float32", ("batch", out_c, "latent_height", "latent_width"))],
+        outputs = [TensorSpec("out_sample", "float32", ("batch", out_c, "latent_height", "latent_width"))]
+        cache_layer = cached_layer(u)
+        if cache_layer is not None:  # DeepCache's reused feature, at the latent's size
+            outputs.append(TensorSpec(CACHE_OUTPUT, "float32", ("batch", int(unet_cfg.block_out_channels[0]),
+                                                                "latent_height", "latent_width")))
+        return _Plan("unet", W["unet"](u, tuple(n for n, _ in extra), cache_layer).eval(), inputs, outputs,
                      feeds(B, trace_hw), feeds(PB, check_hw), nbytes(u))
 
     return [unet, *_vae_plans(pipe, W, gen, opts, nbytes, trace_hw, parity_hw)]

@@ -28,16 +28,30 @@ def _encoder_and_unet_wrappers() -> dict[str, type]:
             return out.last_hidden_state, out.hidden_states[-2], pooled
 
     class UNet(torch.nn.Module):
-        def __init__(self, unet: Any, extra: tuple[str, ...]) -> None:
+        """``out_sample``, and with ``cache_layer`` that layer's output too (DeepCache's reused
+        feature, :mod:`enginekit.export.diffusion.deepcache`)."""
+
+        def __init__(self, unet: Any, extra: tuple[str, ...], cache_layer: Any = None) -> None:
             super().__init__()
             self.unet = unet
             self.extra = extra
+            self.cache_layer = cache_layer
 
         def forward(self, sample, timestep, encoder_hidden_states, *rest):  # type: ignore[no-untyped-def]
             named = dict(zip(self.extra, rest))
             added = {"text_embeds": named["text_embeds"], "time_ids": named["time_ids"]} if "time_ids" in named else None
-            return self.unet(sample, timestep, encoder_hidden_states, timestep_cond=named.get("timestep_cond"),
-                             added_cond_kwargs=added, return_dict=False)[0]
+            if self.cache_layer is None:
+                return self.unet(sample, timestep, encoder_hidden_states, timestep_cond=named.get("timestep_cond"),
+                                 added_cond_kwargs=added, return_dict=False)[0]
+            seen: list[Any] = []
+            hook = self.cache_layer.register_forward_hook(
+                lambda module, args, out: seen.append(out[0] if isinstance(out, tuple) else out))
+            try:
+                out = self.unet(sample, timestep, encoder_hidden_states, timestep_cond=named.get("timestep_cond"),
+                                added_cond_kwargs=added, return_dict=False)[0]
+            finally:
+                hook.remove()
+            return out, seen[-1]
 
     class T5Encoder(torch.nn.Module):
         def __init__(self, encoder: Any) -> None:

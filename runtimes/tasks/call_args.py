@@ -12,6 +12,7 @@ from enginekit.errors import InputError
 from enginekit.runtimes.schedulers import SCHEDULERS
 from enginekit.runtimes.tasks.layouts import Guidance
 from enginekit.runtimes.tasks.sizes import check_size, init_image_size, size_rule
+from enginekit.runtimes.tasks.step_cache import StepCache, parse_cache
 
 #: Parameter ranges: wide enough for any real use, narrow enough that a typo cannot
 #: ask for hours of work or gigabytes of latents.
@@ -46,6 +47,7 @@ class CallArgs:
     generator: np.random.Generator | None = None
     max_sequence_length: int | None = None
     true_cfg_scale: float = 1.0
+    cache: str | None = None
 
 
 def or_default(value: Any, default: Any) -> Any:
@@ -111,6 +113,7 @@ class Call:
     seed: int | None
     generator: np.random.Generator
     output_type: str
+    cache: StepCache | None = None
 
     @property
     def batch(self) -> int:
@@ -168,8 +171,9 @@ def check_call(args: CallArgs, cfg: Any, layout: Any, components: Mapping[str, A
     if generator is None:
         seed = int(np.random.SeedSequence().generate_state(1)[0]) if seed is None else seed
         generator = np.random.default_rng(seed)
+    cache = parse_cache(args.cache, cfg, components)
     return Call(prompts, negatives, per_prompt, steps, guidance, rescale, height, width, name, seq_len, init,
-                 strength, latents, seed, generator, args.output_type)
+                strength, latents, seed, generator, args.output_type, cache)
 
 
 def init_image(image: Any, height: int | None, width: int | None, rule: Any) -> np.ndarray:

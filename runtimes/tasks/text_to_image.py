@@ -35,6 +35,7 @@ from enginekit.runtimes.tasks.layouts import (Layout, guidance_scale_embedding, 
                                               pack_latents, rescale_noise_cfg, unpack_latents)
 from enginekit.runtimes.tasks.pipeline_config import PipelineConfig, TextEncoderSpec, default_scheduler_name
 from enginekit.runtimes.tasks.sizes import check_size, size_rule
+from enginekit.runtimes.tasks.step_cache import DEEPCACHE_CUT
 from enginekit.runtimes.tasks.tokenizers import PromptTokenizer
 
 __all__ = ["TextToImage", "PipelineConfig", "PipelineOutput", "GenerationCancelled", "default_scheduler_name",
@@ -192,16 +193,18 @@ class TextToImage:
     def _one_call(self) -> Any:
         return self._call_lock if self._call_lock is not None else contextlib.nullcontext()
 
-    def run_component(self, component: str, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run one engine, its feeds cast to what it declares (an fp16 graph may take float16;
-        a timestep may be int64); the recorder sees them."""
-        runner = self.components[component]
+    def run_component(self, component: str, feeds: Mapping[str, np.ndarray],
+                      runner: Runner | None = None) -> dict[str, np.ndarray]:
+        """Run one engine (``runner``, else ``component``'s), its feeds cast to what it declares
+        (an fp16 graph may take float16; a timestep may be int64); the recorder sees them."""
+        runner = runner if runner is not None else self.components[component]
         typed = {}
         for spec in runner.inputs:
             value = feeds[spec.name]
             typed[spec.name] = value.astype(spec.dtype, copy=False) if spec.dtype != "bfloat16" else value
-        if self.recorder is not None:
-            self.recorder(component, typed)
+        if self.recorder is not None:  # a cut engine is recorded under its own name ("unet#deepcache")
+            self.recorder(runner.component or component if runner is not self.components.get(component) else component,
+                          typed)
         return runner.run(typed)
 
     _run = run_component
@@ -229,6 +232,7 @@ class TextToImage:
         generator: np.random.Generator | None = None,
         max_sequence_length: int | None = None,
         true_cfg_scale: float = 1.0,
+        cache: str | None = None,
     ) -> PipelineOutput:
         """Generate images for ``prompt``.
 
@@ -256,10 +260,14 @@ class TextToImage:
         images). Anything else a callback returns (``None``, ``True``) goes on: the opposite of
         OpenVINO GenAI's ``Text2ImagePipeline``, whose callback stops the generation by returning
         ``True``.
+        ``cache``: step caching, ``"deepcache:N"`` (a UNet pipeline: every N-th step runs the whole
+        UNet, the steps between only its outer layers on the deep features it gave; faster, and
+        the image moves) or ``"none"``; default the manifest's (what ``optimize`` judged and
+        picked), else none. See :mod:`enginekit.runtimes.tasks.step_cache`.
         """
         args = CallArgs(prompt, negative_prompt, num_inference_steps, guidance_scale, height, width,
                         num_images_per_prompt, seed, latents, image, strength, scheduler, guidance_rescale,
-                        output_type, generator, max_sequence_length, true_cfg_scale)
+                        output_type, generator, max_sequence_length, true_cfg_scale, cache)
         with self._one_call():
             try:
                 return self._call(args, callback, cancel)
@@ -354,6 +362,7 @@ class TextToImage:
             made = self.layout.unpack(latents, call.height, call.width) if done else None
             return GenerationCancelled(message, latents=made, step=done, steps=len(timesteps))
 
+        denoiser, cache, deep = self.config.denoiser, call.cache, None
         for i, t in enumerate(timesteps):
             if cancel is not None and cancel.is_set():
                 raise stopped(f"generation cancelled before step {i + 1} of {len(timesteps)}", i)
@@ -361,7 +370,13 @@ class TextToImage:
             model_in = sched.scale_model_input(model_in, t)
             feeds = {"sample": model_in.astype(np.float32), "timestep": self.layout.timestep(t, model_in.shape[0]),
                      "encoder_hidden_states": embeds, **extra}
-            noise_pred = self.run_component(self.config.denoiser, feeds)["out_sample"].astype(np.float32)
+            if cache is None or cache.full(i):
+                out = self.run_component(denoiser, feeds)
+                deep = out.get(DEEPCACHE_CUT.inputs[0]) if cache is not None else None
+            else:  # DeepCache: the UNet's outer layers on the last full step's deep features
+                out = self.run_component(denoiser, {**feeds, DEEPCACHE_CUT.inputs[0]: deep},
+                                         runner=self.components.cut(denoiser, DEEPCACHE_CUT))
+            noise_pred = out["out_sample"].astype(np.float32)
             if two_pass:
                 uncond, text = np.split(noise_pred, 2)
                 noise_pred = uncond + scale * (text - uncond)
