@@ -127,6 +127,9 @@ class Generation:
     timing_images: int = 0  # images generated for time only, after the judged ones
     timing_s: float = 0.0
     rule: TimingRule | None = None
+    #: Steps per step sample: 1, or a step cache's interval N (each sample is then the mean of N
+    #: consecutive steps, one full and N-1 cached: what a step costs on average).
+    cycle: int = 1
 
     def summary(self) -> dict[str, Any]:
         med = lambda v: float(np.median(v)) if v else None  # noqa: E731
@@ -141,7 +144,7 @@ class Generation:
             "calls_per_image": {k: n / images for k, n in (self.calls or {
                 k: len(v) for k, v in self.component_ms.items()}).items()},
             "denoiser": self.denoiser, "denoiser_step_ms": med(self.denoiser_step_ms),
-            "timing_images": self.timing_images, "timing_s": self.timing_s,
+            "timing_images": self.timing_images, "timing_s": self.timing_s, "cycle": self.cycle,
         }
         if self.rule is not None:
             out["rule"] = {"min_samples": self.rule.min_samples, "max_spread": self.rule.max_spread,
@@ -157,6 +160,8 @@ def timing_problem(summary: dict[str, Any]) -> str | None:
         return None
     call = (summary.get("components_ms") or {}).get(denoiser)
     per_step = summary.get("denoiser_step_ms")
+    if (summary.get("cycle") or 1) > 1:  # a cached step runs less than the full call: a cycle holds its calls
+        call = None
     worst = max((v for v in (call, per_step) if v is not None), default=None)
     if worst is not None and step < worst:
         return (f"step {step:.2f} ms is below the {denoiser}'s own call ({worst:.2f} ms), which every step "
@@ -196,8 +201,8 @@ def _generate_all(call: Callable[[ImageJob, int, list[float]], np.ndarray], jobs
     images, per-image times and step times (between consecutive step ends) land in ``gen``,
     each step paired with the denoiser's time inside it. With ``rule``, the jobs then run
     again for time only (their images dropped) until the rule is met or its budget spent."""
-    if warmup:
-        call(jobs[0], 1, [])
+    if warmup:  # a cached pipeline's second step opens its cut engine
+        call(jobs[0], 2 if gen.cycle > 1 else 1, [])
     calls.clear()
     den = gen.denoiser
     start_timing = time.perf_counter()
@@ -215,12 +220,18 @@ def _generate_all(call: Callable[[ImageJob, int, list[float]], np.ndarray], jobs
             gen.calls[comp] = gen.calls.get(comp, 0) + len(new)
             if comp != den:
                 gen.component_ms.setdefault(comp, []).extend((e - s) * 1e3 for s, e in new)
-        for a, b in zip(marks, marks[1:]):
-            gen.step_ms.append((b - a) * 1e3)
+        # Step samples: the time between step ends, summed over each cycle of a step cache (complete
+        # cycles only) and divided by its steps; the denoiser's time in them (its cut engine's too).
+        n = gen.cycle
+        ends = marks[::n] if n > 1 else marks
+        for a, b in zip(ends, ends[1:]):
+            gen.step_ms.append((b - a) * 1e3 / n)
             if den is not None:
                 inside = [(s, e) for s, e in calls.get(den, [])[seen.get(den, 0):] if s >= a and e <= b]
                 gen.component_ms.setdefault(den, []).extend((e - s) * 1e3 for s, e in inside)
-                gen.denoiser_step_ms.append(sum(e - s for s, e in inside) * 1e3)
+                cut = [(s, e) for k, v in calls.items() if k.startswith(den + "#")
+                       for s, e in v[seen.get(k, 0):] if s >= a and e <= b]
+                gen.denoiser_step_ms.append(sum(e - s for s, e in inside + cut) * 1e3 / n)
 
     for job in jobs:
         one(job, keep=True)
@@ -235,23 +246,26 @@ def _generate_all(call: Callable[[ImageJob, int, list[float]], np.ndarray], jobs
 
 
 def engine_images(path: Path, backend: str, jobs: Sequence[ImageJob], plan: GenerationPlan,
-                  threads: int = 0, rule: TimingRule | None = None) -> tuple[Generation, int]:
+                  threads: int = 0, rule: TimingRule | None = None, cache: str | None = None) -> tuple[Generation, int]:
     """Generate every job with the engine at ``path`` (threads pinned as the pipeline bench
-    pins them), then repeat them for time only as ``rule`` asks; returns the generation and
-    the thread count in effect."""
+    pins them; ``cache`` the pipeline's step cache, "none" by default), then repeat them for
+    time only as ``rule`` asks; returns the generation and the thread count in effect."""
     from enginekit.bench.pipeline import _open_pipeline
+    from enginekit.runtimes.tasks.step_cache import cache_name
 
+    cache = cache_name(cache)
     pipe, _, _, threads = _open_pipeline(Path(path), "cpu", backend, threads)
-    gen = Generation(denoiser=pipe.config.denoiser)
+    gen = Generation(denoiser=pipe.config.denoiser, cycle=int(cache.split(":")[1]) if ":" in cache else 1)
     calls: Calls = {}
     run = pipe.run_component
 
-    def timed_run(component: str, feeds: Any) -> Any:
+    def timed_run(component: str, feeds: Any, runner: Any = None) -> Any:
         start = time.perf_counter()
         try:
-            return run(component, feeds)
-        finally:
-            calls.setdefault(component, []).append((start, time.perf_counter()))
+            return run(component, feeds, runner=runner)
+        finally:  # a cut engine's calls under its own name ("unet#deepcache")
+            name = component if runner is None else (getattr(runner, "component", "") or component)
+            calls.setdefault(name, []).append((start, time.perf_counter()))
 
     # Every engine call goes through run_component (the layouts' too): an instance attribute
     # times this pipeline object's calls only.
@@ -260,7 +274,7 @@ def engine_images(path: Path, backend: str, jobs: Sequence[ImageJob], plan: Gene
         def call(job: ImageJob, steps: int, marks: list[float]) -> np.ndarray:
             return pipe(job.prompt, negative_prompt=plan.negative, num_inference_steps=steps,
                         guidance_scale=plan.guidance, height=plan.size, width=plan.size,
-                        latents=plan.latents(job.seed), scheduler=plan.scheduler, output_type="np",
+                        latents=plan.latents(job.seed), scheduler=plan.scheduler, output_type="np", cache=cache,
                         callback=lambda i, t, x: marks.append(time.perf_counter()) and None).images
 
         _generate_all(call, jobs, plan, gen, calls, warmup=True, rule=rule)  # the warm-up loads each component

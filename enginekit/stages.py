@@ -156,6 +156,8 @@ class OptimizeOptions(_Options):
     prompts: tuple[str, ...] | Path | None = _flag("--prompts")
     seeds: tuple[int, ...] | None = None
     without_t5: bool | None = _flag("--no-t5")
+    #: Step caches tried on the fastest pipeline within the budget ("deepcache:2", ...; () for none).
+    caches: tuple[str, ...] | None = _flag("--caches")
 
 
 @dataclass(frozen=True)

@@ -142,7 +142,8 @@ def _attribute(outcomes: Sequence[dict[str, Any]], baseline: Mapping[str, Any]) 
         if not t:
             continue
         oc["speedup_step"] = baseline["step_ms"] / t["step_ms"] if t.get("step_ms") else None
-        oc["speedup_image"] = baseline["image_ms"] / t["image_ms"] if t.get("image_ms") else None
+        # A cached candidate judged at other steps has no whole-image ratio to the baseline's images.
+        oc["speedup_image"] = baseline["image_ms"] / t["image_ms"] if t.get("image_ms") and "steps" not in oc else None
         base = ref.get(oc["candidate"]["backend"])
         if base is None or base is oc:
             continue
@@ -250,15 +251,20 @@ class _Run:
     on_step: Callable[[str], None]
 
 
-def _judge_candidate(run: _Run, cand: PipelineCandidate, reference: Sequence[Any]) -> dict[str, Any]:
-    """Build ``cand``, generate the held-out images with it, judge and time them: its outcome."""
+def _judge_candidate(run: _Run, cand: PipelineCandidate, reference: Sequence[Any], built: Path | None = None,
+                     plan: Any = None) -> dict[str, Any]:
+    """Build ``cand`` (or run it on the engine ``built`` already), generate the held-out images with
+    it (``plan``: the run's, or a cached candidate's own steps), judge and time them: its outcome."""
     from enginekit.bench.pipeline_images import engine_images, judge_images
     from enginekit.manifest import read_manifest
 
     oc: dict[str, Any] = {"candidate": cand.to_dict(), "status": "pending", "reason": ""}
+    plan = plan or run.plan
+    if plan is not run.plan:
+        oc["steps"] = plan.steps
     start = time.perf_counter()
     try:
-        path = _build(cand, run.onnx_dir, run.work, run.components, run.config, run.size, run.on_step)
+        path = built or _build(cand, run.onnx_dir, run.work, run.components, run.config, run.size, run.on_step)
     except ImportError as exc:
         if cand.how != "quantize":
             raise
@@ -273,7 +279,8 @@ def _judge_candidate(run: _Run, cand: PipelineCandidate, reference: Sequence[Any
     oc["path"] = str(path)
     try:
         gen, oc["timing"] = measure_timing(
-            lambda: engine_images(path, cand.backend, run.jobs, run.plan, run.threads, rule=run.config.timing)[0],
+            lambda: engine_images(path, cand.backend, run.jobs, plan, run.threads, rule=run.config.timing,
+                                  cache=cand.cache)[0],
             on_step=run.on_step)
         oc["fidelity"] = judge_images(reference, gen.images, run.jobs)
     except Exception as exc:
@@ -288,8 +295,9 @@ def _judge_candidate(run: _Run, cand: PipelineCandidate, reference: Sequence[Any
     return oc
 
 
-def _time_diffusers(run: _Run, manifest: Any, jobs: Sequence[Any]) -> tuple[Any, dict[str, Any]]:
-    """diffusers' fp32 pipeline on ``jobs``, timed under the run's rule (re-measured when impossible)."""
+def _time_diffusers(run: _Run, manifest: Any, jobs: Sequence[Any], plan: Any = None) -> tuple[Any, dict[str, Any]]:
+    """diffusers' fp32 pipeline on ``jobs`` (``plan``: the run's by default), timed under the run's
+    rule (re-measured when impossible)."""
     import gc
 
     from enginekit.export.diffusion.reference import reference_pipeline as _diffusers_pipeline
@@ -297,8 +305,8 @@ def _time_diffusers(run: _Run, manifest: Any, jobs: Sequence[Any]) -> tuple[Any,
 
     dpipe = _diffusers_pipeline(manifest)
     try:
-        return measure_timing(lambda: diffusers_images(dpipe, jobs, run.plan, run.threads, rule=run.config.timing),
-                              on_step=run.on_step)
+        return measure_timing(lambda: diffusers_images(dpipe, jobs, plan or run.plan, run.threads,
+                                                       rule=run.config.timing), on_step=run.on_step)
     finally:
         del dpipe
         gc.collect()
@@ -335,6 +343,7 @@ def _run(model: str, out: Path, work: Path, backends: list[str], prompts: list[s
     for i, cand in enumerate(candidates, 1):
         on_step(f"3. [{i}/{len(candidates)}] {cand.name}: {cand.description}")
         outcomes.append(_judge_candidate(run, cand, before.images))
+    outcomes += _cached_outcomes(run, manifest, candidates, outcomes, before.images)
     on_step("5. diffusers fp32 eager again, after the engines")
     _, a = _time_diffusers(run, manifest, run.jobs[:1])
     baseline = min((b, a), key=lambda s: s["step_ms"])
@@ -364,6 +373,41 @@ def _run(model: str, out: Path, work: Path, backends: list[str], prompts: list[s
     return report
 
 
+def _cached_outcomes(run: _Run, manifest: Any, candidates: Sequence[PipelineCandidate],
+                     outcomes: Sequence[dict[str, Any]], reference: Sequence[Any]) -> list[dict[str, Any]]:
+    """The config's step caches on the fastest candidate within the budget (a cache only moves the
+    image further, so one that misses gains nothing from it), judged on diffusers' uncached images
+    at the steps that make whole cache cycles; none for a denoiser without DeepCache's output."""
+    from dataclasses import replace
+
+    from enginekit.app.optimize_pipeline_plan import cache_steps, cached_candidates
+    from enginekit.runtimes.tasks.step_cache import DEEPCACHE_CUT
+
+    from enginekit.runtimes.tasks.text_to_image import PipelineConfig
+
+    denoiser = PipelineConfig.from_section(manifest.task_config).denoiser
+    if not run.config.caches or not set(DEEPCACHE_CUT.inputs) <= {o.name for o in manifest.component(denoiser).outputs}:
+        return []
+    passing = [oc for oc in outcomes if oc["status"] == "judged" and not oc["timing"].get("impossible")
+               and oc["fidelity"]["psnr_db_min"] >= run.config.min_psnr
+               and (run.config.min_ssim is None or (oc["fidelity"].get("ssim_min") or 1.0) >= run.config.min_ssim)]
+    if not passing:
+        return []
+    best = min(passing, key=lambda oc: oc["timing"]["step_ms"])
+    base = next(c for c in candidates if c.name == best["candidate"]["name"])
+    references: dict[int, Sequence[Any]] = {run.plan.steps: reference}
+    made = []
+    for i, cand in enumerate(cached := cached_candidates(base, run.config.caches, run.config.steps), 1):
+        plan = replace(run.plan, steps=cache_steps(run.config.steps, cand.cache or "none"))
+        if plan.steps not in references:
+            run.on_step(f"4. diffusers fp32 eager: the reference images at {plan.steps} steps")
+            references[plan.steps] = _time_diffusers(run, manifest, run.jobs, plan)[0].images
+        run.on_step(f"4. [{i}/{len(cached)}] {cand.name}: {cand.description}")
+        made.append(_judge_candidate(run, cand, references[plan.steps], built=Path(best["path"]),
+                                     plan=plan if plan.steps != run.plan.steps else None))
+    return made
+
+
 def _write(run: _Run, report: dict[str, Any], overwrite: bool) -> None:
     """The pick, its manifest's provenance and the report to OUT atomically; nothing to OUT (the
     report in the work folder, a FidelityError) when nothing was picked."""
@@ -383,11 +427,16 @@ def _write(run: _Run, report: dict[str, Any], overwrite: bool) -> None:
     with atomic_artifact(out, overwrite=overwrite, inputs=(run.model,)) as tmp:
         shutil.copytree(best["path"], tmp, dirs_exist_ok=True)
         m = read_manifest(tmp)
+        cache = best["candidate"].get("cache")
         provenance = {**m.provenance, "optimize": {
             "model": run.model, "candidate": picked, "candidates": len(outcomes), "size": run.size,
-            "steps": config.steps, "baseline_step_ms": report["baseline"]["step_ms"],
+            "steps": best.get("steps", config.steps), "baseline_step_ms": report["baseline"]["step_ms"],
             "step_ms": best["timing"]["step_ms"], "step_samples": best["timing"]["step_samples"],
-            "speedup_step": best.get("speedup_step"), "psnr_db_min": best["fidelity"]["psnr_db_min"]}}
-        write_manifest(tmp, m.replace(provenance=provenance, fidelity={**m.fidelity, "image": best["fidelity"]}))
+            "speedup_step": best.get("speedup_step"), "psnr_db_min": best["fidelity"]["psnr_db_min"],
+            **({"cache": cache} if cache else {})}}
+        # A cached pick runs cached by default: the setting its images were judged with.
+        task = {**m.task_config, "default_cache": cache} if cache else m.task_config
+        write_manifest(tmp, m.replace(provenance=provenance, task_config=task,
+                                      fidelity={**m.fidelity, "image": best["fidelity"]}))
         (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str))
         (tmp / "report.md").write_text(markdown)

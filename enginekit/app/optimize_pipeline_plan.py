@@ -11,7 +11,7 @@ from enginekit.bench.pipeline_images import TimingRule
 from enginekit.errors import InputError
 
 __all__ = ["PRECISIONS", "HELD_OUT_PROMPTS", "QUANTIZE_MISSING", "REMEASURES", "PipelineCandidate",
-           "PipelineOptimizeConfig", "plan_pipeline_candidates"]
+           "PipelineOptimizeConfig", "plan_pipeline_candidates", "cache_steps", "cached_candidates"]
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 #: Held-out prompts (never calibration prompts: those quantizers draw are left out, below).
@@ -44,6 +44,9 @@ class PipelineCandidate:
     description: str = ""
     #: Tests and experiments: builds the engine itself, ``builder(onnx_dir, dest) -> path``.
     builder: Callable[[Path, Path], Path] | None = field(default=None, compare=False)
+    #: The pipeline's step cache ("deepcache:3"), run on the engine of candidate ``base`` (not rebuilt).
+    cache: str | None = None
+    base: str | None = None
 
     @property
     def family(self) -> str:
@@ -78,6 +81,8 @@ class PipelineOptimizeConfig:
     without_t5: bool = False
     #: How long each side's step is timed (samples, spread of the median, time bound).
     timing: TimingRule = TimingRule()
+    #: Step caches tried on the fastest candidate within the budget (UNet pipelines; () for none).
+    caches: tuple[str, ...] = ("deepcache:2", "deepcache:3")
 
     def check(self) -> None:
         unknown = [p for p in self.precisions if p not in PRECISIONS]
@@ -94,6 +99,30 @@ class PipelineOptimizeConfig:
             raise InputError(f"--steps must be 2-200 (a step is timed between two step ends), got {self.steps}")
         if self.guidance <= 1.0:
             raise InputError(f"guidance must be above 1 (the step is timed with CFG), got {self.guidance}")
+        from enginekit.runtimes.tasks.step_cache import cache_name
+
+        for cache in self.caches:
+            cache_name(cache)  # an unknown or malformed cache is refused before any work
+
+
+def cache_steps(steps: int, cache: str) -> int:
+    """The steps a cached candidate is judged and timed at: the fewest at or above ``steps``
+    that make whole cache cycles after the first step (``k * N + 1``), so a cycle's average,
+    not a lucky run of cached steps, is what the step time measures."""
+    n = int(cache.split(":")[1]) if ":" in cache else 1
+    return steps if n <= 1 else -(-(steps - 1) // n) * n + 1
+
+
+def cached_candidates(base: PipelineCandidate, caches: Sequence[str], steps: int) -> list[PipelineCandidate]:
+    """``base``'s engine run with each step cache of ``caches`` (canonical names, deduplicated)."""
+    from dataclasses import replace
+
+    from enginekit.runtimes.tasks.step_cache import cache_name
+
+    names = dict.fromkeys(cache_name(c) for c in caches)
+    return [replace(base, name=f"{base.name}+{c}", cache=c, base=base.name,
+                    description=f"{base.name}'s engine with step cache {c} (judged at {cache_steps(steps, c)} steps)")
+            for c in names if c != "none"]
 
 
 def plan_pipeline_candidates(backends: Sequence[str], precisions: Sequence[str], components: Sequence[str],

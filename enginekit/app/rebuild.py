@@ -125,7 +125,7 @@ def pipeline_rebuild_commands(report: Mapping[str, Any], candidate: Mapping[str,
         built = "quantized"
         if not backend_class(backend).static_shapes:  # the quantized pipeline runs as it is
             return lines
-    parts = ["enginekit", "compile", built, "-b", backend, "-o", _q(candidate["name"])]
+    parts = ["enginekit", "compile", built, "-b", backend, "-o", _q(candidate.get("base") or candidate["name"])]
     if candidate.get("compile_precision", "fp32") != "fp32":
         parts += ["--precision", str(candidate["compile_precision"])]
     if backend_class(backend).static_shapes:  # compiled at the size optimize judged
@@ -140,4 +140,7 @@ def pipeline_rebuild_commands(report: Mapping[str, Any], candidate: Mapping[str,
     if threads:
         parts += ["--threads", str(threads)]
     lines.append(" ".join(parts))
+    if candidate.get("cache"):
+        lines.append(f"# run with step cache {candidate['cache']}: optimize wrote it as the pick's default_cache; "
+                     f"elsewhere pass --cache {candidate['cache']} to generate (or cache= to the pipeline)")
     return lines

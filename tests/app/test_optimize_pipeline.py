@@ -78,7 +78,18 @@ def test_every_candidate_has_a_fate_and_the_fastest_within_budget_is_kept(sd15_r
     fates = {oc["candidate"]["name"]: oc for oc in report["candidates"]}
     expected = {"onnxruntime-fp32", "onnxruntime-fp16", "onnxruntime-fp16-unet", "onnxruntime-int8-unet",
                 "openvino-fp32", "openvino-fp16", "openvino-fp16-unet", "openvino-int8-unet", WRONG.name}
-    assert set(fates) == expected
+    assert {n for n in fates if "+" not in n} == expected
+    # The step caches ran on the fastest uncached candidate within the budget, on its own engine.
+    fastest = min((oc for n, oc in fates.items() if "+" not in n and oc["status"] in ("picked", "slower")),
+                  key=lambda oc: oc["timing"]["step_ms"])["candidate"]["name"]
+    cached = {n: oc for n, oc in fates.items() if "+" in n}
+    assert set(cached) == {f"{fastest}+deepcache:2", f"{fastest}+deepcache:3"}
+    for oc in cached.values():
+        assert oc["path"] == fates[fastest]["path"] and oc["candidate"]["base"] == fastest
+    # Judged at whole cache cycles after the first step: 3 steps for deepcache:2, 4 for deepcache:3.
+    assert "steps" not in cached[f"{fastest}+deepcache:2"] and cached[f"{fastest}+deepcache:3"]["steps"] == 4
+    assert cached[f"{fastest}+deepcache:3"].get("speedup_image") is None
+    expected |= set(cached)
     assert all(oc["status"] in ("picked", "slower", "missed", "failed", "skipped", "unreliable")
                for oc in fates.values())
     # The engine with the wrong VAE scale really draws another image: it misses, with its numbers.
@@ -117,7 +128,10 @@ def test_every_candidate_has_a_fate_and_the_fastest_within_budget_is_kept(sd15_r
         assert f"| {name} |" in md
     assert "missed budget" in md and "Per-component time per call" in md
     assert report["rebuild"][0] == "enginekit export tiny-sd15 -o onnx"
-    assert report["rebuild"][-1].startswith("enginekit compile ")
+    commands = [line for line in report["rebuild"] if not line.startswith("#")]
+    assert commands[-1].startswith("enginekit compile ")
+    if "+" in report["picked"]:  # a cached pick says how it runs
+        assert report["rebuild"][-1].startswith("# run with step cache deepcache:")
 
 
 def test_the_picks_step_holds_its_denoisers_call_and_every_figure_says_its_samples(
@@ -128,11 +142,20 @@ def test_the_picks_step_holds_its_denoisers_call_and_every_figure_says_its_sampl
     best = next(oc for oc in report["candidates"] if oc["status"] == "picked")
     t = best["timing"]
     assert t["denoiser"] == report["denoiser"] == "unet"
-    assert t["step_ms"] >= t["components_ms"]["unet"] and t["step_ms"] >= t["denoiser_step_ms"]
+    assert t["step_ms"] >= t["denoiser_step_ms"]
+    if not best["candidate"].get("cache"):  # a cached pick's step averages full and cut calls
+        assert t["step_ms"] >= t["components_ms"]["unet"]
     assert "impossible" not in t
     for oc in report["candidates"]:
         timing = oc.get("timing")
         if not timing:
+            continue
+        if oc["candidate"].get("cache"):
+            # A cached step sample is a cycle's mean (one full call, the rest the cut UNet's): it holds
+            # the denoiser's calls in it, but not a full call each.
+            assert timing["cycle"] == int(oc["candidate"]["cache"].split(":")[1])
+            assert timing["step_ms"] >= timing["denoiser_step_ms"] and "impossible" not in timing
+            assert timing["calls_per_image"]["unet#deepcache"] > 0
             continue
         # Every timed step holds its own UNet call: never impossible here, so nothing was re-measured.
         assert timing["measurements"] == 1 and timing["step_ms"] >= timing["components_ms"]["unet"]
@@ -164,6 +187,9 @@ def test_the_pick_loads_and_generates(sd15_run: tuple[dict, Path]) -> None:
     m = read_manifest(out)
     assert m.provenance["optimize"]["candidate"] == report["picked"]
     assert m.fidelity["image"]["psnr_db_min"] >= 25
+    picked = next(oc for oc in report["candidates"] if oc["status"] == "picked")
+    # A cached pick runs cached by default (what it was judged with); an uncached one does not.
+    assert m.task_config.get("default_cache") == picked["candidate"].get("cache")
     with enginekit.load(out, device="cpu") as pipe:
         images = pipe("a lighthouse", num_inference_steps=2, height=SIZE, width=SIZE, seed=3,
                       output_type="np").images
@@ -217,6 +243,28 @@ def test_no_candidate_meets_the_budget_writes_nothing(tmp_path: Path) -> None:
     assert "| openvino-fp32 |" in result.output  # the table comes with the refusal
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("best")]
+
+
+def test_a_cache_that_misses_the_budget_is_not_picked(sd15_run: tuple[dict, Path], tmp_path: Path) -> None:
+    """The same engine and caches again, with the budget set between the uncached engine's image and
+    its cached one's (both measured by the first run): the cached candidate misses and the uncached
+    engine is picked, though slower per step."""
+    report, _ = sd15_run
+    fates = {oc["candidate"]["name"]: oc for oc in report["candidates"]}
+    cached = fates[next(n for n in fates if n.endswith("+deepcache:2"))]
+    base = fates[cached["candidate"]["base"]]
+    plain, moved = base["fidelity"]["psnr_db_min"], cached["fidelity"]["psnr_db_min"]
+    assert moved < plain - 2, f"deepcache:2 should move the tiny image measurably ({plain:.1f} -> {moved:.1f} dB)"
+    cand = base["candidate"]
+    config = PipelineOptimizeConfig(backends=(cand["backend"],), precisions=(cand["family"],),
+                                    min_psnr=(plain + moved) / 2, size=SIZE, steps=STEPS,
+                                    prompts=("a red fox in the snow",), seeds=(0, 1), caches=("deepcache:2",),
+                                    timing=TimingRule(min_samples=4, budget_s=0.5))
+    again = optimize_pipeline("tiny-sd15", tmp_path / "best", config, work_dir=tmp_path / "work")
+    fates = {oc["candidate"]["name"]: oc for oc in again["candidates"]}
+    assert fates[cached["candidate"]["name"]]["status"] == "missed"
+    assert "missed budget: PSNR" in fates[cached["candidate"]["name"]]["reason"]
+    assert "+" not in again["picked"]
 
 
 def test_selection_skips_the_fastest_when_it_misses() -> None:

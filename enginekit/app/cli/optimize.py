@@ -58,6 +58,9 @@ from enginekit.app.cli.common import cli, csv, emit_json, err_console, given_par
 @click.option("--seeds", default=None, help="Pipelines: comma-separated latent seeds per prompt [default: 0].")
 @click.option("--no-t5", "without_t5", is_flag=True,
               help="SD3/SD3.5 pipelines: export and judge without the T5 encoder (as `export --no-t5`).")
+@click.option("--caches", default=None,
+              help="Pipelines: step caches tried on the fastest assembly within the budget, judged by the same "
+                   "image gate (UNet pipelines; 'none' tries none) [default: deepcache:2,deepcache:3].")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists (atomically).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.pass_context
@@ -79,7 +82,11 @@ def optimize(ctx: click.Context, model: str, out: Path, prompts_file: Path | Non
     from enginekit.stages import OptimizeOptions
     from enginekit.stages import optimize as run_optimize
 
-    fields = given_params(ctx, exclude=("model", "out", "as_json", "prompts_file", "seeds", "backends", "precisions"))
+    fields = given_params(ctx, exclude=("model", "out", "as_json", "prompts_file", "seeds", "backends", "precisions",
+                                        "caches"))
+    caches = ctx.params.get("caches")
+    if caches is not None:
+        fields["caches"] = tuple(c for c in csv(caches) or () if c.lower() != "none")
     if prompts_file is not None:
         fields["prompts"] = prompts_file  # read by the pipeline's optimize, after the task is known
     if seeds is not None:
