@@ -1,0 +1,294 @@
+"""enginekit's ``optimize`` pick against its peers on the same weights, latents and machine, in one run.
+
+The peers: diffusers eager fp32 (the baseline and the reference image), optimum-intel's
+``OVDiffusionPipeline`` and OpenVINO GenAI's torch-free ``Text2ImagePipeline``, both with static
+shapes at the size (OpenVINO's default precision: bf16 on a CPU with AMX or AVX512-BF16). They
+run in their own virtual environment (``--peer-venv``, built here when missing: they need
+transformers < 5 and diffusers < 0.36; GenAI reads the tokenizer that openvino-tokenizers
+converts), each side in a fresh process, one at a time.
+
+1. the model folder: the architecture's config (``--model sd15``) with seeded weights and the real
+   CLIP tokenizer, saved as a diffusers folder with the Euler scheduler (every side samples Euler);
+2. diffusers eager fp32 draws the reference image and is timed;
+3. optimum-intel exports the folder to OpenVINO (the IR both peers run) and is timed; then GenAI;
+4. ``enginekit optimize FOLDER --size S -o WORK/best`` (``--optimize-args`` adds flags), as a
+   user runs it; its pick (with the step cache it picked, if any) is timed, and the same engine
+   without the cache.
+
+Each timed side draws its initial latents with torch's CPU generator at ``--seed`` (GenAI's
+``TorchGenerator`` draws the same numbers), warms up with a 1-step image, then times
+``--repeats`` pairs of a 1-step and an S-step image: a step is (T_S - T_1) / (S - 1), the image
+T_S (prompt to pixels), medians over the repeats. ``--steps`` S defaults to 7, so steps 2..7
+hold whole cycles of deepcache:2 and :3. Fidelity: PSNR of each S-step image against diffusers'.
+Prints the table with each side's speed-up over the faster peer and writes ``WORK/peers.json``;
+finished stages are kept (``--redo`` runs them again). Minutes: about 40 at SD 1.5 / 512 on
+2 cores (the optimize run is most of it)::
+
+    .venv/bin/python -m benchmarks.peers --work /tmp/peers
+    .venv/bin/python -m benchmarks.peers --work /tmp/peers-smoke --model tiny-sd15 --size 64 --repeats 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+PROMPT = "a red fox sitting in fresh snow, morning light, detailed photograph"
+NEGATIVE = "blurry, low quality"
+#: What the peers' environment holds (transformers and diffusers before the releases optimum-intel
+#: does not run with; OpenVINO and GenAI at this project's OpenVINO release).
+PEER_REQUIREMENTS = ["torch==2.14.1", "transformers<5", "diffusers<0.36", "optimum-intel[openvino]",
+                     "openvino-tokenizers", "openvino-genai", "accelerate", "pillow", "protobuf", "sentencepiece"]
+TARGET = 1.3
+CHILD = Path(__file__).with_name("peers_child.py")
+
+
+def _log(msg: str, started: float = time.monotonic()) -> None:
+    print(f"[{time.monotonic() - started:7.0f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def ensure_peer_venv(venv: Path) -> Path:
+    """The peers' Python: ``venv``, built with :data:`PEER_REQUIREMENTS` when it has none; the
+    OpenVINO release pinned to this environment's, so every side runs the same kernels."""
+    python = venv / "bin" / "python"
+    if python.exists():
+        return python
+    import importlib.metadata as md
+
+    ov = md.version("openvino")
+    release = ".".join(ov.split(".")[:3])
+    pins = [f"openvino=={ov}", f"openvino-genai=={release}.*", f"openvino-tokenizers=={release}.*"]
+    reqs = [r for r in PEER_REQUIREMENTS if not r.startswith(("openvino-genai", "openvino-tokenizers"))] + pins
+    _log(f"building the peers' environment in {venv}: {' '.join(reqs)}")
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    subprocess.run([str(python), "-m", "pip", "install", "-q", *reqs], check=True)
+    return python
+
+
+def run_child(cmd: list[str], log_path: Path) -> dict[str, Any]:
+    """Run one side in a fresh process; its RESULT line, or an error naming its log."""
+    with open(log_path, "w") as log:
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        tail = log_path.read_text(errors="replace").strip().splitlines()[-3:]
+        return {"error": f"exit {proc.returncode}: " + " | ".join(tail), "log": str(log_path)}
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def build_model(model: str, folder: Path, seed: int) -> None:
+    """The architecture with seeded weights and the real CLIP tokenizer, as a diffusers folder
+    with the Euler scheduler."""
+    import diffusers
+
+    from enginekit.export.diffusion.sources import resolve_pipeline
+
+    pipe = resolve_pipeline(model, random_weights=True, seed=seed).pipeline
+    pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    # transformers 5 saves the fast tokenizer alone; the peers' transformers 4 (its slow CLIPTokenizer)
+    # and a hub folder have the BPE files beside it.
+    from tokenizers import Tokenizer
+
+    for sub in folder.glob("tokenizer*"):
+        if (sub / "tokenizer.json").exists() and not (sub / "vocab.json").exists():
+            Tokenizer.from_file(str(sub / "tokenizer.json")).model.save(str(sub))
+    # transformers 5 also drops CLIP's "text_model." key prefix, which transformers 4 needs (it would
+    # silently start those weights from random): written back as a hub checkpoint has them.
+    from safetensors.torch import load_file, save_file
+
+    for path in folder.glob("text_encoder*/*.safetensors"):
+        weights = load_file(str(path))
+        if any(k.startswith(("embeddings.", "encoder.", "final_layer_norm.")) for k in weights):
+            fixed = {("text_model." + k if k.startswith(("embeddings.", "encoder.", "final_layer_norm.")) else k): v
+                     for k, v in weights.items()}
+            save_file(fixed, str(path), metadata={"format": "pt"})
+
+
+def _enginekit_child(a: dict[str, Any]) -> dict[str, Any]:
+    """The pick timed as the peers are (the same protocol and latents), with cache ``a["cache"]``."""
+    import numpy as np
+    import torch
+
+    sys.path.insert(0, str(CHILD.parent))
+    from peers_child import _timed  # noqa: PLC0415 - the shared protocol
+
+    import enginekit
+
+    pipe = enginekit.load(a["artifact"], device="cpu")
+    shape = pipe.layout.latent_shape(1, a["size"], a["size"])
+    latents = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(a["seed"]),
+                          dtype=torch.float32).numpy()
+
+    def run(steps: int) -> np.ndarray:
+        return pipe(a["prompt"], negative_prompt=a["negative"], num_inference_steps=steps,
+                    guidance_scale=a["guidance"], height=a["size"], width=a["size"], latents=latents,
+                    scheduler="euler", output_type="np", cache=a["cache"]).images[0]
+
+    result = _timed(run, a["steps"], a["repeats"])
+    image = result.pop("image")
+    path = Path(a["out_dir"]) / f"enginekit-{a['label']}.npy"
+    np.save(path, image)
+    return {**result, "image_path": str(path)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, required=True)
+    parser.add_argument("--model", default="sd15", help="An architecture enginekit builds with seeded weights.")
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=7)
+    parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--peer-venv", type=Path, default=None, help="default: WORK/peers-venv")
+    parser.add_argument("--optimize-args", default="--backends openvino --precisions fp16",
+                        help="More flags for `enginekit optimize` (default: %(default)s).")
+    parser.add_argument("--redo", default="", help="Comma-separated stages to run again: model, diffusers, "
+                                                    "export-optimum, optimum, genai, optimize, enginekit.")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--child-args", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print("RESULT " + json.dumps(_enginekit_child(json.loads(args.child_args))))
+        return 0
+
+    work = args.work.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    logs = work / "logs"
+    logs.mkdir(exist_ok=True)
+    state_path = work / "peers.json"
+    state: dict[str, Any] = json.loads(state_path.read_text()) if state_path.exists() else {}
+    redo = set(filter(None, args.redo.split(",")))
+    if "model" in redo:  # new weights: every side again
+        redo |= {"diffusers", "export-optimum", "optimum", "genai", "optimize", "enginekit", "enginekit-uncached"}
+    common = {"prompt": PROMPT, "negative": NEGATIVE, "size": args.size, "steps": args.steps,
+              "guidance": args.guidance, "seed": args.seed, "repeats": args.repeats, "out_dir": str(work)}
+    if state.get("common") not in (None, common):
+        redo |= {"diffusers", "optimum", "genai", "enginekit"}  # the protocol changed: time everything again
+    state["common"] = common
+
+    def stage(name: str, run: Any) -> dict[str, Any]:
+        if name in state.get("stages", {}) and name not in redo and "error" not in state["stages"][name]:
+            _log(f"{name}: kept from an earlier run")
+            return state["stages"][name]
+        _log(f"{name} ...")
+        result = run()
+        state.setdefault("stages", {})[name] = result
+        state_path.write_text(json.dumps(state, indent=1, default=str))
+        _log(f"{name}: " + json.dumps({k: v for k, v in result.items() if k != "pairs_s"}, default=str)[:300])
+        return result
+
+    from enginekit.hardware import fingerprint
+
+    hw = fingerprint()
+    state["hardware"] = {k: hw.get(k) for k in ("cpu_model", "physical_cores", "logical_cores", "flags")}
+    model = work / "model"
+    stage("model", lambda: (build_model(args.model, model, args.seed), {"folder": str(model)})[1])
+    python = str(ensure_peer_venv(args.peer_venv or work / "peers-venv"))
+    ov_model = work / "ov-optimum"
+
+    def child(role: str, **extra: Any) -> dict[str, Any]:
+        payload = {**common, "model": str(model), "ov_model": str(ov_model), **extra}
+        return run_child([python, str(CHILD), role, json.dumps(payload)], logs / f"{role}.log")
+
+    stage("diffusers", lambda: child("diffusers"))
+    stage("export-optimum", lambda: child("export-optimum", out=str(ov_model)))
+    stage("optimum", lambda: child("optimum"))
+    stage("genai", lambda: child("genai"))
+
+    best = work / "best"
+
+    def optimize() -> dict[str, Any]:
+        cmd = [sys.executable, "-m", "enginekit.app.cli", "optimize", str(model), "-o", str(best), "--size",
+               str(args.size), "--work", str(work / "optimize"), "--overwrite", "--json",
+               *shlex.split(args.optimize_args)]
+        start = time.monotonic()
+        with open(logs / "optimize.log", "w") as log:
+            proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
+        if proc.returncode != 0:
+            tail = (logs / "optimize.log").read_text(errors="replace").strip().splitlines()[-3:]
+            return {"error": f"optimize exit {proc.returncode}: " + " | ".join(tail), "command": cmd}
+        report = json.loads(proc.stdout)
+        return {"picked": report["picked"], "seconds": time.monotonic() - start, "command": " ".join(cmd[1:]),
+                "candidates": [{"name": oc["candidate"]["name"], "status": oc["status"], "reason": oc["reason"],
+                                "step_ms": (oc.get("timing") or {}).get("step_ms"),
+                                "psnr_db_min": (oc.get("fidelity") or {}).get("psnr_db_min")}
+                               for oc in report["candidates"]]}
+
+    picked = stage("optimize", optimize)
+    if "error" not in picked:
+        from enginekit.manifest import read_manifest
+
+        cache = read_manifest(best).task_config.get("default_cache") or "none"
+
+        def engine(label: str, cache: str) -> dict[str, Any]:
+            payload = {**common, "artifact": str(best), "cache": cache, "label": label}
+            return {**run_child([sys.executable, "-m", "benchmarks.peers", "--work", str(work), "--child", "1",
+                                 "--child-args", json.dumps(payload)], logs / f"enginekit-{label}.log"),
+                    "cache": cache}
+
+        stage("enginekit", lambda: engine("pick", cache))
+        if cache != "none":
+            stage("enginekit-uncached", lambda: engine("uncached", "none"))
+    state_path.write_text(json.dumps(state, indent=1, default=str))
+    print(render(state))
+    return 0
+
+
+def render(state: dict[str, Any]) -> str:
+    """The table: each side's step, image, PSNR against diffusers and speed-up over the faster peer."""
+    import numpy as np
+
+    from enginekit.fidelity import psnr
+
+    st, c = state["stages"], state["common"]
+    hw = state.get("hardware") or {}
+    ref = np.load(st["diffusers"]["image_path"]) if "image_path" in st.get("diffusers", {}) else None
+    peers = [st[k] for k in ("optimum", "genai") if "step_s" in st.get(k, {})]
+    best_step = min((p["step_s"] for p in peers), default=None)
+    best_image = min((p["image_s"] for p in peers), default=None)
+    eager = st.get("diffusers", {}).get("step_s")
+    opt = st.get("optimize", {})
+    names = {"diffusers": "diffusers eager fp32", "optimum": "optimum-intel OVDiffusionPipeline, static",
+             "genai": "OpenVINO GenAI Text2ImagePipeline, static",
+             "enginekit": f"enginekit optimize pick: {opt.get('picked')} (cache {st.get('enginekit', {}).get('cache')})",
+             "enginekit-uncached": "the same enginekit engine, cache none"}
+    lines = [f"# {c['size']}x{c['size']}, CFG {c['guidance']}, Euler, {c['steps']} steps; step = (T{c['steps']} - T1) / "
+             f"{c['steps'] - 1}, median of {c['repeats']}; {hw.get('cpu_model')}, {hw.get('physical_cores')} cores",
+             "", "| path | s / step | image s | vs eager (step) | PSNR vs diffusers | vs best peer: step | image |",
+             "|---|---|---|---|---|---|---|"]
+    for key, name in names.items():
+        r = st.get(key)
+        if r is None:
+            continue
+        if "step_s" not in r:
+            lines.append(f"| {name} | failed: {r.get('error')} | | | | | |")
+            continue
+        fid = psnr(ref, np.load(r["image_path"])) if ref is not None and key != "diffusers" else None
+        lines.append(f"| {name} | {r['step_s']:.3f} | {r['image_s']:.2f} | "
+                     + (f"{eager / r['step_s']:.2f}x | " if eager else "| ")
+                     + (f"{fid:.1f} dB" if fid is not None else "reference") + " | "
+                     + (f"{best_step / r['step_s']:.2f}x | {best_image / r['image_s']:.2f}x |" if best_step else "| |"))
+    if "step_s" in st.get("enginekit", {}) and best_step:
+        speed = best_step / st["enginekit"]["step_s"]
+        image = best_image / st["enginekit"]["image_s"]
+        lines += ["", f"target: the pick >= {TARGET}x the faster peer per step and per image at >= 30 dB: "
+                      f"{speed:.2f}x per step, {image:.2f}x per image -> "
+                      + ("MET" if speed >= TARGET and image >= TARGET else "MISSED")]
+    if opt.get("candidates"):
+        lines += ["", f"optimize ({opt.get('seconds', 0) / 60:.1f} min): " + "; ".join(
+            f"{o['name']} {o['status']}" + (f" {o['step_ms']:.0f} ms/step" if o.get("step_ms") else "")
+            + (f" {o['psnr_db_min']:.1f} dB" if o.get("psnr_db_min") else "") for o in opt["candidates"])]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

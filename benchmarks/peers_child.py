@@ -1,0 +1,156 @@
+"""One side of :mod:`benchmarks.peers`, run by the peers' own Python (their virtual environment:
+transformers < 5, diffusers < 0.36, optimum-intel, openvino-genai, openvino-tokenizers).
+
+    python benchmarks/peers_child.py ROLE '{"model": ..., ...}'
+
+Roles: ``diffusers`` (eager fp32: the reference image and the baseline), ``export-optimum``
+(optimum-intel's OpenVINO export of the model folder, with the tokenizer converted for GenAI),
+``optimum`` (optimum-intel's ``OVDiffusionPipeline``, static shapes) and ``genai`` (OpenVINO
+GenAI's ``Text2ImagePipeline``, static shapes). Every timed side draws its initial latents with
+torch's CPU generator at the seed (GenAI's ``TorchGenerator`` draws the same numbers), warms up
+with one 1-step image, then times ``repeats`` pairs of a 1-step and an S-step image. Prints one
+JSON line: the times and where the S-step image (float32, NHWC in [0, 1]) was saved.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+
+def _latents(shape: tuple[int, ...], seed: int) -> Any:
+    import torch
+
+    return torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed), dtype=torch.float32)
+
+
+def _timed(run: Callable[[int], np.ndarray], steps: int, repeats: int) -> dict[str, Any]:
+    """Warm-up (2 steps: a step-cached pipeline opens its cut engine on the second), then ``repeats``
+    x (1 step, ``steps`` steps): per-step (T_S - T_1) / (S - 1) and T_S."""
+    run(2)
+    pairs, image = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run(1)
+        one = time.perf_counter() - start
+        start = time.perf_counter()
+        image = run(steps)
+        whole = time.perf_counter() - start
+        pairs.append((one, whole))
+    per_step = [(w - o) / (steps - 1) for o, w in pairs]
+    return {"step_s": float(np.median(per_step)), "image_s": float(np.median([w for _, w in pairs])),
+            "one_step_s": float(np.median([o for o, _ in pairs])), "pairs_s": pairs, "image": image}
+
+
+def _diffusers(a: dict[str, Any]) -> dict[str, Any]:
+    import diffusers
+    import torch
+
+    torch.set_num_threads(a["threads"]) if a.get("threads") else None
+    pipe = diffusers.DiffusionPipeline.from_pretrained(a["model"], torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    shape = (1, pipe.unet.config.in_channels, a["size"] // pipe.vae_scale_factor, a["size"] // pipe.vae_scale_factor)
+
+    def run(steps: int) -> np.ndarray:
+        with torch.inference_mode():
+            return pipe(a["prompt"], negative_prompt=a["negative"], num_inference_steps=steps,
+                        guidance_scale=a["guidance"], height=a["size"], width=a["size"],
+                        latents=_latents(shape, a["seed"]), output_type="np").images[0]
+
+    return _timed(run, a["steps"], a["repeats"])
+
+
+def _export_optimum(a: dict[str, Any]) -> dict[str, Any]:
+    from optimum.intel import OVDiffusionPipeline
+
+    start = time.perf_counter()
+    pipe = OVDiffusionPipeline.from_pretrained(a["model"], export=True, compile=False)
+    pipe.save_pretrained(a["out"])
+    out = Path(a["out"])
+    if not (out / "tokenizer" / "openvino_tokenizer.xml").exists():  # GenAI reads the converted tokenizer
+        import openvino as ov
+        from openvino_tokenizers import convert_tokenizer
+        from transformers import AutoTokenizer
+
+        for sub in ("tokenizer", "tokenizer_2"):
+            if (Path(a["model"]) / sub).is_dir():
+                ov.save_model(convert_tokenizer(AutoTokenizer.from_pretrained(Path(a["model"]) / sub)),
+                              str(out / sub / "openvino_tokenizer.xml"))
+    return {"export_s": time.perf_counter() - start}
+
+
+def _optimum(a: dict[str, Any]) -> dict[str, Any]:
+    import torch
+    from optimum.intel import OVDiffusionPipeline
+
+    pipe = OVDiffusionPipeline.from_pretrained(a["ov_model"], compile=False)
+    pipe.reshape(batch_size=1, height=a["size"], width=a["size"], num_images_per_prompt=1)
+    start = time.perf_counter()
+    pipe.compile()
+    compile_s = time.perf_counter() - start
+    pipe.set_progress_bar_config(disable=True)
+    f = pipe.vae_scale_factor
+    shape = (1, int(pipe.unet.config.get("in_channels", 4)), a["size"] // f, a["size"] // f)
+
+    def run(steps: int) -> np.ndarray:
+        with torch.inference_mode():
+            return pipe(a["prompt"], negative_prompt=a["negative"], num_inference_steps=steps,
+                        guidance_scale=a["guidance"], height=a["size"], width=a["size"],
+                        latents=_latents(shape, a["seed"]), output_type="np").images[0]
+
+    return {**_timed(run, a["steps"], a["repeats"]), "compile_s": compile_s}
+
+
+def _genai(a: dict[str, Any]) -> dict[str, Any]:
+    import openvino_genai as genai
+
+    pipe = genai.Text2ImagePipeline(a["ov_model"])
+    pipe.reshape(1, a["size"], a["size"], a["guidance"])
+    start = time.perf_counter()
+    pipe.compile("CPU")
+    compile_s = time.perf_counter() - start
+
+    def run(steps: int) -> np.ndarray:
+        out = pipe.generate(a["prompt"], negative_prompt=a["negative"], num_inference_steps=steps,
+                            guidance_scale=a["guidance"], height=a["size"], width=a["size"],
+                            generator=genai.TorchGenerator(a["seed"]))
+        return np.asarray(out.data)[0].astype(np.float32) / 255.0
+
+    return {**_timed(run, a["steps"], a["repeats"]), "compile_s": compile_s}
+
+
+ROLES = {"diffusers": _diffusers, "export-optimum": _export_optimum, "optimum": _optimum, "genai": _genai}
+
+
+def main() -> None:
+    role, args = sys.argv[1], json.loads(sys.argv[2])
+    result = ROLES[role](args)
+    image = result.pop("image", None)
+    if image is not None:
+        path = Path(args["out_dir"]) / f"{role}.npy"
+        np.save(path, np.asarray(image, dtype=np.float32))
+        result["image_path"] = str(path)
+    import importlib.metadata as md
+
+    result["versions"] = {p: md.version(p) for p in ("torch", "diffusers", "transformers", "optimum-intel",
+                                                      "openvino", "openvino-genai") if _installed(p)}
+    print("RESULT " + json.dumps(result))
+
+
+def _installed(name: str) -> bool:
+    import importlib.metadata as md
+
+    try:
+        md.version(name)
+    except md.PackageNotFoundError:
+        return False
+    return True
+
+
+if __name__ == "__main__":
+    main()
