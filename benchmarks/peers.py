@@ -112,8 +112,43 @@ def build_model(model: str, folder: Path, seed: int) -> None:
             save_file(fixed, str(path), metadata={"format": "pt"})
 
 
+def build_vit(folder: Path, seed: int, inputs: Path, n: int = 32) -> None:
+    """ViT-B/16 at 224 (transformers' ViTConfig defaults) with seeded weights and a 10-label head,
+    with its image processor; ``n`` seeded inputs (already normalized pixels) beside it."""
+    import numpy as np
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.ViTConfig(num_labels=10, id2label={i: f"class_{i}" for i in range(10)},
+                                    label2id={f"class_{i}": i for i in range(10)})
+    transformers.ViTForImageClassification(config).eval().save_pretrained(folder, safe_serialization=True)
+    transformers.ViTImageProcessor().save_pretrained(folder)
+    np.save(inputs, np.random.default_rng(seed).standard_normal((n, 3, 224, 224)).astype(np.float32))
+
+
+def _classifier_child(a: dict[str, Any]) -> dict[str, Any]:
+    """The pick's engine alone (``run_pixels``, no preprocessing) on the peers' inputs, batch 1."""
+    import numpy as np
+
+    sys.path.insert(0, str(CHILD.parent))
+    from peers_child import _latency  # noqa: PLC0415
+
+    import enginekit
+
+    model = enginekit.load(a["artifact"], device="cpu")
+    x = np.load(a["inputs"])
+    result = _latency(lambda: model.run_pixels(x[:1]), a["warmup"], a["runs"])
+    logits = np.concatenate([model.run_pixels(x[i:i + 1])["logits"] for i in range(len(x))])
+    path = Path(a["out_dir"]) / "enginekit-logits.npy"
+    np.save(path, logits.astype(np.float32))
+    return {**result, "logits_path": str(path)}
+
+
 def _enginekit_child(a: dict[str, Any]) -> dict[str, Any]:
     """The pick timed as the peers are (the same protocol and latents), with cache ``a["cache"]``."""
+    if a.get("task") == "image-classification":
+        return _classifier_child(a)
     import numpy as np
     import torch
 
@@ -142,15 +177,18 @@ def _enginekit_child(a: dict[str, Any]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, required=True)
-    parser.add_argument("--model", default="sd15", help="An architecture enginekit builds with seeded weights.")
+    parser.add_argument("--model", default="sd15", help="An architecture enginekit builds with seeded weights, or "
+                                                         "vit-base (ViT-B/16 at 224, 10 labels) for the classifier peers.")
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--steps", type=int, default=7)
     parser.add_argument("--guidance", type=float, default=7.5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--peer-venv", type=Path, default=None, help="default: WORK/peers-venv")
-    parser.add_argument("--optimize-args", default="--backends openvino --precisions fp16",
-                        help="More flags for `enginekit optimize` (default: %(default)s).")
+    parser.add_argument("--optimize-args", default=parser_default_optimize(),
+                        help="More flags for `enginekit optimize` (default for pipelines: %(default)s; none for "
+                             "vit-base).")
+    parser.add_argument("--runs", type=int, default=200, help="vit-base: timed runs per side.")
     parser.add_argument("--redo", default="", help="Comma-separated stages to run again: model, diffusers, "
                                                     "export-optimum, optimum, genai, optimize, enginekit.")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -190,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
 
     hw = fingerprint()
     state["hardware"] = {k: hw.get(k) for k in ("cpu_model", "physical_cores", "logical_cores", "flags")}
+    if args.model == "vit-base":
+        return _classifiers(args, work, logs, state, state_path, stage)
     model = work / "model"
     stage("model", lambda: (build_model(args.model, model, args.seed), {"folder": str(model)})[1])
     python = str(ensure_peer_venv(args.peer_venv or work / "peers-venv"))
@@ -206,24 +246,7 @@ def main(argv: list[str] | None = None) -> int:
 
     best = work / "best"
 
-    def optimize() -> dict[str, Any]:
-        cmd = [sys.executable, "-m", "enginekit.app.cli", "optimize", str(model), "-o", str(best), "--size",
-               str(args.size), "--work", str(work / "optimize"), "--overwrite", "--json",
-               *shlex.split(args.optimize_args)]
-        start = time.monotonic()
-        with open(logs / "optimize.log", "w") as log:
-            proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
-        if proc.returncode != 0:
-            tail = (logs / "optimize.log").read_text(errors="replace").strip().splitlines()[-3:]
-            return {"error": f"optimize exit {proc.returncode}: " + " | ".join(tail), "command": cmd}
-        report = json.loads(proc.stdout)
-        return {"picked": report["picked"], "seconds": time.monotonic() - start, "command": " ".join(cmd[1:]),
-                "candidates": [{"name": oc["candidate"]["name"], "status": oc["status"], "reason": oc["reason"],
-                                "step_ms": (oc.get("timing") or {}).get("step_ms"),
-                                "psnr_db_min": (oc.get("fidelity") or {}).get("psnr_db_min")}
-                               for oc in report["candidates"]]}
-
-    picked = stage("optimize", optimize)
+    picked = stage("optimize", lambda: _optimize(model, best, work, logs, args.optimize_args, args.size))
     if "error" not in picked:
         from enginekit.manifest import read_manifest
 
@@ -238,9 +261,104 @@ def main(argv: list[str] | None = None) -> int:
         stage("enginekit", lambda: engine("pick", cache))
         if cache != "none":
             stage("enginekit-uncached", lambda: engine("uncached", "none"))
+        stage("floor", lambda: floor(best, args.size, state["hardware"]))
     state_path.write_text(json.dumps(state, indent=1, default=str))
     print(render(state))
     return 0
+
+
+def floor(best: Path, size: int, hw: dict[str, Any]) -> dict[str, Any]:
+    """Where the pick's time goes (its components' calls, from optimize's report) and its UNet
+    call against this CPU's arithmetic floor in the precision it computes in."""
+    from benchmarks.pipeline_targets import clock_ghz, flops_per_cycle, unet_flops
+    from enginekit.manifest import read_manifest
+
+    report = json.loads((best / "report.json").read_text())
+    pick = next(oc for oc in report["candidates"] if oc["status"] == "picked")
+    flops = unet_flops(read_manifest(best), size)
+    ghz, cores = clock_ghz(), int(hw.get("physical_cores") or 1)
+    per_cycle = flops_per_cycle(hw.get("flags") or [])
+    floors = {p: flops / (cores * ghz * 1e9 * n) * 1e3 for p, (n, _) in per_cycle.items()} if ghz else {}
+    return {"components_ms": pick["timing"]["components_ms"], "calls_per_image": pick["timing"]["calls_per_image"],
+            "unet_gflop": flops / 1e9, "clock_ghz": ghz, "cores": cores, "floor_ms": floors,
+            "assumed": {p: why for p, (_, why) in per_cycle.items()}}
+
+
+def _optimize(model: Path, best: Path, work: Path, logs: Path, extra: str, size: int | None) -> dict[str, Any]:
+    """``enginekit optimize MODEL -o BEST`` as a user runs it; what became of each candidate."""
+    cmd = [sys.executable, "-m", "enginekit.app.cli", "optimize", str(model), "-o", str(best),
+           "--work", str(work / "optimize"), "--overwrite", "--json", *shlex.split(extra)]
+    if size:
+        cmd += ["--size", str(size)]
+    start = time.monotonic()
+    with open(logs / "optimize.log", "w") as log:
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
+    if proc.returncode != 0:
+        tail = (logs / "optimize.log").read_text(errors="replace").strip().splitlines()[-3:]
+        return {"error": f"optimize exit {proc.returncode}: " + " | ".join(tail), "command": cmd}
+    report = json.loads(proc.stdout)
+    return {"picked": report["picked"], "seconds": time.monotonic() - start, "command": " ".join(cmd[1:]),
+            "candidates": [{"name": oc["candidate"]["name"], "status": oc["status"], "reason": oc.get("reason"),
+                            "step_ms": (oc.get("timing") or {}).get("step_ms")
+                            or (oc.get("record") or {}).get("p50_ms"),
+                            "psnr_db_min": (oc.get("fidelity") or {}).get("psnr_db_min")}
+                           for oc in report["candidates"]]}
+
+
+def _classifiers(args: argparse.Namespace, work: Path, logs: Path, state: dict[str, Any], state_path: Path,
+                 stage: Any) -> int:
+    """ViT-B/16: PyTorch eager, optimum-intel's OVModelForImageClassification and the optimize pick,
+    batch 1 on the same inputs (median of --runs after a warm-up), top-1 agreement with eager."""
+    model, inputs, best = work / "vit-model", work / "vit-inputs.npy", work / "vit-best"
+    stage("vit-model", lambda: (build_vit(model, args.seed, inputs), {"folder": str(model)})[1])
+    python = str(ensure_peer_venv(args.peer_venv or work / "peers-venv"))
+    common = {"model": str(model), "inputs": str(inputs), "out_dir": str(work), "warmup": 20, "runs": args.runs}
+    for role in ("vit-eager", "vit-optimum"):
+        stage(role, lambda role=role: run_child([python, str(CHILD), role, json.dumps(common)], logs / f"{role}.log"))
+    extra = args.optimize_args if args.optimize_args != parser_default_optimize() else ""
+    stage("vit-optimize", lambda: _optimize(model, best, work, logs, extra, None))
+    if "error" not in state["stages"]["vit-optimize"]:
+        payload = {**common, "artifact": str(best), "task": "image-classification"}
+        stage("vit-enginekit", lambda: run_child([sys.executable, "-m", "benchmarks.peers", "--work", str(work),
+                                                  "--child", "1", "--child-args", json.dumps(payload)],
+                                                 logs / "vit-enginekit.log"))
+    state_path.write_text(json.dumps(state, indent=1, default=str))
+    print(render_classifiers(state))
+    return 0
+
+
+def parser_default_optimize() -> str:
+    return "--backends openvino --precisions fp16"
+
+
+def render_classifiers(state: dict[str, Any]) -> str:
+    import numpy as np
+
+    st, hw = state["stages"], state.get("hardware") or {}
+    eager = st.get("vit-eager", {})
+    ref = np.load(eager["logits_path"]).argmax(1) if "logits_path" in eager else None
+    peer = st.get("vit-optimum", {}).get("ms")
+    lines = [f"# ViT-B/16 at 224, 10 labels, seeded weights, batch 1: median of {eager.get('runs')} runs; "
+             f"{hw.get('cpu_model')}, {hw.get('physical_cores')} cores", "",
+             "| path | ms | vs eager | top-1 agreement with eager | vs optimum-intel |", "|---|---|---|---|---|"]
+    names = {"vit-eager": "PyTorch eager fp32", "vit-optimum": "optimum-intel OVModelForImageClassification",
+             "vit-enginekit": f"enginekit optimize pick: {st.get('vit-optimize', {}).get('picked')}, engine alone"}
+    for key, name in names.items():
+        r = st.get(key)
+        if r is None:
+            continue
+        if "ms" not in r:
+            lines.append(f"| {name} | failed: {r.get('error')} | | | |")
+            continue
+        agree = float((np.load(r["logits_path"]).argmax(1) == ref).mean()) if ref is not None else None
+        lines.append(f"| {name} | {r['ms']:.1f} | {eager['ms'] / r['ms']:.2f}x | "
+                     + (f"{agree:.3f}" if agree is not None else "") + " | "
+                     + (f"{peer / r['ms']:.2f}x |" if peer else " |"))
+    if "ms" in st.get("vit-enginekit", {}) and peer:
+        ratio = peer / st["vit-enginekit"]["ms"]
+        lines += ["", f"target: the pick >= {TARGET}x optimum-intel at batch 1: {ratio:.2f}x -> "
+                      + ("MET" if ratio >= TARGET else "MISSED")]
+    return "\n".join(lines)
 
 
 def render(state: dict[str, Any]) -> str:
@@ -283,6 +401,15 @@ def render(state: dict[str, Any]) -> str:
         lines += ["", f"target: the pick >= {TARGET}x the faster peer per step and per image at >= 30 dB: "
                       f"{speed:.2f}x per step, {image:.2f}x per image -> "
                       + ("MET" if speed >= TARGET and image >= TARGET else "MISSED")]
+    fl = st.get("floor") or {}
+    if fl.get("components_ms"):
+        ms = fl["components_ms"]
+        lines += ["", "the pick's calls (optimize's timing, median ms per call): " + ", ".join(
+            f"{k} {v:.0f}" for k, v in ms.items() if v)]
+        if fl.get("floor_ms") and ms.get("unet"):
+            lines.append(f"UNet, 2 rows at {c['size']}²: {fl['unet_gflop']:.0f} GFLOP; floor at {fl['cores']} cores x "
+                         f"{fl['clock_ghz']:.2f} GHz: " + ", ".join(f"{p} {v:.0f} ms" for p, v in fl["floor_ms"].items())
+                         + f"; the full call is {ms['unet'] / fl['floor_ms']['bf16']:.1f}x the bf16 floor")
     if opt.get("candidates"):
         lines += ["", f"optimize ({opt.get('seconds', 0) / 60:.1f} min): " + "; ".join(
             f"{o['name']} {o['status']}" + (f" {o['step_ms']:.0f} ms/step" if o.get("step_ms") else "")

@@ -124,11 +124,61 @@ def _genai(a: dict[str, Any]) -> dict[str, Any]:
     return {**_timed(run, a["steps"], a["repeats"]), "compile_s": compile_s}
 
 
-ROLES = {"diffusers": _diffusers, "export-optimum": _export_optimum, "optimum": _optimum, "genai": _genai}
+def _latency(call: Callable[[], Any], warmup: int, runs: int) -> dict[str, Any]:
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return {"ms": float(np.median(times) * 1e3), "p90_ms": float(np.percentile(times, 90) * 1e3), "runs": runs}
+
+
+def _classifier(a: dict[str, Any], model: Any, run: Callable[[np.ndarray], np.ndarray]) -> dict[str, Any]:
+    """Batch-1 latency on the first input, and the logits of every input (saved for agreement)."""
+    x = np.load(a["inputs"])
+    result = _latency(lambda: run(x[:1]), a["warmup"], a["runs"])
+    logits = np.concatenate([run(x[i:i + 1]) for i in range(len(x))])
+    path = Path(a["out_dir"]) / f"{a['role']}-logits.npy"
+    np.save(path, logits.astype(np.float32))
+    return {**result, "logits_path": str(path)}
+
+
+def _vit_eager(a: dict[str, Any]) -> dict[str, Any]:
+    import torch
+    from transformers import ViTForImageClassification
+
+    model = ViTForImageClassification.from_pretrained(a["model"]).eval()
+
+    def run(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return model(pixel_values=torch.from_numpy(x)).logits.numpy()
+
+    return _classifier(a, model, run)
+
+
+def _vit_optimum(a: dict[str, Any]) -> dict[str, Any]:
+    import torch
+    from optimum.intel import OVModelForImageClassification
+
+    start = time.perf_counter()
+    model = OVModelForImageClassification.from_pretrained(a["model"], export=True)
+    load_s = time.perf_counter() - start
+
+    def run(x: np.ndarray) -> np.ndarray:
+        return np.asarray(model(pixel_values=torch.from_numpy(x)).logits)
+
+    return {**_classifier(a, model, run), "export_and_load_s": load_s}
+
+
+ROLES = {"diffusers": _diffusers, "export-optimum": _export_optimum, "optimum": _optimum, "genai": _genai,
+         "vit-eager": _vit_eager, "vit-optimum": _vit_optimum}
 
 
 def main() -> None:
     role, args = sys.argv[1], json.loads(sys.argv[2])
+    args["role"] = role
     result = ROLES[role](args)
     image = result.pop("image", None)
     if image is not None:

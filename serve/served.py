@@ -213,7 +213,7 @@ class ServedPipeline(Served):
                     fields[key] = values[0].decode("utf-8")
                 except UnicodeDecodeError:
                     raise ApiError(400, f"input {key!r} is not UTF-8") from None
-        for key in ("steps", "guidance", "seed", "height", "width", "scheduler", "num_images"):
+        for key in ("steps", "guidance", "seed", "height", "width", "scheduler", "cache", "num_images"):
             if key in params:
                 fields[key] = params[key]
         req = GenerateRequest.checked(fields, request.app.state.server.settings)

@@ -229,6 +229,8 @@ class GenerateRequest(BaseModel):
     height: Optional[int] = Field(default=None, ge=8, le=16384)
     width: Optional[int] = Field(default=None, ge=8, le=16384)
     scheduler: Optional[Literal[SCHEDULERS]] = None  # type: ignore[valid-type]
+    cache: Optional[str] = Field(default=None, max_length=32,
+                                 description="step cache: deepcache[:N] or none; absent: the model's own")
     num_images: int = Field(default=1, ge=1, le=1024)
     strength: float = Field(default=0.8, gt=0.0, le=1.0, description="image-to-image: how much to repaint")
     init_image: Optional[str] = Field(default=None, description="image-to-image: base64 of the starting picture")
@@ -264,6 +266,8 @@ class GenerateRequest(BaseModel):
                                   "num_inference_steps": self.steps, "guidance_scale": self.guidance,
                                   "height": self.height, "width": self.width, "seed": seed,
                                   "num_images_per_prompt": self.num_images, "scheduler": self.scheduler}
+        if self.cache is not None:
+            kwargs["cache"] = self.cache
         if init_image is not None:
             kwargs.update(image=init_image, strength=self.strength)
         return kwargs

@@ -92,7 +92,7 @@ def _reference(name: str, latents: np.ndarray, interval: int | None) -> np.ndarr
                         latents=torch.from_numpy(latents), output_type="np").images
 
 
-@pytest.mark.parametrize("kind", backend_params("onnx"))
+@pytest.mark.parametrize("kind", backend_params())  # each backend's compiled engine, cut by that backend
 @pytest.mark.parametrize("name", ["tiny-sd15", "tiny-sdxl"])
 def test_deepcache_matches_the_reference_rule(tiny_pipelines: dict, name: str, kind: str) -> None:
     pipe = enginekit.load(tiny_pipelines[(name, kind)], device="cpu")

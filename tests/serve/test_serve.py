@@ -369,6 +369,13 @@ def test_generate_streams_progress_then_the_image(server: AppRunner) -> None:
     assert events[-1][1]["images"] and events[-1][1]["seed"] == 1
 
 
+def test_generate_with_a_step_cache_and_the_next_request_without(server: AppRunner) -> None:
+    cached = server.post("/v1/generate", json={"prompt": "a boat", "steps": 4, "seed": 1, "cache": "deepcache:2"})
+    assert cached.status_code == 200, cached.text
+    plain = server.post("/v1/generate", json={"prompt": "a boat", "steps": 4, "seed": 1})
+    assert plain.status_code == 200 and plain.content != cached.content
+
+
 def test_image_to_image_by_upload(server: AppRunner) -> None:
     init = png(9, size=(64, 64))
     r = server.post("/v1/generate", data={"prompt": "repaint", "steps": "4", "strength": "0.5", "seed": "2"},
@@ -391,6 +398,8 @@ def test_image_to_image_by_upload(server: AppRunner) -> None:
     ({"prompt": "x", "num_images": 2}, 422, "response_format"),
     ({"prompt": "x", "model": "clf"}, 422, "model"),
     ({"prompt": "x", "init_image": "aGVsbG8="}, 415, "image"),
+    ({"prompt": "x", "cache": "fastcache"}, 422, "cache"),
+    ({"prompt": "x", "cache": "deepcache:0"}, 422, "cache"),
 ])
 def test_generate_refuses_bad_fields_naming_them(server: AppRunner, fields: dict, status: int, needle: str) -> None:
     assert_error(server.post("/v1/generate", json=fields), status, needle)
