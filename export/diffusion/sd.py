@@ -36,6 +36,7 @@ import numpy as np
 
 from enginekit.artifact import atomic_artifact, make_assets, make_component, write_manifest
 from enginekit.errors import ExportError, FidelityError, SourceError, one_line
+from enginekit.export.diffusion.deepcache import streamed_with_cache_fallback
 from enginekit.export.diffusion.families import check_family, get_family
 from enginekit.export.json_files import jsonable
 from enginekit.export.diffusion.lora import LoraSpec, fuse_loras
@@ -332,7 +333,8 @@ def _export_streamed(root: Path, plan: _Plan, opts: PipelineExportOptions, on_st
     folder.mkdir()
     on_step(f"[{i}/{n}] {plan.name}: tracing, then streaming the weights into {DATA_FILE}"
             + (f" ({mode})" if mode != "fp32" else ""))
-    record = export_streamed(plan, path, opts.opset, pipe, weights, fmt)
+    record = streamed_with_cache_fallback(lambda: export_streamed(plan, path, opts.opset, pipe, weights, fmt), plan,
+                                          folder, lambda why: on_step(f"[{i}/{n}] {plan.name}: {why}"))
     quantization = record.pop("compression", None)
     if mode == "fp16":
         on_step(f"[{i}/{n}] {plan.name}: converting to fp16")

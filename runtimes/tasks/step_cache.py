@@ -79,6 +79,6 @@ def parse_cache(value: Any, cfg: Any, components: Mapping[str, Any]) -> StepCach
     missing = [n for n in DEEPCACHE_CUT.inputs if n not in outputs]
     if missing:
         raise InputError(f"cache {str(cache)!r} needs a UNet that gives out {missing[0]!r}: this {cfg.denoiser} "
-                         f"does not (DeepCache runs on UNet pipelines exported by this enginekit; "
-                         f"a transformer pipeline takes cache='none')")
+                         f"does not (a transformer, a UNet exported with --streaming, or one exported by an older "
+                         f"enginekit); use cache='none'")
     return cache

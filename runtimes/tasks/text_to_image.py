@@ -72,6 +72,8 @@ class PipelineOutput:
     #: Seed used for the noise (None when latents were given and nothing else was drawn).
     seed: int | None = None
     timesteps: tuple[float, ...] = ()
+    #: The step cache the call ran with ("none", "deepcache:3": the caller's, or the manifest's default).
+    cache: str = "none"
 
 
 class TextToImage:
@@ -301,7 +303,7 @@ class TextToImage:
         # 6. Decode.
         steps_run = tuple(float(t) for t in timesteps)
         if call.output_type == "latent":
-            return PipelineOutput(images=latents, seed=call.seed, timesteps=steps_run)
+            return PipelineOutput(images=latents, seed=call.seed, timesteps=steps_run, cache=str(call.cache or "none"))
         with self._stage("decode"):
             pixels = self.decode(self.layout.unpack(latents, call.height, call.width), cancel=cancel)
         if call.output_type == "np":
@@ -310,7 +312,7 @@ class TextToImage:
             from PIL import Image
 
             images = [Image.fromarray(x) for x in (pixels * 255).round().astype(np.uint8)]
-        return PipelineOutput(images=images, seed=call.seed, timesteps=steps_run)
+        return PipelineOutput(images=images, seed=call.seed, timesteps=steps_run, cache=str(call.cache or "none"))
 
     # ------------------------------------------------------------------ the steps
 

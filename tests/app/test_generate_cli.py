@@ -35,6 +35,18 @@ def test_generate_writes_the_images(tiny_pipelines: dict, tmp_path: Path) -> Non
     assert not list(tmp_path.glob(".*"))  # no temporary left behind
 
 
+def test_generate_with_a_step_cache_says_so(tiny_pipelines: dict, tmp_path: Path) -> None:
+    art = str(tiny_pipelines[("tiny-sd15", "onnx")])
+    code, out = _run("generate", art, "a lighthouse", "-o", str(tmp_path / "c.png"), "--steps", "4", "--seed", "1",
+                     "--height", "64", "--width", "64", "--cache", "deepcache:2", "--json")
+    assert code == 0, out
+    assert json.loads(out)["cache"] == "deepcache:2"
+    code, out = _run("generate", art, "a lighthouse", "-o", str(tmp_path / "p.png"), "--steps", "4", "--seed", "1",
+                     "--height", "64", "--width", "64")
+    assert code == 0 and "cache" not in out
+    assert Image.open(tmp_path / "c.png").tobytes() != Image.open(tmp_path / "p.png").tobytes()
+
+
 def test_generate_image_to_image(tiny_pipelines: dict, tmp_path: Path) -> None:
     make_photo((64, 64), seed=4).save(tmp_path / "init.png")
     code, out = _run("generate", str(tiny_pipelines[("tiny-sd15", "onnx")]), "a cat", "-o", str(tmp_path / "c.png"),
@@ -51,6 +63,7 @@ def test_generate_image_to_image(tiny_pipelines: dict, tmp_path: Path) -> None:
         (["--scheduler", "pndm"], "Invalid value for '--scheduler'"),
         (["--init-image", "{tmp}/not-an-image.png"], "not-an-image.png"),
         (["--strength", "0"], "strength must be above 0"),
+        (["--cache", "deepcache:0"], "the interval must be between 1 and 100"),
     ],
 )
 def test_generate_bad_input_is_one_line_and_writes_nothing(tiny_pipelines: dict, tmp_path: Path,

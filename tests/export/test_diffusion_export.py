@@ -397,5 +397,7 @@ def test_lcm_unet_takes_timestep_cond() -> None:
     assert plan.name == "unet"
     assert [t.name for t in plan.inputs] == ["sample", "timestep", "encoder_hidden_states", "timestep_cond"]
     assert plan.inputs[-1].shape == ("batch", 16)
-    out = plan.module(*plan.parity)
+    out, deep = plan.module(*plan.parity)  # out_sample, and DeepCache's reused feature
+    assert [t.name for t in plan.outputs] == ["out_sample", "deep_cache"]
     assert tuple(out.shape) == tuple(plan.parity[0].shape)
+    assert deep.shape[0] == out.shape[0] and tuple(deep.shape[2:]) == tuple(out.shape[2:])

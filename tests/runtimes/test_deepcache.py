@@ -152,7 +152,7 @@ def test_bad_cache_values_are_refused_before_any_engine_runs(tiny_pipelines: dic
 
 def test_a_transformer_pipeline_refuses_deepcache(tiny_pipelines: dict) -> None:
     pipe = enginekit.load(tiny_pipelines[("tiny-sd3", "onnx")], device="cpu")
-    with pytest.raises(InputError, match="needs a UNet"):
+    with pytest.raises(InputError, match="needs a UNet that gives out 'deep_cache'"):
         pipe("a cat", num_inference_steps=2, height=SIZE, width=SIZE, cache="deepcache:2")
     out = pipe("a cat", num_inference_steps=1, height=SIZE, width=SIZE, cache="none", output_type="np").images
     assert out.shape == (1, SIZE, SIZE, 3)

@@ -95,13 +95,14 @@ def generate(**params: Any) -> None:
     elapsed = time.perf_counter() - started
     if o.as_json:
         report = {"images": [str(p) for p in paths], "seed": result.seed, "steps": len(result.timesteps),
-                  "seconds": round(elapsed, 3)}
+                  "cache": getattr(result, "cache", "none"), "seconds": round(elapsed, 3)}
         if stages is not None:
             report["peak_rss_bytes"] = {s.name: s.bytes for s in stages.stages.values()}
         emit_json(report)
         return
+    cache = getattr(result, "cache", "none")
     err_console().print(f"[green]wrote[/] {escape(', '.join(map(str, paths)))}  (seed {result.seed}, "
-                     f"{len(result.timesteps)} steps, {elapsed:.1f} s)")
+                     f"{len(result.timesteps)} steps{'' if cache == 'none' else ', cache ' + cache}, {elapsed:.1f} s)")
     if stages is not None:
         err_console().print(stages.line(), highlight=False)
 
