@@ -13,14 +13,9 @@ precision.
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any
 
-from enginekit.errors import ExportError
-
-T = TypeVar("T")
-
-__all__ = ["CACHE_OUTPUT", "cached_layer", "drop_cache_output", "streamed_with_cache_fallback"]
+__all__ = ["CACHE_OUTPUT", "cached_layer", "drop_cache_output"]
 
 #: The UNet output a cached step reuses (and the shallow graph's extra input).
 CACHE_OUTPUT = "deep_cache"
@@ -43,25 +38,12 @@ def cached_layer(unet: Any) -> Any | None:
 
 
 def drop_cache_output(plan: Any) -> bool:
-    """Export ``plan`` (a UNet's) without the ``deep_cache`` output; False when it has none."""
+    """Export ``plan`` (a UNet's) without the ``deep_cache`` output; False when it has none. The
+    dynamo exporter fails on that intermediate (the in-memory export traces such a UNet with
+    TorchScript); a streamed export, which has only dynamo, leaves it out: DeepCache is then off."""
     if not any(o.name == CACHE_OUTPUT for o in plan.outputs):
         return False
     plan.outputs = [o for o in plan.outputs if o.name != CACHE_OUTPUT]
     plan.module.cache_layer = None
     return True
 
-
-def streamed_with_cache_fallback(export: Callable[[], T], plan: Any, folder: Path, say: Callable[[str], None]) -> T:
-    """``export()``, and where the dynamo exporter cannot give out ``deep_cache`` (it fails on that
-    intermediate of some UNets, where the in-memory export falls back to TorchScript, which a
-    streamed export has not), once more without it: the UNet then exports, and DeepCache is off
-    for it (a cached call says so in one line)."""
-    try:
-        return export()
-    except ExportError:
-        if not drop_cache_output(plan):
-            raise
-    say(f"traced again without the {CACHE_OUTPUT} output (torch.export cannot give it out): DeepCache is off")
-    for stale in folder.iterdir():
-        stale.unlink()
-    return export()

@@ -21,13 +21,10 @@ size than the traced ones; a miss raises :class:`FidelityError` and nothing is w
 
 from __future__ import annotations
 
-import contextlib
 import gc
-import io
 import json
 import shutil
 import time
-import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -36,10 +33,11 @@ import numpy as np
 
 from enginekit.artifact import atomic_artifact, make_assets, make_component, write_manifest
 from enginekit.errors import ExportError, FidelityError, SourceError, one_line
-from enginekit.export.diffusion.deepcache import streamed_with_cache_fallback
+from enginekit.export.diffusion.deepcache import drop_cache_output
 from enginekit.export.diffusion.families import check_family, get_family
 from enginekit.export.json_files import jsonable
 from enginekit.export.diffusion.lora import LoraSpec, fuse_loras
+from enginekit.export.diffusion.onnx_export import _one_data_file, _torch_export  # noqa: F401
 from enginekit.export.diffusion.plans import TEXT_ENCODERS, _is_t5, _Plan, _plans
 from enginekit.export.diffusion.sources import PipelineSource, resolve_pipeline
 from enginekit.export.diffusion.wrappers import _wrappers
@@ -333,8 +331,9 @@ def _export_streamed(root: Path, plan: _Plan, opts: PipelineExportOptions, on_st
     folder.mkdir()
     on_step(f"[{i}/{n}] {plan.name}: tracing, then streaming the weights into {DATA_FILE}"
             + (f" ({mode})" if mode != "fp32" else ""))
-    record = streamed_with_cache_fallback(lambda: export_streamed(plan, path, opts.opset, pipe, weights, fmt), plan,
-                                          folder, lambda why: on_step(f"[{i}/{n}] {plan.name}: {why}"))
+    if drop_cache_output(plan):  # torch.export cannot give out that intermediate, and no TorchScript here
+        on_step(f"[{i}/{n}] {plan.name}: streamed without the deep_cache output (DeepCache is off for it)")
+    record = export_streamed(plan, path, opts.opset, pipe, weights, fmt)
     quantization = record.pop("compression", None)
     if mode == "fp16":
         on_step(f"[{i}/{n}] {plan.name}: converting to fp16")
@@ -381,60 +380,6 @@ def _judge(plan: _Plan, ref: dict[str, np.ndarray], got: dict[str, np.ndarray], 
         "max_abs": max(numbers[f"{n}_max_abs"] for n in ref),
         "passed": True,
     }
-
-
-def _torch_export(plan: _Plan, path: Path, opset: int, external: bool) -> str:
-    """Export with the dynamo exporter; fall back to TorchScript's for this component only if it fails."""
-    import torch
-
-    in_names = [s.name for s in plan.inputs]
-    out_names = [s.name for s in plan.outputs]
-    dyn = tuple({j: d for j, d in enumerate(s.shape) if isinstance(d, str)} for s in plan.inputs)
-    sink = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(sink), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(plan.module, plan.example, str(path), input_names=in_names, output_names=out_names,
-                              opset_version=opset, dynamo=True, dynamic_shapes=dyn, external_data=external,
-                              verbose=False)
-        exporter = "dynamo"
-    except Exception as first:
-        for stale in path.parent.iterdir():
-            stale.unlink()
-        axes = {s.name: {j: d for j, d in enumerate(s.shape) if isinstance(d, str)} for s in (*plan.inputs, *plan.outputs)}
-        try:
-            with contextlib.redirect_stdout(sink), warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                torch.onnx.export(plan.module, plan.example, str(path), input_names=in_names, output_names=out_names,
-                                  opset_version=opset, dynamo=False, dynamic_axes=axes)
-        except Exception as exc:
-            raise ExportError(f"torch.onnx.export of {plan.name} failed with both exporters: "
-                              f"dynamo: {one_line(first)}; torchscript: {one_line(exc)}") from exc
-        exporter = "torchscript"
-        external = external or any(p.name != "model.onnx" for p in path.parent.iterdir())
-    if external or any(p.name != "model.onnx" for p in path.parent.iterdir()):
-        _one_data_file(path)
-    return exporter
-
-
-def _one_data_file(path: Path) -> None:
-    """Gather every external tensor into ``model.onnx.data`` beside ``model.onnx``, whatever the exporter wrote."""
-    import onnx
-    from onnx.external_data_helper import _get_all_tensors, uses_external_data
-
-    model = onnx.load(str(path), load_external_data=False)
-    locations = {next((e.value for e in t.external_data if e.key == "location"), "")
-                 for t in _get_all_tensors(model) if uses_external_data(t)}
-    others = {p.name for p in path.parent.iterdir()} - {"model.onnx"}
-    if locations == {_DATA_FILE} and others == {_DATA_FILE}:
-        return
-    del model
-    model = onnx.load(str(path), load_external_data=True)
-    for stale in path.parent.iterdir():
-        if stale.name != "model.onnx":
-            stale.unlink()
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=_DATA_FILE, size_threshold=1024)
 
 
 def _name_dims(path: Path, plan: _Plan) -> None:
