@@ -251,11 +251,11 @@ def engine_images(path: Path, backend: str, jobs: Sequence[ImageJob], plan: Gene
     pins them; ``cache`` the pipeline's step cache, "none" by default), then repeat them for
     time only as ``rule`` asks; returns the generation and the thread count in effect."""
     from enginekit.bench.pipeline import _open_pipeline
-    from enginekit.runtimes.tasks.step_cache import cache_name
+    from enginekit.runtimes.tasks.step_cache import cache_interval, cache_name
 
     cache = cache_name(cache)
     pipe, _, _, threads = _open_pipeline(Path(path), "cpu", backend, threads)
-    gen = Generation(denoiser=pipe.config.denoiser, cycle=int(cache.split(":")[1]) if ":" in cache else 1)
+    gen = Generation(denoiser=pipe.config.denoiser, cycle=cache_interval(cache))
     calls: Calls = {}
     run = pipe.run_component
 

@@ -47,6 +47,8 @@ NEGATIVE = "blurry, low quality"
 PEER_REQUIREMENTS = ["torch==2.14.1", "transformers<5", "diffusers<0.36", "optimum-intel[openvino]",
                      "openvino-tokenizers", "openvino-genai", "accelerate", "pillow", "protobuf", "sentencepiece"]
 TARGET = 1.3
+#: The pipeline run's own `enginekit optimize` flags (vit-base takes none unless given).
+PIPELINE_OPTIMIZE_ARGS = "--backends openvino --precisions fp16"
 CHILD = Path(__file__).with_name("peers_child.py")
 
 
@@ -185,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--peer-venv", type=Path, default=None, help="default: WORK/peers-venv")
-    parser.add_argument("--optimize-args", default=parser_default_optimize(),
+    parser.add_argument("--optimize-args", default=PIPELINE_OPTIMIZE_ARGS,
                         help="More flags for `enginekit optimize` (default for pipelines: %(default)s; none for "
                              "vit-base).")
     parser.add_argument("--runs", type=int, default=200, help="vit-base: timed runs per side.")
@@ -315,7 +317,7 @@ def _classifiers(args: argparse.Namespace, work: Path, logs: Path, state: dict[s
     common = {"model": str(model), "inputs": str(inputs), "out_dir": str(work), "warmup": 20, "runs": args.runs}
     for role in ("vit-eager", "vit-optimum"):
         stage(role, lambda role=role: run_child([python, str(CHILD), role, json.dumps(common)], logs / f"{role}.log"))
-    extra = args.optimize_args if args.optimize_args != parser_default_optimize() else ""
+    extra = args.optimize_args if args.optimize_args != PIPELINE_OPTIMIZE_ARGS else ""
     stage("vit-optimize", lambda: _optimize(model, best, work, logs, extra, None))
     if "error" not in state["stages"]["vit-optimize"]:
         payload = {**common, "artifact": str(best), "task": "image-classification"}
@@ -325,10 +327,6 @@ def _classifiers(args: argparse.Namespace, work: Path, logs: Path, state: dict[s
     state_path.write_text(json.dumps(state, indent=1, default=str))
     print(render_classifiers(state))
     return 0
-
-
-def parser_default_optimize() -> str:
-    return "--backends openvino --precisions fp16"
 
 
 def render_classifiers(state: dict[str, Any]) -> str:
@@ -343,13 +341,7 @@ def render_classifiers(state: dict[str, Any]) -> str:
              "| path | ms | vs eager | top-1 agreement with eager | vs optimum-intel |", "|---|---|---|---|---|"]
     names = {"vit-eager": "PyTorch eager fp32", "vit-optimum": "optimum-intel OVModelForImageClassification",
              "vit-enginekit": f"enginekit optimize pick: {st.get('vit-optimize', {}).get('picked')}, engine alone"}
-    for key, name in names.items():
-        r = st.get(key)
-        if r is None:
-            continue
-        if "ms" not in r:
-            lines.append(f"| {name} | failed: {r.get('error')} | | | |")
-            continue
+    for name, r in _measured(names, st, "ms", lines, 5):
         agree = float((np.load(r["logits_path"]).argmax(1) == ref).mean()) if ref is not None else None
         lines.append(f"| {name} | {r['ms']:.1f} | {eager['ms'] / r['ms']:.2f}x | "
                      + (f"{agree:.3f}" if agree is not None else "") + " | "
@@ -359,6 +351,19 @@ def render_classifiers(state: dict[str, Any]) -> str:
         lines += ["", f"target: the pick >= {TARGET}x optimum-intel at batch 1: {ratio:.2f}x -> "
                       + ("MET" if ratio >= TARGET else "MISSED")]
     return "\n".join(lines)
+
+
+def _measured(names: dict[str, str], stages: dict[str, Any], field: str, lines: list[str], columns: int) -> Any:
+    """(row name, result) of each side that ran and measured ``field``; a failed side gets its
+    row here, with its error."""
+    for key, name in names.items():
+        r = stages.get(key)
+        if r is None:
+            continue
+        if field not in r:
+            lines.append(f"| {name} | failed: {r.get('error')} |" + " |" * (columns - 2))
+            continue
+        yield name, r
 
 
 def render(state: dict[str, Any]) -> str:
@@ -383,14 +388,8 @@ def render(state: dict[str, Any]) -> str:
              f"{c['steps'] - 1}, median of {c['repeats']}; {hw.get('cpu_model')}, {hw.get('physical_cores')} cores",
              "", "| path | s / step | image s | vs eager (step) | PSNR vs diffusers | vs best peer: step | image |",
              "|---|---|---|---|---|---|---|"]
-    for key, name in names.items():
-        r = st.get(key)
-        if r is None:
-            continue
-        if "step_s" not in r:
-            lines.append(f"| {name} | failed: {r.get('error')} | | | | | |")
-            continue
-        fid = psnr(ref, np.load(r["image_path"])) if ref is not None and key != "diffusers" else None
+    for name, r in _measured(names, st, "step_s", lines, 7):
+        fid = psnr(ref, np.load(r["image_path"])) if ref is not None and r is not st["diffusers"] else None
         lines.append(f"| {name} | {r['step_s']:.3f} | {r['image_s']:.2f} | "
                      + (f"{eager / r['step_s']:.2f}x | " if eager else "| ")
                      + (f"{fid:.1f} dB" if fid is not None else "reference") + " | "

@@ -135,7 +135,7 @@ def _latency(call: Callable[[], Any], warmup: int, runs: int) -> dict[str, Any]:
     return {"ms": float(np.median(times) * 1e3), "p90_ms": float(np.percentile(times, 90) * 1e3), "runs": runs}
 
 
-def _classifier(a: dict[str, Any], model: Any, run: Callable[[np.ndarray], np.ndarray]) -> dict[str, Any]:
+def _classifier(a: dict[str, Any], run: Callable[[np.ndarray], np.ndarray]) -> dict[str, Any]:
     """Batch-1 latency on the first input, and the logits of every input (saved for agreement)."""
     x = np.load(a["inputs"])
     result = _latency(lambda: run(x[:1]), a["warmup"], a["runs"])
@@ -155,7 +155,7 @@ def _vit_eager(a: dict[str, Any]) -> dict[str, Any]:
         with torch.inference_mode():
             return model(pixel_values=torch.from_numpy(x)).logits.numpy()
 
-    return _classifier(a, model, run)
+    return _classifier(a, run)
 
 
 def _vit_optimum(a: dict[str, Any]) -> dict[str, Any]:
@@ -169,7 +169,7 @@ def _vit_optimum(a: dict[str, Any]) -> dict[str, Any]:
     def run(x: np.ndarray) -> np.ndarray:
         return np.asarray(model(pixel_values=torch.from_numpy(x)).logits)
 
-    return {**_classifier(a, model, run), "export_and_load_s": load_s}
+    return {**_classifier(a, run), "export_and_load_s": load_s}
 
 
 ROLES = {"diffusers": _diffusers, "export-optimum": _export_optimum, "optimum": _optimum, "genai": _genai,
@@ -187,19 +187,14 @@ def main() -> None:
         result["image_path"] = str(path)
     import importlib.metadata as md
 
-    result["versions"] = {p: md.version(p) for p in ("torch", "diffusers", "transformers", "optimum-intel",
-                                                      "openvino", "openvino-genai") if _installed(p)}
+    versions = {}
+    for name in ("torch", "diffusers", "transformers", "optimum-intel", "openvino", "openvino-genai"):
+        try:
+            versions[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    result["versions"] = versions
     print("RESULT " + json.dumps(result))
-
-
-def _installed(name: str) -> bool:
-    import importlib.metadata as md
-
-    try:
-        md.version(name)
-    except md.PackageNotFoundError:
-        return False
-    return True
 
 
 if __name__ == "__main__":

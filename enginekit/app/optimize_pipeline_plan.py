@@ -109,7 +109,9 @@ def cache_steps(steps: int, cache: str) -> int:
     """The steps a cached candidate is judged and timed at: the fewest at or above ``steps``
     that make whole cache cycles after the first step (``k * N + 1``), so a cycle's average,
     not a lucky run of cached steps, is what the step time measures."""
-    n = int(cache.split(":")[1]) if ":" in cache else 1
+    from enginekit.runtimes.tasks.step_cache import cache_interval
+
+    n = cache_interval(cache)
     return steps if n <= 1 else -(-(steps - 1) // n) * n + 1
 
 

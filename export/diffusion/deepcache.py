@@ -46,4 +46,3 @@ def drop_cache_output(plan: Any) -> bool:
     plan.outputs = [o for o in plan.outputs if o.name != CACHE_OUTPUT]
     plan.module.cache_layer = None
     return True
-

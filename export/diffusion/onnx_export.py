@@ -12,11 +12,9 @@ from typing import Any
 
 from enginekit.errors import ExportError, one_line
 from enginekit.export.diffusion.deepcache import CACHE_OUTPUT
+from enginekit.export.diffusion.streaming import DATA_FILE
 
 __all__ = ["DATA_FILE", "_torch_export", "_one_data_file"]
-
-DATA_FILE = "model.onnx.data"
-_DATA_FILE = DATA_FILE
 
 
 def _torch_export(plan: Any, path: Path, opset: int, external: bool) -> str:
@@ -57,8 +55,6 @@ def _torch_export(plan: Any, path: Path, opset: int, external: bool) -> str:
                 stale.unlink()
     else:
         raise ExportError(f"torch.onnx.export of {plan.name} failed with both exporters: " + "; ".join(errors))
-    if exporter == "torchscript":
-        external = external or any(p.name != "model.onnx" for p in path.parent.iterdir())
     if external or any(p.name != "model.onnx" for p in path.parent.iterdir()):
         _one_data_file(path)
     return exporter
@@ -73,7 +69,7 @@ def _one_data_file(path: Path) -> None:
     locations = {next((e.value for e in t.external_data if e.key == "location"), "")
                  for t in _get_all_tensors(model) if uses_external_data(t)}
     others = {p.name for p in path.parent.iterdir()} - {"model.onnx"}
-    if locations == {_DATA_FILE} and others == {_DATA_FILE}:
+    if locations == {DATA_FILE} and others == {DATA_FILE}:
         return
     del model
     model = onnx.load(str(path), load_external_data=True)
@@ -81,6 +77,4 @@ def _one_data_file(path: Path) -> None:
         if stale.name != "model.onnx":
             stale.unlink()
     onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=_DATA_FILE, size_threshold=1024)
-
-
+                    location=DATA_FILE, size_threshold=1024)

@@ -37,7 +37,7 @@ from enginekit.export.diffusion.deepcache import drop_cache_output
 from enginekit.export.diffusion.families import check_family, get_family
 from enginekit.export.json_files import jsonable
 from enginekit.export.diffusion.lora import LoraSpec, fuse_loras
-from enginekit.export.diffusion.onnx_export import _one_data_file, _torch_export  # noqa: F401
+from enginekit.export.diffusion.onnx_export import DATA_FILE as _DATA_FILE, _one_data_file, _torch_export  # noqa: F401
 from enginekit.export.diffusion.plans import TEXT_ENCODERS, _is_t5, _Plan, _plans
 from enginekit.export.diffusion.sources import PipelineSource, resolve_pipeline
 from enginekit.export.diffusion.wrappers import _wrappers
@@ -52,7 +52,6 @@ __all__ = ["PipelineExportOptions", "export_pipeline", "_Plan", "_plans", "_wrap
 
 #: Past this many bytes of weights, protobuf's 2 GB limit needs external data.
 _EXTERNAL_DATA_BYTES = 1_800_000_000
-_DATA_FILE = "model.onnx.data"
 _TEXT_OUTPUTS = ("last_hidden_state", "penultimate_hidden_state", "pooled")
 
 

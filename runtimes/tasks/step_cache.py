@@ -17,7 +17,8 @@ from typing import Any, Mapping
 from enginekit.errors import InputError
 from enginekit.runtimes.graph_cut import Cut
 
-__all__ = ["StepCache", "CACHE_KINDS", "DEEPCACHE_CUT", "DEFAULT_INTERVAL", "parse_cache", "cache_name"]
+__all__ = ["StepCache", "CACHE_KINDS", "DEEPCACHE_CUT", "DEFAULT_INTERVAL", "parse_cache", "cache_name",
+           "cache_interval"]
 
 CACHE_KINDS = ("deepcache",)
 #: DeepCache's interval when none is named (its authors' and diffusers' docs' example).
@@ -44,6 +45,12 @@ def cache_name(value: Any) -> str:
     """The canonical spelling of a cache setting ("none", "deepcache:3")."""
     parsed = _parse(value)
     return str(parsed) if parsed is not None else "none"
+
+
+def cache_interval(value: Any) -> int:
+    """Steps per cache cycle of a cache setting: its N, 1 for none."""
+    parsed = _parse(value)
+    return parsed.interval if parsed is not None else 1
 
 
 def _parse(value: Any) -> StepCache | None:

@@ -199,14 +199,14 @@ class TextToImage:
                       runner: Runner | None = None) -> dict[str, np.ndarray]:
         """Run one engine (``runner``, else ``component``'s), its feeds cast to what it declares
         (an fp16 graph may take float16; a timestep may be int64); the recorder sees them."""
+        name = component if runner is None else (runner.component or component)  # a cut: "unet#deepcache"
         runner = runner if runner is not None else self.components[component]
         typed = {}
         for spec in runner.inputs:
             value = feeds[spec.name]
             typed[spec.name] = value.astype(spec.dtype, copy=False) if spec.dtype != "bfloat16" else value
-        if self.recorder is not None:  # a cut engine is recorded under its own name ("unet#deepcache")
-            self.recorder(runner.component or component if runner is not self.components.get(component) else component,
-                          typed)
+        if self.recorder is not None:
+            self.recorder(name, typed)
         return runner.run(typed)
 
     _run = run_component
