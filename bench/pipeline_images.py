@@ -130,6 +130,9 @@ class Generation:
     #: Steps per step sample: 1, or a step cache's interval N (each sample is then the mean of N
     #: consecutive steps, one full and N-1 cached: what a step costs on average).
     cycle: int = 1
+    #: Step ends before the first whole cycle (TaylorSeer's warm-up steps all run in full): the
+    #: samples start at the end of step ``start - 1``. 1 for DeepCache and no cache.
+    start: int = 1
 
     def summary(self) -> dict[str, Any]:
         med = lambda v: float(np.median(v)) if v else None  # noqa: E731
@@ -201,7 +204,7 @@ def _generate_all(call: Callable[[ImageJob, int, list[float]], np.ndarray], jobs
     images, per-image times and step times (between consecutive step ends) land in ``gen``,
     each step paired with the denoiser's time inside it. With ``rule``, the jobs then run
     again for time only (their images dropped) until the rule is met or its budget spent."""
-    if warmup:  # a cached pipeline's second step opens its cut engine
+    if warmup:  # a DeepCache pipeline's second step opens its cut engine
         call(jobs[0], 2 if gen.cycle > 1 else 1, [])
     calls.clear()
     den = gen.denoiser
@@ -223,7 +226,7 @@ def _generate_all(call: Callable[[ImageJob, int, list[float]], np.ndarray], jobs
         # Step samples: the time between step ends, summed over each cycle of a step cache (complete
         # cycles only) and divided by its steps; the denoiser's time in them (its cut engine's too).
         n = gen.cycle
-        ends = marks[::n] if n > 1 else marks
+        ends = marks[gen.start - 1::n] if n > 1 else marks
         for a, b in zip(ends, ends[1:]):
             gen.step_ms.append((b - a) * 1e3 / n)
             if den is not None:
@@ -251,11 +254,11 @@ def engine_images(path: Path, backend: str, jobs: Sequence[ImageJob], plan: Gene
     pins them; ``cache`` the pipeline's step cache, "none" by default), then repeat them for
     time only as ``rule`` asks; returns the generation and the thread count in effect."""
     from enginekit.bench.pipeline import _open_pipeline
-    from enginekit.runtimes.tasks.step_cache import cache_interval, cache_name
+    from enginekit.runtimes.tasks.step_cache import cache_interval, cache_name, cache_offset
 
     cache = cache_name(cache)
     pipe, _, _, threads = _open_pipeline(Path(path), "cpu", backend, threads)
-    gen = Generation(denoiser=pipe.config.denoiser, cycle=cache_interval(cache))
+    gen = Generation(denoiser=pipe.config.denoiser, cycle=cache_interval(cache), start=max(cache_offset(cache), 1))
     calls: Calls = {}
     run = pipe.run_component
 

@@ -36,7 +36,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-__all__ = ["ARCH", "FIT_SEED", "LABELS", "build_detector"]
+__all__ = ["ARCH", "FIT_SEED", "LABELS", "build_detector", "fit_margin_head", "margin_check"]
 
 ARCH = "vit_small_patch16_384"
 #: Which photograph a crop comes from: scikit-learn's sample photos, in their order.
@@ -68,12 +68,50 @@ def _crops(n: int, seed: int, cfg: Any) -> tuple[np.ndarray, np.ndarray]:
     return x, np.arange(n) % 2
 
 
+def fit_margin_head(features: Callable[[np.ndarray], np.ndarray], head: Any, cfg: Any, fit_size: int = 96
+                    ) -> dict[str, Any]:
+    """Fit the 2-label linear ``head`` (weight ``[2, D]``, bias ``[2]``, changed in place) so it tells
+    the two sample photos apart with margin, from ``features`` (pre-logits) of ``fit_size`` crops
+    preprocessed by ``cfg``; what the fit scored."""
+    import torch
+    from sklearn.linear_model import LogisticRegression
+
+    x, y = _crops(fit_size, FIT_SEED, cfg)
+    with torch.inference_mode():
+        feats = features(x)
+    # Weak regularization: the head separates the two photos with a wide margin.
+    clf = LogisticRegression(C=100.0, max_iter=5000).fit(feats, y)
+    w, b = clf.coef_[0].astype(np.float32), np.float32(clf.intercept_[0])
+    with torch.no_grad():
+        # Cross-entropy moves only the difference of the two logits; their sum stays where
+        # the seeded init put it. So the fitted difference goes on top of the init's mean,
+        # as training the head from that init would leave it (and the logits are not mirror
+        # images, which would make their cosine a mere sign check).
+        mean_w = head.weight.mean(0, keepdim=True)
+        mean_b = head.bias.mean()
+        head.weight.copy_(mean_w + torch.from_numpy(np.stack([-w / 2, w / 2])))
+        head.bias.copy_(mean_b + torch.tensor([-b / 2, b / 2]))
+    return {"crops": fit_size, "crop_seed": FIT_SEED, "accuracy": float(clf.score(feats, y))}
+
+
+def margin_check(logits_of: Callable[[np.ndarray], np.ndarray], cfg: Any, check_size: int = 48) -> dict[str, Any]:
+    """The fitted model's accuracy and logit gaps on ``check_size`` fresh crops (seed FIT_SEED + 1)."""
+    import torch
+
+    xc, yc = _crops(check_size, FIT_SEED + 1, cfg)
+    with torch.inference_mode():
+        logits = logits_of(xc)
+    gap = np.abs(logits[:, 1] - logits[:, 0])
+    return {"crops": check_size, "crop_seed": FIT_SEED + 1, "accuracy": float((logits.argmax(1) == yc).mean()),
+            "logit_gap_min": float(gap.min()), "logit_gap_median": float(np.median(gap)),
+            "logits_std": float(logits.std())}
+
+
 def build_detector(out: str | Path, *, seed: int = 0, fit_size: int = 96, check_size: int = 48,
                    arch: str = ARCH, say: Callable[[str], None] = lambda msg: None) -> dict[str, Any]:
     """Build the checkpoint into the folder ``out``; return what ``detector.json`` records."""
     import timm
     import torch
-    from sklearn.linear_model import LogisticRegression
     from timm.models import save_for_hf
 
     from enginekit.export.preprocessing import from_timm
@@ -86,34 +124,11 @@ def build_detector(out: str | Path, *, seed: int = 0, fit_size: int = 96, check_
     model.pretrained_cfg = {**model.pretrained_cfg, **PRETRAINED_CFG, **own, "label_names": list(LABELS)}
     cfg = from_timm(model)
     say(f"features of {fit_size} fitting crops (seed {FIT_SEED}) through the seeded {arch} body")
-    x, y = _crops(fit_size, FIT_SEED, cfg)
-    feats = _features(model, x)
-    # Weak regularization: the head separates the two photos with a wide margin.
-    clf = LogisticRegression(C=100.0, max_iter=5000).fit(feats, y)
-    w, b = clf.coef_[0].astype(np.float32), np.float32(clf.intercept_[0])
-    with torch.no_grad():
-        # Cross-entropy moves only the difference of the two logits; their sum stays where
-        # timm's seeded init put it. So the fitted difference goes on top of the init's mean,
-        # as training the head from that init would leave it (and the logits are not mirror
-        # images, which would make their cosine a mere sign check).
-        mean_w = model.head.weight.mean(0, keepdim=True)
-        mean_b = model.head.bias.mean()
-        model.head.weight.copy_(mean_w + torch.from_numpy(np.stack([-w / 2, w / 2])))
-        model.head.bias.copy_(mean_b + torch.tensor([-b / 2, b / 2]))
+    fit = fit_margin_head(lambda x: _features(model, x), model.head, cfg, fit_size)
     say(f"margin check on {check_size} fresh crops (seed {FIT_SEED + 1})")
-    xc, yc = _crops(check_size, FIT_SEED + 1, cfg)
-    with torch.inference_mode():
-        logits = model(torch.from_numpy(xc)).numpy()
-    gap = np.abs(logits[:, 1] - logits[:, 0])
-    info = {
-        "architecture": arch, "seed": seed, "labels": list(LABELS), "preprocessing": {**PRETRAINED_CFG, **own},
-        "head": "logistic regression on the seeded body's pre-logits, crops of the two sample photos",
-        "fit": {"crops": fit_size, "crop_seed": FIT_SEED, "accuracy": float(clf.score(feats, y))},
-        "check": {"crops": check_size, "crop_seed": FIT_SEED + 1,
-                  "accuracy": float((logits.argmax(1) == yc).mean()),
-                  "logit_gap_min": float(gap.min()), "logit_gap_median": float(np.median(gap)),
-                  "logits_std": float(logits.std())},
-    }
+    info = {"architecture": arch, "seed": seed, "labels": list(LABELS), "preprocessing": {**PRETRAINED_CFG, **own},
+            "head": "logistic regression on the seeded body's pre-logits, crops of the two sample photos",
+            "fit": fit, "check": margin_check(lambda x: model(torch.from_numpy(x)).numpy(), cfg, check_size)}
     out.mkdir(parents=True, exist_ok=True)
     save_for_hf(model, out, model_config={"label_names": list(LABELS)}, safe_serialization=True)
     for stale in out.glob("*.bin"):

@@ -114,19 +114,51 @@ def build_model(model: str, folder: Path, seed: int) -> None:
             save_file(fixed, str(path), metadata={"format": "pt"})
 
 
-def build_vit(folder: Path, seed: int, inputs: Path, n: int = 32) -> None:
-    """ViT-B/16 at 224 (transformers' ViTConfig defaults) with seeded weights and a 10-label head,
-    with its image processor; ``n`` seeded inputs (already normalized pixels) beside it."""
+#: The classifier peers' models: ``--model`` -> (library, architecture, what the table calls it).
+CLASSIFIERS = {
+    "vit-base": ("transformers", "ViT-B/16", "ViT-B/16 at 224 (transformers' ViTConfig defaults)"),
+    "detector": ("timm", "vit_small_patch16_384", "vit_small_patch16_384 at 384 (timm, the seed detector's shape)"),
+}
+
+
+def build_classifier(name: str, folder: Path, seed: int, inputs: Path, n: int = 32) -> dict[str, Any]:
+    """A detector-shaped classifier (seeded body, a 2-label head fitted with margin: see
+    :mod:`benchmarks.detector`) saved as its library saves it, and ``n`` held-out inputs beside it,
+    preprocessed as the model's processor does: half photo crops (seed 7, neither fitting nor
+    ``optimize``'s calibration crops), half pattern images (seed 7)."""
     import numpy as np
     import torch
-    import transformers
 
-    torch.manual_seed(seed)
-    config = transformers.ViTConfig(num_labels=10, id2label={i: f"class_{i}" for i in range(10)},
-                                    label2id={f"class_{i}": i for i in range(10)})
-    transformers.ViTForImageClassification(config).eval().save_pretrained(folder, safe_serialization=True)
-    transformers.ViTImageProcessor().save_pretrained(folder)
-    np.save(inputs, np.random.default_rng(seed).standard_normal((n, 3, 224, 224)).astype(np.float32))
+    from benchmarks.detector import build_detector, fit_margin_head, margin_check
+    from enginekit.quant.data import pattern_images, photo_crops
+    from enginekit.runtimes.preprocess import preprocess
+
+    if CLASSIFIERS[name][0] == "timm":
+        info = build_detector(folder, seed=seed)
+        from enginekit.export.preprocessing import from_timm_data_config
+
+        cfg = from_timm_data_config(info["preprocessing"])
+    else:
+        import transformers
+
+        from enginekit.export.preprocessing import from_transformers
+
+        torch.manual_seed(seed)
+        config = transformers.ViTConfig(num_labels=2, id2label={0: "china", 1: "flower"},
+                                        label2id={"china": 0, "flower": 1})
+        model = transformers.ViTForImageClassification(config).eval()
+        processor = transformers.ViTImageProcessor()
+        cfg = from_transformers(processor)
+        fit = fit_margin_head(lambda x: model.vit(pixel_values=torch.from_numpy(x)).last_hidden_state[:, 0].numpy(),
+                              model.classifier, cfg)
+        info = {"architecture": "ViTForImageClassification", "seed": seed, "fit": fit,
+                "check": margin_check(lambda x: model(pixel_values=torch.from_numpy(x)).logits.numpy(), cfg)}
+        model.save_pretrained(folder, safe_serialization=True)
+        processor.save_pretrained(folder)
+    half = n // 2
+    images = photo_crops(half, 7) + pattern_images(n - half, 7)
+    np.save(inputs, np.concatenate([preprocess(images[i:i + 8], cfg) for i in range(0, n, 8)]).astype(np.float32))
+    return info
 
 
 def _classifier_child(a: dict[str, Any]) -> dict[str, Any]:
@@ -179,8 +211,10 @@ def _enginekit_child(a: dict[str, Any]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, required=True)
-    parser.add_argument("--model", default="sd15", help="An architecture enginekit builds with seeded weights, or "
-                                                         "vit-base (ViT-B/16 at 224, 10 labels) for the classifier peers.")
+    parser.add_argument("--model", default="sd15", help="An architecture enginekit builds with seeded weights, or a "
+                                                         "classifier: vit-base (ViT-B/16 at 224) or detector "
+                                                         "(vit_small_patch16_384), each with a 2-label head fitted "
+                                                         "with margin.")
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--steps", type=int, default=7)
     parser.add_argument("--guidance", type=float, default=7.5)
@@ -189,8 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peer-venv", type=Path, default=None, help="default: WORK/peers-venv")
     parser.add_argument("--optimize-args", default=PIPELINE_OPTIMIZE_ARGS,
                         help="More flags for `enginekit optimize` (default for pipelines: %(default)s; none for "
-                             "vit-base).")
-    parser.add_argument("--runs", type=int, default=200, help="vit-base: timed runs per side.")
+                             "classifiers).")
+    parser.add_argument("--runs", type=int, default=200, help="classifiers: timed runs per side.")
     parser.add_argument("--redo", default="", help="Comma-separated stages to run again: model, diffusers, "
                                                     "export-optimum, optimum, genai, optimize, enginekit.")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -230,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
 
     hw = fingerprint()
     state["hardware"] = {k: hw.get(k) for k in ("cpu_model", "physical_cores", "logical_cores", "flags")}
-    if args.model == "vit-base":
+    if args.model in CLASSIFIERS:
         return _classifiers(args, work, logs, state, state_path, stage)
     model = work / "model"
     stage("model", lambda: (build_model(args.model, model, args.seed), {"folder": str(model)})[1])
@@ -309,12 +343,14 @@ def _optimize(model: Path, best: Path, work: Path, logs: Path, extra: str, size:
 
 def _classifiers(args: argparse.Namespace, work: Path, logs: Path, state: dict[str, Any], state_path: Path,
                  stage: Any) -> int:
-    """ViT-B/16: PyTorch eager, optimum-intel's OVModelForImageClassification and the optimize pick,
-    batch 1 on the same inputs (median of --runs after a warm-up), top-1 agreement with eager."""
+    """A classifier: PyTorch eager, optimum-intel's OVModelForImageClassification and the optimize
+    pick, batch 1 on the same inputs (median of --runs after a warm-up), top-1 agreement with eager."""
     model, inputs, best = work / "vit-model", work / "vit-inputs.npy", work / "vit-best"
-    stage("vit-model", lambda: (build_vit(model, args.seed, inputs), {"folder": str(model)})[1])
+    stage("vit-model", lambda: {"folder": str(model), "model": args.model,
+                                **build_classifier(args.model, model, args.seed, inputs)})
     python = str(ensure_peer_venv(args.peer_venv or work / "peers-venv"))
-    common = {"model": str(model), "inputs": str(inputs), "out_dir": str(work), "warmup": 20, "runs": args.runs}
+    common = {"model": str(model), "inputs": str(inputs), "out_dir": str(work), "warmup": 20, "runs": args.runs,
+              "library": CLASSIFIERS[args.model][0]}
     for role in ("vit-eager", "vit-optimum"):
         stage(role, lambda role=role: run_child([python, str(CHILD), role, json.dumps(common)], logs / f"{role}.log"))
     extra = args.optimize_args if args.optimize_args != PIPELINE_OPTIMIZE_ARGS else ""
@@ -336,8 +372,9 @@ def render_classifiers(state: dict[str, Any]) -> str:
     eager = st.get("vit-eager", {})
     ref = np.load(eager["logits_path"]).argmax(1) if "logits_path" in eager else None
     peer = st.get("vit-optimum", {}).get("ms")
-    lines = [f"# ViT-B/16 at 224, 10 labels, seeded weights, batch 1: median of {eager.get('runs')} runs; "
-             f"{hw.get('cpu_model')}, {hw.get('physical_cores')} cores", "",
+    what = CLASSIFIERS.get(st.get("vit-model", {}).get("model", "vit-base"), CLASSIFIERS["vit-base"])[2]
+    lines = [f"# {what}, seeded body, 2-label head fitted with margin, batch 1: median of {eager.get('runs')} runs "
+             f"on 16 photo crops + 16 patterns; {hw.get('cpu_model')}, {hw.get('physical_cores')} cores", "",
              "| path | ms | vs eager | top-1 agreement with eager | vs optimum-intel |", "|---|---|---|---|---|"]
     names = {"vit-eager": "PyTorch eager fp32", "vit-optimum": "optimum-intel OVModelForImageClassification",
              "vit-enginekit": f"enginekit optimize pick: {st.get('vit-optimize', {}).get('picked')}, engine alone"}

@@ -145,17 +145,54 @@ def _classifier(a: dict[str, Any], run: Callable[[np.ndarray], np.ndarray]) -> d
     return {**result, "logits_path": str(path)}
 
 
+def _timm_local(folder: str) -> Any:
+    """A timm checkpoint folder (``save_for_hf``'s config.json + model.safetensors), loaded locally."""
+    import timm
+
+    return timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+
+
 def _vit_eager(a: dict[str, Any]) -> dict[str, Any]:
     import torch
-    from transformers import ViTForImageClassification
 
-    model = ViTForImageClassification.from_pretrained(a["model"]).eval()
+    if a.get("library") == "timm":
+        model = _timm_local(a["model"])
+        call = model
+    else:
+        from transformers import ViTForImageClassification
+
+        model = ViTForImageClassification.from_pretrained(a["model"]).eval()
+
+        def call(x: Any) -> Any:
+            return model(pixel_values=x).logits
 
     def run(x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            return model(pixel_values=torch.from_numpy(x)).logits.numpy()
+            return call(torch.from_numpy(x)).numpy()
 
     return _classifier(a, run)
+
+
+def _optimum_timm(folder: str) -> Any:
+    """What ``OVModelForImageClassification.from_pretrained("timm/...")`` does for a hub timm model
+    (``TimmConfig`` + ``TimmForImageClassification`` exported with ``TimmOpenVINOConfig``), on a
+    local folder: optimum-intel reads timm configs from the hub only."""
+    from optimum.intel import OVModelForImageClassification
+    from optimum.intel.openvino.modeling_timm import TimmConfig, TimmForImageClassification, TimmOpenVINOConfig
+
+    raw = json.loads((Path(folder) / "config.json").read_text())
+    raw["num_labels"] = raw.pop("num_classes")
+    raw["image_size"] = raw["pretrained_cfg"]["input_size"][-1]
+    config = TimmConfig.from_dict(raw)
+
+    class Local(TimmForImageClassification):
+        def __init__(self, config: Any) -> None:
+            super(TimmForImageClassification, self).__init__(config)
+            self.model = _timm_local(folder)
+
+    model = Local(config)
+    return OVModelForImageClassification._to_load(model=model, config=config,
+                                                  exporter_config=TimmOpenVINOConfig(model.config), stateful=False)
 
 
 def _vit_optimum(a: dict[str, Any]) -> dict[str, Any]:
@@ -163,7 +200,10 @@ def _vit_optimum(a: dict[str, Any]) -> dict[str, Any]:
     from optimum.intel import OVModelForImageClassification
 
     start = time.perf_counter()
-    model = OVModelForImageClassification.from_pretrained(a["model"], export=True)
+    if a.get("library") == "timm":
+        model = _optimum_timm(a["model"])
+    else:
+        model = OVModelForImageClassification.from_pretrained(a["model"], export=True)
     load_s = time.perf_counter() - start
 
     def run(x: np.ndarray) -> np.ndarray:

@@ -229,8 +229,9 @@ class GenerateRequest(BaseModel):
     height: Optional[int] = Field(default=None, ge=8, le=16384)
     width: Optional[int] = Field(default=None, ge=8, le=16384)
     scheduler: Optional[Literal[SCHEDULERS]] = None  # type: ignore[valid-type]
-    cache: Optional[str] = Field(default=None, max_length=32,
-                                 description="step cache: deepcache[:N] or none; absent: the model's own")
+    cache: Optional[str] = Field(default=None, max_length=64,
+                                 description="step cache: deepcache[:N], taylorseer[:N][,before=B,after=A,order=K] "
+                                             "or none; absent: the model's own")
     num_images: int = Field(default=1, ge=1, le=1024)
     strength: float = Field(default=0.8, gt=0.0, le=1.0, description="image-to-image: how much to repaint")
     init_image: Optional[str] = Field(default=None, description="image-to-image: base64 of the starting picture")

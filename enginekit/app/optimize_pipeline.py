@@ -395,17 +395,24 @@ def _cached_outcomes(run: _Run, manifest: Any, candidates: Sequence[PipelineCand
                      outcomes: Sequence[dict[str, Any]], reference: Sequence[Any]) -> list[dict[str, Any]]:
     """The config's step caches on the fastest candidates within the budget (per step, and per image
     where that is another; a cache only moves the image further, so one that misses gains nothing
-    from it), judged on diffusers' uncached images at the steps that make whole cache cycles; none
-    for a denoiser without DeepCache's output."""
+    from it), judged on diffusers' uncached images at the steps that make whole cache cycles;
+    DeepCache only on a UNet that gives out its deep features."""
     from dataclasses import replace
 
-    from enginekit.app.optimize_pipeline_plan import cache_steps, cached_candidates
-    from enginekit.runtimes.tasks.step_cache import DEEPCACHE_CUT
-
+    from enginekit.app.optimize_pipeline_plan import DEFAULT_CACHES, cache_steps, cached_candidates
+    from enginekit.runtimes.tasks.step_cache import DEEPCACHE_CUT, cache_name
     from enginekit.runtimes.tasks.text_to_image import PipelineConfig
 
     denoiser = PipelineConfig.from_section(manifest.task_config).denoiser
-    if not run.config.caches or not set(DEEPCACHE_CUT.inputs) <= {o.name for o in manifest.component(denoiser).outputs}:
+    deep = set(DEEPCACHE_CUT.inputs) <= {o.name for o in manifest.component(denoiser).outputs}
+    caches = DEFAULT_CACHES["deepcache" if deep else "taylorseer"] if run.config.caches is None else run.config.caches
+    # DeepCache needs the UNet's deep features; a denoiser without them skips it (named once).
+    skipped = [c for c in caches if cache_name(c).startswith("deepcache") and not deep]
+    if skipped:
+        run.on_step(f"4. {', '.join(skipped)}: skipped, the {denoiser} gives out no deep features "
+                    "(a transformer or a streamed UNet; taylorseer:N fits any denoiser)")
+    caches = tuple(c for c in caches if c not in skipped)
+    if not caches:
         return []
     passing = [oc for oc in outcomes if oc["status"] == "judged" and not oc["timing"].get("impossible")
                and oc["fidelity"]["psnr_db_min"] >= run.config.min_psnr
@@ -419,7 +426,7 @@ def _cached_outcomes(run: _Run, manifest: Any, candidates: Sequence[PipelineCand
     references: dict[int, Sequence[Any]] = {run.plan.steps: reference}
     cached = [(cand, oc) for oc in bases
               for cand in cached_candidates(next(c for c in candidates if c.name == oc["candidate"]["name"]),
-                                            run.config.caches, run.config.steps)]
+                                            caches, run.config.steps)]
     made = []
     for i, (cand, base) in enumerate(cached, 1):
         plan = replace(run.plan, steps=cache_steps(run.config.steps, cand.cache or "none"))

@@ -61,6 +61,11 @@ class PipelineCandidate:
         return d
 
 
+#: The step caches ``optimize`` tries when none are named: DeepCache on a UNet that gives out its
+#: deep features, TaylorSeer on any other denoiser (a transformer, a streamed UNet).
+DEFAULT_CACHES = {"deepcache": ("deepcache:2", "deepcache:3"), "taylorseer": ("taylorseer:2", "taylorseer:3")}
+
+
 @dataclass(frozen=True)
 class PipelineOptimizeConfig:
     """What pipeline ``optimize`` tries and how it judges."""
@@ -81,8 +86,9 @@ class PipelineOptimizeConfig:
     without_t5: bool = False
     #: How long each side's step is timed (samples, spread of the median, time bound).
     timing: TimingRule = TimingRule()
-    #: Step caches tried on the fastest candidate within the budget (UNet pipelines; () for none).
-    caches: tuple[str, ...] = ("deepcache:2", "deepcache:3")
+    #: Step caches tried on the fastest candidate within the budget (() for none; None: the
+    #: denoiser's own, :data:`DEFAULT_CACHES`).
+    caches: tuple[str, ...] | None = None
 
     def check(self) -> None:
         unknown = [p for p in self.precisions if p not in PRECISIONS]
@@ -101,18 +107,22 @@ class PipelineOptimizeConfig:
             raise InputError(f"guidance must be above 1 (the step is timed with CFG), got {self.guidance}")
         from enginekit.runtimes.tasks.step_cache import cache_name
 
-        for cache in self.caches:
+        for cache in self.caches or ():
             cache_name(cache)  # an unknown or malformed cache is refused before any work
 
 
 def cache_steps(steps: int, cache: str) -> int:
-    """The steps a cached candidate is judged and timed at: the fewest at or above ``steps``
-    that make whole cache cycles after the first step (``k * N + 1``), so a cycle's average,
-    not a lucky run of cached steps, is what the step time measures."""
-    from enginekit.runtimes.tasks.step_cache import cache_interval
+    """The steps a cached candidate is judged and timed at: the fewest at or above ``steps`` that
+    end on whole cache cycles after the steps before them (the first step for DeepCache,
+    ``k * N + 1``; TaylorSeer's ``before`` warm-up steps, ``before + k * N``, k >= 1), so a cycle's
+    average, not a lucky run of cached steps, is what the step time measures."""
+    from enginekit.runtimes.tasks.step_cache import cache_interval, cache_offset
 
     n = cache_interval(cache)
-    return steps if n <= 1 else -(-(steps - 1) // n) * n + 1
+    if n <= 1:
+        return steps
+    start = max(cache_offset(cache), 1)
+    return start + max(-(-(steps - start) // n), 1) * n
 
 
 def cached_candidates(base: PipelineCandidate, caches: Sequence[str], steps: int) -> list[PipelineCandidate]:

@@ -35,7 +35,7 @@ from enginekit.runtimes.tasks.layouts import (Layout, guidance_scale_embedding, 
                                               pack_latents, rescale_noise_cfg, unpack_latents)
 from enginekit.runtimes.tasks.pipeline_config import PipelineConfig, TextEncoderSpec, default_scheduler_name
 from enginekit.runtimes.tasks.sizes import check_size, size_rule
-from enginekit.runtimes.tasks.step_cache import DEEPCACHE_CUT
+from enginekit.runtimes.tasks.step_cache import DEEPCACHE_CUT, Forecast
 from enginekit.runtimes.tasks.tokenizers import PromptTokenizer
 
 __all__ = ["TextToImage", "PipelineConfig", "PipelineOutput", "GenerationCancelled", "default_scheduler_name",
@@ -72,7 +72,7 @@ class PipelineOutput:
     #: Seed used for the noise (None when latents were given and nothing else was drawn).
     seed: int | None = None
     timesteps: tuple[float, ...] = ()
-    #: The step cache the call ran with ("none", "deepcache:3": the caller's, or the manifest's default).
+    #: The step cache the call ran with ("none", "deepcache:3", "taylorseer:2": the caller's, or the manifest's default).
     cache: str = "none"
 
 
@@ -264,8 +264,10 @@ class TextToImage:
         ``True``.
         ``cache``: step caching, ``"deepcache:N"`` (a UNet pipeline: every N-th step runs the whole
         UNet, the steps between only its outer layers on the deep features it gave; faster, and
-        the image moves) or ``"none"``; default the manifest's (what ``optimize`` judged and
-        picked), else none. See :mod:`enginekit.runtimes.tasks.step_cache`.
+        the image moves), ``"taylorseer:N"`` (any denoiser: after 3 full steps, one step in N
+        runs it and the others forecast its output; ``taylorseer:N,before=B,after=A,order=K``)
+        or ``"none"``; default the manifest's (what ``optimize`` judged and picked), else none.
+        See :mod:`enginekit.runtimes.tasks.step_cache`.
         """
         args = CallArgs(prompt, negative_prompt, num_inference_steps, guidance_scale, height, width,
                         num_images_per_prompt, seed, latents, image, strength, scheduler, guidance_rescale,
@@ -365,6 +367,7 @@ class TextToImage:
             return GenerationCancelled(message, latents=made, step=done, steps=len(timesteps))
 
         denoiser, cache, deep = self.config.denoiser, call.cache, None
+        forecast = Forecast(cache.order) if cache is not None and cache.kind == "taylorseer" else None
         for i, t in enumerate(timesteps):
             if cancel is not None and cancel.is_set():
                 raise stopped(f"generation cancelled before step {i + 1} of {len(timesteps)}", i)
@@ -372,13 +375,18 @@ class TextToImage:
             model_in = sched.scale_model_input(model_in, t)
             feeds = {"sample": model_in.astype(np.float32), "timestep": self.layout.timestep(t, model_in.shape[0]),
                      "encoder_hidden_states": embeds, **extra}
-            if cache is None or cache.full(i):
-                out = self.run_component(denoiser, feeds)
-                deep = out.get(DEEPCACHE_CUT.inputs[0]) if cache is not None else None
+            if cache is None or cache.full(i, len(timesteps)):
+                noise_pred = self.run_component(denoiser, feeds)
+                deep = noise_pred.get(DEEPCACHE_CUT.inputs[0]) if cache is not None else None
+                noise_pred = noise_pred["out_sample"].astype(np.float32)
+                if forecast is not None:
+                    forecast.update(i, noise_pred)
+            elif forecast is not None:  # TaylorSeer: the output forecast from the last full steps
+                noise_pred = forecast.predict(i)
             else:  # DeepCache: the UNet's outer layers on the last full step's deep features
-                out = self.run_component(denoiser, {**feeds, DEEPCACHE_CUT.inputs[0]: deep},
-                                         runner=self.components.cut(denoiser, DEEPCACHE_CUT))
-            noise_pred = out["out_sample"].astype(np.float32)
+                noise_pred = self.run_component(denoiser, {**feeds, DEEPCACHE_CUT.inputs[0]: deep},
+                                                runner=self.components.cut(denoiser, DEEPCACHE_CUT))["out_sample"]
+                noise_pred = noise_pred.astype(np.float32)
             if two_pass:
                 uncond, text = np.split(noise_pred, 2)
                 noise_pred = uncond + scale * (text - uncond)

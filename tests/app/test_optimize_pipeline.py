@@ -272,6 +272,31 @@ def test_a_cache_that_misses_the_budget_is_not_picked(tmp_path: Path) -> None:
     assert report["picked"] == "onnxruntime-fp32"
 
 
+def test_a_transformer_pipeline_tries_taylorseer_and_skips_deepcache(tmp_path: Path) -> None:
+    """SD3's transformer has no deep features: a DeepCache asked for is skipped (said once), and
+    TaylorSeer runs on the engine, judged and timed at whole cycles after its full warm-up steps."""
+    config = PipelineOptimizeConfig(backends=("onnxruntime",), precisions=("fp32",), min_psnr=10.0, size=SIZE,
+                                    steps=STEPS, prompts=("a red fox in the snow",), seeds=(0,),
+                                    caches=("deepcache:2", "taylorseer:2,before=2"),
+                                    timing=TimingRule(min_samples=4, budget_s=0.5))
+    said: list[str] = []
+    report = optimize_pipeline("tiny-sd3", tmp_path / "best", config, work_dir=tmp_path / "work", on_step=said.append)
+    fates = {oc["candidate"]["name"]: oc for oc in report["candidates"]}
+    assert set(fates) == {"onnxruntime-fp32", "onnxruntime-fp32+taylorseer:2,before=2"}
+    assert any("deepcache:2: skipped" in msg and "no deep features" in msg for msg in said)
+    cached = fates["onnxruntime-fp32+taylorseer:2,before=2"]
+    assert cached["steps"] == 4 and cached["status"] in ("picked", "slower", "missed")  # 2 full + 1 cycle of 2
+    assert cached["timing"]["cycle"] == 2 and cached["fidelity"]["psnr_db_min"] > 10.0
+
+
+def test_cache_steps_make_whole_cycles() -> None:
+    from enginekit.app.optimize_pipeline_plan import cache_steps
+
+    assert [cache_steps(s, "deepcache:3") for s in (2, 4, 5, 7)] == [4, 4, 7, 7]
+    assert [cache_steps(s, "taylorseer:2") for s in (2, 4, 5, 6, 7)] == [5, 5, 5, 7, 7]
+    assert cache_steps(28, "taylorseer:3,before=6") == 30 and cache_steps(4, "none") == 4
+
+
 def test_selection_breaks_a_step_tie_on_the_whole_image() -> None:
     """A step median inside the fastest's 95% interval is a tie the timing cannot order: the faster
     whole image wins it (an f32 VAE shows there). Outside the interval, the step decides."""

@@ -159,6 +159,41 @@ def test_auto_fallback_keeps_sensitive_layers_in_float(sd15: Path, tmp_path: Pat
     assert manifest.fidelity["vs_parent"]["psnr_db"] >= target
 
 
+@pytest.mark.skipif(not _available("openvino"), reason="openvino is not installed")
+def test_mixed_precision_search_finds_the_layers_known_to_be_worst(tmp_path: Path) -> None:
+    """A tiny SD 1.5 UNet with two known worst layers: each of two ResNet blocks feeds its ``conv2``
+    one extra channel held at 500 (``norm2``'s scale 0, bias 500) that ``conv2`` ignores (its weights
+    on it are 0). The float image does not see that channel; int8's per-tensor activation range
+    does: every other input of those two convolutions rounds to a step of ~2. The search must rank
+    exactly those two first, keep them in float in its first step and meet the budget there."""
+    torch = pytest.importorskip("torch")
+    from enginekit.export.diffusion.sd import export_pipeline
+    from enginekit.export.diffusion.sources import resolve_pipeline
+    from enginekit.quant.diffusion import quantize_pipeline
+
+    pipe = resolve_pipeline("tiny-sd15").pipeline
+    planted = ("down_blocks.1.resnets.0", "up_blocks.1.resnets.0")
+    with torch.no_grad():
+        for name in planted:
+            block = pipe.unet.get_submodule(name)
+            block.norm2.weight[0], block.norm2.bias[0] = 0.0, 500.0
+            block.conv2.weight[:, 0] = 0.0
+    pipe.save_pretrained(tmp_path / "folder")
+    export_pipeline(str(tmp_path / "folder"), tmp_path / "onnx")
+    target = 32.0
+    manifest = quantize_pipeline(tmp_path / "onnx", tmp_path / "q", "int8", backend="openvino", min_psnr=target,
+                                 min_ssim=-1.0, reference="parent", calibration_prompts=2, auto_fallback=True)
+    fallback = manifest.quantization["fallback"]
+    first, *rest = fallback["steps"]
+    assert first["excluded"] == 0 and first["psnr_db"] < target - 6  # all-int8 misses by far
+    assert rest == []  # converged at its first step
+    kept = manifest.quantization["excluded_nodes"]
+    assert {n.split("/")[2] + "/" + n.split("/")[3] for n in kept[:2]} == {
+        "down_blocks.1/resnets.0", "up_blocks.1/resnets.0"} and all("/conv2/" in n for n in kept[:2])
+    assert fallback["excluded"] == len(kept) <= 8  # a tenth of the ranking, not the whole UNet
+    assert manifest.fidelity["vs_parent"]["psnr_db"] >= target
+
+
 def test_calibration_prompts_file_and_bad_files(sd15: Path, tmp_path: Path) -> None:
     from enginekit.quant.diffusion import quantize_pipeline
 

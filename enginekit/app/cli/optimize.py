@@ -60,7 +60,8 @@ from enginekit.app.cli.common import cli, csv, emit_json, err_console, given_par
               help="SD3/SD3.5 pipelines: export and judge without the T5 encoder (as `export --no-t5`).")
 @click.option("--caches", default=None,
               help="Pipelines: step caches tried on the fastest assembly within the budget, judged by the same "
-                   "image gate (UNet pipelines; 'none' tries none) [default: deepcache:2,deepcache:3].")
+                   "image gate ('none' tries none) [default: deepcache:2,deepcache:3 for a UNet, "
+                   "taylorseer:2,taylorseer:3 for a transformer].")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists (atomically).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.pass_context

@@ -42,8 +42,10 @@ _NOT_CALL = ("artifact", "prompt", "out", "init_image", "device", "backend", "as
               help="FLUX: true CFG scale (> 1, with --negative: a second pass on the negative prompt).")
 @click.option("--cache", default=None,
               help="Step cache: deepcache[:N] (UNet pipelines: every N-th step runs the whole UNet, the ones "
-                   "between reuse its deep features; faster, the image moves) or none [default: the artifact's "
-                   "own, which optimize sets for a cached pick, else none].")
+                   "between reuse its deep features), taylorseer[:N] (any pipeline: after 3 full steps one in N "
+                   "runs the denoiser, the others forecast its output; taylorseer:N,before=B,after=A,order=K) "
+                   "or none; faster, the image moves [default: the artifact's own, which optimize sets for a "
+                   "cached pick, else none].")
 @click.option("--init-image", type=click.Path(path_type=Path), help="Image-to-image: start from this picture.")
 @click.option("--strength", type=float, default=None,
               help="Image-to-image: how much of --init-image to repaint (0-1] [default: 0.8].")
