@@ -156,6 +156,8 @@ class OptimizeOptions(_Options):
     prompts: tuple[str, ...] | Path | None = _flag("--prompts")
     seeds: tuple[int, ...] | None = None
     without_t5: bool | None = _flag("--no-t5")
+    #: Pipelines: export streamed (one block's weights in memory at a time).
+    streaming: bool | None = _flag("--streaming")
     #: Step caches tried on the fastest pipeline within the budget ("deepcache:2", "taylorseer:3", ...;
     #: () for none; None: the denoiser's own).
     caches: tuple[str, ...] | None = _flag("--caches")

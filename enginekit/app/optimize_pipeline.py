@@ -342,7 +342,8 @@ def _run(model: str, out: Path, work: Path, backends: list[str], prompts: list[s
     onnx_dir = work / "onnx"
     on_step(f"1. export {model} -> {onnx_dir}")
     manifest = export_model(model, onnx_dir, task="text-to-image", random_weights=random_weights, revision=revision,
-                            seed=seed, image_check=False, without_t5=config.without_t5, overwrite=True,
+                            seed=seed, image_check=False, without_t5=config.without_t5, streaming=config.streaming,
+                            overwrite=True,
                             on_step=lambda m: on_step("  " + m))
     pcfg = PipelineConfig.from_section(manifest.task_config)
     size = config.size or pcfg.default_size

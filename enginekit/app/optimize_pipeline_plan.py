@@ -84,6 +84,8 @@ class PipelineOptimizeConfig:
     group_size: int = 128
     #: SD3/SD3.5: export and judge the pipeline without its T5 encoder (as diffusers allows).
     without_t5: bool = False
+    #: Export streamed (one block's weights in memory at a time): full-size SDXL, SD3.5, FLUX.
+    streaming: bool = False
     #: How long each side's step is timed (samples, spread of the median, time bound).
     timing: TimingRule = TimingRule()
     #: Step caches tried on the fastest candidate within the budget (() for none; None: the

@@ -20,7 +20,7 @@ __all__ = ["optimize_classifier", "optimize_text_to_image"]
 _COMMON = ("backends", "precisions", "threads", "random_weights", "revision", "seed", "work", "overwrite")
 _CLASSIFIER = ("budget_agreement", "budget_cosine", "tie_margin", "batch", "data", "second_data",
                "calibration_size", "eval_size", "runs", "duration", "warmup", "dynamic_shape", "weights", "store")
-_PIPELINE = ("min_psnr", "size", "steps", "prompts", "seeds", "without_t5", "caches", "duration")
+_PIPELINE = ("min_psnr", "size", "steps", "prompts", "seeds", "without_t5", "streaming", "caches", "duration")
 # OptimizeOptions' name -> the config field it sets, where the two differ.
 _RENAMED = {"budget_agreement": "min_agreement", "budget_cosine": "min_cosine", "duration": "duration_s"}
 
@@ -70,7 +70,8 @@ def optimize_text_to_image(model: str, out: str | Path, options: OptimizeOptions
 
     refuse(options, _COMMON + _PIPELINE,
            lambda wrong: f"{wrong[0]} is for classifiers; {model!r} is a diffusion pipeline (its flags: --min-psnr, "
-                         "--size, --steps, --prompts, --seeds, --no-t5, --caches, --backends, --precisions, --duration)")
+                         "--size, --steps, --prompts, --seeds, --no-t5, --streaming, --caches, --backends, --precisions, "
+                         "--duration)")
     if isinstance(options.prompts, (str, Path)):
         options = replace(options, prompts=_read_prompts(Path(options.prompts)))
     config = _config(PipelineOptimizeConfig, options, tuple(n for n in _PIPELINE if n != "duration"))

@@ -354,6 +354,8 @@ def test_plan_covers_the_assemblies() -> None:
     (["tiny-sd15", "--no-t5"], "--no-t5 is for SD3/SD3.5"),
     (["tiny-sd15", "--caches", "fastcache"], "unknown cache 'fastcache'"),
     (["default", "--caches", "none"], "--caches is for diffusion pipelines"),
+    (["default", "--streaming"], "--streaming is for diffusion pipelines"),
+    (["tiny-sd15", "--caches", "taylorseer:2,speed=1"], "unknown option 'speed=1'"),
 ])
 def test_bad_input_is_refused_before_any_work(tmp_path: Path, args: list[str], message: str) -> None:
     from enginekit.app.cli import cli

@@ -58,6 +58,10 @@ from enginekit.app.cli.common import cli, csv, emit_json, err_console, given_par
 @click.option("--seeds", default=None, help="Pipelines: comma-separated latent seeds per prompt [default: 0].")
 @click.option("--no-t5", "without_t5", is_flag=True,
               help="SD3/SD3.5 pipelines: export and judge without the T5 encoder (as `export --no-t5`).")
+@click.option("--streaming", is_flag=True,
+              help="Pipelines: export streamed, one block's weights in memory at a time (as `export --streaming`: "
+                   "full-size SDXL, SD3.5, FLUX); a streamed UNet has no DeepCache output, so its default caches "
+                   "are TaylorSeer's.")
 @click.option("--caches", default=None,
               help="Pipelines: step caches tried on the fastest assembly within the budget, judged by the same "
                    "image gate ('none' tries none) [default: deepcache:2,deepcache:3 for a UNet, "
@@ -87,7 +91,13 @@ def optimize(ctx: click.Context, model: str, out: Path, prompts_file: Path | Non
                                         "caches"))
     caches = ctx.params.get("caches")
     if caches is not None:
-        fields["caches"] = tuple(c for c in csv(caches) or () if c.lower() != "none")
+        joined: list[str] = []
+        for item in csv(caches) or ():  # "taylorseer:2,before=2,deepcache:3": an option joins its cache
+            if "=" in item and joined:
+                joined[-1] += "," + item
+            else:
+                joined.append(item)
+        fields["caches"] = tuple(c for c in joined if c.lower() != "none")
     if prompts_file is not None:
         fields["prompts"] = prompts_file  # read by the pipeline's optimize, after the task is known
     if seeds is not None:
