@@ -225,6 +225,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="More flags for `enginekit optimize` (default for pipelines: %(default)s; none for "
                              "classifiers).")
     parser.add_argument("--runs", type=int, default=200, help="classifiers: timed runs per side.")
+    parser.add_argument("--peer-torch-dtype", choices=("float16", "bfloat16"), default=None,
+                        help="The torch weights optimum-intel loads to export (default its own, fp32): float16 "
+                             "for full-size SDXL, whose fp32 export passes 22 GiB.")
     parser.add_argument("--redo", default="", help="Comma-separated stages to run again: model, diffusers, "
                                                     "export-optimum, optimum, genai, optimize, enginekit.")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -276,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_child([python, str(CHILD), role, json.dumps(payload)], logs / f"{role}.log")
 
     stage("diffusers", lambda: child("diffusers"))
-    stage("export-optimum", lambda: child("export-optimum", out=str(ov_model)))
+    stage("export-optimum", lambda: child("export-optimum", out=str(ov_model), torch_dtype=args.peer_torch_dtype))
     stage("optimum", lambda: child("optimum"))
     stage("genai", lambda: child("genai"))
 

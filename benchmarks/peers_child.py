@@ -69,7 +69,12 @@ def _export_optimum(a: dict[str, Any]) -> dict[str, Any]:
     from optimum.intel import OVDiffusionPipeline
 
     start = time.perf_counter()
-    pipe = OVDiffusionPipeline.from_pretrained(a["model"], export=True, compile=False)
+    extra = {}
+    if a.get("torch_dtype"):  # the torch weights optimum-intel loads to convert (fp32 SDXL needs > 22 GiB)
+        import torch
+
+        extra["torch_dtype"] = getattr(torch, a["torch_dtype"])
+    pipe = OVDiffusionPipeline.from_pretrained(a["model"], export=True, compile=False, **extra)
     pipe.save_pretrained(a["out"])
     out = Path(a["out"])
     if not (out / "tokenizer" / "openvino_tokenizer.xml").exists():  # GenAI reads the converted tokenizer
