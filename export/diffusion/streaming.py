@@ -105,9 +105,22 @@ class SeededWeights:
         return seeded_tensor(self.seed, self.component, names[0], shape)
 
 
+#: Key prefixes a checkpoint may hold that the architecture's state dict does not (or the reverse):
+#: transformers 5's CLIPTextModel has no "text_model." level, which hub checkpoints of SD's text
+#: encoder (written by transformers 4) keep; transformers maps them when it loads, and so does this.
+KEY_PREFIXES = ("text_model.",)
+
+
+def key_candidates(names: tuple[str, ...]) -> tuple[str, ...]:
+    """``names``, then each with a :data:`KEY_PREFIXES` prefix added (or removed where it has one)."""
+    alts = [n[len(p):] if n.startswith(p) else p + n for n in names for p in KEY_PREFIXES]
+    return tuple(dict.fromkeys((*names, *alts)))
+
+
 class SafetensorsWeights:
     """A component folder's safetensors weights (one file, or shards with their
-    ``*.safetensors.index.json``), each tensor read through a memory map when asked for."""
+    ``*.safetensors.index.json``), each tensor read through a memory map when asked for; a key
+    found under a checkpoint's own prefix (:data:`KEY_PREFIXES`) too."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
@@ -144,7 +157,7 @@ class SafetensorsWeights:
     def get(self, names: tuple[str, ...], shape: tuple[int, ...]) -> Any:
         from safetensors import safe_open
 
-        key = next((n for n in names if n in self._files), None)
+        key = next((n for n in key_candidates(names) if n in self._files), None)
         if key is None:
             raise SourceError(f"{self.folder}: no weight {names[0]!r} in its safetensors files")
         # Opened per tensor: the map is dropped with it, so the file's pages do not pile up in RSS.

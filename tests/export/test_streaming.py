@@ -202,6 +202,31 @@ def test_streamed_bf16_is_the_float_export_stored_in_bf16(in_memory: dict[str, P
         assert manifest.components[name].quantization["tensors_bf16"] > 0
 
 
+def _hub_clip_keys(path: Path) -> None:
+    """Rewrite a CLIPTextModel's weights with the "text_model." prefix hub checkpoints (transformers 4)
+    store them under; transformers 5 saves them without it."""
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(path))
+    save_file({(k if k.startswith("text_model.") else "text_model." + k): v for k, v in weights.items()}, str(path),
+              metadata={"format": "pt"})
+
+
+def test_streamed_weights_found_under_a_checkpoints_own_prefix(tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    from enginekit.export.diffusion.streaming import SafetensorsWeights
+
+    save_file({"text_model.encoder.w": torch.ones(2, 3), "text_projection.weight": torch.zeros(3)},
+              str(tmp_path / "model.safetensors"))
+    weights = SafetensorsWeights(tmp_path)
+    assert weights.get(("encoder.w",), (2, 3)).sum() == 6  # transformers 5's name, the hub's key
+    assert weights.get(("text_model.text_projection.weight",), (3,)).shape == (3,)
+    with pytest.raises(SourceError, match="no weight 'encoder.v'"):
+        weights.get(("encoder.v",), (2, 3))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ("tiny-sd15", "tiny-flux"))
 def test_streamed_from_safetensors_folder(name: str, in_memory: dict[str, Path], tmp_path: Path) -> None:
@@ -218,6 +243,7 @@ def test_streamed_from_safetensors_folder(name: str, in_memory: dict[str, Path],
         stale.unlink()
     assert (folder / denoiser / "diffusion_pytorch_model.safetensors.index.json").is_file()
     del pipe
+    _hub_clip_keys(folder / "text_encoder" / "model.safetensors")
 
     manifest = export_pipeline(str(folder), tmp_path / "s", PipelineExportOptions(streaming=True))
     _assert_same_artifact(tmp_path / "s", in_memory[name], manifest)
