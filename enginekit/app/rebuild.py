@@ -108,6 +108,8 @@ def pipeline_rebuild_commands(report: Mapping[str, Any], candidate: Mapping[str,
         parts.append("--random-weights")
     if source.get("without_t5"):
         parts.append("--no-t5")
+    if source.get("streaming"):
+        parts.append("--streaming")
     if revision:
         parts += ["--revision", _q(revision)]
     if seed:

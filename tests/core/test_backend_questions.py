@@ -126,6 +126,9 @@ def test_pipeline_rebuild_asks_whether_compile_fixes_the_size(fake_backends) -> 
     # A backend whose compile keeps shapes open runs the quantized pipeline as it is: no compile line.
     plain = pipeline_rebuild_commands(report, {**candidate, "backend": "plainbe"}, ["unet"])
     assert not any(line.startswith("enginekit compile") for line in plain)
+    # A streamed optimize export (full-size pipelines) is rebuilt streamed.
+    streamed = pipeline_rebuild_commands({**report, "source": {"streaming": True}}, candidate, ["unet"])
+    assert streamed[0] == "enginekit export m -o onnx --streaming" and "--streaming" not in fixed[0]
 
 
 @pytest.mark.parametrize(("mode", "target"), [("throughput", {"fake_streams": "many"}), ("latency", {})])
