@@ -111,6 +111,21 @@ def _tree_bytes(path: Path) -> int:
 
 #: Less free space than this after a failed write: the disk filling was the failure.
 _NEARLY_FULL = 256 * 1024
+#: A C++ stream's failed write (OpenVINO's serializer says only "basic_ios::clear: iostream error")
+#: with less than this free: a writer of large blocks fails on a block that does not fit, leaving
+#: more than :data:`_NEARLY_FULL` behind.
+_STREAM_FAILURE = ("iostream error", "basic_ios")
+_LOW_FOR_STREAMS = 1024 * 1024 * 1024
+
+
+def _stream_failure(exc: BaseException | None) -> bool:
+    seen = 0
+    while exc is not None and seen < 20:
+        if any(s in str(exc).lower() for s in _STREAM_FAILURE):
+            return True
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return False
 
 
 def disk_full(exc: BaseException, target: str | Path, written: str | Path | None = None) -> ArtifactError | None:
@@ -119,7 +134,8 @@ def disk_full(exc: BaseException, target: str | Path, written: str | Path | None
     ``written``: the partial output, whose size tells how much was written before."""
     target = _resolved(target)
     free = _free_bytes(target.parent if not target.exists() else target)
-    if not _enospc(exc) and (free is None or free >= _NEARLY_FULL):
+    low = _LOW_FOR_STREAMS if _stream_failure(exc) else _NEARLY_FULL
+    if not _enospc(exc) and (free is None or free >= low):
         return None
     done = _tree_bytes(Path(written)) if written is not None and os.path.isdir(written) else (
         os.path.getsize(written) if written is not None and os.path.isfile(written) else 0)

@@ -207,6 +207,21 @@ def _nothing_half_written(mnt: Path) -> None:
     assert sorted(p.name for p in mnt.iterdir()) == ["filler"], list(mnt.iterdir())
 
 
+def test_a_stream_write_failure_on_a_nearly_full_disk_names_the_disk(tmp_path: Path, monkeypatch) -> None:
+    """OpenVINO's serializer fails a large block that does not fit with only "iostream error",
+    leaving megabytes free: with under 1 GB free that is the disk; with room to spare it is not."""
+    from enginekit import outputs
+    from enginekit.errors import BackendError
+
+    exc = BackendError("openvino could not convert unet/model.onnx: basic_ios::clear: iostream error")
+    monkeypatch.setattr(outputs, "_free_bytes", lambda path: 40 * 1024 * 1024)
+    full = outputs.disk_full(exc, tmp_path / "engine")
+    assert full is not None and "no space left on device" in str(full) and "41.9 MB free" in str(full)
+    assert outputs.disk_full(BackendError("openvino could not convert: bad opset"), tmp_path / "engine") is None
+    monkeypatch.setattr(outputs, "_free_bytes", lambda path: 50 * 1024**3)
+    assert outputs.disk_full(exc, tmp_path / "engine") is None
+
+
 def test_full_disk_export(tiny_timm_dir: Path, full_disk: Path) -> None:
     result = CliRunner().invoke(cli, ["export", str(tiny_timm_dir), "-o", str(full_disk / "onnx")])
     _one_line_error(result, "no space left on device at")
