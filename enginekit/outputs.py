@@ -76,16 +76,18 @@ def check_output(out: str | Path, *, overwrite: bool, inputs: Sequence[str | Pat
 
 # ---------------------------------------------------------------------------- full disk
 
-def _enospc(exc: BaseException | None) -> bool:
+def _chain(exc: BaseException | None) -> Iterator[BaseException]:
+    """``exc`` and what it wraps (its cause, else its context), at most 20 deep."""
     seen = 0
     while exc is not None and seen < 20:
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        if "no space left on device" in str(exc).lower():
-            return True
+        yield exc
         exc = exc.__cause__ or exc.__context__
         seen += 1
-    return False
+
+
+def _enospc(exc: BaseException | None) -> bool:
+    return any((isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT))
+               or "no space left on device" in str(e).lower() for e in _chain(exc))
 
 
 def _free_bytes(path: Path) -> int | None:
@@ -119,13 +121,7 @@ _LOW_FOR_STREAMS = 1024 * 1024 * 1024
 
 
 def _stream_failure(exc: BaseException | None) -> bool:
-    seen = 0
-    while exc is not None and seen < 20:
-        if any(s in str(exc).lower() for s in _STREAM_FAILURE):
-            return True
-        exc = exc.__cause__ or exc.__context__
-        seen += 1
-    return False
+    return any(s in str(e).lower() for e in _chain(exc) for s in _STREAM_FAILURE)
 
 
 def disk_full(exc: BaseException, target: str | Path, written: str | Path | None = None) -> ArtifactError | None:

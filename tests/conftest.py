@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -143,6 +144,21 @@ def diffusers_twin(name: str) -> "object":
     from enginekit.export.diffusion.sources import resolve_pipeline
 
     return resolve_pipeline(name).pipeline
+
+
+def twin_cache() -> Callable[[str], object]:
+    """A module's own memo of :func:`diffusers_twin` (progress bars off): one build per name per
+    module, and no module sees another's changes to its twins (schedulers, hooks)."""
+    twins: dict[str, object] = {}
+
+    def twin(name: str) -> object:
+        if name not in twins:
+            pipe = diffusers_twin(name)
+            pipe.set_progress_bar_config(disable=True)
+            twins[name] = pipe
+        return twins[name]
+
+    return twin
 
 
 def psnr(reference: np.ndarray, image: np.ndarray) -> float:

@@ -373,8 +373,8 @@ def _run(model: str, out: Path, work: Path, backends: list[str], prompts: list[s
     _attribute(outcomes, baseline)
     report: dict[str, Any] = {
         "model": model, "family": manifest.family, "output": str(out),
-        "source": {**{k: manifest.provenance.get(k) for k in ("source", "kind", "weights", "seed", "without_t5")
-                      if manifest.provenance.get(k) is not None}, **({"streaming": True} if config.streaming else {})},
+        "source": {k: manifest.provenance.get(k) for k in ("source", "kind", "weights", "seed", "without_t5")
+                   if manifest.provenance.get(k) is not None},
         "size": size, "steps": config.steps, "guidance": run.plan.guidance, "scheduler": run.plan.scheduler,
         "denoiser": pcfg.denoiser, "held_out": {"prompts": prompts, "seeds": list(config.seeds)},
         "budget": {"min_psnr_db": config.min_psnr, "min_ssim": config.min_ssim, "judged_on": "worst image"},
@@ -382,6 +382,8 @@ def _run(model: str, out: Path, work: Path, backends: list[str], prompts: list[s
         "hardware": hw, "baseline": baseline, "candidates": outcomes, "picked": picked,
         "timing_rule": {**asdict(config.timing), "text": config.timing.describe(), "remeasures": REMEASURES},
     }
+    if config.streaming:  # its rebuild commands export streamed too
+        report["source"]["streaming"] = True
     if picked is not None:
         from enginekit.app.rebuild import pipeline_rebuild_commands
 

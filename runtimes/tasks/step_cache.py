@@ -31,7 +31,7 @@ from enginekit.errors import InputError
 from enginekit.runtimes.graph_cut import Cut
 
 __all__ = ["StepCache", "CACHE_KINDS", "DEEPCACHE_CUT", "DEFAULT_INTERVAL", "Forecast", "parse_cache",
-           "cache_name", "cache_interval", "cache_offset"]
+           "cache_name", "cache_interval", "cache_offset", "split_caches"]
 
 CACHE_KINDS = ("deepcache", "taylorseer")
 #: The interval when none is named (DeepCache's authors' example; GenAI's TaylorSeer default).
@@ -96,6 +96,18 @@ class Forecast:
         for k, factor in enumerate(self.factors):
             out = out + factor * np.float32(d ** k / math.factorial(k))
         return out
+
+
+def split_caches(text: str) -> list[str]:
+    """A comma-separated list of cache settings, a setting's ``key=value`` options kept with it
+    ("taylorseer:2,before=2,deepcache:3" is two settings)."""
+    out: list[str] = []
+    for item in (part.strip() for part in text.split(",")):
+        if "=" in item and out:
+            out[-1] += "," + item
+        elif item:
+            out.append(item)
+    return out
 
 
 def cache_name(value: Any) -> str:

@@ -20,22 +20,14 @@ import enginekit  # noqa: E402
 from enginekit.errors import InputError  # noqa: E402
 from enginekit.runtimes.tasks.text_to_image import unpack_latents  # noqa: E402
 
-from ..conftest import backend_params, diffusers_twin, installed_backends, make_photo, psnr  # noqa: E402
+from ..conftest import backend_params, installed_backends, make_photo, psnr, twin_cache  # noqa: E402
 
 KINDS = backend_params("onnx")
 PROMPT, NEGATIVE = "a lighthouse at dusk", "blurry"
 #: Latent sides 9x8 and 11x13 (SD's factor 8): odd, so diffusers' UNet forwards the skip sizes.
 ODD_SIZES = [(72, 64), (88, 104)]
 
-_twins: dict[str, object] = {}
-
-
-def _twin(name: str):
-    if name not in _twins:
-        pipe = diffusers_twin(name)
-        pipe.set_progress_bar_config(disable=True)
-        _twins[name] = pipe
-    return _twins[name]
+_twin = twin_cache()
 
 
 def _noise(channels: int, height: int, width: int, seed: int = 0) -> np.ndarray:

@@ -18,9 +18,9 @@ diffusers = pytest.importorskip("diffusers")
 
 import enginekit  # noqa: E402
 from enginekit.errors import InputError  # noqa: E402
-from enginekit.runtimes.tasks.step_cache import Forecast, StepCache, cache_name  # noqa: E402
+from enginekit.runtimes.tasks.step_cache import Forecast, StepCache, cache_name, split_caches  # noqa: E402
 
-from ..conftest import backend_params, diffusers_twin, psnr  # noqa: E402
+from ..conftest import backend_params, psnr, twin_cache  # noqa: E402
 
 SIZE = 64
 PROMPT = "a lighthouse at dusk"
@@ -32,15 +32,7 @@ CALLS = {
     "tiny-flux": ((1, (SIZE // 16) ** 2, 64), dict(guidance_scale=3.5, max_sequence_length=64)),
 }
 
-_twins: dict[str, object] = {}
-
-
-def _twin(name: str):
-    if name not in _twins:
-        pipe = diffusers_twin(name)
-        pipe.set_progress_bar_config(disable=True)
-        _twins[name] = pipe
-    return _twins[name]
+_twin = twin_cache()
 
 
 def _reference(name: str, latents: np.ndarray, config: object | None) -> np.ndarray:
@@ -134,6 +126,7 @@ def test_canonical_names() -> None:
     assert cache_name("taylorseer:2, order=1, before=3") == "taylorseer:2"
     assert cache_name("taylorseer:2,after=-2,before=6") == "taylorseer:2,before=6,after=-2"
     assert cache_name("taylorseer:1") == "none"
+    assert split_caches("taylorseer:2, before=2,deepcache:3,,none") == ["taylorseer:2,before=2", "deepcache:3", "none"]
 
 
 def test_a_unet_pipeline_takes_taylorseer_and_the_next_call_is_uncached(tiny_pipelines: dict) -> None:

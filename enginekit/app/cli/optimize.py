@@ -91,13 +91,9 @@ def optimize(ctx: click.Context, model: str, out: Path, prompts_file: Path | Non
                                         "caches"))
     caches = ctx.params.get("caches")
     if caches is not None:
-        joined: list[str] = []
-        for item in csv(caches) or ():  # "taylorseer:2,before=2,deepcache:3": an option joins its cache
-            if "=" in item and joined:
-                joined[-1] += "," + item
-            else:
-                joined.append(item)
-        fields["caches"] = tuple(c for c in joined if c.lower() != "none")
+        from enginekit.runtimes.tasks.step_cache import split_caches
+
+        fields["caches"] = tuple(c for c in split_caches(caches) if c.lower() != "none")
     if prompts_file is not None:
         fields["prompts"] = prompts_file  # read by the pipeline's optimize, after the task is known
     if seeds is not None:
