@@ -67,6 +67,9 @@ class BuildRequest:
     int8: bool = False
     calibration: str | None = None
     overwrite: bool = False
+    #: OpenVINO: write OpenVINO GenAI's (and optimum-intel's) folder layout, which
+    #: ``openvino_genai.Text2ImagePipeline`` loads (see :mod:`enginekit.runtimes.openvino_genai`).
+    genai: bool = False
 
 
 def build_engine(artifact: str | Path, backend: str, out: str | Path, request: BuildRequest | None = None, *,
@@ -83,6 +86,8 @@ def build_engine(artifact: str | Path, backend: str, out: str | Path, request: B
     as ``enginekit quantize`` is, and compiles the result."""
     req = with_fields(BuildRequest, request, fields)
     manifest = read_manifest(artifact)
+    if req.genai:
+        return _build_genai(artifact, backend, out, req, on_step)
     cls = task_class(manifest.task)
     extra = dict(cls.compile_options(manifest, backend, req.precision, req.height, req.width, req.batch))
     typed = backend_flags(backend, req.flags or {})
@@ -120,6 +125,26 @@ def build_engine(artifact: str | Path, backend: str, out: str | Path, request: B
         compiled = compile_artifact(Path(scratch) / "q", backend, out, compile_options, overwrite=req.overwrite,
                                     parent=parent)
     return compiled
+
+
+def _build_genai(artifact: str | Path, backend: str, out: str | Path, req: BuildRequest,
+                 on_step: Callable[[str], Any]) -> Manifest:
+    """The OpenVINO engine compiled as asked, then rewritten into GenAI's folder layout."""
+    from dataclasses import replace
+
+    from enginekit.runtimes.openvino_genai import write_genai_layout
+
+    if backend != "openvino":
+        raise InputError(f"--genai writes OpenVINO GenAI's folder layout: it takes --backend openvino, not {backend}")
+    task = read_manifest(artifact).task
+    if task != "text-to-image":
+        raise InputError(f"--genai writes OpenVINO GenAI's image-generation layout; {artifact} is a {task} artifact")
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{Path(out).name}.ov-", dir=Path(out).parent) as scratch:
+        build_engine(artifact, backend, Path(scratch) / "ov", replace(req, genai=False, overwrite=True),
+                     on_step=on_step)
+        on_step("writing OpenVINO GenAI's layout")
+        return write_genai_layout(Path(scratch) / "ov", out, overwrite=req.overwrite, on_step=on_step)
 
 
 def output_paths(out: str | Path, count: int) -> list[Path]:

@@ -148,6 +148,7 @@ def export_pipeline(
         task_config = get_family(src.family).task_config(pipe)
         # Read before any component is dropped: setting one to None rewrites the pipeline's config.
         model_index = _model_index(pipe)
+        configs = _component_configs(pipe)
         formats = None
         if streamed and _compressing(options):
             from enginekit.export.diffusion.compress import pipeline_formats
@@ -158,7 +159,7 @@ def export_pipeline(
             components, fidelity, exporters = _export_components(tmp, pipe, src.family, options, owned, rss, on_step,
                                                                  src.weights, formats)
             on_step("writing tokenizers, scheduler and model index")
-            assets = _write_assets(tmp, pipe, task_config, model_index)
+            assets = _write_assets(tmp, pipe, task_config, model_index, configs)
             rss.sample()
             manifest = Manifest(
                 kind="onnx",
@@ -422,10 +423,30 @@ def _model_index(pipe: Any) -> dict[str, Any]:
     return index
 
 
-def _write_assets(root: Path, pipe: Any, task_config: dict[str, Any], model_index: dict[str, Any]) -> list[str]:
+def _component_configs(pipe: Any) -> dict[str, dict[str, Any]]:
+    """Each model component's own config (diffusers' or transformers'), as its ``config.json``
+    in a ``save_pretrained`` folder holds it: what a folder layout other tools read needs
+    (OpenVINO GenAI's, optimum-intel's)."""
+    out = {}
+    for name, value in pipe.components.items():
+        config = getattr(value, "config", None)
+        if config is None or name == "scheduler" or not hasattr(value, "parameters"):
+            continue
+        data = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+        out[name] = jsonable({k: v for k, v in data.items() if k != "_name_or_path"})
+    return out
+
+
+def _write_assets(root: Path, pipe: Any, task_config: dict[str, Any], model_index: dict[str, Any],
+                  configs: dict[str, dict[str, Any]]) -> list[str]:
     from enginekit.export.diffusion.tokenizer import save_tokenizer
 
     rels: list[str] = []
+    for name, config in configs.items():  # <component>/config.json, as save_pretrained writes it
+        (root / name).mkdir(parents=True, exist_ok=True)
+        (root / name / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n",
+                                                 encoding="utf-8")
+        rels.append(f"{name}/config.json")
     for enc in task_config["text_encoders"]:
         name = enc["tokenizer"]
         # T5 carries no usable model_max_length: the pipeline's max_sequence_length is the default.

@@ -176,6 +176,9 @@ def _model_and_output(args: tuple[str, ...], model: str | None, out: Path | None
 @click.option("--width", type=int, help="OpenVINO, pipelines: compile static shapes for this image width.")
 @click.option("--option", "options", multiple=True, metavar="KEY=VALUE",
               help="A backend option, repeatable (e.g. performance_hint=THROUGHPUT); unknown keys are refused.")
+@click.option("--genai", is_flag=True,
+              help="OpenVINO, pipelines: write OpenVINO GenAI's folder layout (optimum-cli's, with converted "
+                   "tokenizers): openvino_genai.Text2ImagePipeline(OUTPUT, 'CPU') runs it, and so does enginekit.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists (atomically).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def compile_cmd(**params: Any) -> None:
@@ -200,7 +203,7 @@ def compile_cmd(**params: Any) -> None:
     with PeakRSS(process=True) as peak, console.status(f"compiling for {o.backend}") as status:
         request = BuildRequest(device=o.device, threads=o.threads, precision=precision, height=o.height,
                                width=o.width, batch=o.batch, options=backend_option(o.options), flags=flags,
-                               int8=o.int8, calibration=o.calibration, overwrite=o.overwrite)
+                               int8=o.int8, calibration=o.calibration, overwrite=o.overwrite, genai=o.genai)
         manifest = build_engine(o.artifact, o.backend, o.out, request, on_step=_stepper(status))
     if o.as_json:
         emit_json(manifest.to_dict())

@@ -1,0 +1,222 @@
+"""OpenVINO GenAI's folder layout, written from an enginekit OpenVINO pipeline.
+
+``openvino_genai.Text2ImagePipeline(folder, "CPU")`` reads the folder ``optimum-cli export
+openvino`` writes: ``model_index.json``, ``scheduler/``, one folder per model holding
+``openvino_model.xml``/``.bin`` and its ``config.json``, the VAE split into ``vae_decoder/`` and
+``vae_encoder/``, and each tokenizer converted to ``openvino_tokenizer.xml`` by
+openvino-tokenizers. It reads the models by position and by optimum's names, so each IR is
+rewritten to that contract from enginekit's (the weights unchanged):
+
+- a text encoder's outputs go in optimum's order: ``CLIPTextModel`` gives the last hidden state
+  then the pooled output, ``CLIPTextModelWithProjection`` the projected pooled output then the
+  last hidden state, and GenAI reads SDXL's and SD3's penultimate hidden state at position
+  ``num_hidden_layers + 1`` (optimum's ``hidden_states.N-1``), where this one puts it (the
+  positions between repeat it; GenAI reads none of them);
+- the UNet keeps its one noise output (GenAI reads "the" output; enginekit's DeepCache features
+  are dropped) and takes an int64 ``timestep``, as GenAI feeds it;
+- a transformer's latent input answers to ``hidden_states`` as well as enginekit's ``sample``.
+
+The folder is an enginekit artifact too (its manifest lists these IRs), so ``enginekit.load``,
+``generate`` and ``bench`` run the very files GenAI runs. It needs ``openvino-tokenizers`` (and
+``transformers``, to read the tokenizer) at write time; loading needs neither.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from enginekit.artifact import atomic_artifact, make_assets, make_component, write_manifest
+from enginekit.errors import ArtifactError, BackendError, InputError, one_line
+from enginekit.manifest import Manifest, TensorSpec, read_manifest
+
+__all__ = ["GENAI_PIPELINES", "LAYOUT", "write_genai_layout"]
+
+LAYOUT = "openvino-genai"
+#: The pipeline classes ``Text2ImagePipeline`` runs (its ``text2image_pipeline.cpp``).
+GENAI_PIPELINES = ("StableDiffusionPipeline", "LatentConsistencyModelPipeline", "StableDiffusionXLPipeline",
+                   "StableDiffusion3Pipeline", "FluxPipeline")
+MODEL_XML = "openvino_model.xml"
+#: The keys GenAI reads from each component's config.json, where enginekit's manifest knows them
+#: (used only when the export recorded no config.json: artifacts from before it did).
+_CLIP_WITH_PROJECTION = "CLIPTextModelWithProjection"
+#: enginekit's scheduler names -> the diffusers classes GenAI runs (its ``schedulers/types.cpp``).
+_GENAI_SCHEDULERS = {"euler": "EulerDiscreteScheduler", "euler-a": "EulerAncestralDiscreteScheduler",
+                     "ddim": "DDIMScheduler", "lcm": "LCMScheduler", "flow-euler": "FlowMatchEulerDiscreteScheduler"}
+
+
+def _scheduler_config(src: Path, tc: Mapping[str, Any]) -> dict[str, Any]:
+    """The scheduler enginekit runs by default, resolved from the pipeline's config as
+    ``from_config`` resolves it (a PNDM file's ``timestep_spacing`` left to Euler's default),
+    written as the class GenAI runs: both sides run the same schedule unless told otherwise.
+    A default GenAI has no port of keeps the pipeline's own file."""
+    import dataclasses
+
+    from enginekit.runtimes.schedulers import make_scheduler
+
+    config = json.loads((src / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8"))
+    name = str(tc.get("default_scheduler"))
+    if name not in _GENAI_SCHEDULERS:
+        return config
+    resolved = dataclasses.asdict(make_scheduler(name, tc.get("scheduler") or config).config)
+    if resolved.get("trained_betas") is not None:
+        resolved["trained_betas"] = list(resolved["trained_betas"])
+    return {"_class_name": _GENAI_SCHEDULERS[name], **resolved}
+
+
+def _model_index(src: Path) -> dict[str, Any]:
+    try:
+        return json.loads((src / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"{src}: no readable model_index.json ({one_line(exc)})") from exc
+
+
+def _recorded_config(src: Path, manifest: Manifest, name: str) -> dict[str, Any]:
+    rel = f"{name}/config.json"
+    if not any(a.path == rel for a in manifest.assets):
+        raise ArtifactError(f"{src} records no {rel} (it was exported before enginekit kept each component's "
+                            "config): export it again to write OpenVINO GenAI's layout")
+    return json.loads((src / rel).read_text(encoding="utf-8"))
+
+
+def _ports(model: Any, name: str, component: str) -> Any:
+    """The tensor that ``model``'s output ``name`` returns (what its Result node reads)."""
+    for port in model.outputs:
+        if name in port.get_names():
+            return port.get_node().input_value(0)
+    raise BackendError(f"{component}: the engine has no output {name!r} (it has "
+                       f"{', '.join(sorted(n for p in model.outputs for n in p.get_names()))})")
+
+
+def _text_encoder(model: Any, component: str, cls: str, config: Mapping[str, Any]) -> Any:
+    """optimum's output order (see the module's docstring)."""
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    names = {n for p in model.outputs for n in p.get_names()}
+    if "pooled" not in names:  # T5: its one output is the last hidden state
+        order = [_ports(model, "last_hidden_state", component)]
+    else:
+        last, pooled = _ports(model, "last_hidden_state", component), _ports(model, "pooled", component)
+        order = [pooled, last] if cls == _CLIP_WITH_PROJECTION else [last, pooled]
+        if "penultimate_hidden_state" in names:
+            layers = int(config.get("num_hidden_layers") or 1)
+            order += [_ports(model, "penultimate_hidden_state", component)] * max(layers, 1)
+    return ov.Model([ops.result(p) for p in order], model.get_parameters(), model.get_friendly_name())
+
+
+def _denoiser(model: Any, component: str) -> Any:
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    out = ov.Model([ops.result(_ports(model, "out_sample", component))], model.get_parameters(),
+                   model.get_friendly_name())
+    if component == "unet":  # GenAI's UNet pipelines feed the timestep as int64
+        ppp = ov.preprocess.PrePostProcessor(out)
+        ppp.input("timestep").tensor().set_element_type(ov.Type.i64)
+        out = ppp.build()
+    else:  # SD3's and FLUX's transformers: GenAI sets the latents as "hidden_states"
+        for port in out.inputs:
+            if "sample" in port.get_names():
+                port.get_tensor().add_names({"hidden_states"})
+    return out
+
+
+def _convert_tokenizer(src: Path, out: Path, spec: Mapping[str, Any]) -> list[str]:
+    """``tokenizer.json`` converted by openvino-tokenizers, as optimum-cli does."""
+    try:
+        import openvino as ov
+        from openvino_tokenizers import convert_tokenizer
+        from transformers import PreTrainedTokenizerFast
+    except ImportError as exc:
+        raise BackendError("writing OpenVINO GenAI's layout converts the tokenizers with openvino-tokenizers: "
+                           f"pip install 'enginekit[genai]' ({one_line(exc)})") from exc
+    special = {k: spec[k] for k in ("pad_token", "bos_token", "eos_token", "unk_token") if spec.get(k)}
+    hf = PreTrainedTokenizerFast(tokenizer_file=str(src / spec["file"]), model_max_length=int(spec["max_length"]),
+                                 **special)
+    folder = out / Path(spec["file"]).parent
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        converted = convert_tokenizer(hf, with_detokenizer=True)
+    except Exception as exc:  # noqa: BLE001 - the converter's own failure, said in one line
+        raise BackendError(f"openvino-tokenizers could not convert {spec['file']}: {one_line(exc)}") from exc
+    tok, detok = converted if isinstance(converted, tuple) else (converted, None)
+    rels = [f"{folder.name}/openvino_tokenizer.xml", f"{folder.name}/openvino_tokenizer.bin"]
+    ov.save_model(tok, str(out / rels[0]))
+    if detok is not None:
+        ov.save_model(detok, str(folder / "openvino_detokenizer.xml"))
+        rels += [f"{folder.name}/openvino_detokenizer.xml", f"{folder.name}/openvino_detokenizer.bin"]
+    return [r for r in rels if (out / r).exists()]
+
+
+def write_genai_layout(src: str | Path, out: str | Path, *, overwrite: bool = False,
+                       on_step: Callable[[str], Any] = lambda msg: None) -> Manifest:
+    """Write OpenVINO GenAI's (and optimum-intel's) folder for the OpenVINO pipeline ``src``
+    to ``out`` (atomically): ``openvino_genai.Text2ImagePipeline(out, "CPU")`` runs it, and so
+    does ``enginekit.load(out)``."""
+    import openvino as ov
+
+    from enginekit.runtimes.openvino_shapes import specs as port_specs
+
+    src, out = Path(src), Path(out)
+    manifest = read_manifest(src)
+    if manifest.kind != "openvino" or manifest.task != "text-to-image":
+        raise InputError(f"{src} is a {manifest.kind} {manifest.task} artifact; OpenVINO GenAI's layout is "
+                         "written from an OpenVINO text-to-image pipeline (compile -b openvino --genai)")
+    index = _model_index(src)
+    pipeline = index.get("_class_name")
+    if pipeline not in GENAI_PIPELINES:
+        raise InputError(f"{src}: OpenVINO GenAI's Text2ImagePipeline runs {', '.join(GENAI_PIPELINES)}, "
+                         f"not {pipeline}")
+    tc = manifest.task_config
+    core = ov.Core()
+    components: dict[str, Any] = {}
+    assets: list[str] = []
+    with atomic_artifact(out, overwrite=overwrite, inputs=(src,)) as tmp:
+        for comp in manifest.components.values():
+            on_step(f"{comp.name}: {MODEL_XML}")
+            source_name = "vae" if comp.name.startswith("vae_") else comp.name
+            config = _recorded_config(src, manifest, source_name)
+            model = core.read_model(str(src / comp.entry))
+            try:
+                if comp.name.startswith("text_encoder"):
+                    model = _text_encoder(model, comp.name, str((index.get(comp.name) or [None, ""])[1]), config)
+                elif comp.name == tc.get("denoiser"):
+                    model = _denoiser(model, comp.name)
+            except BackendError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - OpenVINO's own failure, said in one line
+                raise BackendError(f"{comp.name}: could not rewrite the IR for GenAI: {one_line(exc)}") from exc
+            (tmp / comp.name).mkdir(parents=True, exist_ok=True)
+            entry = f"{comp.name}/{MODEL_XML}"
+            ov.save_model(model, str(tmp / entry), compress_to_fp16=False)
+            (tmp / comp.name / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n",
+                                                         encoding="utf-8")
+            assets.append(f"{comp.name}/config.json")
+            outputs = list({s.name: s for s in port_specs(model.outputs, comp.outputs)}.values())
+            inputs = [s if s.name != "timestep" or comp.name != "unet" else TensorSpec(s.name, "int64", s.shape)
+                      for s in port_specs(model.inputs, comp.inputs)]
+            components[comp.name] = make_component(tmp, comp.name, entry, [entry, entry[:-4] + ".bin"], inputs,
+                                                   outputs, comp.precision, quantization=comp.quantization,
+                                                   fidelity=comp.fidelity)
+            del model
+        for name, spec in tc.get("tokenizers", {}).items():
+            on_step(f"{name}: openvino_tokenizer.xml")
+            target = tmp / spec["file"]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src / spec["file"], target)
+            assets += [spec["file"], *_convert_tokenizer(src, tmp, spec)]
+        (tmp / "scheduler").mkdir()
+        (tmp / "scheduler" / "scheduler_config.json").write_text(
+            json.dumps(_scheduler_config(src, tc), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        shutil.copy2(src / "model_index.json", tmp / "model_index.json")
+        assets += ["scheduler/scheduler_config.json", "model_index.json"]
+        result = manifest.replace(
+            components=components, assets=make_assets(tmp, assets),
+            target={**manifest.target, "layout": LAYOUT},
+            provenance={**manifest.provenance, "parent": {"path": str(src.resolve()), "kind": manifest.kind,
+                                                          "manifest_sha256": manifest.digest()}})
+        write_manifest(tmp, result)
+    return result
