@@ -228,6 +228,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peer-torch-dtype", choices=("float16", "bfloat16"), default=None,
                         help="The torch weights optimum-intel loads to export (default its own, fp32): float16 "
                              "for full-size SDXL, whose fp32 export passes 22 GiB.")
+    parser.add_argument("--peer-ir", choices=("optimum", "enginekit"), default="optimum",
+                        help="The IR folder the peers run: optimum-intel's own export (default), or enginekit's "
+                             "fp16 IRs in GenAI's layout (`compile --genai`), for models whose optimum-intel export "
+                             "does not fit in memory (full-size SDXL on 24 GB).")
     parser.add_argument("--redo", default="", help="Comma-separated stages to run again: model, diffusers, "
                                                     "export-optimum, optimum, genai, optimize, enginekit.")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -279,7 +283,11 @@ def main(argv: list[str] | None = None) -> int:
         return run_child([python, str(CHILD), role, json.dumps(payload)], logs / f"{role}.log")
 
     stage("diffusers", lambda: child("diffusers"))
-    stage("export-optimum", lambda: child("export-optimum", out=str(ov_model), torch_dtype=args.peer_torch_dtype))
+    if args.peer_ir == "enginekit":
+        ov_model = work / "ov-enginekit"
+        stage("export-genai", lambda: _genai_folder(model, ov_model, work, logs, "--streaming" in args.optimize_args))
+    else:
+        stage("export-optimum", lambda: child("export-optimum", out=str(ov_model), torch_dtype=args.peer_torch_dtype))
     stage("optimum", lambda: child("optimum"))
     stage("genai", lambda: child("genai"))
 
@@ -321,6 +329,24 @@ def floor(best: Path, size: int, hw: dict[str, Any]) -> dict[str, Any]:
     return {"components_ms": pick["timing"]["components_ms"], "calls_per_image": pick["timing"]["calls_per_image"],
             "unet_gflop": flops / 1e9, "clock_ghz": ghz, "cores": cores, "floor_ms": floors,
             "assumed": {p: why for p, (_, why) in per_cycle.items()}}
+
+
+def _genai_folder(model: Path, out: Path, work: Path, logs: Path, streaming: bool) -> dict[str, Any]:
+    """enginekit's export of ``model`` compiled to fp16 IRs in GenAI's (optimum's) folder layout."""
+    onnx = work / "peer-onnx"
+    start = time.monotonic()
+    cli = [sys.executable, "-m", "enginekit.app.cli"]
+    steps = [[*cli, "export", str(model), "-o", str(onnx), "--overwrite", *(["--streaming"] if streaming else [])],
+             [*cli, "compile", str(onnx), "-b", "openvino", "--precision", "fp16", "--genai", "-o", str(out),
+              "--overwrite"]]
+    try:
+        for cmd in steps:
+            with open(logs / "export-genai.log", "a") as log:
+                if subprocess.run(cmd, stdout=log, stderr=log).returncode != 0:
+                    return {"error": f"{' '.join(cmd[3:5])} failed: see {logs / 'export-genai.log'}"}
+    finally:
+        subprocess.run(["rm", "-rf", str(onnx)])
+    return {"export_s": time.monotonic() - start, "ir": "enginekit fp16 IRs, compile --genai"}
 
 
 def _optimize(model: Path, best: Path, work: Path, logs: Path, extra: str, size: int | None) -> dict[str, Any]:
@@ -420,8 +446,9 @@ def render(state: dict[str, Any]) -> str:
     best_image = min((p["image_s"] for p in peers), default=None)
     eager = st.get("diffusers", {}).get("step_s")
     opt = st.get("optimize", {})
-    names = {"diffusers": "diffusers eager fp32", "optimum": "optimum-intel OVDiffusionPipeline, static",
-             "genai": "OpenVINO GenAI Text2ImagePipeline, static",
+    on_ours = ", on enginekit's fp16 IRs (compile --genai)" if "export-genai" in st else ""
+    names = {"diffusers": "diffusers eager fp32", "optimum": "optimum-intel OVDiffusionPipeline, static" + on_ours,
+             "genai": "OpenVINO GenAI Text2ImagePipeline, static" + on_ours,
              "enginekit": f"enginekit optimize pick: {opt.get('picked')} (cache {st.get('enginekit', {}).get('cache')})",
              "enginekit-uncached": "the same enginekit engine, cache none"}
     lines = [f"# {c['size']}x{c['size']}, CFG {c['guidance']}, Euler, {c['steps']} steps; step = (T{c['steps']} - T1) / "

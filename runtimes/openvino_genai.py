@@ -124,7 +124,7 @@ def _denoiser(model: Any, component: str) -> Any:
     return out
 
 
-def _convert_tokenizer(src: Path, out: Path, spec: Mapping[str, Any]) -> list[str]:
+def _convert_tokenizer(src: Path, out: Path, spec: Mapping[str, Any], cls: str | None) -> list[str]:
     """``tokenizer.json`` converted by openvino-tokenizers, as optimum-cli does."""
     try:
         import openvino as ov
@@ -144,6 +144,19 @@ def _convert_tokenizer(src: Path, out: Path, spec: Mapping[str, Any]) -> list[st
         raise BackendError(f"openvino-tokenizers could not convert {spec['file']}: {one_line(exc)}") from exc
     tok, detok = converted if isinstance(converted, tuple) else (converted, None)
     rels = [f"{folder.name}/openvino_tokenizer.xml", f"{folder.name}/openvino_tokenizer.bin"]
+    # transformers' files beside it, as save_pretrained writes them (and a BPE's vocab.json and
+    # merges.txt, which the slow CLIPTokenizer optimum-intel loads reads): tools other than GenAI
+    # read the folder's tokenizer through transformers.
+    hf.save_pretrained(str(folder))
+    config_path = folder / "tokenizer_config.json"
+    if cls and config_path.is_file():  # the class the pipeline names (model_index.json), not transformers 5's
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        config.pop("backend", None)
+        config_path.write_text(json.dumps({**config, "tokenizer_class": cls}, indent=2) + "\n", encoding="utf-8")
+    if type(hf.backend_tokenizer.model).__name__ == "BPE":
+        hf.backend_tokenizer.model.save(str(folder))
+    rels += [f"{folder.name}/{p.name}" for p in sorted(folder.iterdir())
+             if p.suffix in (".json", ".txt") and p.name != "tokenizer.json"]
     ov.save_model(tok, str(out / rels[0]))
     if detok is not None:
         ov.save_model(detok, str(folder / "openvino_detokenizer.xml"))
@@ -207,7 +220,8 @@ def write_genai_layout(src: str | Path, out: str | Path, *, overwrite: bool = Fa
             target = tmp / spec["file"]
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src / spec["file"], target)
-            assets += [spec["file"], *_convert_tokenizer(src, tmp, spec)]
+            cls = (index.get(name) or [None, None])[1]
+            assets += [spec["file"], *_convert_tokenizer(src, tmp, spec, cls)]
         (tmp / "scheduler").mkdir()
         (tmp / "scheduler" / "scheduler_config.json").write_text(
             json.dumps(_scheduler_config(src, tc), indent=2, sort_keys=True) + "\n", encoding="utf-8")

@@ -108,6 +108,9 @@ def test_the_irs_follow_optimums_contract(layouts: dict) -> None:
         assert first in model.outputs[0].get_names()
         assert "penultimate_hidden_state" in model.outputs[layers + 1].get_names()  # GenAI's hidden_states[-2]
     assert (folder / "tokenizer_2" / "openvino_tokenizer.xml").is_file()
+    # transformers' files too (optimum-intel's slow CLIPTokenizer reads vocab.json and merges.txt)
+    assert {"vocab.json", "merges.txt", "tokenizer_config.json"} <= {p.name for p in (folder / "tokenizer").iterdir()}
+    assert json.loads((folder / "tokenizer" / "tokenizer_config.json").read_text())["tokenizer_class"] == "CLIPTokenizer"
     assert json.loads((folder / "vae_decoder" / "config.json").read_text())["scaling_factor"] > 0
     sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     assert sched["_class_name"] == "EulerDiscreteScheduler"  # enginekit's default, resolved
