@@ -85,15 +85,16 @@ def run_child(cmd: list[str], log_path: Path) -> dict[str, Any]:
     return json.loads(lines[-1][len("RESULT "):])
 
 
-def build_model(model: str, folder: Path, seed: int) -> None:
-    """The architecture with seeded weights and the real CLIP tokenizer, as a diffusers folder
-    with the Euler scheduler."""
+def build_model(model: str, folder: Path, seed: int, without_t5: bool = False) -> None:
+    """The architecture with seeded weights and the real CLIP tokenizer, as a diffusers folder;
+    a UNet pipeline with the Euler scheduler (a flow-matching one keeps its own)."""
     import diffusers
 
     from enginekit.export.diffusion.sources import resolve_pipeline
 
-    pipe = resolve_pipeline(model, random_weights=True, seed=seed).pipeline
-    pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe = resolve_pipeline(model, random_weights=True, seed=seed, without_t5=without_t5).pipeline
+    if hasattr(pipe, "unet"):
+        pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler.config)
     pipe.save_pretrained(folder, safe_serialization=True)
     # transformers 5 saves the fast tokenizer alone; the peers' transformers 4 (its slow CLIPTokenizer)
     # and a hub folder have the BPE files beside it.
@@ -196,10 +197,11 @@ def _enginekit_child(a: dict[str, Any]) -> dict[str, Any]:
     latents = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(a["seed"]),
                           dtype=torch.float32).numpy()
 
+    call = a.get("call") or {"negative_prompt": a["negative"], "scheduler": "euler"}
+
     def run(steps: int) -> np.ndarray:
-        return pipe(a["prompt"], negative_prompt=a["negative"], num_inference_steps=steps,
-                    guidance_scale=a["guidance"], height=a["size"], width=a["size"], latents=latents,
-                    scheduler="euler", output_type="np", cache=a["cache"]).images[0]
+        return pipe(a["prompt"], num_inference_steps=steps, guidance_scale=a["guidance"], height=a["size"],
+                    width=a["size"], latents=latents, output_type="np", cache=a["cache"], **call).images[0]
 
     result = _timed(run, a["steps"], a["repeats"])
     image = result.pop("image")

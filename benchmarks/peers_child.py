@@ -52,15 +52,18 @@ def _diffusers(a: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(a["threads"]) if a.get("threads") else None
-    pipe = diffusers.DiffusionPipeline.from_pretrained(a["model"], torch_dtype=torch.float32)
+    index = json.loads((Path(a["model"]) / "model_index.json").read_text())
+    absent = {k: None for k, v in index.items() if isinstance(v, list) and v[0] is None}  # SD3 without T5
+    pipe = diffusers.DiffusionPipeline.from_pretrained(a["model"], torch_dtype=torch.float32, **absent)
     pipe.set_progress_bar_config(disable=True)
-    shape = (1, pipe.unet.config.in_channels, a["size"] // pipe.vae_scale_factor, a["size"] // pipe.vae_scale_factor)
+    denoiser = getattr(pipe, "unet", None) or pipe.transformer
+    shape = (1, denoiser.config.in_channels, a["size"] // pipe.vae_scale_factor, a["size"] // pipe.vae_scale_factor)
 
     def run(steps: int) -> np.ndarray:
         with torch.inference_mode():
             return pipe(a["prompt"], negative_prompt=a["negative"], num_inference_steps=steps,
                         guidance_scale=a["guidance"], height=a["size"], width=a["size"],
-                        latents=_latents(shape, a["seed"]), output_type="np").images[0]
+                        latents=_latents(shape, a["seed"]), output_type="np", **a.get("call", {})).images[0]
 
     return _timed(run, a["steps"], a["repeats"])
 
@@ -115,6 +118,16 @@ def _genai(a: dict[str, Any]) -> dict[str, Any]:
     import openvino_genai as genai
 
     pipe = genai.Text2ImagePipeline(a["ov_model"])
+    config = pipe.get_generation_config()
+    if "taylorseer" in a:  # SD3/FLUX: GenAI's TaylorSeer off (None) or on with these settings
+        config.taylorseer_config = None
+        if a["taylorseer"]:
+            config.taylorseer_config = genai.TaylorSeerCacheConfig()
+            for key, value in a["taylorseer"].items():
+                setattr(config.taylorseer_config, key, value)
+    if "max_sequence_length" in a.get("call", {}):  # T5's length is part of the static reshape
+        config.max_sequence_length = a["call"]["max_sequence_length"]
+    pipe.set_generation_config(config)
     pipe.reshape(1, a["size"], a["size"], a["guidance"])
     start = time.perf_counter()
     pipe.compile("CPU")
@@ -123,7 +136,7 @@ def _genai(a: dict[str, Any]) -> dict[str, Any]:
     def run(steps: int) -> np.ndarray:
         out = pipe.generate(a["prompt"], negative_prompt=a["negative"], num_inference_steps=steps,
                             guidance_scale=a["guidance"], height=a["size"], width=a["size"],
-                            generator=genai.TorchGenerator(a["seed"]))
+                            generator=genai.TorchGenerator(a["seed"]), **a.get("call", {}))
         return np.asarray(out.data)[0].astype(np.float32) / 255.0
 
     return {**_timed(run, a["steps"], a["repeats"]), "compile_s": compile_s}
