@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-sequence-length", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--reference-repeats", type=int, default=1,
+                        help="diffusers' timed pairs (its image is the reference; its speed is context).")
     parser.add_argument("--peer-venv", type=Path, default=None, help="default: WORK/peers-venv")
     parser.add_argument("--redo", default="", help="Comma-separated stages to run again.")
     args = parser.parse_args(argv)
@@ -91,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         return {**run_child([sys.executable, "-m", "benchmarks.peers", "--work", str(work), "--child", "1",
                              "--child-args", json.dumps(payload)], work / "logs" / f"{label}.log"), "cache": cache}
 
-    stage("diffusers", lambda: child("diffusers", "diffusers"))
+    stage("diffusers", lambda: child("diffusers", "diffusers", repeats=args.reference_repeats))
     stage("export-genai", lambda: _genai_folder(model, folder, work, work / "logs", True))
     stage("genai", lambda: child("genai", "genai", taylorseer=None))
     stage("genai-taylorseer", lambda: child("genai", "genai-taylorseer", taylorseer=GENAI_TAYLORSEER))

@@ -117,7 +117,11 @@ def unet_flops(manifest: Any, size: int) -> float:
         model = pipe.unet
         x = torch.randn(2, model.config.in_channels, size // f, size // f)
         ctx = torch.randn(2, pipe.tokenizer.model_max_length, model.config.cross_attention_dim)
-        call = lambda: model(x, torch.tensor(500.0), ctx, return_dict=False)  # noqa: E731
+        added = None
+        if model.config.addition_embed_type == "text_time":  # SDXL: pooled CLIP-G text and the size ids
+            added = {"text_embeds": torch.randn(2, pipe.text_encoder_2.config.projection_dim),
+                     "time_ids": torch.tensor([[size, size, 0, 0, size, size]] * 2, dtype=torch.float32)}
+        call = lambda: model(x, torch.tensor(500.0), ctx, added_cond_kwargs=added, return_dict=False)  # noqa: E731
     elif type(pipe).__name__ == "StableDiffusion3Pipeline":
         model = pipe.transformer
         tokens = pipe.tokenizer.model_max_length + int(manifest.task_config.get("max_sequence_length") or 256)

@@ -26,7 +26,7 @@ from typing import IO, Any, Callable, Iterable, Iterator, Sequence
 
 from enginekit.errors import ArtifactError
 
-__all__ = ["check_output", "disk_full", "write_file", "writer_tag", "temporary_pattern", "writer_gone", "Partial",
+__all__ = ["check_output", "disk_full", "stream_failure_note", "write_file", "writer_tag", "temporary_pattern", "writer_gone", "Partial",
            "stale_partials", "remove_partials", "partials_report"]
 
 
@@ -138,6 +138,18 @@ def disk_full(exc: BaseException, target: str | Path, written: str | Path | None
     need = f"; it needs more than the {_mb(done)} written before the disk filled" if done else ""
     have = f" ({_mb(free)} free)" if free is not None else ""
     return ArtifactError(f"no space left on device at {target}{have}{need}; nothing was written there")
+
+
+def stream_failure_note(exc: BaseException, target: str | Path) -> str:
+    """For a C++ stream's failed write (OpenVINO: "iostream error"), the space left at ``target``
+    and what usually causes it (a write of a block larger than that space fails, and the space
+    comes back when the partial file goes); "" for any other failure."""
+    if not _stream_failure(exc):
+        return ""
+    target = _resolved(target)
+    free = _free_bytes(target if target.exists() else target.parent)
+    return (f" ({_mb(free)} free at {target} after the failed write: a full disk is the usual cause "
+            "of this stream error)") if free is not None else ""
 
 
 def _mb(n: int | None) -> str:

@@ -49,6 +49,7 @@ from enginekit.artifact import make_component
 from enginekit.errors import BackendError, DeviceError, one_line
 from enginekit.manifest import Manifest, TensorSpec
 from enginekit.memory import ReleasingFilePages
+from enginekit.outputs import stream_failure_note
 from enginekit.runtimes.base import Backend, BackendOptions, CompileOptions, Runner
 from enginekit.runtimes.openvino_cache import CACHE_MAX_ENV, DEFAULT_CACHE_MAX_GB, cache_dir_for, prune_cache
 from enginekit.runtimes.graph_cut import cut_openvino
@@ -319,7 +320,8 @@ class OpenVINOBackend(Backend):
             except BackendError:
                 raise
             except Exception as exc:
-                raise BackendError(f"openvino could not convert {comp.entry}: {one_line(exc)}") from exc
+                raise BackendError(f"openvino could not convert {comp.entry}: {one_line(exc)}"
+                                   f"{stream_failure_note(exc, out_dir)}") from exc
             comp_precision = "fp16" if compress and comp.precision == "fp32" else comp.precision
             components[comp.name] = make_component(
                 out_dir,

@@ -7,11 +7,13 @@ openvino`` writes: ``model_index.json``, ``scheduler/``, one folder per model ho
 openvino-tokenizers. It reads the models by position and by optimum's names, so each IR is
 rewritten to that contract from enginekit's (the weights unchanged):
 
-- a text encoder's outputs go in optimum's order: ``CLIPTextModel`` gives the last hidden state
-  then the pooled output, ``CLIPTextModelWithProjection`` the projected pooled output then the
-  last hidden state, and GenAI reads SDXL's and SD3's penultimate hidden state at position
-  ``num_hidden_layers + 1`` (optimum's ``hidden_states.N-1``), where this one puts it (the
-  positions between repeat it; GenAI reads none of them);
+- a text encoder's outputs go in optimum's order and names: ``CLIPTextModel`` gives the last
+  hidden state then ``pooler_output``, ``CLIPTextModelWithProjection`` ``text_embeds`` then the
+  last hidden state; then ``hidden_states.0`` .. ``hidden_states.N``, where GenAI reads SDXL's and
+  SD3's penultimate layer (position ``N + 1``) and optimum-intel ``hidden_states[-2]``. The export
+  keeps only the last two layers, so ``hidden_states.0`` .. ``N-2`` are zeros: a ``clip_skip``
+  above 1 in optimum-intel reads them (enginekit's own runtime takes at most the penultimate);
+  enginekit's ``pooled`` comes last;
 - the UNet keeps its one noise output (GenAI reads "the" output; enginekit's DeepCache features
   are dropped) and takes an int64 ``timestep``, as GenAI feeds it;
 - a transformer's latent input answers to ``hidden_states`` as well as enginekit's ``sample``.
@@ -73,12 +75,15 @@ def _model_index(src: Path) -> dict[str, Any]:
         raise ArtifactError(f"{src}: no readable model_index.json ({one_line(exc)})") from exc
 
 
-def _recorded_config(src: Path, manifest: Manifest, name: str) -> dict[str, Any]:
-    rel = f"{name}/config.json"
-    if not any(a.path == rel for a in manifest.assets):
-        raise ArtifactError(f"{src} records no {rel} (it was exported before enginekit kept each component's "
-                            "config): export it again to write OpenVINO GenAI's layout")
-    return json.loads((src / rel).read_text(encoding="utf-8"))
+def _recorded_config(src: Path, manifest: Manifest, name: str, component: str) -> dict[str, Any]:
+    """The config.json the export recorded for source component ``name`` (``vae`` for both VAE
+    halves), or the one this layout wrote beside ``component`` (rewriting a GenAI folder)."""
+    recorded = {a.path for a in manifest.assets}
+    for rel in (f"{name}/config.json", f"{component}/config.json"):
+        if rel in recorded:
+            return json.loads((src / rel).read_text(encoding="utf-8"))
+    raise ArtifactError(f"{src} records no {name}/config.json (it was exported before enginekit kept each "
+                        "component's config): export it again to write OpenVINO GenAI's layout")
 
 
 def _ports(model: Any, name: str, component: str) -> Any:
@@ -90,20 +95,41 @@ def _ports(model: Any, name: str, component: str) -> Any:
                        f"{', '.join(sorted(n for p in model.outputs for n in p.get_names()))})")
 
 
+def _named(value: Any, name: str) -> Any:
+    """A copy of ``value`` under its own tensor name (a no-op the compiler removes): one tensor
+    cannot answer to two tools' names at two output positions."""
+    import openvino.opset13 as ops
+
+    node = ops.convert(value, value.get_element_type())
+    node.output(0).set_names({name})
+    return node.output(0)
+
+
 def _text_encoder(model: Any, component: str, cls: str, config: Mapping[str, Any]) -> Any:
-    """optimum's output order (see the module's docstring)."""
+    """optimum's outputs, in its order (see the module's docstring); enginekit's ``pooled`` last."""
+    import numpy as np
     import openvino as ov
     import openvino.opset13 as ops
 
     names = {n for p in model.outputs for n in p.get_names()}
+    last = _ports(model, "last_hidden_state", component)
     if "pooled" not in names:  # T5: its one output is the last hidden state
-        order = [_ports(model, "last_hidden_state", component)]
+        return ov.Model([ops.result(last)], model.get_parameters(), model.get_friendly_name())
+    pooled = _ports(model, "pooled", component)
+    if cls == _CLIP_WITH_PROJECTION:
+        order = [_named(pooled, "text_embeds"), last]
     else:
-        last, pooled = _ports(model, "last_hidden_state", component), _ports(model, "pooled", component)
-        order = [pooled, last] if cls == _CLIP_WITH_PROJECTION else [last, pooled]
-        if "penultimate_hidden_state" in names:
-            layers = int(config.get("num_hidden_layers") or 1)
-            order += [_ports(model, "penultimate_hidden_state", component)] * max(layers, 1)
+        order = [last, _named(pooled, "pooler_output")]
+    if "penultimate_hidden_state" in names:
+        layers = max(int(config.get("num_hidden_layers") or 1), 1)
+        penultimate = _ports(model, "penultimate_hidden_state", component)
+        for k in range(layers - 1):  # layers the export does not keep: zeros, never a wrong layer
+            zeros = ops.multiply(penultimate, np.float32(0))
+            zeros.output(0).set_names({f"hidden_states.{k}"})
+            order.append(zeros.output(0))
+        penultimate.get_tensor().add_names({f"hidden_states.{layers - 1}"})
+        order += [penultimate, _named(last, f"hidden_states.{layers}")]
+    order.append(pooled)
     return ov.Model([ops.result(p) for p in order], model.get_parameters(), model.get_friendly_name())
 
 
@@ -191,7 +217,7 @@ def write_genai_layout(src: str | Path, out: str | Path, *, overwrite: bool = Fa
         for comp in manifest.components.values():
             on_step(f"{comp.name}: {MODEL_XML}")
             source_name = "vae" if comp.name.startswith("vae_") else comp.name
-            config = _recorded_config(src, manifest, source_name)
+            config = _recorded_config(src, manifest, source_name, comp.name)
             model = core.read_model(str(src / comp.entry))
             try:
                 if comp.name.startswith("text_encoder"):

@@ -218,8 +218,12 @@ def test_a_stream_write_failure_on_a_nearly_full_disk_names_the_disk(tmp_path: P
     full = outputs.disk_full(exc, tmp_path / "engine")
     assert full is not None and "no space left on device" in str(full) and "41.9 MB free" in str(full)
     assert outputs.disk_full(BackendError("openvino could not convert: bad opset"), tmp_path / "engine") is None
-    monkeypatch.setattr(outputs, "_free_bytes", lambda path: 50 * 1024**3)
+    monkeypatch.setattr(outputs, "_free_bytes", lambda path: 3 * 1024**3)
     assert outputs.disk_full(exc, tmp_path / "engine") is None
+    # with room left after the failure (the partial block went), the error still says the space and the usual cause
+    note = outputs.stream_failure_note(exc, tmp_path / "engine")
+    assert "3221.2 MB free" in note and "full disk is the usual cause" in note
+    assert outputs.stream_failure_note(BackendError("openvino could not convert: bad opset"), tmp_path) == ""
 
 
 def test_full_disk_export(tiny_timm_dir: Path, full_disk: Path) -> None:

@@ -108,6 +108,10 @@ def _check_common(root: Path, family: str, encoders: list[str]) -> dict:
     assert TASK_KEYS <= set(tc)
     paths = {a.path for a in manifest.assets}
     assert {"scheduler/scheduler_config.json", "model_index.json"} <= paths
+    # each model component's own config.json (what GenAI's and optimum's folder layouts carry)
+    configs = {"vae", tc["denoiser"], *(e["component"] for e in tc["text_encoders"])}
+    assert {f"{c}/config.json" for c in configs} <= paths
+    assert json.loads((root / "vae/config.json").read_text())["scaling_factor"] == tc["vae_scaling_factor"]
     for entry in manifest.assets:
         assert sha256_file(root / entry.path) == entry.sha256
     for enc_cfg in tc["text_encoders"]:

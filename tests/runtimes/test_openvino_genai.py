@@ -94,7 +94,7 @@ def test_genai_runs_the_layout_as_enginekit_runs_the_engine(tiny_pipelines: dict
     assert psnr(ours, _enginekit_image(layouts[name], name, 4)) >= 60.0
 
 
-def test_the_irs_follow_optimums_contract(layouts: dict) -> None:
+def test_the_irs_follow_optimums_contract(layouts: dict, tmp_path: Path) -> None:
     core = ov.Core()
     folder = layouts["tiny-sdxl"]
     unet = core.read_model(str(folder / "unet" / "openvino_model.xml"))
@@ -104,9 +104,12 @@ def test_the_irs_follow_optimums_contract(layouts: dict) -> None:
     for enc in ("text_encoder", "text_encoder_2"):
         model = core.read_model(str(folder / enc / "openvino_model.xml"))
         layers = json.loads((folder / enc / "config.json").read_text())["num_hidden_layers"]
-        first = "pooled" if index[enc][1] == "CLIPTextModelWithProjection" else "last_hidden_state"
-        assert first in model.outputs[0].get_names()
-        assert "penultimate_hidden_state" in model.outputs[layers + 1].get_names()  # GenAI's hidden_states[-2]
+        projected = index[enc][1] == "CLIPTextModelWithProjection"
+        names = [o.get_any_name() for o in model.outputs]
+        assert names[:2] == (["text_embeds", "last_hidden_state"] if projected else ["last_hidden_state", "pooler_output"])
+        # GenAI reads position N + 1 and optimum-intel hidden_states[-2]: the penultimate layer, both
+        assert "penultimate_hidden_state" in model.outputs[layers + 1].get_names()
+        assert [n for n in names if n.startswith("hidden_states")] == [f"hidden_states.{k}" for k in range(layers + 1)]
     assert (folder / "tokenizer_2" / "openvino_tokenizer.xml").is_file()
     # transformers' files too (optimum-intel's slow CLIPTokenizer reads vocab.json and merges.txt)
     assert {"vocab.json", "merges.txt", "tokenizer_config.json"} <= {p.name for p in (folder / "tokenizer").iterdir()}
@@ -118,6 +121,14 @@ def test_the_irs_follow_optimums_contract(layouts: dict) -> None:
     assert {"hidden_states", "sample"} <= set(transformer.input(0).get_names())
     manifest = read_manifest(folder)
     assert manifest.target["layout"] == "openvino-genai" and manifest.provenance["parent"]["kind"] == "openvino"
+    # a GenAI folder written again (from its own IRs and configs) comes out the same shape
+    again = write_genai_layout(folder, tmp_path / "again")
+    assert {n: [s.name for s in c.outputs] for n, c in again.components.items()} == \
+        {n: [s.name for s in c.outputs] for n, c in manifest.components.items()}
+    for enc in ("text_encoder", "text_encoder_2"):
+        before = core.read_model(str(folder / enc / "openvino_model.xml"))
+        after = core.read_model(str(tmp_path / "again" / enc / "openvino_model.xml"))
+        assert [o.get_names() for o in after.outputs] == [o.get_names() for o in before.outputs]
 
 
 def test_compile_genai_from_onnx_and_its_refusals(tiny_pipelines: dict, exported: dict, tmp_path: Path) -> None:
