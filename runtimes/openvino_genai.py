@@ -41,8 +41,6 @@ LAYOUT = "openvino-genai"
 GENAI_PIPELINES = ("StableDiffusionPipeline", "LatentConsistencyModelPipeline", "StableDiffusionXLPipeline",
                    "StableDiffusion3Pipeline", "FluxPipeline")
 MODEL_XML = "openvino_model.xml"
-#: The keys GenAI reads from each component's config.json, where enginekit's manifest knows them
-#: (used only when the export recorded no config.json: artifacts from before it did).
 _CLIP_WITH_PROJECTION = "CLIPTextModelWithProjection"
 #: enginekit's scheduler names -> the diffusers classes GenAI runs (its ``schedulers/types.cpp``).
 _GENAI_SCHEDULERS = {"euler": "EulerDiscreteScheduler", "euler-a": "EulerAncestralDiscreteScheduler",
