@@ -391,6 +391,11 @@ def _classifiers(args: argparse.Namespace, work: Path, logs: Path, state: dict[s
         stage("vit-enginekit", lambda: run_child([sys.executable, "-m", "benchmarks.peers", "--work", str(work),
                                                   "--child", "1", "--child-args", json.dumps(payload)],
                                                  logs / "vit-enginekit.log"))
+        from benchmarks.classifier_floor import floor as classifier_floor
+
+        hw = state["hardware"]
+        stage("vit-floor", lambda: classifier_floor(best, model, CLASSIFIERS[args.model][0], hw.get("flags") or [],
+                                                    int(hw.get("physical_cores") or 1)))
     state_path.write_text(json.dumps(state, indent=1, default=str))
     print(render_classifiers(state))
     return 0
@@ -418,7 +423,10 @@ def render_classifiers(state: dict[str, Any]) -> str:
         ratio = peer / st["vit-enginekit"]["ms"]
         lines += ["", f"target: the pick >= {TARGET}x optimum-intel at batch 1: {ratio:.2f}x -> "
                       + ("MET" if ratio >= TARGET else "MISSED")]
-    return "\n".join(lines)
+    from benchmarks.classifier_floor import render as floor_lines
+
+    extra = floor_lines(st.get("vit-floor") or {}, st.get("vit-enginekit", {}).get("ms"))
+    return "\n".join(lines + ([""] + extra if extra else []))
 
 
 def _measured(names: dict[str, str], stages: dict[str, Any], field: str, lines: list[str], columns: int) -> Any:
