@@ -4,7 +4,8 @@ SD3/SD3.5 and FLUX: OpenVINO GenAI's ``Text2ImagePipeline`` turns TaylorSeer Lit
 these families (interval 3, full steps before 6 and in the last 2). optimum-intel's export of a
 full-size SD3.5 or FLUX does not fit in 24 GB, so both sides run enginekit's fp16 IRs written in
 GenAI's folder layout (``compile -b openvino --precision fp16 --genai``): GenAI's C++ pipeline and
-enginekit's runtime on the very same files, each with its step cache off and on (enginekit's
+enginekit's runtime on the very same files (reshaped static at the size, as GenAI reshapes them at
+load: ``compile --height S --width S --batch 1``), each with its step cache off and on (enginekit's
 ``taylorseer:3,before=6,after=-2``: GenAI's schedule), against diffusers eager fp32 on the same
 weights and initial latents (torch's CPU generator at ``--seed``; GenAI's ``TorchGenerator``
 draws the same numbers). The protocol is :mod:`benchmarks.peers`'s: a warm-up, then ``--repeats``
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -87,8 +89,18 @@ def main(argv: list[str] | None = None) -> int:
             out["image_path"] = str(target)
         return out
 
+    static = work / "ov-static"
+
+    def compile_static() -> dict[str, Any]:
+        """The same IRs reshaped static at the size (CFG's two rows), as GenAI reshapes them at load."""
+        cmd = [sys.executable, "-m", "enginekit.app.cli", "compile", str(folder), "-b", "openvino", "--height",
+               str(args.size), "--width", str(args.size), "--batch", "1", "-o", str(static), "--overwrite"]
+        with open(work / "logs" / "static.log", "w") as log:
+            code = subprocess.run(cmd, stdout=log, stderr=log).returncode
+        return {"artifact": str(static)} if code == 0 else {"error": f"compile exit {code}: see logs/static.log"}
+
     def engine(label: str, cache: str) -> dict[str, Any]:
-        payload = {**common, "artifact": str(folder), "cache": cache, "label": label,
+        payload = {**common, "artifact": str(static), "cache": cache, "label": label,
                    "call": {**call, "negative_prompt": NEGATIVE}}
         return {**run_child([sys.executable, "-m", "benchmarks.peers", "--work", str(work), "--child", "1",
                              "--child-args", json.dumps(payload)], work / "logs" / f"{label}.log"), "cache": cache}
@@ -97,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     stage("export-genai", lambda: _genai_folder(model, folder, work, work / "logs", True))
     stage("genai", lambda: child("genai", "genai", taylorseer=None))
     stage("genai-taylorseer", lambda: child("genai", "genai-taylorseer", taylorseer=GENAI_TAYLORSEER))
+    stage("static", compile_static)
     stage("enginekit", lambda: engine("enginekit", "none"))
     stage("enginekit-taylorseer", lambda: engine("enginekit-taylorseer", ENGINEKIT_TAYLORSEER))
     state_path.write_text(json.dumps(state, indent=1, default=str))
@@ -113,7 +126,8 @@ def render(state: dict[str, Any]) -> str:
     ref = np.load(st["diffusers"]["image_path"]) if "image_path" in st.get("diffusers", {}) else None
     rows = {"diffusers": "diffusers eager fp32", "genai": "OpenVINO GenAI, TaylorSeer off",
             "genai-taylorseer": "OpenVINO GenAI, TaylorSeer on (its default: 3, before 6, after -2)",
-            "enginekit": "enginekit, cache none", "enginekit-taylorseer": f"enginekit, {ENGINEKIT_TAYLORSEER}"}
+            "enginekit": "enginekit, the same IRs static, cache none",
+            "enginekit-taylorseer": f"enginekit, the same IRs static, {ENGINEKIT_TAYLORSEER}"}
     peer = {"enginekit": "genai", "enginekit-taylorseer": "genai-taylorseer"}
     lines = [f"# {c['model']}{' without T5' if c.get('without_t5') else ''}, {c['size']}x{c['size']}, CFG "
              f"{c['guidance']}, {c['steps']} steps; step = (T{c['steps']} - T1) / {c['steps'] - 1}, median of "

@@ -34,7 +34,7 @@ from enginekit.artifact import atomic_artifact, make_assets, make_component, wri
 from enginekit.errors import ArtifactError, BackendError, InputError, one_line
 from enginekit.manifest import Manifest, TensorSpec, read_manifest
 
-__all__ = ["GENAI_PIPELINES", "LAYOUT", "write_genai_layout"]
+__all__ = ["GENAI_PIPELINES", "LAYOUT", "check_genai_backend", "write_genai_layout"]
 
 LAYOUT = "openvino-genai"
 #: The pipeline classes ``Text2ImagePipeline`` runs (its ``text2image_pipeline.cpp``).
@@ -186,6 +186,12 @@ def _convert_tokenizer(src: Path, out: Path, spec: Mapping[str, Any], cls: str |
         ov.save_model(detok, str(folder / "openvino_detokenizer.xml"))
         rels += [f"{folder.name}/openvino_detokenizer.xml", f"{folder.name}/openvino_detokenizer.bin"]
     return [r for r in rels if (out / r).exists()]
+
+
+def check_genai_backend(backend: str) -> None:
+    """GenAI's layout holds OpenVINO IRs: any other backend is refused in one line."""
+    if backend != "openvino":
+        raise InputError(f"--genai writes OpenVINO GenAI's folder layout: it takes --backend openvino, not {backend}")
 
 
 def write_genai_layout(src: str | Path, out: str | Path, *, overwrite: bool = False,

@@ -132,10 +132,9 @@ def _build_genai(artifact: str | Path, backend: str, out: str | Path, req: Build
     """The OpenVINO engine compiled as asked, then rewritten into GenAI's folder layout."""
     from dataclasses import replace
 
-    from enginekit.runtimes.openvino_genai import write_genai_layout
+    from enginekit.runtimes.openvino_genai import check_genai_backend, write_genai_layout
 
-    if backend != "openvino":
-        raise InputError(f"--genai writes OpenVINO GenAI's folder layout: it takes --backend openvino, not {backend}")
+    check_genai_backend(backend)
     task = read_manifest(artifact).task
     if task != "text-to-image":
         raise InputError(f"--genai writes OpenVINO GenAI's image-generation layout; {artifact} is a {task} artifact")
