@@ -34,11 +34,15 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from benchmarks.runs import log as _log
+from benchmarks.runs import stage_runner
 
 PROMPT = "a red fox sitting in fresh snow, morning light, detailed photograph"
 NEGATIVE = "blurry, low quality"
@@ -50,10 +54,6 @@ TARGET = 1.3
 #: The pipeline run's own `enginekit optimize` flags (vit-base takes none unless given).
 PIPELINE_OPTIMIZE_ARGS = "--backends openvino --precisions fp16"
 CHILD = Path(__file__).with_name("peers_child.py")
-
-
-def _log(msg: str, started: float = time.monotonic()) -> None:
-    print(f"[{time.monotonic() - started:7.0f}s] {msg}", file=sys.stderr, flush=True)
 
 
 def ensure_peer_venv(venv: Path) -> Path:
@@ -258,16 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         redo |= {"diffusers", "optimum", "genai", "enginekit"}  # the protocol changed: time everything again
     state["common"] = common
 
-    def stage(name: str, run: Any) -> dict[str, Any]:
-        if name in state.get("stages", {}) and name not in redo and "error" not in state["stages"][name]:
-            _log(f"{name}: kept from an earlier run")
-            return state["stages"][name]
-        _log(f"{name} ...")
-        result = run()
-        state.setdefault("stages", {})[name] = result
-        state_path.write_text(json.dumps(state, indent=1, default=str))
-        _log(f"{name}: " + json.dumps({k: v for k, v in result.items() if k != "pairs_s"}, default=str)[:300])
-        return result
+    stage = stage_runner(state, state_path, redo)
 
     from enginekit.hardware import fingerprint
 
@@ -347,7 +338,7 @@ def _genai_folder(model: Path, out: Path, work: Path, logs: Path, streaming: boo
                 if subprocess.run(cmd, stdout=log, stderr=log).returncode != 0:
                     return {"error": f"{' '.join(cmd[3:5])} failed: see {logs / 'export-genai.log'}"}
     finally:
-        subprocess.run(["rm", "-rf", str(onnx)])
+        shutil.rmtree(onnx, ignore_errors=True)
     return {"export_s": time.monotonic() - start, "ir": "enginekit fp16 IRs, compile --genai"}
 
 

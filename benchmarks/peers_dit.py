@@ -27,7 +27,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from benchmarks.peers import CHILD, NEGATIVE, PROMPT, _genai_folder, _log, build_model, ensure_peer_venv, run_child
+from benchmarks.peers import (CHILD, NEGATIVE, PROMPT, _genai_folder, build_model, ensure_peer_venv, run_child,
+                              stage_runner)
 
 #: GenAI's TaylorSeerCacheConfig defaults, and the same schedule in enginekit's spelling.
 GENAI_TAYLORSEER = {"cache_interval": 3, "disable_cache_before_step": 6, "disable_cache_after_step": -2}
@@ -61,16 +62,7 @@ def main(argv: list[str] | None = None) -> int:
               "guidance": args.guidance, "seed": args.seed, "repeats": args.repeats, "out_dir": str(work), "call": call}
     state["common"] = {**common, "model": args.model, "without_t5": args.without_t5}
 
-    def stage(name: str, run: Any) -> dict[str, Any]:
-        if name in state.get("stages", {}) and name not in redo and "error" not in state["stages"][name]:
-            _log(f"{name}: kept from an earlier run")
-            return state["stages"][name]
-        _log(f"{name} ...")
-        result = run()
-        state.setdefault("stages", {})[name] = result
-        state_path.write_text(json.dumps(state, indent=1, default=str))
-        _log(f"{name}: " + json.dumps({k: v for k, v in result.items() if k != "pairs_s"}, default=str)[:300])
-        return result
+    stage = stage_runner(state, state_path, redo)
 
     from enginekit.hardware import fingerprint
 
@@ -93,8 +85,16 @@ def main(argv: list[str] | None = None) -> int:
 
     def compile_static() -> dict[str, Any]:
         """The same IRs reshaped static at the size (CFG's two rows), as GenAI reshapes them at load."""
+        from enginekit.manifest import read_manifest
+        from enginekit.registry import task_class
+
+        manifest = read_manifest(folder)
+        dims = task_class(manifest.task).compile_options(manifest, "openvino", "fp32", args.size, args.size, 1)["dims"]
+        denoiser = dims[manifest.task_config["denoiser"]]  # the T5 tokens this run asks for, not the default
+        denoiser["sequence"] += args.max_sequence_length - int(manifest.task_config["max_sequence_length"])
         cmd = [sys.executable, "-m", "enginekit.app.cli", "compile", str(folder), "-b", "openvino", "--height",
-               str(args.size), "--width", str(args.size), "--batch", "1", "-o", str(static), "--overwrite"]
+               str(args.size), "--width", str(args.size), "--batch", "1", "--option", f"dims={json.dumps(dims)}",
+               "-o", str(static), "--overwrite"]
         with open(work / "logs" / "static.log", "w") as log:
             code = subprocess.run(cmd, stdout=log, stderr=log).returncode
         return {"artifact": str(static)} if code == 0 else {"error": f"compile exit {code}: see logs/static.log"}

@@ -26,7 +26,8 @@ from typing import IO, Any, Callable, Iterable, Iterator, Sequence
 
 from enginekit.errors import ArtifactError
 
-__all__ = ["check_output", "disk_full", "stream_failure_note", "write_file", "writer_tag", "temporary_pattern", "writer_gone", "Partial",
+__all__ = ["check_output", "disk_full", "stream_failure_note", "write_file", "writer_tag", "temporary_pattern",
+           "writer_gone", "Partial",
            "stale_partials", "remove_partials", "partials_report"]
 
 

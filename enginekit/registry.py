@@ -68,6 +68,8 @@ class TaskStages:
     - ``recognises(source, family)`` -> whether a model source (``export``'s MODEL) exports to this task
     - ``serve``: the :class:`enginekit.serve.served.Served` subclass ``enginekit serve`` fronts
       a loaded model of this task with
+    - ``genai_layout(artifact, out, overwrite=, on_step=)`` -> the manifest: OpenVINO GenAI's
+      folder layout of a compiled OpenVINO artifact (``compile --genai``)
     """
 
     quantize: str | None = None
@@ -78,8 +80,11 @@ class TaskStages:
     export: str | None = None
     recognises: str | None = None
     serve: str | None = None
+    genai_layout: str | None = None
 
 
+#: Where text-to-image's GenAI layout writer lives (its own check names it too).
+GENAI_LAYOUT = "enginekit.runtimes.openvino_genai:write_genai_layout"
 _BUILTIN_STAGES: dict[str, TaskStages] = {
     "image-classification": TaskStages(
         quantize="enginekit.quant.api:quantize_classifier",
@@ -97,6 +102,7 @@ _BUILTIN_STAGES: dict[str, TaskStages] = {
         export="enginekit.export.api:export_pipeline_source",
         recognises="enginekit.export.api:is_pipeline_source",
         serve="enginekit.serve.served:ServedPipeline",
+        genai_layout=GENAI_LAYOUT,
     ),
 }
 _runtime_stages: dict[str, TaskStages] = {}

@@ -201,11 +201,13 @@ def write_genai_layout(src: str | Path, out: str | Path, *, overwrite: bool = Fa
     does ``enginekit.load(out)``."""
     import openvino as ov
 
+    from enginekit.registry import GENAI_LAYOUT, expect_stage
     from enginekit.runtimes.openvino_shapes import specs as port_specs
 
     src, out = Path(src), Path(out)
     manifest = read_manifest(src)
-    if manifest.kind != "openvino" or manifest.task != "text-to-image":
+    expect_stage(manifest.task, "genai_layout", GENAI_LAYOUT)
+    if manifest.kind != "openvino":
         raise InputError(f"{src} is a {manifest.kind} {manifest.task} artifact; OpenVINO GenAI's layout is "
                          "written from an OpenVINO text-to-image pipeline (compile -b openvino --genai)")
     index = _model_index(src)

@@ -132,12 +132,11 @@ def _build_genai(artifact: str | Path, backend: str, out: str | Path, req: Build
     """The OpenVINO engine compiled as asked, then rewritten into GenAI's folder layout."""
     from dataclasses import replace
 
-    from enginekit.runtimes.openvino_genai import check_genai_backend, write_genai_layout
+    from enginekit.registry import stage
+    from enginekit.runtimes.openvino_genai import check_genai_backend
 
     check_genai_backend(backend)
-    task = read_manifest(artifact).task
-    if task != "text-to-image":
-        raise InputError(f"--genai writes OpenVINO GenAI's image-generation layout; {artifact} is a {task} artifact")
+    write_genai_layout = stage(read_manifest(artifact).task, "genai_layout")  # refused before compiling
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{Path(out).name}.ov-", dir=Path(out).parent) as scratch:
         build_engine(artifact, backend, Path(scratch) / "ov", replace(req, genai=False, overwrite=True),
