@@ -100,13 +100,25 @@ class DiffusionFamily:
     defaults: CallDefaults = field(default_factory=CallDefaults)
     #: The T5 encoder's component, where the family has one (its weight-format default differs).
     t5_component: str | None = None
+    #: diffusers' inpainting pipeline class, where the family has inpainting models (a UNet whose
+    #: input holds the mask and the masked image's latents beside the latents).
+    inpaint_class: str | None = None
+
+    def pipeline_classes(self) -> tuple[str, ...]:
+        """The model_index.json classes that are this family."""
+        return (self.pipeline_class,) + ((self.inpaint_class,) if self.inpaint_class else ())
+
+    def loading_class(self, index: Mapping[str, Any] | None) -> str:
+        """The diffusers class that loads a folder whose model_index is ``index`` (its own, if the family's)."""
+        name = (index or {}).get("_class_name")
+        return name if name in self.pipeline_classes() else self.pipeline_class
 
     # ------------------------------------------------------------------ recognition
 
     def recognise(self, folder: Path | None, index: Mapping[str, Any]) -> tuple[str, bool] | None:
         """(how it was told, whether that is certain) when ``index`` (a model_index.json) is
         this family, else None. ``folder`` gives the component configs where they are needed."""
-        if index.get("_class_name") != self.pipeline_class:
+        if index.get("_class_name") not in self.pipeline_classes():
             return None
         if self.cross_attention_dim is None and self.text_activation is None:
             return "pipeline class", True
@@ -225,8 +237,16 @@ class UNetFamily(DiffusionFamily):
         unet = pipe.unet.config
         names = [n for n in ("text_encoder", "text_encoder_2") if getattr(pipe, n, None) is not None]
         xl = unet.addition_embed_type == "text_time"
+        latent = int(pipe.vae.config.latent_channels)
+        if int(unet.in_channels) not in (latent, 2 * latent + 1):
+            from enginekit.errors import ExportError
+
+            raise ExportError(f"the UNet takes {unet.in_channels} input channels: neither the VAE's {latent} latent "
+                              f"channels nor an inpainting UNet's {2 * latent + 1} (latents, mask, masked image)")
         return {
             **self._common(pipe, int(unet.sample_size)),
+            # An inpainting UNet: the mask and the masked image's latents join the latents every step.
+            "inpainting": int(unet.in_channels) == 2 * latent + 1,
             "text_encoders": [
                 {"component": n, "tokenizer": "tokenizer" + n[len("text_encoder"):],
                  "hidden_state": "penultimate" if self.penultimate else "last", "use_pooled": n == self.pooled_encoder}
@@ -348,7 +368,7 @@ def detect_family(source: str | Path | Mapping[str, Any]) -> tuple[DiffusionFami
         found = family.recognise(folder, index)
         if found is not None:
             return family, found[0], found[1]
-    classes = sorted({f.pipeline_class for f in _REGISTRY.values()})
+    classes = sorted({c for f in _REGISTRY.values() for c in f.pipeline_classes()})
     raise SourceError(f"{folder or 'model_index.json'}: model_index.json names {index.get('_class_name')!r}; "
                       f"the export takes {', '.join(classes)}")
 
@@ -376,7 +396,9 @@ _FLUX_NEEDS_T5 = "FLUX conditions on T5 and cannot run without it"
 @register_family
 def sd15() -> DiffusionFamily:
     return UNetFamily(name="sd15", title="Stable Diffusion 1.x", pipeline_class="StableDiffusionPipeline",
-                      layout="clip", configs=("sd15",), builtins=("tiny-sd15",), has_safety_checker=True,
+                      inpaint_class="StableDiffusionInpaintPipeline", layout="clip",
+                      configs=("sd15", "sd15-inpainting"), builtins=("tiny-sd15", "tiny-sd15-inpainting"),
+                      has_safety_checker=True,
                       single_file_prefix="cond_stage_model.transformer.", cross_attention_dim=768,
                       text_activation="quick_gelu")
 
@@ -385,7 +407,7 @@ def sd15() -> DiffusionFamily:
 def sd21() -> DiffusionFamily:
     # SD 2.x encodes with OpenCLIP (gelu); a folder of another width is told by that.
     return UNetFamily(name="sd21", title="Stable Diffusion 2.x", pipeline_class="StableDiffusionPipeline",
-                      layout="clip", configs=("sd21",), has_safety_checker=True,
+                      inpaint_class="StableDiffusionInpaintPipeline", layout="clip", configs=("sd21",), has_safety_checker=True,
                       single_file_prefix="cond_stage_model.model.", open_clip_encoders=("text_encoder",),
                       cross_attention_dim=1024)
 
@@ -394,7 +416,8 @@ def sd21() -> DiffusionFamily:
 def sdxl() -> DiffusionFamily:
     # diffusers' StableDiffusionXLPipeline call defaults: 50 steps at guidance 5.0.
     return UNetFamily(name="sdxl", title="Stable Diffusion XL", pipeline_class="StableDiffusionXLPipeline",
-                      layout="clip", configs=("sdxl",), builtins=("tiny-sdxl",),
+                      inpaint_class="StableDiffusionXLInpaintPipeline", layout="clip",
+                      configs=("sdxl", "sdxl-inpainting"), builtins=("tiny-sdxl", "tiny-sdxl-inpainting"),
                       single_file_prefix="conditioner.embedders.1.model.", open_clip_encoders=("text_encoder_2",),
                       vae_honours_upcast=True, force_zeros_flag=True, penultimate=True, pooled_encoder="text_encoder_2",
                       defaults=CallDefaults(steps=50, guidance_scale=5.0))

@@ -30,6 +30,10 @@ def image_parity(pipe: Any, root: Path, manifest: Manifest, *, steps: int = 3, s
     from enginekit.runtimes.tasks.text_to_image import TextToImage
 
     ours = TextToImage(Components(root, manifest, get_backend("onnxruntime"), "cpu"), manifest, root)
+    if manifest.task_config.get("inpainting"):  # the whole image repainted, as the runtime runs it without an image
+        from enginekit.export.diffusion.reference import WholeImageInpaint
+
+        pipe = pipe if isinstance(pipe, WholeImageInpaint) else WholeImageInpaint(pipe)
     size = size or ours.config.default_size
     layout = ours.layout
     latents = layout.pack(np.random.default_rng(seed).standard_normal(

@@ -8,7 +8,7 @@ from typing import Any
 from enginekit.errors import SourceError
 from enginekit.manifest import Manifest
 
-__all__ = ["reference_pipeline"]
+__all__ = ["reference_pipeline", "WholeImageInpaint"]
 
 
 def reference_pipeline(manifest: Manifest) -> Any:
@@ -28,4 +28,37 @@ def reference_pipeline(manifest: Manifest) -> Any:
     if recorded and now is not None and now != recorded:
         raise SourceError(f"{spec}: the weights changed since the artifact was exported "
                           "(their sha256 differs from the manifest's); re-export it to bench against them")
-    return src.pipeline
+    return WholeImageInpaint(src.pipeline) if manifest.task_config.get("inpainting") else src.pipeline
+
+
+class WholeImageInpaint:
+    """diffusers' inpainting pipeline called as text-to-image, as enginekit runs an inpainting
+    model called without an image: a white mask over a blank image, whose latents are the VAE
+    posterior's mean (``masked_image_latents``), at strength 1. Everything else (its modules,
+    ``scheduler``, ``set_progress_bar_config``) is the pipeline's own."""
+
+    def __init__(self, pipe: Any) -> None:
+        object.__setattr__(self, "_pipe", pipe)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pipe, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self._pipe, name, value)
+
+    def __call__(self, prompt: Any, *, height: int | None = None, width: int | None = None, latents: Any = None,
+                 **kwargs: Any) -> Any:
+        import torch
+        from PIL import Image
+
+        pipe = self._pipe
+        f = pipe.vae_scale_factor
+        if latents is not None:
+            height, width = latents.shape[-2] * f, latents.shape[-1] * f
+        height = height or pipe.unet.config.sample_size * f
+        width = width or pipe.unet.config.sample_size * f
+        with torch.no_grad():
+            blank = torch.zeros(1, 3, height, width, dtype=pipe.vae.dtype)
+            masked = pipe.vae.encode(blank).latent_dist.mean * pipe.vae.config.scaling_factor
+        return pipe(prompt, image=Image.new("RGB", (width, height)), mask_image=Image.new("L", (width, height), 255),
+                    masked_image_latents=masked, height=height, width=width, latents=latents, strength=1.0, **kwargs)

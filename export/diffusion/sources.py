@@ -165,10 +165,11 @@ def _resolve(spec: str, family: str | None, random_weights: bool, seed: int, rev
 # --------------------------------------------------------------------------- helpers
 
 
-def _pipeline_class(family: str) -> Any:
+def _pipeline_class(family: str, index: dict[str, Any] | None = None) -> Any:
+    """diffusers' class for the family (its inpainting class where ``index`` names it)."""
     import diffusers
 
-    return getattr(diffusers, get_family(family).pipeline_class)
+    return getattr(diffusers, get_family(family).loading_class(index))
 
 
 def _build_seeded(folder: Path, family: str, seed: int, skip: tuple[str, ...] = (), empty: bool = False,
@@ -230,7 +231,7 @@ def _assemble(folder: Path, index: dict[str, Any], family: str, components: dict
     kwargs = fam.pipeline_kwargs(index, loading=False)
     if fam.force_zeros_flag:
         kwargs["force_zeros_for_empty_prompt"] = bool(index.get("force_zeros_for_empty_prompt", True))
-    return _pipeline_class(family)(**components, **kwargs)
+    return _pipeline_class(family, index)(**components, **kwargs)
 
 
 def _require_safetensors(folder: Path, index: dict[str, Any], skip: tuple[str, ...] = ()) -> dict[str, str]:
@@ -271,7 +272,7 @@ def _load_folder(folder: Path, family: str | None, revision: str | None, without
         kwargs.update(text_encoder_3=None, tokenizer_3=None)
     weights = _empty_components(folder, index, kwargs) if empty else None
     try:
-        pipe = _pipeline_class(detected).from_pretrained(
+        pipe = _pipeline_class(detected, index).from_pretrained(
             str(folder), use_safetensors=True, local_files_only=True, **kwargs
         )
     except Exception as exc:  # diffusers/transformers raise many kinds
@@ -335,6 +336,19 @@ def _load_hub(hub_id: str, revision: str | None, family: str | None, without_t5:
 
 
 # --------------------------------------------------------------------------- single files
+
+
+def _inpainting_config(header: dict[str, Any], family: str, folder: Path) -> Path:
+    """The family's inpainting config folder when the checkpoint's UNet takes the mask and the
+    masked image beside the latents (its first convolution's 9 input channels), else ``folder``."""
+    first = header.get("model.diffusion_model.input_blocks.0.0.weight")
+    if first is None or first.ndim != 4 or int(first.shape[1]) != 9:
+        return folder
+    try:
+        return config_dir(f"{family}-inpainting")
+    except SourceError:
+        raise SourceError(f"the checkpoint is a {family} inpainting model, for which enginekit ships no config; "
+                          "pass --config with a diffusers folder of its architecture") from None
 
 
 def _read_header(path: Path) -> dict[str, Any]:
@@ -450,6 +464,7 @@ def _load_single_file(path: Path, family: str | None, config: str | Path | None,
     if not (folder / "model_index.json").is_file():
         raise SourceError(f"{folder}: the config folder has no model_index.json")
     header = _read_header(path)
+    folder = _inpainting_config(header, family, folder) if config is None else folder
     recipes: dict[str, dict[str, Any]] | None = {} if empty else None
     _check_fit(path, header, family, folder, recipes)
     del header
@@ -462,7 +477,7 @@ def _load_single_file(path: Path, family: str | None, config: str | Path | None,
     kwargs: dict[str, Any] = {name: _tokenizer_for(folder, name) for name in _TOKENIZERS if name in index}
     kwargs.update(get_family(family).pipeline_kwargs(index, loading=False))
     try:
-        pipe = _pipeline_class(family).from_single_file(str(path), config=str(folder), local_files_only=True, **kwargs)
+        pipe = _pipeline_class(family, index).from_single_file(str(path), config=str(folder), local_files_only=True, **kwargs)
     except Exception as exc:
         raise SourceError(f"{path}: diffusers could not load the checkpoint as {family} ({one_line(exc)})") from exc
     _eval(pipe)

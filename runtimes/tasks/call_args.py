@@ -22,7 +22,8 @@ MAX_SIDE = 4096
 #: T5 prompt tokens at most (diffusers' SD3 pipeline refuses more than 512).
 MAX_SEQUENCE_LENGTH = 512
 
-__all__ = ["CallArgs", "Call", "check_call", "init_image", "or_default", "as_prompts", "int_in", "float_in", "check_latents"]
+__all__ = ["CallArgs", "Call", "check_call", "default_strength", "IMG2IMG_STRENGTH", "INPAINT_STRENGTH", "init_image",
+           "or_default", "as_prompts", "int_in", "float_in", "check_latents"]
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,7 @@ class CallArgs:
     seed: int | None = None
     latents: np.ndarray | None = None
     image: Any = None
-    strength: float = 0.8
+    strength: float | None = None
     scheduler: str | None = None
     guidance_rescale: float = 0.0
     output_type: str = "pil"
@@ -48,6 +49,19 @@ class CallArgs:
     max_sequence_length: int | None = None
     true_cfg_scale: float = 1.0
     cache: str | None = None
+    mask_image: Any = None
+    padding_mask_crop: int | None = None
+
+
+#: ``strength`` when a call leaves it unset: diffusers' image-to-image default, and its
+#: inpainting one (everything under the mask repainted from noise).
+IMG2IMG_STRENGTH = 0.8
+INPAINT_STRENGTH = 1.0
+
+
+def default_strength(inpainting: bool) -> float:
+    """The strength a call with an init image runs at when it names none."""
+    return INPAINT_STRENGTH if inpainting else IMG2IMG_STRENGTH
 
 
 def or_default(value: Any, default: Any) -> Any:
@@ -114,6 +128,10 @@ class Call:
     generator: np.random.Generator
     output_type: str
     cache: StepCache | None = None
+    #: Inpainting: the init image and mask (None: no mask, or no image on an inpainting model).
+    masked: Any = None
+    #: The call repaints under a mask (a mask was given, or the model is an inpainting model).
+    inpaint: bool = False
 
     @property
     def batch(self) -> int:
@@ -141,13 +159,29 @@ def check_call(args: CallArgs, cfg: Any, layout: Any, components: Mapping[str, A
                                negatives is not None)
     # Sizes as diffusers takes them (sizes.py); a static-shape engine takes its own only.
     rule = size_rule(cfg, components, MAX_SIDE)
-    height, width, strength = args.height, args.width, args.strength
-    init = init_image(args.image, height, width, rule) if args.image is not None else None
-    if init is None and strength != 0.8:  # 0.8: the keyword default, diffusers' own
-        raise InputError(f"strength {strength} is for image-to-image: give an image (--init-image) or drop it")
+    height, width = args.height, args.width
+    inpaint = args.mask_image is not None or bool(cfg.extra.get("inpainting"))
+    if args.image is None:
+        if args.mask_image is not None:
+            raise InputError("mask_image needs an image (--init-image): the picture whose masked part is repainted")
+        if args.padding_mask_crop is not None:
+            raise InputError("padding_mask_crop needs an image and a mask_image")
+        if args.strength is not None:
+            raise InputError(f"strength {args.strength} is for image-to-image: give an image (--init-image) or drop it")
+    if args.padding_mask_crop is not None and args.mask_image is None:
+        raise InputError("padding_mask_crop crops around the mask: give a mask_image too")
+    masked = None
+    if args.image is not None and inpaint:
+        from enginekit.runtimes.tasks.inpaint import prepare_masked_image
+
+        masked = prepare_masked_image(args.image, args.mask_image, height, width, rule, args.padding_mask_crop)
+        init = masked.init
+    else:
+        init = init_image(args.image, height, width, rule) if args.image is not None else None
+    strength = default_strength(inpaint)
     if init is not None:
         height, width = init.shape[-2:]
-        strength = float_in("strength", strength, 0.0, 1.0)
+        strength = float_in("strength", or_default(args.strength, strength), 0.0, 1.0)
         if strength <= 0:
             raise InputError("strength must be above 0 (0 would return the image unchanged)")
     default_h, default_w = rule.fixed or (cfg.default_size, cfg.default_size)
@@ -173,7 +207,7 @@ def check_call(args: CallArgs, cfg: Any, layout: Any, components: Mapping[str, A
         generator = np.random.default_rng(seed)
     cache = parse_cache(args.cache, cfg, components)
     return Call(prompts, negatives, per_prompt, steps, guidance, rescale, height, width, name, seq_len, init,
-                strength, latents, seed, generator, args.output_type, cache)
+                strength, latents, seed, generator, args.output_type, cache, masked, inpaint)
 
 
 def init_image(image: Any, height: int | None, width: int | None, rule: Any) -> np.ndarray:

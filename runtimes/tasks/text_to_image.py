@@ -31,6 +31,7 @@ from enginekit.runtimes.base import Runner
 from enginekit.runtimes.schedulers import make_scheduler
 from enginekit.runtimes.tasks.call_args import MAX_IMAGES, MAX_SIDE, Call, CallArgs, check_call
 from enginekit.runtimes.tasks.call_args import int_in as _int_in
+from enginekit.runtimes.tasks.inpaint import Inpainting
 from enginekit.runtimes.tasks.layouts import (Layout, guidance_scale_embedding, layout_for,
                                               pack_latents, rescale_noise_cfg, unpack_latents)
 from enginekit.runtimes.tasks.pipeline_config import PipelineConfig, TextEncoderSpec, default_scheduler_name
@@ -225,7 +226,7 @@ class TextToImage:
         seed: int | None = None,
         latents: np.ndarray | None = None,
         image: Any = None,
-        strength: float = 0.8,
+        strength: float | None = None,
         scheduler: str | None = None,
         guidance_rescale: float = 0.0,
         output_type: str = "pil",
@@ -235,6 +236,8 @@ class TextToImage:
         max_sequence_length: int | None = None,
         true_cfg_scale: float = 1.0,
         cache: str | None = None,
+        mask_image: Any = None,
+        padding_mask_crop: int | None = None,
     ) -> PipelineOutput:
         """Generate images for ``prompt``.
 
@@ -242,8 +245,12 @@ class TextToImage:
         ``latents``: initial noise in diffusers' layout (N, C, H/8, W/8; FLUX packed,
         N, H/16 * W/16, 4C), float32, before scaling by the scheduler's ``init_noise_sigma``
         (as diffusers takes them).
-        ``image`` + ``strength``: image-to-image through the VAE encoder; ``latents`` is then
-        the noise added to the encoded image.
+        ``image`` + ``strength``: image-to-image through the VAE encoder (default strength 0.8);
+        ``latents`` is then the noise added to the encoded image.
+        ``mask_image`` (white: repaint) with ``image``: inpainting (default strength 1.0), on an
+        inpainting model (9-channel UNet) as diffusers' inpainting pipelines run it, on any other
+        as their masked image-to-image; ``padding_mask_crop`` (pixels) generates on the mask's
+        padded bounding box only and pastes it back. See :mod:`enginekit.runtimes.tasks.inpaint`.
         ``scheduler``: one of :data:`SCHEDULERS`; default the manifest's (the pipeline's own
         where ported; a flow-matching model, SD3 or FLUX, takes ``flow-euler`` only).
         ``num_inference_steps``, ``guidance_scale``, ``height``, ``width``: default the
@@ -271,7 +278,8 @@ class TextToImage:
         """
         args = CallArgs(prompt, negative_prompt, num_inference_steps, guidance_scale, height, width,
                         num_images_per_prompt, seed, latents, image, strength, scheduler, guidance_rescale,
-                        output_type, generator, max_sequence_length, true_cfg_scale, cache)
+                        output_type, generator, max_sequence_length, true_cfg_scale, cache, mask_image,
+                        padding_mask_crop)
         with self._one_call():
             try:
                 return self._call(args, callback, cancel)
@@ -291,15 +299,17 @@ class TextToImage:
         # 3. Prepare timesteps (image-to-image starts part-way down the schedule).
         sched, timesteps = self._prepare_timesteps(call)
 
-        # 4. Prepare latents: seeded noise, the caller's, or the encoded image with noise added.
-        with self._stage("image encoding") if call.init is not None else contextlib.nullcontext():
-            latents = self._prepare_latents(call, sched, timesteps)
+        # 4. Prepare latents: seeded noise, the caller's, or the encoded image with noise added
+        #    (inpainting: also the mask and the masked image's latents).
+        inpaint = Inpainting(self, call, call.masked, self.denoiser_channels()) if call.inpaint else None
+        with self._stage("image encoding") if call.init is not None or inpaint else contextlib.nullcontext():
+            latents = inpaint.start(sched, timesteps) if inpaint else self._prepare_latents(call, sched, timesteps)
 
         # 5. Denoise (a low-memory pipeline then closes the denoiser before the VAE decoder opens).
         with self._stage("denoising"):
             extra = self.layout.denoiser_inputs(self, embeds, pooled, call.batch, call.height, call.width,
                                                 call.guidance)
-            latents = self._denoise(call, sched, timesteps, latents, embeds, extra, callback, cancel)
+            latents = self._denoise(call, sched, timesteps, latents, embeds, extra, callback, cancel, inpaint)
             self.release(self.config.denoiser)
 
         # 6. Decode.
@@ -308,12 +318,15 @@ class TextToImage:
             return PipelineOutput(images=latents, seed=call.seed, timesteps=steps_run, cache=str(call.cache or "none"))
         with self._stage("decode"):
             pixels = self.decode(self.layout.unpack(latents, call.height, call.width), cancel=cancel)
-        if call.output_type == "np":
+        if call.output_type == "np" and not (inpaint and call.masked is not None and call.masked.crop):
             images: Any = pixels
         else:
             from PIL import Image
 
             images = [Image.fromarray(x) for x in (pixels * 255).round().astype(np.uint8)]
+            images = inpaint.finish(images) if inpaint else images  # a crop pasted back into the original
+            if call.output_type == "np":
+                images = np.stack([np.asarray(x, dtype=np.float32) / 255.0 for x in images])
         return PipelineOutput(images=images, seed=call.seed, timesteps=steps_run, cache=str(call.cache or "none"))
 
     # ------------------------------------------------------------------ the steps
@@ -359,7 +372,7 @@ class TextToImage:
 
     def _denoise(self, call: Call, sched: Any, timesteps: np.ndarray, latents: np.ndarray, embeds: np.ndarray,
                  extra: Mapping[str, np.ndarray], callback: Callback | None,
-                 cancel: threading.Event | None) -> np.ndarray:
+                 cancel: threading.Event | None, inpaint: Inpainting | None = None) -> np.ndarray:
         two_pass, scale = call.guidance.two_pass, np.float32(call.guidance.scale)
 
         def stopped(message: str, done: int) -> GenerationCancelled:
@@ -373,6 +386,7 @@ class TextToImage:
                 raise stopped(f"generation cancelled before step {i + 1} of {len(timesteps)}", i)
             model_in = np.concatenate([latents, latents]) if two_pass else latents
             model_in = sched.scale_model_input(model_in, t)
+            model_in = inpaint.model_input(model_in) if inpaint else model_in
             feeds = {"sample": model_in.astype(np.float32), "timestep": self.layout.timestep(t, model_in.shape[0]),
                      "encoder_hidden_states": embeds, **extra}
             if cache is None or cache.full(i, len(timesteps)):
@@ -394,6 +408,7 @@ class TextToImage:
                     noise_pred = rescale_noise_cfg(noise_pred, text, call.rescale)
             noise = call.generator.standard_normal(latents.shape, dtype=np.float32) if sched.stochastic else None
             latents = sched.step(noise_pred, t, latents, noise=noise)
+            latents = inpaint.after_step(latents, i, timesteps, sched) if inpaint else latents
             if callback is not None and callback(i, float(t), latents) is False:
                 raise stopped(f"generation cancelled by the callback after step {i + 1}", i + 1)
             if cancel is not None and cancel.is_set() and i + 1 < len(timesteps):
@@ -403,17 +418,30 @@ class TextToImage:
     def _image_latents(self, init: np.ndarray, batch: int, t0: np.ndarray, sched: Any,
                        generator: np.random.Generator, noise: np.ndarray | None) -> np.ndarray:
         """Encode ``init`` (1, 3, H, W in [-1, 1]), sample the latent, scale it and noise it to ``t0``."""
-        cfg = self.config
-        params = self.run_component("vae_encoder", {"sample": init.astype(np.float32)})["latent_parameters"]
-        mean, logvar = np.split(params.astype(np.float32), 2, axis=1)
-        std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0))
-        sample = mean + std * generator.standard_normal(mean.shape, dtype=np.float32)
-        if cfg.vae_shift_factor is not None:
-            sample = sample - np.float32(cfg.vae_shift_factor)
-        init_latents = np.repeat(sample * np.float32(cfg.vae_scaling_factor), batch, axis=0)
+        init_latents = np.repeat(self.encode_image(init, generator), batch, axis=0)
         if noise is None:
             noise = generator.standard_normal(init_latents.shape, dtype=np.float32)
         return sched.add_noise(init_latents, noise.astype(np.float32), t0).astype(np.float32)
+
+    def encode_image(self, image: np.ndarray, generator: np.random.Generator | None) -> np.ndarray:
+        """Images (N, 3, H, W in [-1, 1]) to scaled latents: the VAE encoder's posterior sampled
+        with ``generator`` (diffusers' ``retrieve_latents``; None: its mean), shifted and scaled
+        as the denoiser takes them."""
+        cfg = self.config
+        params = self.run_component("vae_encoder", {"sample": image.astype(np.float32)})["latent_parameters"]
+        mean, logvar = np.split(params.astype(np.float32), 2, axis=1)
+        sample = mean if generator is None else \
+            mean + np.exp(0.5 * np.clip(logvar, -30.0, 20.0)) * generator.standard_normal(mean.shape, np.float32)
+        if cfg.vae_shift_factor is not None:
+            sample = sample - np.float32(cfg.vae_shift_factor)
+        return (sample * np.float32(cfg.vae_scaling_factor)).astype(np.float32)
+
+    def denoiser_channels(self) -> int:
+        """Latent channels the denoiser's ``sample`` takes (unpacked: FLUX's 64 are 16 channels):
+        the latents', or an inpainting model's latents + mask + masked-image latents."""
+        spec = next(s for s in self.input_specs(self.config.denoiser) if s.name == "sample")
+        channels = spec.shape[-1] if self.layout.packs_latents else spec.shape[1]
+        return int(channels) // 4 if self.layout.packs_latents else int(channels)
 
     def decode(self, latents: np.ndarray, cancel: threading.Event | None = None) -> np.ndarray:
         """Latents to images: (N, H, W, 3) float32 in [0, 1]. ``cancel``, when set, stops a
