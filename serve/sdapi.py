@@ -46,6 +46,13 @@ class Txt2ImgRequest(BaseModel):
 class Img2ImgRequest(Txt2ImgRequest):
     init_images: list[str] = Field(min_length=1, max_length=1)
     denoising_strength: float = Field(default=0.75, gt=0.0, le=1.0)
+    # Inpainting (serve/sdapi_inpaint.py): A1111's names and defaults.
+    mask: Optional[str] = Field(default=None, description="base64 mask: white is repainted")
+    mask_blur: Optional[int] = Field(default=None, ge=0, le=256, description="absent: 4")
+    inpainting_fill: int = Field(default=0, ge=0, le=3)
+    inpaint_full_res: bool = True
+    inpaint_full_res_padding: int = Field(default=0, ge=0, le=16384)
+    inpainting_mask_invert: int = Field(default=0, ge=0, le=1)
 
 
 def _state(request: Request) -> Any:
@@ -93,7 +100,7 @@ def _answer(slot: Any, body: Txt2ImgRequest, req: GenerateRequest, out: Any) -> 
             "all_seeds": [out.seed] * len(out.images), "steps": steps, "cfg_scale": guidance,
             "sampler_name": body.sampler_name or body.sampler_index, "width": out.images[0].width,
             "height": out.images[0].height, "sd_model_name": slot.name}
-    params = body.model_dump(exclude={"init_images"})
+    params = body.model_dump(exclude={"init_images", "mask"})
     return {"images": result["images"], "parameters": params, "info": json.dumps(info)}
 
 
@@ -113,6 +120,11 @@ async def img2img(request: Request, body: Img2ImgRequest) -> dict[str, Any]:
     state = _state(request)
     req = _ours(body, state.settings)
     init = await asyncio.to_thread(open_image, b64_image(body.init_images[0], "init_images[0]"), 0, state.settings)
+    if body.mask is not None:
+        from enginekit.serve.sdapi_inpaint import prepare_inpainting
+
+        mask = await asyncio.to_thread(open_image, b64_image(body.mask, "mask"), 1, state.settings, "mask")
+        init, req._mask, req.padding_mask_crop = await asyncio.to_thread(prepare_inpainting, body, init, mask)
     out = await run_generation(request, slot, req, init)
     return _answer(slot, body, req, out)
 

@@ -226,7 +226,12 @@ class ServedPipeline(Served):
         slot = self.slot
         steps = job.kwargs.get("num_inference_steps") or self.obj.config.default_steps
         if job.kwargs.get("image") is not None:  # image-to-image runs the last `strength` of the schedule
-            steps = max(1, min(int(steps * job.kwargs.get("strength", 0.8)), steps))
+            from enginekit.runtimes.tasks.call_args import default_strength, is_inpainting
+
+            strength = job.kwargs.get("strength")
+            if strength is None:
+                strength = default_strength(is_inpainting(self.obj.config, job.kwargs.get("mask_image")))
+            steps = max(1, min(int(steps * strength), steps))
 
         def callback(i: int, t: float, latents: np.ndarray) -> None:
             slot.jobs.progress(job, i + 1, job.steps or steps)

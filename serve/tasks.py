@@ -17,7 +17,7 @@ from typing import Any, AsyncIterator, Literal, Optional
 import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from enginekit.errors import EngineKitError, ImageError, one_line
 from enginekit.runtimes.schedulers import SCHEDULERS
@@ -48,34 +48,36 @@ def b64_image(value: Any, field: str) -> bytes:
         raise ApiError(422, f"{field}: not valid base64") from None
 
 
-def check_image(data: bytes, index: int, settings: Any) -> None:
-    """Format and pixel count from the header alone, before anything is decoded."""
+def check_image(data: bytes, index: int, settings: Any, field: str | None = None) -> None:
+    """Format and pixel count from the header alone, before anything is decoded (errors name
+    ``field``, else "image <index>")."""
     from PIL import Image
 
     formats = settings.image_formats
+    label = field or f"image {index}"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as im:
                 fmt, (w, h) = im.format, im.size
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ApiError(413, f"image {index}: too many pixels (the limit is {settings.max_upload_pixels})") from None
+        raise ApiError(413, f"{label}: too many pixels (the limit is {settings.max_upload_pixels})") from None
     except Exception:
-        raise ApiError(415, f"image {index}: not an image in a supported format ({', '.join(sorted(formats))})") from None
+        raise ApiError(415, f"{label}: not an image in a supported format ({', '.join(sorted(formats))})") from None
     if fmt not in formats:
-        raise ApiError(415, f"image {index}: {fmt} is not accepted (send one of {', '.join(sorted(formats))})")
+        raise ApiError(415, f"{label}: {fmt} is not accepted (send one of {', '.join(sorted(formats))})")
     if w * h > settings.max_upload_pixels:
-        raise ApiError(413, f"image {index}: {w}x{h} is over the limit of {settings.max_upload_pixels} pixels")
+        raise ApiError(413, f"{label}: {w}x{h} is over the limit of {settings.max_upload_pixels} pixels")
 
 
-def open_image(data: bytes, index: int, settings: Any) -> Any:
+def open_image(data: bytes, index: int, settings: Any, field: str | None = None) -> Any:
     from enginekit.runtimes.images import load_images
 
-    check_image(data, index, settings)
+    check_image(data, index, settings, field)
     try:
         return load_images([data])[0]
     except ImageError as exc:
-        raise ApiError(422, f"image {index}: {str(exc).partition(': ')[2] or exc}") from None
+        raise ApiError(422, f"{field or f'image {index}'}: {str(exc).partition(': ')[2] or exc}") from None
 
 
 async def decode_images(state: Any, slot: ModelSlot, images: list[bytes]) -> np.ndarray:
@@ -233,8 +235,16 @@ class GenerateRequest(BaseModel):
                                  description="step cache: deepcache[:N], taylorseer[:N][,before=B,after=A,order=K] "
                                              "or none; absent: the model's own")
     num_images: int = Field(default=1, ge=1, le=1024)
-    strength: float = Field(default=0.8, gt=0.0, le=1.0, description="image-to-image: how much to repaint")
+    strength: Optional[float] = Field(default=None, gt=0.0, le=1.0,
+                                      description="image-to-image: how much to repaint; absent: 0.8, 1.0 with a mask")
     init_image: Optional[str] = Field(default=None, description="image-to-image: base64 of the starting picture")
+    mask_image: Optional[str] = Field(default=None, description="inpainting: base64 of the mask (white: repaint), "
+                                                                "with init_image; any size (resized to the image's)")
+    padding_mask_crop: Optional[int] = Field(default=None, ge=0, le=16384,
+                                             description="inpainting: generate the mask's box grown by this many "
+                                                         "pixels only, pasted back into the image")
+    #: The decoded mask (set by parse_generate; the A1111 route sets its own).
+    _mask: Any = PrivateAttr(default=None)
     response_format: Optional[Literal["png", "json", "sse"]] = None
 
     @classmethod
@@ -270,7 +280,9 @@ class GenerateRequest(BaseModel):
         if self.cache is not None:
             kwargs["cache"] = self.cache
         if init_image is not None:
-            kwargs.update(image=init_image, strength=self.strength)
+            kwargs["image"] = init_image
+            extra = {"strength": self.strength, "mask_image": self._mask, "padding_mask_crop": self.padding_mask_crop}
+            kwargs.update({k: v for k, v in extra.items() if v is not None})  # unset: the library's default
         return kwargs
 
 
@@ -278,15 +290,15 @@ async def parse_generate(request: Request) -> tuple[GenerateRequest, Any]:
     """The request and its decoded init image (or None), from JSON or multipart."""
     state = _state(request)
     ctype = request.headers.get("content-type", "").lower()
-    init_bytes: bytes | None = None
+    files: dict[str, bytes] = {}
     if ctype.startswith("multipart/form-data"):
-        form = await request.form(max_files=1, max_fields=32)
+        form = await request.form(max_files=2, max_fields=32)
         fields: dict[str, Any] = {}
         for key, value in form.multi_items():
             if hasattr(value, "read"):
-                if key != "init_image":
-                    raise ApiError(422, f"{key}: only init_image may be a file"[:200])
-                init_bytes = await value.read()
+                if key not in ("init_image", "mask_image") or key in files:
+                    raise ApiError(422, f"{key}: only init_image and mask_image may be files, once each"[:200])
+                files[key] = await value.read()
             elif value != "":
                 fields[key] = value
     elif ctype.startswith("application/json"):
@@ -294,9 +306,16 @@ async def parse_generate(request: Request) -> tuple[GenerateRequest, Any]:
     else:
         raise ApiError(415, "send application/json, or multipart/form-data with an init_image file")
     req = GenerateRequest.checked(fields, state.settings)
-    if req.init_image is not None:
-        init_bytes = b64_image(req.init_image, "init_image")
-    init = await asyncio.to_thread(open_image, init_bytes, 0, state.settings) if init_bytes is not None else None
+    for name in ("init_image", "mask_image"):
+        if getattr(req, name) is not None:
+            files[name] = b64_image(getattr(req, name), name)
+    if "init_image" not in files and ("mask_image" in files or req.padding_mask_crop is not None):
+        raise ApiError(422, "mask_image: inpainting repaints part of an init_image; send one")
+    if req.padding_mask_crop is not None and "mask_image" not in files:
+        raise ApiError(422, "padding_mask_crop: crops around the mask; send a mask_image too")
+    init = await asyncio.to_thread(open_image, files["init_image"], 0, state.settings) if "init_image" in files else None
+    if "mask_image" in files:
+        req._mask = await asyncio.to_thread(open_image, files["mask_image"], 1, state.settings, "mask_image")
     return req, init
 
 

@@ -139,6 +139,33 @@ def tiny_pipelines(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, 
     return out
 
 
+@pytest.fixture(scope="session")
+def inpainting(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], Path]:
+    """The built-in tiny inpainting pipelines (9-channel UNets), exported once per session and
+    compiled for every installed backend: {(name, kind): path}."""
+    from enginekit.api import compile_artifact
+    from enginekit.export.diffusion.sd import export_pipeline
+
+    root = tmp_path_factory.mktemp("inpainting")
+    out: dict[tuple[str, str], Path] = {}
+    for name in ("tiny-sd15-inpainting", "tiny-sdxl-inpainting"):
+        export_pipeline(name, root / name)
+        out[(name, "onnx")] = root / name
+        for backend in installed_backends():
+            compile_artifact(root / name, backend, root / f"{name}-{backend}")
+            out[(name, backend)] = root / f"{name}-{backend}"
+    return out
+
+
+def make_mask(size: tuple[int, int], box: tuple[int, int, int, int]) -> "object":
+    """An inpainting mask: white (repaint) inside ``box`` (x1, y1, x2, y2), black elsewhere, soft-edged."""
+    from PIL import Image, ImageDraw, ImageFilter
+
+    mask = Image.new("L", size, 0)
+    ImageDraw.Draw(mask).rectangle(box, fill=255)
+    return mask.filter(ImageFilter.GaussianBlur(2))
+
+
 def diffusers_twin(name: str) -> "object":
     """The seeded diffusers pipeline an exported built-in came from (rebuilt, identical weights)."""
     from enginekit.export.diffusion.sources import resolve_pipeline

@@ -30,7 +30,8 @@ from enginekit.errors import SourceError
 from enginekit.export.json_files import jsonable, read_json
 
 __all__ = ["CallDefaults", "DiffusionFamily", "UNetFamily", "SD3Family", "FluxFamily", "register_family",
-           "get_family", "family_names", "families", "detect_family", "family_of_config", "check_family"]
+           "get_family", "family_names", "families", "detect_family", "family_of_config", "check_family",
+           "is_inpainting_checkpoint"]
 
 _REGISTRY: dict[str, DiffusionFamily] = {}
 
@@ -371,6 +372,13 @@ def detect_family(source: str | Path | Mapping[str, Any]) -> tuple[DiffusionFami
     classes = sorted({c for f in _REGISTRY.values() for c in f.pipeline_classes()})
     raise SourceError(f"{folder or 'model_index.json'}: model_index.json names {index.get('_class_name')!r}; "
                       f"the export takes {', '.join(classes)}")
+
+
+def is_inpainting_checkpoint(header: Mapping[str, Any]) -> bool:
+    """A single-file (LDM) checkpoint whose UNet takes the mask and the masked image beside the
+    latents: its first convolution's 9 input channels (``header``: key -> tensor or meta tensor)."""
+    first = header.get("model.diffusion_model.input_blocks.0.0.weight")
+    return first is not None and first.ndim == 4 and int(first.shape[1]) == 9
 
 
 def check_family(where: str, detected: str, asked: str | None, *, how: str | None = None,

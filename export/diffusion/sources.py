@@ -37,7 +37,7 @@ from typing import Any
 from enginekit.artifact import sha256_file
 from enginekit.errors import SourceError, one_line
 from enginekit.export.diffusion.families import (DiffusionFamily, check_family, detect_family, families,
-                                                 family_names, get_family)
+                                                 family_names, get_family, is_inpainting_checkpoint)
 from enginekit.export.diffusion.tokenizer import tokenizer_for as _tokenizer_for
 from enginekit.export.json_files import read_json
 
@@ -166,8 +166,7 @@ def _resolve(spec: str, family: str | None, random_weights: bool, seed: int, rev
 
 
 def _pipeline_class(family: str, index: dict[str, Any] | None = None) -> Any:
-    """diffusers' class for the family (its inpainting class where ``index`` names it)."""
-    import diffusers
+    import diffusers  # the family's class, or its inpainting class where ``index`` names it
 
     return getattr(diffusers, get_family(family).loading_class(index))
 
@@ -339,16 +338,13 @@ def _load_hub(hub_id: str, revision: str | None, family: str | None, without_t5:
 
 
 def _inpainting_config(header: dict[str, Any], family: str, folder: Path) -> Path:
-    """The family's inpainting config folder when the checkpoint's UNet takes the mask and the
-    masked image beside the latents (its first convolution's 9 input channels), else ``folder``."""
-    first = header.get("model.diffusion_model.input_blocks.0.0.weight")
-    if first is None or first.ndim != 4 or int(first.shape[1]) != 9:
+    """The family's inpainting config folder for an inpainting checkpoint, else ``folder``."""
+    if not is_inpainting_checkpoint(header):
         return folder
-    try:
-        return config_dir(f"{family}-inpainting")
-    except SourceError:
+    if not (config_dir(family).parent / f"{family}-inpainting" / "model_index.json").is_file():
         raise SourceError(f"the checkpoint is a {family} inpainting model, for which enginekit ships no config; "
-                          "pass --config with a diffusers folder of its architecture") from None
+                          "pass --config with a diffusers folder of its architecture")
+    return config_dir(f"{family}-inpainting")
 
 
 def _read_header(path: Path) -> dict[str, Any]:

@@ -22,8 +22,8 @@ MAX_SIDE = 4096
 #: T5 prompt tokens at most (diffusers' SD3 pipeline refuses more than 512).
 MAX_SEQUENCE_LENGTH = 512
 
-__all__ = ["CallArgs", "Call", "check_call", "default_strength", "IMG2IMG_STRENGTH", "INPAINT_STRENGTH", "init_image",
-           "or_default", "as_prompts", "int_in", "float_in", "check_latents"]
+__all__ = ["CallArgs", "Call", "check_call", "default_strength", "is_inpainting", "IMG2IMG_STRENGTH",
+           "INPAINT_STRENGTH", "init_image", "or_default", "as_prompts", "int_in", "float_in", "check_latents"]
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,11 @@ INPAINT_STRENGTH = 1.0
 def default_strength(inpainting: bool) -> float:
     """The strength a call with an init image runs at when it names none."""
     return INPAINT_STRENGTH if inpainting else IMG2IMG_STRENGTH
+
+
+def is_inpainting(cfg: Any, mask_image: Any) -> bool:
+    """A call repaints under a mask: it gives one, or the model is an inpainting model."""
+    return mask_image is not None or bool(cfg.extra.get("inpainting"))
 
 
 def or_default(value: Any, default: Any) -> Any:
@@ -160,7 +165,7 @@ def check_call(args: CallArgs, cfg: Any, layout: Any, components: Mapping[str, A
     # Sizes as diffusers takes them (sizes.py); a static-shape engine takes its own only.
     rule = size_rule(cfg, components, MAX_SIDE)
     height, width = args.height, args.width
-    inpaint = args.mask_image is not None or bool(cfg.extra.get("inpainting"))
+    inpaint = is_inpainting(cfg, args.mask_image)
     if args.image is None:
         if args.mask_image is not None:
             raise InputError("mask_image needs an image (--init-image): the picture whose masked part is repainted")

@@ -16,37 +16,11 @@ torch = pytest.importorskip("torch")
 import enginekit  # noqa: E402
 from enginekit.errors import InputError  # noqa: E402
 
-from ..conftest import backend_params, installed_backends, make_photo, psnr, twin_cache  # noqa: E402
+from ..conftest import backend_params, make_mask, make_photo, psnr, twin_cache  # noqa: E402
 
 KINDS = backend_params("onnx")
 PROMPT, NEGATIVE = "a red fox in the snow", "blurry"
 _twin = twin_cache()
-
-
-def make_mask(size: tuple[int, int], box: tuple[int, int, int, int]) -> object:
-    """White (repaint) inside ``box`` (x1, y1, x2, y2), black elsewhere, with a soft edge."""
-    from PIL import Image, ImageDraw, ImageFilter
-
-    mask = Image.new("L", size, 0)
-    ImageDraw.Draw(mask).rectangle(box, fill=255)
-    return mask.filter(ImageFilter.GaussianBlur(2))
-
-
-@pytest.fixture(scope="module")
-def inpainting(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], Path]:
-    """The built-in tiny inpainting pipelines, exported and compiled for every installed backend."""
-    from enginekit.api import compile_artifact
-    from enginekit.export.diffusion.sd import export_pipeline
-
-    root = tmp_path_factory.mktemp("inpainting")
-    out: dict[tuple[str, str], Path] = {}
-    for name in ("tiny-sd15-inpainting", "tiny-sdxl-inpainting"):
-        export_pipeline(name, root / name)
-        out[(name, "onnx")] = root / name
-        for backend in installed_backends():
-            compile_artifact(root / name, backend, root / f"{name}-{backend}")
-            out[(name, backend)] = root / f"{name}-{backend}"
-    return out
 
 
 def _draws(seed: int, *shapes: tuple[int, ...]) -> list[np.ndarray]:

@@ -48,7 +48,13 @@ _NOT_CALL = ("artifact", "prompt", "out", "init_image", "device", "backend", "as
                    "cached pick, else none].")
 @click.option("--init-image", type=click.Path(path_type=Path), help="Image-to-image: start from this picture.")
 @click.option("--strength", type=float, default=None,
-              help="Image-to-image: how much of --init-image to repaint (0-1] [default: 0.8].")
+              help="Image-to-image: how much of --init-image to repaint (0-1] [default: 0.8; 1.0 with --mask].")
+@click.option("--mask", "mask_image", type=click.Path(path_type=Path),
+              help="Inpainting: repaint --init-image where this mask is white (any size: resized to the image's); "
+                   "an inpainting model runs as diffusers' inpainting pipeline, any other keeps the unmasked region.")
+@click.option("--padding-mask-crop", type=int, default=None,
+              help="Inpainting: generate only the mask's bounding box grown by this many pixels (at --height x "
+                   "--width) and paste it back into the full image.")
 @click.option("--num-images", default=1, show_default=True, help="Images for the prompt.")
 @click.option("-d", "--device", default="auto", show_default=True, help=DEVICE_HELP + ".")
 @click.option("--backend", help="Backend to run on (default: the one the artifact was built for).")
@@ -77,8 +83,11 @@ def generate(**params: Any) -> None:
     if o.verbose:
         logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     stages = StagePeaks() if verbose else None
-    if o.strength is not None and o.init_image is None:
-        raise click.UsageError("--strength is for image-to-image: give --init-image too")
+    for name, flag in (("strength", "--strength"), ("mask_image", "--mask"), ("padding_mask_crop", "--padding-mask-crop")):
+        if params.get(name) is not None and o.init_image is None:
+            raise click.UsageError(f"{flag} is for image-to-image and inpainting: give --init-image too")
+    if o.padding_mask_crop is not None and o.mask_image is None:
+        raise click.UsageError("--padding-mask-crop crops around the mask: give --mask too")
     started = time.perf_counter()
     with Progress(TextColumn("denoising"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err_console(), transient=True, disable=o.as_json) as progress:
