@@ -369,15 +369,35 @@ async def run_generation(request: Request, slot: ModelSlot, req: GenerateRequest
     return await await_job(request, slot, submit_job(request, slot, req, init))
 
 
-def png_bytes(image: Any) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
+def png_bytes(image: Any, infotext: str | None = None) -> bytes:
+    """``image`` as PNG, carrying ``infotext`` as A1111's ``parameters`` text chunk."""
+    from enginekit.runtimes.png_info import image_bytes
+
+    return image_bytes(image, infotext)
 
 
-def images_json(slot: ModelSlot, out: Any) -> dict[str, Any]:
+def generation_params(slot: ModelSlot, req: GenerateRequest, out: Any, image_to_image: bool) -> Any:
+    """What made ``out`` (a :class:`~enginekit.runtimes.png_info.GenerationParams`): the
+    request's values, the model's own defaults where the request left one unset."""
+    from enginekit.runtimes.png_info import GenerationParams
+
+    config = slot.obj.config
+    first = out.images[0]
+    return GenerationParams(
+        prompt=req.prompt, negative_prompt=req.negative_prompt,
+        steps=req.steps if req.steps is not None else config.default_steps,
+        scheduler=req.scheduler or config.default_scheduler,
+        cfg_scale=req.guidance if req.guidance is not None else config.default_guidance_scale,
+        seed=out.seed, width=first.width, height=first.height, model=slot.name,
+        model_hash=slot.digest[:10] if slot.digest else None,
+        denoising_strength=req.strength if image_to_image else None, batch_size=len(out.images))
+
+
+def images_json(slot: ModelSlot, out: Any, params: Any = None) -> dict[str, Any]:
+    """The images as base64 PNGs, each carrying its ``params`` (when given) as infotext."""
+    texts = [params.at(i).infotext() if params is not None else None for i in range(len(out.images))]
     return {"model": slot.name, "seed": out.seed,
-            "images": [base64.b64encode(png_bytes(im)).decode("ascii") for im in out.images]}
+            "images": [base64.b64encode(png_bytes(im, text)).decode("ascii") for im, text in zip(out.images, texts)]}
 
 
 @router.post("/v1/generate", openapi_extra={"requestBody": {"required": True, "content": {
@@ -400,19 +420,23 @@ async def generate(request: Request) -> Response:
         job = submit_job(request, slot, req, init)
         listener: asyncio.Queue = asyncio.Queue()
         job.listeners.append(listener)  # now, not when the stream starts: no step is missed
-        return StreamingResponse(_events(state, slot, job, listener), media_type="text/event-stream",
+        return StreamingResponse(_events(state, slot, job, listener, req, init is not None),
+                                 media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Job-Id": job.id})
     out = await run_generation(request, slot, req, init)
+    params = generation_params(slot, req, out, init is not None)
     if fmt == "json":
-        return JSONResponse(images_json(slot, out))
-    return Response(png_bytes(out.images[0]), media_type="image/png", headers={"X-Seed": str(out.seed)})
+        return JSONResponse(images_json(slot, out, params))
+    return Response(png_bytes(out.images[0], params.infotext()), media_type="image/png",
+                    headers={"X-Seed": str(out.seed)})
 
 
 def _sse(event: str, data: dict[str, Any]) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data)}\n\n".encode()
 
 
-async def _events(state: Any, slot: ModelSlot, job: Job, listener: asyncio.Queue) -> AsyncIterator[bytes]:
+async def _events(state: Any, slot: ModelSlot, job: Job, listener: asyncio.Queue, req: GenerateRequest,
+                  image_to_image: bool) -> AsyncIterator[bytes]:
     """``queued``, then ``progress`` per step, then ``done`` (with the images) or ``error``.
     Leaving early (the client disconnected) cancels the generation."""
     deadline = time.monotonic() + state.settings.timeout_s
@@ -449,7 +473,7 @@ async def _events(state: Any, slot: ModelSlot, job: Job, listener: asyncio.Queue
                 message = one_line(exc)
             yield _sse("error", {"status": status, "error": state.scrub(message)})
             return
-        yield _sse("done", {"id": job.id, **images_json(slot, out)})
+        yield _sse("done", {"id": job.id, **images_json(slot, out, generation_params(slot, req, out, image_to_image))})
     finally:
         if not job.future.done() and not job.cancel.is_set():  # the client left (a timeout is booked above)
             slot.cancel(job)
