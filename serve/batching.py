@@ -165,6 +165,8 @@ class Job:
     #: The latents after the last finished step (a reference the engine thread replaces each
     #: step; read only when someone asks for a preview).
     latents: Any = None
+    #: The last preview made, (latents, image): polling faster than the steps costs nothing.
+    preview: Any = None
 
 
 class JobQueue:

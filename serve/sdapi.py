@@ -156,15 +156,18 @@ def _preview(slot: Any, job: Any) -> str | None:
 
     from enginekit.runtimes.tasks.preview import preview_rgb
 
+    latents, made = job.latents, job.preview
+    if made is not None and made[0] is latents:
+        return made[1]
     kwargs = job.kwargs
     init = kwargs.get("image")
     size = slot.obj.config.default_size
     height = kwargs.get("height") or (init.height if init is not None else size)
     width = kwargs.get("width") or (init.width if init is not None else size)
-    rgb = preview_rgb(slot.obj, job.latents, height, width)
-    if rgb is None:
-        return None
-    return base64.b64encode(png_bytes(Image.fromarray(rgb))).decode("ascii")
+    rgb = preview_rgb(slot.obj, latents, height, width)
+    image = None if rgb is None else base64.b64encode(png_bytes(Image.fromarray(rgb))).decode("ascii")
+    job.preview = (latents, image)
+    return image
 
 
 @router.post("/sdapi/v1/interrupt")

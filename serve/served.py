@@ -259,4 +259,4 @@ class ServedPipeline(Served):
                                 f"{scrub(first, slot.known_paths())[:300]}") from None
         finally:
             slot.running(None)
-            job.latents = None
+            job.latents = job.preview = None

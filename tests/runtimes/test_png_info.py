@@ -46,6 +46,15 @@ def test_formats_as_create_infotext_and_round_trips() -> None:
     assert parse_infotext("a prompt\nwith: two lines")["Prompt"] == "a prompt\nwith: two lines"
 
 
+def test_parsing_a_hostile_text_takes_linear_time() -> None:
+    import time
+
+    for text in (" " * 200_000 + "x", "word " * 40_000, "prompt\n" + "a: b, " * 40_000):
+        t0 = time.perf_counter()
+        parse_infotext(text)
+        assert time.perf_counter() - t0 < 5.0  # a bound on the growth, not a speed: A1111's pattern takes minutes
+
+
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP"])
 def test_every_written_format_carries_the_text(fmt: str) -> None:
     text = "ünïcödé prompt 😀\nNegative prompt: x\nSteps: 3, Sampler: Euler, CFG scale: 7.0, Seed: 1"
