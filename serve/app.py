@@ -1,7 +1,7 @@
 """The ASGI app: :func:`create_app` ``(models, settings)``.
 
-Routes live in :mod:`.kserve` (KServe v2), :mod:`.tasks` (``/v1``), :mod:`.sdapi`
-(the A1111 API) and here (the page, ``/metrics``). The middleware in this module
+Routes live in :mod:`.kserve` (KServe v2), :mod:`.tasks` (``/v1``), :mod:`.sdapi` and
+:mod:`.sdapi_info` (the A1111 API) and here (the page, ``/metrics``). The middleware in this module
 answers before any route: drain (503), authentication (401), body size (413),
 and books every request into the metrics.
 """
@@ -52,6 +52,9 @@ class ServerState:
         self.idle = asyncio.Event()
         self.idle.set()
         self.started = time.time()
+        #: Task -> the model its endpoints run when a request names none and several are served
+        #: (A1111's ``POST /sdapi/v1/options`` sets the pipeline's). Per server process.
+        self.defaults: dict[str, str] = {}
 
     @property
     def ready(self) -> bool:
@@ -71,7 +74,9 @@ class ServerState:
         return slot
 
     def pick(self, task: str, name: str | None, field: str = "model") -> ModelSlot:
-        """The model a task endpoint runs: the named one, else the only one of that task."""
+        """The model a task endpoint runs: the named one, else the task's default (:attr:`defaults`),
+        else the only one of that task."""
+        name = name or self.defaults.get(task)
         if name:
             slot = self.slot(name)
             if slot.task is not None and not slot.serves(task):
@@ -149,7 +154,7 @@ def create_app(models: Mapping[str, str | Path], settings: ServeSettings = Serve
     ``load_before_start`` makes the lifespan's startup wait for them instead (Ray Serve
     counts a replica as running once its startup returns)."""
     from enginekit import __version__
-    from enginekit.serve import kserve, sdapi, tasks
+    from enginekit.serve import kserve, sdapi, sdapi_info, tasks
 
     state = ServerState(models, settings)
     app = FastAPI(title="enginekit serve", version=__version__, lifespan=lifespan_of(state, load_before_start),
@@ -159,6 +164,7 @@ def create_app(models: Mapping[str, str | Path], settings: ServeSettings = Serve
     app.include_router(kserve.router)
     app.include_router(tasks.router)
     app.include_router(sdapi.router)
+    app.include_router(sdapi_info.router)
 
     @app.get("/", include_in_schema=False)
     async def page() -> HTMLResponse:

@@ -19,6 +19,7 @@ from typing import Any, Callable
 import numpy as np
 
 from enginekit.serve.errors import QueueFull
+from enginekit.serve.stats import InferenceStats
 
 __all__ = ["Batcher", "JobQueue", "Job"]
 
@@ -40,8 +41,10 @@ class Batcher:
     once, so batching costs a single client no latency."""
 
     def __init__(self, name: str, run: Callable[[np.ndarray], dict[str, np.ndarray]], max_batch: int,
-                 max_delay_s: float, max_queue: int, on_batch: Callable[[int], None] = lambda n: None) -> None:
+                 max_delay_s: float, max_queue: int, on_batch: Callable[[int], None] = lambda n: None,
+                 stats: InferenceStats | None = None) -> None:
         self.name = name
+        self.stats = stats if stats is not None else InferenceStats()
         self._run = run
         self.max_batch = max_batch
         self.max_delay_s = max_delay_s
@@ -95,10 +98,14 @@ class Batcher:
             self._last_rows = len(rows)
             self._on_batch(len(rows))
             self.busy = True
+            began = time.monotonic()
+            for item in batch:
+                self.stats.queued(began - item.arrived)
             try:
                 out = await loop.run_in_executor(self._executor, self._run, rows)
             except BaseException as exc:  # every waiter gets the error, the loop goes on
                 for item in batch:
+                    self.stats.answered(False, time.monotonic() - item.arrived)
                     if not item.future.done():
                         item.future.set_exception(exc)
                 if isinstance(exc, asyncio.CancelledError):
@@ -106,9 +113,13 @@ class Batcher:
                 continue
             finally:
                 self.busy = False
+            done = time.monotonic()
+            self.stats.executed(len(rows), len(batch), done - began)
             start = 0
             for item in batch:
                 n = len(item.rows)
+                # A request that timed out while its batch ran gets no answer: booked as failed.
+                self.stats.answered(not item.future.done(), done - item.arrived)
                 if not item.future.done():
                     item.future.set_result({k: v[start:start + n] for k, v in out.items()})
                 start += n
@@ -123,6 +134,7 @@ class Batcher:
             item = self._queue[0]
             if item.future.done():  # timed out or cancelled while waiting
                 self._queue.popleft()
+                self.stats.answered(False, time.monotonic() - item.arrived)
                 continue
             if batch and rows + len(item.rows) > self.max_batch:
                 break
@@ -149,13 +161,21 @@ class Job:
     state: str = "queued"  # queued, running, done, cancelled, failed
     started: float = 0.0
     listeners: list[asyncio.Queue] = field(default_factory=list)
+    arrived: float = field(default_factory=time.monotonic)
+    #: The latents after the last finished step (a reference the engine thread replaces each
+    #: step; read only when someone asks for a preview).
+    latents: Any = None
+    #: The last preview made, (latents, image): polling faster than the steps costs nothing.
+    preview: Any = None
 
 
 class JobQueue:
     """Runs ``run(job)`` for one job at a time, in arrival order; at most ``max_queue`` wait."""
 
-    def __init__(self, name: str, run: Callable[[Job], Any], max_queue: int) -> None:
+    def __init__(self, name: str, run: Callable[[Job], Any], max_queue: int,
+                 stats: InferenceStats | None = None) -> None:
         self.name = name
+        self.stats = stats if stats is not None else InferenceStats()
         self._run = run
         self.max_queue = max_queue
         self._queue: deque[Job] = deque()
@@ -204,20 +224,26 @@ class JobQueue:
             job = self._queue.popleft()
             if job.future.done() or job.cancel.is_set():
                 job.state = "cancelled"
+                self.stats.answered(False, time.monotonic() - job.arrived)
                 if not job.future.done():
                     job.future.cancel()
                 continue
             job.state, job.started, self.current = "running", time.monotonic(), job
+            self.stats.queued(job.started - job.arrived)
             try:
                 result = await loop.run_in_executor(self._executor, self._run, job)
             except BaseException as exc:
                 job.state = "cancelled" if job.cancel.is_set() else "failed"
+                self.stats.answered(False, time.monotonic() - job.arrived)
                 if not job.future.done():
                     job.future.set_exception(exc)
                 if isinstance(exc, asyncio.CancelledError):
                     raise
             else:
                 job.state = "done"
+                done = time.monotonic()
+                self.stats.executed(int(job.kwargs.get("num_images_per_prompt") or 1), 1, done - job.started)
+                self.stats.answered(not job.future.done(), done - job.arrived)
                 if not job.future.done():
                     job.future.set_result(result)
             finally:

@@ -50,7 +50,8 @@ def metadata(slot: ModelSlot) -> dict[str, Any]:
 async def server_metadata() -> dict[str, Any]:
     from enginekit import __version__
 
-    return {"name": "enginekit", "version": __version__, "extensions": ["binary_tensor_data", "classification"]}
+    return {"name": "enginekit", "version": __version__,
+            "extensions": ["binary_tensor_data", "classification", "statistics"]}
 
 
 @router.get("/v2/health/live")
@@ -69,6 +70,49 @@ async def ready(request: Request) -> JSONResponse:
 @router.get("/v2/models")
 async def list_models(request: Request) -> dict[str, Any]:
     return {"models": [s.describe() for s in _state(request).slots.values()]}
+
+
+# Before /v2/models/{name}: "stats" is not a model's name here.
+@router.get("/v2/models/stats")
+@router.post("/v2/models/stats", include_in_schema=False)
+@router.get("/v2/models/{name}/stats")
+@router.get("/v2/models/{name}/versions/{version}/stats")
+async def model_stats(request: Request, name: str = "", version: str = "") -> dict[str, Any]:
+    """Triton's statistics extension: per model, requests answered and failed, time in the
+    queue and in the engine, executions by batch size (see :mod:`enginekit.serve.stats`)."""
+    state = _state(request)
+    if name:
+        request.state.model = name
+        slots = [_version(state.slot(name), version)]
+    else:
+        slots = list(state.slots.values())
+    return {"model_stats": [s.stats.triton(s.name) for s in slots]}
+
+
+@router.post("/v2/repository/index")
+async def repository_index(request: Request) -> list[dict[str, Any]]:
+    """Triton's model repository index: every model with its state (READY, LOADING, or
+    UNAVAILABLE with the reason); ``{"ready": true}`` lists the ready ones only."""
+    body = await request.body()
+    ready_only = False
+    if body.strip():
+        try:
+            asked = json.loads(body)
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            raise ApiError(400, "the request is not JSON (an index request is a JSON object, or empty)") from None
+        if not isinstance(asked, dict) or not isinstance(asked.get("ready", False), bool):
+            raise ApiError(400, "an index request is a JSON object whose 'ready' is true or false")
+        ready_only = asked.get("ready", False)
+    out = []
+    for slot in _state(request).slots.values():
+        if ready_only and not slot.ready:
+            continue
+        state = "READY" if slot.ready else "LOADING" if slot.state == "loading" else "UNAVAILABLE"
+        entry = {"name": slot.name, "version": "1", "state": state}
+        if state == "UNAVAILABLE":
+            entry["reason"] = slot.reason
+        out.append(entry)
+    return out
 
 
 @router.get("/v2/models/{name}")

@@ -18,6 +18,7 @@ from enginekit.serve.errors import scrub
 from enginekit.serve.metrics import Metrics
 from enginekit.serve.served import Served
 from enginekit.serve.settings import ServeSettings
+from enginekit.serve.stats import InferenceStats
 
 __all__ = ["ModelSlot", "CLASSIFIER", "PIPELINE"]
 
@@ -46,6 +47,9 @@ class ModelSlot:
         self.batcher: Batcher | None = None
         self.jobs: JobQueue | None = None
         self.load_seconds: float | None = None
+        #: Triton-style statistics, booked by the queue in front of the model.
+        self.stats = InferenceStats()
+        self._digest: str | None = None
         self._running_lock = threading.Lock()
         self._running_job: Job | None = None
 
@@ -146,6 +150,14 @@ class ModelSlot:
                                 self.known_paths())
             self.metrics.model_ready.labels(self.name).set(0)
             log.error("model %s is out of service: %s", self.name, self.reason)
+
+    @property
+    def digest(self) -> str | None:
+        """The manifest's sha256 (hex; what ``enginekit inspect`` prints and a pin names), None
+        until loaded: A1111's model hash is its first 10 digits."""
+        if self._digest is None and self.obj is not None:
+            self._digest = self.obj.manifest.digest()
+        return self._digest
 
     @property
     def depth(self) -> int:

@@ -5,24 +5,25 @@ are accepted and ignored, as A1111 itself ignores what a script does not use."""
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import json
 import time
 from typing import Any, Optional
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
+from enginekit.runtimes.png_info import A1111_SAMPLERS as SAMPLERS
 from enginekit.serve.errors import ApiError
 from enginekit.serve.models import PIPELINE
-from enginekit.serve.tasks import GenerateRequest, b64_image, images_json, open_image, run_generation
+from enginekit.serve.sdapi_info import current_checkpoint, resolve_checkpoint
+from enginekit.serve.tasks import GenerateRequest, generation_params, images_json, png_bytes, run_generation
+from enginekit.serve.uploads import b64_image, open_image
 
 __all__ = ["router", "SAMPLERS"]
 
 router = APIRouter(tags=["A1111 API"])
-
-#: A1111 sampler names -> our schedulers.
-SAMPLERS = {"Euler": "euler", "Euler a": "euler-a", "DDIM": "ddim", "DPM++ 2M": "dpm++2m",
-            "DPM++ 2M Karras": "dpm++2m-karras", "LCM": "lcm"}
 
 
 class Txt2ImgRequest(BaseModel):
@@ -83,25 +84,31 @@ def _ours(body: Txt2ImgRequest, settings: Any) -> GenerateRequest:
 
 
 def _model(request: Request, body: Txt2ImgRequest) -> Any:
+    """The model a request runs: ``override_settings.sd_model_checkpoint`` (a name, title or
+    hash), else the current one (``POST /sdapi/v1/options``, else the first pipeline served)."""
+    state = _state(request)
     name = (body.override_settings or {}).get("sd_model_checkpoint")
     if name is not None and not isinstance(name, str):
         raise ApiError(422, "override_settings.sd_model_checkpoint: expected a model name")
-    slot = _state(request).pick(PIPELINE, name, field="override_settings.sd_model_checkpoint")
+    name = (resolve_checkpoint(state, name) or name) if name else current_checkpoint(state)
+    slot = state.pick(PIPELINE, name, field="override_settings.sd_model_checkpoint")
     request.state.model = slot.name
     return slot
 
 
 def _answer(slot: Any, body: Txt2ImgRequest, req: GenerateRequest, out: Any) -> dict[str, Any]:
-    result = images_json(slot, out)
-    config = slot.obj.config  # what ran where the request left a value to the model
-    steps = req.steps if req.steps is not None else config.default_steps
-    guidance = req.guidance if req.guidance is not None else config.default_guidance_scale
+    # What ran, with the model's own values where the request left one unset; each PNG carries it.
+    params = generation_params(slot, req, out, isinstance(body, Img2ImgRequest))
+    result = images_json(slot, out, params)
     info = {"prompt": req.prompt, "negative_prompt": req.negative_prompt or "", "seed": out.seed,
-            "all_seeds": [out.seed] * len(out.images), "steps": steps, "cfg_scale": guidance,
-            "sampler_name": body.sampler_name or body.sampler_index, "width": out.images[0].width,
-            "height": out.images[0].height, "sd_model_name": slot.name}
-    params = body.model_dump(exclude={"init_images", "mask"})
-    return {"images": result["images"], "parameters": params, "info": json.dumps(info)}
+            "all_seeds": [out.seed] * len(out.images), "steps": params.steps, "cfg_scale": params.cfg_scale,
+            "sampler_name": body.sampler_name or body.sampler_index, "width": params.width,
+            "height": params.height, "sd_model_name": slot.name, "sd_model_hash": params.model_hash,
+            "infotexts": [params.at(i).infotext() for i in range(len(out.images))]}
+    if isinstance(body, Img2ImgRequest):
+        info["denoising_strength"] = params.denoising_strength
+    fields = body.model_dump(exclude={"init_images", "mask"})
+    return {"images": result["images"], "parameters": fields, "info": json.dumps(info)}
 
 
 @router.post("/sdapi/v1/txt2img")
@@ -114,8 +121,6 @@ async def txt2img(request: Request, body: Txt2ImgRequest) -> dict[str, Any]:
 
 @router.post("/sdapi/v1/img2img")
 async def img2img(request: Request, body: Img2ImgRequest) -> dict[str, Any]:
-    import asyncio
-
     slot = _model(request, body)
     state = _state(request)
     req = _ours(body, state.settings)
@@ -130,21 +135,26 @@ async def img2img(request: Request, body: Img2ImgRequest) -> dict[str, Any]:
 
 
 @router.get("/sdapi/v1/progress")
-async def progress(request: Request) -> dict[str, Any]:
-    """Progress of the generation running now (A1111's shape; ``current_image`` is never sent)."""
+async def progress(request: Request, skip_current_image: bool = Query(False)) -> dict[str, Any]:
+    """Progress of the generation running now (A1111's shape). Unless ``skip_current_image``,
+    ``current_image`` is a PNG (base64) of its latents after the last step, mapped to RGB
+    without the VAE (null before the first step, or for a VAE we have no map for)."""
     state = _state(request)
-    running, queued = None, 0
+    running, running_slot, queued = None, None, 0
     for slot in state.slots.values():
         if slot.jobs is not None:
             queued += slot.jobs.depth
             if slot.jobs.current is not None and running is None:
-                running = slot.jobs.current
+                running, running_slot = slot.jobs.current, slot
     fraction, eta = 0.0, 0.0
     if running is not None and running.steps:
         fraction = running.step / running.steps
         elapsed = time.monotonic() - running.started
         eta = elapsed / fraction * (1 - fraction) if fraction > 0 else 0.0
-    return {"progress": fraction, "eta_relative": eta, "current_image": None, "textinfo": None,
+    image = None
+    if running is not None and not skip_current_image and running.latents is not None:
+        image = await asyncio.to_thread(_preview, running_slot, running)
+    return {"progress": fraction, "eta_relative": eta, "current_image": image, "textinfo": None,
             "state": {"skipped": False, "interrupted": bool(running and running.cancel.is_set()),
                       "job": running.id if running else "", "job_count": queued + (1 if running else 0),
                       "job_timestamp": "0", "job_no": 0,
@@ -152,9 +162,32 @@ async def progress(request: Request) -> dict[str, Any]:
                       "sampling_steps": running.steps if running else 0}}
 
 
+def _preview(slot: Any, job: Any) -> str | None:
+    """A PNG (base64) of ``job``'s latents now: made only when asked for, off the event loop."""
+    from PIL import Image
+
+    from enginekit.runtimes.tasks.preview import preview_rgb
+
+    latents, made = job.latents, job.preview
+    if made is not None and made[0] is latents:
+        return made[1]
+    kwargs = job.kwargs
+    init = kwargs.get("image")
+    size = slot.obj.config.default_size
+    height = kwargs.get("height") or (init.height if init is not None else size)
+    width = kwargs.get("width") or (init.width if init is not None else size)
+    rgb = preview_rgb(slot.obj, latents, height, width)
+    image = None if rgb is None else base64.b64encode(png_bytes(Image.fromarray(rgb))).decode("ascii")
+    job.preview = (latents, image)
+    return image
+
+
 @router.post("/sdapi/v1/interrupt")
+@router.post("/sdapi/v1/skip")
 async def interrupt(request: Request) -> dict[str, Any]:
-    """Stop the generations running now (their requests answer with an error)."""
+    """Stop the generations running now (their requests answer with an error). ``skip`` is
+    the same here: a batch's images come from one engine call, so there is no next image to
+    go on with."""
     stopped = []
     for slot in _state(request).slots.values():
         job = slot.jobs.cancel_current() if slot.jobs is not None else None
@@ -162,14 +195,3 @@ async def interrupt(request: Request) -> dict[str, Any]:
             slot.cancel(job)
             stopped.append(slot.name)
     return {"interrupted": stopped}
-
-
-@router.get("/sdapi/v1/sd-models")
-async def sd_models(request: Request) -> list[dict[str, Any]]:
-    return [{"title": s.name, "model_name": s.name, "hash": None, "sha256": None, "filename": s.name, "config": None}
-            for s in _state(request).slots.values() if s.served is not None and s.served.a1111]
-
-
-@router.get("/sdapi/v1/samplers")
-async def samplers() -> list[dict[str, Any]]:
-    return [{"name": name, "aliases": [ours], "options": {}} for name, ours in SAMPLERS.items()]

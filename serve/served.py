@@ -94,7 +94,8 @@ class ServedClassifier(Served):
     def start(self, settings: ServeSettings) -> None:
         slot = self.slot
         slot.batcher = Batcher(slot.name, self._classify, settings.max_batch, settings.max_delay_ms / 1000.0,
-                               settings.max_queue, on_batch=slot.metrics.batch_size.labels(slot.name).observe)
+                               settings.max_queue, on_batch=slot.metrics.batch_size.labels(slot.name).observe,
+                               stats=slot.stats)
         slot.batcher.start()
 
     def _classify(self, rows: np.ndarray) -> dict[str, np.ndarray]:
@@ -175,7 +176,7 @@ class ServedPipeline(Served):
 
     def start(self, settings: ServeSettings) -> None:
         slot = self.slot
-        slot.jobs = JobQueue(slot.name, self._generate, settings.max_queue)
+        slot.jobs = JobQueue(slot.name, self._generate, settings.max_queue, stats=slot.stats)
         slot.jobs.start()
 
     def max_pixels(self, settings: ServeSettings) -> int:
@@ -234,6 +235,7 @@ class ServedPipeline(Served):
             steps = max(1, min(int(steps * strength), steps))
 
         def callback(i: int, t: float, latents: np.ndarray) -> None:
+            job.latents = latents  # a reference only: a preview is made when someone asks for one
             slot.jobs.progress(job, i + 1, job.steps or steps)
 
         job.steps = steps
@@ -262,3 +264,4 @@ class ServedPipeline(Served):
                                 f"{scrub(first, slot.known_paths())[:300]}") from None
         finally:
             slot.running(None)
+            job.latents = job.preview = None

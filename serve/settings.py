@@ -59,6 +59,10 @@ class ServeSettings:
     pins: dict = field(default_factory=dict)
     #: A public key (PEM) every served artifact's signature must verify with (``--verify-with``).
     verify_with: str | None = None
+    #: Where the server listens, as it was told (A1111's ``/sdapi/v1/cmd-flags`` reports them);
+    #: None when not known (an app built in process).
+    host: str | None = None
+    port: int | None = None
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -78,6 +82,9 @@ class ServeSettings:
                 raise InputError(f"{name.replace('_', '-')} must be a number of 0 or more, got {value!r}")
         if self.timeout_s <= 0:
             raise InputError("timeout-s must be above 0")
+        if self.port is not None and (isinstance(self.port, bool) or not isinstance(self.port, int)
+                                      or not 0 <= self.port <= 65535):
+            raise InputError(f"port must be an integer from 0 to 65535, got {self.port!r}")
 
 
 _PIN = re.compile(r"@sha256:([^/@]*)$")

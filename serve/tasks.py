@@ -5,13 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
-import io
 import json
 import secrets
 import time
 import uuid
-import warnings
 from typing import Any, AsyncIterator, Literal, Optional
 
 import numpy as np
@@ -19,11 +16,12 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
-from enginekit.errors import EngineKitError, ImageError, one_line
+from enginekit.errors import EngineKitError, one_line
 from enginekit.runtimes.schedulers import SCHEDULERS
 from enginekit.serve.batching import Job
 from enginekit.serve.errors import ApiError, status_for
 from enginekit.serve.models import CLASSIFIER, PIPELINE, ModelSlot
+from enginekit.serve.uploads import b64_image, open_image
 
 __all__ = ["router", "GenerateRequest", "classify_rows", "decode_images", "run_generation", "predictions"]
 
@@ -35,50 +33,6 @@ def _state(request: Request) -> Any:
 
 
 # ---------------------------------------------------------------------------- images in
-
-def b64_image(value: Any, field: str) -> bytes:
-    """Base64 (optionally a ``data:`` URL) to bytes; anything else is a 422 naming ``field``."""
-    if not isinstance(value, str) or not value:
-        raise ApiError(422, f"{field}: expected a base64 string")
-    if value.startswith("data:"):
-        value = value.partition(",")[2]
-    try:
-        return base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
-        raise ApiError(422, f"{field}: not valid base64") from None
-
-
-def check_image(data: bytes, index: int, settings: Any, field: str | None = None) -> None:
-    """Format and pixel count from the header alone, before anything is decoded (errors name
-    ``field``, else "image <index>")."""
-    from PIL import Image
-
-    formats = settings.image_formats
-    label = field or f"image {index}"
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as im:
-                fmt, (w, h) = im.format, im.size
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ApiError(413, f"{label}: too many pixels (the limit is {settings.max_upload_pixels})") from None
-    except Exception:
-        raise ApiError(415, f"{label}: not an image in a supported format ({', '.join(sorted(formats))})") from None
-    if fmt not in formats:
-        raise ApiError(415, f"{label}: {fmt} is not accepted (send one of {', '.join(sorted(formats))})")
-    if w * h > settings.max_upload_pixels:
-        raise ApiError(413, f"{label}: {w}x{h} is over the limit of {settings.max_upload_pixels} pixels")
-
-
-def open_image(data: bytes, index: int, settings: Any, field: str | None = None) -> Any:
-    from enginekit.runtimes.images import load_images
-
-    check_image(data, index, settings, field)
-    try:
-        return load_images([data])[0]
-    except ImageError as exc:
-        raise ApiError(422, f"{field or f'image {index}'}: {str(exc).partition(': ')[2] or exc}") from None
-
 
 async def decode_images(state: Any, slot: ModelSlot, images: list[bytes]) -> np.ndarray:
     """Uploaded images to the classifier's preprocessed ``pixel_values`` (off the event loop)."""
@@ -388,15 +342,42 @@ async def run_generation(request: Request, slot: ModelSlot, req: GenerateRequest
     return await await_job(request, slot, submit_job(request, slot, req, init))
 
 
-def png_bytes(image: Any) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
+def png_bytes(image: Any, infotext: str | None = None) -> bytes:
+    """``image`` as PNG, carrying ``infotext`` as A1111's ``parameters`` text chunk."""
+    from enginekit.runtimes.png_info import image_bytes
+
+    return image_bytes(image, infotext)
 
 
-def images_json(slot: ModelSlot, out: Any) -> dict[str, Any]:
+def generation_params(slot: ModelSlot, req: GenerateRequest, out: Any, image_to_image: bool) -> Any:
+    """What made ``out`` (a :class:`~enginekit.runtimes.png_info.GenerationParams`): the
+    request's values, the model's own defaults where the request left one unset."""
+    from enginekit.runtimes.png_info import GenerationParams
+
+    config = slot.obj.config
+    first = out.images[0]
+    return GenerationParams(
+        prompt=req.prompt, negative_prompt=req.negative_prompt,
+        steps=req.steps if req.steps is not None else config.default_steps,
+        scheduler=req.scheduler or config.default_scheduler,
+        cfg_scale=req.guidance if req.guidance is not None else config.default_guidance_scale,
+        seed=out.seed, width=first.width, height=first.height, model=slot.name,
+        model_hash=slot.digest[:10] if slot.digest else None,
+        denoising_strength=_strength(config, req) if image_to_image else None, batch_size=len(out.images))
+
+
+def _strength(config: Any, req: GenerateRequest) -> float:
+    """The strength an image-to-image or inpainting request ran at (the library's default where unset)."""
+    from enginekit.runtimes.tasks.call_args import default_strength, is_inpainting
+
+    return req.strength if req.strength is not None else default_strength(is_inpainting(config, req._mask))
+
+
+def images_json(slot: ModelSlot, out: Any, params: Any = None) -> dict[str, Any]:
+    """The images as base64 PNGs, each carrying its ``params`` (when given) as infotext."""
+    texts = [params.at(i).infotext() if params is not None else None for i in range(len(out.images))]
     return {"model": slot.name, "seed": out.seed,
-            "images": [base64.b64encode(png_bytes(im)).decode("ascii") for im in out.images]}
+            "images": [base64.b64encode(png_bytes(im, text)).decode("ascii") for im, text in zip(out.images, texts)]}
 
 
 @router.post("/v1/generate", openapi_extra={"requestBody": {"required": True, "content": {
@@ -419,19 +400,23 @@ async def generate(request: Request) -> Response:
         job = submit_job(request, slot, req, init)
         listener: asyncio.Queue = asyncio.Queue()
         job.listeners.append(listener)  # now, not when the stream starts: no step is missed
-        return StreamingResponse(_events(state, slot, job, listener), media_type="text/event-stream",
+        return StreamingResponse(_events(state, slot, job, listener, req, init is not None),
+                                 media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Job-Id": job.id})
     out = await run_generation(request, slot, req, init)
+    params = generation_params(slot, req, out, init is not None)
     if fmt == "json":
-        return JSONResponse(images_json(slot, out))
-    return Response(png_bytes(out.images[0]), media_type="image/png", headers={"X-Seed": str(out.seed)})
+        return JSONResponse(images_json(slot, out, params))
+    return Response(png_bytes(out.images[0], params.infotext()), media_type="image/png",
+                    headers={"X-Seed": str(out.seed)})
 
 
 def _sse(event: str, data: dict[str, Any]) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data)}\n\n".encode()
 
 
-async def _events(state: Any, slot: ModelSlot, job: Job, listener: asyncio.Queue) -> AsyncIterator[bytes]:
+async def _events(state: Any, slot: ModelSlot, job: Job, listener: asyncio.Queue, req: GenerateRequest,
+                  image_to_image: bool) -> AsyncIterator[bytes]:
     """``queued``, then ``progress`` per step, then ``done`` (with the images) or ``error``.
     Leaving early (the client disconnected) cancels the generation."""
     deadline = time.monotonic() + state.settings.timeout_s
@@ -468,7 +453,7 @@ async def _events(state: Any, slot: ModelSlot, job: Job, listener: asyncio.Queue
                 message = one_line(exc)
             yield _sse("error", {"status": status, "error": state.scrub(message)})
             return
-        yield _sse("done", {"id": job.id, **images_json(slot, out)})
+        yield _sse("done", {"id": job.id, **images_json(slot, out, generation_params(slot, req, out, image_to_image))})
     finally:
         if not job.future.done() and not job.cancel.is_set():  # the client left (a timeout is booked above)
             slot.cancel(job)

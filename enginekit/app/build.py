@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -130,8 +130,6 @@ def build_engine(artifact: str | Path, backend: str, out: str | Path, request: B
 def _build_genai(artifact: str | Path, backend: str, out: str | Path, req: BuildRequest,
                  on_step: Callable[[str], Any]) -> Manifest:
     """The OpenVINO engine compiled as asked, then rewritten into GenAI's folder layout."""
-    from dataclasses import replace
-
     from enginekit.registry import stage
     from enginekit.runtimes.openvino_genai import check_genai_backend
 
@@ -174,7 +172,9 @@ def generate_images(
     """Run the text-to-image artifact and write its images to ``out`` (see :func:`output_paths`).
 
     Each file is written to a temporary name beside it and renamed into place, so an
-    interrupted or failed run leaves no half-written image. Returns the paths and the
+    interrupted or failed run leaves no half-written image. Each image carries what made it
+    as A1111's generation parameters (a PNG's ``parameters`` text chunk, a JPEG's or WebP's
+    EXIF UserComment; :mod:`enginekit.runtimes.png_info`). Returns the paths and the
     pipeline's output (seed and timesteps). ``digest`` / ``verify_with`` pin the artifact
     as :func:`enginekit.load` does, in the same load that runs it. ``low_memory`` loads it so
     (:func:`enginekit.load`); ``stages`` (an :class:`enginekit.memory.StagePeaks`) records each
@@ -191,7 +191,35 @@ def generate_images(
             raise InputError(f"{artifact} is a {pipe.task} artifact; generate needs a text-to-image pipeline")
         pipe.stages = stages
         result = pipe(prompts, image=init_image, callback=on_step, output_type="pil", **call)
-    for path, image in zip(paths, result.images):
+        texts = _infotexts(pipe, Path(artifact).resolve().name, prompts, result, call, init_image is not None)
+    from enginekit.runtimes.png_info import save_image
+
+    for path, image, text in zip(paths, result.images, texts):
         fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}.get(path.suffix.lower(), "PNG")
-        write_file(path, lambda f, image=image, fmt=fmt: image.save(f, format=fmt))
+        write_file(path, lambda f, image=image, fmt=fmt, text=text: save_image(image, f, fmt, text))
     return paths, result
+
+
+def _infotexts(pipe: Any, model: str, prompts: Sequence[str] | str, result: Any, call: Mapping[str, Any],
+               image_to_image: bool) -> list[str]:
+    """Each image's A1111 generation parameters: the values that ran (the model's own where the
+    call left one unset), the seed of the batch, and the image's place in it."""
+    from enginekit.runtimes.png_info import GenerationParams
+    from enginekit.runtimes.tasks.call_args import default_strength, is_inpainting
+
+    config = pipe.config
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    negative = call.get("negative_prompt")
+    negatives = [negative] * len(prompts) if negative is None or isinstance(negative, str) else list(negative)
+    per_prompt = int(call.get("num_images_per_prompt") or 1)
+    guidance = call.get("guidance_scale")
+    base = GenerationParams(
+        prompt="", negative_prompt=None, steps=call.get("num_inference_steps") or config.default_steps,
+        scheduler=call.get("scheduler") or config.default_scheduler,
+        cfg_scale=guidance if guidance is not None else config.default_guidance_scale, seed=result.seed,
+        width=0, height=0, model=model, model_hash=pipe.manifest.digest()[:10],
+        denoising_strength=(call.get("strength") or default_strength(is_inpainting(config, call.get("mask_image"))))
+        if image_to_image else None,
+        batch_size=len(result.images))
+    return [replace(base.at(i), prompt=prompts[i // per_prompt], negative_prompt=negatives[i // per_prompt],
+                    width=image.width, height=image.height).infotext() for i, image in enumerate(result.images)]

@@ -73,6 +73,32 @@ def test_tritonclient_works_unchanged(live: UvicornThread, exported: dict) -> No
         client.close()
 
 
+def test_tritonclient_reads_statistics_and_the_repository_index(live: UvicornThread) -> None:
+    client = httpclient.InferenceServerClient(url=f"127.0.0.1:{live.port}")
+    try:
+        before = client.get_inference_statistics("clf")["model_stats"][0]
+        pixels = np.zeros((3, 3, 32, 32), np.float32)
+        inp = httpclient.InferInput("pixel_values", list(pixels.shape), "FP32")
+        inp.set_data_from_numpy(pixels)
+        client.infer("clf", [inp])
+        after = client.get_inference_statistics("clf")["model_stats"][0]
+        assert after["name"] == "clf" and after["version"] == "1"
+        assert after["inference_count"] == before["inference_count"] + 3
+        assert after["execution_count"] == before["execution_count"] + 1
+        success = after["inference_stats"]["success"]
+        assert success["count"] == before["inference_stats"]["success"]["count"] + 1 and success["ns"] > 0
+        assert any(b["batch_size"] == 3 for b in after["batch_stats"])
+        every = client.get_inference_statistics()["model_stats"]
+        assert {m["name"] for m in every} == {"clf", "sd"}
+        assert client.get_inference_statistics("clf", "1")["model_stats"][0]["name"] == "clf"
+        with pytest.raises(InferenceServerException, match="no model named"):
+            client.get_inference_statistics("missing")
+        index = client.get_model_repository_index()
+        assert sorted((m["name"], m["state"]) for m in index) == [("clf", "READY"), ("sd", "READY")]
+    finally:
+        client.close()
+
+
 def _slow_steps(server: UvicornThread, name: str, seconds: float) -> list[int]:
     jobs = server.server.config.app.state.server.slots[name].jobs
     seen: list[int] = []

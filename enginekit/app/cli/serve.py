@@ -65,7 +65,8 @@ def serve(**params: Any) -> None:
                              cors_origins=o.cors_origins, max_body_bytes=int(o.max_body_mb * 1024 * 1024),
                              max_pixels=o.max_pixels, max_upload_pixels=o.max_upload_pixels, max_images=o.max_images, device=o.device,
                              pins=parse_model_pins(o.artifacts),
-                             verify_with=str(o.verify_with.resolve()) if o.verify_with else None)
+                             verify_with=str(o.verify_with.resolve()) if o.verify_with else None,
+                             host=o.host, port=o.port)
     logging.basicConfig(level=getattr(logging, o.log_level.upper()), format="%(name)s: %(message)s")
     if o.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_keys:
         click.echo(f"warning: serving on {o.host} without --api-key-file: anyone who reaches it can use it", err=True)
