@@ -30,6 +30,15 @@ def image_parity(pipe: Any, root: Path, manifest: Manifest, *, steps: int = 3, s
     from enginekit.runtimes.tasks.text_to_image import TextToImage
 
     ours = TextToImage(Components(root, manifest, get_backend("onnxruntime"), "cpu"), manifest, root)
+    control: dict[str, Any] = {}
+    nets = manifest.task_config.get("controlnets") or []
+    if nets:  # a ControlNet pipeline: the same control image (a seeded pattern) on both sides
+        from PIL import Image
+
+        size_ = size or ours.config.default_size
+        rng = np.random.default_rng(seed + 1)
+        edges = Image.fromarray((rng.random((size_, size_, 3)) > 0.8).astype(np.uint8) * 255)
+        control = {"image": [edges] * len(nets) if len(nets) > 1 else edges}
     if manifest.task_config.get("inpainting"):  # the whole image repainted, as the runtime runs it without an image
         from enginekit.export.diffusion.reference import WholeImageInpaint
 
@@ -51,15 +60,17 @@ def image_parity(pipe: Any, root: Path, manifest: Manifest, *, steps: int = 3, s
     try:
         with torch.inference_mode():
             ref = pipe(PROMPT, negative_prompt=negative, num_inference_steps=steps, guidance_scale=guidance,
-                       height=size, width=size, latents=torch.from_numpy(latents), output_type="np").images
+                       height=size, width=size, latents=torch.from_numpy(latents), output_type="np", **control).images
     finally:
         pipe.scheduler = original
     try:
         got = ours(PROMPT, negative_prompt=negative, num_inference_steps=steps, guidance_scale=guidance,
-                   height=size, width=size, latents=latents, scheduler=scheduler, output_type="np").images
+                   height=size, width=size, latents=latents, scheduler=scheduler, output_type="np",
+                   **({"control_image": control["image"]} if control else {})).images
     finally:
         ours.close()
     return {"psnr_db": psnr(ref, got), "reference": "diffusers", "runtime": "onnxruntime-cpu",
             "prompt": PROMPT, "negative_prompt": negative, "scheduler": scheduler, "steps": steps,
             "guidance_scale": guidance, "height": size, "width": size, "latents": f"numpy default_rng({seed})",
-            "max_abs": float(np.abs(ref.astype(np.float64) - got).max())}
+            "max_abs": float(np.abs(ref.astype(np.float64) - got).max()),
+            **({"control_image": "seeded random edges"} if control else {})}

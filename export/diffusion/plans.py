@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 from enginekit.errors import ExportError
+from enginekit.export.diffusion.controlnet import controlnet_plans, residual_feeds, residual_specs
 from enginekit.export.diffusion.deepcache import CACHE_OUTPUT, cached_layer
 from enginekit.export.diffusion.families import get_family
 from enginekit.export.diffusion.unet_sizes import carry_skip_sizes
@@ -120,46 +121,58 @@ def _unet_and_vae(pipe: Any, W: dict[str, type], gen: Any, opts: PipelineExportO
     C = int(unet_cfg.in_channels)
     lat = ("batch", C, "latent_height", "latent_width")
 
+    D = int(unet_cfg.cross_attention_dim)
+    extra: list[tuple[str, tuple[Any, ...]]] = []
+    if unet_cfg.addition_embed_type == "text_time":
+        text_dim = int(unet_cfg.projection_class_embeddings_input_dim) - 6 * int(unet_cfg.addition_time_embed_dim)
+        extra += [("text_embeds", ("batch", text_dim)), ("time_ids", ("batch", 6))]
+    elif unet_cfg.addition_embed_type is not None:
+        raise ExportError(f"UNet addition_embed_type {unet_cfg.addition_embed_type!r} is not supported")
+    if unet_cfg.time_cond_proj_dim is not None:
+        extra.append(("timestep_cond", ("batch", int(unet_cfg.time_cond_proj_dim))))
+    controlled = getattr(pipe, "controlnet", None) is not None
+
+    def feeds(batch: int, hw: tuple[int, int]) -> tuple[Any, ...]:
+        h, w = hw
+        out = [torch.randn(batch, C, h, w, generator=gen),
+               torch.rand(batch, generator=gen) * 999.0,  # fractional, as Karras sigmas give
+               torch.randn(batch, L, D, generator=gen)]
+        for name, shape in extra:
+            if name == "time_ids":
+                size = float(h * vae_f)
+                out.append(torch.tensor([[size, size, 0.0, 0.0, size, size]]).repeat(batch, 1))
+            else:
+                out.append(torch.randn(batch, shape[1], generator=gen))
+        return tuple(out)
+
     def unet() -> _Plan:
         u = pipe.unet
         # Every latent size diffusers' UNet takes, odd sides included; checked at odd sides.
         check_hw = (parity_hw[0] + 1, parity_hw[1] - 1) if carry_skip_sizes(u) else parity_hw
-        D = int(unet_cfg.cross_attention_dim)
-        extra: list[tuple[str, tuple[Any, ...]]] = []
-        if unet_cfg.addition_embed_type == "text_time":
-            text_dim = int(unet_cfg.projection_class_embeddings_input_dim) - 6 * int(unet_cfg.addition_time_embed_dim)
-            extra += [("text_embeds", ("batch", text_dim)), ("time_ids", ("batch", 6))]
-        elif unet_cfg.addition_embed_type is not None:
-            raise ExportError(f"UNet addition_embed_type {unet_cfg.addition_embed_type!r} is not supported")
-        if unet_cfg.time_cond_proj_dim is not None:
-            extra.append(("timestep_cond", ("batch", int(unet_cfg.time_cond_proj_dim))))
-
-        def feeds(batch: int, hw: tuple[int, int]) -> tuple[Any, ...]:
-            h, w = hw
-            out = [torch.randn(batch, C, h, w, generator=gen),
-                   torch.rand(batch, generator=gen) * 999.0,  # fractional, as Karras sigmas give
-                   torch.randn(batch, L, D, generator=gen)]
-            for name, shape in extra:
-                if name == "time_ids":
-                    size = float(h * vae_f)
-                    out.append(torch.tensor([[size, size, 0.0, 0.0, size, size]]).repeat(batch, 1))
-                else:
-                    out.append(torch.randn(batch, shape[1], generator=gen))
-            return tuple(out)
-
         inputs = [TensorSpec("sample", "float32", lat), TensorSpec("timestep", "float32", ("batch",)),
                   TensorSpec("encoder_hidden_states", "float32", ("batch", "sequence", D))]
         inputs += [TensorSpec(n, "float32", s) for n, s in extra]
         out_c = int(unet_cfg.out_channels)
         outputs = [TensorSpec("out_sample", "float32", ("batch", out_c, "latent_height", "latent_width"))]
-        cache_layer = cached_layer(u)
+        # A ControlNet pipeline's UNet takes the residuals (and gives no DeepCache feature).
+        cache_layer = cached_layer(u) if not controlled else None
         if cache_layer is not None:  # DeepCache's reused feature, at the latent's size
             outputs.append(TensorSpec(CACHE_OUTPUT, "float32", ("batch", int(unet_cfg.block_out_channels[0]),
                                                                 "latent_height", "latent_width")))
-        return _Plan("unet", W["unet"](u, tuple(n for n, _ in extra), cache_layer).eval(), inputs, outputs,
-                     feeds(B, trace_hw), feeds(PB, check_hw), nbytes(u))
+        trace, check = feeds(B, trace_hw), feeds(PB, check_hw)
+        if controlled:
+            inputs += residual_specs(unet_cfg)
+            trace += tuple(residual_feeds(unet_cfg, B, trace_hw, gen))
+            check += tuple(residual_feeds(unet_cfg, PB, check_hw, gen))
+        module = W["unet"](u, tuple(n for n, _ in extra), cache_layer, len(residual_specs(unet_cfg)) if controlled else 0)
+        return _Plan("unet", module.eval(), inputs, outputs, trace, check, nbytes(u))
 
-    return [unet, *_vae_plans(pipe, W, gen, opts, nbytes, trace_hw, parity_hw)]
+    def extra_feeds(batch: int, hw: tuple[int, int]) -> tuple[Any, ...]:
+        return feeds(batch, hw)[3:]
+
+    controls = controlnet_plans(pipe, W, gen, opts, nbytes, trace_hw, parity_hw, extra, extra_feeds) \
+        if controlled else []
+    return [unet, *controls, *_vae_plans(pipe, W, gen, opts, nbytes, trace_hw, parity_hw)]
 
 
 def _vae_plans(pipe: Any, W: dict[str, type], gen: Any, opts: PipelineExportOptions, nbytes: Callable[[Any], int],

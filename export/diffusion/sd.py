@@ -80,6 +80,8 @@ class PipelineExportOptions:
     loras: tuple[LoraSpec, ...] = ()
     #: SD3/SD3.5: leave the T5 encoder out (never built or loaded), as diffusers allows.
     without_t5: bool = False
+    #: ControlNets (diffusers folders or single .safetensors files) exported as components beside the UNet.
+    controlnets: tuple[str, ...] = ()
     #: Trace each component with fake weights and stream its weights, tensor by tensor, from the
     #: source's safetensors (or the per-tensor seeded generator) into its data file: the model is
     #: never whole in memory. The PyTorch reference is never built either, so the whole-image check
@@ -145,7 +147,15 @@ def export_pipeline(
             on_step(f"fusing {len(options.loras)} LoRA file(s) into the weights")
             src.provenance["lora"] = fuse_loras(pipe, src.family, options.loras)
             rss.sample()
+        if options.controlnets:
+            if streamed:
+                raise ExportError("ControlNets load with their weights: export them without streaming")
+            from enginekit.export.diffusion.controlnet import attach_controlnets, controlnet_section
+
+            on_step(f"loading {len(options.controlnets)} ControlNet(s)")
+            pipe, src.provenance["controlnets"] = attach_controlnets(pipe, src.family, options.controlnets)
         task_config = get_family(src.family).task_config(pipe)
+        task_config.update(controlnet_section(pipe) if options.controlnets else {})
         # Read before any component is dropped: setting one to None rewrites the pipeline's config.
         model_index = _model_index(pipe)
         configs = _component_configs(pipe)

@@ -31,15 +31,21 @@ def _encoder_and_unet_wrappers() -> dict[str, type]:
         """``out_sample``, and with ``cache_layer`` that layer's output too (DeepCache's reused
         feature, :mod:`enginekit.export.diffusion.deepcache`)."""
 
-        def __init__(self, unet: Any, extra: tuple[str, ...], cache_layer: Any = None) -> None:
+        def __init__(self, unet: Any, extra: tuple[str, ...], cache_layer: Any = None, residuals: int = 0) -> None:
             super().__init__()
             self.unet = unet
             self.extra = extra
             self.cache_layer = cache_layer
+            self.residuals = residuals  # a ControlNet pipeline's UNet: its down and mid residuals as inputs
 
         def forward(self, sample, timestep, encoder_hidden_states, *rest):  # type: ignore[no-untyped-def]
             named = dict(zip(self.extra, rest))
             added = {"text_embeds": named["text_embeds"], "time_ids": named["time_ids"]} if "time_ids" in named else None
+            if self.residuals:
+                res = rest[len(self.extra):]
+                return self.unet(sample, timestep, encoder_hidden_states, timestep_cond=named.get("timestep_cond"),
+                                 added_cond_kwargs=added, down_block_additional_residuals=tuple(res[:-1]),
+                                 mid_block_additional_residual=res[-1], return_dict=False)[0]
             if self.cache_layer is None:
                 return self.unet(sample, timestep, encoder_hidden_states, timestep_cond=named.get("timestep_cond"),
                                  added_cond_kwargs=added, return_dict=False)[0]
@@ -61,7 +67,23 @@ def _encoder_and_unet_wrappers() -> dict[str, type]:
         def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
             return self.encoder(input_ids, return_dict=False)[0]
 
-    return {"text": TextEncoder, "t5": T5Encoder, "unet": UNet}
+    class ControlNet(torch.nn.Module):
+        """Every residual a ControlNet gives, at conditioning scale 1 (the runtime scales them)."""
+
+        def __init__(self, controlnet: Any, extra: tuple[str, ...]) -> None:
+            super().__init__()
+            self.controlnet = controlnet
+            self.extra = extra
+
+        def forward(self, sample, timestep, encoder_hidden_states, controlnet_cond, *rest):  # type: ignore[no-untyped-def]
+            named = dict(zip(self.extra, rest))
+            added = {"text_embeds": named["text_embeds"], "time_ids": named["time_ids"]} if "time_ids" in named else None
+            down, mid = self.controlnet(sample, timestep, encoder_hidden_states, controlnet_cond, conditioning_scale=1.0,
+                                        timestep_cond=named.get("timestep_cond"), added_cond_kwargs=added,
+                                        return_dict=False)
+            return (*down, mid)
+
+    return {"text": TextEncoder, "t5": T5Encoder, "unet": UNet, "controlnet": ControlNet}
 
 
 def _transformer_and_vae_wrappers() -> dict[str, type]:

@@ -10,6 +10,7 @@ import numpy as np
 
 from enginekit.errors import InputError
 from enginekit.runtimes.schedulers import SCHEDULERS
+from enginekit.runtimes.tasks.controlnet import check_control, control_args
 from enginekit.runtimes.tasks.layouts import Guidance
 from enginekit.runtimes.tasks.sizes import check_size, init_image_size, size_rule
 from enginekit.runtimes.tasks.step_cache import StepCache, parse_cache
@@ -51,6 +52,10 @@ class CallArgs:
     cache: str | None = None
     mask_image: Any = None
     padding_mask_crop: int | None = None
+    control_image: Any = None
+    controlnet_conditioning_scale: Any = 1.0
+    control_guidance_start: Any = 0.0
+    control_guidance_end: Any = 1.0
 
 
 #: ``strength`` when a call leaves it unset: diffusers' image-to-image default, and its
@@ -137,6 +142,8 @@ class Call:
     masked: Any = None
     #: The call repaints under a mask (a mask was given, or the model is an inpainting model).
     inpaint: bool = False
+    #: ControlNet: the control images at the call's size, scales and windows (None: no control image).
+    control: Any = None
 
     @property
     def batch(self) -> int:
@@ -175,6 +182,10 @@ def check_call(args: CallArgs, cfg: Any, layout: Any, components: Mapping[str, A
             raise InputError(f"strength {args.strength} is for image-to-image: give an image (--init-image) or drop it")
     if args.padding_mask_crop is not None and args.mask_image is None:
         raise InputError("padding_mask_crop crops around the mask: give a mask_image too")
+    controls = check_control(cfg, args.control_image, args.controlnet_conditioning_scale,
+                             args.control_guidance_start, args.control_guidance_end)
+    if controls is not None and args.image is None:  # no size asked: the control image's own (diffusers')
+        height, width = init_image_size(rule, controls[0].size, height, width)
     masked = None
     if args.image is not None and inpaint:
         from enginekit.runtimes.tasks.inpaint import prepare_masked_image
@@ -211,8 +222,10 @@ def check_call(args: CallArgs, cfg: Any, layout: Any, components: Mapping[str, A
         seed = int(np.random.SeedSequence().generate_state(1)[0]) if seed is None else seed
         generator = np.random.default_rng(seed)
     cache = parse_cache(args.cache, cfg, components)
+    control = control_args(controls, cfg.extra["controlnets"], height, width, args.controlnet_conditioning_scale,
+                           args.control_guidance_start, args.control_guidance_end) if controls is not None else None
     return Call(prompts, negatives, per_prompt, steps, guidance, rescale, height, width, name, seq_len, init,
-                strength, latents, seed, generator, args.output_type, cache, masked, inpaint)
+                strength, latents, seed, generator, args.output_type, cache, masked, inpaint, control)
 
 
 def init_image(image: Any, height: int | None, width: int | None, rule: Any) -> np.ndarray:

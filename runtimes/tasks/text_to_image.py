@@ -29,13 +29,12 @@ from enginekit.manifest import Manifest, TensorSpec
 from enginekit.memory import StagePeaks
 from enginekit.runtimes.base import Runner
 from enginekit.runtimes.schedulers import make_scheduler
-from enginekit.runtimes.tasks.call_args import MAX_IMAGES, MAX_SIDE, Call, CallArgs, check_call
-from enginekit.runtimes.tasks.call_args import int_in as _int_in
+from enginekit.runtimes.tasks.call_args import Call, CallArgs, check_call
+from enginekit.runtimes.tasks.controlnet import Control
 from enginekit.runtimes.tasks.inpaint import Inpainting
 from enginekit.runtimes.tasks.layouts import (Layout, guidance_scale_embedding, layout_for,
                                               pack_latents, rescale_noise_cfg, unpack_latents)
 from enginekit.runtimes.tasks.pipeline_config import PipelineConfig, TextEncoderSpec, default_scheduler_name
-from enginekit.runtimes.tasks.sizes import check_size, size_rule
 from enginekit.runtimes.tasks.step_cache import DEEPCACHE_CUT, Forecast
 from enginekit.runtimes.tasks.tokenizers import PromptTokenizer
 
@@ -126,39 +125,10 @@ class TextToImage:
     @staticmethod
     def compile_options(manifest: Manifest, backend: str, precision: str = "fp32", height: int | None = None,
                         width: int | None = None, batch: int | None = None) -> dict[str, Any]:
-        """Backend options for compiling this pipeline: the family's precision exceptions
-        (a VAE that overflows in fp16 stays fp32) and, given a size, static shapes.
+        """Backend options for compiling this pipeline (:func:`.pipeline_compile.compile_options`)."""
+        from enginekit.runtimes.tasks.pipeline_compile import compile_options
 
-        Static shapes fix the denoiser at the layout's rows (CFG's two passes in one call for a
-        CLIP or SD3 pipeline: such an engine needs ``guidance_scale > 1``), the VAE decoder at
-        ``batch``, the VAE encoder at one init image, and every prompt at the tokenizer's
-        length; the text encoders keep a free batch.
-        """
-        cfg = PipelineConfig.from_section(manifest.task_config)
-        layout = layout_for(cfg)
-        extra: dict[str, Any] = {}
-        if precision != "fp32":
-            extra["precision"] = precision
-            if backend == "openvino" and cfg.extra.get("vae_precision") == "fp32":
-                extra["keep_fp32"] = [n for n in ("vae_decoder", "vae_encoder") if n in manifest.components]
-        if height is None and width is None and batch is None:
-            return extra
-        if backend != "openvino":
-            raise InputError(f"static shapes (--height/--width/--batch) are an OpenVINO option, not {backend}'s")
-        height = cfg.default_size if height is None else height
-        width = cfg.default_size if width is None else width
-        batch = 1 if batch is None else _int_in("batch", batch, 1, MAX_IMAGES)
-        f = cfg.vae_scale_factor
-        height, width = check_size(size_rule(cfg, max_side=MAX_SIDE), height, width)
-        latent = {"latent_height": height // f, "latent_width": width // f}
-        dims: dict[str, dict[str, int]] = {
-            e.component: {"sequence": int(cfg.tokenizers[e.tokenizer].get("max_length", 77))} for e in cfg.text_encoders}
-        dims[cfg.denoiser] = layout.static_dims(height, width, batch)
-        dims["vae_decoder"] = {"batch": batch, **latent}
-        if "vae_encoder" in manifest.components:
-            dims["vae_encoder"] = {"batch": 1, "height": height, "width": width}
-        extra["dims"] = dims
-        return extra
+        return compile_options(manifest, backend, precision, height, width, batch)
 
     # ------------------------------------------------------------------ helpers
 
@@ -238,6 +208,10 @@ class TextToImage:
         cache: str | None = None,
         mask_image: Any = None,
         padding_mask_crop: int | None = None,
+        control_image: Any = None,
+        controlnet_conditioning_scale: float | Sequence[float] = 1.0,
+        control_guidance_start: float | Sequence[float] = 0.0,
+        control_guidance_end: float | Sequence[float] = 1.0,
     ) -> PipelineOutput:
         """Generate images for ``prompt``.
 
@@ -251,6 +225,9 @@ class TextToImage:
         inpainting model (9-channel UNet) as diffusers' inpainting pipelines run it, on any other
         as their masked image-to-image; ``padding_mask_crop`` (pixels) generates on the mask's
         padded bounding box only and pastes it back. See :mod:`enginekit.runtimes.tasks.inpaint`.
+        ``control_image`` (one per ControlNet the artifact holds) with ``controlnet_conditioning_scale``
+        and ``control_guidance_start``/``_end`` (each one value or one per ControlNet): ControlNet,
+        as diffusers' ControlNet pipelines run it (:mod:`enginekit.runtimes.tasks.controlnet`).
         ``scheduler``: one of :data:`SCHEDULERS`; default the manifest's (the pipeline's own
         where ported; a flow-matching model, SD3 or FLUX, takes ``flow-euler`` only).
         ``num_inference_steps``, ``guidance_scale``, ``height``, ``width``: default the
@@ -279,7 +256,8 @@ class TextToImage:
         args = CallArgs(prompt, negative_prompt, num_inference_steps, guidance_scale, height, width,
                         num_images_per_prompt, seed, latents, image, strength, scheduler, guidance_rescale,
                         output_type, generator, max_sequence_length, true_cfg_scale, cache, mask_image,
-                        padding_mask_crop)
+                        padding_mask_crop, control_image, controlnet_conditioning_scale, control_guidance_start,
+                        control_guidance_end)
         with self._one_call():
             try:
                 return self._call(args, callback, cancel)
@@ -310,7 +288,7 @@ class TextToImage:
             extra = self.layout.denoiser_inputs(self, embeds, pooled, call.batch, call.height, call.width,
                                                 call.guidance)
             latents = self._denoise(call, sched, timesteps, latents, embeds, extra, callback, cancel, inpaint)
-            self.release(self.config.denoiser)
+            self.release(self.config.denoiser, *(n["component"] for n in self.config.extra.get("controlnets") or []))
 
         # 6. Decode.
         steps_run = tuple(float(t) for t in timesteps)
@@ -381,6 +359,8 @@ class TextToImage:
 
         denoiser, cache, deep = self.config.denoiser, call.cache, None
         forecast = Forecast(cache.order) if cache is not None and cache.kind == "taylorseer" else None
+        control = Control(self, call.control, call.batch, two_pass) if "controlnet_residuals" in self.config.extra \
+            else None
         for i, t in enumerate(timesteps):
             if cancel is not None and cancel.is_set():
                 raise stopped(f"generation cancelled before step {i + 1} of {len(timesteps)}", i)
@@ -389,6 +369,7 @@ class TextToImage:
             model_in = inpaint.model_input(model_in) if inpaint else model_in
             feeds = {"sample": model_in.astype(np.float32), "timestep": self.layout.timestep(t, model_in.shape[0]),
                      "encoder_hidden_states": embeds, **extra}
+            feeds.update(control.residuals(i, len(timesteps), feeds) if control is not None else {})
             if cache is None or cache.full(i, len(timesteps)):
                 noise_pred = self.run_component(denoiser, feeds)
                 deep = noise_pred.get(DEEPCACHE_CUT.inputs[0]) if cache is not None else None

@@ -1,0 +1,165 @@
+"""ControlNet against diffusers' own ControlNet pipelines on every backend: a ControlNet built
+from the tiny UNet with its zero convolutions perturbed (so the control image changes the
+image), one and two ControlNets with their own scales and guidance windows, SD 1.5 and SDXL,
+on the same latents; a call without a control image is the plain UNet's; bad control input and
+a ControlNet for another family refused in one line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("diffusers")
+torch = pytest.importorskip("torch")
+
+import enginekit  # noqa: E402
+from enginekit.errors import InputError, SourceError  # noqa: E402
+
+from ..conftest import backend_params, installed_backends, make_photo, psnr, twin_cache  # noqa: E402
+
+KINDS = backend_params("onnx")
+PROMPT, NEGATIVE = "a house by a lake", "blurry"
+_twin = twin_cache()
+
+
+def make_controlnet(unet: object, folder: Path, seed: int) -> Path:
+    """diffusers' ControlNet of ``unet`` (its weights), the zero convolutions made non-zero."""
+    import diffusers
+
+    cn = diffusers.ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 8, 16, 16))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in [*cn.controlnet_down_blocks, cn.controlnet_mid_block, cn.controlnet_cond_embedding.conv_out]:
+            m.weight.copy_(torch.randn(m.weight.shape, generator=gen) * 0.3)
+    cn.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def edges(size: tuple[int, int], seed: int) -> object:
+    from PIL import Image, ImageFilter
+
+    return make_photo(size, seed=seed).convert("L").filter(ImageFilter.FIND_EDGES).convert("RGB")
+
+
+@pytest.fixture(scope="module")
+def controlled(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """tiny SD 1.5 with one ControlNet and with two, tiny SDXL with one; exported and compiled."""
+    from enginekit.api import compile_artifact
+    from enginekit.export.diffusion.sd import PipelineExportOptions, export_pipeline
+
+    root = tmp_path_factory.mktemp("controlnet")
+    nets = {"sd15": [make_controlnet(_twin("tiny-sd15").unet, root / f"cn15-{i}", i) for i in (1, 2)],
+            "sdxl": [make_controlnet(_twin("tiny-sdxl").unet, root / "cnxl", 3)]}
+    out: dict = {"nets": nets}
+    for key, name, cns in (("one", "tiny-sd15", nets["sd15"][:1]), ("two", "tiny-sd15", nets["sd15"]),
+                           ("xl", "tiny-sdxl", nets["sdxl"])):
+        # The export's own whole-image check (against diffusers' ControlNet pipeline) once; the tests check all three.
+        export_pipeline(name, root / key, PipelineExportOptions(controlnets=tuple(map(str, cns)),
+                                                                image_check=key == "one"))
+        out[(key, "onnx")] = root / key
+        for backend in installed_backends():
+            compile_artifact(root / key, backend, root / f"{key}-{backend}")
+            out[(key, backend)] = root / f"{key}-{backend}"
+    return out
+
+
+def _reference(name: str, nets: list[Path], latents: np.ndarray, **call) -> np.ndarray:
+    import diffusers
+
+    base = _twin(name)
+    cns = [diffusers.ControlNetModel.from_pretrained(str(p)) for p in nets]
+    cls = diffusers.StableDiffusionXLControlNetPipeline if "sdxl" in name else diffusers.StableDiffusionControlNetPipeline
+    pipe = cls.from_pipe(base, controlnet=cns[0] if len(cns) == 1 else diffusers.MultiControlNetModel(cns))
+    pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(base.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    with torch.inference_mode():
+        return pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=4, latents=torch.from_numpy(latents),
+                    output_type="np", **call).images
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_one_controlnet_matches_diffusers(controlled: dict, kind: str) -> None:
+    """The control image's own size (72x64 latents 9x8, odd) sets the output's; scale 0.7,
+    switched off for the last quarter of the steps."""
+    control = edges((72, 64), seed=1)
+    noise = np.random.default_rng(0).standard_normal((1, 4, 8, 9), dtype=np.float32)
+    pipe = enginekit.load(controlled[("one", kind)], device="cpu")
+    call = dict(controlnet_conditioning_scale=0.7, control_guidance_end=0.75)
+    out = pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=4, latents=noise, scheduler="euler",
+               output_type="np", control_image=control, **call).images
+    ref = _reference("tiny-sd15", controlled["nets"]["sd15"][:1], noise, image=control, **call)
+    assert out.shape == ref.shape == (1, 64, 72, 3)
+    assert psnr(ref, out) >= 40.0, f"{kind}: {psnr(ref, out):.1f} dB"
+    plain = pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=4, latents=noise, scheduler="euler",
+                 height=64, width=72, output_type="np").images
+    assert psnr(out, plain) < 35.0  # the control image steers the image
+    base = _twin("tiny-sd15")
+    import diffusers
+
+    base.scheduler = diffusers.EulerDiscreteScheduler.from_config(base.scheduler.config)
+    with torch.inference_mode():
+        uncontrolled = base(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=4, height=64, width=72,
+                            latents=torch.from_numpy(noise), output_type="np").images
+    assert psnr(uncontrolled, plain) >= 40.0  # without a control image: the plain pipeline's image
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_two_controlnets_with_their_own_scales_and_windows(controlled: dict, kind: str) -> None:
+    images = [edges((64, 64), seed=2), make_photo((80, 80), seed=3)]  # the second resized to the output
+    noise = np.random.default_rng(1).standard_normal((2, 4, 8, 8), dtype=np.float32)
+    call = dict(controlnet_conditioning_scale=[0.8, 0.4], control_guidance_start=[0.0, 0.25],
+                control_guidance_end=[1.0, 0.75])
+    pipe = enginekit.load(controlled[("two", kind)], device="cpu")
+    out = pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=4, latents=noise, scheduler="euler",
+               output_type="np", control_image=images, num_images_per_prompt=2, height=64, width=64, **call).images
+    ref = _reference("tiny-sd15", controlled["nets"]["sd15"], noise, image=images, num_images_per_prompt=2,
+                     height=64, width=64, **call)
+    assert out.shape == ref.shape == (2, 64, 64, 3)
+    assert psnr(ref, out) >= 40.0, f"{kind}: {psnr(ref, out):.1f} dB"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_an_sdxl_controlnet_matches_diffusers(controlled: dict, kind: str) -> None:
+    control = edges((64, 64), seed=4)
+    noise = np.random.default_rng(2).standard_normal((1, 4, 8, 8), dtype=np.float32)
+    pipe = enginekit.load(controlled[("xl", kind)], device="cpu")
+    out = pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=4, latents=noise, scheduler="euler",
+               output_type="np", control_image=control, controlnet_conditioning_scale=0.5).images
+    ref = _reference("tiny-sdxl", controlled["nets"]["sdxl"], noise, image=control, controlnet_conditioning_scale=0.5)
+    assert psnr(ref, out) >= 40.0, f"{kind}: {psnr(ref, out):.1f} dB"
+
+
+def test_bad_control_input_is_refused_in_one_line(controlled: dict, tiny_pipelines: dict, tmp_path: Path) -> None:
+    pipe = enginekit.load(controlled[("two", "onnx")], device="cpu")
+    one = edges((64, 64), seed=5)
+    cases = [
+        (dict(control_image=one), "control_image: 1 image(s) for 2 ControlNet(s)"),
+        (dict(control_image=[one, b"not an image"]), "control_image:"),
+        (dict(control_image=[one, one], controlnet_conditioning_scale=[1.0]), "controlnet_conditioning_scale has 1"),
+        (dict(control_image=[one, one], controlnet_conditioning_scale=11.0), "controlnet_conditioning_scale must be"),
+        (dict(control_image=[one, one], control_guidance_start=0.6, control_guidance_end=0.4),
+         "control_guidance_start (0.6) must be below"),
+        (dict(controlnet_conditioning_scale=0.5), "controlnet_conditioning_scale steers a ControlNet"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(InputError) as info:
+            pipe(PROMPT, num_inference_steps=2, **kwargs)
+        assert message in str(info.value) and "\n" not in str(info.value), str(info.value)
+    plain = enginekit.load(tiny_pipelines[("tiny-sd15", "onnx")], device="cpu")
+    with pytest.raises(InputError, match="this pipeline has no ControlNet"):
+        plain(PROMPT, num_inference_steps=2, control_image=one)
+    assert pipe(PROMPT, num_inference_steps=2, control_image=[one, one], seed=1).images[0].size == (64, 64)
+
+
+def test_a_controlnet_for_another_family_is_refused(controlled: dict, tmp_path: Path) -> None:
+    from enginekit.export.diffusion.sd import PipelineExportOptions, export_pipeline
+
+    xl_net = controlled["nets"]["sdxl"][0]
+    with pytest.raises(SourceError) as info:
+        export_pipeline("tiny-sd15", tmp_path / "x", PipelineExportOptions(controlnets=(str(xl_net),)))
+    assert "a ControlNet for" in str(info.value) and "not for this sd15 pipeline" in str(info.value)
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(SourceError, match="no such ControlNet"):
+        export_pipeline("tiny-sd15", tmp_path / "y", PipelineExportOptions(controlnets=(str(tmp_path / "nope"),)))
