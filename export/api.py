@@ -91,6 +91,7 @@ class ExportRequest:
     loras: tuple[str, ...] = ()
     lora_scale: float = 1.0
     without_t5: bool = False
+    controlnets: tuple[str, ...] = ()
     streaming: bool = False
     #: Pipelines: the denoiser's weight format (a WeightFormat or fp32/fp16/int8/int4) and per-component overrides.
     weight_format: Any = None
@@ -112,6 +113,7 @@ def export_pipeline_source(spec: str, out_dir: str | Path, request: ExportReques
     specs = tuple(parse_lora(text, request.lora_scale) for text in request.loras)
     options = PipelineExportOptions(opset=request.opset, seed=request.seed, image_check=request.image_check,
                                     loras=specs, without_t5=request.without_t5, streaming=request.streaming,
+                                    controlnets=tuple(str(c) for c in request.controlnets),
                                     weight_format=request.weight_format,
                                     component_formats=request.component_formats, **request.budget())
     return export_pipeline(spec, out_dir, options, family=request.family, random_weights=request.random_weights,
@@ -125,6 +127,8 @@ def export_classifier_source(spec: str, out_dir: str | Path, request: ExportRequ
 
     if request.loras:
         raise SourceError("--lora applies to diffusion pipelines only")
+    if request.controlnets:
+        raise SourceError("--controlnet applies to diffusion pipelines (SD 1.x/2.x, SDXL) only")
     if request.without_t5:
         raise SourceError("--no-t5 applies to SD3/SD3.5 pipelines only")
     if request.streaming:

@@ -18,7 +18,8 @@ from enginekit.runtimes.png_info import A1111_SAMPLERS as SAMPLERS
 from enginekit.serve.errors import ApiError
 from enginekit.serve.models import PIPELINE
 from enginekit.serve.sdapi_info import current_checkpoint, resolve_checkpoint
-from enginekit.serve.tasks import GenerateRequest, generation_params, images_json, png_bytes, run_generation
+from enginekit.serve.tasks import (GenerateRequest, decode_controls, generation_params, images_json, png_bytes,
+                                   run_generation)
 from enginekit.serve.uploads import b64_image, open_image
 
 __all__ = ["router", "SAMPLERS"]
@@ -80,6 +81,13 @@ def _ours(body: Txt2ImgRequest, settings: Any) -> GenerateRequest:
                               "num_images": body.batch_size * body.n_iter}
     if isinstance(body, Img2ImgRequest):
         fields["strength"] = body.denoising_strength
+    from enginekit.serve.sdapi_controlnet import controlnet_units
+
+    units = controlnet_units(body)
+    if units:  # A1111's ControlNet units: images decoded by the route, values here (one per unit)
+        fields["control_image"] = [u[0] for u in units]
+        for k, key in enumerate(("controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end"), 1):
+            fields[key] = [u[k] for u in units]
     return GenerateRequest.checked(fields, settings)
 
 
@@ -115,6 +123,7 @@ def _answer(slot: Any, body: Txt2ImgRequest, req: GenerateRequest, out: Any) -> 
 async def txt2img(request: Request, body: Txt2ImgRequest) -> dict[str, Any]:
     slot = _model(request, body)
     req = _ours(body, _state(request).settings)
+    await decode_controls(req, _state(request).settings)
     out = await run_generation(request, slot, req)
     return _answer(slot, body, req, out)
 
@@ -124,6 +133,7 @@ async def img2img(request: Request, body: Img2ImgRequest) -> dict[str, Any]:
     slot = _model(request, body)
     state = _state(request)
     req = _ours(body, state.settings)
+    await decode_controls(req, state.settings)
     init = await asyncio.to_thread(open_image, b64_image(body.init_images[0], "init_images[0]"), 0, state.settings)
     if body.mask is not None:
         from enginekit.serve.sdapi_inpaint import prepare_inpainting

@@ -9,7 +9,7 @@ import json
 import secrets
 import time
 import uuid
-from typing import Any, AsyncIterator, Literal, Optional
+from typing import Any, AsyncIterator, Literal, Optional, Union
 
 import numpy as np
 from fastapi import APIRouter, Request
@@ -197,8 +197,14 @@ class GenerateRequest(BaseModel):
     padding_mask_crop: Optional[int] = Field(default=None, ge=0, le=16384,
                                              description="inpainting: generate the mask's box grown by this many "
                                                          "pixels only, pasted back into the image")
-    #: The decoded mask (set by parse_generate; the A1111 route sets its own).
+    control_image: Optional[Union[str, list[str]]] = Field(
+        default=None, description="ControlNet: base64 control image(s), one per ControlNet the model holds")
+    controlnet_conditioning_scale: Optional[Union[float, list[float]]] = None
+    control_guidance_start: Optional[Union[float, list[float]]] = None
+    control_guidance_end: Optional[Union[float, list[float]]] = None
+    #: The decoded mask and control images (set by parse_generate; the A1111 routes set their own).
     _mask: Any = PrivateAttr(default=None)
+    _controls: Any = PrivateAttr(default=None)
     response_format: Optional[Literal["png", "json", "sse"]] = None
 
     @classmethod
@@ -233,6 +239,11 @@ class GenerateRequest(BaseModel):
                                   "num_images_per_prompt": self.num_images, "scheduler": self.scheduler}
         if self.cache is not None:
             kwargs["cache"] = self.cache
+        if self._controls is not None:
+            kwargs["control_image"] = self._controls if len(self._controls) > 1 else self._controls[0]
+            for key in ("controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end"):
+                if getattr(self, key) is not None:
+                    kwargs[key] = getattr(self, key)
         if init_image is not None:
             kwargs["image"] = init_image
             extra = {"strength": self.strength, "mask_image": self._mask, "padding_mask_crop": self.padding_mask_crop}
@@ -246,12 +257,13 @@ async def parse_generate(request: Request) -> tuple[GenerateRequest, Any]:
     ctype = request.headers.get("content-type", "").lower()
     files: dict[str, bytes] = {}
     if ctype.startswith("multipart/form-data"):
-        form = await request.form(max_files=2, max_fields=32)
+        form = await request.form(max_files=3, max_fields=32)
         fields: dict[str, Any] = {}
         for key, value in form.multi_items():
             if hasattr(value, "read"):
-                if key not in ("init_image", "mask_image") or key in files:
-                    raise ApiError(422, f"{key}: only init_image and mask_image may be files, once each"[:200])
+                if key not in ("init_image", "mask_image", "control_image") or key in files:
+                    raise ApiError(422, f"{key}: only init_image, mask_image and control_image may be files, once "
+                                        "each"[:200])
                 files[key] = await value.read()
             elif value != "":
                 fields[key] = value
@@ -270,7 +282,19 @@ async def parse_generate(request: Request) -> tuple[GenerateRequest, Any]:
     init = await asyncio.to_thread(open_image, files["init_image"], 0, state.settings) if "init_image" in files else None
     if "mask_image" in files:
         req._mask = await asyncio.to_thread(open_image, files["mask_image"], 1, state.settings, "mask_image")
+    await decode_controls(req, state.settings, files.get("control_image"))
     return req, init
+
+
+async def decode_controls(req: GenerateRequest, settings: Any, upload: bytes | None = None) -> None:
+    """The request's control images (base64 in ``control_image``, or one uploaded file) decoded into it."""
+    items = [req.control_image] if isinstance(req.control_image, str) else list(req.control_image or [])
+    controls = [upload] if upload is not None else [b64_image(v, f"control_image[{i}]") for i, v in enumerate(items)]
+    if len(controls) > 8:
+        raise ApiError(422, "control_image: at most 8 control images")
+    if controls:
+        req._controls = [await asyncio.to_thread(open_image, data, i, settings, f"control_image[{i}]")
+                         for i, data in enumerate(controls)]
 
 
 def check_pixels(slot: ModelSlot, req: GenerateRequest, settings: Any, init: Any = None) -> None:

@@ -46,6 +46,12 @@ def compile_options(manifest: Manifest, backend: str, precision: str = "fp32", h
     dims: dict[str, dict[str, int]] = {
         e.component: {"sequence": int(cfg.tokenizers[e.tokenizer].get("max_length", 77))} for e in cfg.text_encoders}
     dims[cfg.denoiser] = layout.static_dims(height, width, batch)
+    residuals = cfg.extra.get("controlnet_residuals") or []
+    for factor in sorted({int(r["factor"]) for r in residuals if int(r["factor"]) > 1}):  # a ControlNet's grids
+        dims[cfg.denoiser].update({f"latent_height_{factor}": -(-(height // f) // factor),
+                                   f"latent_width_{factor}": -(-(width // f) // factor)})
+    for net in cfg.extra.get("controlnets") or []:
+        dims[net["component"]] = {**dims[cfg.denoiser], "height": height, "width": width}
     dims["vae_decoder"] = {"batch": batch, **latent}
     if "vae_encoder" in manifest.components:
         dims["vae_encoder"] = {"batch": 1, "height": height, "width": width}

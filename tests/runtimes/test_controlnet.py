@@ -163,3 +163,58 @@ def test_a_controlnet_for_another_family_is_refused(controlled: dict, tmp_path: 
     assert not (tmp_path / "x").exists()
     with pytest.raises(SourceError, match="no such ControlNet"):
         export_pipeline("tiny-sd15", tmp_path / "y", PipelineExportOptions(controlnets=(str(tmp_path / "nope"),)))
+
+
+def test_every_surface_gives_the_python_call(controlled: dict, tmp_path: Path) -> None:
+    """``generate --control-image``, ``/v1/generate``'s ``control_image`` and A1111's ControlNet
+    units give the library's image; a static-shape OpenVINO compile takes the ControlNet too."""
+    import base64
+    import io
+
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from enginekit.app.cli import cli
+    from enginekit.serve import ServeSettings, create_app
+    from enginekit.serve.testing import AppRunner
+
+    art = controlled[("one", "onnx")]
+    pipe = enginekit.load(art, device="cpu")
+    control = edges((64, 64), seed=6)
+    control.save(tmp_path / "edges.png")
+    want = np.asarray(pipe(PROMPT, num_inference_steps=3, seed=5, control_image=control,
+                           controlnet_conditioning_scale=0.6).images[0])
+    out = tmp_path / "out.png"
+    result = CliRunner().invoke(cli, ["generate", str(art), PROMPT, "--control-image", str(tmp_path / "edges.png"),
+                                      "--controlnet-scale", "0.6", "--steps", "3", "--seed", "5", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert np.array_equal(np.asarray(Image.open(out).convert("RGB")), want)
+    b64 = base64.b64encode((tmp_path / "edges.png").read_bytes()).decode()
+    with AppRunner(create_app({"cn": art}, ServeSettings(warmup=False))) as server:
+        r = server.post("/v1/generate", json={"prompt": PROMPT, "steps": 3, "seed": 5, "control_image": b64,
+                                              "controlnet_conditioning_scale": 0.6})
+        assert r.status_code == 200, r.text
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(r.content)).convert("RGB")), want)
+        unit = {"enabled": True, "image": b64, "module": "none", "model": "whatever", "weight": 0.6}
+        r = server.post("/sdapi/v1/txt2img", json={"prompt": PROMPT, "steps": 3, "seed": 5, "sampler_name": "Euler",
+                                                   "alwayson_scripts": {"controlnet": {"args": [unit]}}})
+        assert r.status_code == 200, r.text
+        got = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))).convert("RGB")
+        ref = np.asarray(pipe(PROMPT, num_inference_steps=3, seed=5, scheduler="euler", control_image=control,
+                              controlnet_conditioning_scale=0.6).images[0])
+        assert np.array_equal(np.asarray(got), ref)
+        r = server.post("/sdapi/v1/txt2img", json={"prompt": PROMPT, "steps": 2, "alwayson_scripts": {
+            "controlnet": {"args": [{**unit, "module": "canny"}]}}})
+        assert r.status_code == 422 and "module" in r.json()["error"], r.text
+        r = server.post("/v1/generate", json={"prompt": PROMPT, "steps": 2, "control_image": [b64, b64]})
+        assert r.status_code == 422 and "2 image(s) for 1 ControlNet" in r.json()["error"], r.text
+        assert server.post("/v1/generate", json={"prompt": PROMPT, "steps": 2, "seed": 1}).status_code == 200
+    if "openvino" in installed_backends():
+        from enginekit.app.build import build_engine
+
+        static = tmp_path / "static"
+        build_engine(art, "openvino", static, height=64, width=64, batch=1)
+        fixed = enginekit.load(static, device="cpu")
+        got = np.asarray(fixed(PROMPT, num_inference_steps=3, seed=5, control_image=control,
+                               controlnet_conditioning_scale=0.6).images[0], dtype=np.float32) / 255
+        assert psnr(want.astype(np.float32) / 255, got) >= 40.0

@@ -44,6 +44,9 @@ from enginekit.registry import task_names
                    "repeatable, fused in order.")
 @click.option("--lora-scale", type=float, default=1.0, show_default=True,
               help="Scale for each --lora that names none.")
+@click.option("--controlnet", "controlnets", multiple=True, metavar="FOLDER|FILE.safetensors",
+              help="SD 1.x/2.x, SDXL: export this ControlNet (a diffusers folder or a single .safetensors file) "
+                   "as a component beside the UNet; repeatable (several ControlNets, in order).")
 @click.option("--no-t5", "without_t5", is_flag=True,
               help="SD3/SD3.5: leave the T5 encoder out (never loaded), as diffusers allows: prompts condition "
                    "through the CLIP encoders alone; saves T5-XXL's 4.7B parameters (19 GB in fp32).")
@@ -99,6 +102,7 @@ def export(**params: Any) -> None:
             model, out, family=o.family, task=o.task, random_weights=o.random_weights, weights=o.weights,
             revision=o.revision, seed=o.seed, opset=o.opset, atol=o.atol, rtol=o.rtol, image_check=o.image_check,
             loras=o.loras, lora_scale=o.lora_scale, without_t5=o.without_t5, streaming=o.streaming,
+            controlnets=o.controlnets,
             weight_format=fmt, component_formats=_component_methods(o.component_formats) or None,
             overwrite=o.overwrite, on_step=_stepper(status),
         )

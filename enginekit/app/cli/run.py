@@ -55,6 +55,15 @@ _NOT_CALL = ("artifact", "prompt", "out", "init_image", "device", "backend", "as
 @click.option("--padding-mask-crop", type=int, default=None,
               help="Inpainting: generate only the mask's bounding box grown by this many pixels (at --height x "
                    "--width) and paste it back into the full image.")
+@click.option("--control-image", "control_image", multiple=True, type=click.Path(path_type=Path),
+              help="ControlNet: the control image (edges, pose, depth map), one per ControlNet the artifact holds, "
+                   "in order; its size is the output's unless --height/--width say otherwise.")
+@click.option("--controlnet-scale", "controlnet_conditioning_scale", multiple=True, type=float,
+              help="ControlNet: conditioning scale, one, or one per ControlNet [default: 1.0].")
+@click.option("--control-start", "control_guidance_start", multiple=True, type=float,
+              help="ControlNet: the fraction of the steps where it starts [default: 0.0].")
+@click.option("--control-end", "control_guidance_end", multiple=True, type=float,
+              help="ControlNet: the fraction of the steps where it stops [default: 1.0].")
 @click.option("--num-images", default=1, show_default=True, help="Images for the prompt.")
 @click.option("-d", "--device", default="auto", show_default=True, help=DEVICE_HELP + ".")
 @click.option("--backend", help="Backend to run on (default: the one the artifact was built for).")
@@ -100,6 +109,9 @@ def generate(**params: Any) -> None:
         names = {"negative": "negative_prompt", "steps": "num_inference_steps", "guidance": "guidance_scale",
                  "num_images": "num_images_per_prompt", "true_cfg": "true_cfg_scale"}
         call = {names.get(k, k): v for k, v in given_params(ctx, exclude=_NOT_CALL).items()}
+        for key in ("control_image", "controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end"):
+            if key in call:  # repeatable: one value, or one per ControlNet
+                call[key] = list(call[key]) if len(call[key]) > 1 else call[key][0]
         paths, result = generate_images(o.artifact, o.prompt, o.out, device=o.device, backend=o.backend,
                                         digest=o.digest, verify_with=o.verify_with, init_image=o.init_image,
                                         on_step=on_step, low_memory=o.low_memory, stages=stages, **call)
