@@ -82,6 +82,16 @@ def wrote_compile(manifest: Any, out: Path) -> str:
                if fused and "fused" in fused else "") + ")")
 
 
+def wrote_import(manifest: Any, out: Path | None) -> str:
+    """The line ``import`` ends with: what was found, what it became, and the digest that pins it."""
+    imported = manifest.provenance.get("imported", {})
+    adapted = [n for n, c in manifest.components.items() if c.interface]
+    return (f"[green]imported[/] {escape(str(imported.get('from')))}: {escape(str(imported.get('found')))} -> "
+            f"{manifest.family} {manifest.task}, {len(manifest.components)} component(s)"
+            + (f" ({', '.join(adapted)} under enginekit's tensor names)" if adapted else "")
+            + f"\n[green]wrote[/] {escape(str(out))}  ({imported.get('mode')}; digest sha256:{manifest.digest()})")
+
+
 def wrote_quantize(manifest: Any, out: Path) -> str:
     """The line ``quantize`` ends with: the gate's numbers against the float parent."""
     fid = manifest.fidelity
