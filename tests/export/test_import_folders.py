@@ -28,10 +28,13 @@ import openvino as ov  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
 
 import enginekit  # noqa: E402
+from enginekit.api import compile_artifact  # noqa: E402
 from enginekit.app.cli import cli  # noqa: E402
-from enginekit.errors import ArtifactError, IntegrityError, ManifestError, SourceError  # noqa: E402
+from enginekit.engine import Runner  # noqa: E402
+from enginekit.errors import ArtifactError, IntegrityError, ManifestError, ShapeError, SourceError  # noqa: E402
+from enginekit.interface import with_interface  # noqa: E402
 from enginekit.export.importer import import_folder  # noqa: E402
-from enginekit.manifest import read_manifest  # noqa: E402
+from enginekit.manifest import Component, TensorSpec, read_manifest  # noqa: E402
 from enginekit.runtimes.openvino_genai import write_genai_layout  # noqa: E402
 
 from ..conftest import make_photo, psnr  # noqa: E402
@@ -155,7 +158,12 @@ def test_an_optimum_onnx_folder_imports_too(tiny_pipelines: dict, tmp_path: Path
     manifest = import_folder(folder, tmp_path / "imported")
     assert manifest.kind == "onnx" and manifest.components["text_encoder"].interface == {
         "outputs": {"pooled": "pooler_output"}}
-    assert psnr(_image(source, "tiny-sd15"), _image(tmp_path / "imported", "tiny-sd15")) >= 60.0
+    reference = _image(source, "tiny-sd15")
+    assert psnr(reference, _image(tmp_path / "imported", "tiny-sd15")) >= 60.0
+    # compiled for OpenVINO, the engines keep optimum's names, and the manifest its interface
+    compiled = compile_artifact(tmp_path / "imported", "openvino", tmp_path / "ov")
+    assert compiled.components["text_encoder"].interface == manifest.components["text_encoder"].interface
+    assert psnr(reference, _image(tmp_path / "ov", "tiny-sd15")) >= 40.0
 
 
 @pytest.fixture(scope="module")
@@ -268,6 +276,33 @@ def test_the_cli_imports_with_o_and_adopts_in_place(optimum_folders: dict, tmp_p
     config.write_text(config.read_text() + " ")
     with pytest.raises(IntegrityError, match="scheduler_config.json"):
         enginekit.load(folder)
+
+
+class _Echo(Runner):
+    """An engine that gives back what it was fed, under its own output names."""
+
+    def __init__(self) -> None:
+        super().__init__([TensorSpec("hidden_states", "float32", ("batch", 2)), TensorSpec("timestep", "int64", (1,))],
+                         [TensorSpec("out_hidden_states", "float32", ("batch", 2)), TensorSpec("t", "int64", (1,))])
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {"out_hidden_states": feeds["hidden_states"], "t": feeds["timestep"]}
+
+
+def test_the_interface_renames_and_feeds_one_row_only_when_the_rows_agree() -> None:
+    interface = {"inputs": {"sample": "hidden_states"}, "outputs": {"out_sample": "out_hidden_states"},
+                 "one_row": ["timestep"]}
+    runner = with_interface(_Echo(), Component("transformer", "x", (), (), (), interface=interface))
+    assert [s.name for s in runner.inputs] == ["sample", "timestep"] and runner.inputs[1].shape == ("batch",)
+    sample = np.ones((3, 2), dtype=np.float32)
+    out = runner.run({"sample": sample, "timestep": np.array([5, 5, 5])})
+    assert set(out) == {"out_sample", "t"} and out["t"].tolist() == [5]
+    with pytest.raises(ShapeError, match="one 'timestep' for the whole batch"):
+        runner.run({"sample": sample, "timestep": np.array([5, 4, 5])})
+    assert runner.run({"sample": sample[:1], "timestep": np.array([7])})["t"].tolist() == [7]
+    with pytest.raises(ManifestError, match="interface"):
+        Component.from_dict("unet", {"entry": "x", "files": [], "inputs": [], "outputs": [],
+                                     "interface": {"inputs": {"sample": 3}}})
 
 
 @pytest.mark.skipif(not PEERS.is_file(), reason="the peers' environment (optimum-intel) is not installed")
