@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -276,6 +277,25 @@ def test_the_cli_imports_with_o_and_adopts_in_place(optimum_folders: dict, tmp_p
     config.write_text(config.read_text() + " ")
     with pytest.raises(IntegrityError, match="scheduler_config.json"):
         enginekit.load(folder)
+
+
+def test_the_import_needs_no_torch_where_the_tokenizers_are_saved_fast(optimum_folders: dict, tmp_path: Path) -> None:
+    """An edge box with enginekit[openvino] alone imports a folder whose tokenizers have tokenizer.json
+    (only converting a slow CLIP tokenizer needs transformers, and says so)."""
+    from ..core.test_no_torch import _BLOCKER
+
+    code = _BLOCKER + (
+        "from enginekit.export.importer import import_folder\n"
+        f"import_folder({str(optimum_folders['tiny-flux'])!r}, {str(tmp_path / 'flux')!r})\n"
+        "try:\n"
+        f"    import_folder({str(optimum_folders['tiny-sd15'])!r}, {str(tmp_path / 'sd15')!r})\n"
+        "except Exception as exc:\n"
+        "    print('REFUSED', exc)\n"
+        "print('HEAVY', sorted(m for m in sys.modules if m.split('.')[0] in BLOCKED))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "HEAVY []" in done.stdout and "needs transformers: pip install 'enginekit[export]'" in done.stdout
+    assert (tmp_path / "flux" / "manifest.json").is_file() and not (tmp_path / "sd15").exists()
 
 
 class _Echo(Runner):
