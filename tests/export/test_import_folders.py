@@ -270,6 +270,8 @@ def test_the_cli_imports_with_o_and_adopts_in_place(optimum_folders: dict, tmp_p
     assert result.exit_code == 0 and (tmp_path / "fox.png").is_file(), result.output
     result = runner.invoke(cli, ["import", str(folder), "--adopt"])
     assert result.exit_code == 1 and "already has a manifest.json" in result.output
+    result = runner.invoke(cli, ["quantize", str(folder), "-o", str(tmp_path / "q")])
+    assert result.exit_code == 1 and "optimum's: quantize with optimum-cli" in result.output and not (tmp_path / "q").exists()
     with pytest.raises(ArtifactError, match="already has a manifest.json"):
         import_folder(folder, tmp_path / "again")
     # a vendor file changed after the import is caught at load, never run
