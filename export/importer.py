@@ -142,15 +142,23 @@ def _files(root: Path, adopt: bool, skip_generated: bool = False) -> list[str]:
     points at)."""
     out = []
     top = root.resolve()
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")
-                             and not (skip_generated and Path(dirpath) == root and d == GENERATED))
+    seen = {top}
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        # Linked folders are followed (a hub snapshot's), each real folder once (no link loops).
+        keep = []
+        for d in sorted(dirnames):
+            real = (Path(dirpath) / d).resolve()
+            if d.startswith(".") or real in seen or (skip_generated and Path(dirpath) == root and d == GENERATED):
+                continue
+            seen.add(real)
+            keep.append(d)
+        dirnames[:] = keep
         for name in sorted(filenames):
             path = Path(dirpath) / name
             rel = path.relative_to(root).as_posix()
             if name.startswith(".") or rel in (MANIFEST_NAME, SIGNATURE_NAME):
                 continue
-            if adopt and path.is_symlink() and top not in path.resolve().parents:
+            if adopt and top not in path.resolve().parents:
                 raise SourceError(f"{root}: {rel} links outside the folder; import a copy (-o OUT) instead")
             if not path.is_file():
                 raise SourceError(f"{root}: {rel} is not a readable file (a dangling link?)")
@@ -184,6 +192,9 @@ def _manifest(src: Path, plan: FolderPlan, entries: Mapping[str, FileEntry], mod
     components = {}
     for comp in plan.components:
         e = comp.engine
+        unlisted = [f for f in e.files if f not in entries]
+        if unlisted:  # a hidden file, say: never read unhashed
+            raise SourceError(f"{src}: {comp.name} reads {unlisted[0]}, which the import does not list")
         components[comp.name] = Component(name=comp.name, entry=e.entry, files=tuple(entries[f] for f in e.files),
                                           inputs=e.inputs, outputs=e.outputs, precision=e.precision,
                                           interface=dict(comp.interface))
