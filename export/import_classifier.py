@@ -44,8 +44,9 @@ def read_classifier_folder(src: Path, scratch: Path, on_step: Callable[[str], An
     engine = read_engine(src, *found)
     interface = single_interface(str(src), "the classifier", engine, "pixel_values", "logits")
     if not (src / "preprocessor_config.json").is_file():
-        raise SourceError(f"{src}: no preprocessor_config.json (the image processor optimum saves beside the "
-                          "model): enginekit records the preprocessing the engine expects")
+        raise SourceError(f"{src}: no preprocessor_config.json, which enginekit records the preprocessing from "
+                          "(optimum-cli export writes it; OVModelForImageClassification.save_pretrained does not: "
+                          "save the model's image processor into the folder)")
     from enginekit.export.preprocessing import from_transformers_config
 
     preprocessing = from_transformers_config(read_json(src / "preprocessor_config.json"))
