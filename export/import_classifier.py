@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from enginekit.errors import SourceError
-from enginekit.export.import_engines import find_engine, read_engine, single_interface
+from enginekit.export.import_engines import find_engine, name_dims, read_engine, single_interface
 from enginekit.export.importer import ComponentPlan, FolderPlan
 from enginekit.export.json_files import read_json
 
@@ -54,7 +54,8 @@ def read_classifier_folder(src: Path, scratch: Path, on_step: Callable[[str], An
     classes = next(s for s in engine.outputs if s.name == logits).shape[-1]
     labels = _labels(src, config.get("id2label"), classes)
     return FolderPlan(task=TASK, family=str(config.get("model_type") or arch[: -len(_SUFFIX)].lower()),
-                      kind=found[1], components=(ComponentPlan("model", engine, interface),),
+                      kind=found[1], components=(ComponentPlan("model", name_dims(engine, "classifier", interface),
+                                                               interface),),
                       task_config={"preprocessing": preprocessing.to_dict(), "labels": labels},
                       described=f"a {arch} ({found[1]})",
                       provenance={"architecture": arch, "source": config.get("_name_or_path")})

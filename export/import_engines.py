@@ -13,6 +13,7 @@ exported for a pipeline that reads them, ``hidden_states.0`` .. ``hidden_states.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from enginekit.errors import IntegrityError, SourceError, one_line
 from enginekit.manifest import TensorSpec
 
 __all__ = ["ENGINE_FILES", "Engine", "find_engine", "read_engine", "text_encoder_interface", "denoiser_interface",
-           "single_interface"]
+           "single_interface", "name_dims"]
 
 #: The engine file of a component folder -> the artifact kind it makes (checked in this order).
 ENGINE_FILES = {"openvino_model.xml": "openvino", "model.onnx": "onnx"}
@@ -244,3 +245,48 @@ def single_interface(where: str, name: str, engine: Engine, input_name: str, out
             raise SourceError(f"{where}: {name} gives {', '.join(outs)}, none of them {output_name!r}")
         alias_out[output_name] = outs[0]
     return _interface(alias_in, alias_out)
+
+
+# --------------------------------------------------------------------------- symbolic dimensions
+
+_LATENT = ("batch", None, "latent_height", "latent_width")
+_STATES = ("batch", "sequence", None)
+#: enginekit's export contract (``enginekit.export.diffusion.sd``): the symbolic dimensions of each
+#: tensor a role's engine has, by the task's name (None: the engine's own). Static shapes, the
+#: pipeline bench and the OpenVINO runner's specs name dimensions by these.
+_CONTRACT: dict[str, dict[str, tuple[str | None, ...]]] = {
+    "text_encoder": {"input_ids": ("batch", "sequence"), "last_hidden_state": _STATES,
+                     "penultimate_hidden_state": _STATES, "hidden_states.": _STATES, "pooled": ("batch", None)},
+    "denoiser": {"sample": _LATENT, "out_sample": _LATENT, "timestep": ("batch",), "encoder_hidden_states": _STATES,
+                 "text_embeds": ("batch", None), "time_ids": ("batch", None), "timestep_cond": ("batch", None),
+                 "pooled_projections": ("batch", None), "guidance": ("batch",), "txt_ids": ("sequence", None),
+                 "img_ids": ("image_sequence", None)},
+    # FLUX: latents packed into tokens.
+    "packed": {"sample": ("batch", "image_sequence", None), "out_sample": ("batch", "image_sequence", None)},
+    "vae_decoder": {"latent_sample": _LATENT, "sample": ("batch", None, "height", "width")},
+    "vae_encoder": {"sample": ("batch", None, "height", "width"), "latent_parameters": _LATENT},
+    "classifier": {"pixel_values": ("batch", None, "height", "width"), "logits": ("batch", None)},
+}
+
+
+def name_dims(engine: Engine, role: str, interface: Mapping[str, Any]) -> Engine:
+    """``engine`` with its free dimensions named as enginekit's export names them for ``role``
+    (``text_encoder``, ``denoiser``, ``vae_decoder``, ``vae_encoder``, ``classifier``); fixed sizes
+    and tensors the contract does not know keep theirs."""
+    task_in = {e: t for t, e in (interface.get("inputs") or {}).items()}
+    task_out = {e: t for t, e in (interface.get("outputs") or {}).items()}
+    table = dict(_CONTRACT[role])
+    sample = next((s for s in engine.inputs if task_in.get(s.name, s.name) == "sample"), None)
+    if role == "denoiser" and sample is not None and len(sample.shape) == 3:
+        table.update(_CONTRACT["packed"])
+
+    def named(spec: TensorSpec, task: str) -> TensorSpec:
+        want = table.get(task) or (table.get("hidden_states.") if _HIDDEN.match(task) else None)
+        if want is None or len(want) != len(spec.shape):
+            return spec
+        shape = tuple(d if isinstance(d, int) or w is None else w for d, w in zip(spec.shape, want))
+        return TensorSpec(spec.name, spec.dtype, shape)
+
+    return dataclasses.replace(
+        engine, inputs=tuple(named(s, task_in.get(s.name, s.name)) for s in engine.inputs),
+        outputs=tuple(named(s, task_out.get(s.name, s.name)) for s in engine.outputs))

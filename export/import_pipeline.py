@@ -26,8 +26,8 @@ from typing import Any, Callable, Mapping
 
 from enginekit.errors import ArtifactError, ManifestError, SourceError, one_line
 from enginekit.export.diffusion.families import TEXT_ENCODERS, detect_family, families
-from enginekit.export.import_engines import (denoiser_interface, find_engine, read_engine, single_interface,
-                                             text_encoder_interface)
+from enginekit.export.import_engines import (denoiser_interface, find_engine, name_dims, read_engine,
+                                             single_interface, text_encoder_interface)
 from enginekit.export.importer import GENERATED, ComponentPlan, FolderPlan
 from enginekit.export.json_files import jsonable, read_json
 
@@ -88,18 +88,18 @@ def read_pipeline_folder(src: Path, scratch: Path, on_step: Callable[[str], Any]
     if len(kinds) > 1:
         raise SourceError(f"{src}: its components mix {' and '.join(kinds)} engines; enginekit imports one kind")
     section = _section(src, index, family, encoders)
-    components = []
-    for spec in section["text_encoders"]:
-        name = spec["component"]
-        components.append(ComponentPlan(name, engines[name], text_encoder_interface(
-            str(src), name, engines[name], spec["hidden_state"], spec["use_pooled"])))
-    components.append(ComponentPlan(family.denoiser, engines[family.denoiser],
-                                    denoiser_interface(str(src), family.denoiser, engines[family.denoiser])))
-    components.append(ComponentPlan("vae_decoder", engines["vae_decoder"], single_interface(
-        str(src), "vae_decoder", engines["vae_decoder"], "latent_sample", "sample")))
+    interfaces = {spec["component"]: text_encoder_interface(str(src), spec["component"], engines[spec["component"]],
+                                                            spec["hidden_state"], spec["use_pooled"])
+                  for spec in section["text_encoders"]}
+    interfaces[family.denoiser] = denoiser_interface(str(src), family.denoiser, engines[family.denoiser])
+    interfaces["vae_decoder"] = single_interface(str(src), "vae_decoder", engines["vae_decoder"], "latent_sample",
+                                                 "sample")
     if "vae_encoder" in engines:
-        components.append(ComponentPlan("vae_encoder", engines["vae_encoder"], single_interface(
-            str(src), "vae_encoder", engines["vae_encoder"], "sample", "latent_parameters")))
+        interfaces["vae_encoder"] = single_interface(str(src), "vae_encoder", engines["vae_encoder"], "sample",
+                                                     "latent_parameters")
+    roles = {family.denoiser: "denoiser", "vae_decoder": "vae_decoder", "vae_encoder": "vae_encoder"}
+    components = [ComponentPlan(name, name_dims(engines[name], roles.get(name, "text_encoder"), interface), interface)
+                  for name, interface in interfaces.items()]
     for spec in section["text_encoders"]:
         name = spec["tokenizer"]
         on_step(f"{name}: reading the tokenizer")

@@ -128,8 +128,15 @@ def test_an_optimum_folder_imports_and_draws_the_engines_image(tiny_pipelines: d
             "pooled": "text_embeds", "penultimate_hidden_state": f"hidden_states.{layers - 1}"}
         assert comps["unet"].interface == {"one_row": ["timestep"]}
         assert manifest.task_config["tokenizers"]["tokenizer_2"]["file"] == "enginekit/tokenizer_2/tokenizer.json"
+        # free dimensions named as enginekit's export names them: static shapes compile from them
+        assert comps["unet"].input("sample").shape == ("batch", 4, "latent_height", "latent_width")
+        result = CliRunner().invoke(cli, ["compile", str(tmp_path / "imported"), "-b", "openvino", "--height",
+                                          str(SIZE), "--width", str(SIZE), "-o", str(tmp_path / "static")])
+        assert result.exit_code == 0, result.output
+        assert psnr(reference, _image(tmp_path / "static", name)) >= 50.0
     if name == "tiny-flux":
         assert comps["transformer"].interface == {"inputs": {"sample": "hidden_states"}}
+        assert comps["transformer"].input("hidden_states").shape[:2] == ("batch", "image_sequence")
 
 
 def test_an_optimum_onnx_folder_imports_too(tiny_pipelines: dict, tmp_path: Path) -> None:
