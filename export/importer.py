@@ -97,12 +97,14 @@ def import_folder(src: str | Path, out: str | Path | None = None, *, adopt: bool
             return _adopt(src, plan, files, Path(scratch), made, overwrite, on_step)
         with atomic_artifact(out, overwrite=overwrite, inputs=(src,)) as tmp:
             entries: dict[str, FileEntry] = {}
+            linked = 0
             for i, rel in enumerate(files, 1):
                 on_step(f"[{i}/{len(files)}] {rel}")
-                entries[rel] = _place(src / rel, tmp, rel, link)
+                entries[rel], was_linked = _place(src / rel, tmp, rel, link)
+                linked += was_linked
             for rel in made:
-                entries[f"{GENERATED}/{rel}"] = _place(Path(scratch) / rel, tmp, f"{GENERATED}/{rel}", False)
-            manifest = _manifest(src, plan, entries, "link" if link else "copy")
+                entries[f"{GENERATED}/{rel}"], _ = _place(Path(scratch) / rel, tmp, f"{GENERATED}/{rel}", False)
+            manifest = _manifest(src, plan, entries, "link" if linked else "copy")
             (tmp / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
         return manifest
 
@@ -166,14 +168,15 @@ def _files(root: Path, adopt: bool, skip_generated: bool = False) -> list[str]:
     return out
 
 
-def _place(path: Path, root: Path, rel: str, link: bool) -> FileEntry:
-    """``path`` at ``root/rel``: hard-linked (then hashed) where allowed, else copied while hashed."""
+def _place(path: Path, root: Path, rel: str, link: bool) -> tuple[FileEntry, bool]:
+    """``path`` at ``root/rel``: hard-linked (then hashed) where allowed, else copied while hashed;
+    whether it was linked."""
     target = root / rel
     target.parent.mkdir(parents=True, exist_ok=True)
     if link:
         try:
             os.link(path.resolve(), target)
-            return file_entry(root, rel)
+            return file_entry(root, rel), True
         except OSError:  # another filesystem, or links not allowed: copy
             pass
     digest, size = hashlib.sha256(), 0
@@ -182,7 +185,7 @@ def _place(path: Path, root: Path, rel: str, link: bool) -> FileEntry:
             digest.update(block)
             g.write(block)
             size += len(block)
-    return FileEntry(rel, digest.hexdigest(), size)
+    return FileEntry(rel, digest.hexdigest(), size), False
 
 
 def _manifest(src: Path, plan: FolderPlan, entries: Mapping[str, FileEntry], mode: str) -> Manifest:
