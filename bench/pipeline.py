@@ -195,6 +195,9 @@ def _plan(pipe: Any, config: PipelineBenchConfig) -> _Plan:
             feeds[spec.name] = rng.standard_normal(shape, dtype=np.float32)
     feeds.update(layout.extra_inputs(pipe, feeds["encoder_hidden_states"].shape[1], height, width, rows,
                                      config.guidance_scale))
+    # Each feed as the engine declares it, as the pipeline casts them (GenAI's and optimum's UNets take an int64 timestep).
+    types = {spec.name: spec.dtype for spec in pipe.components[denoiser].inputs}
+    feeds = {k: v.astype(types[k], copy=False) if types.get(k, "bfloat16") != "bfloat16" else v for k, v in feeds.items()}
     latents = rng.standard_normal(layout.unpacked_shape(n, height, width), dtype=np.float32)
     decoder_in = rng.standard_normal(latents.shape, dtype=np.float32)
     encoder_in = rng.uniform(-1.0, 1.0, (1, 3, height, width)).astype(np.float32)

@@ -18,6 +18,7 @@ from enginekit.artifact import atomic_artifact, check_digest, copy_assets, verif
 from enginekit.engine import Backend, CompileOptions, Runner
 from enginekit.errors import BackendError, BackendUnavailableError, DeviceError, InputError
 from enginekit.hardware import fingerprint
+from enginekit.interface import carry_interfaces, with_interface
 from enginekit.manifest import Manifest, read_manifest
 from enginekit.registry import backend_class, get_backend, task_class
 
@@ -127,7 +128,8 @@ class Components(Mapping[str, Runner]):
                 log.info("%s: loading component %r on %s:%s%s", self.root, name, self.backend.name, self.device,
                          " (low memory)" if self.low_memory else "")
                 load = self.backend.load_low_memory if self.low_memory else self.backend.load
-                self._runners[name] = load(self.root, self.manifest, self.device, name)
+                self._runners[name] = with_interface(load(self.root, self.manifest, self.device, name),
+                                                     self.manifest.component(name))
             return self._runners[name]
 
     def cut(self, name: str, cut: Any) -> Runner:
@@ -142,8 +144,9 @@ class Components(Mapping[str, Runner]):
             if key not in self._runners:
                 self.manifest.component(name)
                 log.info("%s: loading %r on %s:%s", self.root, key, self.backend.name, self.device)
-                self._runners[key] = self.backend.load_cut(self.root, self.manifest, self.device, name, cut,
-                                                           low_memory=self.low_memory)
+                self._runners[key] = with_interface(
+                    self.backend.load_cut(self.root, self.manifest, self.device, name, cut, low_memory=self.low_memory),
+                    self.manifest.component(name))
             return self._runners[key]
 
     def release(self, *names: str) -> None:
@@ -208,7 +211,7 @@ def load_runner(
     """Verify the artifact at ``path`` and open one component (the only one by default) as a bare :class:`Runner`."""
     root, manifest, be = _open(path, backend)
     runner = be.load(root, manifest, resolve_device(be, device), component)
-    return runner, manifest
+    return with_interface(runner, manifest.component(component)), manifest
 
 
 def load(path: str | Path, device: str = "auto", backend: str | None = None, *, digest: str | None = None,
@@ -279,7 +282,7 @@ def compile_artifact(
     be.options(options.extra)  # refuse an unknown or mistyped option before any work
     check_compile_request(be, options)
     with atomic_artifact(out_dir, overwrite=overwrite, inputs=(root,)) as tmp:
-        compiled = be.compile(root, manifest, tmp, options)
+        compiled = carry_interfaces(manifest, be.compile(root, manifest, tmp, options))
         copy_assets(root, tmp, manifest)
         provenance = dict(compiled.provenance)
         provenance["parent"] = dict(parent) if parent is not None else {

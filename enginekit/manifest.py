@@ -97,6 +97,12 @@ class Component:
     quantization: Mapping[str, Any] | None = None
     #: This component's own numbers against its reference (cosine, max abs, budget, data).
     fidelity: Mapping[str, Any] = field(default_factory=dict)
+    #: How the engine's own interface meets the names the task uses, for an engine another
+    #: tool wrote (``enginekit import``): ``inputs`` and ``outputs`` map a task name to the
+    #: engine's (``{"pooled": "text_embeds"}``), ``one_row`` lists inputs the engine takes as
+    #: one row for the whole batch (optimum's UNet ``timestep``). Empty for enginekit's own
+    #: engines, whose ``inputs``/``outputs`` are the task's names; see :mod:`enginekit.interface`.
+    interface: Mapping[str, Any] = field(default_factory=dict)
 
     def input(self, name: str) -> TensorSpec | None:
         return next((t for t in self.inputs if t.name == name), None)
@@ -116,6 +122,8 @@ class Component:
             "precision": self.precision,
             "quantization": dict(self.quantization) if self.quantization is not None else None,
             "fidelity": dict(self.fidelity),
+            # Written only when set, so the digest of every manifest without one is unchanged.
+            **({"interface": _jsonable(self.interface)} if self.interface else {}),
         }
 
     @classmethod
@@ -130,7 +138,32 @@ class Component:
             precision=str(data.get("precision", "fp32")),
             quantization=dict(quant) if quant is not None else None,
             fidelity=dict(data.get("fidelity") or {}),
+            interface=_interface(name, data.get("interface")),
         )
+
+
+def _interface(component: str, data: Any) -> dict[str, Any]:
+    """A component's ``interface`` checked: name maps of strings and a list of input names."""
+    if not data:
+        return {}
+    where = f"manifest.json component {component!r} interface"
+    if not isinstance(data, Mapping) or set(data) - {"inputs", "outputs", "one_row"}:
+        raise ManifestError(f"{where}: expected an object with 'inputs', 'outputs' and 'one_row'")
+    out: dict[str, Any] = {}
+    for key in ("inputs", "outputs"):
+        names = data.get(key) or {}
+        if not isinstance(names, Mapping) or not all(isinstance(k, str) and isinstance(v, str) for k, v in names.items()):
+            raise ManifestError(f"{where}: {key} must map the task's names to the engine's")
+        if len(set(names.values())) != len(names):
+            raise ManifestError(f"{where}: {key} names one engine tensor twice")
+        if names:
+            out[key] = dict(names)
+    rows = data.get("one_row") or []
+    if isinstance(rows, (str, bytes)) or not isinstance(rows, (list, tuple)) or not all(isinstance(n, str) for n in rows):
+        raise ManifestError(f"{where}: one_row must be a list of input names")
+    if rows:
+        out["one_row"] = list(rows)
+    return out
 
 
 @dataclass(frozen=True)
@@ -335,6 +368,10 @@ def read_manifest(artifact: str | Path) -> Manifest:
     except (ValueError, OSError) as exc:
         raise ManifestError(f"{shown}: not a usable path ({_reason(exc)})") from None
     if not is_file:
+        if _foreign(root):
+            raise ManifestError(f"{root}: no {MANIFEST_NAME}; it looks like a folder optimum-cli writes (OpenVINO or "
+                                f"ONNX engines), which enginekit runs once imported: enginekit import {root} -o OUT "
+                                "(or --adopt) checks it and hashes every file")
         raise ManifestError(f"{root}: no {MANIFEST_NAME} (not an enginekit artifact, or an interrupted write)")
     if path.is_symlink() and root.resolve() not in path.resolve().parents:
         # What a digest or signature of this folder covers must be in it: a manifest linked
@@ -349,6 +386,20 @@ def read_manifest(artifact: str | Path) -> Manifest:
     if _too_deep(data):
         raise ManifestError(f"{path}: unreadable manifest (JSON nested deeper than {_MAX_DEPTH} levels)")
     return Manifest.from_dict(data)
+
+
+#: The engine files optimum-cli (OpenVINO) and optimum's ONNX export write, per component folder.
+_FOREIGN_ENGINES = ("openvino_model.xml", "model.onnx")
+
+
+def _foreign(root: Path) -> bool:
+    """Whether ``root`` holds engines in optimum's layout (beside a config.json or model_index.json)."""
+    try:
+        if not ((root / "model_index.json").is_file() or (root / "config.json").is_file()):
+            return False
+        return any((root / name).is_file() or any(root.glob(f"*/{name}")) for name in _FOREIGN_ENGINES)
+    except OSError:
+        return False
 
 
 #: No manifest enginekit writes nests deeper than a few levels; a deeper one would make

@@ -70,6 +70,9 @@ class TaskStages:
       a loaded model of this task with
     - ``genai_layout(artifact, out, overwrite=, on_step=)`` -> the manifest: OpenVINO GenAI's
       folder layout of a compiled OpenVINO artifact (``compile --genai``)
+    - ``import_folder(folder, scratch, on_step)`` -> an ``enginekit.export.importer.FolderPlan``
+      for a folder another tool (optimum) wrote for this task, None when it is not one
+      (``enginekit import``)
     """
 
     quantize: str | None = None
@@ -81,6 +84,7 @@ class TaskStages:
     recognises: str | None = None
     serve: str | None = None
     genai_layout: str | None = None
+    import_folder: str | None = None
 
 
 #: Where text-to-image's GenAI layout writer lives (its own check names it too).
@@ -93,6 +97,7 @@ _BUILTIN_STAGES: dict[str, TaskStages] = {
         bench="enginekit.bench.stages:bench_classifiers",
         export="enginekit.export.api:export_classifier_source",
         serve="enginekit.serve.served:ServedClassifier",
+        import_folder="enginekit.export.import_classifier:read_classifier_folder",
     ),
     "text-to-image": TaskStages(
         quantize="enginekit.quant.api:quantize_text_to_image",
@@ -103,6 +108,7 @@ _BUILTIN_STAGES: dict[str, TaskStages] = {
         recognises="enginekit.export.api:is_pipeline_source",
         serve="enginekit.serve.served:ServedPipeline",
         genai_layout=GENAI_LAYOUT,
+        import_folder="enginekit.export.import_pipeline:read_pipeline_folder",
     ),
 }
 _runtime_stages: dict[str, TaskStages] = {}

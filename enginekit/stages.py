@@ -197,7 +197,15 @@ def quantize(artifact: str | Path, out: str | Path, options: QuantizeOptions = Q
     """Quantize ``artifact`` into ``out`` with its task's implementation (a classifier's
     ONNX Runtime / OpenVINO methods, gated on logits; a pipeline's per-component plan,
     gated on the image). Returns the new manifest."""
-    return stage(_task_of(artifact), "quantize")(artifact, out, options, on_step=on_step)
+    from enginekit.manifest import read_manifest
+
+    manifest = read_manifest(artifact)
+    adapted = [n for n, c in manifest.components.items() if c.interface]
+    if adapted:  # the quantizers feed and rewrite engines by enginekit's tensor names
+        raise UnsupportedStageError(f"quantize takes engines under enginekit's tensor names; {artifact} was imported "
+                                    f"and {', '.join(adapted)} keep{'s' if len(adapted) == 1 else ''} optimum's: "
+                                    "quantize with optimum-cli (--weight-format), or export the model with enginekit")
+    return stage(manifest.task, "quantize")(artifact, out, options, on_step=on_step)
 
 
 def evaluate(artifact: str | Path, data: str | None = None, limit: int | None = None) -> dict[str, Any]:

@@ -151,6 +151,8 @@ async def classify(request: Request) -> JSONResponse:
         raise ApiError(422, "model: expected a string")
     slot = state.pick(CLASSIFIER, model)
     request.state.model = slot.name
+    if embedding and not getattr(slot.obj, "has_embedding", True):  # an imported engine: logits only
+        raise ApiError(422, f"embedding: model {slot.name!r} outputs logits only (an imported engine)")
     pixels = await decode_images(state, slot, images)
     out = await classify_rows(state, slot, pixels)
     return JSONResponse({"model": slot.name, "predictions": predictions(slot, out, top_k, embedding)})

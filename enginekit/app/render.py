@@ -82,6 +82,16 @@ def wrote_compile(manifest: Any, out: Path) -> str:
                if fused and "fused" in fused else "") + ")")
 
 
+def wrote_import(manifest: Any, out: Path | None) -> str:
+    """The line ``import`` ends with: what was found, what it became, and the digest that pins it."""
+    imported = manifest.provenance.get("imported", {})
+    adapted = [n for n, c in manifest.components.items() if c.interface]
+    return (f"[green]imported[/] {escape(str(imported.get('from')))}: {escape(str(imported.get('found')))} -> "
+            f"{manifest.family} {manifest.task}, {len(manifest.components)} component(s)"
+            + (f" ({', '.join(adapted)} under enginekit's tensor names)" if adapted else "")
+            + f"\n[green]wrote[/] {escape(str(out))}  ({imported.get('mode')}; digest sha256:{manifest.digest()})")
+
+
 def wrote_quantize(manifest: Any, out: Path) -> str:
     """The line ``quantize`` ends with: the gate's numbers against the float parent."""
     fid = manifest.fidelity
@@ -164,7 +174,16 @@ def render_manifest(manifest: Any, path: str | Path, verified: bool | str) -> An
     for col in ("name", "precision", "inputs", "outputs", "files", "fidelity"):
         comps.add_column(col)
     for c in manifest.components.values():
-        fmt = lambda specs: "\n".join(f"{s.name} {s.dtype}[{', '.join(map(str, s.shape))}]" for s in specs)  # noqa: E731
+        # An imported engine's tensor under the name the task reads it by: "pooler_output ... (as pooled)".
+        task_names = {engine: task for side in ("inputs", "outputs")
+                      for task, engine in (c.interface.get(side) or {}).items()}
+        rows = set(c.interface.get("one_row") or ())
+
+        def fmt(specs: Any, task_names: dict = task_names, rows: set = rows) -> str:
+            return "\n".join(f"{s.name} {s.dtype}[{', '.join(map(str, s.shape))}]"
+                             + (f" (as {task_names[s.name]})" if s.name in task_names else "")
+                             + (" (one row for the batch)" if s.name in rows else "") for s in specs)
+
         files = "\n".join(f"{f.path} {size_text(f.size)}" for f in c.files)
         precision = c.precision + (f"\n{c.quantization.get('method')}" if c.quantization else "")
         comps.add_row(*(escape(v) for v in (c.name, precision, fmt(c.inputs), fmt(c.outputs), files,

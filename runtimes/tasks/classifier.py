@@ -78,8 +78,11 @@ class ImageClassifier:
         self.batch_size = batch_size
         self.preprocessing = Preprocessing.from_dict(manifest.preprocessing)
         names = {o.name for o in runner.outputs}
-        if not {"logits", "embedding"} <= names:
-            raise ManifestError(f"classifier engine must output 'logits' and 'embedding', it has {sorted(names)}")
+        if "logits" not in names:
+            raise ManifestError(f"classifier engine must output 'logits' (and 'embedding'), it has {sorted(names)}")
+        #: Whether the engine gives the pre-logits features (enginekit's exports do; an imported
+        #: optimum engine gives its logits only).
+        self.has_embedding = "embedding" in names
         self._input = runner.inputs[0].name
         num_classes = next(o for o in runner.outputs if o.name == "logits").shape[-1]
         self.labels: tuple[str, ...] = _check_labels(manifest.task_config.get("labels"), num_classes)
@@ -140,6 +143,9 @@ class ImageClassifier:
 
     def embed(self, images: ImageLike | Sequence[ImageLike]) -> np.ndarray:
         """Pre-logits features, (N, D) float32."""
+        if not self.has_embedding:
+            raise InputError(f"{self.path or 'this engine'} outputs logits only (no 'embedding'): an imported "
+                             "engine gives what its exporter kept; export the model with enginekit for embeddings")
         return np.concatenate([self.run_pixels(x)["embedding"] for x in self._batches(images)]).astype(np.float32)
 
     def predict(self, images: ImageLike | Sequence[ImageLike], top_k: int = 5) -> list[Prediction]:

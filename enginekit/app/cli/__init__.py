@@ -12,7 +12,7 @@ from typing import Any
 from enginekit.app.cli.common import cli
 
 # Each module adds its commands to ``cli`` when imported.
-from enginekit.app.cli import bench, build, inspect, optimize, run, serve  # noqa: E402,F401
+from enginekit.app.cli import bench, build, imports, inspect, optimize, run, serve  # noqa: E402,F401
 
 __all__ = ["cli", "main"]
 

@@ -65,6 +65,8 @@ def cli(verbose: bool) -> None:
       evaluate q/ --data labelled/    accuracy and agreement with the float parent
       predict e/ IMAGES...            classify images with any artifact
       generate e/ PROMPT -o a.png     text-to-image with a pipeline artifact
+      import FOLDER -o e/             a folder optimum-cli (OpenVINO) or optimum's ONNX export
+                                      wrote, checked and hashed: the commands below run it
       inspect e/                      show what an artifact's manifest says, and its digest
       sign e/ --key key.pem           sign an artifact (check it with --verify-with key.pub)
       doctor                          hardware, installed backends, versions
