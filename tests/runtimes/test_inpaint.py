@@ -16,7 +16,7 @@ torch = pytest.importorskip("torch")
 import enginekit  # noqa: E402
 from enginekit.errors import InputError  # noqa: E402
 
-from ..conftest import backend_params, make_mask, make_photo, psnr, twin_cache  # noqa: E402
+from ..conftest import backend_params, installed_backends, make_mask, make_photo, psnr, twin_cache  # noqa: E402
 
 KINDS = backend_params("onnx")
 PROMPT, NEGATIVE = "a red fox in the snow", "blurry"
@@ -186,3 +186,17 @@ def test_bad_masks_are_refused_in_one_line(inpainting: dict, tmp_path: Path) -> 
     # ...and the next call works.
     out = pipe(PROMPT, image=photo, mask_image=make_mask((64, 64), (8, 8, 30, 30)), num_inference_steps=2, seed=1)
     assert out.images[0].size == (64, 64)
+
+
+def test_a_reduced_precision_engine_keeps_inpainting(inpainting: dict, tmp_path: Path) -> None:
+    """OpenVINO fp16 weights (bf16 compute where the CPU has it): the same inpainting within the image budget."""
+    from enginekit.app.build import build_engine
+
+    if "openvino" not in installed_backends():
+        pytest.skip("openvino is not installed")
+    build_engine(inpainting[("tiny-sd15-inpainting", "onnx")], "openvino", tmp_path / "fp16", precision="fp16")
+    photo, mask = make_photo((64, 64), seed=9), make_mask((64, 64), (10, 10, 40, 40))
+    call = dict(image=photo, mask_image=mask, num_inference_steps=3, seed=2, output_type="np")
+    ref = enginekit.load(inpainting[("tiny-sd15-inpainting", "onnx")], device="cpu")(PROMPT, **call).images
+    got = enginekit.load(tmp_path / "fp16", device="cpu")(PROMPT, **call).images
+    assert psnr(ref, got) >= 30.0
