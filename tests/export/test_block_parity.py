@@ -68,7 +68,7 @@ EXPECTED = {
 }
 
 
-@pytest.mark.parametrize("name", ["tiny-flux", "tiny-sd15"])
+@pytest.mark.parametrize("name", [pytest.param("tiny-flux", marks=pytest.mark.slow), "tiny-sd15"])
 def test_streamed_export_records_per_block_parity(name: str, streamed: dict[str, tuple[Path, Manifest]]) -> None:
     """Every component of a streamed fp32 export carries a passing per-block record (every block
     found in the graph, near-exact), the manifest's components say checked, the image does not."""
