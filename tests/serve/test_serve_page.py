@@ -94,3 +94,43 @@ def test_page_classifies_a_dropped_image_and_generates_one(browser, exported: di
         region = np.asarray(shot.crop(box), dtype=np.float32)
         assert region.size and region.std() > 5
         assert (region < 250).mean() > 0.5  # mostly not white
+
+
+def test_page_inpaints_with_the_model_sampler_and_size_picked(browser, tiny_pipelines: dict, inpainting: dict,
+                                                              tmp_path: Path) -> None:
+    """The generate card's model picker, sampler, size, picture and mask: the image the page
+    shows is the library's for the same call."""
+    import base64
+
+    from PIL import Image
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    from ..conftest import make_mask
+
+    photo, mask = tmp_path / "photo.png", tmp_path / "mask.png"
+    make_photo((80, 64), 5).save(photo)
+    make_mask((80, 64), (20, 10, 60, 50)).save(mask)
+    path = inpainting[("tiny-sd15-inpainting", "onnx")]
+    want = enginekit.load(path, device="cpu")("a red fox", image=str(photo), mask_image=str(mask), seed=4,
+                                              num_inference_steps=3, scheduler="euler-a", width=72, height=64)
+    app = create_app({"sd": tiny_pipelines[("tiny-sd15", "onnx")], "inp": path}, ServeSettings())
+    with UvicornThread(app) as server:
+        browser.get(server.url + "/")
+        wait = WebDriverWait(browser, 30)
+        wait.until(lambda d: "inp" in d.find_element(By.ID, "models").text)
+        Select(browser.find_element(By.ID, "model")).select_by_value("inp")
+        Select(browser.find_element(By.ID, "scheduler")).select_by_value("euler-a")
+        for field, value in (("prompt", "a red fox"), ("steps", "3"), ("seed", "4"), ("width", "72"), ("height", "64")):
+            box = browser.find_element(By.ID, field)
+            box.clear()
+            box.send_keys(value)
+        browser.find_element(By.ID, "init").send_keys(str(photo))
+        browser.find_element(By.ID, "mask").send_keys(str(mask))
+        browser.find_element(By.ID, "generate").click()
+        wait.until(lambda d: d.find_element(By.ID, "progress-text").text.startswith(("done", "Error", "error")))
+        assert browser.find_element(By.ID, "progress-text").text == "done (seed 4)"
+        src = browser.find_element(By.ID, "result-image").get_attribute("src")
+        shown = Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).convert("RGB")
+        assert shown.size == (72, 64)
+        assert np.array_equal(np.asarray(shown), np.asarray(want.images[0]))
