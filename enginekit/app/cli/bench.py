@@ -30,7 +30,11 @@ def bench() -> None:
 
     \b
       enginekit bench ART... [--batch 1,8] [--store results/results.jsonl] [--json out.json]
+          [--baseline torch] [--mode latency|throughput] [--nireq N] [--threads N] [--ray HEAD:6379]
+          [--height H --width W --steps N]     (pipelines)
       enginekit bench report results/ -o report/
+
+    `bench ART...` is `bench run ART...`: every option is in `enginekit bench run --help`.
     """
 
 
