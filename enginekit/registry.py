@@ -81,6 +81,10 @@ class TaskStages:
     recognises: str | None = None
     serve: str | None = None
     genai_layout: str | None = None
+    #: ``relink(source_root, source_manifest, out_root, compiled_manifest)`` -> the compiled manifest:
+    #: run by ``compile`` before the manifest is written (text-to-image: the LoRA weight map's
+    #: tensors found again in the compiled engines).
+    relink: str | None = None
 
 
 #: Where text-to-image's GenAI layout writer lives (its own check names it too).
@@ -103,6 +107,7 @@ _BUILTIN_STAGES: dict[str, TaskStages] = {
         recognises="enginekit.export.api:is_pipeline_source",
         serve="enginekit.serve.served:ServedPipeline",
         genai_layout=GENAI_LAYOUT,
+        relink="enginekit.runtimes.lora_map:relink",
     ),
 }
 _runtime_stages: dict[str, TaskStages] = {}

@@ -20,7 +20,7 @@ import re
 import tempfile
 from pathlib import Path
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Mapping
 
 import numpy as np
 
@@ -277,8 +277,19 @@ class OnnxRuntimeBackend(Backend):
             raise BackendError(f"onnxruntime could not cut {entry} ({cut.label}): {one_line(exc)}") from exc
         return self._load(artifact, manifest, device, component, low_memory, model=model, label=cut.key(component))
 
+    def load_patched(self, artifact: Path, manifest: Manifest, device: str, component: str,
+                     tensors: Mapping[str, Any], low_memory: bool = False) -> Runner:
+        """A second session of ``component`` whose initializers ``tensors`` override the graph's
+        (``SessionOptions.add_initializer``: the graph file is read as it is, the arrays are used in place)."""
+        import onnxruntime as ort
+
+        values = {name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for name, v in tensors.items()}
+        runner = self._load(artifact, manifest, device, component, low_memory, initializers=values)
+        runner._keep = values  # the session reads these arrays for as long as it lives
+        return runner
+
     def _load(self, artifact: Path, manifest: Manifest, device: str, component: str | None, low_memory: bool,
-              model: bytes | None = None, label: str | None = None) -> Runner:
+              model: bytes | None = None, label: str | None = None, initializers: Mapping[str, Any] = {}) -> Runner:
         import onnxruntime as ort
 
         comp = manifest.component(component)
@@ -289,6 +300,8 @@ class OnnxRuntimeBackend(Backend):
         so = self._session_options(threads, "all")
         if low_memory:
             _low_memory_options(so)
+        for name, value in initializers.items():
+            so.add_initializer(name, value)
         try:
             session = ort.InferenceSession(model if model is not None else str(artifact / comp.entry), so,
                                            providers=providers)

@@ -51,6 +51,8 @@ class CallArgs:
     cache: str | None = None
     mask_image: Any = None
     padding_mask_crop: int | None = None
+    #: LoRA files (path or bytes) -> scale, for this call only (runtimes/tasks/lora.py checks them).
+    loras: Any = None
 
 
 #: ``strength`` when a call leaves it unset: diffusers' image-to-image default, and its
