@@ -279,17 +279,28 @@ class OnnxRuntimeBackend(Backend):
 
     def load_patched(self, artifact: Path, manifest: Manifest, device: str, component: str,
                      tensors: Mapping[str, Any], low_memory: bool = False) -> Runner:
-        """A second session of ``component`` whose initializers ``tensors`` override the graph's
-        (``SessionOptions.add_initializer``: the graph file is read as it is, the arrays are used in place)."""
-        import onnxruntime as ort
+        """A second session of ``component`` with the initializers ``tensors`` replaced: the graph
+        re-read with those tensors inline (the others stay in its external data file). Not
+        ``SessionOptions.add_initializer``: at level "all" the NCHWc layout pass keeps the graph's
+        own Conv weights and ignores the override (onnxruntime 1.32)."""
+        import onnx
+        from onnx import numpy_helper
 
-        values = {name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for name, v in tensors.items()}
-        runner = self._load(artifact, manifest, device, component, low_memory, initializers=values)
-        runner._keep = values  # the session reads these arrays for as long as it lives
-        return runner
+        entry = artifact / manifest.component(component).entry
+        model = onnx.load(str(entry), load_external_data=False)
+        for init in model.graph.initializer:
+            if init.name in tensors:
+                init.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(tensors[init.name]), init.name))
+        try:
+            data = model.SerializeToString()
+        except ValueError as exc:  # protobuf's 2 GB
+            raise BackendError(f"{entry}: the LoRA-patched weights of {component} are over protobuf's 2 GB "
+                               f"({one_line(exc)}); fuse these LoRAs at export instead (export --lora)") from exc
+        del model
+        return self._load(artifact, manifest, device, component, low_memory, model=data, folder=entry.parent)
 
     def _load(self, artifact: Path, manifest: Manifest, device: str, component: str | None, low_memory: bool,
-              model: bytes | None = None, label: str | None = None, initializers: Mapping[str, Any] = {}) -> Runner:
+              model: bytes | None = None, label: str | None = None, folder: Path | None = None) -> Runner:
         import onnxruntime as ort
 
         comp = manifest.component(component)
@@ -300,8 +311,8 @@ class OnnxRuntimeBackend(Backend):
         so = self._session_options(threads, "all")
         if low_memory:
             _low_memory_options(so)
-        for name, value in initializers.items():
-            so.add_initializer(name, value)
+        if folder is not None:  # a graph given as bytes reads its external data from here
+            so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
         try:
             session = ort.InferenceSession(model if model is not None else str(artifact / comp.entry), so,
                                            providers=providers)
