@@ -27,7 +27,7 @@ import numpy as np
 
 from enginekit.errors import InputError
 
-__all__ = ["LoraFile", "LoraLayer", "read_lora", "addnet_hash", "PICKLE_SUFFIXES"]
+__all__ = ["LoraFile", "LoraLayer", "read_lora", "read_metadata", "addnet_hash", "kohya_names", "PICKLE_SUFFIXES"]
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
 #: The largest LoRA file read (a full checkpoint is not a LoRA).
@@ -212,3 +212,17 @@ _SGM = re.compile(r"^(input_blocks|middle_block|output_blocks)_")
 def is_sgm(module: str) -> bool:
     """A kohya SDXL name in the sgm/LDM UNet's spelling (``input_blocks_4_1_...``)."""
     return bool(_SGM.match(module))
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """A safetensors file's ``__metadata__`` (kohya's ``ss_*`` training notes), reading its header
+    only; {} for a file that has none or is not readable."""
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > 100 << 20:
+                return {}
+            meta = json.loads(f.read(n)).get("__metadata__") or {}
+    except (OSError, ValueError, struct.error, AttributeError):
+        return {}
+    return {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}

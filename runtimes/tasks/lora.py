@@ -32,7 +32,7 @@ from enginekit.errors import InputError
 from enginekit.runtimes.lora_files import LoraFile, is_sgm, kohya_names, read_lora
 from enginekit.runtimes.lora_map import engine_tensors, read_map, to_graph_layout
 
-__all__ = ["LoraSwitch", "LoraOverlay", "check_loras", "MAX_SCALE"]
+__all__ = ["LoraSwitch", "LoraOverlay", "check_loras", "parse_lora_arg", "MAX_SCALE"]
 
 MAX_SCALE = 10.0
 _FILES_KEPT = 8
@@ -58,6 +58,20 @@ def check_loras(loras: Any) -> list[tuple[Any, float]]:
                              f"{MAX_SCALE:g}, got {scale!r}")
         out.append((source, float(scale)))
     return out
+
+
+def parse_lora_arg(text: str, default_scale: float = 1.0) -> tuple[str, float]:
+    """``FILE[:SCALE]``, as ``generate --lora`` (and ``export --lora``) take it; a colon followed by
+    something that is not a number is part of the file name."""
+    path, scale = text, default_scale
+    head, sep, tail = text.rpartition(":")
+    if sep and head and not tail.startswith(("/", "\\")):
+        try:
+            scale = float(tail)
+            path = head
+        except ValueError:
+            pass
+    return str(Path(path).expanduser()), scale
 
 
 def _label(source: Any) -> str:

@@ -16,7 +16,7 @@ from enginekit.app.cli.common import DEVICE_HELP, Params, cli, emit_json, err_co
 
 # generate's parameters that are not pipeline call arguments.
 _NOT_CALL = ("artifact", "prompt", "out", "init_image", "device", "backend", "as_json", "digest", "verify_with",
-             "low_memory", "verbose")
+             "low_memory", "verbose", "lora")
 
 
 @cli.command()
@@ -55,6 +55,9 @@ _NOT_CALL = ("artifact", "prompt", "out", "init_image", "device", "backend", "as
 @click.option("--padding-mask-crop", type=int, default=None,
               help="Inpainting: generate only the mask's bounding box grown by this many pixels (at --height x "
                    "--width) and paste it back into the full image.")
+@click.option("--lora", multiple=True, metavar="FILE[:SCALE]",
+              help="Apply a LoRA file (.safetensors; diffusers/PEFT or kohya) for this run at SCALE [default 1.0]; "
+                   "repeat for several. No new export: the artifact's weights are patched at load.")
 @click.option("--num-images", default=1, show_default=True, help="Images for the prompt.")
 @click.option("-d", "--device", default="auto", show_default=True, help=DEVICE_HELP + ".")
 @click.option("--backend", help="Backend to run on (default: the one the artifact was built for).")
@@ -100,6 +103,10 @@ def generate(**params: Any) -> None:
         names = {"negative": "negative_prompt", "steps": "num_inference_steps", "guidance": "guidance_scale",
                  "num_images": "num_images_per_prompt", "true_cfg": "true_cfg_scale"}
         call = {names.get(k, k): v for k, v in given_params(ctx, exclude=_NOT_CALL).items()}
+        if o.lora:
+            from enginekit.runtimes.tasks.lora import parse_lora_arg
+
+            call["loras"] = dict(parse_lora_arg(text) for text in o.lora)
         paths, result = generate_images(o.artifact, o.prompt, o.out, device=o.device, backend=o.backend,
                                         digest=o.digest, verify_with=o.verify_with, init_image=o.init_image,
                                         on_step=on_step, low_memory=o.low_memory, stages=stages, **call)
