@@ -26,18 +26,20 @@ _CALL = dict(num_inference_steps=2, guidance_scale=7.5, height=64, width=64, see
 
 
 def write_unet_lora(artifact: Path, path: Path, seed: int = 0) -> Path:
-    """A diffusers/PEFT-format LoRA (rank 4) on the artifact's UNet attention, built with numpy
-    from the artifact's own weight map (no torch)."""
+    """A diffusers/PEFT-format LoRA (rank 4) on the attention of the artifact's denoiser (a UNet, or
+    SD3's and FLUX's transformer), built with numpy from the artifact's own weight map (no torch)."""
     from safetensors.numpy import save_file
 
-    modules = json.loads((artifact / "lora_map.json").read_text())["components"]["unet"]
+    maps = json.loads((artifact / "lora_map.json").read_text())["components"]
+    denoiser = "unet" if "unet" in maps else "transformer"
     rng = np.random.default_rng(seed)
     tensors = {}
-    for name, entry in modules.items():
-        if name.endswith(("attn1.to_q", "attn2.to_v", "attn1.to_out.0")):
+    for name, entry in maps[denoiser].items():
+        if name.endswith(("attn1.to_q", "attn2.to_v", "attn1.to_out.0", "attn.to_q", "attn.to_v")):
             out, inp = entry["shape"][:2]
-            tensors[f"unet.{name}.lora_A.weight"] = (rng.standard_normal((4, inp)) * 0.3).astype(np.float32)
-            tensors[f"unet.{name}.lora_B.weight"] = (rng.standard_normal((out, 4)) * 0.3).astype(np.float32)
+            tensors[f"{denoiser}.{name}.lora_A.weight"] = (rng.standard_normal((4, inp)) * 0.3).astype(np.float32)
+            tensors[f"{denoiser}.{name}.lora_B.weight"] = (rng.standard_normal((out, 4)) * 0.3).astype(np.float32)
+    assert tensors, f"no attention projection in {denoiser}'s map"
     save_file(tensors, str(path), metadata={"ss_output_name": "ink-style"})
     return path
 
