@@ -191,9 +191,30 @@ def read_lora(source: str | Path | bytes, label: str | None = None) -> LoraFile:
         if layer.down.shape[0] != layer.up.shape[1]:
             raise InputError(f"LoRA {label}: layer {module!r} has rank {layer.down.shape[0]} down but "
                              f"{layer.up.shape[1]} up")
+    _peft_alphas(layers, meta)
     fmt = "kohya" if any(k.startswith(tuple(p for p, _ in _KOHYA)) for k in tensors) else "diffusers"
     name = Path(label).stem if not label.startswith("(") else label
     return LoraFile(name, hashlib.sha256(data).hexdigest(), fmt, layers, meta, addnet_hash(data)[:12])
+
+
+def _peft_alphas(layers: Mapping[tuple[str, str], LoraLayer], meta: Mapping[str, str]) -> None:
+    """PEFT's ``lora_alpha`` (and ``alpha_pattern``) from diffusers' ``lora_adapter_metadata``
+    header entry, for the layers without an ``alpha`` tensor (diffusers' ``_load_sft_state_dict_metadata``)."""
+    try:
+        config = json.loads(meta.get("lora_adapter_metadata", "") or "{}")
+    except ValueError:
+        return
+    if not isinstance(config, dict) or not config:
+        return
+    prefixes = {"denoiser": ("unet", "transformer"), "text_encoder": ("text_encoder",),
+                "text_encoder_2": ("text_encoder_2",)}
+    for (component, module), layer in layers.items():
+        for prefix in prefixes.get(component, ()):
+            alpha = config.get(f"{prefix}.lora_alpha")
+            pattern = config.get(f"{prefix}.alpha_pattern") or {}
+            hit = next((v for k, v in pattern.items() if module == k or module.endswith("." + k)), None)
+            if layer.alpha is None and (hit if hit is not None else alpha) is not None:
+                layer.alpha = float(hit if hit is not None else alpha)
 
 
 def kohya_names(modules: Mapping[str, Any]) -> dict[str, str]:

@@ -28,8 +28,8 @@ _twin = twin_cache()
 _STEPS, _SIZE = 3, 64
 
 
-def _peft(name: str, parts: dict[str, list[str]], seed: int) -> dict[str, dict]:
-    """PEFT LoRA weights (rank 4, alpha 8) for a fresh twin's components, random up-projections."""
+def _peft(name: str, parts: dict[str, list[str]], seed: int, alpha: int = 4) -> dict[str, dict]:
+    """PEFT LoRA weights (rank 4, ``alpha``) for a fresh twin's components, random up-projections."""
     from peft import LoraConfig, inject_adapter_in_model
     from peft.utils import get_peft_model_state_dict
 
@@ -40,7 +40,7 @@ def _peft(name: str, parts: dict[str, list[str]], seed: int) -> dict[str, dict]:
     out = {}
     for comp, targets in parts.items():
         module = getattr(pipe, comp)
-        inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, target_modules=targets, init_lora_weights="gaussian"),
+        inject_adapter_in_model(LoraConfig(r=4, lora_alpha=alpha, target_modules=targets, init_lora_weights="gaussian"),
                                 module)
         with torch.no_grad():
             for key, p in module.named_parameters():
@@ -70,6 +70,11 @@ def loras(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         b = _peft("tiny-sd15", {"unet": targets}, seed=seed)
         StableDiffusionPipeline.save_lora_weights(str(root), unet_lora_layers=to_diffusers(b["unet"]),
                                                   weight_name=f"{stem}.safetensors")
+    # PEFT's lora_alpha != rank, which only diffusers' lora_adapter_metadata header entry says
+    c = _peft("tiny-sd15", {"unet": _ATTN}, seed=5, alpha=8)
+    StableDiffusionPipeline.save_lora_weights(str(root), unet_lora_layers=to_diffusers(c["unet"]),
+                                              unet_lora_adapter_metadata={"r": 4, "lora_alpha": 8},
+                                              weight_name="alpha8.safetensors")
     xl = _peft("tiny-sdxl", {"unet": _ATTN, "text_encoder": _TEXT, "text_encoder_2": _TEXT}, seed=3)
     StableDiffusionXLPipeline.save_lora_weights(str(root), unet_lora_layers=to_diffusers(xl["unet"]),
                                                 text_encoder_lora_layers=to_diffusers(xl["text_encoder"]),
@@ -126,7 +131,7 @@ def pipes(tiny_pipelines: dict) -> dict:
 
 
 CASES = {"diffusers": [("ink", 0.8)], "kohya": [("ink_kohya", 0.8)], "two": [("ink", 0.6), ("ff", -0.7)],
-         "conv": [("conv", 0.9)]}
+         "conv": [("conv", 0.9)], "alpha": [("alpha8", 0.5)]}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
