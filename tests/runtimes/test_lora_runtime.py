@@ -55,6 +55,7 @@ def loras(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from diffusers.utils import convert_state_dict_to_diffusers as to_diffusers
     from diffusers.utils import convert_state_dict_to_kohya
+    from peft import LoraConfig
     from safetensors.torch import save_file
 
     root = tmp_path_factory.mktemp("loras")
@@ -73,7 +74,8 @@ def loras(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     # PEFT's lora_alpha != rank, which only diffusers' lora_adapter_metadata header entry says
     c = _peft("tiny-sd15", {"unet": _ATTN}, seed=5, alpha=8)
     StableDiffusionPipeline.save_lora_weights(str(root), unet_lora_layers=to_diffusers(c["unet"]),
-                                              unet_lora_adapter_metadata={"r": 4, "lora_alpha": 8},
+                                              unet_lora_adapter_metadata=LoraConfig(
+                                                  r=4, lora_alpha=8, target_modules=_ATTN).to_dict(),
                                               weight_name="alpha8.safetensors")
     xl = _peft("tiny-sdxl", {"unet": _ATTN, "text_encoder": _TEXT, "text_encoder_2": _TEXT}, seed=3)
     StableDiffusionXLPipeline.save_lora_weights(str(root), unet_lora_layers=to_diffusers(xl["unet"]),
