@@ -281,7 +281,11 @@ class LoraSwitch:
                 base = dict(engine_tensors(entry_path, {e["tensor"] for e in entries.values()}))
                 patched: dict[str, np.ndarray] = {}
                 for module, e in entries.items():
-                    value = base[e["tensor"]]
+                    value = base.get(e["tensor"])
+                    if value is None:
+                        raise InputError(f"{comp}'s weight {e['tensor']!r} ({module}) is no longer in its engine "
+                                         "(quantized or rewritten since export): LoRA at run time needs the float "
+                                         "weights; fuse it at export instead (export --lora)")
                     if value.dtype.kind != "f":
                         raise InputError(f"{comp}'s weights are quantized ({value.dtype}): LoRA at run time needs "
                                          "float (fp32/fp16) weights; fuse it at export instead (export --lora)")
