@@ -20,7 +20,8 @@ from enginekit.errors import BackendError, BackendUnavailableError, DeviceError,
 from enginekit.hardware import fingerprint
 from enginekit.interface import carry_interfaces, with_interface
 from enginekit.manifest import Manifest, read_manifest
-from enginekit.registry import backend_class, get_backend, task_class
+from enginekit.registry import backend_class, get_backend, task_class, task_stages
+from enginekit.registry import stage as task_stage
 
 __all__ = ["load", "load_runner", "compile_artifact", "default_backend", "resolve_device", "Components"]
 
@@ -290,6 +291,8 @@ def compile_artifact(
         provenance["tools"] = {**provenance.get("tools", {}), be.name: be.version()}
         provenance["host"] = fingerprint()
         compiled = compiled.replace(provenance=provenance)
+        if task_stages(manifest.task).relink:  # e.g. the LoRA weight map, in the new engine's names
+            compiled = task_stage(manifest.task, "relink")(root, manifest, tmp, compiled)
         write_manifest(tmp, compiled)
     warm_cache(out_dir, options.device)
     return compiled

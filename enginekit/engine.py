@@ -363,6 +363,13 @@ class Backend(abc.ABC):
         with the settings :meth:`load` (or :meth:`load_low_memory`) gives the whole of it."""
         raise BackendError(f"{self.name} cannot run part of an engine (a graph cut); use onnxruntime or openvino")
 
+    def load_patched(self, artifact: Path, manifest: Manifest, device: str, component: str,
+                     tensors: Mapping[str, Any], low_memory: bool = False) -> Runner:
+        """Open one component with some of its weight tensors replaced (``tensors``: graph tensor
+        name -> new value, same shape and dtype): what LoRA at run time opens beside the base engine."""
+        raise BackendError(f"{self.name} cannot replace an engine's weights at run time (LoRA); "
+                           "use onnxruntime or openvino, or fuse the LoRA at export (export --lora)")
+
     def warm(self, artifact: Path, manifest: Manifest, device: str) -> bool:
         """Fill this machine's model cache for every component of a verified artifact, where
         the backend keeps one, so that the next :meth:`load` skips the device compilation.

@@ -85,6 +85,10 @@ class TaskStages:
     serve: str | None = None
     genai_layout: str | None = None
     import_folder: str | None = None
+    #: ``relink(source_root, source_manifest, out_root, compiled_manifest)`` -> the compiled manifest:
+    #: run by ``compile`` before the manifest is written (text-to-image: the LoRA weight map's
+    #: tensors found again in the compiled engines).
+    relink: str | None = None
 
 
 #: Where text-to-image's GenAI layout writer lives (its own check names it too).
@@ -109,6 +113,7 @@ _BUILTIN_STAGES: dict[str, TaskStages] = {
         serve="enginekit.serve.served:ServedPipeline",
         genai_layout=GENAI_LAYOUT,
         import_folder="enginekit.export.import_pipeline:read_pipeline_folder",
+        relink="enginekit.runtimes.lora_map:relink",
     ),
 }
 _runtime_stages: dict[str, TaskStages] = {}

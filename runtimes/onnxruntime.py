@@ -20,7 +20,7 @@ import re
 import tempfile
 from pathlib import Path
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Mapping
 
 import numpy as np
 
@@ -277,8 +277,30 @@ class OnnxRuntimeBackend(Backend):
             raise BackendError(f"onnxruntime could not cut {entry} ({cut.label}): {one_line(exc)}") from exc
         return self._load(artifact, manifest, device, component, low_memory, model=model, label=cut.key(component))
 
+    def load_patched(self, artifact: Path, manifest: Manifest, device: str, component: str,
+                     tensors: Mapping[str, Any], low_memory: bool = False) -> Runner:
+        """A second session of ``component`` with the initializers ``tensors`` replaced: the graph
+        re-read with those tensors inline (the others stay in its external data file). Not
+        ``SessionOptions.add_initializer``: at level "all" the NCHWc layout pass keeps the graph's
+        own Conv weights and ignores the override (onnxruntime 1.32)."""
+        import onnx
+        from onnx import numpy_helper
+
+        entry = artifact / manifest.component(component).entry
+        model = onnx.load(str(entry), load_external_data=False)
+        for init in model.graph.initializer:
+            if init.name in tensors:
+                init.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(tensors[init.name]), init.name))
+        try:
+            data = model.SerializeToString()
+        except ValueError as exc:  # protobuf's 2 GB
+            raise BackendError(f"{entry}: the LoRA-patched weights of {component} are over protobuf's 2 GB "
+                               f"({one_line(exc)}); fuse these LoRAs at export instead (export --lora)") from exc
+        del model
+        return self._load(artifact, manifest, device, component, low_memory, model=data, folder=entry.parent)
+
     def _load(self, artifact: Path, manifest: Manifest, device: str, component: str | None, low_memory: bool,
-              model: bytes | None = None, label: str | None = None) -> Runner:
+              model: bytes | None = None, label: str | None = None, folder: Path | None = None) -> Runner:
         import onnxruntime as ort
 
         comp = manifest.component(component)
@@ -289,6 +311,8 @@ class OnnxRuntimeBackend(Backend):
         so = self._session_options(threads, "all")
         if low_memory:
             _low_memory_options(so)
+        if folder is not None:  # a graph given as bytes reads its external data from here
+            so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
         try:
             session = ort.InferenceSession(model if model is not None else str(artifact / comp.entry), so,
                                            providers=providers)

@@ -439,6 +439,12 @@ class OpenVINOBackend(Backend):
                  low_memory: bool = False) -> Runner:
         return self._load(artifact, manifest, device, component, low_memory, cut)
 
+    def load_patched(self, artifact: Path, manifest: Manifest, device: str, component: str,
+                     tensors: Mapping[str, Any], low_memory: bool = False) -> Runner:
+        from enginekit.runtimes.openvino_lora import load_patched
+
+        return load_patched(self, artifact, manifest, device, component, tensors, low_memory)
+
     def _load(self, artifact: Path, manifest: Manifest, device: str, component: str | None, low_memory: bool,
               cut: Any = None) -> Runner:
         import openvino.properties as props

@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 from typing import IO, Any, Mapping
 
 __all__ = ["GenerationParams", "A1111_SAMPLERS", "sampler_label", "format_infotext", "parse_infotext",
-           "save_image", "image_bytes", "read_image_info"]
+           "save_image", "image_bytes", "read_image_info", "lora_hashes"]
 
 #: A1111 sampler names -> our schedulers (what ``/sdapi/v1/samplers`` lists and txt2img takes).
 A1111_SAMPLERS = {"Euler": "euler", "Euler a": "euler-a", "DDIM": "ddim", "DPM++ 2M": "dpm++2m",
@@ -78,6 +78,8 @@ class GenerationParams:
     batch_size: int = 1
     batch_pos: int = 0
     version: str | None = None
+    #: A1111's ``Lora hashes``: "name: shorthash, ..." of the LoRA files applied (:func:`lora_hashes`).
+    lora_hashes: str | None = None
 
     def at(self, position: int) -> GenerationParams:
         """The same for image ``position`` of the batch."""
@@ -90,8 +92,18 @@ class GenerationParams:
             "Seed": self.seed, "Size": f"{self.width}x{self.height}", "Model hash": self.model_hash,
             "Model": self.model, "Batch size": self.batch_size if self.batch_size > 1 else None,
             "Batch pos": self.batch_pos if self.batch_size > 1 else None,
-            "Denoising strength": self.denoising_strength, "enginekit": self.version or _version()}
+            "Denoising strength": self.denoising_strength, "Lora hashes": self.lora_hashes or None,
+            "enginekit": self.version or _version()}
         return format_infotext(self.prompt, self.negative_prompt, params)
+
+
+def lora_hashes(applied: Any) -> str | None:
+    """A1111's ``Lora hashes`` value for the LoRA files a call applied (``PipelineOutput.loras``):
+    ``name: shorthash`` joined by ", ", the name without A1111's removed symbols (":" and ",");
+    the short hash is A1111's, the first 12 hex digits of the file's sha256 past its header."""
+    parts = [f"{str(r['name']).translate({ord(':'): None, ord(','): None})}: {r['short_hash']}"
+             for r in applied or () if r.get("short_hash")]
+    return ", ".join(parts) or None
 
 
 def _version() -> str:

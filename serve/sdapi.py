@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+from dataclasses import replace
 import time
 from typing import Any, Optional
 
@@ -15,6 +16,7 @@ from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from enginekit.runtimes.png_info import A1111_SAMPLERS as SAMPLERS
+from enginekit.serve.loras import take_prompt_tags
 from enginekit.serve.errors import ApiError
 from enginekit.serve.models import PIPELINE
 from enginekit.serve.sdapi_info import current_checkpoint, resolve_checkpoint
@@ -75,7 +77,8 @@ def _ours(body: Txt2ImgRequest, settings: Any) -> GenerateRequest:
         raise ApiError(422, f"scheduler: {body.scheduler!r} is not supported; choose a sampler_name")
     if scheduler == "dpm++2m" and (body.scheduler or "").lower() == "karras":
         scheduler = "dpm++2m-karras"
-    fields: dict[str, Any] = {"prompt": body.prompt, "negative_prompt": body.negative_prompt or None,
+    prompt, tags = take_prompt_tags(body.prompt)  # A1111's <lora:NAME:WEIGHT>, applied, not prompted
+    fields: dict[str, Any] = {"prompt": prompt, "negative_prompt": body.negative_prompt or None, "loras": tags or None,
                               "steps": body.steps, "guidance": body.cfg_scale, "seed": body.seed,
                               "width": body.width, "height": body.height, "scheduler": scheduler,
                               "num_images": body.batch_size * body.n_iter}
@@ -107,8 +110,9 @@ def _model(request: Request, body: Txt2ImgRequest) -> Any:
 def _answer(slot: Any, body: Txt2ImgRequest, req: GenerateRequest, out: Any) -> dict[str, Any]:
     # What ran, with the model's own values where the request left one unset; each PNG carries it.
     params = generation_params(slot, req, out, isinstance(body, Img2ImgRequest))
+    params = replace(params, prompt=body.prompt)  # A1111's infotext keeps the <lora:...> tags
     result = images_json(slot, out, params)
-    info = {"prompt": req.prompt, "negative_prompt": req.negative_prompt or "", "seed": out.seed,
+    info = {"prompt": body.prompt, "negative_prompt": req.negative_prompt or "", "seed": out.seed,
             "all_seeds": [out.seed] * len(out.images), "steps": params.steps, "cfg_scale": params.cfg_scale,
             "sampler_name": body.sampler_name or body.sampler_index, "width": params.width,
             "height": params.height, "sd_model_name": slot.name, "sd_model_hash": params.model_hash,

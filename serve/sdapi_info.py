@@ -124,9 +124,11 @@ async def schedulers() -> list[dict[str, Any]]:
 
 
 @router.get("/sdapi/v1/loras")
-async def loras() -> list[dict[str, Any]]:
-    """No LoRA is applied at run time yet (a LoRA is merged at export: ``enginekit export --lora``)."""
-    return []
+async def loras(request: Request) -> list[dict[str, Any]]:
+    """The LoRA files of the server's ``--lora-dir`` (A1111's name, alias, path, metadata); none without one."""
+    from enginekit.serve.loras import list_loras
+
+    return list_loras(_state(request).settings)
 
 
 @router.get("/sdapi/v1/upscalers")

@@ -64,6 +64,8 @@ class ServeSettings:
     host: str | None = None
     port: int | None = None
     extra: dict = field(default_factory=dict)
+    #: The folder of LoRA files clients may name (``--lora-dir``; None: no LoRA at run time).
+    lora_dir: str | None = None
 
     def __post_init__(self) -> None:
         ints = {"max_batch": (1, 4096), "max_queue": (1, 1_000_000), "max_body_bytes": (1024, 2**40),

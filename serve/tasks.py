@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from enginekit.errors import EngineKitError, one_line
 from enginekit.runtimes.schedulers import SCHEDULERS
+from enginekit.serve.loras import resolve_loras
 from enginekit.serve.batching import Job
 from enginekit.serve.errors import ApiError, status_for
 from enginekit.serve.models import CLASSIFIER, PIPELINE, ModelSlot
@@ -204,9 +205,13 @@ class GenerateRequest(BaseModel):
     controlnet_conditioning_scale: Optional[Union[float, list[float]]] = None
     control_guidance_start: Optional[Union[float, list[float]]] = None
     control_guidance_end: Optional[Union[float, list[float]]] = None
+    loras: Optional[dict[str, float]] = Field(default=None, description="LoRA files of the server's --lora-dir "
+                                              "by name -> scale (-10 to 10), for this request only")
     #: The decoded mask and control images (set by parse_generate; the A1111 routes set their own).
     _mask: Any = PrivateAttr(default=None)
     _controls: Any = PrivateAttr(default=None)
+    #: ``loras`` as {path: scale} in the server's folder (set by :meth:`checked`).
+    _loras: Any = PrivateAttr(default=None)
     response_format: Optional[Literal["png", "json", "sse"]] = None
 
     @classmethod
@@ -229,6 +234,7 @@ class GenerateRequest(BaseModel):
             side = getattr(req, name)
             if side is not None and (side > settings.max_side or side % 8):
                 raise ApiError(422, f"{name}: must be a multiple of 8 up to {settings.max_side}, got {side}")
+        req._loras = resolve_loras(settings, req.loras)
         return req
 
     def pipeline_kwargs(self, init_image: Any = None) -> dict[str, Any]:
@@ -246,6 +252,8 @@ class GenerateRequest(BaseModel):
             for key in ("controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end"):
                 if getattr(self, key) is not None:
                     kwargs[key] = getattr(self, key)
+        if self._loras:
+            kwargs["loras"] = self._loras
         if init_image is not None:
             kwargs["image"] = init_image
             extra = {"strength": self.strength, "mask_image": self._mask, "padding_mask_crop": self.padding_mask_crop}
@@ -378,7 +386,7 @@ def png_bytes(image: Any, infotext: str | None = None) -> bytes:
 def generation_params(slot: ModelSlot, req: GenerateRequest, out: Any, image_to_image: bool) -> Any:
     """What made ``out`` (a :class:`~enginekit.runtimes.png_info.GenerationParams`): the
     request's values, the model's own defaults where the request left one unset."""
-    from enginekit.runtimes.png_info import GenerationParams
+    from enginekit.runtimes.png_info import GenerationParams, lora_hashes
 
     config = slot.obj.config
     first = out.images[0]
@@ -389,7 +397,8 @@ def generation_params(slot: ModelSlot, req: GenerateRequest, out: Any, image_to_
         cfg_scale=req.guidance if req.guidance is not None else config.default_guidance_scale,
         seed=out.seed, width=first.width, height=first.height, model=slot.name,
         model_hash=slot.digest[:10] if slot.digest else None,
-        denoising_strength=_strength(config, req) if image_to_image else None, batch_size=len(out.images))
+        denoising_strength=_strength(config, req) if image_to_image else None, batch_size=len(out.images),
+        lora_hashes=lora_hashes(getattr(out, "loras", ())))
 
 
 def _strength(config: Any, req: GenerateRequest) -> float:

@@ -204,7 +204,7 @@ def _infotexts(pipe: Any, model: str, prompts: Sequence[str] | str, result: Any,
                image_to_image: bool) -> list[str]:
     """Each image's A1111 generation parameters: the values that ran (the model's own where the
     call left one unset), the seed of the batch, and the image's place in it."""
-    from enginekit.runtimes.png_info import GenerationParams
+    from enginekit.runtimes.png_info import GenerationParams, lora_hashes
     from enginekit.runtimes.tasks.call_args import default_strength, is_inpainting
 
     config = pipe.config
@@ -220,6 +220,6 @@ def _infotexts(pipe: Any, model: str, prompts: Sequence[str] | str, result: Any,
         width=0, height=0, model=model, model_hash=pipe.manifest.digest()[:10],
         denoising_strength=(call.get("strength") or default_strength(is_inpainting(config, call.get("mask_image"))))
         if image_to_image else None,
-        batch_size=len(result.images))
+        batch_size=len(result.images), lora_hashes=lora_hashes(getattr(result, "loras", ())))
     return [replace(base.at(i), prompt=prompts[i // per_prompt], negative_prompt=negatives[i // per_prompt],
                     width=image.width, height=image.height).infotext() for i, image in enumerate(result.images)]

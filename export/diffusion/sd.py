@@ -37,6 +37,8 @@ from enginekit.export.diffusion.deepcache import drop_cache_output
 from enginekit.export.diffusion.families import check_family, get_family
 from enginekit.export.json_files import jsonable
 from enginekit.export.diffusion.lora import LoraSpec, fuse_loras
+from enginekit.export.diffusion.lora_map import LORA_COMPONENTS, component_map, write_map
+from enginekit.runtimes.lora_map import MAP_FILE
 from enginekit.export.diffusion.onnx_export import DATA_FILE as _DATA_FILE, _one_data_file, _torch_export  # noqa: F401
 from enginekit.export.diffusion.plans import TEXT_ENCODERS, _is_t5, _Plan, _plans
 from enginekit.export.diffusion.sources import PipelineSource, resolve_pipeline
@@ -170,6 +172,7 @@ def export_pipeline(
                                                                  src.weights, formats)
             on_step("writing tokenizers, scheduler and model index")
             assets = _write_assets(tmp, pipe, task_config, model_index, configs)
+            assets += [MAP_FILE] if (tmp / MAP_FILE).is_file() else []
             rss.sample()
             manifest = Manifest(
                 kind="onnx",
@@ -240,6 +243,7 @@ def _export_components(tmp: Path, pipe: Any, family: str, options: PipelineExpor
     format from ``formats`` (None: fp32)."""
     exporters: dict[str, str] = {}
     components: dict[str, Component] = {}
+    lora_maps: dict[str, Any] = {}
     fidelity: dict[str, Any] = {}
     plans = _plans(pipe, family, options)
     for i, make in enumerate(plans, 1):
@@ -258,8 +262,9 @@ def _export_components(tmp: Path, pipe: Any, family: str, options: PipelineExpor
             fmt = formats.get(plan.name) if formats else None
             comp, report, exporter = _export_streamed(tmp, plan, options, on_step, i, len(plans), pipe, weights, fmt)
         else:
+            mapped = getattr(pipe, plan.name, None) if plan.name in LORA_COMPONENTS else None
             comp, report, exporter = _export_component(tmp, plan, options, on_step, i, len(plans),
-                                                       release if droppable else None)
+                                                       release if droppable else None, mapped, lora_maps)
         components[plan.name] = comp
         fidelity[plan.name] = {k: report[k] for k in ("min_cosine", "max_abs", "passed")}
         if weights is not None:
@@ -268,6 +273,7 @@ def _export_components(tmp: Path, pipe: Any, family: str, options: PipelineExpor
         del plan, make, release
         gc.collect()
         rss.sample()
+    write_map(tmp, lora_maps)  # where each LoRA-able weight landed (runtimes/lora_map.py)
     return components, fidelity, exporters
 
 
@@ -290,10 +296,11 @@ def _check_image(pipe: Any, root: Path, manifest: Manifest, options: PipelineExp
 
 def _export_component(
     root: Path, plan: _Plan, opts: PipelineExportOptions, on_step: Callable[[str], None], i: int, n: int,
-    release: Callable[[], None] | None = None,
+    release: Callable[[], None] | None = None, mapped: Any = None, lora_maps: dict[str, Any] | None = None,
 ) -> tuple[Component, dict[str, Any], str]:
     """Export one component and check it on ONNX Runtime against PyTorch's outputs (computed
-    first); ``release``, when given, drops the PyTorch module between the two."""
+    first); ``release``, when given, drops the PyTorch module between the two. ``mapped`` (the
+    diffusers component) has its weights found in the graph for LoRA at run time, into ``lora_maps``."""
     import torch
 
     folder = root / plan.name
@@ -307,6 +314,8 @@ def _export_component(
     del reference
     exporter = _torch_export(plan, path, opts.opset, external)
     _name_dims(path, plan)
+    if mapped is not None and lora_maps is not None:
+        lora_maps[plan.name] = component_map(mapped, path)
     if release is not None:
         release()
     on_step(f"[{i}/{n}] {plan.name}: checking ONNX Runtime against PyTorch")

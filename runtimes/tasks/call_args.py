@@ -56,6 +56,8 @@ class CallArgs:
     controlnet_conditioning_scale: Any = 1.0
     control_guidance_start: Any = 0.0
     control_guidance_end: Any = 1.0
+    #: LoRA files (path or bytes) -> scale, for this call only (runtimes/tasks/lora.py checks them).
+    loras: Any = None
 
 
 #: ``strength`` when a call leaves it unset: diffusers' image-to-image default, and its

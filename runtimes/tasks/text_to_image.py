@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -32,6 +32,7 @@ from enginekit.runtimes.schedulers import make_scheduler
 from enginekit.runtimes.tasks.call_args import Call, CallArgs, check_call
 from enginekit.runtimes.tasks.controlnet import Control
 from enginekit.runtimes.tasks.inpaint import Inpainting
+from enginekit.runtimes.tasks.lora import LoraSwitch
 from enginekit.runtimes.tasks.layouts import (Layout, guidance_scale_embedding, layout_for,
                                               pack_latents, rescale_noise_cfg, unpack_latents)
 from enginekit.runtimes.tasks.pipeline_config import PipelineConfig, TextEncoderSpec, default_scheduler_name
@@ -74,6 +75,8 @@ class PipelineOutput:
     timesteps: tuple[float, ...] = ()
     #: The step cache the call ran with ("none", "deepcache:3", "taylorseer:2": the caller's, or the manifest's default).
     cache: str = "none"
+    #: The LoRA files the call applied (name, sha256, short_hash, scale, format, layers).
+    loras: tuple[dict[str, Any], ...] = ()
 
 
 class TextToImage:
@@ -117,6 +120,7 @@ class TextToImage:
         #: ``recorder(component, feeds)`` sees every engine call's typed feeds (quantization
         #: records the denoiser's real inputs this way); None costs one attribute check.
         self.recorder: Callable[[str, Mapping[str, np.ndarray]], None] | None = None
+        self.lora_switch = LoraSwitch(self)
 
     @classmethod
     def from_artifact(cls, components: Mapping[str, Runner], manifest: Manifest, path: Path) -> TextToImage:
@@ -212,6 +216,7 @@ class TextToImage:
         controlnet_conditioning_scale: float | Sequence[float] = 1.0,
         control_guidance_start: float | Sequence[float] = 0.0,
         control_guidance_end: float | Sequence[float] = 1.0,
+        loras: Mapping[Any, float] | None = None,
     ) -> PipelineOutput:
         """Generate images for ``prompt``.
 
@@ -252,15 +257,17 @@ class TextToImage:
         runs it and the others forecast its output; ``taylorseer:N,before=B,after=A,order=K``)
         or ``"none"``; default the manifest's (what ``optimize`` judged and picked), else none.
         See :mod:`enginekit.runtimes.tasks.step_cache`.
+        ``loras``: LoRA files (paths or bytes) and their scales, applied for this call only
+        (:mod:`enginekit.runtimes.tasks.lora`); none runs the base weights.
         """
         args = CallArgs(prompt, negative_prompt, num_inference_steps, guidance_scale, height, width,
                         num_images_per_prompt, seed, latents, image, strength, scheduler, guidance_rescale,
                         output_type, generator, max_sequence_length, true_cfg_scale, cache, mask_image,
                         padding_mask_crop, control_image, controlnet_conditioning_scale, control_guidance_start,
-                        control_guidance_end)
-        with self._one_call():
+                        control_guidance_end, loras)
+        with self._one_call(), self.lora_switch.applied(args.loras) as applied:
             try:
-                return self._call(args, callback, cancel)
+                return replace(self._call(args, callback, cancel), loras=tuple(applied))
             finally:
                 # A low-memory pipeline holds nothing between calls, whatever stopped this one.
                 self.release(*self.manifest.components)
@@ -456,6 +463,7 @@ class TextToImage:
     # ------------------------------------------------------------------ bookkeeping
 
     def close(self) -> None:
+        self.lora_switch.close()
         close = getattr(self.components, "close", None)
         if close is not None:
             close()

@@ -82,7 +82,10 @@ def test_export_without_torch_names_the_extra(tmp_path: Path) -> None:
 @pytest.mark.parametrize("name", ["tiny-sd15", "tiny-sd3", "tiny-flux"])
 def test_generate_without_torch(tiny_pipelines: dict, tmp_path: Path, name: str) -> None:
     """TextToImage and `enginekit generate` with torch, diffusers and transformers unimportable."""
+    from tests.serve.test_lora_serve import write_unet_lora
+
     out = tmp_path / "a.png"
+    lora = write_unet_lora(tiny_pipelines[(name, "onnx")], tmp_path / "ink.safetensors")
     code = _BLOCKER + textwrap.dedent(
         f"""
         import json
@@ -90,6 +93,7 @@ def test_generate_without_torch(tiny_pipelines: dict, tmp_path: Path, name: str)
         from enginekit.app.cli import main
         pipe = enginekit.load({str(tiny_pipelines[(name, "onnx")])!r}, device="cpu")
         images = pipe("a lighthouse", num_inference_steps=2, seed=3, output_type="np").images
+        pipe("a lighthouse", num_inference_steps=2, seed=3, loras={{{str(lora)!r}: 0.8}})  # LoRA at run time too
         heavy = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
         print(json.dumps({{"shape": list(images.shape), "heavy": heavy}}))
         sys.argv = ["enginekit", "generate", {str(tiny_pipelines[(name, "onnx")])!r}, "a lighthouse",

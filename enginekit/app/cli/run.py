@@ -16,7 +16,7 @@ from enginekit.app.cli.common import DEVICE_HELP, Params, cli, emit_json, err_co
 
 # generate's parameters that are not pipeline call arguments.
 _NOT_CALL = ("artifact", "prompt", "out", "init_image", "device", "backend", "as_json", "digest", "verify_with",
-             "low_memory", "verbose")
+             "low_memory", "verbose", "lora")
 
 
 @cli.command()
@@ -64,6 +64,9 @@ _NOT_CALL = ("artifact", "prompt", "out", "init_image", "device", "backend", "as
               help="ControlNet: the fraction of the steps where it starts [default: 0.0].")
 @click.option("--control-end", "control_guidance_end", multiple=True, type=float,
               help="ControlNet: the fraction of the steps where it stops [default: 1.0].")
+@click.option("--lora", multiple=True, metavar="FILE[:SCALE]",
+              help="Apply a LoRA file (.safetensors; diffusers/PEFT or kohya) for this run at SCALE [default 1.0]; "
+                   "repeat for several. No new export: the artifact's weights are patched at load.")
 @click.option("--num-images", default=1, show_default=True, help="Images for the prompt.")
 @click.option("-d", "--device", default="auto", show_default=True, help=DEVICE_HELP + ".")
 @click.option("--backend", help="Backend to run on (default: the one the artifact was built for).")
@@ -112,6 +115,10 @@ def generate(**params: Any) -> None:
         for key in ("control_image", "controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end"):
             if key in call:  # repeatable: one value, or one per ControlNet
                 call[key] = list(call[key]) if len(call[key]) > 1 else call[key][0]
+        if o.lora:
+            from enginekit.runtimes.tasks.lora import parse_lora_arg
+
+            call["loras"] = dict(parse_lora_arg(text) for text in o.lora)
         paths, result = generate_images(o.artifact, o.prompt, o.out, device=o.device, backend=o.backend,
                                         digest=o.digest, verify_with=o.verify_with, init_image=o.init_image,
                                         on_step=on_step, low_memory=o.low_memory, stages=stages, **call)

@@ -30,6 +30,9 @@ from enginekit.app.cli.common import Params, cli
 @click.option("--max-upload-pixels", default=16_000_000, show_default=True, help="Largest uploaded image (width x height).")
 @click.option("--max-images", default=16, show_default=True, help="Images per request.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, gpu.")
+@click.option("--lora-dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="LoRA files (.safetensors) clients may apply by name: /v1/generate's \"loras\", A1111 "
+                   "prompts' <lora:NAME:WEIGHT>; /sdapi/v1/loras lists them.")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
               help="Server processes (each loads every model).")
 @click.option("--ray", "on_ray", is_flag=True, help="Serve through Ray Serve: each replica loads every model.")
@@ -66,7 +69,8 @@ def serve(**params: Any) -> None:
                              max_pixels=o.max_pixels, max_upload_pixels=o.max_upload_pixels, max_images=o.max_images, device=o.device,
                              pins=parse_model_pins(o.artifacts),
                              verify_with=str(o.verify_with.resolve()) if o.verify_with else None,
-                             host=o.host, port=o.port)
+                             host=o.host, port=o.port,
+                             lora_dir=str(o.lora_dir.resolve()) if o.lora_dir else None)
     logging.basicConfig(level=getattr(logging, o.log_level.upper()), format="%(name)s: %(message)s")
     if o.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_keys:
         click.echo(f"warning: serving on {o.host} without --api-key-file: anyone who reaches it can use it", err=True)
