@@ -341,6 +341,7 @@ def test_parity_miss_raises_and_writes_nothing(tmp_path: Path) -> None:
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
 
 
+@pytest.mark.slow  # a memory-order check (52 s on 2 cores): runs with -m slow
 def test_without_the_image_check_weights_are_dropped_before_onnx_runtime_loads_the_graph(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """So a 10 GB transformer is never in memory twice (PyTorch's and ONNX Runtime's copies)."""
