@@ -43,16 +43,12 @@ class LoraSpec:
 
 
 def parse_lora(text: str, default_scale: float = 1.0) -> LoraSpec:
-    """``FILE.safetensors[:SCALE]`` (as ``--lora`` takes it); no scale means ``default_scale``."""
-    path, scale = text, default_scale
-    head, sep, tail = text.rpartition(":")
-    if sep and head and not tail.startswith(("/", "\\")):
-        try:
-            scale = float(tail)
-            path = head
-        except ValueError:
-            pass  # a colon in the file name, not a scale
-    return LoraSpec(Path(path).expanduser(), scale)
+    """``FILE.safetensors[:SCALE]`` (as ``--lora`` takes it); no scale means ``default_scale``.
+    The same syntax ``generate --lora`` reads (:func:`enginekit.runtimes.tasks.lora.parse_lora_arg`)."""
+    from enginekit.runtimes.tasks.lora import parse_lora_arg
+
+    path, scale = parse_lora_arg(text, default_scale)
+    return LoraSpec(Path(path), scale)
 
 
 def _check_file(path: Path) -> dict[str, Any]:

@@ -115,6 +115,7 @@ class Control:
         self.images = [np.concatenate([np.repeat(a, batch, axis=0)] * (2 if two_pass else 1)).astype(np.float32)
                        for a in args.images] if args is not None else []
         self.rows = rows
+        self._idle: dict[str, np.ndarray] | None = None
 
     def zeros(self, height: int, width: int) -> dict[str, np.ndarray]:
         return {name: np.zeros((self.rows, ch, -(-height // f), -(-width // f)), np.float32)
@@ -123,9 +124,11 @@ class Control:
     def residuals(self, i: int, steps: int, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The UNet's residual inputs for step ``i`` of ``steps`` (``feeds``: the UNet's other inputs)."""
         h, w = feeds["sample"].shape[-2:]
+        if self.args is None:  # no control image: the same zeros every step, made once
+            if self._idle is None:
+                self._idle = self.zeros(h, w)
+            return self._idle
         out = self.zeros(h, w)
-        if self.args is None:
-            return out
         for net, image, scale, start, end in zip(self.nets, self.images, self.args.scales, self.args.starts,
                                                  self.args.ends):
             keep = 1.0 - float(i / steps < start or (i + 1) / steps > end)

@@ -144,7 +144,7 @@ def prepare_masked_image(image: Any, mask_image: Any, height: int | None, width:
     ``mask_image`` None is all white (repaint everything)."""
     from PIL import Image
 
-    from enginekit.runtimes.images import load_init_image
+    from enginekit.runtimes.images import load_init_image, vae_preprocess
     from enginekit.runtimes.tasks.sizes import check_size, init_image_size
 
     pil = load_init_image(image)
@@ -161,9 +161,9 @@ def prepare_masked_image(image: Any, mask_image: Any, height: int | None, width:
         init_pil = _resize_fill(pil.crop(crop), w, h)
         mask_pil = _resize_fill(mask.crop(crop), w, h)
     else:
-        init_pil = pil if pil.size == (w, h) else pil.resize((w, h), Image.LANCZOS)
+        init_pil = pil  # vae_preprocess resizes it as image-to-image does
         mask_pil = mask if mask.size == (w, h) else mask.resize((w, h), Image.LANCZOS)
-    init = (np.asarray(init_pil.convert("RGB"), dtype=np.float32) / 255.0 * 2.0 - 1.0).transpose(2, 0, 1)[None]
+    init = vae_preprocess(init_pil.convert("RGB"), h, w)
     m = np.asarray(mask_pil.convert("L"), dtype=np.float32) / 255.0
     binary = (m >= 0.5).astype(np.float32)[None, None]
     return MaskedImage(init=np.ascontiguousarray(init), mask=binary, crop=crop,
