@@ -148,6 +148,8 @@ class OptimizeOptions(_Options):
     weights: Path | None = None
     #: Also append the timing records to this results store.
     store: Path | None = None
+    #: ViTs: token pairs per block to try merging (ToMe) on each candidate that passes unmerged.
+    token_merge: tuple[int, ...] | None = _flag("--token-merge")
     # pipelines
     min_psnr: float | None = None
     size: int | None = None

@@ -96,6 +96,8 @@ class ExportRequest:
     #: Pipelines: the denoiser's weight format (a WeightFormat or fp32/fp16/int8/int4) and per-component overrides.
     weight_format: Any = None
     component_formats: Mapping[str, Any] | None = None
+    #: Classifiers (ViTs): token pairs each block merges (ToMe; 0 none), an approximation gated downstream.
+    token_merge: int = 0
     overwrite: bool = False
 
     def budget(self) -> dict[str, Any]:
@@ -110,6 +112,8 @@ def export_pipeline_source(spec: str, out_dir: str | Path, request: ExportReques
 
     if request.weights is not None:
         raise SourceError("--weights is for timm classifiers; give a pipeline's .safetensors file as MODEL")
+    if request.token_merge:
+        raise SourceError("--token-merge applies to ViT classifiers; pipelines cache steps instead (--cache)")
     specs = tuple(parse_lora(text, request.lora_scale) for text in request.loras)
     options = PipelineExportOptions(opset=request.opset, seed=request.seed, image_check=request.image_check,
                                     loras=specs, without_t5=request.without_t5, streaming=request.streaming,
@@ -136,6 +140,7 @@ def export_classifier_source(spec: str, out_dir: str | Path, request: ExportRequ
     if request.weight_format is not None or request.component_formats:
         raise SourceError("--weight-format applies to diffusion pipelines; quantize a classifier with "
                           "`enginekit quantize`")
-    return export_classifier(spec, out_dir, ExportOptions(opset=request.opset, seed=request.seed, **request.budget()),
+    options = ExportOptions(opset=request.opset, seed=request.seed, token_merge=request.token_merge, **request.budget())
+    return export_classifier(spec, out_dir, options,
                              random_weights=request.random_weights, weights=request.weights,
                              revision=request.revision, overwrite=request.overwrite, on_step=on_step)

@@ -41,9 +41,13 @@ class ExportOptions:
     #: Samples in the parity batch (a batch size other than the traced one, to exercise the dynamic axis).
     parity_batch: int = 3
     seed: int = 0
+    #: Token merging: pairs of tokens each ViT block merges (0: none); see :mod:`enginekit.export.token_merge`.
+    token_merge: int = 0
 
     def __post_init__(self) -> None:
         check_export_request(self.opset, self.atol, self.rtol)
+        if self.token_merge < 0:
+            raise ExportError(f"token merging takes a number of token pairs per block (>= 0), got {self.token_merge}")
 
 
 def _wrapper_class() -> type:
@@ -93,6 +97,10 @@ def export_classifier(
     src = spec if isinstance(spec, SourceModel) else resolve_source(
         spec, random_weights=random_weights, seed=options.seed, weights=weights, revision=revision
     )
+    unmerged = None
+    if options.token_merge:
+        unmerged = _wrapper_class()(src.model, src.library).eval()
+        src = _with_token_merge(src, options.token_merge)
     wrapper = _wrapper_class()(src.model, src.library).eval()
     height, width = src.preprocessing.size
     gen = torch.Generator().manual_seed(options.seed)
@@ -124,6 +132,12 @@ def export_classifier(
             "budget_max_abs": budget,
             **report,
         }
+        if unmerged is not None:
+            with torch.inference_mode():
+                plain_logits, plain_emb = unmerged(parity_x)
+            # What merging changed, on the same noise: a record, not a gate (held-out data gates it).
+            fidelity["unmerged_model"] = compare_outputs({"logits": plain_logits.numpy(),
+                                                          "embedding": plain_emb.numpy()}, got)
         if report["logits_max_abs"] > budget or report["embedding_max_abs"] > budget * 10:
             raise FidelityError(
                 f"ONNX export of {src.architecture} misses its parity budget: logits max abs "
@@ -156,6 +170,20 @@ def export_classifier(
         )
         write_manifest(tmp, manifest)
     return manifest
+
+
+def _with_token_merge(src: SourceModel, r: int) -> SourceModel:
+    """``src`` with ToMe's merging in every block; the manifest records it (an approximation of the model)."""
+    from dataclasses import replace
+
+    from enginekit.export.token_merge import merge_plan, token_merged
+
+    if src.family != "vit":
+        raise ExportError(f"token merging is built for ViTs; {src.architecture} is a {src.family} model")
+    model = token_merged(src.model, src.library, r).eval()
+    merge = merge_plan(src.model, src.library, src.preprocessing.size, r)
+    # The merged module speaks timm's forward_features/forward_head for either library.
+    return replace(src, model=model, library="timm", provenance={**src.provenance, "token_merge": merge})
 
 
 @contextlib.contextmanager

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from enginekit.app.optimize_judge import Outcome, datasets, judge, second_spec, torch_outputs
-from enginekit.app.optimize_plan import PRECISIONS, Candidate, OptimizeConfig, plan_candidates
+from enginekit.app.optimize_plan import PRECISIONS, Candidate, OptimizeConfig, plan_candidates, token_merged_candidate
 from enginekit.app.optimize_report import render_report
 from enginekit.app.optimize_workspace import refuse_without_pick, workspace
 from enginekit.bench.harness import DRIFT_WARN
@@ -61,13 +61,14 @@ def _group_size(onnx_dir: Path, wanted: int) -> int:
     return size
 
 
-def _build(cand: Candidate, onnx_dir: Path, work: Path, built: dict[str, Path], calib_npy: Path | None,
+def _build(cand: Candidate, onnx_dirs: dict[int, Path], work: Path, built: dict[str, Path], calib_npy: Path | None,
            config: OptimizeConfig, on_step: Callable[[str], None]) -> Path:
     from enginekit.api import compile_artifact
     from enginekit.quant.api import quantize_artifact
     from enginekit.quant.base import QuantOptions
     from enginekit.runtimes.base import CompileOptions
 
+    onnx_dir = onnx_dirs[cand.token_merge]
     if cand.base not in built:
         if cand.method is None:
             built[cand.base] = onnx_dir
@@ -124,6 +125,9 @@ def optimize(
         raise InputError(f"--batch must be a positive batch size, got {config.batch}")
     if config.tie_margin < 0:
         raise InputError(f"the tie margin must be at least 0, got {config.tie_margin}")
+    if any(r < 1 for r in config.token_merge):
+        raise InputError(f"--token-merge takes positive numbers of token pairs per block, got "
+                         f"{', '.join(map(str, config.token_merge))}")
     for what, value in (("agreement", config.min_agreement), ("cosine", config.min_cosine)):
         if not 0.0 <= value <= 1.0:
             raise InputError(f"the {what} budget must be between 0 and 1, got {value}")
@@ -184,6 +188,8 @@ class _Prepared:
     second_name: str
     calib_npy: Path
     references: list[dict[str, np.ndarray]]
+    #: Token pairs merged per block -> that export (0: the plain one; more once merged exports are made).
+    onnx_dirs: dict[int, Path]
 
 
 @dataclass
@@ -227,7 +233,32 @@ def _prepare(run: _RunSettings) -> _Prepared:
             f"{describe_data(second.source, second.size)}")
     wrapper = _wrapper_class()(src.model, src.library).eval()
     references = [torch_outputs(wrapper, held.inputs), torch_outputs(wrapper, second.inputs)]
-    return _Prepared(src, manifest, onnx_dir, spec, calib, held, second, second_name, calib_npy, references)
+    return _Prepared(src, manifest, onnx_dir, spec, calib, held, second, second_name, calib_npy, references,
+                     {0: onnx_dir})
+
+
+def _token_merged(run: _RunSettings, prep: _Prepared, outcomes: Sequence[Outcome]) -> list[Outcome]:
+    """Phase 1b: for each ``--token-merge`` R, a merged export and every candidate that passed
+    unmerged rebuilt from it (an export that fails is one failed outcome saying why)."""
+    from enginekit.export.vit import ExportOptions, export_classifier
+
+    passed = [oc.candidate for oc in outcomes if oc.status == "passed"]
+    merged: list[Outcome] = []
+    for r in run.config.token_merge:
+        dest = run.work / f"onnx-tome{r}"
+        run.on_step(f"export with {r} token pairs merged per block -> {dest}")
+        variants = [Outcome(token_merged_candidate(c, r)) for c in passed]
+        try:
+            export_classifier(prep.src, dest, ExportOptions(seed=run.seed, token_merge=r), overwrite=True)
+        except Exception as exc:  # the merged export failing leaves the unmerged candidates standing
+            for oc in variants:
+                oc.status, oc.reason = "failed", one_line(exc, with_type=True)
+            merged += variants
+            continue
+        prep.onnx_dirs[r] = dest
+        merged += variants
+    _build_and_judge(run, prep, [oc for oc in merged if oc.status != "failed"])
+    return merged
 
 
 def _build_and_judge(run: _RunSettings, prep: _Prepared, outcomes: Sequence[Outcome]) -> None:
@@ -243,7 +274,7 @@ def _build_and_judge(run: _RunSettings, prep: _Prepared, outcomes: Sequence[Outc
             continue
         start = time.perf_counter()
         try:
-            oc.path = _build(cand, prep.onnx_dir, run.work, built, prep.calib_npy, run.config, on_step)
+            oc.path = _build(cand, prep.onnx_dirs, run.work, built, prep.calib_npy, run.config, on_step)
             oc.build_s = time.perf_counter() - start
             judge(oc, prep.references, [prep.held, prep.second], prep.manifest.labels, run.config)
         except Exception as exc:  # one candidate's failure (any library's) must not end the run
@@ -369,6 +400,8 @@ def _run(run: _RunSettings, candidates: list[Candidate]) -> dict[str, Any]:
     prep = _prepare(run)
     outcomes = [Outcome(c) for c in candidates]
     _build_and_judge(run, prep, outcomes)
+    if run.config.token_merge:
+        outcomes += _token_merged(run, prep, outcomes)
     times = _time_engines(run, prep, outcomes)
     best = _pick(outcomes)
     report = _report(run, prep, outcomes, times, best)

@@ -8,7 +8,7 @@ from typing import Any
 
 from enginekit.bench.harness import BenchConfig
 
-__all__ = ["PRECISIONS", "Candidate", "OptimizeConfig", "plan_candidates"]
+__all__ = ["PRECISIONS", "Candidate", "OptimizeConfig", "plan_candidates", "token_merged_candidate"]
 
 #: Precision families a user can ask for; "fp16" covers bf16 too.
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
@@ -31,11 +31,22 @@ class Candidate:
     #: ``compile`` for ``backend`` with these extras after quantizing (None: run the result as it is).
     compile_extra: Mapping[str, Any] | None = None
     description: str = ""
+    #: Token pairs each ViT block merges in the export it is built from (ToMe; 0: the plain export).
+    token_merge: int = 0
 
     @property
     def base(self) -> str:
         """The quantized (or exported) artifact this candidate is built from; shared between variants."""
-        return f"{self.quant_backend}-{self.method}" if self.method else "onnx"
+        base = f"{self.quant_backend}-{self.method}" if self.method else "onnx"
+        return f"{base}-tome{self.token_merge}" if self.token_merge else base
+
+
+def token_merged_candidate(cand: Candidate, r: int) -> Candidate:
+    """``cand`` built from the export whose blocks merge ``r`` token pairs each."""
+    from dataclasses import replace
+
+    return replace(cand, name=f"{cand.name}+tome:{r}", token_merge=r,
+                   description=f"{cand.description}; {r} token pairs merged per block (ToMe)")
 
 
 @dataclass(frozen=True)
@@ -68,6 +79,9 @@ class OptimizeConfig:
     #: for ranking them differently, so the agreement budget counts the other samples
     #: only. 0 (the default) counts every sample. Both agreements are reported.
     tie_margin: float = 0.0
+    #: ViTs: token pairs per block to also try merging (ToMe), each on every candidate that passed
+    #: unmerged; judged by the same budget against the unmerged PyTorch model. Empty: none.
+    token_merge: tuple[int, ...] = ()
 
     def bench_config(self) -> BenchConfig:
         return BenchConfig(batch_sizes=(self.batch,), warmup=self.warmup, runs=self.runs,

@@ -19,7 +19,8 @@ __all__ = ["optimize_classifier", "optimize_text_to_image"]
 
 _COMMON = ("backends", "precisions", "threads", "random_weights", "revision", "seed", "work", "overwrite")
 _CLASSIFIER = ("budget_agreement", "budget_cosine", "tie_margin", "batch", "data", "second_data",
-               "calibration_size", "eval_size", "runs", "duration", "warmup", "dynamic_shape", "weights", "store")
+               "calibration_size", "eval_size", "runs", "duration", "warmup", "dynamic_shape", "weights", "store",
+               "token_merge")
 _PIPELINE = ("min_psnr", "size", "steps", "prompts", "seeds", "without_t5", "streaming", "caches", "duration")
 # OptimizeOptions' name -> the config field it sets, where the two differ.
 _RENAMED = {"budget_agreement": "min_agreement", "budget_cosine": "min_cosine", "duration": "duration_s"}

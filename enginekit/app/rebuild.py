@@ -58,6 +58,8 @@ def rebuild_commands(report: Mapping[str, Any], candidate: Mapping[str, Any], *,
 
     config = report.get("config") or {}
     lines = [_export_command(report["model"], report.get("source") or {}, seed, revision)]
+    if candidate.get("token_merge"):
+        lines[0] += f" --token-merge {int(candidate['token_merge'])}"
     built = "onnx"
     method, quant_backend = candidate.get("method"), candidate.get("quant_backend")
     compile_extra = candidate.get("compile_extra")

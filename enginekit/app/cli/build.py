@@ -64,6 +64,10 @@ from enginekit.registry import task_names
               help="Pipelines: trace with fake weights and stream the weights tensor by tensor from the "
                    "safetensors (or the seeded generator) into each data file: memory stays near the largest "
                    "tensor, not the model. Skips the PyTorch parity and image checks (never in memory).")
+@click.option("--token-merge", type=click.IntRange(min=0), default=0, show_default=True, metavar="R",
+              help="ViT classifiers: merge R pairs of similar tokens in each block (ToMe), so later blocks "
+                   "attend over fewer tokens: faster, not exact; the export records how far it moved from "
+                   "the model, quantize and optimize gate it on held-out data.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists (atomically).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def export(**params: Any) -> None:
@@ -102,7 +106,7 @@ def export(**params: Any) -> None:
             model, out, family=o.family, task=o.task, random_weights=o.random_weights, weights=o.weights,
             revision=o.revision, seed=o.seed, opset=o.opset, atol=o.atol, rtol=o.rtol, image_check=o.image_check,
             loras=o.loras, lora_scale=o.lora_scale, without_t5=o.without_t5, streaming=o.streaming,
-            controlnets=o.controlnets,
+            controlnets=o.controlnets, token_merge=o.token_merge,
             weight_format=fmt, component_formats=_component_methods(o.component_formats) or None,
             overwrite=o.overwrite, on_step=_stepper(status),
         )

@@ -66,6 +66,9 @@ from enginekit.app.cli.common import cli, csv, emit_json, err_console, given_par
               help="Pipelines: step caches tried on the fastest assembly within the budget, judged by the same "
                    "image gate ('none' tries none) [default: deepcache:2,deepcache:3 for a UNet, "
                    "taylorseer:2,taylorseer:3 for a transformer].")
+@click.option("--token-merge", default=None, metavar="R[,R...]",
+              help="ViT classifiers: also try merging R token pairs per block (ToMe) on every candidate that "
+                   "passes, judged by the same budget against the unmerged model (an export per R).")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists (atomically).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.pass_context
@@ -88,7 +91,7 @@ def optimize(ctx: click.Context, model: str, out: Path, prompts_file: Path | Non
     from enginekit.stages import optimize as run_optimize
 
     fields = given_params(ctx, exclude=("model", "out", "as_json", "prompts_file", "seeds", "backends", "precisions",
-                                        "caches"))
+                                        "caches", "token_merge"))
     caches = ctx.params.get("caches")
     if caches is not None:
         from enginekit.runtimes.tasks.step_cache import split_caches
@@ -102,6 +105,13 @@ def optimize(ctx: click.Context, model: str, out: Path, prompts_file: Path | Non
         except ValueError:
             raise click.BadParameter(f"{seeds!r} is not a comma-separated list of integers",
                                      param_hint="--seeds") from None
+    token_merge = ctx.params.get("token_merge")
+    if token_merge is not None:
+        try:
+            fields["token_merge"] = tuple(int(v) for v in csv(token_merge) or ())
+        except ValueError:
+            raise click.BadParameter(f"{token_merge!r} is not a comma-separated list of integers",
+                                     param_hint="--token-merge") from None
     if backends is not None:
         fields["backends"] = csv(backends)
     if precisions is not None:
