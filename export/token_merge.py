@@ -73,7 +73,7 @@ def _pairs(r: int, tokens: int, *, last: bool) -> int:
 
 
 def _match(metric: Any, r: int) -> tuple[Any, Any, Any]:
-    """Bipartite soft matching: (kept A indices, merged A indices, their B partners), each (B, n, 1)."""
+    """Bipartite soft matching: (kept A indices, merged A indices, their B partners), each (B, n)."""
     import torch
 
     metric = metric / metric.norm(dim=-1, keepdim=True)
@@ -82,28 +82,46 @@ def _match(metric: Any, r: int) -> tuple[Any, Any, Any]:
     # The class token (A's first) is never merged: push its best score below any cosine.
     protect = torch.zeros(scores.shape[1], 1, dtype=scores.dtype, device=scores.device)
     protect[0, 0] = -1e4
-    node_max, node_idx = (scores + protect).max(dim=-1)
-    edge_idx = node_max.argsort(dim=-1, descending=True)[..., None]
-    unm_idx = edge_idx[:, r:, :].sort(dim=1)[0]  # the class token stays first
-    src_idx = edge_idx[:, :r, :]
-    dst_idx = node_idx[..., None].gather(dim=1, index=src_idx)
+    scores = scores + protect
+    node_max = scores.amax(dim=-1)
+    edge_idx = node_max.argsort(dim=-1, descending=True)
+    unm_idx = edge_idx[:, r:].sort(dim=1)[0]  # the class token stays first
+    src_idx = edge_idx[:, :r]
+    # Each merged token's partner: the argmax of its row only (an argmax over every row of A is a
+    # TopK that costs OpenVINO more than the rest of the merge).
+    n, t1, t2 = scores.shape
+    dst_idx = scores.reshape(n * t1, t2)[_flat(src_idx, t1)].reshape(n, r, t2).argmax(dim=-1)
     return unm_idx, src_idx, dst_idx
 
 
+def _flat(idx: Any, tokens: int) -> Any:
+    """(B, n) token indices as indices into the (B * tokens) rows of a flattened batch."""
+    import torch
+
+    return (idx + torch.arange(idx.shape[0], device=idx.device)[:, None] * tokens).reshape(-1)
+
+
 def _merge(x: Any, idx: tuple[Any, Any, Any], r: int) -> Any:
+    # Row gathers and an index_add on the flattened batch: one Gather / ScatterND each, where
+    # torch.gather/scatter_add over expanded (B, n, C) indices export as GatherElements/ScatterElements
+    # fed by a Broadcast of the indices, which cost OpenVINO more than the merge saves.
     import torch
 
     unm_idx, src_idx, dst_idx = idx
     src, dst = x[:, ::2, :], x[:, 1::2, :]
     n, t1, c = src.shape
-    unm = src.gather(dim=1, index=unm_idx.expand(n, t1 - r, c))
-    src = src.gather(dim=1, index=src_idx.expand(n, r, c))
-    dst = dst.scatter_add(1, dst_idx.expand(n, r, c), src)
+    t2 = dst.shape[1]
+    src_rows = src.reshape(n * t1, c)
+    unm = src_rows[_flat(unm_idx, t1)].reshape(n, t1 - r, c)
+    moved = src_rows[_flat(src_idx, t1)]
+    dst = dst.reshape(n * t2, c).index_add(0, _flat(dst_idx, t2), moved).reshape(n, t2, c)
     return torch.cat([unm, dst], dim=1)
 
 
 def _merge_weighted(x: Any, size: Any, metric: Any, r: int) -> tuple[Any, Any]:
     """Merge ``r`` pairs of ``x`` as size-weighted means; returns (x, size)."""
+    import torch
+
     idx = _match(metric, r)
     x = _merge(x * size, idx, r)
     size = _merge(size, idx, r)
