@@ -17,7 +17,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from enginekit.errors import QuantizationError, one_line
+from enginekit.errors import QuantizationError
 from enginekit.quant.base import MethodResult, QuantJob
 from enginekit.quant.ort_graph import ENTRY, op_count, scratch_dir, written_files
 
@@ -40,11 +40,12 @@ def _calibration(job: QuantJob) -> dict[str, np.ndarray]:
 
 
 def _run(job: QuantJob, mode: str) -> MethodResult:
-    try:
-        from modelopt.onnx.quantization import quantize
-    except ImportError as exc:
+    from enginekit.runtimes.tensorrt_modelopt import ModeloptFailed, run_modelopt
+    from enginekit.runtimes.tensorrt_precision import modelopt_available
+
+    if not modelopt_available():
         alt = " or --method int8-qdq (ONNX Runtime's quantizer)" if mode == "int8" else ""
-        raise QuantizationError(f"{mode} Q/DQ for TensorRT needs NVIDIA Model Optimizer: {MODELOPT_HINT}{alt}") from exc
+        raise QuantizationError(f"{mode} Q/DQ for TensorRT needs NVIDIA Model Optimizer: {MODELOPT_HINT}{alt}")
     method = _CALIBRATION.get(job.options.calibrate_method)
     if method is None:
         raise QuantizationError(f"Model Optimizer calibrates with {' or '.join(_CALIBRATION)}, "
@@ -52,17 +53,15 @@ def _run(job: QuantJob, mode: str) -> MethodResult:
     calibration = _calibration(job)
     with scratch_dir(job) as scratch:
         source = scratch / job.model.name
-        for item in job.model.parent.iterdir():  # the graph and its external data
+        for item in job.model.parent.iterdir():  # the graph and its external data: it writes beside them
             if item.is_file() and (item == job.model or item.name.startswith(job.model.name)):
                 shutil.copy2(item, scratch / item.name)
-        try:
-            quantize(str(source), quantize_mode=mode, calibration_data=calibration, calibration_method=method,
-                     calibration_eps=["cpu"], output_path=str(job.out_dir / ENTRY),
-                     nodes_to_exclude=list(job.options.exclude_nodes) or None, high_precision_dtype="fp32",
-                     use_external_data_format=source.stat().st_size > 1_800_000_000, log_level="ERROR")
-        except Exception as exc:
-            raise QuantizationError(f"Model Optimizer's {mode} quantizer failed on {job.model.name}: "
-                                    f"{one_line(exc)}") from exc
+        try:  # in a child process: Model Optimizer patches onnxruntime.quantization for good
+            run_modelopt("quantize", scratch / "job", calibration, source=str(source), mode=mode, method=method,
+                         dest=str(job.out_dir / ENTRY), exclude=list(job.options.exclude_nodes),
+                         external=source.stat().st_size > 1_800_000_000)
+        except ModeloptFailed as exc:
+            raise QuantizationError(f"Model Optimizer's {mode} quantizer failed on {job.model.name}: {exc}") from None
     if not (job.out_dir / ENTRY).is_file():
         raise QuantizationError(f"Model Optimizer's {mode} quantizer wrote no {ENTRY}")
     pairs = op_count(job.out_dir / ENTRY, "QuantizeLinear")

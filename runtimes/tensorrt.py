@@ -145,6 +145,12 @@ class TensorRTBackend(Backend):
         return cls.unavailable_reason() is None
 
     @classmethod
+    def quantized_target(cls, details: Mapping[str, Any]) -> dict[str, Any]:
+        """A Q/DQ ONNX for TensorRT: its gate ran on ONNX Runtime CPU; ``compile -b tensorrt`` builds it."""
+        return {"backend": cls.name, "device": "cuda", "precision": str(details.get("method", "qdq")),
+                "gated_on": "onnxruntime cpu"}
+
+    @classmethod
     def unavailable_reason(cls) -> str | None:
         if importlib.util.find_spec("tensorrt") is None:
             return f"TensorRT is not installed; {INSTALL_HINT}"

@@ -13,6 +13,7 @@ with a stand-in on machines without TensorRT, and the backend passes the real on
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from dataclasses import dataclass
@@ -23,6 +24,8 @@ from enginekit.errors import BackendError
 from enginekit.runtimes.tensorrt_profiles import ShapeRange
 
 __all__ = ["BuildSettings", "make_logger", "build_plan", "parser_errors"]
+
+log = logging.getLogger("enginekit")
 
 
 @dataclass(frozen=True)
@@ -113,7 +116,10 @@ def build_plan(trt: Any, onnx_path: Path, profiles: Sequence[Mapping[str, ShapeR
         raise BackendError(_one_line(f"tensorrt could not build {onnx_path.name}",
                                      list(getattr(logger, "errors", [])) or ["no reason given"]))
     if settings.timing_cache is not None:
-        _save(settings.timing_cache, config.get_timing_cache().serialize())
+        try:
+            _save(settings.timing_cache, config.get_timing_cache().serialize())
+        except OSError as exc:  # a cache is an optimisation: the plan is built either way
+            log.warning("could not write the TensorRT timing cache %s: %s", settings.timing_cache, exc)
     return bytes(memoryview(plan))
 
 

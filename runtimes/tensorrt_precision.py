@@ -16,7 +16,6 @@ in the manifest; bf16 then needs Model Optimizer.
 from __future__ import annotations
 
 import importlib.util
-import logging
 import shutil
 from pathlib import Path
 from typing import Any
@@ -67,18 +66,14 @@ def prepare_onnx(source: Path, scratch: Path, precision: str) -> tuple[Path, dic
         return source, {"conversion": "none"}
     dest = scratch / "prepared" / "model.onnx"
     if modelopt_available():
-        from modelopt.onnx.autocast import convert_to_mixed_precision
-        from modelopt.onnx.logging_config import configure_logging
+        from enginekit.runtimes.tensorrt_modelopt import ModeloptFailed, run_modelopt
 
-        configure_logging(logging.ERROR)  # it logs every pass at INFO
         copy = _copy(source, scratch / "source")
-        try:
-            model = convert_to_mixed_precision(onnx_path=str(copy), low_precision_type=precision, keep_io_types=True,
-                                               providers=["cpu"])
-        except Exception as exc:
-            raise BackendError(f"modelopt's AutoCast could not convert {source.name} to {precision}: "
-                               f"{one_line(exc)}") from exc
-        _save(model, dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:  # in a child process: Model Optimizer imports torch and patches onnxruntime
+            run_modelopt("autocast", scratch / "job", source=str(copy), dest=str(dest), precision=precision)
+        except ModeloptFailed as exc:
+            raise BackendError(f"modelopt's AutoCast could not convert {source.name} to {precision}: {exc}") from None
         return dest, {"conversion": "modelopt.onnx.autocast.convert_to_mixed_precision",
                       "low_precision_type": precision, "keep_io_types": True, "modelopt_version": _version()}
     if precision == "bf16":
