@@ -304,3 +304,21 @@ def test_options_refuse_int8_as_a_flag_and_out_of_range_levels() -> None:
         be._check(TensorRTOptions(builder_optimization_level=7), m)
     with pytest.raises(BackendError, match="unknown option 'fp16_layers'"):
         TensorRTOptions.parse("tensorrt", {"fp16_layers": 1})
+
+
+def test_the_cli_names_what_is_missing_and_whose_flags_are_whose(monkeypatch: pytest.MonkeyPatch,
+                                                                  exported: dict[str, Path], tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from enginekit.app.cli import cli
+
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    art = exported["timm"]
+    runner = CliRunner()
+    result = runner.invoke(cli, ["compile", str(art), "-b", "tensorrt", "-d", "cuda", "-o", str(tmp_path / "o")])
+    assert result.exit_code != 0 and "pip install 'enginekit[tensorrt]'" in result.output
+    result = runner.invoke(cli, ["compile", str(art), "-b", "onnxruntime", "--shapes", "x:1x3", "-o",
+                                 str(tmp_path / "o")])
+    assert result.exit_code != 0 and "--shapes is a tensorrt option" in result.output
+    result = runner.invoke(cli, ["compile", str(art), "-b", "tensorrt", "--fp16", "--bf16", "-o", str(tmp_path / "o")])
+    assert result.exit_code != 0 and "--fp16 and --bf16 disagree" in result.output

@@ -101,7 +101,7 @@ def test_without_modelopt_fp16_falls_back_to_onnxruntimes_converter_and_says_so(
 
 
 @needs_modelopt
-@pytest.mark.parametrize("method", ["int8_qdq_modelopt", "fp8_qdq_modelopt"])
+@pytest.mark.parametrize("method", ["int8_qdq_modelopt", pytest.param("fp8_qdq_modelopt", marks=pytest.mark.slow)])
 def test_modelopt_qdq_is_qdq_and_close_to_the_float_vit_on_ort_cpu(method: str, exported: dict[str, Path],
                                                                     tmp_path: Path) -> None:
     from enginekit.quant import modelopt

@@ -215,11 +215,11 @@ def compile_cmd(**params: Any) -> None:
     from enginekit.app.build import BuildRequest, build_engine
 
     o = Params(params)
-    halves = [p for p, given in (("fp16", o.fp16), ("bf16", o.bf16)) if given]
-    if len(halves) > 1 or (halves and o.precision not in (None, halves[0])):
-        raise click.ClickException(f"--{halves[0]} and {'--' + halves[1] if len(halves) > 1 else '--precision ' + str(o.precision)} "
-                                   "disagree; give one")
-    precision = halves[0] if halves else (o.precision or "fp32")
+    asked = [f"--{p}" for p, given in (("fp16", o.fp16), ("bf16", o.bf16)) if given]
+    asked += [f"--precision {o.precision}"] if o.precision and f"--{o.precision}" not in asked else []
+    if len(asked) > 1:
+        raise click.ClickException(f"{' and '.join(asked)} disagree; give one")
+    precision = "fp16" if o.fp16 else "bf16" if o.bf16 else (o.precision or "fp32")
     flags = {"hint": o.hint.upper() if o.hint else None, "streams": o.streams,
              "inference_precision": o.inference_precision.lower() if o.inference_precision else None,
              "graph_optimization_level": o.graph_optimization_level, "transformer_fusions": o.transformer_fusions,
