@@ -318,6 +318,12 @@ class Backend(abc.ABC):
         """True when the backend's library imports."""
 
     @classmethod
+    def unavailable_reason(cls) -> str | None:
+        """Why this backend cannot run here, in one line (None when it can): what ``doctor`` and
+        the registry's refusal say. The default names the extra that installs the library."""
+        return None if cls.is_available() else f"not installed; install it with: pip install 'enginekit[{cls.extra}]'"
+
+    @classmethod
     @abc.abstractmethod
     def version(cls) -> str | None:
         """The backend library's version, or None when not installed."""

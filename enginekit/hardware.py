@@ -19,7 +19,7 @@ from typing import Any, Mapping
 
 import psutil
 
-__all__ = ["ARM_ISA_FLAGS", "ISA_FLAGS", "X86_ISA_FLAGS", "fingerprint", "fingerprint_id"]
+__all__ = ["ARM_ISA_FLAGS", "ISA_FLAGS", "X86_ISA_FLAGS", "fingerprint", "fingerprint_id", "gpu_stack"]
 
 #: x86 CPU flags that decide which kernels the backends pick (/proc/cpuinfo ``flags``).
 X86_ISA_FLAGS = (
@@ -229,3 +229,55 @@ def fingerprint_id(fp: Mapping[str, Any]) -> str:
     }
     canonical = json.dumps(key, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+
+def _cuda_driver_version() -> tuple[int | None, str | None]:
+    """The CUDA version the installed driver supports (12080 for 12.8) via ``libcuda``'s
+    ``cuDriverGetVersion``, or (None, why not)."""
+    import ctypes
+
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None, "libcuda.so.1 is not loadable: no NVIDIA driver on this machine"
+    version = ctypes.c_int(0)
+    if lib.cuDriverGetVersion(ctypes.byref(version)) != 0:
+        return None, "cuDriverGetVersion failed"
+    return version.value, None
+
+
+def _cuda_text(version: int) -> str:
+    return f"{version // 1000}.{version % 1000 // 10}"
+
+
+def gpu_stack() -> list[dict[str, Any]]:
+    """What the GPU path needs, one row each (``name``, ``usable``, ``detail``: the version, or
+    why it is unusable): the GPU, its driver, CUDA, cuda-python and TensorRT. No library is
+    imported; ``nvidia-smi``, ``libcuda`` and package metadata only."""
+    gpus = _gpus()
+    versions = _versions()
+    rows: list[dict[str, Any]] = []
+    smi = shutil.which("nvidia-smi") is not None
+    rows.append({"name": "gpu", "usable": bool(gpus), "detail": "; ".join(
+        f"{g['name']} (compute capability {g['compute_capability']})" for g in gpus) or (
+        "nvidia-smi lists no GPU" if smi else "nvidia-smi not found: no NVIDIA GPU or driver")})
+    rows.append({"name": "driver", "usable": bool(gpus), "detail": gpus[0]["driver"] if gpus else "none"})
+    cuda, why = _cuda_driver_version()
+    rows.append({"name": "cuda", "usable": cuda is not None,
+                 "detail": f"driver supports CUDA {_cuda_text(cuda)}" if cuda is not None else why})
+    bindings = next((v for d in ("cuda-bindings", "cuda-python") if (v := _dist_version(d))), None)
+    rows.append({"name": "cuda-python", "usable": bindings is not None and cuda is not None,
+                 "detail": (bindings + ("" if cuda is not None else " (no driver to run it)")) if bindings
+                 else "not installed: pip install 'cuda-python>=12.6'"})
+    trt = versions.get("tensorrt")
+    rows.append({"name": "tensorrt", "usable": trt is not None and bool(gpus),
+                 "detail": (trt + ("" if gpus else " (no CUDA GPU to build or run plans)")) if trt
+                 else "not installed: pip install 'enginekit[tensorrt]' on a machine with a CUDA GPU"})
+    return rows
+
+
+def _dist_version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None

@@ -189,9 +189,11 @@ def get_backend(name: str) -> Backend:
     """Return an instance of backend ``name``, or a one-line error naming the extra to install."""
     cls = backend_class(name)
     if not cls.is_available():
-        raise BackendUnavailableError(
-            f"backend {name!r} is not installed; install it with: pip install 'enginekit[{cls.extra}]'"
-        )
+        reason = cls.unavailable_reason() if hasattr(cls, "unavailable_reason") else None
+        if reason is None or reason.startswith("not installed"):
+            raise BackendUnavailableError(
+                f"backend {name!r} is not installed; install it with: pip install 'enginekit[{cls.extra}]'")
+        raise BackendUnavailableError(f"backend {name!r} cannot run here: {reason}")
     return cls()
 
 

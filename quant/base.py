@@ -108,6 +108,7 @@ def _m(name: str, backend: str, calib: bool, agree: float, cos: float, target: s
 
 _ORT = "enginekit.quant.ort"
 _OV = "enginekit.quant.openvino"
+_MO = "enginekit.quant.modelopt"
 
 #: (backend, method name) -> method. Budgets are where each method lands on
 #: ViTs in our measurements with margin, not promises: tighten per model with
@@ -132,6 +133,10 @@ METHODS: dict[tuple[str, str], QuantMethod] = {
         _m("fp16", "openvino", False, 0.99, 0.999, f"{_OV}:fp16", "fp16 IR weights"),
         _m("int8-qdq", "tensorrt", True, 0.95, 0.99, f"{_ORT}:int8_qdq_tensorrt",
            "explicit QDQ int8 ONNX for TensorRT: symmetric, per-channel weights"),
+        _m("int8-modelopt", "tensorrt", True, 0.95, 0.99, f"{_MO}:int8_qdq_modelopt",
+           "int8 Q/DQ placed by NVIDIA Model Optimizer (TensorRT's recipe), calibrated"),
+        _m("fp8-qdq", "tensorrt", True, 0.95, 0.99, f"{_MO}:fp8_qdq_modelopt",
+           "fp8 (E4M3) Q/DQ by NVIDIA Model Optimizer, calibrated; GPUs of compute capability 8.9+"),
     )
 }
 

@@ -45,8 +45,6 @@ _ORT_DTYPES = {
 }
 _QUANT_METHOD = {"fp16": "fp16", "int8": "int8-dynamic", "int4": "int4-weight"}
 _PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
-#: Device spellings other tools use for the same device.
-_DEVICE_ALIASES = {"gpu": "cuda"}
 #: The fused graph against the unfused one: max |fused - unfused| <= atol + rtol * max |unfused|.
 _FUSION_ATOL, _FUSION_RTOL = 1e-4, 1e-3
 _LEVELS = ("disable", "basic", "extended", "all")
@@ -68,6 +66,9 @@ class OnnxRuntimeOptions(BackendOptions):
     transformer_fusions: bool = False
     #: Fix the batch axis of every input to this size (0: keep it dynamic).
     static_batch: int = 0
+    #: The execution provider with ``-d cuda``: "cuda", or "tensorrt" (ORT's TensorRT provider in
+    #: front of CUDA, its engines cached per artifact); "": the device's own.
+    provider: str = field(default="", metadata={"choices": ("", "cpu", "cuda", "tensorrt")})
 
 
 def _spec(arg: Any) -> TensorSpec:
@@ -172,17 +173,18 @@ class OnnxRuntimeBackend(Backend):
         so.log_severity_level = 3  # errors only: ORT's warnings are not the user's problem
         return so
 
-    def _providers(self, device: str) -> list[str]:
-        kind = device.split(":")[0].lower()
-        kind = _DEVICE_ALIASES.get(kind, kind)
-        if kind not in _PROVIDERS:
-            raise DeviceError(f"onnxruntime: unknown device {device!r}; use one of: {', '.join(_PROVIDERS)}")
+    def _providers(self, device: str, provider: str = "", cache: Path | None = None, fp16: bool = False) -> list[Any]:
+        import onnxruntime as ort
+
+        from enginekit.runtimes.onnxruntime_providers import device_kind, provider_chain
+
+        kind, _ = device_kind(device)
         if kind not in self.devices():
             raise DeviceError(
                 f"onnxruntime: device {device!r} is not available here "
                 f"(providers: {', '.join(self.devices())}); install onnxruntime-gpu for CUDA"
             )
-        return [_PROVIDERS[kind]]
+        return provider_chain(device, provider, ort.get_available_providers(), cache, fp16)
 
     def check_device(self, device: str) -> None:
         self._providers(device)
@@ -202,7 +204,11 @@ class OnnxRuntimeBackend(Backend):
             raise BackendError(f"onnxruntime: transformer fusions (model_type vit) are for ViT classifiers; this "
                                f"artifact is a {manifest.task} model of family {manifest.family!r}")
         level = opts.graph_optimization_level
-        providers = self._providers(options.device)
+        providers = self._providers(options.device, opts.provider)
+        if opts.provider == "tensorrt":
+            # A session with ORT's TensorRT provider cannot save the graph it compiled: the offline
+            # pass runs on the CPU at "basic" (no CPU-only fused kernels), TensorRT builds at load.
+            providers, level = ["CPUExecutionProvider"], "basic"
         components = {}
         fusions: dict[str, Any] = {}
         with tempfile.TemporaryDirectory(prefix="enginekit-ort-") as scratch:
@@ -247,7 +253,8 @@ class OnnxRuntimeBackend(Backend):
         target = {
             "backend": self.name,
             "device": options.device,
-            "providers": providers,
+            "providers": [p if isinstance(p, str) else p[0] for p in self._providers(options.device, opts.provider)],
+            "provider": opts.provider or options.device.split(":")[0].lower().replace("gpu", "cuda"),
             "graph_optimization_level": level,
             "intra_op_num_threads": options.threads,
             "onnxruntime_version": ort.__version__,
@@ -304,7 +311,16 @@ class OnnxRuntimeBackend(Backend):
         import onnxruntime as ort
 
         comp = manifest.component(component)
-        providers = self._providers(device)
+        provider = str(manifest.target.get("provider") or "") if manifest.kind == self.kind else ""
+        if provider == "cpu" or (provider == "cuda" and device.lower().startswith("cpu")):
+            provider = ""  # an engine optimized for one device runs on another: the device decides
+        cache = None
+        if provider == "tensorrt":
+            from enginekit.runtimes.onnxruntime_providers import trt_cache_dir
+
+            cache = trt_cache_dir(manifest.digest())
+            cache.mkdir(parents=True, exist_ok=True)
+        providers = self._providers(device, provider, cache, fp16=comp.precision == "fp16")
         threads = int(manifest.target.get("intra_op_num_threads", 0) or 0)
         # Re-running the optimizers on an offline-optimized graph is cheap and
         # lets "all"-level layout passes pick this machine's kernels.

@@ -26,6 +26,10 @@ COMPILE_FLAGS: dict[str, tuple[str, str, str]] = {
     "inference_precision": ("openvino", "inference_precision", "benchmark_app -infer_precision"),
     "graph_optimization_level": ("onnxruntime", "graph_optimization_level", "SessionOptions.graph_optimization_level"),
     "transformer_fusions": ("onnxruntime", "transformer_fusions", "onnxruntime.transformers.optimizer"),
+    "provider": ("onnxruntime", "provider", "InferenceSession(providers=[...])"),
+    "shapes": ("tensorrt", "shapes", "trtexec --minShapes/--optShapes/--maxShapes"),
+    "workspace": ("tensorrt", "workspace_mib", "trtexec --memPoolSize=workspace:N"),
+    "builder_optimization_level": ("tensorrt", "builder_optimization_level", "trtexec --builderOptimizationLevel"),
 }
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
@@ -65,6 +69,8 @@ class BuildRequest:
     flags: Mapping[str, Any] | None = None
     #: Quantize with the backend's default int8 method first, calibrated on ``calibration``.
     int8: bool = False
+    #: Quantize to fp8 Q/DQ first (TensorRT: NVIDIA Model Optimizer), calibrated on ``calibration``.
+    fp8: bool = False
     calibration: str | None = None
     overwrite: bool = False
     #: OpenVINO: write OpenVINO GenAI's (and optimum-intel's) folder layout, which
@@ -103,20 +109,23 @@ def build_engine(artifact: str | Path, backend: str, out: str | Path, request: B
 
         device = resolve_device(get_backend(backend), device)
     compile_options = CompileOptions(device=device, threads=req.threads, extra=extra)
-    if not req.int8:
+    if not (req.int8 or req.fp8):
         if req.calibration is not None:
-            raise InputError("--calibration is for --int8 (static int8 calibrates on it)")
+            raise InputError("--calibration is for --int8 and --fp8 (static quantization calibrates on it)")
         return compile_artifact(artifact, backend, out, compile_options, overwrite=req.overwrite)
+    flag = "--fp8" if req.fp8 else "--int8"
+    if req.int8 and req.fp8:
+        raise InputError("--int8 and --fp8 disagree; give one")
     if req.precision != "fp32":
-        raise InputError(f"--int8 and --precision {req.precision} disagree; give one")
+        raise InputError(f"{flag} and --precision {req.precision} disagree; give one")
     from enginekit.stages import QuantizeOptions, quantize
 
     root = Path(artifact)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{Path(out).name}.int8-", dir=Path(out).parent) as scratch:
-        quantized = quantize(root, Path(scratch) / "q", QuantizeOptions(int8=True, backend=backend,
-                                                                        calibration=req.calibration, overwrite=True),
-                             on_step=on_step)
+        asked = QuantizeOptions(method="fp8-qdq", backend=backend, calibration=req.calibration, overwrite=True) \
+            if req.fp8 else QuantizeOptions(int8=True, backend=backend, calibration=req.calibration, overwrite=True)
+        quantized = quantize(root, Path(scratch) / "q", asked, on_step=on_step)
         method = quantized.quantization.get("method")
         on_step(f"compile for {backend}")
         # The quantized step lives in a temporary folder: the parent named is the ONNX it came from.

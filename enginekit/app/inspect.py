@@ -116,7 +116,7 @@ def report_failures(report: dict[str, Any]) -> list[str]:
 
 def doctor_report() -> dict[str, Any]:
     """What `doctor` shows, as data: hardware fingerprint and every registered backend."""
-    from enginekit.hardware import fingerprint
+    from enginekit.hardware import fingerprint, gpu_stack
     from enginekit.registry import backend_class, backend_names
 
     backends = []
@@ -128,7 +128,33 @@ def doctor_report() -> dict[str, Any]:
             entry["version"] = cls.version()
             entry["extra"] = cls.extra
             entry["devices"] = cls().devices() if entry["installed"] else []
+            reason = cls.unavailable_reason() if hasattr(cls, "unavailable_reason") else None
+            if reason:
+                entry["reason"] = reason
         except Exception as exc:  # a broken third-party backend must not break doctor
             entry.update(installed=False, error=f"{type(exc).__name__}: {exc}")
         backends.append(entry)
-    return {"hardware": fingerprint(), "backends": backends}
+    return {"hardware": fingerprint(), "backends": backends, "gpu": gpu_stack() + _ort_providers()}
+
+
+def _ort_providers() -> list[dict[str, Any]]:
+    """ONNX Runtime's GPU execution providers, each usable or why not (doctor's GPU rows)."""
+    import importlib.util
+
+    from enginekit.hardware import fingerprint
+
+    if importlib.util.find_spec("onnxruntime") is None:
+        return [{"name": "onnxruntime providers", "usable": False, "detail": "onnxruntime is not installed"}]
+    import onnxruntime
+
+    have = onnxruntime.get_available_providers()
+    gpu = bool(fingerprint()["gpus"])
+    rows = []
+    for name, needs in (("CUDAExecutionProvider", "onnxruntime-gpu"),
+                        ("TensorrtExecutionProvider", "onnxruntime-gpu and TensorRT's libraries")):
+        if name not in have:
+            detail = f"not in this onnxruntime build ({', '.join(have)}): install {needs}"
+        else:
+            detail = "present" + ("" if gpu else "; no CUDA GPU here to run it")
+        rows.append({"name": f"onnxruntime {name}", "usable": name in have and gpu, "detail": detail})
+    return rows

@@ -233,14 +233,20 @@ def render_doctor(report: Mapping[str, Any]) -> Any:
         table.add_column(col)
     for b in report["backends"]:
         hint = f"pip install 'enginekit[{b.get('extra', b['name'])}]'" if not b.get("installed") else ""
+        hint = b.get("reason") or hint
         table.add_row(escape(b["name"]), "yes" if b.get("installed") else "[red]no[/]",
                       escape(b.get("version") or "-"), escape(", ".join(b.get("devices") or []) or "-"), escape(hint))
+    gpu = Table(title="gpu path", title_justify="left")
+    for col in ("part", "usable", "version, or why not"):
+        gpu.add_column(col)
+    for row in report.get("gpu") or []:
+        gpu.add_row(escape(row["name"]), "yes" if row.get("usable") else "[red]no[/]", escape(str(row.get("detail"))))
     versions = Table(title="libraries", title_justify="left")
     versions.add_column("package")
     versions.add_column("version")
     for pkg, ver in sorted((hw.get("versions") or {}).items()):
         versions.add_row(escape(pkg), escape(str(ver)))
-    return Group(head, table, versions)
+    return Group(head, table, gpu, versions)
 
 
 def render_demo(rows: Sequence[Mapping[str, Any]]) -> Any:

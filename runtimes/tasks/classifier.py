@@ -96,6 +96,14 @@ class ImageClassifier:
         clf._components = components
         return clf
 
+    #: A shape-profile backend's (TensorRT's) default batch range: one image (opt) up to this many.
+    MAX_PROFILE_BATCH = 32
+
+    @classmethod
+    def shape_buckets(cls, manifest: Manifest) -> dict[str, Any]:
+        """TensorRT's default profile for a classifier: batch 1..32, tuned for one image."""
+        return {"*": {"batch": [1, 1, cls.MAX_PROFILE_BATCH]}}
+
     @staticmethod
     def compile_options(manifest: Manifest, backend: str, precision: str = "fp32", height: int | None = None,
                         width: int | None = None, batch: int | None = None) -> dict[str, Any]:

@@ -134,6 +134,13 @@ class TextToImage:
 
         return compile_options(manifest, backend, precision, height, width, batch)
 
+    @staticmethod
+    def shape_buckets(manifest: Manifest) -> dict[str, Any]:
+        """A shape-profile backend's (TensorRT's) default buckets (:func:`.pipeline_compile.shape_buckets`)."""
+        from enginekit.runtimes.tasks.pipeline_compile import shape_buckets
+
+        return shape_buckets(manifest)
+
     # ------------------------------------------------------------------ helpers
 
     @property

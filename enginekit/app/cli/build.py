@@ -152,17 +152,22 @@ def _model_and_output(args: tuple[str, ...], model: str | None, out: Path | None
 
 @cli.command(name="compile")
 @click.argument("artifact", type=click.Path(path_type=Path))
-@click.option("--backend", "-b", required=True, help="onnxruntime or openvino (see `enginekit doctor`).")
+@click.option("--backend", "-b", required=True, help="onnxruntime, openvino or tensorrt (see `enginekit doctor`).")
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Engine folder to write.")
 @click.option("-d", "--device", default="cpu", show_default=True, help=f"Device the engine targets: {DEVICE_HELP}.")
 @click.option("--threads", default=0, show_default=True, help="Worker threads (0: backend default).")
-@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default=None,
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
               help="OpenVINO: weight precision of the IR (default fp32; a pipeline keeps its family's exceptions, "
-                   "e.g. SDXL's VAE, in fp32). ONNX Runtime runs the graph's own precision: quantize first.")
+                   "e.g. SDXL's VAE, in fp32). TensorRT: fp16/bf16 made in the ONNX by Model Optimizer's AutoCast. "
+                   "ONNX Runtime runs the graph's own precision: quantize first.")
 @click.option("--fp16", is_flag=True, help="Same as --precision fp16 (trtexec's --fp16).")
+@click.option("--bf16", is_flag=True, help="TensorRT: same as --precision bf16 (trtexec's --bf16).")
 @click.option("--int8", is_flag=True,
               help="Quantize with the backend's default int8 method first (onnxruntime: int8-dynamic; openvino: "
-                   "int8-static, calibrated on --calibration), gated like `enginekit quantize`, then compile.")
+                   "int8-static, calibrated on --calibration; tensorrt: Model Optimizer's int8 Q/DQ), gated like "
+                   "`enginekit quantize`, then compile.")
+@click.option("--fp8", is_flag=True,
+              help="TensorRT: fp8 Q/DQ by Model Optimizer first (calibrated, gated), then build (trtexec's --fp8).")
 @click.option("--calibration", "-c",
               help="With --int8: calibration data, an image folder, a preprocessed .npy, 'photos' (crops of real "
                    "photos, offline) or 'builtin' (default: builtin for the built-in model, photos otherwise).")
@@ -180,8 +185,20 @@ def _model_and_output(args: tuple[str, ...], model: str | None, out: Path | None
 @click.option("--transformer-fusions", is_flag=True,
               help="ONNX Runtime, ViT classifiers: fuse with ORT's transformer optimizer (model_type vit) first; "
                    "the fused graph is checked against the unfused one.")
-@click.option("--height", type=int, help="OpenVINO, pipelines: compile static shapes for this image height.")
-@click.option("--width", type=int, help="OpenVINO, pipelines: compile static shapes for this image width.")
+@click.option("--height", type=int, help="OpenVINO, pipelines: compile static shapes for this image height "
+                                         "(TensorRT: a static profile at this size).")
+@click.option("--width", type=int, help="OpenVINO, pipelines: compile static shapes for this image width "
+                                        "(TensorRT: a static profile at this size).")
+@click.option("--shapes", multiple=True, metavar="NAME:MIN/OPT/MAX[,...]",
+              help="TensorRT: one optimization profile per --shapes, trtexec's shapes (pixel_values:1x3x384x384/"
+                   "8x3x384x384/32x3x384x384; a pipeline input as COMPONENT:NAME:...).")
+@click.option("--workspace", type=click.IntRange(min=1), metavar="MIB",
+              help="TensorRT: the builder's workspace pool limit in MiB (trtexec --memPoolSize=workspace:N).")
+@click.option("--builder-optimization-level", type=click.IntRange(0, 5),
+              help="TensorRT: 0 (fastest build) to 5 (widest search); default 3 (trtexec --builderOptimizationLevel).")
+@click.option("--provider", type=click.Choice(["cuda", "tensorrt"]),
+              help="ONNX Runtime with -d cuda: CUDAExecutionProvider, or the TensorRT execution provider (engines "
+                   "cached per artifact) in front of CUDA.")
 @click.option("--option", "options", multiple=True, metavar="KEY=VALUE",
               help="A backend option, repeatable (e.g. performance_hint=THROUGHPUT); unknown keys are refused.")
 @click.option("--genai", is_flag=True,
@@ -195,23 +212,28 @@ def compile_cmd(**params: Any) -> None:
     \b
     The typed flags belong to one backend each, and the other refuses them:
       openvino      --hint, --streams, --inference-precision, --precision/--fp16
-      onnxruntime   --graph-optimization-level, --transformer-fusions
-      both          --batch, --threads, --int8, -d/--device
+      onnxruntime   --graph-optimization-level, --transformer-fusions, --provider
+      tensorrt      --shapes, --workspace, --builder-optimization-level, --fp16/--bf16, --fp8
+      all           --batch, --threads, --int8, -d/--device
     """
     from enginekit.app.build import BuildRequest, build_engine
 
     o = Params(params)
-    if o.fp16 and o.precision not in (None, "fp16"):
-        raise click.ClickException(f"--fp16 and --precision {o.precision} disagree; give one")
-    precision = "fp16" if o.fp16 else (o.precision or "fp32")
+    asked = [f"--{p}" for p, given in (("fp16", o.fp16), ("bf16", o.bf16)) if given]
+    asked += [f"--precision {o.precision}"] if o.precision and f"--{o.precision}" not in asked else []
+    if len(asked) > 1:
+        raise click.ClickException(f"{' and '.join(asked)} disagree; give one")
+    precision = "fp16" if o.fp16 else "bf16" if o.bf16 else (o.precision or "fp32")
     flags = {"hint": o.hint.upper() if o.hint else None, "streams": o.streams,
              "inference_precision": o.inference_precision.lower() if o.inference_precision else None,
-             "graph_optimization_level": o.graph_optimization_level, "transformer_fusions": o.transformer_fusions}
+             "graph_optimization_level": o.graph_optimization_level, "transformer_fusions": o.transformer_fusions,
+             "provider": o.provider, "shapes": tuple(o.shapes) or None, "workspace": o.workspace,
+             "builder_optimization_level": o.builder_optimization_level}
     console = err_console()
     with PeakRSS(process=True) as peak, console.status(f"compiling for {o.backend}") as status:
         request = BuildRequest(device=o.device, threads=o.threads, precision=precision, height=o.height,
                                width=o.width, batch=o.batch, options=backend_option(o.options), flags=flags,
-                               int8=o.int8, calibration=o.calibration, overwrite=o.overwrite, genai=o.genai)
+                               int8=o.int8, fp8=o.fp8, calibration=o.calibration, overwrite=o.overwrite, genai=o.genai)
         manifest = build_engine(o.artifact, o.backend, o.out, request, on_step=_stepper(status))
     if o.as_json:
         emit_json(manifest.to_dict())
