@@ -265,3 +265,25 @@ def test_cli_scale_estimation_on_a_classifier_is_recorded_and_gated(exported: di
     assert q.fidelity["budget"] and q.fidelity["logits_cosine"] >= q.fidelity["budget"]["min_cosine"]
     (plain_ops, plain_bin), (se_ops, se_bin) = _ir(tmp_path / "plain"), _ir(tmp_path / "se")
     assert plain_ops == se_ops and len(plain_bin) == len(se_bin) and plain_bin != se_bin
+
+
+@needs_ov
+@pytest.mark.slow
+def test_export_pipeline_int4_awq_on_openvino(tmp_path: Path) -> None:
+    """optimum-cli's ``export openvino --weight-format int4 --awq --scale-estimation --dataset``:
+    the float export, then NNCF on OpenVINO with the denoiser calibrated on its recorded inputs,
+    gated on the image; AWQ finds its patterns in the UNet (SiLU before the time projections)."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red fox sleeping in fresh snow\na lighthouse on a cliff at dusk\n")
+    out = tmp_path / "sd15-int4"
+    _ok(CliRunner().invoke(cli, ["export", "tiny-sd15", "--weight-format", "int4", "-b", "openvino", "--group-size",
+                                 "16", "--awq", "--scale-estimation", "--dataset", str(prompts), "-o", str(out)]))
+    manifest = read_manifest(out)
+    q = manifest.quantization
+    assert manifest.kind == "openvino" and q["method"] == "int4" and q["backend"] == "openvino"
+    assert q["data_aware"] == {"awq": True, "scale_estimation": True, "component": "unet"}
+    assert q["calibration"]["source"] == str(prompts) and q["calibration"]["samples"] > 0
+    unet = q["components"]["unet"]
+    assert unet["awq_multiplies"] > 0 and unet["scale_estimation"] and unet["subset_size"] > 0
+    assert manifest.fidelity["vs_parent"]["psnr_db"] >= manifest.fidelity["budget"]["min_psnr_db"]
+    assert {p.name for p in tmp_path.iterdir()} == {"prompts.txt", "sd15-int4"}  # no scratch export left
