@@ -112,6 +112,11 @@ class QuantizeOptions(_Options):
     allow_synthetic_calibration: bool | None = None
     calibration_size: int | None = None
     eval_size: int | None = None
+    # data-aware weight compression (NNCF, OpenVINO int4), optimum-intel's names; ``dataset`` is
+    # ``calibration`` under optimum's name (give one)
+    dataset: str | None = None
+    awq: bool | None = None
+    scale_estimation: bool | None = None
     # pipelines
     components: Mapping[str, str] | None = _flag("--component")
     calibration_prompts: int | None = None

@@ -26,28 +26,39 @@ from enginekit.manifest import Manifest, read_manifest
 from enginekit.quant.base import QuantJob, QuantMethod, QuantOptions, get_method
 from enginekit.quant.data import InputSet, describe_data, load_inputs, photos_available, split_every
 from enginekit.quant.gate import Budget, check, measure, run_all
+from enginekit.quant.vocabulary import TABLE, calibration_spec, check_data_aware, note, resolve
 from enginekit.registry import backend_class, backend_for_kind, backend_names, expect_stage
 from enginekit.stages import with_fields
 
 __all__ = ["QuantizeRequest", "quantize_artifact", "evaluate_artifact", "quantize_classifier",
-           "quantize_text_to_image", "DEFAULT_INT8", "default_int8_method", "default_calibration"]
+           "quantize_text_to_image", "DEFAULT_INT8", "default_int8_method", "default_calibration", "method_note"]
 
-#: ``--int8``: the int8 method each backend quantizes a classifier with. Pipelines: "int8"
-#: (the denoiser int8, as :func:`enginekit.quant.diffusion.quantize_pipeline` plans it).
-DEFAULT_INT8: dict[str, str] = {
-    "onnxruntime": "int8-dynamic",
-    "openvino": "int8-static",
-    # NVIDIA Model Optimizer's placement; without it the method says to install it or to
-    # name ONNX Runtime's int8-qdq instead (no silent switch of quantizer).
-    "tensorrt": "int8-modelopt",
-}
+_CLASSIFIER_TASK = "image-classification"
+
+#: ``--int8`` (``-m int8``): the int8 method each backend quantizes a classifier with, as the
+#: vocabulary's table says. Pipelines: "int8" (the plan of :func:`enginekit.quant.diffusion.quantize_pipeline`).
+DEFAULT_INT8: dict[str, str] = {b: r.method for (t, b, n), r in TABLE.items()
+                                if t == _CLASSIFIER_TASK and n == "int8" and r.method}
 
 
 def default_int8_method(backend: str) -> str:
-    """What ``--int8`` means for a classifier on ``backend``: the one table, :data:`DEFAULT_INT8`."""
+    """What ``--int8`` means for a classifier on ``backend``: the vocabulary's ``int8``."""
     if backend not in DEFAULT_INT8:
         raise InputError(f"--int8 has no default method for {backend}; quantize first (enginekit quantize -m ...)")
     return DEFAULT_INT8[backend]
+
+
+def _backend(options: Any) -> str:
+    if options.target and options.backend and options.backend != options.target:
+        raise OptionError(f"--target {options.target} and --backend {options.backend} disagree; give one")
+    return options.target or options.backend or "onnxruntime"
+
+
+def method_note(artifact: str | Path, options: Any) -> str:
+    """The line a specific (old) method name prints (what it is in the vocabulary), "" otherwise."""
+    if not options.method:
+        return ""
+    return note(read_manifest(artifact).task, _backend(options), str(options.method))
 
 
 def default_calibration(parent: Manifest) -> str:
@@ -144,13 +155,18 @@ def quantize_artifact(artifact: str | Path, out_dir: str | Path, method: str, re
     if parent.kind != "onnx" or parent.quantization:
         raise QuantizationError(f"{root}: quantize takes a float ONNX artifact (from export), this one is "
                                 f"{parent.kind}{' ' + parent.quantization.get('method', '') if parent.quantization else ''}")
-    spec = get_method(method, req.backend)
+    spec = get_method(resolve(parent.task, req.backend, method).method, req.backend)
+    data_aware = req.options.awq or req.options.scale_estimation
+    if data_aware and not spec.data_aware:
+        raise QuantizationError(f"AWQ and scale estimation run in NNCF's int4 weight compression on openvino, "
+                                f"not {spec.name} on {spec.backend}")
     if req.auto_fallback and not spec.needs_calibration:
         raise QuantizationError(f"--auto-fallback applies to calibrated int8 methods, not {method}")
     budget = Budget(spec.min_agreement if req.min_agreement is None else req.min_agreement,
                     spec.min_cosine if req.min_cosine is None else req.min_cosine)
     on_step("preparing calibration and held-out data")
-    calib, held = _datasets(parent, spec, req.calibration, req.eval_data, req.calibration_size, req.eval_size,
+    calib, held = _datasets(parent, replace(spec, needs_calibration=spec.needs_calibration or data_aware),
+                            req.calibration, req.eval_data, req.calibration_size, req.eval_size,
                             req.allow_synthetic_calibration)
     reference: dict[str, Any] = {}
     if req.check_fidelity:
@@ -165,7 +181,7 @@ def quantize_artifact(artifact: str | Path, out_dir: str | Path, method: str, re
             comp = parent.component()
             result = spec.load()(QuantJob(root / comp.entry, tmp, comp.inputs[0].name,
                                           None if calib is None else calib.inputs, opts))
-            manifest = _manifest(root, parent, spec, result, tmp, calib, opts, fallback)
+            manifest = _manifest(root, parent, spec, result, tmp, calib, opts, fallback, asked=method)
             write_manifest(tmp, manifest)
             if not req.check_fidelity:
                 return manifest
@@ -221,10 +237,11 @@ def _fallback(spec: QuantMethod, root: Path, parent: Manifest, calib: InputSet |
 
 
 def _manifest(root: Path, parent: Manifest, spec: QuantMethod, result: Any, tmp: Path, calib: InputSet | None,
-              opts: QuantOptions, fallback: list[dict[str, Any]] | None) -> Manifest:
+              opts: QuantOptions, fallback: list[dict[str, Any]] | None, asked: str) -> Manifest:
     comp = parent.component()
     component = make_component(tmp, comp.name, result.entry, result.files, comp.inputs, comp.outputs, result.precision)
-    quantization: dict[str, Any] = {"method": spec.name, "backend": spec.backend, **result.details}
+    quantization: dict[str, Any] = {"method": spec.name, "backend": spec.backend, **result.details,
+                                    "asked": asked}
     if calib is not None:
         quantization["calibration"] = {**calib.record(), "method": opts.calibrate_method}
     if opts.exclude_nodes:
@@ -275,20 +292,33 @@ def evaluate_artifact(artifact: str | Path, data: str | None = None, limit: int 
     return report
 
 
+_DATA_AWARE = ("dataset", "awq", "scale_estimation")
 _CLASSIFIER = ("method", "int8", "fp16", "backend", "target", "calibration", "overwrite", "eval_data",
                "calibrate_method", "per_channel", "group_size", "symmetric", "ratio", "exclude", "min_agreement",
-               "min_cosine", "auto_fallback", "allow_synthetic_calibration", "calibration_size", "eval_size")
+               "min_cosine", "auto_fallback", "allow_synthetic_calibration", "calibration_size", "eval_size",
+               *_DATA_AWARE)
 _PIPELINE = ("method", "int8", "fp16", "backend", "calibration", "overwrite", "group_size", "ratio", "auto_fallback",
-             "components", "calibration_prompts", "calibration_steps", "min_psnr", "min_ssim")
+             "components", "calibration_prompts", "calibration_steps", "min_psnr", "min_ssim", "symmetric",
+             *_DATA_AWARE)
 
 
-def _method(options: Any, int8: Callable[[], str]) -> str:
-    """``method``, or what ``--int8`` / ``--fp16`` stand for; exactly one of the three."""
+def _method(options: Any) -> str:
+    """``method``, or the vocabulary's name ``--int8`` / ``--fp16`` stand for; exactly one of the three."""
     chosen = [options.flag(n) for n in ("method", "int8", "fp16") if getattr(options, n)]
     if len(chosen) != 1:
         raise InputError("give the quantization: -m METHOD, --int8 or --fp16" if not chosen
                          else f"{' and '.join(chosen)} disagree; give one")
-    return "fp16" if options.fp16 else int8() if options.int8 else str(options.method)
+    return "fp16" if options.fp16 else "int8" if options.int8 else str(options.method)
+
+
+def _checked(task: str, backend: str, options: Any) -> tuple[str, str | None]:
+    """(the method name, the calibration spec) of ``options``, with every vocabulary and
+    data-aware check done before any work."""
+    method = _method(options)
+    resolve(task, backend, method)
+    check_data_aware(task, backend, method, awq=bool(options.awq), scale_estimation=bool(options.scale_estimation),
+                     dataset=options.dataset or options.calibration)
+    return method, calibration_spec(task, options.calibration, options.dataset)
 
 
 def quantize_classifier(artifact: str | Path, out: str | Path, options: Any, *,
@@ -298,14 +328,12 @@ def quantize_classifier(artifact: str | Path, out: str | Path, options: Any, *,
     from enginekit.stages import refuse
 
     refuse(options, _CLASSIFIER, lambda wrong: f"{', '.join(wrong)}: pipeline options; {artifact} is a classifier")
-    if options.target and options.backend and options.backend != options.target:
-        raise OptionError(f"--target {options.target} and --backend {options.backend} disagree; give one")
-    backend = options.target or options.backend or "onnxruntime"
-    method = _method(options, lambda: default_int8_method(backend))
-    calibration = options.calibration
-    if calibration is None and options.int8 and get_method(method, backend).needs_calibration:
+    backend = _backend(options)
+    method, calibration = _checked(_CLASSIFIER_TASK, backend, options)
+    if calibration is None and method == "int8" and get_method(default_int8_method(backend), backend).needs_calibration:
         calibration = default_calibration(read_manifest(artifact))
-    quant = QuantOptions(**options.set(("calibrate_method", "per_channel", "group_size", "symmetric", "ratio")),
+    quant = QuantOptions(**options.set(("calibrate_method", "per_channel", "group_size", "symmetric", "ratio", "awq",
+                                        "scale_estimation")),
                          **({"exclude_nodes": tuple(options.exclude)} if options.exclude else {}))
     request = QuantizeRequest(backend=backend, calibration=calibration, options=quant,
                               **options.set(("eval_data", "min_agreement", "min_cosine", "auto_fallback",
@@ -324,9 +352,10 @@ def quantize_text_to_image(artifact: str | Path, out: str | Path, options: Any, 
     refuse(options, _PIPELINE, lambda wrong: f"{', '.join(wrong)}: classifier options; {artifact} is a text-to-image "
                                              "pipeline (it takes --component, --calibration PROMPTS.txt, "
                                              "--min-psnr, --min-ssim)")
-    method = _method(options, lambda: "int8")
-    pipeline = PipelineQuantOptions(backend=options.backend or "onnxruntime",
-                                    **options.set(("components", "calibration", "calibration_prompts",
-                                                   "calibration_steps", "group_size", "ratio", "min_psnr",
-                                                   "min_ssim", "auto_fallback", "overwrite")))
+    backend = options.backend or "onnxruntime"
+    method, calibration = _checked("text-to-image", backend, options)
+    pipeline = PipelineQuantOptions(backend=backend, calibration=None if calibration == "builtin" else calibration,
+                                    **options.set(("components", "calibration_prompts", "calibration_steps",
+                                                   "group_size", "ratio", "symmetric", "awq", "scale_estimation",
+                                                   "min_psnr", "min_ssim", "auto_fallback", "overwrite")))
     return quantize_pipeline(artifact, out, method, pipeline, on_step=on_step)

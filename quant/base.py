@@ -46,6 +46,10 @@ class QuantOptions:
     symmetric: bool = True
     #: NNCF int4: fraction of weights in int4, the rest int8 (1.0 = all int4).
     ratio: float = 1.0
+    #: NNCF int4 weight compression (OpenVINO): AWQ's activation-aware scales, and scale
+    #: estimation (scales that minimise the layer's L2 error); both calibrate on the job's data.
+    awq: bool = False
+    scale_estimation: bool = False
     #: Node names kept in float (ORT ``nodes_to_exclude``, NNCF ``IgnoredScope(names=...)``).
     exclude_nodes: tuple[str, ...] = ()
 
@@ -96,14 +100,17 @@ class QuantMethod:
     min_cosine: float
     target: str
     description: str
+    #: Takes ``QuantOptions.awq`` / ``scale_estimation`` (NNCF's data-aware int4 compression).
+    data_aware: bool = False
 
     def load(self) -> Callable[[QuantJob], MethodResult]:
         module, _, attr = self.target.partition(":")
         return getattr(importlib.import_module(module), attr)
 
 
-def _m(name: str, backend: str, calib: bool, agree: float, cos: float, target: str, desc: str) -> QuantMethod:
-    return QuantMethod(name, backend, calib, agree, cos, target, desc)
+def _m(name: str, backend: str, calib: bool, agree: float, cos: float, target: str, desc: str,
+       data_aware: bool = False) -> QuantMethod:
+    return QuantMethod(name, backend, calib, agree, cos, target, desc, data_aware)
 
 
 _ORT = "enginekit.quant.ort"
@@ -124,12 +131,15 @@ METHODS: dict[tuple[str, str], QuantMethod] = {
            "int4 weight-only MatMulNBits (block size, symmetric or not)"),
         _m("fp16", "onnxruntime", False, 0.99, 0.999, f"{_ORT}:fp16",
            "fp16 weights and compute, float32 inputs and outputs kept"),
+        _m("bf16", "onnxruntime", False, 0.98, 0.999, f"{_ORT}:bf16",
+           "bf16 weights on disk, float32 compute"),
         _m("int8-static", "openvino", True, 0.95, 0.99, f"{_OV}:int8_static",
            "NNCF post-training int8, transformer preset"),
         _m("int8-weight", "openvino", False, 0.98, 0.995, f"{_OV}:int8_weight",
            "NNCF int8 weight compression"),
         _m("int4-weight", "openvino", False, 0.90, 0.98, f"{_OV}:int4_weight",
-           "NNCF int4 weight compression (group size, ratio)"),
+           "NNCF int4 weight compression (group size, ratio; AWQ and scale estimation on calibration data)",
+           data_aware=True),
         _m("fp16", "openvino", False, 0.99, 0.999, f"{_OV}:fp16", "fp16 IR weights"),
         _m("int8-qdq", "tensorrt", True, 0.95, 0.99, f"{_ORT}:int8_qdq_tensorrt",
            "explicit QDQ int8 ONNX for TensorRT: symmetric, per-channel weights"),

@@ -80,6 +80,12 @@ class PipelineQuantOptions:
     calibration_steps: int | None = None
     group_size: int = 128
     ratio: float = 1.0
+    #: int4: symmetric weights (no zero points).
+    symmetric: bool = True
+    #: OpenVINO int4 denoiser: NNCF's AWQ and scale estimation, calibrated on the denoiser's inputs
+    #: recorded from the calibration prompts (the other components are compressed data-free).
+    awq: bool = False
+    scale_estimation: bool = False
     #: Image budget on the worst gate image vs the float parent; None: :data:`BUDGETS`.
     min_psnr: float | None = None
     min_ssim: float | None = None
@@ -181,9 +187,13 @@ def quantize_pipeline(artifact: str | Path, out_dir: str | Path, method: str,
     root = Path(artifact)
     parent = _float_parent(root, opts)
     plan, notes = _plan(parent, method, opts.components)
+    from enginekit.quant.vocabulary import check_data_aware
     from enginekit.runtimes.tasks.text_to_image import PipelineConfig
 
     denoiser = PipelineConfig.from_section(parent.task_config).denoiser
+    check_data_aware(parent.task, opts.backend, plan[denoiser], awq=opts.awq, scale_estimation=opts.scale_estimation,
+                     dataset=str(opts.calibration or "builtin"))
+    data_aware = opts.awq or opts.scale_estimation
     if opts.auto_fallback and plan[denoiser] != "int8":
         raise QuantizationError(f"--auto-fallback keeps int8 layers of the denoiser in float; the {denoiser} is "
                                 f"{plan[denoiser]} here")
@@ -196,7 +206,7 @@ def quantize_pipeline(artifact: str | Path, out_dir: str | Path, method: str,
     float_pipe = open_pipeline(root, parent, "onnxruntime")
     try:
         calib, calib_record = (_calibration(float_pipe, prompts, denoiser, opts, on_step)
-                               if plan[denoiser] == "int8" else (None, None))
+                               if plan[denoiser] == "int8" or data_aware else (None, None))
         ref = (reference_images(parent, float_pipe, opts.gate, opts.reference, on_step)
                if opts.check_fidelity else None)
         run = _Run(root, parent, Path(out_dir), method, plan, notes, denoiser, calib, calib_record, opts, budget,
@@ -275,7 +285,9 @@ class _Run:
                 self.on_step(f"{name}: {self.plan[name]} ({backend})")
                 made, det = quantize_component(self.root, comp, tmp, backend, self.plan[name], role, variant,
                                                self.calib,
-                                               quant if role == "denoiser" else replace(quant, exclude_nodes=()))
+                                               quant if role == "denoiser" else replace(quant, exclude_nodes=(),
+                                                                                        awq=False,
+                                                                                        scale_estimation=False))
                 if name in self.notes:
                     det["note"] = self.notes[name]
                 comps[name], details[name] = made, det
@@ -302,7 +314,8 @@ def _variants(run: _Run) -> Manifest:
     """ONNX Runtime's int8 denoiser: static QDQ first, then weight-only; then, with
     ``auto_fallback``, layers kept in float. Other methods: one attempt."""
     plan, denoiser = run.plan, run.denoiser
-    options = QuantOptions(group_size=run.opts.group_size, ratio=run.opts.ratio)
+    options = QuantOptions(group_size=run.opts.group_size, ratio=run.opts.ratio, symmetric=run.opts.symmetric,
+                           awq=run.opts.awq, scale_estimation=run.opts.scale_estimation)
     ort_int8 = run.opts.backend == "onnxruntime" and plan[denoiser] == "int8"
     variants = (["static", "weight-only"] if run.opts.check_fidelity else ["weight-only"]) if ort_int8 else [""]
     tried: list[dict[str, Any]] = []

@@ -73,6 +73,9 @@ def pipeline_manifest(root: Path, parent: Manifest, backend: str, method: str, p
         quantization["components"][denoiser]["variant"] = variant
     if calib is not None:
         quantization["calibration"] = calib
+    if opts.awq or opts.scale_estimation:  # the denoiser's int4, calibrated on its recorded inputs
+        quantization["data_aware"] = {"awq": opts.awq, "scale_estimation": opts.scale_estimation,
+                                      "component": denoiser}
     if opts.exclude_nodes:
         quantization["excluded_nodes"] = list(opts.exclude_nodes)
     if fallback:

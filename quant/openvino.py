@@ -172,26 +172,43 @@ def int4_weight(job: QuantJob) -> MethodResult:
     convolutions, embeddings and the last MatMul always stay int8 (NNCF's
     default). Which MatMuls get int4 is decided data-free (weight quantization
     error) unless ``ratio < 1`` and calibration images are given, when NNCF
-    ranks them by activation variance.
+    ranks them by activation variance. ``awq`` (activation-aware scales folded into the
+    layer before, where NNCF finds its patterns: an activation or a Multiply feeding a
+    MatMul) and ``scale_estimation`` (per-group scales that minimise the layer's output
+    error) calibrate on ``job.calibration``: images, or a pipeline's recorded feed dicts.
     ``group_size`` is adjusted down per layer where it does not divide the input channels
     (-1: one scale per output channel). Options: ``exclude_nodes`` too.
     """
     method = "int4-weight"
     options = job.options
     _check_int4(options)
-    data_aware = options.ratio < 1 and job.calibration is not None
-    images = image_batch(job.calibration, method, "calibration") if data_aware else None
+    corrections = options.awq or options.scale_estimation
+    if corrections and job.calibration is None:
+        raise QuantizationError(f"{method}: AWQ and scale estimation calibrate on data; none was given")
+    data_aware = (options.ratio < 1 or corrections) and job.calibration is not None
+    images: Any = None
+    if data_aware:  # images (a classifier) or recorded feed dicts (a pipeline's denoiser)
+        images = feed_dicts(job.calibration, method)
+        images = image_batch(job.calibration, method, "calibration") if images is None else images
     with quiet_nncf() as nncf:
         mode = nncf.CompressWeightsMode.INT4_SYM if options.symmetric else nncf.CompressWeightsMode.INT4_ASYM
         data: dict[str, Any] = {}
         if images is not None:
             data = {"dataset": nncf_dataset(nncf, images, job.input_name), "subset_size": len(images)}
+        if corrections:
+            # None, not False, where not asked: NNCF reads None as "its default" (off for these two).
+            data.update(awq=True if options.awq else None, scale_estimation=True if options.scale_estimation else None)
         if options.group_size > 0:
             # A layer whose input channels the group size does not divide (SD 1.5's 320) takes the
             # largest power of two that does (>= 16), else int8: NNCF's ADJUST, not a failed build.
             data["advanced_parameters"] = nncf.AdvancedCompressionParameters(
                 group_size_fallback_mode=nncf.GroupSizeFallbackMode.ADJUST, min_adjusted_group_size=16)
-        compress(nncf, job, method, mode=mode, group_size=options.group_size, ratio=float(options.ratio), **data)
+        model = compress(nncf, job, method, mode=mode, group_size=options.group_size, ratio=float(options.ratio),
+                         **data)
+    # AWQ's scales go into a Multiply before each layer it found (NNCF names them .../awq_mul) unless they
+    # fold into a preceding weight; none where the model has no pattern for it (a ViT's GELU is none).
+    awq_ops = sum(op.get_type_name() == "Multiply" and "awq_mul" in op.get_friendly_name()
+                  for op in model.get_ops()) if options.awq else 0
     return MethodResult(KIND, ENTRY, FILES, "int4", {
         "method": method,
         "bits": 4,
@@ -204,7 +221,11 @@ def int4_weight(job: QuantJob) -> MethodResult:
         "symmetric": options.symmetric,
         "ratio": float(options.ratio),
         "backup": "int8_asym (convolutions, embeddings, the last layer, and the 1 - ratio share)",
-        "mixed_precision_metric": "max_activation_variance" if images is not None else "weight_quantization_error",
+        "mixed_precision_metric": ("max_activation_variance" if images is not None and options.ratio < 1
+                                   else "weight_quantization_error"),
+        "awq": options.awq,
+        **({"awq_multiplies": awq_ops} if options.awq else {}),
+        "scale_estimation": options.scale_estimation,
         "subset_size": len(images) if images is not None else 0,
         "activations": "float",
         "exclude_nodes": list(options.exclude_nodes),

@@ -251,7 +251,8 @@ def quantize_hybrid(nncf: Any, model: Any, job: QuantJob, feeds: list[dict[str, 
     return quantized, len(weighted)
 
 
-def compress(nncf: Any, job: QuantJob, method: str, **kwargs: Any) -> None:
+def compress(nncf: Any, job: QuantJob, method: str, **kwargs: Any) -> Any:
+    """``nncf.compress_weights`` of the job's model with ``kwargs``, written as IR; returns the model."""
     model = read_model(job, method)
     ignored = ignored_scope(nncf, model, job.options.exclude_nodes, method)
     try:
@@ -267,3 +268,4 @@ def compress(nncf: Any, job: QuantJob, method: str, **kwargs: Any) -> None:
     except Exception as exc:
         raise QuantizationError(f"{method}: nncf.compress_weights failed: {one_line(exc)}") from exc
     save_ir(compressed, job, method)
+    return compressed

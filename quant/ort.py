@@ -52,7 +52,7 @@ from enginekit.quant.ort_graph import (
     written_files,
 )
 
-__all__ = ["int8_dynamic", "int8_static", "int4_weight", "fp16", "int8_qdq_tensorrt", "sensitivity"]
+__all__ = ["int8_dynamic", "int8_static", "int4_weight", "fp16", "bf16", "int8_qdq_tensorrt", "sensitivity"]
 
 
 # -- methods ---------------------------------------------------------------------
@@ -250,6 +250,22 @@ def fp16(job: QuantJob) -> MethodResult:
                          excluded_nodes=list(job.options.exclude_nodes))
         | {"library": "onnxruntime.transformers.float16"},
     )
+
+
+def bf16(job: QuantJob) -> MethodResult:
+    """bf16 weights: export's tensor-by-tensor pass (:mod:`enginekit.export.compress`), each
+    float32 weight of at least 1024 values stored in bfloat16 with a ``Cast`` to float32 where it
+    is read; half the bytes on disk, float32 compute (ONNX Runtime folds the casts at load)."""
+    from enginekit.export.compress import WeightFormat, compress_component, written_files as compressed_files
+
+    if job.options.exclude_nodes:
+        raise QuantizationError("bf16 stores every large weight in bf16; it keeps no nodes in float (drop --exclude)")
+    record = compress_component(job.model.parent, WeightFormat("bf16"), job.out_dir, entry=job.model.name)
+    files = tuple(compressed_files(job.out_dir, job.model.name))
+    return MethodResult(kind="onnx", entry=job.model.name, files=files, precision="bf16",
+                        details=method_details("bf16", bits=16, weights="bfloat16, Cast to float32 where read",
+                                               activations="float32", **{k: v for k, v in record.items()
+                                                                         if k not in ("method",)}))
 
 
 # -- sensitivity -------------------------------------------------------------------

@@ -48,7 +48,10 @@ def _bytes(manifest: Any) -> int:
 
 
 def wrote_export(manifest: Any, out: Path) -> str:
-    """The line ``export`` ends with: the parity numbers its check recorded."""
+    """The line ``export`` ends with: the parity numbers its check recorded (an export quantized
+    for a backend after it, ``--weight-format`` with ``-b``: the quantize gate's)."""
+    if (manifest.quantization or {}).get("backend"):
+        return wrote_quantize(manifest, out)
     fid = manifest.fidelity
     if "logits_cosine" in fid:
         return (f"[green]wrote[/] {escape(str(out))}  ({escape(str(manifest.provenance.get('architecture')))}, "

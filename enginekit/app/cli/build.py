@@ -12,6 +12,7 @@ from enginekit.app import render
 from enginekit.app.cli.common import DEVICE_HELP, Params, backend_option, cli, emit_json, err_console, given_params
 from enginekit.export.diffusion.families import family_names
 from enginekit.memory import PeakRSS, gib
+from enginekit.quant.vocabulary import help_text
 from enginekit.registry import task_names
 
 
@@ -50,14 +51,30 @@ from enginekit.registry import task_names
 @click.option("--no-t5", "without_t5", is_flag=True,
               help="SD3/SD3.5: leave the T5 encoder out (never loaded), as diffusers allows: prompts condition "
                    "through the CLIP encoders alone; saves T5-XXL's 4.7B parameters (19 GB in fp32).")
-@click.option("--weight-format", type=click.Choice(["fp32", "fp16", "bf16", "int8", "int4"]), default=None,
-              help="Pipelines: the denoiser's weights (T5 int8 when it is int8/int4, else as asked; CLIP and VAE "
-                   "fp32), compressed tensor by tensor (with --streaming, int8/int4/bf16 as each is streamed: no "
-                   "float copy on disk). bf16 stores weights in bfloat16, cast to float32 where they are used.")
+@click.option("--weight-format", metavar="fp32|fp16|bf16|int8|int4", default=None,
+              help="The weights, as optimum-cli names them (quantize -m takes the same names). Pipelines: the "
+                   "denoiser's (T5 int8 when it is int8/int4, else as asked; CLIP and VAE fp32), compressed tensor "
+                   "by tensor into MatMulNBits (with --streaming as each is streamed); with -b openvino, NNCF into an "
+                   "OpenVINO IR. Classifiers: exported, then quantized for --backend (int8: onnxruntime "
+                   "int8-dynamic, openvino int8-static; the specific names, e.g. int8-static, still work). "
+                   "Gated against the float export.")
+@click.option("--backend", "-b", default=None,
+              help="The backend the weights are quantized for: onnxruntime (default) or openvino (NNCF; needed "
+                   "for --awq and --scale-estimation).")
 @click.option("--group-size", type=int, default=128, show_default=True, help="int8/int4: weights per scale along K.")
 @click.option("--ratio", type=float, default=1.0, show_default=True,
               help="int4: share of the int4 candidates' parameters in int4, the rest int8.")
 @click.option("--sym", is_flag=True, help="int8/int4: symmetric (no zero points).")
+@click.option("--awq", is_flag=True,
+              help="int4, -b openvino: NNCF's AWQ (activation-aware scales) on --dataset; skipped by NNCF where "
+                   "the model has no pattern for it (an activation or Multiply feeding a MatMul).")
+@click.option("--scale-estimation", is_flag=True,
+              help="int4, -b openvino: NNCF's scale estimation (scales that minimise each layer's error on --dataset).")
+@click.option("--dataset", metavar="FILE|builtin",
+              help="Calibration data for --awq / --scale-estimation (and classifiers' static int8): pipelines, a "
+                   "prompts file (one per line) or 'builtin'; classifiers, an image folder, an .npy, 'photos' or "
+                   "'builtin'. optimum-intel's hub datasets (conceptual_captions, wikitext2, ...) cannot be "
+                   "fetched offline.")
 @click.option("--component", "component_formats", multiple=True, metavar="NAME=FORMAT",
               help="Pipelines: one component's weight format (repeatable), e.g. text_encoder_2=int4.")
 @click.option("--streaming/--no-streaming", default=False, show_default=True,
@@ -96,11 +113,14 @@ def export(**params: Any) -> None:
     o = Params(params)
     model, out = _model_and_output(o.args, o.model_opt, o.out)
     console = err_console()
-    fmt = None
-    if o.weight_format is not None or o.component_formats:
-        from enginekit.export.compress import WeightFormat
+    fmt = o.weight_format or ("fp32" if o.component_formats else None)
+    if fmt is not None:
+        from enginekit.export.api import source_task
+        from enginekit.quant.vocabulary import note
 
-        fmt = WeightFormat(o.weight_format or "fp32", group_size=o.group_size, ratio=o.ratio, sym=o.sym)
+        line = note(source_task(model, o.family, o.task), o.backend or "onnxruntime", fmt)
+        if line:
+            click.echo(line, err=True)
     with PeakRSS(process=True) as peak, console.status("exporting") as status:
         manifest = export_model(
             model, out, family=o.family, task=o.task, random_weights=o.random_weights, weights=o.weights,
@@ -108,6 +128,8 @@ def export(**params: Any) -> None:
             loras=o.loras, lora_scale=o.lora_scale, without_t5=o.without_t5, streaming=o.streaming,
             controlnets=o.controlnets, token_merge=o.token_merge,
             weight_format=fmt, component_formats=_component_methods(o.component_formats) or None,
+            group_size=o.group_size, ratio=o.ratio, sym=o.sym, backend=o.backend, awq=o.awq,
+            scale_estimation=o.scale_estimation, dataset=o.dataset,
             overwrite=o.overwrite, on_step=_stepper(status),
         )
     if o.as_json:
@@ -244,12 +266,14 @@ def compile_cmd(**params: Any) -> None:
 
 @cli.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
-@click.option("--method", "-m", default=None,
-              help="onnxruntime: int8-dynamic, int8-static, int4-weight, fp16; openvino: int8-static, "
-                   "int8-weight, int4-weight, fp16; tensorrt: int8-qdq.")
+@click.option("--method", "-m", default=None, metavar="fp16|bf16|int8|int4",
+              help=f"optimum-cli's names, for classifiers and pipelines alike: int8 is the backend's best int8 "
+                   f"for the artifact (classifiers: {help_text()}; pipelines: the int8 plan below). The specific "
+                   "methods still work, and say what they are: onnxruntime int8-dynamic, int8-static, int4-weight; "
+                   "openvino int8-static, int8-weight, int4-weight; tensorrt int8-qdq.")
 @click.option("--int8", is_flag=True,
-              help="The backend's default int8 method: onnxruntime int8-dynamic, openvino int8-static "
-                   "(calibrated on --calibration, default photos), tensorrt int8-qdq.")
+              help="Same as -m int8: onnxruntime int8-dynamic, openvino int8-static (calibrated on --calibration, "
+                   "default photos), tensorrt int8-qdq; pipelines, the int8 plan.")
 @click.option("--fp16", is_flag=True, help="Same as --method fp16.")
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Artifact folder to write.")
 @click.option("--backend", "-b", default=None, help="onnxruntime (default) or openvino.")
@@ -257,6 +281,11 @@ def compile_cmd(**params: Any) -> None:
               help="Build a TensorRT-ready ONNX (validated here on ONNX Runtime).")
 @click.option("--calibration", "-c", help="Calibration data: an image folder, a preprocessed .npy, 'photos' "
                                           "(crops of real photos, offline), 'patterns' or 'builtin'.")
+@click.option("--dataset", help="--calibration under optimum-intel's name (pipelines: a prompts file or 'builtin'); "
+                                "its hub datasets (conceptual_captions, wikitext2, ...) cannot be fetched offline.")
+@click.option("--awq", is_flag=True, help="-m int4 -b openvino: NNCF's AWQ, calibrated on --dataset.")
+@click.option("--scale-estimation", is_flag=True,
+              help="-m int4 -b openvino: NNCF's scale estimation, calibrated on --dataset.")
 @click.option("--eval-data", help="Held-out data for the fidelity gate: a folder, an .npy, 'photos', 'patterns' "
                                   "or 'builtin' (default: a fifth of --calibration, else the built-in digits' "
                                   "held-out split for the built-in model, else held-out 'photos' crops; seeded "
@@ -308,14 +337,20 @@ def quantize(ctx: click.Context, artifact: Path, out: Path, component_methods: t
     """
     from enginekit.stages import QuantizeOptions, quantize as run_quantize
 
+    from enginekit.quant.api import method_note
+
     fields = given_params(ctx, exclude=("artifact", "out", "as_json", "component_methods"))
     if "exclude" in fields:
         fields["exclude"] = tuple(fields["exclude"])
     if component_methods:
         fields["components"] = _component_methods(component_methods)
+    options = QuantizeOptions(**fields)
+    line = method_note(artifact, options)
+    if line:
+        click.echo(line, err=True)
     console = err_console()
     with console.status("quantizing") as status:
-        manifest = run_quantize(artifact, out, QuantizeOptions(**fields), on_step=_stepper(status))
+        manifest = run_quantize(artifact, out, options, on_step=_stepper(status))
     if as_json:
         emit_json(manifest.to_dict())
         return
