@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import pytest
@@ -271,3 +271,20 @@ def backend_params(*extra: str) -> list:
         params.append(pytest.param(name, id=name, marks=() if available else
                                    pytest.mark.skip(reason=f"backend {name} is not installed here")))
     return params
+
+
+def cli_ok(result: Any) -> Any:
+    """A CliRunner result that succeeded (its output shown when it did not)."""
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def one_line_error(result: Any, *needles: str) -> str:
+    """The command failed with exactly one line, ``Error: ...``, naming every needle."""
+    assert result.exit_code != 0
+    lines = [ln for ln in result.output.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    return lines[0]

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from ..conftest import installed_backends, make_photo
+from ..conftest import cli_ok as _ok, installed_backends, make_photo, one_line_error as _one_line_error
 from enginekit.app.cli import cli
 from enginekit.manifest import read_manifest
 
@@ -34,22 +34,6 @@ def photo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("photo") / "photo.png"
     make_photo((48, 40), seed=3).save(path)
     return path
-
-
-def _ok(result: Any) -> Any:
-    assert result.exit_code == 0, result.output
-    return result
-
-
-def _one_line_error(result: Any, *needles: str) -> str:
-    """The command failed with exactly one line, ``Error: ...``, naming every needle."""
-    assert result.exit_code != 0
-    lines = [ln for ln in result.output.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    assert result.exception is None or isinstance(result.exception, SystemExit)
-    return lines[0]
 
 
 def _logits(path: Path, photo: Path, backend: str | None = None, device: str = "cpu") -> np.ndarray:

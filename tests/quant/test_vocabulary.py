@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from ..conftest import installed_backends
+from ..conftest import cli_ok as _ok, installed_backends, one_line_error as _one_line_error
 from enginekit.app.cli import cli
 from enginekit.errors import QuantizationError
 from enginekit.manifest import read_manifest
@@ -24,18 +24,6 @@ needs_ov = pytest.mark.skipif("openvino" not in installed_backends(), reason="op
 CLS, T2I = "image-classification", "text-to-image"
 
 
-def _ok(result: Any) -> Any:
-    assert result.exit_code == 0, result.output
-    return result
-
-
-def _one_line_error(result: Any, *needles: str) -> str:
-    assert result.exit_code != 0
-    lines = [ln for ln in result.output.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 # --------------------------------------------------------------------------- the table

@@ -99,19 +99,10 @@ def optimize(ctx: click.Context, model: str, out: Path, prompts_file: Path | Non
         fields["caches"] = tuple(c for c in split_caches(caches) if c.lower() != "none")
     if prompts_file is not None:
         fields["prompts"] = prompts_file  # read by the pipeline's optimize, after the task is known
-    if seeds is not None:
-        try:
-            fields["seeds"] = tuple(int(v) for v in csv(seeds) or ())
-        except ValueError:
-            raise click.BadParameter(f"{seeds!r} is not a comma-separated list of integers",
-                                     param_hint="--seeds") from None
-    token_merge = ctx.params.get("token_merge")
-    if token_merge is not None:
-        try:
-            fields["token_merge"] = tuple(int(v) for v in csv(token_merge) or ())
-        except ValueError:
-            raise click.BadParameter(f"{token_merge!r} is not a comma-separated list of integers",
-                                     param_hint="--token-merge") from None
+    for name, flag in (("seeds", "--seeds"), ("token_merge", "--token-merge")):
+        text = seeds if name == "seeds" else ctx.params.get(name)
+        if text is not None:
+            fields[name] = _integers(text, flag)
     if backends is not None:
         fields["backends"] = csv(backends)
     if precisions is not None:
@@ -131,3 +122,11 @@ def optimize(ctx: click.Context, model: str, out: Path, prompts_file: Path | Non
     rebuild = render.rebuild_lines(report)
     if rebuild:
         console.print(rebuild, highlight=False, markup=False, soft_wrap=True)
+
+
+def _integers(text: str, flag: str) -> tuple[int, ...]:
+    """A comma-separated list of integers (``--seeds 0,1``), or a usage error naming the flag."""
+    try:
+        return tuple(int(v) for v in csv(text) or ())
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of integers", param_hint=flag) from None
