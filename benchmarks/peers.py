@@ -48,8 +48,9 @@ PROMPT = "a red fox sitting in fresh snow, morning light, detailed photograph"
 NEGATIVE = "blurry, low quality"
 #: What the peers' environment holds (transformers and diffusers before the releases optimum-intel
 #: does not run with; OpenVINO and GenAI at this project's OpenVINO release).
-PEER_REQUIREMENTS = ["torch==2.14.1", "transformers<5", "diffusers<0.36", "optimum-intel[openvino]",
-                     "openvino-tokenizers", "openvino-genai", "accelerate", "pillow", "protobuf", "sentencepiece"]
+PEER_REQUIREMENTS = ["torch==2.14.1", "torchvision==0.29.1", "transformers<5", "diffusers<0.36",
+                     "optimum-intel[openvino]", "openvino-tokenizers", "openvino-genai", "accelerate", "pillow",
+                     "protobuf", "sentencepiece", "timm"]  # timm: the detector, through optimum-intel's timm path
 TARGET = 1.3
 #: The pipeline run's own `enginekit optimize` flags (vit-base takes none unless given).
 PIPELINE_OPTIMIZE_ARGS = "--backends openvino --precisions fp16"
