@@ -408,7 +408,8 @@ def render_classifiers(state: dict[str, Any]) -> str:
              "vit-enginekit": f"enginekit optimize pick: {st.get('vit-optimize', {}).get('picked')}, engine alone"}
     for name, r in _measured(names, st, "ms", lines, 5):
         agree = float((np.load(r["logits_path"]).argmax(1) == ref).mean()) if ref is not None else None
-        lines.append(f"| {name} | {r['ms']:.1f} | {eager['ms'] / r['ms']:.2f}x | "
+        vs_eager = f"{eager['ms'] / r['ms']:.2f}x" if "ms" in eager else "-"  # eager may have failed
+        lines.append(f"| {name} | {r['ms']:.1f} | {vs_eager} | "
                      + (f"{agree:.3f}" if agree is not None else "") + " | "
                      + (f"{peer / r['ms']:.2f}x |" if peer else " |"))
     if "ms" in st.get("vit-enginekit", {}) and peer:
