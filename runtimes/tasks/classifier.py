@@ -214,6 +214,10 @@ class ImageClassifier:
         if not names or out[names[0]].ndim != 4 or out[names[0]].shape[-1] != out[names[0]].shape[-2]:
             raise BackendError(f"{self.path or 'the engine'}: its Softmax outputs are not attention probabilities "
                                "(N, heads, T, T); use method='occlusion'")
+        if len({out[n].shape[-1] for n in names}) > 1:
+            raise BackendError(f"{self.path or 'the engine'}: its layers attend over different numbers of tokens "
+                               "(merged between layers: export --token-merge); rollout needs the same tokens in "
+                               "every layer; use method='occlusion'")
         layout = AttentionLayout.resolve(self.manifest.extra.get("attention"), out[names[0]].shape[-1],
                                          self.preprocessing.size)
         grids = attention_rollout([out[n] for n in names], layout, options.head_fusion, options.discard_ratio)
