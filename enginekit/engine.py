@@ -370,6 +370,10 @@ class Backend(abc.ABC):
         :class:`enginekit.runtimes.attention_taps.AttentionTap`); ``cut.apply_onnx(path)`` and
         ``cut.apply_openvino(model, where)`` derive it. The settings are those :meth:`load` (or
         :meth:`load_low_memory`) gives the whole of it."""
+        if getattr(cut, "label", None) == "attention":  # an explanation asked for the attention probabilities
+            raise BackendError(f"{self.name} cannot give its engine's attention probabilities (its kernels fuse "
+                               "the attention); explain with method='occlusion', or run the engine on onnxruntime "
+                               "or openvino")
         raise BackendError(f"{self.name} cannot run part of an engine (a graph cut); use onnxruntime or openvino")
 
     def load_patched(self, artifact: Path, manifest: Manifest, device: str, component: str,

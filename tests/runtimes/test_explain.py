@@ -161,3 +161,15 @@ def test_rollout_options_change_the_map(exported: dict) -> None:
     for options in (ExplainOptions(head_fusion="max"), ExplainOptions(discard_ratio=0.5)):
         other = clf.explain(image, options=options)[0].grid
         assert other.shape == plain.shape and not np.allclose(other, plain)
+
+
+def test_token_merged_engine_explains_by_occlusion(tiny_timm_dir: Path, tmp_path: Path) -> None:
+    from enginekit.export.vit import ExportOptions, export_classifier
+
+    manifest = export_classifier(str(tiny_timm_dir), tmp_path / "merged", ExportOptions(token_merge=2))
+    assert "attention" not in manifest.extra  # no one grid: its blocks attend over fewer and fewer tokens
+    clf = enginekit.load(tmp_path / "merged", device="cpu")
+    image = make_photo((32, 32), 7)
+    with pytest.raises(BackendError, match="token-merge.*occlusion"):
+        clf.explain(image)
+    assert clf.explain(image, "occlusion")[0].grid.shape == (8, 8)
