@@ -134,9 +134,9 @@ class Components(Mapping[str, Runner]):
             return self._runners[name]
 
     def cut(self, name: str, cut: Any) -> Runner:
-        """Part of component ``name`` (its graph cut by ``cut``, see
-        :mod:`enginekit.runtimes.graph_cut`), opened on first use and kept beside the component;
-        released with it."""
+        """A graph derived from component ``name`` (cut by ``cut``, see
+        :mod:`enginekit.runtimes.graph_cut`, or tapped, see :mod:`enginekit.runtimes.attention_taps`),
+        opened on first use and kept beside the component; released with it."""
         key = cut.key(name)
         runner = self._runners.get(key)
         if runner is not None:

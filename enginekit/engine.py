@@ -364,9 +364,16 @@ class Backend(abc.ABC):
 
     def load_cut(self, artifact: Path, manifest: Manifest, device: str, component: str, cut: Any,
                  low_memory: bool = False) -> Runner:
-        """Open part of one component: its graph cut by ``cut`` (a
-        :class:`enginekit.runtimes.graph_cut.Cut`: outputs kept, outputs fed back in as inputs),
-        with the settings :meth:`load` (or :meth:`load_low_memory`) gives the whole of it."""
+        """Open a graph derived from one component: cut by ``cut`` (a
+        :class:`enginekit.runtimes.graph_cut.Cut`: outputs kept, outputs fed back in as inputs), or
+        with intermediate tensors added as outputs (an
+        :class:`enginekit.runtimes.attention_taps.AttentionTap`); ``cut.apply_onnx(path)`` and
+        ``cut.apply_openvino(model, where)`` derive it. The settings are those :meth:`load` (or
+        :meth:`load_low_memory`) gives the whole of it."""
+        if getattr(cut, "label", None) == "attention":  # an explanation asked for the attention probabilities
+            raise BackendError(f"{self.name} cannot give its engine's attention probabilities (its kernels fuse "
+                               "the attention); explain with method='occlusion', or run the engine on onnxruntime "
+                               "or openvino")
         raise BackendError(f"{self.name} cannot run part of an engine (a graph cut); use onnxruntime or openvino")
 
     def load_patched(self, artifact: Path, manifest: Manifest, device: str, component: str,

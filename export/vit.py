@@ -3,7 +3,10 @@
 The exported graph takes ``pixel_values`` (N, 3, H, W) float32 with a dynamic
 batch axis and returns ``logits`` (N, classes) and ``embedding`` (N, D), the
 pre-logits features. Every export ends with a parity check of ONNX Runtime
-against PyTorch on the same inputs; a miss raises :class:`FidelityError`.
+against PyTorch on the same inputs; a miss raises :class:`FidelityError`. A ViT's
+export also records how its tokens lie on the image (``extra["attention"]``) and
+checks the attention probabilities the engine computes, and their rollout,
+against PyTorch's (:mod:`enginekit.export.attention`): what explanations read.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import numpy as np
 
 from enginekit.artifact import atomic_artifact, make_component, write_manifest
 from enginekit.errors import ExportError, FidelityError, one_line
+from enginekit.export.attention import attention_layout, check_rollout
 from enginekit.export.sources import SourceModel, resolve_source
 from enginekit.fidelity import compare_outputs
 from enginekit.export.provenance import check_export_request, host, tool_versions
@@ -144,6 +148,10 @@ def export_classifier(
                 f"{report['logits_max_abs']:.3g} (budget {budget:.3g}), cosine {report['logits_cosine']:.6f}, "
                 f"embedding max abs {report['embedding_max_abs']:.3g}"
             )
+        layout = attention_layout(src, (height, width))
+        if layout is not None:
+            on_step("checking the engine's attention rollout against PyTorch's")
+            fidelity.update(check_rollout(src, onnx_path, parity_x, layout))
         files = ["model.onnx"] + (["model.onnx.data"] if external else [])
         num_classes = int(ref_logits.shape[1])
         dim = int(ref_emb.shape[1])
@@ -166,7 +174,8 @@ def export_classifier(
                         "tools": tool_versions(options.opset, ("timm", "transformers"), [onnx_path]), "host": host()},
             target={"backend": "onnxruntime", "device": "cpu"},
             fidelity=fidelity,
-            extra={"num_classes": num_classes, "embedding_dim": dim, "parameters": sum(p.numel() for p in src.model.parameters())},
+            extra={"num_classes": num_classes, "embedding_dim": dim, "parameters": sum(p.numel() for p in src.model.parameters()),
+                   **({"attention": layout} if layout is not None else {})},
         )
         write_manifest(tmp, manifest)
     return manifest

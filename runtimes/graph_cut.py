@@ -34,6 +34,12 @@ class Cut:
     def key(self, component: str) -> str:
         return f"{component}#{self.label}"
 
+    def apply_onnx(self, path: Path) -> Any:
+        return cut_onnx(path, self)
+
+    def apply_openvino(self, model: Any, where: str) -> Any:
+        return cut_openvino(model, self, where)
+
 
 def _check(have_outputs: list[str], cut: Cut, where: str) -> None:
     missing = [n for n in (*cut.inputs, *cut.outputs) if n not in have_outputs]

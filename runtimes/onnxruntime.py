@@ -273,16 +273,15 @@ class OnnxRuntimeBackend(Backend):
 
     def load_cut(self, artifact: Path, manifest: Manifest, device: str, component: str, cut: Any,
                  low_memory: bool = False) -> Runner:
-        from enginekit.runtimes.graph_cut import cut_onnx
-
         entry = artifact / manifest.component(component).entry
         try:
-            model = cut_onnx(entry, cut).SerializeToString()
+            model = cut.apply_onnx(entry).SerializeToString()
         except BackendError:
             raise
         except Exception as exc:
             raise BackendError(f"onnxruntime could not cut {entry} ({cut.label}): {one_line(exc)}") from exc
-        return self._load(artifact, manifest, device, component, low_memory, model=model, label=cut.key(component))
+        return self._load(artifact, manifest, device, component, low_memory, model=model, label=cut.key(component),
+                          folder=entry.parent)
 
     def load_patched(self, artifact: Path, manifest: Manifest, device: str, component: str,
                      tensors: Mapping[str, Any], low_memory: bool = False) -> Runner:

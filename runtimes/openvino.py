@@ -52,7 +52,6 @@ from enginekit.memory import ReleasingFilePages
 from enginekit.outputs import stream_failure_note
 from enginekit.runtimes.base import Backend, BackendOptions, CompileOptions, Runner
 from enginekit.runtimes.openvino_cache import CACHE_MAX_ENV, DEFAULT_CACHE_MAX_GB, cache_dir_for, prune_cache
-from enginekit.runtimes.graph_cut import cut_openvino
 from enginekit.runtimes.openvino_cache import low_memory_config as _low_memory_config
 from enginekit.runtimes.openvino_cache import make_cache_dir as _make_cache_dir
 from enginekit.runtimes.openvino_convert import convert_onnx
@@ -468,7 +467,7 @@ class OpenVINOBackend(Backend):
         def compile_it() -> Any:
             # Compiling from the path (not a read_model result) lets a cache hit
             # skip parsing the IR altogether.
-            model = str(xml) if cut is None else cut_openvino(core.read_model(str(xml)), cut, str(xml))
+            model = str(xml) if cut is None else cut.apply_openvino(core.read_model(str(xml)), str(xml))
             return core.compile_model(model, ov_device, config)
 
         mapped = [xml.parent] + ([cache_dir] if cache_dir is not None else [])

@@ -41,6 +41,7 @@ __all__ = [
     "Preprocessing",
     "preprocess",
     "resized_size",
+    "view_box",
 ]
 
 INTERPOLATIONS: dict[str, Image.Resampling] = {
@@ -326,25 +327,38 @@ def _tv_resize(pixels: np.ndarray, height: int, width: int, name: str) -> np.nda
     return pixels
 
 
-def _center_crop(pixels: np.ndarray, cfg: Preprocessing) -> np.ndarray:
-    """Crop (padding first where needed) uint8 HWC pixels to ``cfg.size``."""
-    if not cfg.center_crop:
-        return pixels
+def _crop_starts(height: int, width: int, cfg: Preprocessing) -> tuple[int, int]:
+    """Where the center crop starts in a resized image of this size (negative: padded before)."""
     starts: list[int] = []
-    padded_shape = list(pixels.shape)
-    for axis, target in enumerate(cfg.size):
-        n = pixels.shape[axis]
+    for n, target in zip((height, width), cfg.size):
         if target > n:
             # torchvision puts the odd padding pixel after, transformers before.
             excess = target - n
-            before = math.ceil(excess / 2) if cfg.crop_offset == "floor" else excess // 2
-            starts.append(-before)
-            padded_shape[axis] = target
+            starts.append(-(math.ceil(excess / 2) if cfg.crop_offset == "floor" else excess // 2))
         elif cfg.crop_offset == "round":
             starts.append(int(round((n - target) / 2.0)))  # banker's rounding, as torchvision
         else:
             starts.append((n - target) // 2)
-    top, left = starts
+    return starts[0], starts[1]
+
+
+def view_box(height: int, width: int, cfg: Preprocessing) -> tuple[float, float, float, float]:
+    """The part of a ``height`` x ``width`` image the model sees, as (left, top, right, bottom) in
+    its own pixels (past its edges where the crop pads): where an explanation's map lies on it."""
+    rh, rw = resized_size(height, width, cfg)
+    top, left = _crop_starts(rh, rw, cfg) if cfg.center_crop else (0, 0)
+    sy, sx = height / rh, width / rw
+    return left * sx, top * sy, (left + cfg.size[1]) * sx, (top + cfg.size[0]) * sy
+
+
+def _center_crop(pixels: np.ndarray, cfg: Preprocessing) -> np.ndarray:
+    """Crop (padding first where needed) uint8 HWC pixels to ``cfg.size``."""
+    if not cfg.center_crop:
+        return pixels
+    top, left = _crop_starts(pixels.shape[0], pixels.shape[1], cfg)
+    padded_shape = list(pixels.shape)
+    for axis, target in enumerate(cfg.size):
+        padded_shape[axis] = max(target, pixels.shape[axis])
     if top < 0 or left < 0:
         canvas = np.empty(padded_shape, dtype=pixels.dtype)
         canvas[...] = np.asarray(cfg.pad_fill, dtype=pixels.dtype)

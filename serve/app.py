@@ -154,7 +154,7 @@ def create_app(models: Mapping[str, str | Path], settings: ServeSettings = Serve
     ``load_before_start`` makes the lifespan's startup wait for them instead (Ray Serve
     counts a replica as running once its startup returns)."""
     from enginekit import __version__
-    from enginekit.serve import kserve, sdapi, sdapi_info, tasks
+    from enginekit.serve import classify, kserve, sdapi, sdapi_info, tasks
 
     state = ServerState(models, settings)
     app = FastAPI(title="enginekit serve", version=__version__, lifespan=lifespan_of(state, load_before_start),
@@ -162,6 +162,7 @@ def create_app(models: Mapping[str, str | Path], settings: ServeSettings = Serve
                   description="KServe v2 REST, task endpoints and the A1111 API over enginekit artifacts.")
     app.state.server = state
     app.include_router(kserve.router)
+    app.include_router(classify.router)
     app.include_router(tasks.router)
     app.include_router(sdapi.router)
     app.include_router(sdapi_info.router)

@@ -124,7 +124,7 @@ class ServedClassifier(Served):
 
     async def kserve_infer(self, request: Request, inputs: dict[str, np.ndarray],
                            params: dict[str, Any]) -> dict[str, np.ndarray]:
-        from enginekit.serve.tasks import classify_rows, decode_images
+        from enginekit.serve.classify import classify_rows, decode_images
 
         state, slot = request.app.state.server, self.slot
         spec = self.obj.runner.inputs[0]

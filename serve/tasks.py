@@ -1,5 +1,5 @@
-"""Task endpoints: ``POST /v1/classify`` and ``POST /v1/generate`` (PNG, JSON or
-server-sent progress events), over the models' batchers and job queues."""
+"""Task endpoint ``POST /v1/generate`` (PNG, JSON or server-sent progress events), over the
+models' job queues (``POST /v1/classify`` is in :mod:`enginekit.serve.classify`)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import time
 import uuid
 from typing import Any, AsyncIterator, Literal, Optional, Union
 
-import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
@@ -21,8 +20,10 @@ from enginekit.runtimes.schedulers import SCHEDULERS
 from enginekit.serve.loras import resolve_loras
 from enginekit.serve.batching import Job
 from enginekit.serve.errors import ApiError, status_for
-from enginekit.serve.models import CLASSIFIER, PIPELINE, ModelSlot
-from enginekit.serve.uploads import b64_image, open_image
+from enginekit.serve.models import PIPELINE, ModelSlot
+from enginekit.serve.uploads import b64_image, json_body, open_image
+# The classify endpoint's parts lived here before serve/classify.py.
+from enginekit.serve.classify import classify_rows, decode_images, predictions  # noqa: F401
 
 __all__ = ["router", "GenerateRequest", "classify_rows", "decode_images", "run_generation", "predictions"]
 
@@ -31,144 +32,6 @@ router = APIRouter(tags=["tasks"])
 
 def _state(request: Request) -> Any:
     return request.app.state.server
-
-
-# ---------------------------------------------------------------------------- images in
-
-async def decode_images(state: Any, slot: ModelSlot, images: list[bytes]) -> np.ndarray:
-    """Uploaded images to the classifier's preprocessed ``pixel_values`` (off the event loop)."""
-    from enginekit.runtimes.preprocess import preprocess
-
-    def work() -> np.ndarray:
-        pil = [open_image(data, i, state.settings) for i, data in enumerate(images)]
-        return preprocess(pil, slot.obj.preprocessing)
-
-    return await asyncio.to_thread(work)
-
-
-# ---------------------------------------------------------------------------- classify
-
-async def classify_rows(state: Any, slot: ModelSlot, pixels: np.ndarray) -> dict[str, np.ndarray]:
-    """Run ``pixels`` through the model's batcher: 503 when its queue is full, 504 past the timeout."""
-    state.metrics.queue_depth.labels(slot.name).set(slot.depth)
-    try:
-        return await asyncio.wait_for(slot.batcher.submit(pixels), state.settings.timeout_s)
-    except asyncio.TimeoutError:
-        state.metrics.rejections.labels(slot.name, "timeout").inc()
-        raise ApiError(504, f"model {slot.name!r} did not answer within {state.settings.timeout_s:g} s") from None
-    except ApiError as exc:
-        if exc.status == 503:
-            state.metrics.rejections.labels(slot.name, "queue_full").inc()
-        raise
-
-
-def predictions(slot: ModelSlot, out: dict[str, np.ndarray], top_k: int, embedding: bool) -> list[dict[str, Any]]:
-    from enginekit.runtimes.tasks.classifier import softmax
-
-    probs = softmax(out["logits"])
-    labels = slot.obj.labels
-    k = min(top_k, probs.shape[1])
-    order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-    result = []
-    for n, (row, idx) in enumerate(zip(probs, order)):
-        best = int(idx[0])
-        item: dict[str, Any] = {"label": labels[best], "index": best, "score": float(row[best]),
-                                "top_k": [{"label": labels[int(i)], "score": float(row[int(i)])} for i in idx]}
-        if embedding:
-            item["embedding"] = out["embedding"][n].astype(float).tolist()
-        result.append(item)
-    return result
-
-
-def _int_field(value: Any, name: str, low: int, high: int) -> int:
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ApiError(422, f"{name}: must be an integer from {low} to {high}, got {value!r}"[:200])
-    return value
-
-
-def _bool_field(value: Any, name: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
-        return value.lower() in ("true", "1")
-    raise ApiError(422, f"{name}: must be true or false")
-
-
-_CLASSIFY_BODY = {"requestBody": {"required": True, "content": {
-    "multipart/form-data": {"schema": {"type": "object", "required": ["images"], "properties": {
-        "images": {"type": "array", "items": {"type": "string", "format": "binary"}},
-        "top_k": {"type": "integer", "minimum": 1}, "model": {"type": "string"}, "embedding": {"type": "boolean"}}}},
-    "application/json": {"schema": {"type": "object", "required": ["images"], "properties": {
-        "images": {"type": "array", "items": {"type": "string", "contentEncoding": "base64"}},
-        "top_k": {"type": "integer", "minimum": 1}, "model": {"type": "string"}, "embedding": {"type": "boolean"}}}},
-}}}
-
-
-@router.post("/v1/classify", openapi_extra=_CLASSIFY_BODY)
-async def classify(request: Request) -> JSONResponse:
-    """Classify one or more images: multipart uploads (any file fields), or JSON
-    ``{"images": [base64, ...]}``; ``top_k`` (5), ``model``, ``embedding`` (false)."""
-    state = _state(request)
-    settings = state.settings
-    ctype = request.headers.get("content-type", "").lower()
-    if ctype.startswith("multipart/form-data"):
-        form = await request.form(max_files=settings.max_images + 1, max_fields=32)
-        fields: dict[str, Any] = {}
-        images: list[bytes] = []
-        for key, value in form.multi_items():
-            if hasattr(value, "read"):
-                images.append(await value.read())
-            elif key in ("top_k", "model", "embedding"):
-                fields[key] = value
-            else:
-                raise ApiError(422, f"{key}: unknown field (classify takes images, top_k, model, embedding)"[:200])
-    elif ctype.startswith("application/json"):
-        fields = await _json_body(request)
-        raw = fields.pop("images", fields.pop("image", None))
-        if isinstance(raw, str):
-            raw = [raw]
-        if not isinstance(raw, list):
-            raise ApiError(422, "images: expected a list of base64 strings")
-        if len(raw) > settings.max_images:
-            raise ApiError(413, f"images: {len(raw)} images is over the limit of {settings.max_images} per request")
-        images = [b64_image(v, f"images[{i}]") for i, v in enumerate(raw)]
-        unknown = set(fields) - {"top_k", "model", "embedding"}
-        if unknown:
-            raise ApiError(422, f"{sorted(unknown)[0]}: unknown field (classify takes images, top_k, model, embedding)"[:200])
-    elif ctype.startswith("image/"):
-        images, fields = [await request.body()], dict(request.query_params)
-    else:
-        raise ApiError(415, "send multipart/form-data (image files), application/json (base64 images) or one image/*")
-    if not images:
-        raise ApiError(422, "images: no image given")
-    if len(images) > settings.max_images:
-        raise ApiError(413, f"images: {len(images)} images is over the limit of {settings.max_images} per request")
-    top_k = _int_field(fields.get("top_k", 5), "top_k", 1, 1000)
-    embedding = _bool_field(fields.get("embedding", False), "embedding")
-    model = fields.get("model")
-    if model is not None and not isinstance(model, str):
-        raise ApiError(422, "model: expected a string")
-    slot = state.pick(CLASSIFIER, model)
-    request.state.model = slot.name
-    if embedding and not getattr(slot.obj, "has_embedding", True):  # an imported engine: logits only
-        raise ApiError(422, f"embedding: model {slot.name!r} outputs logits only (an imported engine)")
-    pixels = await decode_images(state, slot, images)
-    out = await classify_rows(state, slot, pixels)
-    return JSONResponse({"model": slot.name, "predictions": predictions(slot, out, top_k, embedding)})
-
-
-async def _json_body(request: Request) -> dict[str, Any]:
-    try:
-        body = json.loads(await request.body())
-    except (ValueError, UnicodeDecodeError):
-        raise ApiError(422, "body: not valid JSON") from None
-    except RecursionError:  # the C parser recurses per level: a hostile nesting, not a server fault
-        raise ApiError(422, "body: JSON nested too deeply") from None
-    if not isinstance(body, dict):
-        raise ApiError(422, "body: expected a JSON object")
-    return body
 
 
 # ---------------------------------------------------------------------------- generate
@@ -278,7 +141,7 @@ async def parse_generate(request: Request) -> tuple[GenerateRequest, Any]:
             elif value != "":
                 fields[key] = value
     elif ctype.startswith("application/json"):
-        fields = await _json_body(request)
+        fields = await json_body(request)
     else:
         raise ApiError(415, "send application/json, or multipart/form-data with an init_image file")
     req = GenerateRequest.checked(fields, state.settings)

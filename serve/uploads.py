@@ -6,13 +6,14 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import json
 import warnings
 from typing import Any
 
 from enginekit.errors import ImageError
 from enginekit.serve.errors import ApiError
 
-__all__ = ["b64_image", "check_image", "open_image"]
+__all__ = ["b64_image", "check_image", "json_body", "open_image"]
 
 
 def b64_image(value: Any, field: str) -> bytes:
@@ -57,3 +58,16 @@ def open_image(data: bytes, index: int, settings: Any, field: str | None = None)
         return load_images([data])[0]
     except ImageError as exc:
         raise ApiError(422, f"{field or f'image {index}'}: {str(exc).partition(': ')[2] or exc}") from None
+
+
+async def json_body(request: Any) -> dict[str, Any]:
+    """The request's body as a JSON object; anything else is a 422."""
+    try:
+        body = json.loads(await request.body())
+    except (ValueError, UnicodeDecodeError):
+        raise ApiError(422, "body: not valid JSON") from None
+    except RecursionError:  # the C parser recurses per level: a hostile nesting, not a server fault
+        raise ApiError(422, "body: JSON nested too deeply") from None
+    if not isinstance(body, dict):
+        raise ApiError(422, "body: expected a JSON object")
+    return body

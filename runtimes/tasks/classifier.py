@@ -1,4 +1,4 @@
-"""The image-classification task: images in, labelled predictions or embeddings out.
+"""The image-classification task: images in, labelled predictions, embeddings or explanations out.
 
 Sits on any :class:`Runner` whose engine takes ``pixel_values`` and returns
 ``logits`` and ``embedding``; preprocessing comes from the manifest. Imports
@@ -17,7 +17,10 @@ from enginekit.errors import BackendError, InputError, ManifestError
 from enginekit.manifest import Manifest
 from enginekit.runtimes.base import Runner, run_batched
 from enginekit.runtimes.images import load_images
-from enginekit.runtimes.preprocess import Preprocessing, preprocess
+from enginekit.runtimes.attention_taps import ATTENTION_TAP, attention_outputs
+from enginekit.runtimes.preprocess import Preprocessing, preprocess, view_box
+from enginekit.runtimes.tasks.explain import (METHODS, AttentionLayout, ExplainOptions, Explanation,
+                                              attention_rollout, occlusion_grid)
 
 __all__ = ["Prediction", "ImageClassifier", "softmax"]
 
@@ -51,7 +54,7 @@ ImageLike = Any  # str | Path | PIL.Image.Image | np.ndarray
 
 
 class ImageClassifier:
-    """``predict`` and ``embed`` over a loaded engine.
+    """``predict``, ``embed`` and ``explain`` over a loaded engine.
 
     Accepts file paths, encoded image bytes, PIL images and uint8 arrays
     (H, W[, C]); a single image may be passed bare. Work is split into batches of ``batch_size``.
@@ -158,9 +161,70 @@ class ImageClassifier:
 
     def predict(self, images: ImageLike | Sequence[ImageLike], top_k: int = 5) -> list[Prediction]:
         """One :class:`Prediction` per image, in order."""
-        if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
-            raise InputError(f"top_k must be an integer of at least 1, got {top_k!r}")
-        probs = softmax(self.logits(images))
+        _check_top_k(top_k)
+        return self._predictions(self.logits(images), top_k)
+
+    def explain(self, images: ImageLike | Sequence[ImageLike], method: str = "rollout", *, top_k: int = 5,
+                options: ExplainOptions = ExplainOptions()) -> list[Explanation]:
+        """One :class:`Explanation` per image, in order: the prediction and a map of where it came from.
+
+        ``method="rollout"``: attention rollout over the attention probabilities the engine computes,
+        read from a second graph of the same engine file with those probabilities as outputs (opened
+        on the first call and kept; :meth:`predict` keeps running the plain engine, untouched).
+        ``method="occlusion"``: the predicted class's probability drop as a grey square slides over
+        the input, through the plain engine (any classifier; ``window``x``window`` px squares every
+        ``stride`` px, one engine call per square, batched). ``options`` tunes either
+        (:class:`~enginekit.runtimes.tasks.explain.ExplainOptions`)."""
+        _check_top_k(top_k)
+        if method not in METHODS:
+            raise InputError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+        if not isinstance(options, ExplainOptions):
+            raise InputError(f"options must be an ExplainOptions, got {type(options).__name__}")
+        items = _as_list(images)
+        if not items:
+            raise InputError("no images given")
+        found: list[Explanation] = []
+        # Rollout holds every layer's (heads, T, T) probabilities per image: two images at a time.
+        step = min(self.batch_size, 2) if method == "rollout" else self.batch_size
+        for start in range(0, len(items), step):
+            pil = load_images(items[start : start + step])
+            pixels = preprocess(pil, self.preprocessing)
+            if method == "rollout":
+                logits, grids = self._rollout(pixels, options)
+            else:
+                logits = self.run_pixels(pixels)["logits"]
+                probs = lambda batch: softmax(self.run_pixels(batch)["logits"])  # noqa: E731
+                grids = np.stack([occlusion_grid(x, int(np.argmax(row)), probs, options)
+                                  for x, row in zip(pixels, logits)])
+            for image, pred, grid in zip(pil, self._predictions(logits, top_k), grids):
+                found.append(Explanation(pred, method, grid, view_box(image.height, image.width, self.preprocessing)))
+        return found
+
+    def _rollout(self, pixels: np.ndarray, options: ExplainOptions) -> tuple[np.ndarray, np.ndarray]:
+        components = getattr(self, "_components", None)
+        if components is None:
+            raise InputError("attention rollout reads a second graph of the artifact's engine: open the "
+                             "classifier with enginekit.load(), or use method='occlusion'")
+        runner = components.cut(self.manifest.component().name, ATTENTION_TAP)
+        out = run_batched(runner, pixels)
+        if any(np.isnan(v).any() for v in out.values() if v.dtype.kind == "f"):
+            raise BackendError(f"{self.path or 'the engine'}: its attention graph returned NaN "
+                               "(a broken or mis-quantized engine)")
+        names = attention_outputs(out)
+        if not names or out[names[0]].ndim != 4 or out[names[0]].shape[-1] != out[names[0]].shape[-2]:
+            raise BackendError(f"{self.path or 'the engine'}: its Softmax outputs are not attention probabilities "
+                               "(N, heads, T, T); use method='occlusion'")
+        if len({out[n].shape[-1] for n in names}) > 1:
+            raise BackendError(f"{self.path or 'the engine'}: its layers attend over different numbers of tokens "
+                               "(merged between layers: export --token-merge); rollout needs the same tokens in "
+                               "every layer; use method='occlusion'")
+        layout = AttentionLayout.resolve(self.manifest.extra.get("attention"), out[names[0]].shape[-1],
+                                         self.preprocessing.size)
+        grids = attention_rollout([out[n] for n in names], layout, options.head_fusion, options.discard_ratio)
+        return out["logits"], grids
+
+    def _predictions(self, logits: np.ndarray, top_k: int) -> list[Prediction]:
+        probs = softmax(logits)
         if probs.shape[1] != len(self.labels):
             raise InputError(f"the engine returned {probs.shape[1]} classes, the manifest has "
                              f"{len(self.labels)} labels")
@@ -193,6 +257,11 @@ class ImageClassifier:
 
     def __repr__(self) -> str:
         return f"ImageClassifier({str(self.path)!r}, backend={self.backend!r}, device={self.device!r})"
+
+
+def _check_top_k(top_k: Any) -> None:
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
+        raise InputError(f"top_k must be an integer of at least 1, got {top_k!r}")
 
 
 def _check_labels(labels: Any, num_classes: int | str) -> tuple[str, ...]:

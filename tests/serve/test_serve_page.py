@@ -1,5 +1,5 @@
 """The web page at / in a real headless Chromium (Debian's chromium and chromium-driver,
-driven by Selenium): drop an image and read the verdict; type a prompt, watch the steps,
+driven by Selenium): drop an image and read the verdict beside its heatmap; type a prompt, watch the steps,
 get the image; a screenshot of the result is checked."""
 
 from __future__ import annotations
@@ -67,6 +67,14 @@ def test_page_classifies_a_dropped_image_and_generates_one(browser, exported: di
         assert verdict.startswith(want.label + " ") and f"{100 * want.score:.1f}%" in verdict
         bars = browser.find_elements(By.CSS_SELECTOR, "#scores .bar")
         assert [b.find_element(By.TAG_NAME, "span").text for b in bars] == [lbl for lbl, _ in want.top_k]
+        # Beside the verdict, where the model looked: the library's overlay for the same image.
+        heatmap = browser.find_element(By.ID, "heatmap")
+        wait.until(lambda d: heatmap.is_displayed())
+        import base64
+
+        shown = Image.open(io.BytesIO(base64.b64decode(heatmap.get_attribute("src").split(",", 1)[1])))
+        overlay = enginekit.load(exported["timm"], device="cpu").explain([str(photo)])[0].overlay(Image.open(photo))
+        assert np.array_equal(np.asarray(shown.convert("RGB")), np.asarray(overlay))
 
         prompt = browser.find_element(By.ID, "prompt")
         prompt.clear()

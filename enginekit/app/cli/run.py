@@ -164,9 +164,16 @@ def _finite(value: Any) -> Any:
 @click.option("--digest", help="Refuse the artifact unless its manifest digest (see `enginekit inspect`) is this.")
 @click.option("--verify-with", type=click.Path(path_type=Path),
               help="Refuse the artifact unless its signature (`enginekit sign`) verifies with this public key.")
+@click.option("--explain", "explain_dir", type=click.Path(path_type=Path), metavar="OUTDIR",
+              help="Also write where the model looked: OUTDIR/<name>_explain.png, the image with a heatmap over "
+                   "the part the model saw (see --explain-method).")
+@click.option("--explain-method", type=click.Choice(["rollout", "occlusion"]), default="rollout", show_default=True,
+              help="rollout: attention rollout, read from the engine's own attention (ViTs); occlusion: the "
+                   "score drop as a grey square slides over the image (any classifier, one run per square).")
 @click.option("--json", "as_json", is_flag=True,
-              help="Print a JSON array, one object per image in order: image, label, index, score, top_k "
-                   "(with --skip-bad, a skipped file's object has image and error instead).")
+              help="Print a JSON array, one object per image in order: image, label, index, score, top_k, and "
+                   "explanation (the overlay's path) with --explain (with --skip-bad, a skipped file's object has "
+                   "image and error instead).")
 def predict(**params: Any) -> None:
     """Classify IMAGES (files or folders) with an ARTIFACT."""
     from enginekit.app.classify import ClassifyOptions, classify_files
@@ -174,14 +181,18 @@ def predict(**params: Any) -> None:
     o = Params(params)
     found = classify_files(o.artifact, o.images, ClassifyOptions(
         top_k=o.top_k, device=o.device, backend=o.backend, batch_size=o.batch_size, skip_bad=o.skip_bad,
-        digest=o.digest, verify_with=o.verify_with))
+        digest=o.digest, verify_with=o.verify_with, explain_dir=o.explain_dir, explain_method=o.explain_method))
     if o.as_json:
-        data = [{"image": str(p), "error": err} if err is not None else {"image": str(p), **pred.to_dict()}
+        data = [{"image": str(p), "error": err} if err is not None else
+                {"image": str(p), **pred.to_dict(),
+                 **({"explanation": str(found.overlays[p])} if p in found.overlays else {})}
                 for p, pred, err in found.results]
         click.echo(json.dumps(_finite(data), indent=2, allow_nan=False))
     else:
         # Piped output has no terminal width: whole paths, never folded mid-name.
         render.stdout_console().print(render.predict_table(f"{o.artifact} on {found.engine}", found.results, o.top_k))
+        if found.overlays:
+            click.echo(f"wrote {len(found.overlays)} {o.explain_method} overlay(s) to {o.explain_dir}", err=True)
     if found.bad:
         click.echo(f"skipped {len(found.bad)} of {len(found.results)} file(s), not readable images:", err=True)
         for _, err in found.bad:
