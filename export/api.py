@@ -173,8 +173,9 @@ def export_pipeline_source(spec: str, out_dir: str | Path, request: ExportReques
     if request.token_merge:
         raise SourceError("--token-merge applies to ViT classifiers; pipelines cache steps instead (--cache)")
     specs = tuple(parse_lora(text, request.lora_scale) for text in request.loras)
-    # -b openvino: compressed by the backend's quantizer (NNCF) after export; else the ONNX weight pass
-    nncf = request.backend not in (None, "onnxruntime") and request.mode not in (None, "fp32")
+    # A backend whose engines are not ONNX (OpenVINO's IR) compresses with its own quantizer (NNCF)
+    # after export; else the ONNX weight pass, which every ONNX-reading backend runs.
+    nncf = request.mode not in (None, "fp32") and _quantizes_to_own_format(request.backend)
     if nncf:
         quantize = replace(request.quantize_options("text-to-image"),
                            components={k: str(getattr(v, "mode", v)) for k, v in (request.component_formats or {}).items()}
@@ -225,6 +226,12 @@ def export_classifier_source(spec: str, out_dir: str | Path, request: ExportRequ
                                  revision=request.revision, overwrite=request.overwrite, on_step=on_step)
 
     return export(Path(out_dir)) if quantize is None else _export_then_quantize(export, out_dir, quantize, on_step)
+
+
+def _quantizes_to_own_format(backend: str | None) -> bool:
+    from enginekit.registry import backend_class
+
+    return backend is not None and backend_class(backend).entry_format != "onnx"
 
 
 def _export_then_quantize(export: Callable[[Path], Manifest], out_dir: str | Path, options: Any,

@@ -27,7 +27,9 @@ ROLLOUT_ATOL = 1e-4
 def attention_layout(src: Any, size: tuple[int, int]) -> dict[str, Any] | None:
     """Where the source's tokens lie: prefix tokens, patch grid (rows, cols), query; None for a
     model that is not a plain ViT, or merges tokens (its maps come from occlusion)."""
-    if src.family != "vit" or src.provenance.get("token_merge"):
+    from enginekit.export.token_merge import is_vit
+
+    if not is_vit(src.model, src.library) or src.provenance.get("token_merge"):
         # A token-merged ViT attends over fewer tokens in each block: no one grid to roll out on.
         return None
     model = src.model

@@ -33,7 +33,7 @@ from enginekit.errors import SourceError, one_line
 from enginekit.export.json_files import read_json
 from enginekit.runtimes.preprocess import Preprocessing
 
-__all__ = ["SourceModel", "resolve_source", "source_for_manifest", "timm_family"]
+__all__ = ["SourceModel", "is_timm_vit", "resolve_source", "source_for_manifest", "timm_family"]
 
 _WEIGHTS = "model.safetensors"
 _PICKLES = ("pytorch_model.bin", "model.pth", "model.pt", "pytorch_model.pth")
@@ -135,11 +135,15 @@ def _load_timm_name(name: str, *, random_weights: bool, seed: int, weights: str 
 _VIT_MODULES = {"vision_transformer", "deit"}
 
 
+def is_timm_vit(model: Any) -> bool:
+    """Whether a timm model is a plain ViT (the ``vit`` family)."""
+    return type(model).__module__.rsplit(".", 1)[-1] in _VIT_MODULES
+
+
 def timm_family(model: Any) -> str:
     """``vit`` for timm's ViTs, else the name of the timm module defining the model
     (``resnet``, ``convnext``, ``efficientnet``, ...)."""
-    module = type(model).__module__.rsplit(".", 1)[-1]
-    return "vit" if module in _VIT_MODULES else module
+    return "vit" if is_timm_vit(model) else type(model).__module__.rsplit(".", 1)[-1]
 
 
 def _load_state(model: Any, state: dict, where: str) -> None:

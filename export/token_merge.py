@@ -26,7 +26,17 @@ from typing import Any
 
 from enginekit.errors import ExportError
 
-__all__ = ["merge_plan", "merged_tokens", "token_merged"]
+__all__ = ["is_vit", "merge_plan", "merged_tokens", "token_merged"]
+
+
+def is_vit(model: Any, library: str) -> bool:
+    """Whether ``model`` is a plain ViT: what the manifest's ``vit`` family means (timm's
+    :func:`~enginekit.export.sources.timm_family`, transformers' ``ViTForImageClassification``)."""
+    if library == "timm":
+        from enginekit.export.sources import is_timm_vit
+
+        return is_timm_vit(model)
+    return hasattr(model, "vit") and hasattr(model, "classifier")
 
 
 def merged_tokens(tokens: int, r: int, depth: int) -> list[int]:

@@ -185,9 +185,9 @@ def _with_token_merge(src: SourceModel, r: int) -> SourceModel:
     """``src`` with ToMe's merging in every block; the manifest records it (an approximation of the model)."""
     from dataclasses import replace
 
-    from enginekit.export.token_merge import merge_plan, token_merged
+    from enginekit.export.token_merge import is_vit, merge_plan, token_merged
 
-    if src.family != "vit":
+    if not is_vit(src.model, src.library):
         raise ExportError(f"token merging is built for ViTs; {src.architecture} is a {src.family} model")
     model = token_merged(src.model, src.library, r).eval()
     merge = merge_plan(src.model, src.library, src.preprocessing.size, r)

@@ -122,7 +122,7 @@ def test_classifier_commands_refuse_a_pipeline_in_one_line(tiny_pipelines: dict,
     make_photo((32, 32), seed=1).save(tmp_path / "p.png")
     for args, message in (
         (["predict", art, str(tmp_path / "p.png")], "predict classifies images"),
-        (["quantize", art, "-m", "int8-dynamic", "-o", str(tmp_path / "q")], "unknown method 'int8-dynamic' for a pipeline; use one of: fp16, int8, int4"),
+        (["quantize", art, "-m", "int8-dynamic", "-o", str(tmp_path / "q")], "cannot do 'int8-dynamic' for text-to-image; it offers: fp16, int8, int4"),
         (["evaluate", art, "--data", "builtin"], "evaluate does not apply to text-to-image artifacts"),
     ):
         code, out = _run(*args)

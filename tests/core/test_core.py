@@ -140,7 +140,7 @@ def test_compile_keeps_assets_and_component_records(two: Path, tmp_path: Path) -
 @pytest.mark.parametrize(
     ("backend", "extra", "message"),
     [
-        ("onnxruntime", {"bogus": 1}, "unknown option 'bogus' \\(this backend takes: graph_optimization_level, precision, static_batch, transformer_fusions\\)"),
+        ("onnxruntime", {"bogus": 1}, "unknown option 'bogus' \\(this backend takes: graph_optimization_level, precision, provider, static_batch, transformer_fusions\\)"),
         ("onnxruntime", {"precision": "fp16"}, "enginekit quantize ART --method fp16"),
         ("onnxruntime", {"graph_optimization_level": 3}, "must be a string"),
         ("onnxruntime", {"graph_optimization_level": "max"}, "must be one of disable, basic, extended, all"),
