@@ -56,7 +56,11 @@ def compile_options(manifest: Manifest, backend: str, precision: str = "fp32", h
                                             static=True)
         return extra
     if not _takes(backend, "dims"):
-        raise InputError(f"static shapes (--height/--width/--batch) are not a {backend} option")
+        from enginekit.registry import backend_names
+
+        takes = [b for b in backend_names() if _takes(b, "dims") or _shape_profiles(b)]
+        raise InputError(f"static shapes (--height/--width/--batch) are not an option of the {backend} backend; "
+                         f"{' and '.join(takes)} take them")
     height = cfg.default_size if height is None else height
     width = cfg.default_size if width is None else width
     batch = 1 if batch is None else _int_in("batch", batch, 1, MAX_IMAGES)

@@ -257,7 +257,7 @@ def test_static_shape_openvino_pipeline(tiny_pipelines: dict, tmp_path: Path) ->
         PROMPTS[:1], negative_prompt=NEGATIVES[:1], num_inference_steps=3, latents=latents, scheduler="euler",
         output_type="np").images
     assert psnr(ref, got) >= 30.0  # fp16 weights, the device's precision
-    with pytest.raises(InputError, match="static shapes .* are an OpenVINO option"):
+    with pytest.raises(InputError, match="static shapes .* are not an option of the onnxruntime backend; openvino and tensorrt take them"):
         build_engine(tiny_pipelines[("tiny-sd15", "onnx")], "onnxruntime", tmp_path / "x", height=SIZE)
 
 
