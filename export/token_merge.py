@@ -83,7 +83,9 @@ def _pairs(r: int, tokens: int, *, last: bool) -> int:
 
 
 def _match(metric: Any, r: int) -> tuple[Any, Any, Any]:
-    """Bipartite soft matching: (kept A indices, merged A indices, their B partners), each (B, n)."""
+    """Bipartite soft matching: the kept A tokens, the merged A tokens and their B partners, as rows
+    of the flattened batch (A's rows for the first two, B's for the third), made once per block for
+    every tensor merged."""
     import torch
 
     metric = metric / metric.norm(dim=-1, keepdim=True)
@@ -100,8 +102,9 @@ def _match(metric: Any, r: int) -> tuple[Any, Any, Any]:
     # Each merged token's partner: the argmax of its row only (an argmax over every row of A is a
     # TopK that costs OpenVINO more than the rest of the merge).
     n, t1, t2 = scores.shape
-    dst_idx = scores.reshape(n * t1, t2)[_flat(src_idx, t1)].reshape(n, r, t2).argmax(dim=-1)
-    return unm_idx, src_idx, dst_idx
+    src_rows = _flat(src_idx, t1)
+    dst_idx = scores.reshape(n * t1, t2)[src_rows].reshape(n, r, t2).argmax(dim=-1)
+    return _flat(unm_idx, t1), src_rows, _flat(dst_idx, t2)
 
 
 def _flat(idx: Any, tokens: int) -> Any:
@@ -117,21 +120,18 @@ def _merge(x: Any, idx: tuple[Any, Any, Any], r: int) -> Any:
     # fed by a Broadcast of the indices, which cost OpenVINO more than the merge saves.
     import torch
 
-    unm_idx, src_idx, dst_idx = idx
+    unm_rows, src_rows, dst_rows = idx
     src, dst = x[:, ::2, :], x[:, 1::2, :]
     n, t1, c = src.shape
     t2 = dst.shape[1]
-    src_rows = src.reshape(n * t1, c)
-    unm = src_rows[_flat(unm_idx, t1)].reshape(n, t1 - r, c)
-    moved = src_rows[_flat(src_idx, t1)]
-    dst = dst.reshape(n * t2, c).index_add(0, _flat(dst_idx, t2), moved).reshape(n, t2, c)
+    src = src.reshape(n * t1, c)
+    unm = src[unm_rows].reshape(n, t1 - r, c)
+    dst = dst.reshape(n * t2, c).index_add(0, dst_rows, src[src_rows]).reshape(n, t2, c)
     return torch.cat([unm, dst], dim=1)
 
 
 def _merge_weighted(x: Any, size: Any, metric: Any, r: int) -> tuple[Any, Any]:
     """Merge ``r`` pairs of ``x`` as size-weighted means; returns (x, size)."""
-    import torch
-
     idx = _match(metric, r)
     x = _merge(x * size, idx, r)
     size = _merge(size, idx, r)
