@@ -16,13 +16,7 @@ from enginekit.serve.app import create_app
 from enginekit.serve.settings import ServeSettings
 from enginekit.serve.testing import AppRunner
 
-from ..conftest import make_photo
-
-
-def png(seed: int, size: tuple[int, int] = (48, 40)) -> bytes:
-    buf = io.BytesIO()
-    make_photo(size, seed).save(buf, format="PNG")
-    return buf.getvalue()
+from .test_serve import png
 
 
 def test_classify_explain(exported: dict) -> None:
