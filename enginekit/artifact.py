@@ -427,20 +427,17 @@ def _verify_file(root: Path, entry: FileEntry, known: dict[str, dict], remember:
 
 def check_onnx_external_data(root: Path, entry: str) -> list[str]:
     """The external-data files the ONNX graph ``entry`` reads, relative to ``root``
-    (posix); refuse locations that leave the artifact folder."""
-    import onnx
-    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+    (posix); refuse locations that leave the artifact folder. Read from the protobuf
+    bytes (:mod:`enginekit.onnx_wire`): no ``onnx`` package on the runtime path."""
+    from enginekit.onnx_wire import WireError, external_locations
 
     try:
-        model = onnx.load(str(root / entry), load_external_data=False)
-    except Exception as exc:  # onnx raises DecodeError and others
+        locations = external_locations(root / entry)
+    except (WireError, OSError) as exc:
         raise IntegrityError(f"{root / entry}: not a readable ONNX model ({one_line(exc)})") from exc
     base = (root / entry).parent
     found: dict[str, None] = {}
-    for tensor in _get_all_tensors(model):
-        if not uses_external_data(tensor):
-            continue
-        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+    for location in locations:
         rel = os.path.normpath(os.path.relpath(base / location, root))
         _inside(root, rel)
         found[Path(rel).as_posix()] = None

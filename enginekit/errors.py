@@ -21,6 +21,7 @@ can print one line instead of a traceback::
     │   ├── UnsupportedStageError  the artifact's task has no implementation of the stage
     │   ├── ImageError           a file or object that is not a readable image
     │   └── ShapeError           a feed with the wrong name, dtype or shape
+    ├── MissingPackageError      an optional package a feature needs is not installed (also an ImportError)
     ├── SourceError              a model source (hub id, folder, file) cannot be loaded
     ├── QuantizationError        a quantization method cannot run as asked
     └── ExportError              export failed
@@ -28,6 +29,8 @@ can print one line instead of a traceback::
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 __all__ = [
     "EngineKitError",
@@ -38,6 +41,8 @@ __all__ = [
     "BackendError",
     "UnknownBackendError",
     "BackendUnavailableError",
+    "MissingPackageError",
+    "need",
     "DeviceError",
     "EngineBrokenError",
     "RunInterrupted",
@@ -103,6 +108,23 @@ class UnknownBackendError(BackendError):
 
 class BackendUnavailableError(BackendError):
     """The backend is known but its library is not importable."""
+
+
+class MissingPackageError(EngineKitError, ImportError):
+    """An optional package a feature needs is not installed (the message names the pip extra)."""
+
+
+def need(module: str, purpose: str, extra: str) -> Any:
+    """``import module``, or a :class:`MissingPackageError` saying that ``purpose`` needs it and
+    what to install: the edge install leaves out what only some features use."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        top = module.split(".")[0]
+        raise MissingPackageError(f"{purpose} needs the {top} package, which is not installed: "
+                                  f"pip install 'enginekit[{extra}]' ({one_line(exc)})") from exc
 
 
 class DeviceError(BackendError):

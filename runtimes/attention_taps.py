@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from enginekit.errors import BackendError
+from enginekit.errors import BackendError, need
 
 __all__ = ["ATTENTION_OUTPUT", "ATTENTION_TAP", "AttentionTap", "attention_outputs"]
 
@@ -53,7 +53,7 @@ class AttentionTap:
     def apply_onnx(self, path: Path) -> Any:
         """The ONNX model at ``path`` with the taps added; its weights stay where they are (an
         external data file is read from the model's folder by the session)."""
-        import onnx
+        onnx = need("onnx", "Explanations (attention rollout) on an ONNX Runtime engine", "onnx")
 
         model = onnx.load(str(path), load_external_data=False)
         graph = model.graph

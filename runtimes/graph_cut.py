@@ -17,7 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from enginekit.errors import BackendError
+from enginekit.errors import BackendError, need
+
+_PURPOSE = "Step caching (cutting the denoiser's graph) on an ONNX Runtime engine"
 
 __all__ = ["Cut", "cut_onnx", "cut_openvino"]
 
@@ -50,7 +52,7 @@ def _check(have_outputs: list[str], cut: Cut, where: str) -> None:
 
 def _subgraph_reads(node: Any) -> set[str]:
     """Names a node's subgraphs (If/Loop bodies) read from the enclosing graph."""
-    import onnx
+    onnx = need("onnx", _PURPOSE, "onnx")
 
     reads: set[str] = set()
     for attr in node.attribute:
@@ -67,7 +69,7 @@ def _subgraph_reads(node: Any) -> set[str]:
 def cut_onnx(path: Path, cut: Cut) -> Any:
     """The ONNX model at ``path`` cut by ``cut``, with the weights it keeps read in (from the
     model's external data file when it has one), ready for ``InferenceSession(model bytes)``."""
-    import onnx
+    onnx = need("onnx", _PURPOSE, "onnx")
     from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
 
     model = onnx.load(str(path), load_external_data=False)

@@ -22,7 +22,7 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 
-from enginekit.errors import ArtifactError
+from enginekit.errors import ArtifactError, need
 
 __all__ = ["MAP_FILE", "MAP_VERSION", "digest", "onnx_tensors", "ir_tensors", "engine_tensors", "match_weights",
            "read_map", "relink", "to_graph_layout"]
@@ -41,7 +41,7 @@ def digest(array: np.ndarray) -> str:
 def onnx_tensors(path: Path, names: Iterable[str] | None = None) -> Iterator[tuple[str, np.ndarray]]:
     """An ONNX file's float initializers of rank >= 2 (``names``: only those), external data
     memory-mapped rather than read."""
-    import onnx
+    onnx = need("onnx", "Run-time LoRA on an ONNX Runtime engine", "onnx")
     from onnx import numpy_helper
     from onnx.helper import tensor_dtype_to_np_dtype
 

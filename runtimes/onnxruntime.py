@@ -25,7 +25,7 @@ from typing import Any, ClassVar, Mapping
 import numpy as np
 
 from enginekit.artifact import make_component
-from enginekit.errors import BackendError, DeviceError, FidelityError, one_line
+from enginekit.errors import BackendError, DeviceError, FidelityError, MissingPackageError, need, one_line
 from enginekit.manifest import Manifest, TensorSpec
 from enginekit.engine import one_line
 from enginekit.runtimes.base import Backend, BackendOptions, CompileOptions, Runner
@@ -276,7 +276,7 @@ class OnnxRuntimeBackend(Backend):
         entry = artifact / manifest.component(component).entry
         try:
             model = cut.apply_onnx(entry).SerializeToString()
-        except BackendError:
+        except (BackendError, MissingPackageError):
             raise
         except Exception as exc:
             raise BackendError(f"onnxruntime could not cut {entry} ({cut.label}): {one_line(exc)}") from exc
@@ -289,7 +289,7 @@ class OnnxRuntimeBackend(Backend):
         re-read with those tensors inline (the others stay in its external data file). Not
         ``SessionOptions.add_initializer``: at level "all" the NCHWc layout pass keeps the graph's
         own Conv weights and ignores the override (onnxruntime 1.32)."""
-        import onnx
+        onnx = need("onnx", "Run-time LoRA on an ONNX Runtime engine", "onnx")
         from onnx import numpy_helper
 
         entry = artifact / manifest.component(component).entry

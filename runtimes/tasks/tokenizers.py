@@ -23,9 +23,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-import tokenizers
 
-from enginekit.errors import ArtifactError, InputError, ManifestError, one_line
+from enginekit.errors import ArtifactError, InputError, ManifestError, need, one_line
 
 __all__ = ["TokenizerConfig", "EncodedPrompts", "PromptTokenizer", "KINDS"]
 
@@ -121,7 +120,7 @@ class PromptTokenizer:
     serve several threads.
     """
 
-    def __init__(self, tokenizer: tokenizers.Tokenizer, config: TokenizerConfig) -> None:
+    def __init__(self, tokenizer: Any, config: TokenizerConfig) -> None:
         self.config = config
         self._tok = tokenizer
         self._tok.no_padding()
@@ -151,6 +150,7 @@ class PromptTokenizer:
         path = Path(root) / cfg.file
         if not path.is_file():
             raise ArtifactError(f"tokenizer file {path} is missing; re-export the model")
+        tokenizers = need("tokenizers", "Prompt tokenization (text-to-image)", "pipelines")
         try:
             tok = tokenizers.Tokenizer.from_file(str(path))
         except Exception as exc:  # the Rust library raises plain Exception with serde's message

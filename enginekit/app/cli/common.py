@@ -14,7 +14,8 @@ from enginekit.errors import EngineKitError, OptionError
 
 _EXTRA_FOR = {"torch": "export", "timm": "export", "transformers": "export", "torchvision": "export",
               "onnxruntime": "onnxruntime", "openvino": "openvino", "sklearn": "data", "onnxscript": "export", "nncf": "quant", "matplotlib": "bench",
-              "fastapi": "serve", "uvicorn": "serve", "prometheus_client": "serve", "multipart": "serve"}
+              "fastapi": "serve", "uvicorn": "serve", "prometheus_client": "serve", "multipart": "serve",
+              "tokenizers": "pipelines", "onnx": "onnx"}
 
 
 class _Group(click.Group):
