@@ -3,7 +3,9 @@ exported once per test session. No downloads; seconds on 2 CPU cores."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Callable
 
@@ -28,6 +30,29 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory):
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], dict]) -> dict:
+    """A session fixture's folders, built once per run: ``build(root)`` returns {key: path under
+    root}. Under pytest-xdist the first worker to ask builds them in the run's shared temp folder
+    while the others wait on a lock, then all read the same folders (tests never change them)."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return build(tmp_path_factory.mktemp(name))
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp().parent / "shared"
+    shared.mkdir(exist_ok=True)
+    done = shared / f"{name}.json"
+    with FileLock(str(shared / f"{name}.lock")):
+        if done.exists():
+            return {(tuple(k) if isinstance(k, list) else k): Path(v) for k, v in json.loads(done.read_text())}
+        root = shared / name
+        if root.exists():  # a worker that failed half-way
+            shutil.rmtree(root)
+        root.mkdir()
+        out = build(root)
+        done.write_text(json.dumps([[list(k) if isinstance(k, tuple) else k, str(v)] for k, v in out.items()]))
+        return out
 
 
 @pytest.fixture(scope="session")
@@ -71,12 +96,14 @@ def exported(tmp_path_factory: pytest.TempPathFactory, tiny_timm_dir: Path, tiny
     """ONNX artifacts of both tiny models: {'timm': path, 'hf': path}."""
     from enginekit.export.vit import export_classifier
 
-    root = tmp_path_factory.mktemp("exported")
-    out = {}
-    for name, src in (("timm", tiny_timm_dir), ("hf", tiny_hf_dir)):
-        export_classifier(str(src), root / name)
-        out[name] = root / name
-    return out
+    def build(root: Path) -> dict:
+        out = {}
+        for name, src in (("timm", tiny_timm_dir), ("hf", tiny_hf_dir)):
+            export_classifier(str(src), root / name)
+            out[name] = root / name
+        return out
+
+    return built_once(tmp_path_factory, "exported", build)
 
 
 def installed_backends() -> list[str]:
@@ -90,15 +117,17 @@ def compiled(tmp_path_factory: pytest.TempPathFactory, exported: dict[str, Path]
     """Every (source, artifact kind) pair: the exported ONNX plus one engine per installed backend."""
     from enginekit.api import compile_artifact
 
-    root = tmp_path_factory.mktemp("compiled")
-    out: dict[tuple[str, str], Path] = {}
-    for src, path in exported.items():
-        out[(src, "onnx")] = path
-        for backend in installed_backends():
-            target = root / f"{src}-{backend}"
-            compile_artifact(path, backend, target)
-            out[(src, backend)] = target
-    return out
+    def build(root: Path) -> dict:
+        out: dict[tuple[str, str], Path] = {}
+        for src, path in exported.items():
+            out[(src, "onnx")] = path
+            for backend in installed_backends():
+                target = root / f"{src}-{backend}"
+                compile_artifact(path, backend, target)
+                out[(src, backend)] = target
+        return out
+
+    return built_once(tmp_path_factory, "compiled", build)
 
 
 def make_photo(size: tuple[int, int], seed: int, mode: str = "RGB") -> "object":
@@ -126,17 +155,19 @@ def tiny_pipelines(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, 
     from enginekit.api import compile_artifact
     from enginekit.export.diffusion.sd import export_pipeline
 
-    root = tmp_path_factory.mktemp("pipelines")
-    out: dict[tuple[str, str], Path] = {}
-    for name in ("tiny-sd15", "tiny-sdxl", "tiny-sd3", "tiny-flux"):
-        onnx_dir = root / name
-        export_pipeline(name, onnx_dir)
-        out[(name, "onnx")] = onnx_dir
-        for backend in installed_backends():
-            target = root / f"{name}-{backend}"
-            compile_artifact(onnx_dir, backend, target)
-            out[(name, backend)] = target
-    return out
+    def build(root: Path) -> dict:
+        out: dict[tuple[str, str], Path] = {}
+        for name in ("tiny-sd15", "tiny-sdxl", "tiny-sd3", "tiny-flux"):
+            onnx_dir = root / name
+            export_pipeline(name, onnx_dir)
+            out[(name, "onnx")] = onnx_dir
+            for backend in installed_backends():
+                target = root / f"{name}-{backend}"
+                compile_artifact(onnx_dir, backend, target)
+                out[(name, backend)] = target
+        return out
+
+    return built_once(tmp_path_factory, "pipelines", build)
 
 
 @pytest.fixture(scope="session")
@@ -146,15 +177,17 @@ def inpainting(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str]
     from enginekit.api import compile_artifact
     from enginekit.export.diffusion.sd import export_pipeline
 
-    root = tmp_path_factory.mktemp("inpainting")
-    out: dict[tuple[str, str], Path] = {}
-    for name in ("tiny-sd15-inpainting", "tiny-sdxl-inpainting"):
-        export_pipeline(name, root / name)
-        out[(name, "onnx")] = root / name
-        for backend in installed_backends():
-            compile_artifact(root / name, backend, root / f"{name}-{backend}")
-            out[(name, backend)] = root / f"{name}-{backend}"
-    return out
+    def build(root: Path) -> dict:
+        out: dict[tuple[str, str], Path] = {}
+        for name in ("tiny-sd15-inpainting", "tiny-sdxl-inpainting"):
+            export_pipeline(name, root / name)
+            out[(name, "onnx")] = root / name
+            for backend in installed_backends():
+                compile_artifact(root / name, backend, root / f"{name}-{backend}")
+                out[(name, backend)] = root / f"{name}-{backend}"
+        return out
+
+    return built_once(tmp_path_factory, "inpainting", build)
 
 
 def make_mask(size: tuple[int, int], box: tuple[int, int, int, int]) -> "object":

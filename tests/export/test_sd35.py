@@ -96,16 +96,16 @@ def _schnell_folder(root: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def flux_pair(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, object]]:
+def flux_pair(tmp_path_factory: pytest.TempPathFactory, tiny_pipelines: dict) -> dict[str, tuple[Path, object]]:
+    """tiny-flux (a dev: guidance embedded) as the session exported it, and a schnell twin exported here."""
     from enginekit.export.diffusion.sd import export_pipeline
     from enginekit.export.diffusion.sources import _build_seeded, resolve_pipeline
 
     root = tmp_path_factory.mktemp("flux")
-    out = {}
-    for name, src in (("dev", resolve_pipeline("tiny-flux")), ("schnell", _build_seeded(_schnell_folder(root), "flux", 0))):
-        export_pipeline(src, root / name)
-        out[name] = (root / name, src.pipeline)
-    return out
+    schnell = _build_seeded(_schnell_folder(root), "flux", 0)
+    export_pipeline(schnell, root / "schnell")
+    return {"dev": (tiny_pipelines[("tiny-flux", "onnx")], resolve_pipeline("tiny-flux").pipeline),
+            "schnell": (root / "schnell", schnell.pipeline)}
 
 
 def test_schnell_has_no_guidance_input_and_dev_has_one(flux_pair: dict) -> None:

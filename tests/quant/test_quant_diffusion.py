@@ -58,9 +58,13 @@ CASES = [
     ("tiny-sd3", "onnxruntime", "int8"), ("tiny-sd3", "onnxruntime", "int4"),
     ("tiny-sd3", "openvino", "fp16"), ("tiny-sd3", "openvino", "int8"), ("tiny-sd3", "openvino", "int4"),
 ]
+# Every method on SD 1.5 by default, and the transformer's int8 and int4 on ONNX Runtime and int8 on
+# OpenVINO; SD3 with OpenVINO fp16/int4 (the paths SD 1.5 runs on OpenVINO) under -m slow.
+_SLOW_CASES = {("tiny-sd3", "openvino", "fp16"), ("tiny-sd3", "openvino", "int4")}
 
 
-@pytest.mark.parametrize("name,backend,method", CASES, ids=["-".join(c) for c in CASES])
+@pytest.mark.parametrize("name,backend,method", [
+    pytest.param(*c, id="-".join(c), marks=pytest.mark.slow if c in _SLOW_CASES else ()) for c in CASES])
 def test_quantized_pipeline_loads_generates_and_records_fidelity(
         tiny_pipelines: dict, tmp_path: Path, name: str, backend: str, method: str) -> None:
     if not _available(backend):
