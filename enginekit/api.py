@@ -20,7 +20,7 @@ from enginekit.errors import BackendError, BackendUnavailableError, DeviceError,
 from enginekit.hardware import fingerprint
 from enginekit.interface import carry_interfaces, with_interface
 from enginekit.manifest import Manifest, read_manifest
-from enginekit.registry import backend_class, get_backend, task_class, task_stages
+from enginekit.registry import backend_class, backend_names, get_backend, task_class, task_stages
 from enginekit.registry import stage as task_stage
 
 __all__ = ["load", "load_runner", "compile_artifact", "default_backend", "resolve_device", "Components"]
@@ -83,17 +83,31 @@ def _open(path: str | Path, backend: str | None, digest: str | None = None,
     name = backend or default_backend(manifest)
     try:
         be = get_backend(name)
-    except BackendUnavailableError as exc:
-        if backend is None and manifest.kind == "onnx" and backend_class("openvino").is_available():
-            raise BackendUnavailableError(f"{exc}; or run this ONNX artifact on OpenVINO, which reads ONNX: "
-                                          "backend='openvino' (--backend openvino)") from None
-        raise
+    except BackendUnavailableError:
+        if backend is not None:
+            raise
+        # Not asked for a backend: any installed one that loads this kind (an ONNX export runs
+        # on OpenVINO in an OpenVINO-only install), said in the log.
+        other = next((n for n in backend_names() if n != name and _loads_here(n, manifest.kind)), None)
+        if other is None:
+            raise
+        log.info("%s is not installed; running this %s artifact on %s, which loads it", name, manifest.kind, other)
+        name, be = other, get_backend(other)
     if manifest.kind not in be.loads:
         raise BackendError(
             f"backend {name!r} cannot load a {manifest.kind!r} artifact (it loads: {', '.join(be.loads)}); "
             f"compile it first: enginekit compile {root} --backend {name} -o OUT"
         )
     return root, manifest, be
+
+
+def _loads_here(name: str, kind: str) -> bool:
+    """Whether backend ``name`` is installed and loads ``kind`` artifacts (a plugin that does not import: no)."""
+    try:
+        cls = backend_class(name)
+        return kind in getattr(cls, "loads", ()) and cls.is_available()
+    except (ImportError, AttributeError):
+        return False
 
 
 class Components(Mapping[str, Runner]):

@@ -146,6 +146,27 @@ def test_unknown_and_unavailable_backends(exported: dict, monkeypatch: pytest.Mo
         get_backend("openvino")
 
 
+def test_an_onnx_export_runs_on_whichever_backend_is_installed(exported: dict, monkeypatch: pytest.MonkeyPatch,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    """Without a backend asked for, an ONNX export in an OpenVINO-only install runs on OpenVINO
+    (said in the log); asked for by name, the missing backend is still an error."""
+    from enginekit.runtimes.onnxruntime import OnnxRuntimeBackend
+    from enginekit.runtimes.openvino import OpenVINOBackend
+
+    if not OpenVINOBackend.is_available():
+        pytest.skip("openvino is not installed")
+    monkeypatch.setattr(OnnxRuntimeBackend, "is_available", classmethod(lambda cls: False))
+    with caplog.at_level("INFO", logger="enginekit"), enginekit.load(exported["timm"], device="cpu") as clf:
+        assert clf.backend == "openvino"
+        assert clf.predict(np.zeros((40, 40, 3), np.uint8))[0].label
+    assert "running this onnx artifact on openvino" in caplog.text
+    with pytest.raises(BackendUnavailableError, match=r"pip install 'enginekit\[onnxruntime\]'"):
+        enginekit.load(exported["timm"], backend="onnxruntime", device="cpu")
+    monkeypatch.setattr(OpenVINOBackend, "is_available", classmethod(lambda cls: False))
+    with pytest.raises(BackendUnavailableError, match=r"pip install 'enginekit\[onnxruntime\]'"):
+        enginekit.load(exported["timm"], device="cpu")
+
+
 def test_wrong_feed_is_a_shape_error(exported: dict) -> None:
     with enginekit.load(exported["timm"], device="cpu") as clf:
         with pytest.raises(ShapeError, match="axis 2 must be 32"):
