@@ -23,7 +23,7 @@ from enginekit.artifact import atomic_artifact, make_component, verify_artifact,
 from enginekit.errors import FidelityError, InputError, OptionError, QuantizationError
 from enginekit.hardware import fingerprint
 from enginekit.manifest import Manifest, read_manifest
-from enginekit.quant.base import QuantJob, QuantMethod, QuantOptions, get_method
+from enginekit.quant.base import QuantJob, QuantMethod, QuantOptions, get_method, methods_for
 from enginekit.quant.data import InputSet, describe_data, load_inputs, photos_available, split_every
 from enginekit.quant.gate import Budget, check, measure, run_all
 from enginekit.quant.vocabulary import TABLE, calibration_spec, check_data_aware, note, resolve
@@ -202,8 +202,28 @@ def quantize_artifact(artifact: str | Path, out_dir: str | Path, method: str, re
         return attempt(req.options, None)
     except _Missed as first:
         if not req.auto_fallback:
-            raise FidelityError(str(first)) from None
+            raise FidelityError(f"{first}. {_what_to_try(spec, calib, budget)}") from None
         return _fallback(spec, root, parent, calib, held, req.options, attempt, first.report, on_step)
+
+
+def _what_to_try(spec: QuantMethod, calib: InputSet | None, budget: Budget) -> str:
+    """The next things to try after a missed gate, in the order that usually helps."""
+    tries = []
+    if calib is not None:
+        tries.append(f"more or closer calibration data (it had {describe_data(calib.source, calib.size)}; "
+                     "-c FOLDER of images like the ones it will see, --calibration-size)")
+        tries.append("--auto-fallback (keeps the layers that hurt most in float until the budget holds)")
+    if spec.name.startswith("int4"):
+        tries.append("smaller int4 groups (--group-size 32)" + (", or part of the weights in int8 (--ratio 0.8)"
+                                                                 if spec.data_aware else ""))
+    # the backend's uncalibrated int8 (ONNX Runtime's dynamic int8, NNCF's weight-only int8)
+    weight_only = next((m.name for m in methods_for(spec.backend)
+                        if m.name.startswith("int8") and not m.needs_calibration), None)
+    tries.append("fp16/bf16" if weight_only in (None, spec.name) else
+                 f"a method that needs no calibration: {weight_only}, or fp16/bf16")
+    tries.append(f"a weaker budget, if the numbers above are good enough for you (--min-agreement, now "
+                 f"{budget.min_agreement:g}; --min-cosine, now {budget.min_cosine:g})")
+    return "To try: " + "; ".join(tries)
 
 
 def _fallback(spec: QuantMethod, root: Path, parent: Manifest, calib: InputSet | None, held: InputSet,

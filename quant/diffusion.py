@@ -330,8 +330,17 @@ def _variants(run: _Run) -> Manifest:
             run.on_step(str(miss))
     assert last is not None
     if not run.opts.auto_fallback:
+        method = plan[denoiser]
+        tries = (["--auto-fallback (keeps the denoiser's layers that hurt the image most in float)"]
+                 if method == "int8" else [])
+        tries += {"int4": ["smaller int4 groups (--group-size 32) or, on openvino, part in int8 (--ratio 0.8)",
+                           "-m int8"],
+                  "int8": ["-m fp16"]}.get(method, [])
+        tries.append(f"--component {denoiser}=fp16 (the rest as asked)" if method != "fp16" else
+                     "another backend (-b)")
+        tries.append("a weaker budget if the numbers above are good enough for you (--min-psnr, --min-ssim)")
         raise FidelityError(str(last) + (f" (tried: {', '.join(t['variant'] for t in tried)})"
-                                         if len(tried) > 1 else "")) from None
+                                         if len(tried) > 1 else "") + ". To try: " + "; ".join(tries)) from None
     return _fallback(run, options, tried)
 
 

@@ -126,6 +126,9 @@ def test_gate_refuses_a_pipeline_under_budget_and_writes_nothing(sd15: Path, tmp
     with pytest.raises(FidelityError, match=r"PSNR \d+\.\d+ dB < 90\.0 dB.*nothing was written") as err:
         quantize_pipeline(sd15, out, "int4", group_size=16, min_psnr=90.0, reference="parent")
     assert "4 images" in str(err.value)
+    tries = str(err.value).split("To try: ", 1)[1]
+    assert "--group-size 32" in tries and "-m int8" in tries and "--component unet=fp16" in tries
+    assert "--min-psnr" in tries and "--auto-fallback" not in tries  # int4 has no fallback
     assert not out.exists() and not list(tmp_path.glob(".q*"))
 
 

@@ -110,10 +110,23 @@ def test_every_method_passes_its_gate_and_loads(exported: dict, labelled: Path, 
 def test_gate_refuses_and_writes_nothing(exported: dict, tmp_path: Path) -> None:
     out = tmp_path / "q"
     # int4 with 16-weight groups on a random tiny model cannot be this faithful.
-    with pytest.raises(FidelityError, match=r"misses its fidelity budget .* logits cosine"):
+    with pytest.raises(FidelityError, match=r"misses its fidelity budget .* logits cosine") as err:
         quantize_artifact(exported["timm"], out, "int4-weight", options=QuantOptions(group_size=16),
                           min_cosine=0.9999999, min_agreement=1.0)
     assert not out.exists() and [p for p in tmp_path.iterdir()] == []
+    # what to try next: a weight-only int4 has no calibration to add or layers to fall back on
+    tries = str(err.value).split("To try: ", 1)[1]
+    assert "--group-size 32" in tries and "no calibration: int8-dynamic" in tries and "--min-cosine, now 1" in tries
+    assert "--auto-fallback" not in tries and "calibration data" not in tries
+
+
+def test_a_calibrated_method_that_misses_says_to_add_data_or_fall_back(exported: dict, tmp_path: Path) -> None:
+    with pytest.raises(FidelityError) as err:
+        quantize_artifact(exported["timm"], tmp_path / "q", "int8-static", calibration="patterns",
+                          calibration_size=8, min_cosine=0.9999999, min_agreement=1.0)
+    tries = str(err.value).split("To try: ", 1)[1]
+    assert "more or closer calibration data (it had 8" in tries and "--auto-fallback" in tries
+    assert "no calibration: int8-dynamic" in tries
 
 
 def test_auto_fallback_keeps_layers_in_float(exported: dict, tmp_path: Path) -> None:
