@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import weakref
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from fastapi import APIRouter, Request
@@ -16,7 +16,7 @@ from enginekit.serve.errors import ApiError
 from enginekit.serve.models import CLASSIFIER, ModelSlot
 from enginekit.serve.uploads import b64_image, json_body, open_image
 
-__all__ = ["router", "classify_rows", "decode_images", "predictions", "explanations"]
+__all__ = ["router", "classify_rows", "decode_images", "predictions", "explanations", "explained", "explain_field"]
 
 router = APIRouter(tags=["tasks"])
 #: Fields classify takes besides the images.
@@ -143,7 +143,7 @@ async def classify(request: Request) -> JSONResponse:
     top_k = _int_field(fields.get("top_k", 5), "top_k", 1, 1000)
     embedding = _bool_field(fields.get("embedding", False), "embedding")
     # ?explain=true in the query works with every kind of body; a body field says the same.
-    method = _explain_field(fields.get("explain", request.query_params.get("explain", False)))
+    method = explain_field(fields.get("explain", request.query_params.get("explain", False)))
     model = fields.get("model")
     if model is not None and not isinstance(model, str):
         raise ApiError(422, "model: expected a string")
@@ -162,7 +162,7 @@ async def classify(request: Request) -> JSONResponse:
 
 # ---------------------------------------------------------------------------- explain
 
-def _explain_field(value: Any) -> str | None:
+def explain_field(value: Any) -> str | None:
     """``explain``: false (none), true or ``rollout``, ``occlusion``."""
     if value is False or (isinstance(value, str) and value.lower() in ("false", "0", "")):
         return None
@@ -181,14 +181,21 @@ _EXPLAINING: weakref.WeakKeyDictionary[ModelSlot, threading.Lock] = weakref.Weak
 async def explanations(state: Any, slot: ModelSlot, images: list[bytes], method: str) -> list[dict[str, Any]]:
     """Each image's explanation as JSON (method, grid, box, base64 PNG overlay), off the event loop;
     503 while another runs for this model, 504 past the timeout."""
+    return await explained(state, slot, images, method, lambda e, image: e.to_dict(image))
+
+
+async def explained(state: Any, slot: ModelSlot, images: list[bytes], method: str,
+                    shape: Callable[[Any, Any], Any]) -> list[Any]:
+    """``shape(explanation, image)`` for each image, computed off the event loop; 503 while
+    another explanation runs for this model, 504 past the timeout."""
     lock = _EXPLAINING.setdefault(slot, threading.Lock())
     if not lock.acquire(blocking=False):
         raise ApiError(503, f"model {slot.name!r} is explaining another request; retry later", {"Retry-After": "1"})
 
-    def work() -> list[dict[str, Any]]:
+    def work() -> list[Any]:
         try:
             pil = [open_image(data, i, state.settings) for i, data in enumerate(images)]
-            return [e.to_dict(image) for e, image in zip(slot.obj.explain(pil, method, top_k=1), pil)]
+            return [shape(e, image) for e, image in zip(slot.obj.explain(pil, method, top_k=1), pil)]
         finally:
             lock.release()
 

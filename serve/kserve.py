@@ -2,7 +2,9 @@
 extension and Triton's classification extension, so ``tritonclient.http`` works unchanged.
 
 Classifiers take ``pixel_values`` (FP32, N x 3 x H x W, preprocessed) or ``image``
-(BYTES, N encoded images, preprocessed here) and give ``logits`` and ``embedding``;
+(BYTES, N encoded images, preprocessed here) and give ``logits`` and ``embedding`` (with the
+request parameter ``explain`` true/rollout/occlusion and ``image``, also ``explanation``,
+``explanation_box`` and ``explanation_png``: each image's map, its box and a base64 PNG overlay);
 pipelines take ``prompt`` (and ``negative_prompt``) as BYTES, generation settings as
 request parameters, and give ``image`` (UINT8, N x H x W x 3).
 """

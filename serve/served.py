@@ -124,11 +124,15 @@ class ServedClassifier(Served):
 
     async def kserve_infer(self, request: Request, inputs: dict[str, np.ndarray],
                            params: dict[str, Any]) -> dict[str, np.ndarray]:
-        from enginekit.serve.classify import classify_rows, decode_images
+        from enginekit.serve.classify import classify_rows, decode_images, explain_field
 
         state, slot = request.app.state.server, self.slot
         spec = self.obj.runner.inputs[0]
         limit = state.settings.max_images
+        method = explain_field(params.get("explain", False))
+        if method and set(inputs) != {"image"}:
+            raise ApiError(400, "the explain parameter takes the 'image' input (BYTES, encoded images): the map "
+                                "and its box are placed on the image given")
         if set(inputs) == {"image"}:
             images = [bytes(v) for v in inputs["image"].reshape(-1)]
             if not images or len(images) > limit:
@@ -147,7 +151,28 @@ class ServedClassifier(Served):
         else:
             raise ApiError(400, f"model {slot.name!r} takes one input, {spec.name!r} (FP32) or 'image' (BYTES); "
                                 f"got {sorted(inputs)}")
-        return await classify_rows(state, slot, np.ascontiguousarray(pixels))
+        outputs = dict(await classify_rows(state, slot, np.ascontiguousarray(pixels)))
+        if method:
+            outputs.update(await self._explanations(state, images, method))
+        return outputs
+
+    async def _explanations(self, state: Any, images: list[bytes], method: str) -> dict[str, np.ndarray]:
+        """The ``explain`` parameter's extra outputs: ``explanation`` (FP32, N x rows x columns: the
+        map on the model's grid), ``explanation_box`` (FP32, N x 4: where the model's input lies on
+        each image, left/top/right/bottom in its pixels) and ``explanation_png`` (BYTES: base64 PNG
+        overlays), the same as /v1/classify?explain=true gives."""
+        import base64
+
+        from enginekit.serve.classify import explained
+
+        found = await explained(state, self.slot, images, method,
+                                lambda e, image: (np.asarray(e.grid, np.float32), np.asarray(e.box, np.float32),
+                                                  base64.b64encode(e.overlay_png(image))))
+        grids = [g for g, _, _ in found]
+        if len({g.shape for g in grids}) != 1:
+            raise ApiError(500, f"model {self.slot.name!r} gave maps of different shapes for one request")
+        return {"explanation": np.stack(grids), "explanation_box": np.stack([b for _, b, _ in found]),
+                "explanation_png": np.array([p for _, _, p in found], dtype=np.object_)}
 
     def classification(self, output: str, array: np.ndarray, k: int) -> np.ndarray:
         """The top ``k`` as ``b"score:index:label"``, best first."""

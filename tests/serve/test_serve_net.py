@@ -63,6 +63,11 @@ def test_tritonclient_works_unchanged(live: UvicornThread, exported: dict) -> No
         top = client.infer("clf", [inp], outputs=[httpclient.InferRequestedOutput("logits", class_count=1)])
         labels = [row[0].decode().split(":")[2] for row in top.as_numpy("logits")]
         assert labels == [p.label for p in reference.predict(images)] and set(labels) <= set(TIMM_LABELS)
+        # Explanations through a request parameter (docs/explain.md's example).
+        explained = client.infer("clf", [inp], parameters={"explain": "rollout"})
+        np.testing.assert_allclose(explained.as_numpy("explanation"),
+                                   np.stack([e.grid for e in reference.explain(images)]), atol=1e-6)
+        assert explained.as_numpy("explanation_png").shape == (2,)
         with pytest.raises(InferenceServerException, match="takes one input"):
             bad = httpclient.InferInput("nope", [1], "FP32")
             bad.set_data_from_numpy(np.zeros(1, np.float32))
