@@ -89,7 +89,8 @@ def _ours(body: Txt2ImgRequest, settings: Any) -> GenerateRequest:
     units = controlnet_units(body)
     if units:  # A1111's ControlNet units: images decoded by the route, values here (one per unit)
         fields["control_image"] = [u[0] for u in units]
-        for k, key in enumerate(("controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end"), 1):
+        for k, key in enumerate(("controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end",
+                                 "control_map"), 1):
             fields[key] = [u[k] for u in units]
     return GenerateRequest.checked(fields, settings)
 

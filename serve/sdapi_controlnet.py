@@ -4,8 +4,11 @@ pipeline's ControlNets, for what they share.
 Each enabled unit gives a ready-made control image (``image``, ``input_image``, or
 ``{"image": ...}``), its ``weight`` (the conditioning scale) and ``guidance_start``/``_end``.
 Units map in order onto the ControlNets the artifact was exported with (``model`` names are not
-matched: the artifact's ControlNets are the ones there are). A preprocessor other than ``none``
-(``canny``, ``openpose``, ...) is refused in one line: give the map it would make.
+matched: the artifact's ControlNets are the ones there are). The ``canny`` preprocessor runs
+(OpenCV's Canny, :mod:`enginekit.runtimes.control_maps`) with ``threshold_a``/``threshold_b`` as
+its low/high thresholds (A1111's defaults 100/200), on the image as sent (``processor_res`` is not
+applied: the map is resized to the output as any control image is); any other (``openpose``,
+``depth_midas``, ...) is refused in one line: give the map it would make.
 """
 
 from __future__ import annotations
@@ -28,8 +31,8 @@ def _image_field(unit: dict[str, Any], index: int) -> Any:
     return value
 
 
-def controlnet_units(body: Any) -> list[tuple[Any, float, float, float]]:
-    """(base64 image, weight, guidance start, guidance end) of each enabled unit, in order."""
+def controlnet_units(body: Any) -> list[tuple[Any, float, float, float, str]]:
+    """(base64 image, weight, guidance start, guidance end, control map) of each enabled unit, in order."""
     scripts = getattr(body, "alwayson_scripts", None) or {}
     if not isinstance(scripts, dict):
         raise ApiError(422, "alwayson_scripts: expected an object")
@@ -46,13 +49,23 @@ def controlnet_units(body: Any) -> list[tuple[Any, float, float, float]]:
         if unit.get("enabled", True) is False:
             continue
         module = unit.get("module")
-        if module not in _NONE:
+        if module in _NONE:
+            made = "none"
+        elif module == "canny":
+            try:
+                low, high = (float(unit.get(k, d)) for k, d in (("threshold_a", 100.0), ("threshold_b", 200.0)))
+            except (TypeError, ValueError):
+                raise ApiError(422, f"alwayson_scripts.controlnet.args[{i}]: threshold_a/threshold_b must be "
+                                    "numbers") from None
+            made = f"canny:{low!r},{high!r}"
+        else:
             raise ApiError(422, f"alwayson_scripts.controlnet.args[{i}].module: {str(module)[:40]!r} is a "
-                                "preprocessor enginekit does not run; send the control image it makes (module none)")
+                                "preprocessor enginekit does not run (it runs canny); send the control image it "
+                                "makes (module none)")
         try:
             values = [float(unit.get(k, d)) for k, d in (("weight", 1.0), ("guidance_start", 0.0), ("guidance_end", 1.0))]
         except (TypeError, ValueError):
             raise ApiError(422, f"alwayson_scripts.controlnet.args[{i}]: weight and guidance_start/end must be "
                                 "numbers") from None
-        units.append((_image_field(unit, i), *values))
+        units.append((_image_field(unit, i), *values, made))
     return units

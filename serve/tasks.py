@@ -15,7 +15,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
-from enginekit.errors import EngineKitError, one_line
+from enginekit.errors import EngineKitError, InputError, one_line
 from enginekit.runtimes.schedulers import SCHEDULERS
 from enginekit.serve.loras import resolve_loras
 from enginekit.serve.batching import Job
@@ -65,6 +65,9 @@ class GenerateRequest(BaseModel):
                                                          "pixels only, pasted back into the image")
     control_image: Optional[Union[str, list[str]]] = Field(
         default=None, description="ControlNet: base64 control image(s), one per ControlNet the model holds")
+    control_map: Optional[Union[str, list[str]]] = Field(
+        default=None, description="ControlNet: make the map from control_image (a photo) first: none, "
+                                                "canny or canny:LOW,HIGH; one, or one per control image")
     controlnet_conditioning_scale: Optional[Union[float, list[float]]] = None
     control_guidance_start: Optional[Union[float, list[float]]] = None
     control_guidance_end: Optional[Union[float, list[float]]] = None
@@ -165,9 +168,19 @@ async def decode_controls(req: GenerateRequest, settings: Any, upload: bytes | N
     controls = [upload] if upload is not None else [b64_image(v, f"control_image[{i}]") for i, v in enumerate(items)]
     if len(controls) > 8:
         raise ApiError(422, "control_image: at most 8 control images")
+    if req.control_map is not None and not controls:
+        raise ApiError(422, "control_map makes the control map from a photo: give it as control_image")
     if controls:
         req._controls = [await asyncio.to_thread(open_image, data, i, settings, f"control_image[{i}]")
                          for i, data in enumerate(controls)]
+        if req.control_map is not None:
+            from enginekit.runtimes.control_maps import apply_control_maps
+
+            try:
+                req._controls = await asyncio.to_thread(apply_control_maps, req._controls, req.control_map,
+                                                        "control_map")
+            except InputError as exc:
+                raise ApiError(422, str(exc)) from None
 
 
 def check_pixels(slot: ModelSlot, req: GenerateRequest, settings: Any, init: Any = None) -> None:

@@ -199,6 +199,20 @@ def test_every_surface_gives_the_python_call(controlled: dict, tmp_path: Path) -
                                       "--controlnet-scale", "0.6", "--steps", "3", "--seed", "5", "-o", str(out)])
     assert result.exit_code == 0, result.output
     assert np.array_equal(np.asarray(Image.open(out).convert("RGB")), want)
+    # --control-map: the map made from a photo first, as enginekit.canny makes it
+    photo = Image.fromarray(np.random.default_rng(7).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    photo.save(tmp_path / "photo.png")
+    canny_map = enginekit.canny(photo, 50, 150)
+    canny_want = np.asarray(pipe(PROMPT, num_inference_steps=3, seed=5, control_image=canny_map,
+                                 controlnet_conditioning_scale=0.6).images[0])
+    result = CliRunner().invoke(cli, ["generate", str(art), PROMPT, "--control-image", str(tmp_path / "photo.png"),
+                                      "--control-map", "canny:50,150", "--controlnet-scale", "0.6", "--steps", "3",
+                                      "--seed", "5", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert np.array_equal(np.asarray(Image.open(out).convert("RGB")), canny_want)
+    assert not np.array_equal(canny_want, want)
+    result = CliRunner().invoke(cli, ["generate", str(art), PROMPT, "--control-map", "canny", "-o", str(out)])
+    assert result.exit_code == 2 and "give it with --control-image" in result.output
     b64 = base64.b64encode((tmp_path / "edges.png").read_bytes()).decode()
     with AppRunner(create_app({"cn": art}, ServeSettings(warmup=False))) as server:
         r = server.post("/v1/generate", json={"prompt": PROMPT, "steps": 3, "seed": 5, "control_image": b64,
@@ -214,8 +228,25 @@ def test_every_surface_gives_the_python_call(controlled: dict, tmp_path: Path) -
                               controlnet_conditioning_scale=0.6).images[0])
         assert np.array_equal(np.asarray(got), ref)
         r = server.post("/sdapi/v1/txt2img", json={"prompt": PROMPT, "steps": 2, "alwayson_scripts": {
-            "controlnet": {"args": [{**unit, "module": "canny"}]}}})
+            "controlnet": {"args": [{**unit, "module": "openpose"}]}}})
         assert r.status_code == 422 and "module" in r.json()["error"], r.text
+        # A photo and the canny map made from it: each surface gives the library's enginekit.canny(photo) image.
+        photo_b64 = base64.b64encode((tmp_path / "photo.png").read_bytes()).decode()
+        r = server.post("/v1/generate", json={"prompt": PROMPT, "steps": 3, "seed": 5, "control_image": photo_b64,
+                                              "control_map": "canny:50,150", "controlnet_conditioning_scale": 0.6})
+        assert r.status_code == 200, r.text
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(r.content)).convert("RGB")), canny_want)
+        r = server.post("/sdapi/v1/txt2img", json={
+            "prompt": PROMPT, "steps": 3, "seed": 5, "sampler_name": "Euler", "alwayson_scripts": {"controlnet": {
+                "args": [{**unit, "image": photo_b64, "module": "canny", "threshold_a": 50, "threshold_b": 150}]}}})
+        assert r.status_code == 200, r.text
+        got = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))).convert("RGB")
+        ref = np.asarray(pipe(PROMPT, num_inference_steps=3, seed=5, scheduler="euler", control_image=canny_map,
+                              controlnet_conditioning_scale=0.6).images[0])
+        assert np.array_equal(np.asarray(got), ref)
+        r = server.post("/v1/generate", json={"prompt": PROMPT, "steps": 2, "control_image": photo_b64,
+                                              "control_map": "depth"})
+        assert r.status_code == 422 and "not a map enginekit makes" in r.json()["error"], r.text
         r = server.post("/v1/generate", json={"prompt": PROMPT, "steps": 2, "control_image": [b64, b64]})
         assert r.status_code == 422 and "2 image(s) for 1 ControlNet" in r.json()["error"], r.text
         assert server.post("/v1/generate", json={"prompt": PROMPT, "steps": 2, "seed": 1}).status_code == 200

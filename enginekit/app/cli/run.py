@@ -16,7 +16,7 @@ from enginekit.app.cli.common import DEVICE_HELP, Params, cli, emit_json, err_co
 
 # generate's parameters that are not pipeline call arguments.
 _NOT_CALL = ("artifact", "prompt", "out", "init_image", "device", "backend", "as_json", "digest", "verify_with",
-             "low_memory", "verbose", "lora")
+             "low_memory", "verbose", "lora", "control_map")
 
 
 @cli.command()
@@ -58,6 +58,9 @@ _NOT_CALL = ("artifact", "prompt", "out", "init_image", "device", "backend", "as
 @click.option("--control-image", "control_image", multiple=True, type=click.Path(path_type=Path),
               help="ControlNet: the control image (edges, pose, depth map), one per ControlNet the artifact holds, "
                    "in order; its size is the output's unless --height/--width say otherwise.")
+@click.option("--control-map", "control_map", multiple=True, metavar="none|canny[:LOW,HIGH]",
+              help="ControlNet: make the control map from --control-image (a photo) first; one, or one per "
+                   "--control-image in order. canny is OpenCV's Canny [default thresholds 100,200].")
 @click.option("--controlnet-scale", "controlnet_conditioning_scale", multiple=True, type=float,
               help="ControlNet: conditioning scale, one, or one per ControlNet [default: 1.0].")
 @click.option("--control-start", "control_guidance_start", multiple=True, type=float,
@@ -98,6 +101,8 @@ def generate(**params: Any) -> None:
     for name, flag in (("strength", "--strength"), ("mask_image", "--mask"), ("padding_mask_crop", "--padding-mask-crop")):
         if params.get(name) is not None and o.init_image is None:
             raise click.UsageError(f"{flag} is for image-to-image and inpainting: give --init-image too")
+    if o.control_map and not o.control_image:
+        raise click.UsageError("--control-map makes the control map from a photo: give it with --control-image")
     if o.padding_mask_crop is not None and o.mask_image is None:
         raise click.UsageError("--padding-mask-crop crops around the mask: give --mask too")
     started = time.perf_counter()
@@ -112,6 +117,10 @@ def generate(**params: Any) -> None:
         names = {"negative": "negative_prompt", "steps": "num_inference_steps", "guidance": "guidance_scale",
                  "num_images": "num_images_per_prompt", "true_cfg": "true_cfg_scale"}
         call = {names.get(k, k): v for k, v in given_params(ctx, exclude=_NOT_CALL).items()}
+        if "control_image" in call and o.control_map:
+            from enginekit.runtimes.control_maps import apply_control_maps
+
+            call["control_image"] = tuple(apply_control_maps(call["control_image"], o.control_map, "--control-map"))
         for key in ("control_image", "controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end"):
             if key in call:  # repeatable: one value, or one per ControlNet
                 call[key] = list(call[key]) if len(call[key]) > 1 else call[key][0]
