@@ -10,11 +10,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["load", "canny", "__version__"]
+__all__ = ["load", "__version__"]
 
 if TYPE_CHECKING:
     from enginekit.api import load
-    from enginekit.runtimes.control_maps import canny
 
 
 def __getattr__(name: str) -> Any:
@@ -23,8 +22,4 @@ def __getattr__(name: str) -> Any:
         from enginekit.api import load
 
         return load
-    if name == "canny":  # a ControlNet's edge map from a photo: pipe(..., control_image=enginekit.canny(photo))
-        from enginekit.runtimes.control_maps import canny
-
-        return canny
     raise AttributeError(f"module 'enginekit' has no attribute {name!r}")

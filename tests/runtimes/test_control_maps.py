@@ -1,5 +1,5 @@
-"""enginekit.canny is OpenCV's Canny pixel for pixel (numpy and Pillow only); the spellings the
-CLI and the server take are checked and refused in one line."""
+"""enginekit.runtimes.control_maps.canny is OpenCV's Canny pixel for pixel (numpy and Pillow only);
+the spellings the CLI and the server take are checked and refused in one line."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import enginekit
 from enginekit.errors import InputError
 from enginekit.runtimes.control_maps import CANNY_DEFAULTS, apply_control_maps, canny, parse_control_map
 
@@ -40,7 +39,7 @@ def test_canny_takes_pil_images_of_every_mode() -> None:
     want = cv2.Canny(np.ascontiguousarray(rgb), 100, 200)
     image = Image.fromarray(rgb)
     for mode in ("RGB", "RGBA", "P"):
-        got = np.asarray(enginekit.canny(image.convert(mode)))[..., 0]
+        got = np.asarray(canny(image.convert(mode)))[..., 0]
         if mode == "P":  # a palette quantizes the colours: edges of the quantized image
             want_p = cv2.Canny(np.asarray(image.convert("P").convert("RGB")), 100, 200)
             assert np.array_equal(got, want_p)

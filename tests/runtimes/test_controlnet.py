@@ -199,10 +199,12 @@ def test_every_surface_gives_the_python_call(controlled: dict, tmp_path: Path) -
                                       "--controlnet-scale", "0.6", "--steps", "3", "--seed", "5", "-o", str(out)])
     assert result.exit_code == 0, result.output
     assert np.array_equal(np.asarray(Image.open(out).convert("RGB")), want)
-    # --control-map: the map made from a photo first, as enginekit.canny makes it
+    # --control-map: the map made from a photo first, as canny makes it
     photo = Image.fromarray(np.random.default_rng(7).integers(0, 256, (64, 64, 3), dtype=np.uint8))
     photo.save(tmp_path / "photo.png")
-    canny_map = enginekit.canny(photo, 50, 150)
+    from enginekit.runtimes.control_maps import canny
+
+    canny_map = canny(photo, 50, 150)
     canny_want = np.asarray(pipe(PROMPT, num_inference_steps=3, seed=5, control_image=canny_map,
                                  controlnet_conditioning_scale=0.6).images[0])
     result = CliRunner().invoke(cli, ["generate", str(art), PROMPT, "--control-image", str(tmp_path / "photo.png"),
@@ -230,7 +232,7 @@ def test_every_surface_gives_the_python_call(controlled: dict, tmp_path: Path) -
         r = server.post("/sdapi/v1/txt2img", json={"prompt": PROMPT, "steps": 2, "alwayson_scripts": {
             "controlnet": {"args": [{**unit, "module": "openpose"}]}}})
         assert r.status_code == 422 and "module" in r.json()["error"], r.text
-        # A photo and the canny map made from it: each surface gives the library's enginekit.canny(photo) image.
+        # A photo and the canny map made from it: each surface gives the library's canny(photo) image.
         photo_b64 = base64.b64encode((tmp_path / "photo.png").read_bytes()).decode()
         r = server.post("/v1/generate", json={"prompt": PROMPT, "steps": 3, "seed": 5, "control_image": photo_b64,
                                               "control_map": "canny:50,150", "controlnet_conditioning_scale": 0.6})
