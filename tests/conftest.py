@@ -112,22 +112,31 @@ def installed_backends() -> list[str]:
     return [n for n in backend_names() if backend_class(n).is_available()]
 
 
+def _with_engines(root: Path, exports: dict[str, Path]) -> dict[tuple[str, str], Path]:
+    """Each ONNX export compiled for every installed backend: {(name, "onnx" or backend): path}."""
+    from enginekit.api import compile_artifact
+
+    out: dict[tuple[str, str], Path] = {}
+    for name, onnx_dir in exports.items():
+        out[(name, "onnx")] = onnx_dir
+        for backend in installed_backends():
+            compile_artifact(onnx_dir, backend, root / f"{name}-{backend}")
+            out[(name, backend)] = root / f"{name}-{backend}"
+    return out
+
+
+def _pipelines_with_engines(root: Path, names: tuple[str, ...]) -> dict[tuple[str, str], Path]:
+    from enginekit.export.diffusion.sd import export_pipeline
+
+    for name in names:
+        export_pipeline(name, root / name)
+    return _with_engines(root, {name: root / name for name in names})
+
+
 @pytest.fixture(scope="session")
 def compiled(tmp_path_factory: pytest.TempPathFactory, exported: dict[str, Path]) -> dict[tuple[str, str], Path]:
     """Every (source, artifact kind) pair: the exported ONNX plus one engine per installed backend."""
-    from enginekit.api import compile_artifact
-
-    def build(root: Path) -> dict:
-        out: dict[tuple[str, str], Path] = {}
-        for src, path in exported.items():
-            out[(src, "onnx")] = path
-            for backend in installed_backends():
-                target = root / f"{src}-{backend}"
-                compile_artifact(path, backend, target)
-                out[(src, backend)] = target
-        return out
-
-    return built_once(tmp_path_factory, "compiled", build)
+    return built_once(tmp_path_factory, "compiled", lambda root: _with_engines(root, exported))
 
 
 def make_photo(size: tuple[int, int], seed: int, mode: str = "RGB") -> "object":
@@ -152,42 +161,16 @@ def make_photo(size: tuple[int, int], seed: int, mode: str = "RGB") -> "object":
 def tiny_pipelines(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], Path]:
     """The built-in tiny pipelines exported once per session and compiled for every
     installed backend: {(name, kind): path}, name in tiny-sd15 / tiny-sdxl / tiny-sd3 / tiny-flux, kind onnx or a backend."""
-    from enginekit.api import compile_artifact
-    from enginekit.export.diffusion.sd import export_pipeline
-
-    def build(root: Path) -> dict:
-        out: dict[tuple[str, str], Path] = {}
-        for name in ("tiny-sd15", "tiny-sdxl", "tiny-sd3", "tiny-flux"):
-            onnx_dir = root / name
-            export_pipeline(name, onnx_dir)
-            out[(name, "onnx")] = onnx_dir
-            for backend in installed_backends():
-                target = root / f"{name}-{backend}"
-                compile_artifact(onnx_dir, backend, target)
-                out[(name, backend)] = target
-        return out
-
-    return built_once(tmp_path_factory, "pipelines", build)
+    names = ("tiny-sd15", "tiny-sdxl", "tiny-sd3", "tiny-flux")
+    return built_once(tmp_path_factory, "pipelines", lambda root: _pipelines_with_engines(root, names))
 
 
 @pytest.fixture(scope="session")
 def inpainting(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], Path]:
     """The built-in tiny inpainting pipelines (9-channel UNets), exported once per session and
     compiled for every installed backend: {(name, kind): path}."""
-    from enginekit.api import compile_artifact
-    from enginekit.export.diffusion.sd import export_pipeline
-
-    def build(root: Path) -> dict:
-        out: dict[tuple[str, str], Path] = {}
-        for name in ("tiny-sd15-inpainting", "tiny-sdxl-inpainting"):
-            export_pipeline(name, root / name)
-            out[(name, "onnx")] = root / name
-            for backend in installed_backends():
-                compile_artifact(root / name, backend, root / f"{name}-{backend}")
-                out[(name, backend)] = root / f"{name}-{backend}"
-        return out
-
-    return built_once(tmp_path_factory, "inpainting", build)
+    names = ("tiny-sd15-inpainting", "tiny-sdxl-inpainting")
+    return built_once(tmp_path_factory, "inpainting", lambda root: _pipelines_with_engines(root, names))
 
 
 def make_mask(size: tuple[int, int], box: tuple[int, int, int, int]) -> "object":
