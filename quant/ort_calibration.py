@@ -11,7 +11,7 @@ import numpy as np
 
 from enginekit.errors import QuantizationError
 from enginekit.quant.base import CALIBRATION_METHODS, QuantJob
-from enginekit.quant.ort_graph import ENTRY, WEIGHTED_OPS, is_large, ort_errors, quiet, scratch_dir
+from enginekit.quant.ort_graph import ENTRY, WEIGHTED_OPS, is_large, ort_errors, private_input, quiet, scratch_dir
 
 def calibration_data(job: QuantJob) -> Any:
     """The calibration samples: an (N, C, H, W) float32 array, or a list of feed dicts."""
@@ -78,7 +78,7 @@ def calibrate(job: QuantJob, op_types: Sequence[str], scratch: Path, *, symmetri
     cache = scratch / "calibration.json"
     with quiet(), ort_errors(f"onnxruntime calibration ({job.options.calibrate_method})"):
         calibrator = create_calibrator(
-            job.model, list(op_types), augmented_model_path=str(scratch / "augmented.onnx"),
+            private_input(job.model, scratch), list(op_types), augmented_model_path=str(scratch / "augmented.onnx"),
             calibrate_method=method, use_external_data_format=is_large(job), extra_options=extra,
         )
         bar = tqdm(data, desc=f"calibrating ({job.options.calibrate_method})", unit="sample", leave=False, delay=2)
@@ -100,7 +100,7 @@ def quantize_qdq(job: QuantJob, *, activation: str, nodes: list[str], exclude: l
         cache = calibrate(job, WEIGHTED_OPS, scratch, symmetric=symmetric_calibration)
         with quiet(), ort_errors("onnxruntime quantize_static"):
             quantize_static(
-                job.model, job.out_dir / ENTRY, calibration_data_reader=None, calibration_cache_path=cache,
+                private_input(job.model, scratch), job.out_dir / ENTRY, calibration_data_reader=None, calibration_cache_path=cache,
                 quant_format=QuantFormat.QDQ, op_types_to_quantize=list(WEIGHTED_OPS),
                 nodes_to_quantize=nodes, nodes_to_exclude=exclude, per_channel=job.options.per_channel,
                 reduce_range=False, activation_type=getattr(QuantType, activation), weight_type=QuantType.QInt8,

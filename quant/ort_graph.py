@@ -72,6 +72,23 @@ def scratch_dir(job: QuantJob) -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def private_input(model: Path, scratch: Path) -> Path:
+    """``model`` as seen from a folder of this job's own: ONNX Runtime's quantizers write
+    ``<model>-inferred.onnx`` beside the model they are given and delete it, so two jobs on one
+    model (a test run on several workers, two users of one export) would remove each other's.
+    The link and its external data's links live in ``scratch``."""
+    from enginekit.onnx_wire import external_locations
+
+    folder = scratch / "input"
+    folder.mkdir(exist_ok=True)
+    for rel in [model.name, *external_locations(model)]:
+        link = folder / rel
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if not link.exists():
+            link.symlink_to((model.parent / rel).resolve())
+    return folder / model.name
+
+
 def model_bytes(model: Path) -> int:
     """Size of a model file with its external data (the files beside it that it names)."""
     import onnx
@@ -133,6 +150,39 @@ def weighted_nodes(model: Any, exclude: Sequence[str] = ()) -> list[str]:
         if n.name not in skip
         and (n.op_type in ("Gemm", "Conv") or (n.op_type == "MatMul" and len(n.input) > 1 and n.input[1] in inits))
     ]
+
+
+def masked_attention_scores(model: Any) -> list[str]:
+    """The MatMuls that make attention scores under a mask computed at run time (token merging's
+    ``log(size)``, a padding mask): two activations multiplied, then added to another activation,
+    then soft-maxed (scaling by a constant between is looked through). A constant mask (a causal
+    mask folded at export, a bias) does not count, nor do MatMuls with a weight."""
+    consts = {i.name for i in model.graph.initializer}
+    consts |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    users: dict[str, list[Any]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            users.setdefault(i, []).append(n)
+
+    def only_user(name: str) -> Any:
+        found = users.get(name, [])
+        return found[0] if len(found) == 1 else None
+
+    out = []
+    for n in model.graph.node:
+        if n.op_type != "MatMul" or len(n.input) < 2 or any(i in consts for i in n.input[:2]):
+            continue
+        nxt, value = only_user(n.output[0]), n.output[0]
+        while nxt is not None and nxt.op_type in ("Mul", "Div") and any(i in consts for i in nxt.input):
+            nxt, value = only_user(nxt.output[0]), nxt.output[0]
+        if nxt is None or nxt.op_type != "Add":
+            continue
+        other = [i for i in nxt.input if i != value]
+        softmax = only_user(nxt.output[0])
+        if not other or other[0] in consts or softmax is None or softmax.op_type != "Softmax":
+            continue
+        out.append(n.name)
+    return out
 
 
 def save_model(model: Any, out_dir: Path) -> tuple[str, ...]:

@@ -142,3 +142,44 @@ def test_optimize_tries_merged_candidates_and_rebuilds_them(tiny_timm_dir: Path,
     assert lines[0].startswith("enginekit export") and lines[0].endswith("--token-merge 3")
     if report["picked"] == merged["candidate"]["name"]:
         assert read_manifest(out).provenance["token_merge"]["r"] == 3
+
+
+def test_masked_attention_scores_stay_float_in_the_qdq_graph(tiny_timm_dir: Path, tmp_path: Path) -> None:
+    """A merged ViT's attention gets log(size) as a run-time mask. Its scores stay float in the
+    Q/DQ graph: OpenVINO 2026.4's CPU plugin miscomputes int8 scores plus a run-time mask at static
+    shapes (this model: 0.11 off ONNX Runtime with them quantized), so the engine must match ORT."""
+    import onnx
+    import onnxruntime as ort
+
+    from enginekit.quant.api import quantize_artifact
+    from enginekit.quant.ort_graph import masked_attention_scores
+
+    merged, plain = tmp_path / "merged", tmp_path / "plain"
+    for out, extra in ((merged, ["--token-merge", "3"]), (plain, [])):
+        result = CliRunner().invoke(cli, ["export", str(tiny_timm_dir), "-o", str(out), *extra])
+        assert result.exit_code == 0, result.output
+    assert masked_attention_scores(onnx.load(str(plain / "model.onnx"))) == []  # no mask, nothing kept
+    masked = masked_attention_scores(onnx.load(str(merged / "model.onnx")))
+    assert len(masked) == 2  # one per block
+    quantize_artifact(merged, tmp_path / "q", "int8-qdq", backend="tensorrt", calibration="photos",
+                      calibration_size=16, check_fidelity=False)
+    details = read_manifest(tmp_path / "q").quantization
+    assert details["float_masked_attention_scores"] == masked
+    graph = onnx.load(str(tmp_path / "q" / "model.onnx")).graph
+    made_by = {o: n.op_type for n in graph.node for o in n.output}
+    scores = [n for n in graph.node if n.name in masked]
+    assert scores and all(made_by.get(i) != "DequantizeLinear" for n in scores for i in n.input)
+    others = [n for n in graph.node if n.op_type == "MatMul" and n.name not in masked]
+    assert all(made_by.get(n.input[0]) == "DequantizeLinear" for n in others)  # the rest stays int8
+    if "openvino" not in installed_backends():
+        return
+    import openvino as ov
+
+    x = np.random.default_rng(0).standard_normal((6, 3, 32, 32)).astype(np.float32)
+    session = ort.InferenceSession(str(tmp_path / "q" / "model.onnx"), providers=["CPUExecutionProvider"])
+    model = ov.Core().read_model(str(tmp_path / "q" / "model.onnx"))
+    model.reshape({"pixel_values": [1, 3, 32, 32]})
+    engine = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    for i in range(len(x)):
+        want = session.run(None, {"pixel_values": x[i:i + 1]})[0]
+        assert np.abs(engine({"pixel_values": x[i:i + 1]})[0] - want).max() < 0.02
