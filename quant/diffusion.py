@@ -48,7 +48,8 @@ from enginekit.quant.diffusion_gate import (
     reference_images,
     subsample,
 )
-from enginekit.registry import expect_stage
+from enginekit.registry import expect_stage, task_stages
+from enginekit.registry import stage as task_stage
 from enginekit.stages import with_fields
 
 __all__ = ["quantize_pipeline", "PipelineQuantOptions", "BUDGETS", "METHODS", "default_plan", "read_prompts",
@@ -294,6 +295,8 @@ class _Run:
             copy_assets(self.root, tmp, self.parent)
             manifest = pipeline_manifest(self.root, self.parent, backend, self.method, self.plan, comps, details,
                                          self.calib_record, variant, quant, fallback)
+            if task_stages(manifest.task).relink:  # the LoRA weight map, in the quantized engines' names
+                manifest = task_stage(manifest.task, "relink")(self.root, self.parent, tmp, manifest)
             write_manifest(tmp, manifest)
             if self.reference is None:
                 return manifest

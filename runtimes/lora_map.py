@@ -65,23 +65,35 @@ def onnx_tensors(path: Path, names: Iterable[str] | None = None) -> Iterator[tup
 
 
 def ir_tensors(path: Path, names: Iterable[str] | None = None, model: Any = None) -> Iterator[tuple[str, np.ndarray]]:
-    """An OpenVINO model's float Constants of rank >= 2 by friendly name (``model``: already read)."""
+    """An OpenVINO model's float Constants of rank >= 2 by friendly name (``model``: already read).
+    A weight NNCF compressed (int8/int4) is given as the float32 weight it decompresses to, under
+    its integer Constant's name (which NNCF keeps from the float model)."""
+    from enginekit.runtimes.openvino_lora import decompressed, decompression_end
+
     if model is None:
         import openvino as ov
 
         model = ov.Core().read_model(str(path))
     wanted = set(names) if names is not None else None
+    compressed: dict[str, Any] = {}
     for op in model.get_ops():
-        if op.get_type_name() != "Constant" or len(op.get_output_shape(0)) < 2:
+        if op.get_type_name() != "Constant":
             continue
         name = op.get_friendly_name()
         if wanted is not None and name not in wanted:
+            continue
+        end = decompression_end(op)
+        if end is not None and len(end.get_output_shape(0)) >= 2:
+            compressed[name] = end
+            continue
+        if len(op.get_output_shape(0)) < 2:
             continue
         data = op.get_data()
         if data.dtype.type in _FLOATS:
             yield name, data
         elif wanted is not None:
             yield name, np.zeros(data.shape, data.dtype)
+    yield from decompressed(compressed).items()
 
 
 def engine_tensors(path: Path, names: Iterable[str] | None = None) -> Iterator[tuple[str, np.ndarray]]:
@@ -99,10 +111,14 @@ def _index(tensors: Iterable[tuple[str, np.ndarray]]) -> tuple[dict[str, list[st
 
 
 def match_weights(weights: Mapping[str, np.ndarray], tensors: Iterable[tuple[str, np.ndarray]],
-                  ) -> tuple[dict[str, dict[str, Any]], list[str]]:
+                  near: bool = False) -> tuple[dict[str, dict[str, Any]], list[str]]:
     """Find each module weight (torch layout, by module name) among ``tensors``: as it is, transposed
     (a 2-D weight, or a 1x1 convolution's as a matrix) or flattened, in any float dtype the graph
-    holds. Returns the entries found and the module names not found (or found more than once)."""
+    holds. With ``near``, a weight found nowhere exactly is then looked for among the tensors of its
+    shape by value (:func:`_near`): a quantized engine's weights, decompressed, are the float ones
+    give or take the rounding. Returns the entries found and the module names not found (or found
+    more than once)."""
+    tensors = list(tensors) if near else tensors
     index, dtypes = _index(tensors)
     found: dict[str, dict[str, Any]] = {}
     missing: list[str] = []
@@ -119,7 +135,51 @@ def match_weights(weights: Mapping[str, np.ndarray], tensors: Iterable[tuple[str
             found[module] = {"tensor": hits[0][0], "transposed": hits[0][1], "shape": list(w.shape)}
         else:
             missing.append(module)
+    if near and missing:
+        taken = {e["tensor"] for e in found.values()}
+        close = _near({m: np.asarray(weights[m]) for m in missing}, [(n, v) for n, v in tensors if n not in taken])
+        found.update(close)
+        missing = [m for m in missing if m not in close]
     return found, missing
+
+
+#: The largest relative error (``|t - w| / |w|``) a decompressed weight may have and still be ``w``:
+#: int4 with groups of 128 is about 0.1 off, an unrelated weight of the same shape about 1.4.
+_NEAR = 0.3
+#: How many leading values rank the candidates before the best one is measured whole.
+_PREFIX = 4096
+
+
+def _near(weights: Mapping[str, np.ndarray], tensors: list[tuple[str, np.ndarray]]) -> dict[str, dict[str, Any]]:
+    """Each weight's closest tensor of the same size in some layout, when it is within ``_NEAR`` and
+    no other weight claims it. Candidates are ranked on their first few thousand values, then the
+    best is measured whole; several candidates are told apart by their error, not by their order."""
+    by_size: dict[int, list[tuple[str, np.ndarray]]] = {}
+    for name, value in tensors:
+        by_size.setdefault(int(value.size), []).append((name, value))
+    claims: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+    for module, w in weights.items():
+        mat = w.reshape(w.shape[0], -1).astype(np.float32)
+        layouts = [(False, mat)] + ([(True, mat.T)] if mat.shape[0] > 1 and mat.shape[1] > 1 else [])
+        ranked = []
+        for name, value in by_size.get(int(w.size), []):
+            for transposed, cand in layouts:
+                fits = value.shape == cand.shape if value.ndim == 2 else not transposed and value.shape == w.shape
+                if not fits:
+                    continue
+                rows = max(1, -(-_PREFIX // cand.shape[1]))
+                head = np.asarray(value, np.float32).reshape(cand.shape)[:rows]
+                ranked.append((float(np.linalg.norm(head - cand[:rows])) / (float(np.linalg.norm(cand[:rows])) or 1.0),
+                               name, transposed))
+        if not ranked:
+            continue
+        _, name, transposed = min(ranked)
+        cand = mat.T if transposed else mat
+        value = np.asarray(dict(by_size[int(w.size)])[name], np.float32).reshape(cand.shape)
+        if float(np.linalg.norm(value - cand)) <= _NEAR * (float(np.linalg.norm(cand)) or 1.0):
+            claims.setdefault(name, []).append((module, {"tensor": name, "transposed": transposed,
+                                                         "shape": list(w.shape)}))
+    return {module: entry for found in claims.values() if len(found) == 1 for module, entry in found}
 
 
 def to_graph_layout(delta: np.ndarray, entry: Mapping[str, Any], graph_shape: tuple[int, ...]) -> np.ndarray:
@@ -146,13 +206,17 @@ def relink(source_root: Path, source: Any, out_root: Path, compiled: Any) -> Any
     """Find the map's tensors in a freshly compiled engine (names and layouts change on the way:
     ONNX Runtime's optimizer folds transposes, OpenVINO renames and compresses Constants) and
     rewrite the map in ``out_root``; returns ``compiled`` with the map's asset hash updated.
-    A tensor the compile turned into something else (quantized, fused) drops out of the map."""
+    A weight quantized on the way is found by value (:func:`_near`) where the engine keeps it
+    decompressible (OpenVINO's int8/int4); one the compile turned into something else (ONNX
+    Runtime's integer initializers, a fused tensor) drops out of the map, and ``left_out`` counts
+    them per component so a LoRA for them is refused with the reason."""
     from enginekit.artifact import file_entry
 
     data = read_map(source_root, source)
     if data is None or MAP_FILE not in {a.path for a in compiled.assets}:
         return compiled
     components: dict[str, Any] = {}
+    left_out: dict[str, int] = {}
     for comp_name, entries in data.get("components", {}).items():
         if comp_name not in compiled.components or comp_name not in source.components:
             continue
@@ -164,10 +228,14 @@ def relink(source_root: Path, source: Any, out_root: Path, compiled: Any) -> Any
             if v is not None and v.dtype.type in _FLOATS:
                 mat = np.asarray(v).reshape(v.shape[0], -1) if not e["transposed"] else np.asarray(v).reshape(-1, e["shape"][0]).T
                 weights[module] = mat.reshape(e["shape"])
-        found, _ = match_weights(weights, engine_tensors(Path(out_root) / compiled.component(comp_name).entry))
+        found, _ = match_weights(weights, engine_tensors(Path(out_root) / compiled.component(comp_name).entry),
+                                 near=True)
         components[comp_name] = found
+        if len(found) < len(entries):
+            left_out[comp_name] = len(entries) - len(found)
         del values, weights
-    data = {**data, "components": components}
+    data = {**{k: v for k, v in data.items() if k != "left_out"}, "components": components,
+            **({"left_out": left_out} if left_out else {})}
     (Path(out_root) / MAP_FILE).write_text(json.dumps(data, sort_keys=True) + "\n", encoding="utf-8")
     assets = tuple(file_entry(Path(out_root), MAP_FILE) if a.path == MAP_FILE else a for a in compiled.assets)
     return compiled.replace(assets=assets)

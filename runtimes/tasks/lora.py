@@ -132,6 +132,7 @@ class LoraSwitch:
         self._files: OrderedDict[str, LoraFile] = OrderedDict()
         self._cache: OrderedDict[tuple, _Entry] = OrderedDict()
         self._map: dict[str, Any] | None = None
+        self._left_out: dict[str, int] = {}
         self._kohya: dict[str, dict[str, str]] = {}
         #: What the last call with loras applied: [{"name", "sha256", "short_hash", "scale", "layers"}].
         self.last: list[dict[str, Any]] = []
@@ -145,6 +146,7 @@ class LoraSwitch:
                 raise InputError(f"{self.pipe.path} was exported without the weight map that LoRA at run time "
                                  "needs; export it again with this enginekit (or fuse the LoRA: export --lora)")
             self._map = data["components"]
+            self._left_out = dict(data.get("left_out") or {})
             self._kohya = {comp: kohya_names(modules) for comp, modules in self._map.items()}
         return self._map
 
@@ -181,6 +183,11 @@ class LoraSwitch:
                 if first_bad is None:
                     where = f"{comp}" if comp in maps else f"{comp} (this {self.pipe.manifest.family} pipeline has none)"
                     first_bad = f"layer {module!r} of the {where} does not exist in this model"
+                    if self._left_out.get(comp):
+                        first_bad = (f"layer {module!r} of the {comp} is not a float weight in this engine "
+                                     f"({self._left_out[comp]} of its weights were quantized into a form LoRA "
+                                     "cannot patch: ONNX Runtime's int8/int4; OpenVINO's int8/int4 engines take "
+                                     "LoRA at run time, or fuse it at export: export --lora)")
                     if is_sgm(module):
                         first_bad += " (kohya's sgm UNet names are not read yet)"
                 continue
