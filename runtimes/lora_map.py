@@ -93,7 +93,7 @@ def ir_tensors(path: Path, names: Iterable[str] | None = None, model: Any = None
             yield name, data
         elif wanted is not None:
             yield name, np.zeros(data.shape, data.dtype)
-    yield from decompressed(compressed).items()
+    yield from decompressed(compressed)
 
 
 def engine_tensors(path: Path, names: Iterable[str] | None = None) -> Iterator[tuple[str, np.ndarray]]:
@@ -101,12 +101,17 @@ def engine_tensors(path: Path, names: Iterable[str] | None = None) -> Iterator[t
     return ir_tensors(path, names) if Path(path).suffix == ".xml" else onnx_tensors(path, names)
 
 
-def _index(tensors: Iterable[tuple[str, np.ndarray]]) -> tuple[dict[str, list[str]], set[np.dtype]]:
+def _index(tensors: Iterable[tuple[str, np.ndarray]], prefixes: dict[str, Any] | None = None,
+           ) -> tuple[dict[str, list[str]], set[np.dtype]]:
+    """Each tensor's :func:`digest`, and (``prefixes``) its shape and first values for :func:`_near`:
+    nothing else of a tensor is kept, so the tensors can stream by."""
     index: dict[str, list[str]] = {}
     dtypes: set[np.dtype] = set()
     for name, value in tensors:
         index.setdefault(digest(value), []).append(name)
         dtypes.add(value.dtype)
+        if prefixes is not None:
+            prefixes[name] = (tuple(value.shape), np.array(np.asarray(value).reshape(-1)[:_PREFIX], np.float32))
     return index, dtypes
 
 
@@ -118,8 +123,8 @@ def match_weights(weights: Mapping[str, np.ndarray], tensors: Iterable[tuple[str
     shape by value (:func:`_near`): a quantized engine's weights, decompressed, are the float ones
     give or take the rounding. Returns the entries found and the module names not found (or found
     more than once)."""
-    tensors = list(tensors) if near else tensors
-    index, dtypes = _index(tensors)
+    prefixes: dict[str, np.ndarray] | None = {} if near else None
+    index, dtypes = _index(tensors, prefixes)
     found: dict[str, dict[str, Any]] = {}
     missing: list[str] = []
     for module, w in weights.items():
@@ -135,9 +140,10 @@ def match_weights(weights: Mapping[str, np.ndarray], tensors: Iterable[tuple[str
             found[module] = {"tensor": hits[0][0], "transposed": hits[0][1], "shape": list(w.shape)}
         else:
             missing.append(module)
-    if near and missing:
+    if prefixes and missing:
         taken = {e["tensor"] for e in found.values()}
-        close = _near({m: np.asarray(weights[m]) for m in missing}, [(n, v) for n, v in tensors if n not in taken])
+        close = _near({m: np.asarray(weights[m]) for m in missing},
+                      {n: p for n, p in prefixes.items() if n not in taken})
         found.update(close)
         missing = [m for m in missing if m not in close]
     return found, missing
@@ -146,37 +152,33 @@ def match_weights(weights: Mapping[str, np.ndarray], tensors: Iterable[tuple[str
 #: The largest relative error (``|t - w| / |w|``) a decompressed weight may have and still be ``w``:
 #: int4 with groups of 128 is about 0.1 off, an unrelated weight of the same shape about 1.4.
 _NEAR = 0.3
-#: How many leading values rank the candidates before the best one is measured whole.
+#: How many leading values of a tensor judge whether it is a weight, rounded.
 _PREFIX = 4096
 
 
-def _near(weights: Mapping[str, np.ndarray], tensors: list[tuple[str, np.ndarray]]) -> dict[str, dict[str, Any]]:
-    """Each weight's closest tensor of the same size in some layout, when it is within ``_NEAR`` and
-    no other weight claims it. Candidates are ranked on their first few thousand values, then the
-    best is measured whole; several candidates are told apart by their error, not by their order."""
-    by_size: dict[int, list[tuple[str, np.ndarray]]] = {}
-    for name, value in tensors:
-        by_size.setdefault(int(value.size), []).append((name, value))
+def _near(weights: Mapping[str, np.ndarray], prefixes: Mapping[str, tuple[tuple[int, ...], np.ndarray]],
+          ) -> dict[str, dict[str, Any]]:
+    """Each weight's closest tensor of the same size in some layout, judged on the first ``_PREFIX``
+    values (enough to tell a weight's rounded self, ~0.1 off, from another weight, ~1.4 off), when
+    within ``_NEAR`` and no other weight claims it: candidates are told apart by error, not order."""
+    by_size: dict[int, list[tuple[str, tuple[int, ...], np.ndarray]]] = {}
+    for name, (shape, head) in prefixes.items():
+        by_size.setdefault(int(np.prod(shape)), []).append((name, shape, head))
     claims: dict[str, list[tuple[str, dict[str, Any]]]] = {}
     for module, w in weights.items():
-        mat = w.reshape(w.shape[0], -1).astype(np.float32)
+        mat = w.reshape(w.shape[0], -1)
         layouts = [(False, mat)] + ([(True, mat.T)] if mat.shape[0] > 1 and mat.shape[1] > 1 else [])
         ranked = []
-        for name, value in by_size.get(int(w.size), []):
-            for transposed, cand in layouts:
-                fits = value.shape == cand.shape if value.ndim == 2 else not transposed and value.shape == w.shape
-                if not fits:
-                    continue
-                rows = max(1, -(-_PREFIX // cand.shape[1]))
-                head = np.asarray(value, np.float32).reshape(cand.shape)[:rows]
-                ranked.append((float(np.linalg.norm(head - cand[:rows])) / (float(np.linalg.norm(cand[:rows])) or 1.0),
-                               name, transposed))
-        if not ranked:
-            continue
-        _, name, transposed = min(ranked)
-        cand = mat.T if transposed else mat
-        value = np.asarray(dict(by_size[int(w.size)])[name], np.float32).reshape(cand.shape)
-        if float(np.linalg.norm(value - cand)) <= _NEAR * (float(np.linalg.norm(cand)) or 1.0):
+        for transposed, cand in layouts:
+            rows = -(-_PREFIX // cand.shape[1])
+            flat = np.asarray(cand[:rows], np.float32).reshape(-1)[:_PREFIX]
+            norm = float(np.linalg.norm(flat)) or 1.0
+            for name, shape, head in by_size.get(int(w.size), []):
+                fits = shape == cand.shape if len(shape) == 2 else not transposed and shape == w.shape
+                if fits:
+                    ranked.append((float(np.linalg.norm(head - flat)) / norm, name, transposed))
+        if ranked and min(ranked)[0] <= _NEAR:
+            _, name, transposed = min(ranked)
             claims.setdefault(name, []).append((module, {"tensor": name, "transposed": transposed,
                                                          "shape": list(w.shape)}))
     return {module: entry for found in claims.values() if len(found) == 1 for module, entry in found}

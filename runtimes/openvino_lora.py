@@ -8,7 +8,9 @@ the LoRA layers of a quantized engine run in float and the rest stays compressed
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
+
+import numpy as np
 
 from enginekit.errors import BackendError, one_line
 from enginekit.manifest import Manifest
@@ -48,17 +50,26 @@ def _constant(value: Any) -> bool:
     return node.get_type_name() == "Constant"
 
 
-def decompressed(ends: Mapping[str, Any]) -> dict[str, Any]:
+def decompressed(ends: Mapping[str, Any], chunk_bytes: int = 512 << 20) -> Iterator[tuple[str, Any]]:
     """The float weights the decompression chains ending at ``ends`` (name -> op) compute, as
-    float32 arrays: the chains evaluated by OpenVINO itself in one constant-only model."""
+    float32 arrays: the chains evaluated by OpenVINO itself, in constant-only models of at most
+    ``chunk_bytes`` of output each, yielded as they come (a full-size UNet's weights in float32
+    would not all fit beside the rest)."""
     import openvino as ov
 
-    if not ends:
-        return {}
+    core, batch, size = ov.Core(), [], 0
     names = list(ends)
-    sub = ov.Model([ends[n].output(0) for n in names], [], "decompressed_weights")
-    result = ov.Core().compile_model(sub, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})({})
-    return {n: result[i].astype("float32", copy=False) for i, n in enumerate(names)}
+    for i, name in enumerate(names):
+        batch.append(name)
+        size += 4 * int(np.prod(ends[name].get_output_shape(0)))
+        if size < chunk_bytes and i + 1 < len(names):
+            continue
+        sub = ov.Model([ends[n].output(0) for n in batch], [], "decompressed_weights")
+        result = core.compile_model(sub, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})({})
+        for k, n in enumerate(batch):
+            yield n, result[k].astype(np.float32, copy=False)
+        del result, sub
+        batch, size = [], 0
 
 
 def load_patched(backend: Any, artifact: Path, manifest: Manifest, device: str, component: str,

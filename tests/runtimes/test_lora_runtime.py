@@ -320,3 +320,33 @@ def test_sd3_and_flux_transformers_match_diffusers(name: str, backend: str, pipe
     assert psnr(want, out.images) >= 40.0
     assert psnr(pipe("a lighthouse", latents=lat, **kwargs).images, out.images) < 35.0, "the LoRA changed nothing"
     assert out.loras[0]["layers"] > 4
+
+
+def test_weights_are_found_by_value_when_rounded() -> None:
+    """The map's search for a quantized engine's weights: exact hits first, then the closest tensor
+    of the same size in some layout, only within the rounding's reach and only when unambiguous."""
+    from enginekit.runtimes.lora_map import match_weights
+
+    rng = np.random.default_rng(0)
+    weights = {m: rng.standard_normal((64, 96)).astype(np.float32) for m in ("a", "b", "c")}
+    weights["conv"] = rng.standard_normal((8, 4, 3, 3)).astype(np.float32)
+
+    def rounded(w: np.ndarray) -> np.ndarray:  # int4-like: 16 levels over each row's range
+        step = (w.max(axis=-1, keepdims=True) - w.min(axis=-1, keepdims=True)) / 15
+        return (np.round(w / step) * step).astype(np.float32)
+
+    tensors = [("t_b", rounded(weights["b"]).T.copy()),      # transposed, as a MatMul holds a Linear's
+               ("t_a", rounded(weights["a"])),
+               ("exact_c", weights["c"].astype(np.float16)),   # stayed float (fp16)
+               ("other", rng.standard_normal((64, 96)).astype(np.float32)),
+               ("t_conv", rounded(weights["conv"]))]
+    found, missing = match_weights(weights, iter(tensors), near=True)
+    assert {m: (e["tensor"], e["transposed"]) for m, e in found.items()} == \
+        {"a": ("t_a", False), "b": ("t_b", True), "c": ("exact_c", False), "conv": ("t_conv", False)}
+    assert missing == []
+    assert match_weights(weights, iter(tensors))[1] == ["a", "b", "conv"]  # exact only: the rounded are not found
+    # two weights whose closest tensor is the same one: neither gets it
+    twins = {"x": weights["a"], "y": weights["a"] + 0.01}
+    assert match_weights(twins, iter([("t", rounded(weights["a"]))]), near=True)[0] == {}
+    # nothing of the right size within reach: not found
+    assert match_weights({"a": weights["a"]}, iter([("other", tensors[3][1])]), near=True)[0] == {}
