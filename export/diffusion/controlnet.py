@@ -47,7 +47,7 @@ def _family_by_width(width: int) -> str:
     return found[0] if found else f"a model of cross-attention width {width}"
 
 
-def _load(spec: str, unet: Any) -> Any:
+def _load(spec: str, unet: Any, latent_channels: int) -> Any:
     import diffusers
 
     path = Path(spec).expanduser()
@@ -61,7 +61,7 @@ def _load(spec: str, unet: Any) -> Any:
         if path.is_file():
             if path.suffix != ".safetensors":
                 raise SourceError(f"{path}: a single-file ControlNet must be a .safetensors file (never unpickled)")
-            return _single_file(path, unet)
+            return _single_file(path, unet, latent_channels)
     except SourceError:
         raise
     except Exception as exc:  # diffusers raises many kinds for a file it cannot read
@@ -69,15 +69,17 @@ def _load(spec: str, unet: Any) -> Any:
     raise SourceError(f"{spec}: no such ControlNet folder or .safetensors file")
 
 
-def _single_file(path: Path, unet: Any) -> Any:
+def _single_file(path: Path, unet: Any, latent_channels: int) -> Any:
     """A single-file ControlNet (the original ``control_*.safetensors`` layout), read against the
-    config of a ControlNet built from this pipeline's UNet."""
+    config of a ControlNet built from this pipeline's UNet (on the latents alone: an inpainting
+    UNet's ControlNets are its base model's)."""
     import tempfile
 
     import diffusers
 
     with tempfile.TemporaryDirectory(prefix="enginekit-cn-") as tmp:
         config = dict(diffusers.ControlNetModel.from_unet(unet, load_weights_from_unet=False).config)
+        config["in_channels"] = latent_channels
         diffusers.ControlNetModel.from_config(config).save_config(tmp)
         return diffusers.ControlNetModel.from_single_file(str(path), config=tmp, local_files_only=True)
 
@@ -104,18 +106,27 @@ def attach_controlnets(pipe: Any, family: str, specs: Sequence[str]) -> tuple[An
     unet = getattr(pipe, "unet", None)
     if unet is None:
         raise SourceError(f"ControlNets are for UNet pipelines (SD 1.x/2.x, SDXL), not {family}")
-    if int(unet.config.in_channels) != int(pipe.vae.config.latent_channels):
-        raise SourceError("ControlNets with an inpainting model are not supported yet; use the base model")
+    latent = int(pipe.vae.config.latent_channels)
+    # An inpainting UNet (latents + mask + masked-image latents) is steered by ControlNets of its
+    # base model, which see the latents alone: diffusers' ControlNet inpainting pipelines.
+    inpainting = int(unet.config.in_channels) != latent
     nets, records = [], []
     for spec in specs:
-        cn = _load(spec, unet).eval()
+        cn = _load(spec, unet, latent).eval()
         _check_fits(spec, cn, unet, family)
+        if int(cn.config.in_channels) != latent:
+            raise SourceError(f"{spec}: a ControlNet takes {cn.config.in_channels} latent channels, this {family} "
+                              f"pipeline's latents have {latent} (a ControlNet made from an inpainting UNet? use "
+                              "one of the base model)")
         nets.append(cn)
         path = Path(spec).expanduser()
         files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
         records.append({"source": str(path.resolve()), "weights_sha256": {f.name: sha256_file(f) for f in files}})
     xl = unet.config.addition_embed_type == "text_time"
-    cls = diffusers.StableDiffusionXLControlNetPipeline if xl else diffusers.StableDiffusionControlNetPipeline
+    cls = {(False, False): diffusers.StableDiffusionControlNetPipeline,
+           (True, False): diffusers.StableDiffusionXLControlNetPipeline,
+           (False, True): diffusers.StableDiffusionControlNetInpaintPipeline,
+           (True, True): diffusers.StableDiffusionXLControlNetInpaintPipeline}[(xl, inpainting)]
     controlnet = nets[0] if len(nets) == 1 else diffusers.MultiControlNetModel(nets)
     return cls.from_pipe(pipe, controlnet=controlnet), records
 
@@ -172,11 +183,11 @@ def controlnet_plans(pipe: Any, W: dict[str, type], gen: Any, opts: Any, nbytes:
 
     nets, cfg = _nets(pipe), pipe.unet.config
     f = pipe.vae_scale_factor
-    C, D, L = int(cfg.in_channels), int(cfg.cross_attention_dim), opts.sequence_length
+    D, L = int(cfg.cross_attention_dim), opts.sequence_length
 
     def make(name: str, cn: Any) -> Any:
         def plan() -> _Plan:
-            ch = int(cn.config.conditioning_channels)
+            ch, C = int(cn.config.conditioning_channels), int(cn.config.in_channels)  # C: the latents alone
 
             def feeds(batch: int, hw: tuple[int, int]) -> tuple[Any, ...]:
                 h, w = hw

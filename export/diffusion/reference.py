@@ -3,6 +3,8 @@ quantization's image gate and the pipeline bench compare engines with."""
 
 from __future__ import annotations
 
+import inspect
+import sys
 from typing import Any
 
 from enginekit.errors import SourceError
@@ -60,5 +62,16 @@ class WholeImageInpaint:
         with torch.no_grad():
             blank = torch.zeros(1, 3, height, width, dtype=pipe.vae.dtype)
             masked = pipe.vae.encode(blank).latent_dist.mean * pipe.vae.config.scaling_factor
-        return pipe(prompt, image=Image.new("RGB", (width, height)), mask_image=Image.new("L", (width, height), 255),
-                    masked_image_latents=masked, height=height, width=width, latents=latents, strength=1.0, **kwargs)
+        call = dict(image=Image.new("RGB", (width, height)), mask_image=Image.new("L", (width, height), 255),
+                    height=height, width=width, latents=latents, strength=1.0, **kwargs)
+        if "masked_image_latents" in inspect.signature(pipe.__call__).parameters:
+            return pipe(prompt, masked_image_latents=masked, **call)
+        # diffusers' ControlNet inpainting pipelines encode the masked image themselves: their draw
+        # from its posterior is made the mean for this call, as the runtime's is
+        module = sys.modules[type(pipe).__module__]
+        drawn = module.retrieve_latents
+        module.retrieve_latents = lambda output, generator=None, sample_mode="sample": output.latent_dist.mode()
+        try:
+            return pipe(prompt, **call)
+        finally:
+            module.retrieve_latents = drawn

@@ -379,11 +379,12 @@ class TextToImage:
             if cancel is not None and cancel.is_set():
                 raise stopped(f"generation cancelled before step {i + 1} of {len(timesteps)}", i)
             model_in = np.concatenate([latents, latents]) if two_pass else latents
-            model_in = sched.scale_model_input(model_in, t)
+            model_in = latent_in = sched.scale_model_input(model_in, t)
             model_in = inpaint.model_input(model_in) if inpaint else model_in
             feeds = {"sample": model_in.astype(np.float32), "timestep": self.layout.timestep(t, model_in.shape[0]),
                      "encoder_hidden_states": embeds, **extra}
-            feeds.update(control.residuals(i, len(timesteps), feeds) if control is not None else {})
+            if control is not None:  # ControlNets see the latents alone (an inpainting UNet also gets the mask)
+                feeds.update(control.residuals(i, len(timesteps), {**feeds, "sample": latent_in.astype(np.float32)}))
             if cache is None or cache.full(i, len(timesteps)):
                 noise_pred = self.run_component(denoiser, feeds)
                 deep = noise_pred.get(DEEPCACHE_CUT.inputs[0]) if cache is not None else None

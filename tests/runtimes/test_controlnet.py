@@ -261,3 +261,49 @@ def test_every_surface_gives_the_python_call(controlled: dict, tmp_path: Path) -
         got = np.asarray(fixed(PROMPT, num_inference_steps=3, seed=5, control_image=control,
                                controlnet_conditioning_scale=0.6).images[0], dtype=np.float32) / 255
         assert psnr(want.astype(np.float32) / 255, got) >= 40.0
+
+
+def test_a_controlnet_steers_an_inpainting_model_as_diffusers_does(controlled: dict, tmp_path: Path,
+                                                                   monkeypatch) -> None:
+    """The base model's ControlNet on the 9-channel inpainting UNet (it sees the latents alone, the
+    UNet also the mask and the masked image): diffusers' StableDiffusionControlNetInpaintPipeline on
+    the same noise and VAE draws, on every backend; the export's own whole-image check passes too."""
+    import diffusers
+    import diffusers.pipelines.controlnet.pipeline_controlnet_inpaint as module
+
+    from enginekit.api import compile_artifact
+    from enginekit.export.diffusion.sd import PipelineExportOptions, export_pipeline
+
+    from ..conftest import make_mask
+
+    net = controlled["nets"]["sd15"][0]
+    manifest = export_pipeline("tiny-sd15-inpainting", tmp_path / "onnx",
+                               PipelineExportOptions(controlnets=(str(net),)))
+    assert manifest.fidelity["image"]["psnr_db"] >= 40.0  # the export's check against diffusers, without an image
+    kinds = {"onnx": tmp_path / "onnx"}
+    for backend in installed_backends():
+        kinds[backend] = compile_artifact(tmp_path / "onnx", backend, tmp_path / backend) and tmp_path / backend
+    photo, mask = make_photo((64, 64), seed=7), make_mask((40, 40), (8, 6, 30, 28))
+    control, seed = edges((64, 64), 8), 13
+    noise = np.random.default_rng(5).standard_normal((1, 4, 8, 8), dtype=np.float32)
+    call = dict(controlnet_conditioning_scale=0.7, control_guidance_end=0.75)
+    pipe = diffusers.StableDiffusionControlNetInpaintPipeline.from_pipe(
+        _twin("tiny-sd15-inpainting"), controlnet=diffusers.ControlNetModel.from_pretrained(str(net)))
+    pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    eps = np.random.default_rng(seed).standard_normal((1, 4, 8, 8), dtype=np.float32)  # ours: the masked image's draw
+    monkeypatch.setattr(module, "retrieve_latents", lambda output, generator=None, sample_mode="sample":
+                        output.latent_dist.mean + output.latent_dist.std * torch.from_numpy(eps))
+    with torch.inference_mode():
+        ref = pipe(PROMPT, negative_prompt=NEGATIVE, image=photo, mask_image=mask, control_image=control,
+                   latents=torch.from_numpy(noise), strength=1.0, height=64, width=64, num_inference_steps=4,
+                   output_type="np", **call).images
+    for kind, path in kinds.items():
+        ours = enginekit.load(path, device="cpu")
+        out = ours(PROMPT, negative_prompt=NEGATIVE, image=photo, mask_image=mask, control_image=control, strength=1.0,
+                   latents=noise, num_inference_steps=4, seed=seed, scheduler="euler", output_type="np", **call).images
+        assert psnr(ref, out) >= 40.0, f"{kind}: {psnr(ref, out):.1f} dB"
+        plain = ours(PROMPT, negative_prompt=NEGATIVE, image=photo, mask_image=mask, strength=1.0, latents=noise,
+                     num_inference_steps=4, seed=seed, scheduler="euler", output_type="np").images
+        assert psnr(out, plain) < 35.0  # the control image steers the repainted region
+        ours.close()
