@@ -239,7 +239,9 @@ def test_fp16_openvino_keeps_working(tiny_pipelines: dict, loras: dict[str, Path
     assert psnr(_diffusers("tiny-sd15", [(loras["ink"], 0.8)], lat), out) >= 30.0  # fp16 weights
 
 
-@pytest.mark.parametrize("backend,method", [("openvino", "int8"), ("openvino", "int4"), ("onnxruntime", "int8")])
+# OpenVINO's int8 (NNCF hybrid: a calibration pass first) patches the same decompression chains as int4: -m slow.
+@pytest.mark.parametrize("backend,method", [pytest.param("openvino", "int8", marks=pytest.mark.slow),
+                                            ("openvino", "int4"), ("onnxruntime", "int8")])
 def test_quantized_pipelines_take_loras(backend: str, method: str, tiny_pipelines: dict, loras: dict[str, Path],
                                         tmp_path: Path) -> None:
     """OpenVINO's int8 (NNCF hybrid) and int4 engines take LoRA at run time: the map follows the
@@ -300,8 +302,13 @@ def dit_loras(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {p.stem: p for p in root.iterdir()}
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("name", list(_DIT_CALLS))
+# One backend per family by default (SD3 on ONNX Runtime, FLUX on OpenVINO), the other two under -m slow.
+_DIT_CASES = [pytest.param(name, backend, marks=() if (name, backend) in
+                           (("tiny-sd3", "onnxruntime"), ("tiny-flux", "openvino")) else pytest.mark.slow)
+              for name in _DIT_CALLS for backend in BACKENDS]
+
+
+@pytest.mark.parametrize("name,backend", _DIT_CASES)
 def test_sd3_and_flux_transformers_match_diffusers(name: str, backend: str, pipes, dit_loras: dict[str, Path]) -> None:
     shape, call = _DIT_CALLS[name]
     lat = np.random.default_rng(4).standard_normal(shape, dtype=np.float32)
