@@ -30,7 +30,8 @@ def image_parity(pipe: Any, root: Path, manifest: Manifest, *, steps: int = 3, s
     from enginekit.runtimes.tasks.text_to_image import TextToImage
 
     ours = TextToImage(Components(root, manifest, get_backend("onnxruntime"), "cpu"), manifest, root)
-    control: dict[str, Any] = {}
+    control: dict[str, Any] = {}  # diffusers' arguments for the control image
+    ours_control: dict[str, Any] = {}
     nets = manifest.task_config.get("controlnets") or []
     if nets:  # a ControlNet pipeline: the same control image (a seeded pattern) on both sides
         from PIL import Image
@@ -38,12 +39,13 @@ def image_parity(pipe: Any, root: Path, manifest: Manifest, *, steps: int = 3, s
         size_ = size or ours.config.default_size
         rng = np.random.default_rng(seed + 1)
         edges = Image.fromarray((rng.random((size_, size_, 3)) > 0.8).astype(np.uint8) * 255)
-        control = {"image": [edges] * len(nets) if len(nets) > 1 else edges}
+        ours_control = {"control_image": [edges] * len(nets) if len(nets) > 1 else edges}
+        control = {"image": ours_control["control_image"]}
     if manifest.task_config.get("inpainting"):  # the whole image repainted, as the runtime runs it without an image
         # diffusers' ControlNet inpainting pipelines take the init image as image, the control as
         # control_image, and default controlnet_conditioning_scale to 0.5 (enginekit: 1.0 everywhere)
         if control:
-            control = {"control_image": control["image"], "controlnet_conditioning_scale": 1.0}
+            control = {**ours_control, "controlnet_conditioning_scale": 1.0}
         from enginekit.export.diffusion.reference import WholeImageInpaint
 
         pipe = pipe if isinstance(pipe, WholeImageInpaint) else WholeImageInpaint(pipe)
@@ -70,7 +72,7 @@ def image_parity(pipe: Any, root: Path, manifest: Manifest, *, steps: int = 3, s
     try:
         got = ours(PROMPT, negative_prompt=negative, num_inference_steps=steps, guidance_scale=guidance,
                    height=size, width=size, latents=latents, scheduler=scheduler, output_type="np",
-                   **({"control_image": control.get("image", control.get("control_image"))} if control else {})).images
+                   **ours_control).images
     finally:
         ours.close()
     return {"psnr_db": psnr(ref, got), "reference": "diffusers", "runtime": "onnxruntime-cpu",
